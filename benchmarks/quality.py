@@ -1,0 +1,140 @@
+"""Quality benchmark (PROTOCOL): perplexity, bpw and compile time of fp32 and of rtn /
+ldlq / quip (hadamard, kron) at 4, 3, 2 bits, plus data-free calibration.
+
+    python benchmarks/quality.py --windows 16 --json benchmarks/results/quality.json
+    python benchmarks/quality.py --plot benchmarks/results/quality.png --json benchmarks/results/quality.json
+
+Records are appended to the JSON as each run finishes; rerunning skips the runs already
+recorded, so an interrupted benchmark continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+# (method, incoherence, calibration) in the order they run: the headline first.
+RUNS = [("quip", "hadamard", "wikitext"), ("ldlq", None, "wikitext"), ("rtn", None, None),
+        ("quip", "kron", "wikitext"), ("quip", "hadamard", "generated")]
+
+
+def key(rec: dict) -> tuple:
+    return (rec["method"], rec.get("bits"), rec.get("incoherence"), rec.get("calib"))
+
+
+def save(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, path)
+
+
+def eval_model(model, tokenizer, args) -> dict:
+    from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
+
+    windows = eval_windows(tokenizer, args.text, 2048, args.windows)
+    return perplexity(torch_logits_fn(model), windows, progress=False)
+
+
+def run_fp32(args) -> dict:
+    from quipc.frontend.hf import load_model
+    from quipc.frontend.models import resolve
+
+    model, tok = load_model(resolve(args.model))
+    r = eval_model(model, tok, args)
+    return {"method": "fp32", "bits": 32, "incoherence": None, "calib": None, "ppl": r["ppl"],
+            "bpw": 32.0, "compile_seconds": 0.0, "eval_seconds": r["seconds"], "windows": r["windows"]}
+
+
+def run_quant(args, method, incoherence, calib, bits) -> dict:
+    import quipc_runtime
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+    from quipc_runtime.loader import load_tokenizer
+
+    name = f"{method}-w{bits}" + (f"-{incoherence}" if incoherence else "") + (f"-{calib}" if calib else "")
+    out = Path(args.artifacts) / name
+    cfg = QuantConfig(method=method, bits=bits, incoherence=incoherence or "hadamard")
+    cal = CalibConfig(text=str(args.calib) if calib == "wikitext" else None, windows=args.calib_windows)
+    t0 = time.time()
+    manifest = compile_model(args.model, out, cfg, cal, resume=True, progress=False)
+    compile_s = time.time() - t0 if manifest.get("compile_seconds") is None else manifest["compile_seconds"]
+    model = quipc_runtime.load(out)
+    r = eval_model(model, load_tokenizer(out), args)
+    return {"method": method, "bits": bits, "incoherence": incoherence, "calib": calib, "ppl": r["ppl"],
+            "bpw": manifest["summary"]["bpw"], "compile_seconds": compile_s, "eval_seconds": r["seconds"],
+            "windows": r["windows"], "artifact": str(out), "threads": torch.get_num_threads()}
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fp32 = [r for r in records if r["method"] == "fp32"]
+    groups: dict[str, list] = {}
+    for r in records:
+        if r["method"] != "fp32":
+            label = r["method"] + (f" {r['incoherence']}" if r["incoherence"] else "") + \
+                (" (data-free)" if r["calib"] == "generated" else "")
+            groups.setdefault(label, []).append(r)
+    for label, rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["bpw"])
+        ax.plot([r["bpw"] for r in rs], [r["ppl"] for r in rs], "o-", label=label)
+    if fp32:
+        ax.axhline(fp32[0]["ppl"], color="k", ls="--", label=f"fp32 ({fp32[0]['ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (quantized linears)")
+    ax.set_ylabel("WikiText-2 perplexity (PROTOCOL quick)")
+    ax.set_title("SmolLM2-135M: perplexity vs bpw")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--json", required=True)
+    p.add_argument("--text", default=str(SHARED / "wiki.test.raw"))
+    p.add_argument("--calib", default=str(SHARED / "wiki.valid.tokens"))
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--bits", default="4,3,2")
+    p.add_argument("--only", help="comma list of run labels: fp32,quip-hadamard,ldlq,rtn,quip-kron,quip-hadamard-generated")
+    p.add_argument("--artifacts", default="benchmarks/artifacts")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot", help="only draw the PNG from the JSON")
+    args = p.parse_args()
+    path = Path(args.json)
+    records = json.loads(path.read_text()) if path.exists() else []
+    if args.plot:
+        plot(records, Path(args.plot))
+        return 0
+    torch.set_num_threads(args.threads)
+    only = set(args.only.split(",")) if args.only else None
+    done = {key(r) for r in records}
+    todo = [("fp32", None, None, 32)] + [(m, inc, cal, b) for m, inc, cal in RUNS
+                                         for b in map(int, args.bits.split(","))]
+    for method, inc, cal, bits in todo:
+        label = "-".join(x for x in (method, inc, cal if cal == "generated" else None) if x)
+        rec_key = (method, bits, inc, cal)
+        if rec_key in done or (only and label not in only):
+            continue
+        rec = run_fp32(args) if method == "fp32" else run_quant(args, method, inc, cal, bits)
+        records.append(rec)
+        save(path, records)
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

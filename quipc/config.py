@@ -1,0 +1,40 @@
+"""Quantization settings: one frozen dataclass, validated once, recorded in the artifact."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from quipc_runtime.packing import SUPPORTED_BITS
+from quipc_runtime.transforms import KINDS
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "quip"          # rtn | ldlq | quip (see quipc.passes.methods)
+    bits: int = 2
+    incoherence: str = "hadamard"  # quip only: hadamard (falls back to kron) | kron
+    seed: int = 0
+    damp: float = 0.01            # H += damp * mean(diag H) * I
+    greedy_passes: int = 0        # coordinate-descent passes after LDLQ
+    rescale: bool = False         # QuIP's diagonal rescaling before the rotations (see README)
+    grid: str = "mse"             # per-row grid range: mse (clip search) | minmax
+    quantize_lm_head: bool = False
+
+    def validate(self) -> "QuantConfig":
+        from .passes.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {sorted(METHODS)}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported bits {self.bits}: quipc quantizes to {SUPPORTED_BITS} bits")
+        if self.incoherence not in KINDS or self.incoherence == "identity":
+            raise ValueError(f"unknown incoherence {self.incoherence!r}; expected hadamard or kron")
+        if not 0 <= self.damp < 10:
+            raise ValueError(f"damp must be in [0, 10), got {self.damp}")
+        if self.greedy_passes < 0:
+            raise ValueError("greedy passes must be >= 0")
+        if self.grid not in ("mse", "minmax"):
+            raise ValueError(f"unknown grid {self.grid!r}; expected mse or minmax")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,47 @@
+"""`quipc inspect`: what an artifact holds, layer by layer, read from its manifest."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from quipc_runtime import artifact as art
+
+
+def _fmt(v, spec=".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def layer_rows(manifest: dict) -> list[dict]:
+    rows = []
+    for block in manifest["blocks"]:
+        for layer in block["layers"]:
+            rows.append({
+                "name": layer["name"], "shape": "x".join(map(str, layer["shape"])), "bits": layer["bits"],
+                "method": layer.get("method"), "transform": layer["in_transform"]["kind"],
+                "loss_rtn": layer.get("proxy_loss_rtn"), "loss": layer.get("proxy_loss"),
+                "mu_w": layer.get("mu_w"), "mu_w_after": layer.get("mu_w_after", layer.get("mu_w")),
+                "mu_h": layer.get("mu_h"), "mu_h_after": layer.get("mu_h_after", layer.get("mu_h")),
+                "bpw": layer["storage_bits"] / (layer["shape"][0] * layer["shape"][1])})
+    return rows
+
+
+def render(folder: str | Path) -> str:
+    folder = Path(folder)
+    manifest = art.read_manifest(folder, allow_incomplete=True)
+    lines = [f"{'layer':<34} {'shape':>10} {'bits':>4} {'method':>6} {'transform':>9} "
+             f"{'loss rtn':>9} {'loss':>9} {'muW':>6} {'muW rot':>7} {'muH':>6} {'muH rot':>7} {'bpw':>6}"]
+    for r in layer_rows(manifest):
+        lines.append(f"{r['name']:<34} {r['shape']:>10} {r['bits']:>4} {r['method']:>6} {r['transform']:>9} "
+                     f"{_fmt(r['loss_rtn']):>9} {_fmt(r['loss']):>9} {_fmt(r['mu_w'], '.1f'):>6} "
+                     f"{_fmt(r['mu_w_after'], '.1f'):>7} {_fmt(r['mu_h'], '.1f'):>6} "
+                     f"{_fmt(r['mu_h_after'], '.1f'):>7} {r['bpw']:>6.3f}")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    s = manifest.get("summary", {})
+    lines.append("")
+    lines.append(f"status: {'complete' if manifest.get('complete') else 'UNFINISHED (compile --resume)'}; "
+                 f"source: {manifest['source']['spec']}; config: {manifest['quant_config']}")
+    if s:
+        lines.append(f"quantized: {s['quantized_layers']} layers, {s['quantized_weights']:,} weights, "
+                     f"{s['bpw']:.3f} bpw ({s['quantized_bytes']:,} bytes); kept dense: "
+                     f"{s['dense_params']:,} params ({', '.join(s['dense_dtypes'])})")
+    lines.append(f"calibration: {manifest.get('calibration')}; files: {size:,} bytes on disk")
+    return "\n".join(lines)

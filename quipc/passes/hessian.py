@@ -1,0 +1,50 @@
+"""Proxy Hessians H = E[x x^T] of linear-layer inputs, and making them usable."""
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Running sum of x x^T over calibration tokens, in float64."""
+
+    def __init__(self, n: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        # float32 product per batch (fast), float64 running sum (no drift over many batches)
+        self.sum += (x.t() @ x).double()
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+def regularize(h: torch.Tensor, damp: float, name: str = "layer") -> tuple[torch.Tensor, dict]:
+    """Damped, positive definite H. Dead inputs (zero diagonal) and an all-zero H are
+    not errors (too little calibration): they get damping, or H = I as a last resort."""
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{name}: the calibration Hessian holds NaN or Inf "
+                         "(the model produced non-finite activations)")
+    h = h.to(torch.float64).clone()
+    n = h.shape[0]
+    diag = torch.diagonal(h)
+    info = {"damp": damp, "dead_inputs": int((diag <= 0).sum())}
+    mean = float(diag.clamp_min(0).mean())
+    if mean <= 0:
+        info["fallback"] = "zero Hessian: identity used"
+        return torch.eye(n, dtype=torch.float64, device=h.device), info
+    dead = diag <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h[dead, dead] = mean
+    eye = torch.eye(n, dtype=torch.float64, device=h.device)
+    for attempt in range(6):
+        lam = damp * (10 ** attempt) if damp > 0 else (0 if attempt == 0 else 1e-6 * 10 ** attempt)
+        candidate = h + lam * mean * eye
+        if torch.linalg.cholesky_ex(candidate).info == 0:
+            info["damp"] = lam
+            return candidate, info
+    info["fallback"] = "not positive definite after damping: identity used"
+    return mean * eye, info

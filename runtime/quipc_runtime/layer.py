@@ -1,0 +1,123 @@
+"""The stored form of one QuIP-quantized linear layer and its exact meaning.
+
+    y = s_out * K_out^T ( W' ( K_in (in_scale * x) ) ) + bias,
+    W'[i, j] = scale[i] * code[i, j] + zero[i]
+
+W' is the quantized weight in the rotated domain, K_in / K_out the Kronecker parts of
+the input / output transforms, in_scale folds the diagonal rescaling and the input
+signs (fp16), s_out the output signs (stored as bits).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .packing import check_bits, packed_row_bytes, unpack
+from .transforms import Transform
+
+
+@dataclass
+class QuantizedLinear:
+    name: str
+    out_features: int
+    in_features: int
+    bits: int
+    codes: np.ndarray            # (m, packed_row_bytes) uint8
+    scale: np.ndarray            # (m,) float16
+    zero: np.ndarray             # (m,) float16
+    t_in: Transform
+    t_out: Transform
+    in_scale: np.ndarray | None = None   # (n,) float16, None means ones
+    bias: np.ndarray | None = None       # (m,) float32
+    info: dict = field(default_factory=dict)  # method, proxy losses, incoherence stats
+
+    def validate(self) -> None:
+        m, n = self.out_features, self.in_features
+        check_bits(self.bits)
+        expect = {"codes": ((m, packed_row_bytes(n, self.bits)), np.uint8),
+                  "scale": ((m,), np.float16), "zero": ((m,), np.float16)}
+        if self.in_scale is not None:
+            expect["in_scale"] = ((n,), np.float16)
+        if self.bias is not None:
+            expect["bias"] = ((m,), np.float32)
+        for key, (shape, dtype) in expect.items():
+            arr = getattr(self, key)
+            if arr.shape != shape or arr.dtype != dtype:
+                raise ValueError(f"layer {self.name}: {key} has shape {arr.shape} {arr.dtype}, "
+                                 f"expected {shape} {np.dtype(dtype)}")
+        if self.t_in.n != n or self.t_out.n != m:
+            raise ValueError(f"layer {self.name}: transform sizes do not match its shape {m}x{n}")
+        for key in ("scale", "zero", "in_scale", "bias"):
+            arr = getattr(self, key)
+            if arr is not None and not np.isfinite(arr).all():
+                raise ValueError(f"layer {self.name}: {key} holds NaN or Inf")
+
+    # --- numerics -------------------------------------------------------------------
+    def rotated_weight(self) -> np.ndarray:
+        """W' in float32: the dense quantized matrix that the kernels multiply by."""
+        codes = unpack(self.codes, self.bits, self.in_features).astype(np.float32)
+        return codes * self.scale.astype(np.float32)[:, None] + self.zero.astype(np.float32)[:, None]
+
+    def in_scale_f32(self) -> np.ndarray:
+        if self.in_scale is None:
+            return np.ones(self.in_features, np.float32)
+        return self.in_scale.astype(np.float32)
+
+    def effective_weight(self) -> np.ndarray:
+        """The m x n matrix this layer computes, in the original domain (float64)."""
+        k_in = self.t_in.dense() / self.t_in.sign_vector()[None, :]   # Kronecker part only
+        k_out = self.t_out.dense() / self.t_out.sign_vector()[None, :]
+        w = k_out.T @ self.rotated_weight().astype(np.float64) @ k_in
+        return self.t_out.sign_vector()[:, None] * w * self.in_scale_f32()[None, :]
+
+    # --- storage --------------------------------------------------------------------
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        if self.in_scale is not None:
+            out["in_scale"] = self.in_scale
+        if self.t_out.signs is not None:
+            out["out_signs"] = self.t_out.sign_bits()
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    def meta(self) -> dict:
+        return {"name": self.name, "shape": [self.out_features, self.in_features],
+                "bits": self.bits, "in_transform": self.t_in.meta(),
+                "out_transform": self.t_out.meta(), **self.info}
+
+    def storage_bits(self) -> int:
+        """Bits stored for this layer per PROTOCOL's bpw (codes, scales, signs, seeds)."""
+        nbytes = sum(a.nbytes for k, a in self.tensors().items() if k != "bias")
+        seeds = sum(8 for t in (self.t_in, self.t_out) if t.seed is not None)
+        return 8 * (nbytes + seeds)
+
+    def checksum(self) -> str:
+        return tensors_checksum(self.tensors())
+
+    @staticmethod
+    def from_storage(meta: dict, tensors: dict[str, np.ndarray]) -> "QuantizedLinear":
+        m, n = (int(v) for v in meta["shape"])
+        layer = QuantizedLinear(
+            name=meta["name"], out_features=m, in_features=n, bits=int(meta["bits"]),
+            codes=tensors["codes"], scale=tensors["scale"], zero=tensors["zero"],
+            t_in=Transform.from_meta(meta["in_transform"]),
+            t_out=Transform.from_meta(meta["out_transform"], tensors.get("out_signs")),
+            in_scale=tensors.get("in_scale"), bias=tensors.get("bias"),
+            info={k: v for k, v in meta.items()
+                  if k not in ("name", "shape", "bits", "in_transform", "out_transform")})
+        if layer.t_out.kind == "hadamard" and layer.t_out.signs is None:
+            raise ValueError(f"layer {layer.name}: output sign bits are missing")
+        layer.validate()
+        return layer
+
+
+def tensors_checksum(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        h.update(f"{key}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()

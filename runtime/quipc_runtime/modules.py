@@ -1,0 +1,54 @@
+"""Pure-torch reference modules: the semantics every fast kernel must reproduce."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer import QuantizedLinear
+
+
+def kron_apply(x: torch.Tensor, mats: list[torch.Tensor], transpose: bool = False) -> torch.Tensor:
+    """(F_1 x ... x F_k) x along the last dim (or its transpose), one small matmul per factor."""
+    if not mats:
+        return x
+    shape = x.shape
+    orders = [int(m.shape[0]) for m in mats]
+    y = x.reshape(-1, *orders)
+    for axis, mat in enumerate(mats, start=1):
+        mat = mat.t() if transpose else mat
+        y = torch.movedim(torch.tensordot(y, mat, dims=([axis], [1])), -1, axis)
+    return y.reshape(shape)
+
+
+class QuipLinearRef(nn.Module):
+    """y = s_out * K_out^T (W' (K_in (in_scale * x))) + b with W' dequantized once, densely."""
+
+    def __init__(self, layer: QuantizedLinear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bits = layer.bits
+        self.register_buffer("weight_rot", torch.from_numpy(layer.rotated_weight()), persistent=False)
+        self.register_buffer("in_scale", torch.from_numpy(layer.in_scale_f32()), persistent=False)
+        self.register_buffer("out_signs", torch.from_numpy(layer.t_out.sign_vector()), persistent=False)
+        self.n_in = len(layer.t_in.matrices())
+        for i, mat in enumerate(layer.t_in.matrices() + layer.t_out.matrices()):
+            self.register_buffer(f"factor{i}", torch.from_numpy(mat.copy()), persistent=False)
+        bias = None if layer.bias is None else torch.from_numpy(layer.bias)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def _factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        mats = [b for name, b in self.named_buffers() if name.startswith("factor")]
+        return mats[: self.n_in], mats[self.n_in:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f_in, f_out = self._factors()
+        dtype = x.dtype
+        z = kron_apply(x.to(self.weight_rot.dtype) * self.in_scale, f_in)
+        t = torch.nn.functional.linear(z, self.weight_rot)
+        y = kron_apply(t, f_out, transpose=True) * self.out_signs
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

@@ -1,0 +1,30 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny.py
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from tiny import make_tiny_llama, write_text
+
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_llama(root / "model"), write_text(root / "calib.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model, tmp_path_factory):
+    """A 3-bit QuIP artifact of the tiny model (compiled once per session)."""
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+
+    model, text = tiny_model
+    out = tmp_path_factory.mktemp("art") / "w3"
+    compile_model(str(model), out, QuantConfig(bits=3, seed=1), CalibConfig(text=str(text), windows=8, length=32),
+                  progress=False)
+    return out

@@ -1,0 +1,83 @@
+"""The CLI: clear one-line errors (no traceback), nothing half-written, the happy paths."""
+import json
+
+import pytest
+import torch
+
+from quipc.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, words):
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("quipc: error:")
+    assert words in last
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, _, err = run(capsys, "compile", tmp_path / "nope", "-o", tmp_path / "out")
+    assert_clean_error(code, err, "not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_that_is_not_a_model(capsys, tmp_path):
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"\x00" * 64)
+    code, _, err = run(capsys, "compile", junk, "-o", tmp_path / "out")
+    assert_clean_error(code, err, "not a GGUF file")
+    (tmp_path / "weights.bin").write_bytes(b"hello")
+    code, _, err = run(capsys, "compile", tmp_path / "weights.bin", "-o", tmp_path / "out")
+    assert_clean_error(code, err, "not a model quipc can read")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_bits(capsys, tiny_model, tmp_path):
+    code, _, err = run(capsys, "compile", tiny_model[0], "--bits", 5, "-o", tmp_path / "out")
+    assert_clean_error(code, err, "unsupported bits 5")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights(capsys, tiny_model, tmp_path):
+    from tiny import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model[0])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    make_tokenizer().save_pretrained(tmp_path / "nan")
+    code, _, err = run(capsys, "compile", tmp_path / "nan", "--method", "rtn", "-o", tmp_path / "out")
+    assert_clean_error(code, err, "up_proj: the weight holds NaN")
+
+
+def test_compile_inspect_eval(capsys, tiny_model, tmp_path):
+    model, text = tiny_model
+    out = tmp_path / "w4"
+    code, stdout, _ = run(capsys, "compile", model, "--bits", 4, "--calib", text, "--calib-windows", 4,
+                          "--calib-len", 32, "--no-progress", "-o", out)
+    assert code == 0 and "bpw" in stdout
+    code, stdout, _ = run(capsys, "inspect", out)
+    assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "bpw" in stdout
+    code, stdout, _ = run(capsys, "eval", out, "--text", text, "--ctx", 64, "--windows", 3, "--json", "--no-progress")
+    result = json.loads(stdout)
+    assert code == 0 and result["windows"] == 3 and result["tokens"] == 3 * 63 and result["ctx"] == 64
+    code, stdout, _ = run(capsys, "eval", model, "--text", text, "--ctx", 64, "--windows", 3, "--json", "--no-progress")
+    fp = json.loads(stdout)
+    assert 1 < fp["ppl"] < 1e4 and fp["ppl"] != result["ppl"]
+    code, _, err = run(capsys, "compile", model, "--bits", 4, "-o", out)
+    assert_clean_error(code, err, "already exists")
+
+
+def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_model[0]).save_pretrained(tmp_path / "m")
+    code, _, err = run(capsys, "compile", tmp_path / "m", "--method", "rtn", "-o", tmp_path / "out")
+    assert_clean_error(code, err, "could not load a tokenizer")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+
+from quipc_runtime.hadamard import hadamard, split_order
+from quipc_runtime.modules import kron_apply
+from quipc_runtime.transforms import Transform, kron_orders
+
+
+@pytest.mark.parametrize("order", [1, 2, 4, 12, 20, 28, 36, 44, 60, 64, 108])
+def test_hadamard_matrices(order):
+    h = hadamard(order).astype(np.int64)
+    np.testing.assert_array_equal(h @ h.T, order * np.eye(order, dtype=np.int64))
+
+
+def test_split_order():
+    assert split_order(576) == (36, 16)
+    assert split_order(1536) == (12, 128)
+    assert split_order(4096) == (1, 4096)
+    assert split_order(11008) is None  # 11008 = 2^8 * 43: no known order -> kron fallback
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "kron"])
+@pytest.mark.parametrize("n", [192, 576, 640, 1536, 13])
+def test_orthogonal_and_invertible(kind, n):
+    t = Transform.make(kind, n, seed=7)
+    d = t.dense()
+    np.testing.assert_allclose(d @ d.T, np.eye(n), atol=2e-6)
+    x = torch.randn(3, n, dtype=torch.float64)
+    mats = [torch.from_numpy(m).double() for m in t.matrices()]
+    signs = torch.from_numpy(t.sign_vector()).double()
+    y = kron_apply(x * signs, mats)
+    np.testing.assert_allclose(y.numpy(), x.numpy() @ d.T, atol=1e-5)
+    back = kron_apply(y, mats, transpose=True) * signs
+    np.testing.assert_allclose(back.numpy(), x.numpy(), atol=1e-5)
+
+
+def test_fallback_and_meta_round_trip():
+    t = Transform.make("hadamard", 11008, seed=3)
+    assert t.kind == "kron" and t.orders == kron_orders(11008) == (86, 128)
+    h = Transform.make("hadamard", 576, seed=3)
+    again = Transform.from_meta(h.meta(), h.sign_bits())
+    np.testing.assert_array_equal(again.signs, h.signs)
+    k = Transform.make("kron", 576, seed=3)
+    np.testing.assert_array_equal(Transform.from_meta(k.meta()).matrices()[0], k.matrices()[0])
+    assert not np.array_equal(Transform.make("kron", 576, seed=4).matrices()[0], k.matrices()[0])
+
+
+def test_bad_meta():
+    with pytest.raises(ValueError, match="multiply"):
+        Transform.from_meta({"kind": "kron", "n": 10, "orders": [3, 3], "seed": 1})
+    with pytest.raises(ValueError, match="unknown"):
+        Transform.make("butterfly", 8, 0)
