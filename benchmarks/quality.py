@@ -28,8 +28,11 @@ def key(rec: dict) -> tuple:
     return (rec["method"], rec.get("bits"), rec.get("incoherence"), rec.get("calib"))
 
 
-def save(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
+def save(path: Path, record: dict) -> None:
+    """Add one record, re-reading the file first: several runs may share it."""
+    records = json.loads(path.read_text()) if path.exists() else []
+    records = [r for r in records if key(r) != key(record)] + [record]
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(records, indent=1))
     os.replace(tmp, path)
 
@@ -100,6 +103,15 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(records: list[dict]) -> str:
+    rows = ["| method | transform | calibration | bits | bpw | ppl | compile s |",
+            "|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (-r["bits"], r["method"], str(r["incoherence"]), str(r["calib"]))):
+        rows.append(f"| {r['method']} | {r['incoherence'] or '-'} | {r['calib'] or '-'} | {r['bits']} | "
+                    f"{r['bpw']:.3f} | {r['ppl']:.2f} | {r['compile_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -113,11 +125,15 @@ def main() -> int:
     p.add_argument("--artifacts", default="benchmarks/artifacts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plot", help="only draw the PNG from the JSON")
+    p.add_argument("--markdown", action="store_true", help="only print the JSON as a table")
     args = p.parse_args()
     path = Path(args.json)
     records = json.loads(path.read_text()) if path.exists() else []
-    if args.plot:
-        plot(records, Path(args.plot))
+    if args.plot or args.markdown:
+        if args.plot:
+            plot(records, Path(args.plot))
+        if args.markdown:
+            print(markdown(records))
         return 0
     torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else None
@@ -130,8 +146,7 @@ def main() -> int:
         if rec_key in done or (only and label not in only):
             continue
         rec = run_fp32(args) if method == "fp32" else run_quant(args, method, inc, cal, bits)
-        records.append(rec)
-        save(path, records)
+        save(path, rec)
         print(json.dumps(rec), flush=True)
     return 0
 

@@ -57,7 +57,7 @@ def load_model(folder, device: str = "cpu", backend: str = "reference"):
         raise art.ArtifactError(f"artifact lacks tensors the model needs: {still[:5]}")
     model.eval()
     model.quipc_manifest = manifest
-    return model.to(device) if backend == "reference" else model
+    return model.to(device)
 
 
 def _is_tied(model, key: str, dense: dict) -> bool:

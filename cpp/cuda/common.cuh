@@ -1,0 +1,48 @@
+// Shared helpers of the CUDA kernels.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#define QUIPC_CUDA_CHECK(expr)                                                               \
+  do {                                                                                       \
+    cudaError_t err_ = (expr);                                                               \
+    if (err_ != cudaSuccess)                                                                 \
+      throw std::runtime_error(std::string("CUDA error in " #expr ": ") +                    \
+                               cudaGetErrorString(err_));                                    \
+  } while (0)
+
+namespace quipc {
+namespace cuda {
+
+// Exact int -> float for small codes without I2F (a quarter-rate instruction): the code
+// is OR-ed into the mantissa of 2^23 and 2^23 subtracted again.
+__device__ __forceinline__ float code_to_float(unsigned code) {
+  return __int_as_float(0x4B000000u | code) - 8388608.f;
+}
+
+// The `bits` bytes of one group as a little-endian integer (byte loads: any alignment).
+__device__ __forceinline__ unsigned load_group_bytes(const unsigned char* g, int bits) {
+  unsigned w = unsigned(g[0]) | (unsigned(g[1]) << 8);
+  if (bits >= 3) w |= unsigned(g[2]) << 16;
+  if (bits == 4) w |= unsigned(g[3]) << 24;
+  return w;
+}
+
+// Launchers (qmatmul.cu, transforms.cu).
+void launch_qmatmul(const unsigned char* codes, size_t row_bytes, int bits, int m, int n, int npad,
+                    const float* z, int batch, const float* scale, const float* zero, float* t,
+                    cudaStream_t stream);
+void launch_fwht(int pre, int f, int post, int width, const float* src, int ld_src, float* dst,
+                 int ld_out, const float* pre_scale, const float* post_scale, const float* bias,
+                 int batch, cudaStream_t stream);
+void launch_dense_axis(int pre, int f, int post, const float* mat, int width, const float* src,
+                       int ld_src, float* dst, int ld_out, const float* pre_scale,
+                       const float* post_scale, const float* bias, int batch, cudaStream_t stream);
+void launch_scale_copy(int width, const float* src, int ld_src, float* dst, int ld_out,
+                       const float* pre_scale, const float* post_scale, const float* bias,
+                       int batch, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace quipc

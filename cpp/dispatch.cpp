@@ -1,0 +1,38 @@
+// Run-time choice between the AVX2+FMA kernels and the portable ones.
+#include <cstdlib>
+#include <cstring>
+
+#include "avx2.h"
+#include "kernels.h"
+
+namespace quipc {
+
+bool cpu_has_avx2_fma() {
+#if defined(QUIPC_HAVE_AVX2) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef QUIPC_HAVE_AVX2
+const KernelTable& avx2_kernels() {
+  static const KernelTable table{"avx2", avx2::qgemv, avx2::qgemm, avx2::fwht, avx2::gemm_f32};
+  return table;
+}
+#else
+const KernelTable& avx2_kernels() { return scalar_kernels(); }  // not built for this target
+#endif
+
+static bool env_forces_scalar() {
+  const char* v = std::getenv("QUIPC_FORCE_SCALAR");
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+
+const KernelTable& select_kernels(bool force_scalar) {
+  if (force_scalar || env_forces_scalar() || !cpu_has_avx2_fma()) return scalar_kernels();
+  return avx2_kernels();
+}
+
+}  // namespace quipc

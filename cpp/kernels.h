@@ -1,0 +1,56 @@
+// Kernel entry points shared by the scalar and AVX2 builds.
+// Every function works on raw pointers only: the AVX2 translation unit must not
+// instantiate std templates that the linker could merge into the portable path.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace quipc {
+
+// Packed codes of one layer (artifact layout, see packing.py).
+struct Codes {
+  const uint8_t* data;  // m rows of row_bytes
+  size_t row_bytes;
+  int bits;             // 2, 3 or 4
+  int m, n;             // out, in features
+};
+
+// Per-row epilogue of the quantized matmul: t = scale*(codes . z) + zero*sum(z).
+struct RowAffine {
+  const float* scale;   // (m)
+  const float* zero;    // (m)
+};
+
+struct KernelTable {
+  const char* name;
+  // t[b*ldt + i] for i in [i0, i1), b < nb (nb <= 4): one pass over the codes.
+  void (*qgemv)(const Codes&, const RowAffine&, int i0, int i1, const float* z, int ldz,
+                const float* zsum, int nb, float* t, int ldt);
+  // Same for any batch: panels of codes dequantized into an fp32 tile (work holds
+  // qgemm_work_floats(nbatch) floats, 32-byte aligned) and multiplied by a register-blocked micro-kernel.
+  void (*qgemm)(const Codes&, const RowAffine&, int i0, int i1, const float* z, int ldz,
+                const float* zsum, int nbatch, float* t, int ldt, float* work);
+  // Unnormalized Walsh-Hadamard transform along the middle axis of x viewed (pre, f, post).
+  void (*fwht)(float* x, int pre, int f, int post);
+  // C (MxN) = A (MxK) * B (KxN), all row-major.
+  void (*gemm_f32)(int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                   float* C, int ldc);
+};
+
+constexpr int kGemmNR = 16;   // output features per micro-panel
+constexpr int kGemmMR = 6;    // batch rows per micro-kernel call
+constexpr int kGemmKC = 256;  // input features per panel (multiple of 8)
+constexpr size_t kGemmWork = size_t(kGemmNR) * kGemmKC;
+// Scratch floats qgemm needs: the code panel plus the packed activation slice.
+inline size_t qgemm_work_floats(int nbatch) {
+  return kGemmWork + size_t((nbatch + kGemmMR - 1) / kGemmMR) * kGemmMR * kGemmKC;
+}
+
+const KernelTable& scalar_kernels();
+const KernelTable& avx2_kernels();  // only valid when cpu_has_avx2_fma()
+bool cpu_has_avx2_fma();
+// The table to use: AVX2 unless the CPU lacks it, force_scalar is set, or the
+// environment variable QUIPC_FORCE_SCALAR is set to a non-empty value other than "0".
+const KernelTable& select_kernels(bool force_scalar);
+
+}  // namespace quipc

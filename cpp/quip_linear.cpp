@@ -1,0 +1,132 @@
+#include "quip_linear.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <utility>
+
+#include "thread_pool.h"
+
+namespace quipc {
+namespace {
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float, FreeDeleter>;
+
+// 64-byte aligned float buffer (the GEMM panel is read with aligned loads).
+Buffer alloc_floats(size_t count) {
+  const size_t bytes = ((count * sizeof(float) + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+  if (p == nullptr) throw std::bad_alloc();
+  return Buffer(static_cast<float*>(p));
+}
+
+// `threads` is an upper bound: a thread gets at least kMinWork multiply-adds, since
+// waking one costs a few microseconds (tiny layers and single rows run inline).
+constexpr double kMinWork = 65536.0;
+
+int clamp_threads(int threads, int work_items, double total_work) {
+  const int by_work = int(std::min(total_work / kMinWork, 1e6));
+  return std::max(1, std::min({threads, work_items, by_work}));
+}
+
+}  // namespace
+
+QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform t_out)
+    : d_(std::move(data)), t_in_(std::move(t_in)), t_out_(std::move(t_out)) {
+  if (d_.bits < 2 || d_.bits > 4) throw std::invalid_argument("bits must be 2, 3 or 4");
+  if (d_.m < 1 || d_.n < 1) throw std::invalid_argument("layer shape must be positive");
+  if (d_.row_bytes != size_t((d_.n + 7) / 8) * d_.bits)
+    throw std::invalid_argument("packed row size does not match n and bits");
+  if (d_.scale.size() != size_t(d_.m) || d_.zero.size() != size_t(d_.m) ||
+      d_.out_scale.size() != size_t(d_.m) || d_.in_scale.size() != size_t(d_.n) ||
+      (!d_.bias.empty() && d_.bias.size() != size_t(d_.m)))
+    throw std::invalid_argument("layer vectors do not match the layer shape");
+  if (t_in_.n() != d_.n && !t_in_.identity()) throw std::invalid_argument("input transform size");
+  if (t_out_.n() != d_.m && !t_out_.identity()) throw std::invalid_argument("output transform size");
+  npad_ = (d_.n + 7) / 8 * 8;
+  in_vec_ = d_.in_scale;
+  for (float& v : in_vec_) v *= t_in_.gain();
+  out_vec_ = d_.out_scale;
+  for (float& v : out_vec_) v *= t_out_.gain();
+}
+
+void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batch, float* z,
+                                  float* zsum, int threads) const {
+  const int n = d_.n;
+  const int nt = clamp_threads(threads, batch, double(batch) * n * 16);
+  ThreadPool::instance().run(nt, [&](int tid) {
+    int b0, b1;
+    split_range(batch, nt, tid, 1, &b0, &b1);
+    Buffer scratch = alloc_floats(size_t(n));
+    for (int b = b0; b < b1; ++b) {
+      const float* xr = x + size_t(b) * n;
+      float* zr = z + size_t(b) * npad_;
+      for (int j = 0; j < n; ++j) zr[j] = xr[j] * in_vec_[j];
+      for (int j = n; j < npad_; ++j) zr[j] = 0.f;
+      t_in_.apply(k, zr, scratch.get(), nt == 1 ? threads : 1);
+      double s = 0.0;
+      for (int j = 0; j < n; ++j) s += zr[j];
+      zsum[b] = float(s);
+    }
+  });
+}
+
+void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
+                            float* t, int threads) const {
+  const Codes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
+  const RowAffine aff{d_.scale.data(), d_.zero.data()};
+  const bool gemv = batch <= kGemvMaxBatch;
+  const int align = gemv ? 8 : kGemmNR;
+  const int nt = clamp_threads(threads, (d_.m + align - 1) / align, double(batch) * d_.m * d_.n);
+  ThreadPool::instance().run(nt, [&](int tid) {
+    int i0, i1;
+    split_range(d_.m, nt, tid, align, &i0, &i1);
+    if (i0 >= i1) return;
+    if (gemv) {
+      k.qgemv(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m);
+    } else {
+      Buffer work = alloc_floats(qgemm_work_floats(batch));
+      k.qgemm(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m, work.get());
+    }
+  });
+}
+
+void QuipLinearPlan::transform_out(const KernelTable& k, float* t, int batch, float* y,
+                                   int threads) const {
+  const int m = d_.m;
+  const int nt = clamp_threads(threads, batch, double(batch) * m * 16);
+  const float* bias = d_.bias.empty() ? nullptr : d_.bias.data();
+  ThreadPool::instance().run(nt, [&](int tid) {
+    int b0, b1;
+    split_range(batch, nt, tid, 1, &b0, &b1);
+    Buffer scratch = alloc_floats(size_t(m));
+    for (int b = b0; b < b1; ++b) {
+      float* tr = t + size_t(b) * m;
+      t_out_.apply(k, tr, scratch.get(), nt == 1 ? threads : 1);
+      float* yr = y + size_t(b) * m;
+      if (bias)
+        for (int i = 0; i < m; ++i) yr[i] = out_vec_[i] * tr[i] + bias[i];
+      else
+        for (int i = 0; i < m; ++i) yr[i] = out_vec_[i] * tr[i];
+    }
+  });
+}
+
+void QuipLinearPlan::forward(const float* x, int batch, float* y, int threads,
+                             bool force_scalar) const {
+  if (batch <= 0) return;
+  const KernelTable& k = select_kernels(force_scalar);
+  Buffer z = alloc_floats(size_t(batch) * npad_);
+  Buffer zsum = alloc_floats(size_t(batch));
+  Buffer t = alloc_floats(size_t(batch) * d_.m);
+  transform_in(k, x, batch, z.get(), zsum.get(), threads);
+  matmul(k, z.get(), zsum.get(), batch, t.get(), threads);
+  transform_out(k, t.get(), batch, y, threads);
+}
+
+}  // namespace quipc

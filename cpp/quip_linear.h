@@ -1,0 +1,52 @@
+// One QuIP linear layer on the CPU: y = out_scale * K_out^T (W' (K_in (in_scale * x))) + bias
+// with W' = scale * codes + zero, computed straight from the artifact's packed codes.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+#include "transform.h"
+
+namespace quipc {
+
+struct LayerData {
+  int m = 0, n = 0, bits = 0;
+  const uint8_t* codes = nullptr;  // m x row_bytes, owned by the caller (kept alive there)
+  size_t row_bytes = 0;
+  std::vector<float> scale, zero;  // (m)
+  std::vector<float> in_scale;     // (n): input signs and diagonal rescaling
+  std::vector<float> out_scale;    // (m): output signs
+  std::vector<float> bias;         // (m) or empty
+};
+
+class QuipLinearPlan {
+ public:
+  // t_out must hold the TRANSPOSED output factors (K_out^T is applied on the output side).
+  QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform t_out);
+
+  int m() const { return d_.m; }
+  int n() const { return d_.n; }
+  int padded_n() const { return npad_; }
+
+  // The fused layer: x (B x n) -> y (B x m), row-major.
+  void forward(const float* x, int batch, float* y, int threads, bool force_scalar) const;
+  // The three stages, exposed for tests and benchmarks.
+  // z (B x padded_n, zero padded) = K_in (in_scale * x); zsum[b] = sum_j z[b, j].
+  void transform_in(const KernelTable& k, const float* x, int batch, float* z, float* zsum,
+                    int threads) const;
+  // t (B x m) = W' z.
+  void matmul(const KernelTable& k, const float* z, const float* zsum, int batch, float* t,
+              int threads) const;
+  // y = out_scale * K_out^T t + bias; t is used as scratch.
+  void transform_out(const KernelTable& k, float* t, int batch, float* y, int threads) const;
+
+ private:
+  LayerData d_;
+  KronTransform t_in_, t_out_;
+  int npad_;
+  std::vector<float> in_vec_, out_vec_;  // in_scale / out_scale with the FWHT gains folded in
+};
+
+constexpr int kGemvMaxBatch = 4;  // up to this batch the GEMV kernel beats the tiled GEMM
+
+}  // namespace quipc

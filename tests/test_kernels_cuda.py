@@ -1,0 +1,124 @@
+"""CUDA kernels against the CPU kernels (and the reference). Skips, saying why, where the
+extension has no CUDA build or no GPU is visible. Run on a GPU machine: scripts/gpu_check.sh."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:  # the installed package (with its built extension), else the source tree
+    import quipc_runtime  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+
+from quipc_runtime import kernels as K  # noqa: E402
+from test_kernels import SHAPES, make_layer, rel_err  # noqa: E402
+
+
+def _skip_reason():
+    if not K.available():
+        return "quipc kernels extension not built"
+    if not K._ext.cuda_built():
+        return "extension built without CUDA (rebuild with QUIPC_CUDA=ON)"
+    if K._ext.cuda_device_count() == 0:
+        return "no CUDA device visible"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+TOL = 2e-5
+
+
+@pytest.fixture(params=["fast", "simple"])
+def gemv_variant(request, monkeypatch):
+    if request.param == "simple":
+        monkeypatch.setenv("QUIPC_CUDA_GEMV", "simple")
+    else:
+        monkeypatch.delenv("QUIPC_CUDA_GEMV", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n", SHAPES + [(256, 4096), (4096, 256)])
+def test_cuda_forward_matches_cpu(bits, m, n, gemv_variant):
+    layer = make_layer(m, n, bits, seed=m + n + bits)
+    cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
+    rng = np.random.default_rng(0)
+    for batch in (1, 2, 3, 4, 5, 70):  # GEMV (1..4, pairs + odd) and tiled GEMM
+        x = rng.standard_normal((batch, n)).astype(np.float32)
+        want = cpu.forward(x, threads=2)
+        got = gpu.run_host("forward", x)
+        assert rel_err(got, want) < TOL, (batch, rel_err(got, want))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n", [(576, 576), (1536, 576), (688, 96), (37, 13)])
+def test_cuda_stages_match_cpu(bits, m, n):
+    layer = make_layer(m, n, bits, seed=3 * m + n)
+    cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
+    x = np.random.default_rng(1).standard_normal((6, n)).astype(np.float32)
+    z, zsum = cpu.transform_in(x, threads=2)
+    z_gpu = gpu.run_host("transform_in", x)
+    assert z_gpu.shape == z.shape and np.all(z_gpu[:, n:] == 0)
+    assert rel_err(z_gpu, z) < TOL
+    for batch in (1, 2, 6):
+        t = cpu.matmul(z[:batch], zsum[:batch], threads=2)
+        assert rel_err(gpu.run_host("matmul", z[:batch]), t) < TOL
+    t = cpu.matmul(z, zsum)
+    assert rel_err(gpu.run_host("transform_out", t), cpu.transform_out(t)) < TOL
+
+
+def test_cuda_transform_kinds():
+    for kin, kout in [("kron", "kron"), ("identity", "hadamard"), ("hadamard", "identity")]:
+        layer = make_layer(96, 80, 3, seed=5, kin=kin, kout=kout)
+        x = np.random.default_rng(2).standard_normal((3, 80)).astype(np.float32)
+        got = K.prepare_cuda(layer).run_host("forward", x)
+        assert rel_err(got, K.prepare(layer).forward(x)) < TOL, (kin, kout)
+
+
+def test_cuda_large_hadamard():  # FWHT over 16384 needs > 48 KiB of shared memory
+    layer = make_layer(64, 16384, 2, seed=6)
+    x = np.random.default_rng(3).standard_normal((2, 16384)).astype(np.float32)
+    assert rel_err(K.prepare_cuda(layer).run_host("forward", x), K.prepare(layer).forward(x)) < TOL
+
+
+def test_cuda_bad_inputs():
+    layer = make_layer(64, 32, 2, seed=7)
+    gpu = K.prepare_cuda(layer)
+    with pytest.raises(ValueError):
+        gpu.run_host("forward", np.zeros((2, 31), np.float32))
+    with pytest.raises(TypeError):
+        gpu.run_host("forward", np.zeros((2, 32), np.float64))
+    with pytest.raises(ValueError):
+        gpu.run_host("nonsense", np.zeros((2, 32), np.float32))
+    with pytest.raises(ValueError):
+        K._ext.CudaPlan(device=K._ext.cuda_device_count(), **K._layer_args(layer))
+    with pytest.raises(ValueError):
+        K._ext.CudaPlan(device=0, **{**K._layer_args(layer), "bits": 7})
+    with pytest.raises(TypeError):
+        K.cuda_quip_linear(gpu, np.zeros((2, 32), np.float32), np.zeros((2, 64), np.float32))
+
+
+def test_torch_cuda_module():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here (the kernels were checked through run_host)")
+    from quipc_runtime.modules import QuipLinearRef
+    layer = make_layer(640, 576, 3, seed=8)
+    mod = K.KernelQuipLinear(layer, "cuda")
+    x = torch.randn(3, 7, 576)
+    ref = QuipLinearRef(layer)(x)
+    y = mod(x.cuda())
+    assert y.is_cuda and rel_err(y.cpu().numpy(), ref.numpy()) < TOL
+    out = torch.empty(21, 640, device="cuda")
+    K.cuda_quip_linear(mod._plan, x.reshape(21, 576).cuda(), out)
+    assert rel_err(out.cpu().numpy(), ref.reshape(21, 640).numpy()) < TOL
+    with pytest.raises(ValueError):
+        mod(x)  # CPU tensor into a CUDA layer
+    with pytest.raises(ValueError):
+        K.cuda_quip_linear(mod._plan, x.reshape(21, 576).cuda()[:, :575], out)
+    with pytest.raises(TypeError):
+        K.cuda_quip_linear(mod._plan, x.reshape(21, 576).cuda().double(), out)
