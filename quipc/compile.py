@@ -87,6 +87,9 @@ def _start_or_resume(out: Path, resume: bool, key: str) -> tuple[dict | None, di
 def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: CalibConfig, *,
                   device: str = "cpu", resume: bool = False, progress: bool = True) -> dict:
     cfg, calib = cfg.validate(), calib.validate()
+    if cfg.quantize_lm_head:
+        raise ValueError("quantizing lm_head is implemented for ONNX inputs only; "
+                         "Hugging Face models keep it in floating point")
     out = Path(out)
     source = resolve(model_spec)
     key = _job_key(source.to_dict(), cfg, calib)

@@ -17,7 +17,7 @@ class QuantConfig:
     greedy_passes: int = 0        # coordinate-descent passes after LDLQ
     rescale: bool = False         # QuIP's diagonal rescaling before the rotations (see README)
     grid: str = "mse"             # per-row grid range: mse (clip search) | minmax
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # ONNX frontend only (the HF path keeps lm_head dense)
 
     def validate(self) -> "QuantConfig":
         from .passes.methods import METHODS

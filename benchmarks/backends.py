@@ -1,0 +1,393 @@
+"""Benchmarks of quipc's backends (TVM in particular). Not tests: they take minutes.
+
+    python benchmarks/backends.py bench  [--bits 2 3 4]   # `quipc bench` per artifact -> results/backends_w*.json|png
+    python benchmarks/backends.py ppl    [--bits 2]       # TVM vs torch-path perplexity (PROTOCOL quick)
+    python benchmarks/backends.py kernel                  # TIR dequant-matmul vs the C++ kernel, 4096x4096
+    python benchmarks/backends.py gpu-prepare DIR         # CUDA builds + inputs for a GPU machine
+    python benchmarks/backends.py gpu-check DIR           # run there (TVM runtime only) -> JSON
+
+Artifacts default to /work/artifacts/smollm2-quip-w{bits}; threads to 2 (this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
+for p in (ROOT / "runtime", ROOT):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def artifact_for(bits: int, given: str | None) -> Path:
+    return Path(given) if given else Path(f"/work/artifacts/smollm2-quip-w{bits}")
+
+
+# --- quipc bench across backends -----------------------------------------------------------
+def cmd_bench(args) -> None:
+    from quipc import bench
+
+    for bits in args.bits:
+        art = artifact_for(bits, args.artifact if len(args.bits) == 1 else None)
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        argv = [str(art), "--backends", "torch-ref,runtime,onnx,tvm", "--threads", str(args.threads),
+                "--reps", str(args.reps), "--prompt-len", str(args.prompt_len),
+                "--new-tokens", str(args.new_tokens), "--json", str(RESULTS / f"backends_w{bits}.json")]
+        if args.baseline:
+            argv += ["--baseline", "fp32"]
+        t0 = time.time()
+        bench.run(parser.parse_args(argv))
+        print(f"w{bits}: {time.time() - t0:.0f} s")
+    table()
+
+
+def table() -> None:
+    """Markdown table of every results/backends_w*.json (for the README)."""
+    rows = []
+    for path in sorted(RESULTS.glob("backends_w*.json")):
+        data = json.loads(path.read_text())
+        meta = data["meta"]
+        fp32 = {r["backend"]: r for r in data["records"] if r["status"] == "ok"}.get("fp32-onnx")
+        for r in data["records"]:
+            if r["status"] != "ok":
+                rows.append(f"| {path.stem[-2:]} | {r['backend']} | {r['status']}: {r['reason'][:60]} | | | | |")
+                continue
+            ratio = f"{r['decode_ms'] / fp32['decode_ms']:.2f}x" if fp32 else "-"
+            d = r["spread"]["decode_ms"]
+            p = r["spread"]["prefill_ms"]
+            rows.append(f"| {path.stem[-2:] if not r['backend'].startswith('fp32') else 'fp32'} | {r['backend']} | "
+                        f"{r['decode_ms']:.1f} [{d[0]:.1f}-{d[1]:.1f}] | {ratio} | "
+                        f"{r['prefill_ms']:.0f} [{p[0]:.0f}-{p[1]:.0f}] | {r['tok_s']:.1f} | {r['peak_mb']:.0f} |")
+        print(f"\n{path.name}: threads={meta['threads']}, reps={meta['reps']} (median [min-max], interleaved), "
+              f"prompt {meta['prompt_len']}, decode {meta['new_tokens']} tokens")
+    print("| bits | backend | decode ms/token | vs fp32 ONNX | prefill ms | tok/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+# --- perplexity agreement ------------------------------------------------------------------
+def cmd_ppl(args) -> None:
+    import torch
+
+    import quipc_runtime
+    from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
+    from quipc_runtime.loader import load_tokenizer
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    torch.set_num_threads(args.threads)
+    for bits in args.bits:
+        art = artifact_for(bits, args.artifact if len(args.bits) == 1 else None)
+        build = Path(args.work) / f"tvm-w{bits}-{art.resolve().name}"
+        if not (build / "tvm_config.json").is_file():
+            from quipc.backends.tvm import compile_artifact
+
+            compile_artifact(art, build, progress=True)
+        windows = eval_windows(load_tokenizer(art), TEXT, 2048, args.windows)
+        lm = TvmLM(build, threads=args.threads)
+        res_tvm = perplexity(lambda ids: lm.logits(ids[0].numpy()), windows, progress=True)
+        del lm
+        res = {"artifact": str(art.resolve()), "bits": bits, "threads": args.threads, "windows": args.windows,
+               "ctx": 2048, "text": str(TEXT), "tvm": res_tvm}
+        if not args.skip_torch:
+            model = quipc_runtime.load(art)
+            res["torch"] = perplexity(torch_logits_fn(model), windows, progress=True)
+            del model
+            res["rel_diff"] = res_tvm["ppl"] / res["torch"]["ppl"] - 1
+        tag = "" if args.artifact is None else "_" + art.resolve().name
+        out = RESULTS / f"tvm_ppl_w{bits}{tag}_{args.windows}win.json"
+        out.write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: v for k, v in res.items() if k in ("bits", "rel_diff")}),
+              "tvm", round(res_tvm["ppl"], 4), "torch", round(res.get("torch", {}).get("ppl", float("nan")), 4))
+
+
+# --- the kernel alone --------------------------------------------------------------------------
+def random_layer(m, n, bits, seed=0, kind="hadamard"):
+    import numpy as np
+
+    from quipc_runtime.layer import QuantizedLinear
+    from quipc_runtime.packing import pack
+    from quipc_runtime.transforms import Transform
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 1 << bits, (m, n))
+    return QuantizedLinear("bench", m, n, bits, pack(codes, bits), rng.normal(0, .02, m).astype(np.float16),
+                           rng.normal(0, .02, m).astype(np.float16), Transform.make(kind, n, seed + 1),
+                           Transform.make(kind, m, seed + 2))
+
+
+def cmd_kernel(args) -> None:
+    import statistics
+
+    import numpy as np
+    import tvm
+
+    from quipc.backends.tvm import tir_quip_linear as Q
+    from quipc.backends.tvm.build import resolve_target
+    from quipc.backends.tvm.schedules import schedule_func
+
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    records = []
+    for (m, n) in args.shapes:
+        for bits in args.kbits:
+            layer = random_layer(m, n, bits)
+            spec = Q.LinearSpec.of(layer)
+            lib = tvm.compile(schedule_func(Q.linear_prim_func(spec, "gemv")).with_attr("global_symbol", "main"),
+                              target=resolve_target("llvm"))
+            x = np.random.default_rng(1).normal(size=(1, n)).astype(np.float32)
+            p = Q.linear_params(layer, spec)
+            targs = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(p[k]) for k in Q.param_names(spec)]
+            y = tvm.runtime.empty((1, m), "float32", tvm.cpu())
+            f = lib.jit() if hasattr(lib, "jit") else lib
+            ev = f.time_evaluator("main", tvm.cpu(), number=args.number, repeat=1)
+            rec = {"shape": [m, n], "bits": bits, "batch": 1, "threads": args.threads,
+                   "transform": "hadamard " + str(spec.in_orders)}
+            cpp = None
+            try:
+                from quipc_runtime import kernels
+
+                if kernels.available():
+                    plan = kernels.prepare(layer)
+                    kernels.quip_linear(plan, x, threads=args.threads)
+                    cpp = plan
+                else:
+                    rec["cpp"] = f"skipped: {kernels._IMPORT_ERROR}"
+            except ImportError as e:
+                rec["cpp"] = f"skipped: {e}"
+            tvm_ms, cpp_ms = [], []
+            for _ in range(args.reps):  # interleaved
+                tvm_ms.append(ev(*targs, y).mean * 1e3)
+                if cpp is not None:
+                    t0 = time.perf_counter()
+                    for _ in range(args.number):
+                        kernels.quip_linear(cpp, x, threads=args.threads)
+                    cpp_ms.append((time.perf_counter() - t0) / args.number * 1e3)
+            from quipc_runtime.modules import QuipLinearRef
+            import torch
+
+            ref = QuipLinearRef(layer)(torch.from_numpy(x)).numpy()
+            f(*targs, y)
+            rec["max_abs_err_vs_ref"] = float(np.abs(y.numpy() - ref).max())
+            rec["tvm_ms"] = statistics.median(tvm_ms)
+            rec["tvm_spread"] = [min(tvm_ms), max(tvm_ms)]
+            if cpp_ms:
+                rec["cpp_ms"] = statistics.median(cpp_ms)
+                rec["cpp_spread"] = [min(cpp_ms), max(cpp_ms)]
+                rec["tvm_over_cpp"] = rec["tvm_ms"] / rec["cpp_ms"]
+                rec["cpp_kernel"] = kernels.kernel_name()
+            records.append(rec)
+            print(json.dumps(rec))
+    out = RESULTS / "tvm_kernel.json"
+    out.write_text(json.dumps({"note": f"median of {args.reps} interleaved reps, each the mean of "
+                                       f"{args.number} calls; TVM timed with time_evaluator, C++ via its "
+                                       "numpy entry point (includes a little Python overhead)",
+                               "records": records}, indent=1))
+    print("wrote", out)
+
+
+# --- GPU (cuda) ---------------------------------------------------------------------------------
+def cmd_gpu_prepare(args) -> None:
+    """Build here (nvcc): tiny model + a SmolLM2-shaped model for cuda, and the 4096x4096 kernel."""
+    import shutil
+
+    import numpy as np
+    import tvm
+
+    from quipc.backends.tvm import compile_artifact
+    from quipc.backends.tvm import tir_quip_linear as Q
+    from quipc.backends.tvm.build import resolve_target, schedule
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tgt = resolve_target(args.target)
+    if args.tiny:  # tiny artifact + its cuda build: whole-model correctness there
+        shutil.copytree(args.tiny, out / "tiny_art", dirs_exist_ok=True)
+        if not (out / "tiny_cuda" / "tvm_config.json").exists():
+            compile_artifact(Path(args.tiny), out / "tiny_cuda", target=args.target, progress=False)
+    if args.model:  # SmolLM2-shaped: library only; parameters are regenerated there (random, same shapes)
+        tmp = out / "model_tmp"
+        if not (tmp / "tvm_config.json").exists():
+            compile_artifact(Path(args.model), tmp, target=args.target, progress=False)
+        (out / "model_cuda").mkdir(exist_ok=True)
+        for name in ("model.so", "tvm_config.json"):
+            shutil.copy(tmp / name, out / "model_cuda" / name)
+        loaded = tvm.runtime.load_param_dict_from_file(str(tmp / "params.bin"))
+        cfg = json.loads((tmp / "tvm_config.json").read_text())
+        shapes = {k: [list(loaded[k].shape), str(loaded[k].dtype)] for k in cfg["params"]}
+        (out / "model_cuda" / "param_shapes.json").write_text(json.dumps(shapes))
+    # the kernel alone: 4096x4096 2-bit, batch 1
+    layer = random_layer(4096, 4096, 2)
+    spec = Q.LinearSpec.of(layer)
+    mod = tvm.IRModule({"main": Q.linear_prim_func(spec, "gemv").with_attr("global_symbol", "main")})
+    lib = tvm.compile(schedule(mod, tgt), target=tgt)
+    lib.export_library(str(out / "kernel_4096_b2.so"))
+    x = np.random.default_rng(1).normal(size=(1, 4096)).astype(np.float32)
+    p = Q.linear_params(layer, spec)
+    import torch
+
+    from quipc_runtime.modules import QuipLinearRef
+
+    ref = QuipLinearRef(layer)(torch.from_numpy(x)).numpy()
+    np.savez(out / "kernel_4096_b2.npz", x=x, ref=ref, codes=layer.codes, scale=layer.scale, zero=layer.zero,
+             **{f"arg{i}": p[k] for i, k in enumerate(Q.param_names(spec))})
+    print("prepared", out)
+
+
+def cmd_gpu_check(args) -> None:
+    """Runs on the GPU machine with the TVM runtime only (TVM_USE_RUNTIME_LIB=1)."""
+    import statistics
+
+    import numpy as np
+    import tvm
+
+    from quipc_runtime.tvm_runtime import TvmLM, ensure_cuda_runtime
+
+    ensure_cuda_runtime()
+    d = Path(args.dir)
+    res = {"device": None}
+    dev = tvm.cuda(0)
+    res["device"] = str(dev) + " exists=" + str(dev.exist)
+    # 1. tiny model: logits and greedy generation vs the torch reference path (CPU)
+    if (d / "tiny_cuda").exists():
+        try:
+            import torch
+
+            import quipc_runtime
+
+            model = quipc_runtime.load(d / "tiny_art")
+            lm = TvmLM(d / "tiny_cuda")
+            ids = torch.randint(3, 17, (1, 37), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                ref = model(input_ids=ids, use_cache=False).logits[0].numpy()
+            got = lm.logits(ids[0].numpy())
+            with torch.no_grad():
+                want = model.generate(ids[:, :9], max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0].tolist()
+            gen = lm.generate(ids[0, :9].numpy(), 10, stop_at_eos=False)[0].tolist()
+            res["tiny"] = {"logits_max_abs_err": float(np.abs(got - ref).max()),
+                           "logits_max_abs": float(np.abs(ref).max()), "generate_equal": gen == want}
+        except Exception as e:  # keep going: report it
+            res["tiny"] = f"error: {type(e).__name__}: {e}"
+    # 2. the 4096x4096 2-bit kernel
+    z = np.load(d / "kernel_4096_b2.npz")
+    lib = tvm.runtime.load_module(str(d / "kernel_4096_b2.so"))
+    targs = [tvm.runtime.tensor(z["x"], dev)] + [tvm.runtime.tensor(z[f"arg{i}"], dev)
+                                                 for i in range(len([k for k in z.files if k.startswith("arg")]))]
+    y = tvm.runtime.empty((1, 4096), "float32", dev)
+    lib["main"](*targs, y)
+    ev = lib.time_evaluator("main", dev, number=200, repeat=5)
+    ms = [v * 1e3 for v in ev(*targs, y).results]
+    kern = {"max_abs_err_vs_ref": float(np.abs(y.numpy() - z["ref"]).max()), "ref_max_abs": float(np.abs(z["ref"]).max()),
+            "tvm_ms": statistics.median(ms), "tvm_spread": [min(ms), max(ms)]}
+    try:
+        import torch
+
+        from quipc_runtime.packing import unpack
+
+        w = unpack(z["codes"], 2, 4096).astype(np.float32) * z["scale"].astype(np.float32)[:, None] \
+            + z["zero"].astype(np.float32)[:, None]  # the dense rotated weight, for cuBLAS timings only
+        w = torch.from_numpy(w).cuda()
+        xx = torch.from_numpy(z["x"]).cuda()
+        for dt, name in ((torch.float32, "torch_dense_fp32_ms"), (torch.float16, "torch_dense_fp16_ms")):
+            ww, xv = w.to(dt), xx.to(dt)
+            for _ in range(10):
+                ww @ xv.T
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                ww @ xv.T
+            torch.cuda.synchronize()
+            kern[name] = (time.perf_counter() - t0) / 200 * 1e3
+    except Exception as e:
+        kern["torch"] = f"error: {e}"
+    res["kernel_4096_b2"] = kern
+    # 3. SmolLM2-shaped model (random parameters of the real shapes): decode latency
+    if (d / "model_cuda").exists():
+        try:
+            mdir = d / "model_cuda"
+            shapes = json.loads((mdir / "param_shapes.json").read_text())
+            rng = np.random.default_rng(0)
+            params = {}
+            for k, (shape, dtype) in shapes.items():
+                if dtype == "int32":
+                    params[k] = tvm.runtime.tensor(rng.integers(-2**31, 2**31 - 1, shape, dtype=np.int64).astype(np.int32))
+                else:
+                    params[k] = tvm.runtime.tensor((rng.standard_normal(shape) * 0.02).astype(np.float32))
+            tvm.runtime.save_param_dict_to_file(params, str(mdir / "params.bin"))
+            lm = TvmLM(mdir)
+            ids = rng.integers(0, 30000, 128)
+            runs = []
+            for _ in range(4):
+                cache = lm.new_cache(128 + 33)
+                t0 = time.perf_counter()
+                logits = lm.prefill(ids, cache)
+                t1 = time.perf_counter()
+                tok, pos = int(logits.argmax()), 128
+                for _ in range(32):
+                    tok = int(lm.decode(tok, pos, cache).argmax())
+                    pos += 1
+                t2 = time.perf_counter()
+                runs.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3 / 32))
+            runs = runs[1:]
+            res["smollm2_shaped_w2"] = {"prefill_128_ms": statistics.median(r[0] for r in runs),
+                                        "decode_ms": statistics.median(r[1] for r in runs),
+                                        "reps": len(runs), "note": "random parameters of the real shapes"}
+        except Exception as e:
+            res["smollm2_shaped_w2"] = f"error: {type(e).__name__}: {e}"
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench")
+    b.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    b.add_argument("--artifact", default=None)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--baseline", action="store_true", default=True)
+    b.set_defaults(fn=cmd_bench)
+    t = sub.add_parser("table")
+    t.set_defaults(fn=lambda a: table())
+    p = sub.add_parser("ppl")
+    p.add_argument("--bits", type=int, nargs="+", default=[2])
+    p.add_argument("--artifact", default=None)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default="/tmp/quipc-tvm-builds")
+    p.add_argument("--skip-torch", action="store_true")
+    p.set_defaults(fn=cmd_ppl)
+    k = sub.add_parser("kernel")
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--reps", type=int, default=7)
+    k.add_argument("--number", type=int, default=50)
+    k.add_argument("--kbits", type=int, nargs="+", default=[2])
+    k.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
+                   default=[(4096, 4096)])
+    k.set_defaults(fn=cmd_kernel)
+    g = sub.add_parser("gpu-prepare")
+    g.add_argument("dir")
+    g.add_argument("--target", default="cuda:sm_90")
+    g.add_argument("--tiny", default=None, help="a tiny artifact folder")
+    g.add_argument("--model", default=None, help="a SmolLM2 artifact (only its shapes travel)")
+    g.set_defaults(fn=cmd_gpu_prepare)
+    c = sub.add_parser("gpu-check")
+    c.add_argument("dir")
+    c.add_argument("--out", default=None)
+    c.set_defaults(fn=cmd_gpu_check)
+    args = ap.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

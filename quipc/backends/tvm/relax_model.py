@@ -1,0 +1,347 @@
+"""The whole Llama-family model as a Relax module, with a KV cache updated in place.
+
+Functions (all take the parameter tuple last; caches are updated in place and returned):
+    prefill_all(ids (L,), cache_k, cache_v, params) -> (logits (L, V), cache_k, cache_v)
+    prefill(ids (L,), last (1,), cache_k, cache_v, params) -> (logits (1, V) of row `last`, ...)
+    decode(ids (1,), pos (1,), cache_k, cache_v, params) -> (logits (1, V), ...)
+with cache_k (layers, kv_heads, head_dim, C) (keys transposed: attention vectorizes over
+positions), cache_v (layers, kv_heads, C, head_dim). Contract with the caller (the runtime):
+L and C are multiples of 16 (prompts padded at the end; causal attention keeps padding out of
+real rows), prefill writes positions [0, L), decode writes `pos` and attends to [0, pos].
+
+Every stage is a TE computation tagged with "quipc.op" for the schedule rules; the quantized
+linears are tir_quip_linear's fused kernels (one PrimFunc per distinct layer shape).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import relax, te, tirx
+from tvm.script import tirx as T
+
+from . import tir_quip_linear as Q
+
+LANES = 16
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_pos: int
+    tied: bool
+
+    @property
+    def vocab_pad(self) -> int:
+        return -(-self.vocab // LANES) * LANES
+
+    @staticmethod
+    def from_config(cfg: dict) -> "LlamaSpec":
+        if cfg.get("model_type") != "llama":
+            raise ValueError(f"the TVM backend supports Llama models, not {cfg.get('model_type')!r}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {cfg.get('hidden_act')!r} (TVM backend: silu)")
+        heads = int(cfg["num_attention_heads"])
+        hd = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        return LlamaSpec(int(cfg["hidden_size"]), int(cfg["intermediate_size"]),
+                         int(cfg["num_hidden_layers"]), heads,
+                         int(cfg.get("num_key_value_heads") or heads), hd, int(cfg["vocab_size"]),
+                         float(cfg.get("rms_norm_eps", 1e-6)), int(cfg.get("max_position_embeddings", 2048)),
+                         bool(cfg.get("tie_word_embeddings", False)))
+
+
+# --- TE building blocks ----------------------------------------------------------------
+def te_embed(ids, table):
+    """x[b, k] = E[id, k] with E stored tiled as (V/16, K, 16)."""
+    k_dim = table.shape[1]
+    return te.compute((ids.shape[0], k_dim),
+                      lambda b, k: table[ids[b] // LANES, k, ids[b] % LANES],
+                      name="embed", attrs={"quipc.op": "elementwise"})
+
+
+def te_rmsnorm(x, w, eps: float):
+    n = x.shape[1]
+    k = te.reduce_axis((0, n), name="k")
+    ss = te.compute((x.shape[0],), lambda b: te.sum(x[b, k] * x[b, k], axis=k), name="rms_ss",
+                    attrs={"quipc.op": "rowsum"})
+    return te.compute(x.shape, lambda b, j: w[j] * (x[b, j] * tirx.rsqrt(ss[b] / float(int(n)) + eps)),
+                      name="rms_out", attrs={"quipc.op": "elementwise"})
+
+
+def te_rope(x, cos, sin, pos, heads: int, hd: int, head_major: bool):
+    """Rotary embedding of x (L, heads*hd) at positions pos[0] + row; output (heads, L, hd) when
+    head_major, else (L, heads*hd)."""
+    half = hd // 2
+
+    def val(i, h, d):
+        p = pos[0] + i
+        base = h * hd
+        rot = tirx.if_then_else(d < half, -x[i, base + tirx.min(d + half, hd - 1)],
+                                x[i, base + tirx.max(d - half, 0)])
+        return x[i, base + d] * cos[p, d] + rot * sin[p, d]
+    if head_major:
+        return te.compute((heads, x.shape[0], hd), lambda h, i, d: val(i, h, d), name="rope_q",
+                          attrs={"quipc.op": "elementwise"})
+    return te.compute(x.shape, lambda i, j: val(i, j // hd, j % hd), name="rope_k",
+                      attrs={"quipc.op": "elementwise"})
+
+
+def te_attention(q, cache_k, cache_v, pos, layer, extent, spec: LlamaSpec):
+    """Causal attention of q (H, L, D) (row i at position pos[0] + i) over cache positions
+    [0, extent): returns (L, H*D)."""
+    H, D, grp = spec.heads, spec.head_dim, spec.heads // spec.kv_heads
+    L = q.shape[1]
+    nt = extent // LANES
+    scale = float(D) ** -0.5
+    d = te.reduce_axis((0, D), name="d")
+    s = te.compute((H, L, nt, LANES),
+                   lambda h, i, jt, ji: te.sum(q[h, i, d] * cache_k[layer[0], h // grp, d, jt * LANES + ji], axis=d),
+                   name="attn_scores", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
+
+    def masked(h, i, jt, ji):
+        return tirx.if_then_else(jt * LANES + ji <= pos[0] + i, s[h, i, jt, ji] * scale,
+                                 tirx.min_value("float32"))
+    rt = te.reduce_axis((0, nt), name="rt")
+    rl = te.reduce_axis((0, LANES), name="rl")
+    mx = te.compute((H, L), lambda h, i: te.max(masked(h, i, rt, rl), axis=[rt, rl]), name="attn_max",
+                    attrs={"quipc.op": "rowmax"})
+    e = te.compute((H, L, nt, LANES), lambda h, i, jt, ji: tirx.exp(masked(h, i, jt, ji) - mx[h, i]),
+                   name="attn_exp", attrs={"quipc.op": "elementwise"})
+    rt2 = te.reduce_axis((0, nt), name="rt2")
+    rl2 = te.reduce_axis((0, LANES), name="rl2")
+    sm = te.compute((H, L), lambda h, i: te.sum(e[h, i, rt2, rl2], axis=[rt2, rl2]), name="attn_sum",
+                    attrs={"quipc.op": "rowsum"})
+    dl = LANES if D % LANES == 0 else D
+    jt = te.reduce_axis((0, nt), name="jt")
+    ji = te.reduce_axis((0, LANES), name="ji")
+    o = te.compute((H, L, D // dl, dl),
+                   lambda h, i, dt, di: te.sum(e[h, i, jt, ji]
+                                               * cache_v[layer[0], h // grp, jt * LANES + ji, dt * dl + di],
+                                               axis=[jt, ji]),
+                   name="attn_pv", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
+    return te.compute((L, H * D), lambda i, c: o[c // D, i, (c % D) // dl, c % dl] / sm[c // D, i],
+                      name="attn_out", attrs={"quipc.op": "elementwise"})
+
+
+def te_silu_mul(g, u):
+    return te.compute(g.shape, lambda b, j: g[b, j] * tirx.sigmoid(g[b, j]) * u[b, j], name="silu_mul",
+                      attrs={"quipc.op": "elementwise"})
+
+
+def te_lm_head(x, w):
+    """logits (L, V_pad) = x @ W^T with W stored tiled as (V_pad/16, K, 16)."""
+    k = te.reduce_axis((0, w.shape[1]), name="k")
+    lg = te.compute((x.shape[0], w.shape[0], LANES), lambda b, vt, vi: te.sum(x[b, k] * w[vt, k, vi], axis=k),
+                    name="lm_head", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "mtl", "quipc.order": "t_outer"})
+    return lg
+
+
+def te_take_row(x, idx):
+    return te.compute((1, x.shape[1]), lambda b, k: x[idx[0], k], name="take_row",
+                      attrs={"quipc.op": "elementwise"})
+
+
+def kv_write_func(spec: LlamaSpec):
+    """In-place: cache_k[layer, g, d, pos + l] = k[l, g*D + d]; cache_v[layer, g, pos + l, d] = v[...]."""
+    G, D, NL = spec.kv_heads, spec.head_dim, spec.layers
+
+    @T.prim_func(s_tir=True)
+    def kv_write(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.handle,
+                 var_pos: T.handle, var_layer: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        C = T.int64()
+        L = T.int64()
+        ck = T.match_buffer(var_ck, (T.int64(NL), T.int64(G), T.int64(D), C))
+        cv = T.match_buffer(var_cv, (T.int64(NL), T.int64(G), C, T.int64(D)))
+        k = T.match_buffer(var_k, (L, T.int64(G * D)))
+        v = T.match_buffer(var_v, (L, T.int64(G * D)))
+        pos = T.match_buffer(var_pos, (T.int64(1),), "int64")
+        layer = T.match_buffer(var_layer, (T.int64(1),), "int64")
+        for l, g, d in T.grid(L, T.int64(G), T.int64(D)):
+            with T.sblock("kv_write"):
+                vl, vg, vd = T.axis.remap("SSS", [l, g, d])
+                ck[layer[0], vg, vd, pos[0] + vl] = k[vl, vg * T.int64(D) + vd]
+                cv[layer[0], vg, pos[0] + vl, vd] = v[vl, vg * T.int64(D) + vd]
+    return kv_write
+
+
+# --- parameters ------------------------------------------------------------------------
+def tile_rows(w: np.ndarray) -> np.ndarray:
+    """(V, K) -> (V_pad/16, K, 16), rows zero-padded: the layout of embedding / lm_head."""
+    v, k = w.shape
+    vp = -(-v // LANES) * LANES
+    full = np.zeros((vp, k), np.float32)
+    full[:v] = w
+    return np.ascontiguousarray(full.reshape(vp // LANES, LANES, k).transpose(0, 2, 1))
+
+
+def rope_tables(cfg: dict, spec: LlamaSpec) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (max_pos, head_dim) computed by transformers' own rotary module."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    c = dict(cfg)
+    config = AutoConfig.for_model(c.pop("model_type"), **c)
+    rot = LlamaRotaryEmbedding(config)
+    # rows past max_pos exist only as padding (prompts padded to 16, caches rounded up): cover them
+    pos = torch.arange(-(-spec.max_pos // LANES) * LANES + LANES)[None]
+    cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+    return cos[0].numpy().astype(np.float32), sin[0].numpy().astype(np.float32)
+
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class ModelBuilder:
+    """Collects parameters (name -> array) and builds the Relax functions over them."""
+
+    def __init__(self, cfg: dict, layers: dict, dense: dict, prefix: str = "model.layers"):
+        self.cfg, self.spec = cfg, LlamaSpec.from_config(cfg)
+        self.layers, self.dense, self.prefix = layers, dense, prefix
+        self.names: list[str] = []
+        self.arrays: list[np.ndarray] = []
+        self.index: dict[str, int] = {}
+        self.linear_specs: dict[str, Q.LinearSpec] = {}
+        self._collect()
+
+    def _add(self, name: str, arr: np.ndarray) -> None:
+        self.index[name] = len(self.names)
+        self.names.append(name)
+        self.arrays.append(np.ascontiguousarray(arr))
+
+    def _dense(self, key: str) -> np.ndarray:
+        if key not in self.dense:
+            raise ValueError(f"artifact lacks the dense tensor {key}")
+        return self.dense[key].float().numpy() if hasattr(self.dense[key], "numpy") else np.asarray(self.dense[key], np.float32)
+
+    def _collect(self) -> None:
+        sp = self.spec
+        self._add("embed", tile_rows(self._dense("model.embed_tokens.weight")))
+        if not sp.tied:
+            self._add("lm_head", tile_rows(self._dense("lm_head.weight")))
+        cos, sin = rope_tables(self.cfg, sp)
+        self._add("rope_cos", cos)
+        self._add("rope_sin", sin)
+        self._add("norm", self._dense("model.norm.weight"))
+        for i in range(sp.layers):
+            p = f"{self.prefix}.{i}"
+            self._add(f"{p}.input_layernorm", self._dense(f"{p}.input_layernorm.weight"))
+            self._add(f"{p}.post_attention_layernorm", self._dense(f"{p}.post_attention_layernorm.weight"))
+            for lin in LINEARS:
+                name = f"{p}.{lin}"
+                if name not in self.layers:
+                    raise ValueError(f"the TVM backend needs every block linear quantized; {name} is not")
+                layer = self.layers[name]
+                spec = Q.LinearSpec.of(layer)
+                self.linear_specs[name] = spec
+                for key, arr in Q.linear_params(layer, spec).items():
+                    self._add(f"{name}.{key}", arr)
+
+    # --- relax -----------------------------------------------------------------------
+    def param_types(self):
+        return [relax.TensorType(a.shape, str(a.dtype)) for a in self.arrays]
+
+    def build(self):
+        bb = relax.BlockBuilder()
+        self._kv_gv = bb.add_func(kv_write_func(self.spec), "kv_write")
+        for fname in ("prefill_all", "prefill", "decode"):
+            self._function(bb, fname)
+        return bb.get()
+
+    def _function(self, bb, fname: str) -> None:
+        sp = self.spec
+        L = tirx.Var("L", "int64")
+        C = tirx.Var("C", "int64")
+        rows = 1 if fname == "decode" else L
+        ids = relax.Var("ids", relax.TensorType((rows,), "int32"))
+        args = [ids]
+        pos = last = None
+        if fname == "prefill":
+            last = relax.Var("last", relax.TensorType((1,), "int64"))
+            args.append(last)
+        if fname == "decode":
+            pos = relax.Var("pos", relax.TensorType((1,), "int64"))
+            args.append(pos)
+        ck = relax.Var("cache_k", relax.TensorType((sp.layers, sp.kv_heads, sp.head_dim, C), "float32"))
+        cv = relax.Var("cache_v", relax.TensorType((sp.layers, sp.kv_heads, C, sp.head_dim), "float32"))
+        params = relax.Var("params", relax.TupleType(self.param_types()))
+        args += [ck, cv, params]
+        mode = "gemv" if fname == "decode" else "gemm"
+        with bb.function(fname, args):
+            got: dict[str, relax.Var] = {}
+
+            def P(name):
+                if name not in got:
+                    got[name] = bb.emit(relax.TupleGetItem(params, self.index[name]))
+                return got[name]
+            if pos is None:
+                pos = bb.emit(relax.const(np.zeros(1, np.int64), "int64"))
+            h = bb.emit_te(te_embed, ids, P("embed"), primfunc_name_hint="embed")
+
+            def rms(x, w):
+                return te_rmsnorm(x, w, sp.eps)
+
+            def rope_q(x, c, s_, p_):
+                return te_rope(x, c, s_, p_, sp.heads, sp.head_dim, True)
+
+            def rope_k(x, c, s_, p_):
+                return te_rope(x, c, s_, p_, sp.kv_heads, sp.head_dim, False)
+
+            def attn(q_, k_, v_, p_, l_):
+                # emit_te gives each PrimFunc its own shape variables: take the extent from them
+                ext = k_.shape[3] if fname == "decode" else q_.shape[1]
+                return te_attention(q_, k_, v_, p_, l_, ext, sp)
+            for i in range(sp.layers):
+                p = f"{self.prefix}.{i}"
+                layer_c = relax.const(np.array([i], np.int64), "int64")
+                xn = bb.emit_te(rms, h, P(f"{p}.input_layernorm"), primfunc_name_hint="rmsnorm")
+                q = self._linear(bb, P, f"{p}.self_attn.q_proj", xn, mode)
+                k = self._linear(bb, P, f"{p}.self_attn.k_proj", xn, mode)
+                v = self._linear(bb, P, f"{p}.self_attn.v_proj", xn, mode)
+                qr = bb.emit_te(rope_q, q, P("rope_cos"), P("rope_sin"), pos, primfunc_name_hint="rope_q")
+                kr = bb.emit_te(rope_k, k, P("rope_cos"), P("rope_sin"), pos, primfunc_name_hint="rope_k")
+                kv = bb.emit(relax.call_tir_inplace(
+                    self._kv_gv, [ck, cv, kr, v, pos, layer_c], [0, 1],
+                    [ck.struct_info if hasattr(ck, "struct_info") else relax.TensorType(
+                        (sp.layers, sp.kv_heads, sp.head_dim, C), "float32"),
+                     relax.TensorType((sp.layers, sp.kv_heads, C, sp.head_dim), "float32")]))
+                ck = bb.emit(relax.TupleGetItem(kv, 0))
+                cv = bb.emit(relax.TupleGetItem(kv, 1))
+                a = bb.emit_te(attn, qr, ck, cv, pos, layer_c, primfunc_name_hint="attention")
+                h = self._linear(bb, P, f"{p}.self_attn.o_proj", a, mode, residual=h)
+                xn = bb.emit_te(rms, h, P(f"{p}.post_attention_layernorm"), primfunc_name_hint="rmsnorm")
+                g = self._linear(bb, P, f"{p}.mlp.gate_proj", xn, mode)
+                u = self._linear(bb, P, f"{p}.mlp.up_proj", xn, mode)
+                act = bb.emit_te(te_silu_mul, g, u, primfunc_name_hint="silu_mul")
+                h = self._linear(bb, P, f"{p}.mlp.down_proj", act, mode, residual=h)
+            if last is not None:
+                h = bb.emit_te(te_take_row, h, last, primfunc_name_hint="take_row")
+            hn = bb.emit_te(rms, h, P("norm"), primfunc_name_hint="rmsnorm")
+            head = P("embed" if sp.tied else "lm_head")
+            lg = bb.emit_te(te_lm_head, hn, head, primfunc_name_hint="lm_head")
+            n_rows = 1 if fname != "prefill_all" else L
+            lg = bb.emit(relax.op.reshape(lg, (n_rows, sp.vocab_pad)))
+            if sp.vocab_pad != sp.vocab:
+                lg = bb.emit(relax.op.strided_slice(lg, axes=[1], begin=[0], end=[sp.vocab]))
+            bb.emit_func_output(relax.Tuple([lg, ck, cv]))
+
+    def _linear(self, bb, P, name: str, x, mode: str, residual=None):
+        spec = self.linear_specs[name]
+        pnames = Q.param_names(spec)
+
+        def fn(x, *rest):
+            args = dict(zip(pnames, rest[:len(pnames)]))
+            res = rest[len(pnames)] if residual is not None else None
+            return Q.quip_linear_te(x, args, spec, mode, residual=res)
+        extra = [residual] if residual is not None else []
+        hint = f"quip_{mode}_{spec.m}x{spec.n}_b{spec.bits}"
+        return bb.emit_te(fn, x, *[P(f"{name}.{k}") for k in pnames], *extra, primfunc_name_hint=hint)

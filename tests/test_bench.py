@@ -1,0 +1,56 @@
+"""`quipc bench`: records per backend, skipped backends say why, JSON and chart are written."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+
+def parse(argv):
+    from quipc import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_bench_records_and_skips(tiny_artifact, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tvm")
+    from quipc import bench
+
+    real = bench._why_not
+    monkeypatch.setattr(bench, "_why_not",
+                        lambda name: "onnxruntime is not installed (test)" if name == "onnx" else real(name))
+    out = tmp_path / "b.json"
+    args = parse([str(tiny_artifact), "--backends", "torch-ref,onnx,tvm", "--reps", "2", "--new-tokens", "3",
+                  "--prompt-len", "9", "--threads", "1", "--work", str(tmp_path / "work"), "--json", str(out)])
+    assert bench.run(args) == 0
+    data = json.loads(out.read_text())
+    recs = {r["backend"]: r for r in data["records"]}
+    assert list(recs) == ["torch-ref", "onnx", "tvm"]
+    assert recs["onnx"] == {"backend": "onnx", "status": "skipped", "reason": "onnxruntime is not installed (test)"}
+    for name in ("torch-ref", "tvm"):
+        r = recs[name]
+        assert r["status"] == "ok", r
+        for key in ("backend", "bits", "threads", "prefill_ms", "decode_ms", "tok_s", "peak_mb", "reps", "spread"):
+            assert key in r
+        assert r["bits"] == 3 and r["threads"] == 1 and r["reps"] == 2
+        lo, hi = r["spread"]["decode_ms"]
+        assert lo <= r["decode_ms"] <= hi and r["tok_s"] == pytest.approx(1e3 / r["decode_ms"], rel=1e-2)
+        assert r["peak_mb"] > 0
+    assert data["meta"]["threads"] == 1 and data["meta"]["reps"] == 2
+    table = capsys.readouterr().out
+    assert "threads=1" in table and "reps=2" in table and "skipped: onnxruntime is not installed" in table
+    pytest.importorskip("matplotlib")
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_bench_bad_input(tmp_path, tiny_artifact):
+    from quipc import bench
+    from quipc_runtime.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError):
+        bench.run(parse([str(tmp_path)]))
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench.run(parse([str(tiny_artifact), "--backends", "torch-ref,gpu-magic"]))

@@ -1,0 +1,141 @@
+"""TVM backend: the TIR QuIP-linear kernel against QuipLinearRef, and the whole compiled model
+(Relax + KV cache, loaded by the TVM runtime alone) against the torch path."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from quipc_runtime.layer import QuantizedLinear  # noqa: E402
+from quipc_runtime.modules import QuipLinearRef  # noqa: E402
+from quipc_runtime.packing import pack  # noqa: E402
+from quipc_runtime.transforms import Transform  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_layer(m, n, bits, kind="hadamard", seed=0, bias=True, in_scale=True):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 1 << bits, (m, n))
+    return QuantizedLinear(
+        "layer", m, n, bits, pack(codes, bits),
+        rng.normal(0, 0.05, m).astype(np.float16), rng.normal(0, 0.05, m).astype(np.float16),
+        Transform.make(kind, n, seed + 1), Transform.make(kind, m, seed + 2),
+        in_scale=rng.uniform(0.5, 2, n).astype(np.float16) if in_scale else None,
+        bias=rng.normal(0, 1, m).astype(np.float32) if bias else None)
+
+
+def run_kernel(layer, mode, rows, residual=None):
+    from quipc.backends.tvm import tir_quip_linear as Q
+    from quipc.backends.tvm.build import resolve_target
+    from quipc.backends.tvm.schedules import schedule_func
+
+    spec = Q.LinearSpec.of(layer)
+    func = schedule_func(Q.linear_prim_func(spec, mode, residual=residual is not None))
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=resolve_target("llvm"))
+    x = np.random.default_rng(7).normal(size=(rows, layer.in_features)).astype(np.float32)
+    params = Q.linear_params(layer, spec)
+    args = [x] + [params[k] for k in Q.param_names(spec)] + ([residual] if residual is not None else [])
+    y = tvm.runtime.empty((rows, layer.out_features), "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(a) for a in args], y)
+    return x, y.numpy()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape,kind,mode", [
+    ((48, 96), "hadamard", "gemv"), ((48, 96), "hadamard", "gemm"),
+    ((576, 192), "hadamard", "gemv"), ((576, 192), "hadamard", "gemm"),
+    ((40, 72), "kron", "gemm"),  # padded rows and columns, random orthogonal factors
+])
+def test_kernel_matches_reference(bits, shape, kind, mode):
+    layer = random_layer(*shape, bits, kind=kind, seed=bits)
+    rows = 1 if mode == "gemv" else 32
+    x, y = run_kernel(layer, mode, rows)
+    ref = QuipLinearRef(layer)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_kernel_identity_transform_and_residual():
+    layer = random_layer(32, 64, 2, kind="identity", bias=False, in_scale=False)
+    res = np.random.default_rng(3).normal(size=(1, 32)).astype(np.float32)
+    x, y = run_kernel(layer, "gemv", 1, residual=res)
+    ref = QuipLinearRef(layer)(torch.from_numpy(x)).numpy() + res
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_codes_repack_roundtrip():
+    from quipc.backends.tvm.tir_quip_linear import K_GROUP, PLANES, TILE_O, repack_codes
+
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 4):
+        codes = rng.integers(0, 1 << bits, (20, 40))
+        planes = repack_codes(codes, bits)
+        back = np.zeros((32, 64), np.int64)
+        for plane, (shift, width) in zip(planes, PLANES[bits]):
+            cpw = 32 // width
+            words = plane.view(np.uint32).transpose(0, 2, 1).reshape(32, -1).astype(np.int64)
+            for j in range(cpw):
+                back[:, j::cpw] |= ((words >> (width * j)) & ((1 << width) - 1)) << shift
+        assert TILE_O == 16 and K_GROUP == 32
+        np.testing.assert_array_equal(back[:20, :40], codes)
+        assert not back[20:].any() and not back[:, 40:].any()
+
+
+@pytest.fixture(scope="module")
+def tvm_build(tiny_artifact, tmp_path_factory):
+    from quipc.backends.tvm import compile_artifact
+
+    out = tmp_path_factory.mktemp("tvm") / "w3"
+    compile_artifact(tiny_artifact, out, progress=False)
+    return out
+
+
+def test_whole_model_logits_and_generation(tiny_artifact, tvm_build):
+    import quipc_runtime
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    model = quipc_runtime.load(tiny_artifact)
+    lm = TvmLM(tvm_build, threads=2)
+    ids = torch.randint(3, 17, (1, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits[0].numpy()
+    got = lm.logits(ids[0].numpy())
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    with torch.no_grad():
+        want = model.generate(ids[:, :9], max_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0].tolist()
+    assert lm.generate(ids[0, :9].numpy(), 10, stop_at_eos=False)[0].tolist() == want
+
+
+def test_runtime_needs_only_tvm(tvm_build):
+    # (apache-tvm itself imports torch when it is installed; the runtime never imports quipc)
+    code = ("import sys, numpy as np\n"
+            "from quipc_runtime.tvm_runtime import TvmLM\n"
+            f"lm = TvmLM({str(tvm_build)!r}, threads=1)\n"
+            "out = lm.generate(np.array([3, 4, 5]), 4, stop_at_eos=False)\n"
+            "assert out.shape == (1, 7), out.shape\n"
+            "bad = [m for m in sys.modules if m == 'quipc' or m.startswith('quipc.')]\n"
+            "assert not bad, bad\n")
+    env = {"PYTHONPATH": str(ROOT / "runtime"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_bad_inputs(tmp_path, tiny_artifact):
+    from quipc.backends.tvm import compile_artifact
+
+    with pytest.raises(FileNotFoundError):
+        compile_artifact(tmp_path / "nope", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="unknown TVM target"):
+        compile_artifact(tiny_artifact, tmp_path / "out", target="vulkan-ish", progress=False)
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    with pytest.raises(FileNotFoundError):
+        TvmLM(tmp_path)
