@@ -25,4 +25,4 @@ def test_alias_compile_load_generate(tmp_path):
     with torch.no_grad():
         a, b = model(ids).logits[0], ref(ids).logits[0]
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.5  # rtn w4 (min-max rows with outliers) measured 0.71
-    assert model.generate(ids, max_new_tokens=8, do_sample=False).shape[1] == ids.shape[1] + 8
+    assert model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False).shape[1] == ids.shape[1] + 8
