@@ -102,9 +102,9 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     windows, calib_info = None, {"source": "none (rtn needs no calibration)"}
     if cfg.method != "rtn":
         windows, calib_info = _calibration(model, tokenizer, calib, cfg.seed, device, progress)
+    dense, _ = _dense_tensors(model, prefix)  # before quantization edits the block weights
     if manifest is None:
-        manifest = _new_artifact(out, model, tokenizer, source, cfg, calib_info, key, prefix)
-    dense, _ = _dense_tensors(model, prefix)
+        manifest = _new_artifact(out, model, tokenizer, source, cfg, calib_info, key, prefix, dense)
 
     def save_block(index: int, layers: list[QuantizedLinear]) -> None:
         rec = art.write_block(out, index, layers)
@@ -143,14 +143,13 @@ def _calibration(model, tokenizer, calib: CalibConfig, seed: int, device, progre
 
 
 def _new_artifact(out: Path, model, tokenizer, source, cfg: QuantConfig, calib_info: dict,
-                  key: str, prefix: str) -> dict:
+                  key: str, prefix: str, dense: dict) -> dict:
     """Create the folder with tokenizer, dense tensors and an unfinished manifest, all at
     once (built in a temporary folder and renamed), so no half-made folder is left."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         tokenizer.save_pretrained(tmp / "tokenizer")
-        dense, _ = _dense_tensors(model, prefix)
         config = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_DROP}
         manifest = {
             "format": art.FORMAT, "format_version": art.FORMAT_VERSION, "complete": False,
