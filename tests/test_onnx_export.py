@@ -38,6 +38,22 @@ def ids(n=20, seed=0):
     return torch.randint(3, 17, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def check_read_back(path, artifact):
+    """layers_from_onnx gives back the artifact's layers (grouped nodes split per layer)."""
+    from quipc.backends.onnx.inspect import layers_from_onnx
+    from quipc_runtime import artifact as art
+
+    want = art.load_layers(artifact, art.read_manifest(artifact))
+    got = layers_from_onnx(path)
+    assert sorted(got) == sorted(want)
+    for name, layer in want.items():
+        for key in ("codes", "scale", "zero", "in_scale", "bias"):
+            a, b = getattr(got[name], key), getattr(layer, key)
+            assert (a is None) == (b is None) and (a is None or np.array_equal(a, b)), (name, key)
+        for side in ("t_in", "t_out"):
+            np.testing.assert_allclose(getattr(got[name], side).dense(), getattr(layer, side).dense(), atol=1e-6)
+
+
 def test_fp32_graph_matches_transformers(tiny):
     root, folder, _ = tiny
     from transformers import AutoModelForCausalLM
@@ -61,12 +77,15 @@ def test_quantized_export_matches_torch_path(tiny, artifacts, bits, ops):
     path = export_artifact(artifacts[bits], out, ops=ops, progress=False, accuracy_level=0)
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path), load_external_data=False)
-    quip_nodes = [n for n in model.graph.node if n.op_type == "QuipLinear"]
-    if ops == "quip":
-        assert len(quip_nodes) == 2 * 7 and all(n.domain == "ai.quipc" for n in quip_nodes)
+    quip_nodes = [n for n in model.graph.node if n.op_type in ("QuipLinear", "QuipLinearGroup")]
+    if ops == "quip":   # per block: q/k/v and gate/up grouped, o and down alone
+        assert [n.op_type for n in quip_nodes] == ["QuipLinearGroup", "QuipLinear"] * 2 * 2
+        assert all(n.domain == "ai.quipc" for n in quip_nodes)
         assert {o.domain for o in model.opset_import} >= {"ai.quipc"}
+        check_read_back(path, artifacts[bits])
     else:
         assert not quip_nodes and not model.functions
+        assert "Split" in {n.op_type for n in model.graph.node}   # the grouped bodies, inlined
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
     assert (out / "model.onnx.data").is_file() and (out / "tokenizer").is_dir()
     assert json.loads((out / "quipc_onnx.json").read_text())["bits"] == bits

@@ -1,4 +1,5 @@
-"""QuipLinear ONNX function vs the pure-torch reference, one layer at a time (fast)."""
+"""QuipLinear ONNX function vs the pure-torch reference, one layer at a time (fast).
+Small transforms are dense MatMuls by default; KRON_ONLY keeps the Kronecker-factor path."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -23,9 +24,12 @@ def make_layer(m, n, bits, method="quip", incoherence="hadamard", bias=False, se
     return quantize_linear(LayerInput("blk.0.proj", w, b, h), cfg)
 
 
-def run_layer(layer, x, ops, accuracy_level=0, rank=None, native_2bit=False):
+KRON_ONLY = {"dense_shared_max": 0, "dense_layer_max": 0}
+
+
+def run_layer(layer, x, ops, accuracy_level=0, rank=None, native_2bit=False, **kw):
     b = Builder()
-    em = QuipLinearEmitter(b, ops=ops, accuracy_level=accuracy_level, native_2bit=native_2bit)
+    em = QuipLinearEmitter(b, ops=ops, accuracy_level=accuracy_level, native_2bit=native_2bit, **kw)
     y = em.emit("x", layer, out_name="y", rank=rank)
     graph = helper.make_graph(
         b.nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, layer.in_features])],
@@ -44,19 +48,22 @@ def run_layer(layer, x, ops, accuracy_level=0, rank=None, native_2bit=False):
     return sess.run(None, {"x": x})[0], model
 
 
+# 320 = 20 x 16 hadamard output: the shared dense matrix, then the signs as a Mul
 CASES = [(96, 48, 2, "quip", "hadamard", False), (96, 48, 3, "quip", "hadamard", True),
+         (320, 48, 4, "quip", "hadamard", False),
          (48, 96, 4, "quip", "kron", False), (40, 40, 4, "quip", "hadamard", True),
          (48, 64, 2, "rtn", "hadamard", False), (36, 72, 3, "quip", "kron", False)]
 
 
 @pytest.mark.parametrize("m,n,bits,method,inc,bias", CASES)
-@pytest.mark.parametrize("ops,rank", [("quip", None), ("quip", 3), ("std", None), ("std", 3)])
-def test_layer_matches_reference(m, n, bits, method, inc, bias, ops, rank):
+@pytest.mark.parametrize("ops,rank,kw", [("quip", None, {}), ("quip", 3, {}), ("std", None, {}), ("std", 3, {}),
+                                         ("quip", None, KRON_ONLY), ("quip", 3, KRON_ONLY), ("std", 3, KRON_ONLY)])
+def test_layer_matches_reference(m, n, bits, method, inc, bias, ops, rank, kw):
     layer = make_layer(m, n, bits, method, inc, bias)
     x = np.random.default_rng(1).standard_normal((2, 5, n)).astype(np.float32)
     ref = QuipLinearRef(layer)(torch.from_numpy(x)).detach().numpy()
     for native in ([False, True] if bits == 2 and ops == "quip" else [False]):
-        y, model = run_layer(layer, x, ops, rank=rank, native_2bit=native)
+        y, model = run_layer(layer, x, ops, rank=rank, native_2bit=native, **kw)
         assert y.shape == ref.shape
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -87,3 +94,15 @@ def test_accuracy_level_4_close():
     ref = QuipLinearRef(layer)(torch.from_numpy(x)).detach().numpy()
     y, _ = run_layer(layer, x, "quip", accuracy_level=4)
     assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kw,overload,shared", [
+    ({}, "nbits_b4_k12_thd_so_r3", ["quipc.hadamard.12x4.T", "quipc.hadamard.12", "quipc.hadamard.8"]),
+    (KRON_ONLY, "nbits_b4_k22_so_r3", ["quipc.hadamard.12", "quipc.hadamard.4", "quipc.hadamard.8"])])
+def test_transform_forms(kw, overload, shared):
+    """48 = 12x4 in: the shared dense Hadamard (h, stored transposed); 96 = 12x8 out with signs:
+    a per-layer dense matrix (d) built in the body from the shared factors."""
+    layer = make_layer(96, 48, 4)
+    _, model = run_layer(layer, np.zeros((1, 1, 48), np.float32), "quip", rank=3, **kw)
+    assert model.functions[0].overload == overload
+    assert [i.name for i in model.graph.initializer if i.name.startswith("quipc.hadamard.")] == shared

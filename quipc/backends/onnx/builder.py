@@ -53,6 +53,12 @@ class Builder:
             return self.op("Reshape", t, self.ints([1]))
         return self.ints([value])
 
+    def attr_ints(self, attr: str, values) -> str:
+        """A 1-D int64 tensor: a literal in a graph, the caller's ints attribute in a function."""
+        if self.function:
+            return self.op("Constant", value_ints=Ref(attr, onnx.AttributeProto.INTS))
+        return self.ints(list(values))
+
     def initializer(self, name: str, arr: np.ndarray) -> str:
         if name not in self.initializers:
             self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)

@@ -81,6 +81,13 @@ class _Linears:
             raise ValueError(f"the artifact has neither a quantized layer nor a weight for {name}")
         return self.dense_fn(b, x, name, out_name)
 
+    def group(self, b: Builder, x: str, names: list[str]) -> list[str]:
+        """Layers that read x: one QuipLinearGroup node when all are quantized and share in_scale
+        and input transform (the emitter checks), else one call each."""
+        if all(n in self.layers for n in names):
+            return self.emitter.emit_group(x, [self.layers[n] for n in names], rank=3)
+        return [self(b, x, n) for n in names]
+
 
 def _config(model_config: dict):
     from transformers import AutoConfig
@@ -96,8 +103,9 @@ def export_artifact(artifact: Path, out: Path, *, ops: str = "quip", progress: b
                     accuracy_level: int = 4) -> Path:
     """A quipc artifact folder -> OUT/model.onnx (+ model.onnx.data, tokenizer/, quipc_onnx.json).
 
-    ops='quip': each quantized linear is one ai.quipc QuipLinear node (an ONNX function whose
-    body uses MatMulNBits for 2/4 bits, standard ops for 3); ops='std': standard ops only.
+    ops='quip': each quantized linear is one ai.quipc QuipLinear node, or q/k/v and gate/up one
+    QuipLinearGroup node when they share in_scale and input transform (ONNX functions whose bodies
+    use MatMulNBits where the shape allows, standard ops otherwise); ops='std': standard ops only.
     accuracy_level: MatMulNBits' accuracy_level (4: int8 activations, fastest on CPU; 0: fp32)."""
     from quipc_runtime import artifact as art
 

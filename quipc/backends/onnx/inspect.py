@@ -1,5 +1,6 @@
-"""Read the quantized layers back from a quipc ONNX model (QuipLinear nodes), e.g. to run
-the very same layers on the torch reference path (QuipLinearRef) and compare."""
+"""Read the quantized layers back from a quipc ONNX model (QuipLinear and QuipLinearGroup
+nodes), e.g. to run the very same layers on the torch reference path (QuipLinearRef) and compare.
+A transform stored as one dense matrix (form h) comes back as a single factor of order n."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,45 +12,64 @@ from onnx import helper, numpy_helper
 from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.transforms import Transform
 
+from .builder import QUIPC_DOMAIN
+from .quip_function import GroupVariant, Variant, _side_inputs
+
 
 def layers_from_onnx(path: str | Path) -> dict[str, QuantizedLinear]:
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     layers = {}
     for node in model.graph.node:
-        if node.op_type != "QuipLinear":
+        if node.domain != QUIPC_DOMAIN or node.op_type not in ("QuipLinear", "QuipLinearGroup"):
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        names = dict(zip(_input_names(node.overload), node.input))
-        arr = {k: numpy_helper.to_array(inits[v]) for k, v in names.items() if k != "x"}
-        m, n = int(attrs["out_features"]), int(attrs["in_features"])
-
-        def transform(side: str, size: int, kind: str) -> Transform:
-            mats = [arr[k] for k in sorted(arr) if k.startswith(f"{side}_factor")]
-            orders = tuple(int(x.shape[0]) for x in mats)
-            signs = None
-            if side == "out" and "out_sign_bits" in arr:
-                signs = np.where(np.unpackbits(arr["out_sign_bits"])[:size] == 1, -1, 1).astype(np.int8)
-            t = Transform(kind, size, orders, 0 if kind == "kron" else None, signs)
-            t._mats = [np.asarray(x, np.float32) for x in mats]
-            return t
-
-        kind_in = attrs["in_transform"].decode() if isinstance(attrs["in_transform"], bytes) else attrs["in_transform"]
-        kind_out = attrs["out_transform"].decode() if isinstance(attrs["out_transform"], bytes) else attrs["out_transform"]
-        name = node.name[: -len(".QuipLinear")] if node.name.endswith(".QuipLinear") else node.name
-        layers[name] = QuantizedLinear(name, m, n, int(attrs["bits"]), arr["codes"], arr["scale"], arr["zero"],
-                                       transform("in", n, kind_in), transform("out", m, kind_out),
-                                       arr.get("in_scale"), arr.get("bias"))
+        attrs = {a.name: _text(helper.get_attribute_value(a)) for a in node.attribute}
+        if node.op_type == "QuipLinear":
+            v = Variant.parse(node.overload)
+            arr = _arrays(dict(zip(v.input_names(), node.input)), inits)
+            name = node.name[: -len(".QuipLinear")] if node.name.endswith(".QuipLinear") else node.name
+            layers[name] = _layer(name, v, arr, int(attrs["out_features"]), attrs, attrs["out_transform"])
+            continue
+        g = GroupVariant.parse(node.overload)
+        named = dict(zip(g.input_names(), node.input))
+        shared = _arrays({k: named[k] for k in g.shared_names()}, inits)
+        for i, (v, name) in enumerate(zip(g.parts, attrs["layer_names"])):
+            arr = dict(shared, **_arrays({k.split(".", 1)[1]: named[k] for k in g.part_names(i)}, inits))
+            layers[name] = _layer(name, v, arr, int(attrs["out_split"][i]), attrs, attrs["out_transforms"][i])
     return layers
 
 
-def _input_names(overload: str) -> list[str]:
-    from .quip_function import Variant
+def _text(value):
+    """Attribute strings come back as bytes."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [x.decode() for x in value]
+    return value
 
-    parts = overload.split("_")
-    mode, bits, k = parts[0], int(parts[1][1:]), parts[2][1:]
-    flags = parts[3] if len(parts) > 3 and parts[3] != "r3" else ""
-    return Variant(mode, bits, int(k[0]), int(k[1]), "s" in flags, "o" in flags, "b" in flags).input_names()
+
+def _arrays(names: dict[str, str], inits: dict) -> dict[str, np.ndarray]:
+    return {k: numpy_helper.to_array(inits[v]).copy() for k, v in names.items() if k != "x"}   # writable
+
+
+def _transform(v: Variant, arr: dict, side: str, size: int, kind: str) -> Transform:
+    form, count = (v.in_form, v.n_in) if side == "in" else (v.out_form, v.n_out)
+    mats = [arr[k] for k in _side_inputs(side, form, count)]
+    if form == "h" and side == "in":   # stored as K^T
+        mats = [mats[0].T]
+    signs = None
+    if side == "out" and "out_sign_bits" in arr:
+        signs = np.where(np.unpackbits(arr["out_sign_bits"])[:size] == 1, -1, 1).astype(np.int8)
+    t = Transform(kind, size, tuple(int(x.shape[0]) for x in mats), 0 if kind == "kron" else None, signs)
+    t._mats = [np.ascontiguousarray(x, np.float32) for x in mats]
+    return t
+
+
+def _layer(name: str, v: Variant, arr: dict, m: int, attrs: dict, kind_out: str) -> QuantizedLinear:
+    n = int(attrs["in_features"])
+    return QuantizedLinear(name, m, n, int(attrs["bits"]), arr["codes"], arr["scale"], arr["zero"],
+                           _transform(v, arr, "in", n, attrs["in_transform"]), _transform(v, arr, "out", m, kind_out),
+                           arr.get("in_scale"), arr.get("bias"))
 
 
 def torch_model_with(hf_model, layers: dict[str, QuantizedLinear]):

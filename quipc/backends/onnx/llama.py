@@ -7,7 +7,9 @@ One graph serves prefill and decode:
     outputs: logits (batch, seq, vocab) float32, present.{i}.key / .value (past_seq + seq)
 Positions are past_seq .. past_seq + seq - 1 (no padding: batch rows are equally long).
 Linear layers are emitted by a callback, so the same graph carries fp32 MatMuls (the fp32
-reference) or QuipLinear nodes (quantized).
+reference) or QuipLinear nodes (quantized). Layers that read the same tensor (q/k/v,
+gate/up) are asked for together through the callback's optional `group` method (one
+QuipLinearGroup node when they qualify); callbacks without it get one call per layer.
 """
 from __future__ import annotations
 
@@ -24,6 +26,14 @@ FLOAT = TensorProto.FLOAT
 
 # linear(builder, x, full_name, out_name=None) -> output name
 LinearFn = Callable[[Builder, str, str], str]
+
+
+def _linears(linear: LinearFn, b: Builder, x: str, names: list[str]) -> list[str]:
+    """The outputs of several layers that read x: grouped when the callback can."""
+    group = getattr(linear, "group", None)
+    if group is not None:
+        return group(b, x, names)
+    return [linear(b, x, name) for name in names]
 
 
 def rotary_tables(config, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,12 +121,10 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
         p = f"model.layers.{i}"
         h = _rms_norm(b, x, b.initializer(f"{p}.input_layernorm.weight",
                                           dense[f"{p}.input_layernorm.weight"].astype(np.float32)), eps)
-        q = b.op("Transpose", b.op("Reshape", linear(b, h, f"{p}.self_attn.q_proj"), heads_shape(heads)),
-                 perm=[0, 2, 1, 3])                                 # (B, H, T, D)
-        k = b.op("Transpose", b.op("Reshape", linear(b, h, f"{p}.self_attn.k_proj"), heads_shape(kv_heads)),
-                 perm=[0, 2, 1, 3])                                 # (B, KV, T, D)
-        v = b.op("Transpose", b.op("Reshape", linear(b, h, f"{p}.self_attn.v_proj"), heads_shape(kv_heads)),
-                 perm=[0, 2, 1, 3])
+        q, k, v = _linears(linear, b, h, [f"{p}.self_attn.{n}_proj" for n in "qkv"])
+        q = b.op("Transpose", b.op("Reshape", q, heads_shape(heads)), perm=[0, 2, 1, 3])      # (B, H, T, D)
+        k = b.op("Transpose", b.op("Reshape", k, heads_shape(kv_heads)), perm=[0, 2, 1, 3])   # (B, KV, T, D)
+        v = b.op("Transpose", b.op("Reshape", v, heads_shape(kv_heads)), perm=[0, 2, 1, 3])
         q = _rotate(b, q, cos, sin, head_dim // 2)
         k = _rotate(b, k, cos, sin, head_dim // 2)
         k_all = b.op("Concat", f"past_key_values.{i}.key", k, axis=2, out_name=f"present.{i}.key")
@@ -134,8 +142,7 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
         x = b.op("Add", x, linear(b, att, f"{p}.self_attn.o_proj"))
         h = _rms_norm(b, x, b.initializer(f"{p}.post_attention_layernorm.weight",
                                           dense[f"{p}.post_attention_layernorm.weight"].astype(np.float32)), eps)
-        gate = linear(b, h, f"{p}.mlp.gate_proj")
-        up = linear(b, h, f"{p}.mlp.up_proj")
+        gate, up = _linears(linear, b, h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
         act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
         x = b.op("Add", x, linear(b, act, f"{p}.mlp.down_proj"))
     x = _rms_norm(b, x, b.initializer("model.norm.weight", dense["model.norm.weight"].astype(np.float32)), eps)

@@ -1,14 +1,32 @@
-"""The QuipLinear operator: one node per quantized linear, defined as an ONNX function.
+"""The QuipLinear and QuipLinearGroup operators: one node per quantized linear (or per group
+of linears reading the same tensor), defined as ONNX functions.
 
-Node (domain ai.quipc, version 1, op QuipLinear, one `overload` per input layout):
+QuipLinear (domain ai.quipc, version 1, one `overload` per input layout, see Variant):
     inputs : x, codes (m, packed_row_bytes) uint8, scale (m,) fp16, zero (m,) fp16,
              [in_scale (n,) fp16], [out_sign_bits (ceil(m/8),) uint8, np.packbits order],
-             in-transform factors (0-2 float matrices), out-transform factors (0-2), [bias (m,) fp32]
+             input transform, output transform, [bias (m,) fp32]; a transform is given as its
+             0-2 Kronecker factors, or as one shared dense matrix (form h: in side K^T, out side K)
     attributes: bits, in_features, out_features, block_size, accuracy_level,
                 in_transform, out_transform (kind strings: hadamard | kron | identity)
     y = s_out * K_out^T (W' (K_in (in_scale * x))) + bias,  W'[i, j] = scale[i] * code[i, j] + zero[i]
 
-Two bodies:
+QuipLinearGroup (same domain; layers with equal in_scale and input transform, e.g. q/k/v):
+    inputs : x, [in_scale], input transform, then per part i: p{i}.codes, p{i}.scale, p{i}.zero,
+             [p{i}.out_sign_bits], p{i} output transform, [p{i}.bias]  (see GroupVariant)
+    outputs: one y per part
+    attributes: bits, in_features, out_features (the total), out_split (ints, per part),
+                block_size, accuracy_level, in_transform, out_transforms (strings),
+                layer_names (strings, read by inspect.layers_from_onnx; unused by the body)
+    in_scale and K_in once, the parts' codes/scale/zero concatenated (initializers only: folded
+    once), one weight product and zero correction, Split, then each part's own output side.
+
+Transform forms (onnxruntime CPU decode is dominated by per-node overhead, so small
+transforms are one dense MatMul): k: one MatMul per Kronecker factor plus reshapes;
+d: n <= 256, a per-layer dense matrix built in the body from the factors (output side: the
+signs folded in), folded per layer; h: hadamard kind with n <= 640, one shared initializer
+per order (the full normalized Hadamard matrix), so every layer reads the same copy.
+
+Weight products:
 - "nbits" (4 bits, or 2 with native_2bit; n a multiple of 16): the packed codes are already MatMulNBits'
   layout (row-major, lowest bits first), reshaped to blocks; the per-row scale is repeated
   per block and the default zero point 2^(bits-1) is corrected by a rank-one term:
@@ -55,31 +73,97 @@ def nbits_block_size(n: int, bits: int) -> int:
     return 0
 
 
+FORMS = ("k", "d", "h")
+# How a transform is applied (the `t` part of an overload):
+#   k: Kronecker factors, one small MatMul per factor (any n);
+#   d: one dense MatMul by the matrix built in the body from the layer's factors (out side:
+#      with the output signs folded in); folded per layer at session creation (n <= 256);
+#   h: one dense MatMul by a shared initializer (hadamard kind: the same for every layer, so
+#      one copy stays in cache): in side K^T, out side K; input `in_matrix` / `out_matrix`.
+
+
+def _side_inputs(side: str, form: str, count: int) -> list[str]:
+    return [f"{side}_matrix"] if form == "h" else [f"{side}_factor{i}" for i in range(count)]
+
+
 @dataclass(frozen=True)
 class Variant:
-    mode: str          # nbits | unpack
+    mode: str          # nbits | repack4 | unpack
     bits: int
-    n_in: int          # number of Kronecker factors of the input transform
+    n_in: int          # matrices given for the input transform (factors, or 1 for form h)
     n_out: int
     in_scale: bool
     out_signs: bool
     bias: bool
     rank3: bool = False  # x is (batch, seq, n): keeps the leading axes, no dynamic shape ops
+    in_form: str = "k"
+    out_form: str = "k"
 
     @property
     def overload(self) -> str:
         flags = "".join(c for c, on in (("s", self.in_scale), ("o", self.out_signs), ("b", self.bias)) if on)
-        return (f"{self.mode}_b{self.bits}_k{self.n_in}{self.n_out}" + (f"_{flags}" if flags else "")
+        forms = "" if self.in_form + self.out_form == "kk" else f"_t{self.in_form}{self.out_form}"
+        return (f"{self.mode}_b{self.bits}_k{self.n_in}{self.n_out}{forms}" + (f"_{flags}" if flags else "")
                 + ("_r3" if self.rank3 else ""))
+
+    @staticmethod
+    def parse(overload: str) -> "Variant":
+        """The inverse of `overload` (also reads files written before the `t` forms)."""
+        mode, bits, k, *rest = overload.split("_")
+        forms, flags = "kk", ""
+        for part in rest:
+            if part.startswith("t"):
+                forms = part[1:]
+            elif part != "r3":
+                flags = part
+        return Variant(mode, int(bits[1:]), int(k[1]), int(k[2]), "s" in flags, "o" in flags, "b" in flags,
+                       "r3" in rest, forms[0], forms[1])
 
     def input_names(self) -> list[str]:
         names = ["x", "codes", "scale", "zero"]
         names += ["in_scale"] * self.in_scale + ["out_sign_bits"] * self.out_signs
-        names += [f"in_factor{i}" for i in range(self.n_in)] + [f"out_factor{i}" for i in range(self.n_out)]
+        names += _side_inputs("in", self.in_form, self.n_in) + _side_inputs("out", self.out_form, self.n_out)
         return names + ["bias"] * self.bias
 
 
+@dataclass(frozen=True)
+class GroupVariant:
+    """QuipLinearGroup: layers reading the same x with equal in_scale and input transform.
+    All parts share mode, bits, rank3 and the input side (taken from parts[0])."""
+    parts: tuple[Variant, ...]
+
+    @property
+    def overload(self) -> str:
+        v = self.parts[0]
+        head = f"{v.mode}_b{v.bits}_i{v.in_form}{v.n_in}" + ("s" if v.in_scale else "")
+        outs = "".join(f"_o{p.out_form}{p.n_out}" + "o" * p.out_signs + "b" * p.bias for p in self.parts)
+        return head + outs + ("_r3" if v.rank3 else "")
+
+    @staticmethod
+    def parse(overload: str) -> "GroupVariant":
+        mode, bits, head, *rest = overload.split("_")
+        rank3 = "r3" in rest
+        parts = tuple(Variant(mode, int(bits[1:]), int(head[2]), int(o[2]), head.endswith("s"), "o" in o[3:],
+                              "b" in o[3:], rank3, head[1], o[1]) for o in rest if o != "r3")
+        return GroupVariant(parts)
+
+    def shared_names(self) -> list[str]:
+        v = self.parts[0]
+        return ["x"] + ["in_scale"] * v.in_scale + _side_inputs("in", v.in_form, v.n_in)
+
+    def part_names(self, i: int) -> list[str]:
+        v = self.parts[i]
+        names = ["codes", "scale", "zero"] + ["out_sign_bits"] * v.out_signs
+        names += _side_inputs("out", v.out_form, v.n_out) + ["bias"] * v.bias
+        return [f"p{i}.{k}" for k in names]
+
+    def input_names(self) -> list[str]:
+        return self.shared_names() + [k for i in range(len(self.parts)) for k in self.part_names(i)]
+
+
 ATTRS = ("bits", "in_features", "out_features", "block_size", "accuracy_level")
+# QuipLinearGroup: out_features is the total (MatMulNBits' N); out_split the parts' sizes
+GROUP_ATTRS = ATTRS + ("out_split", "in_transform", "out_transforms", "layer_names")
 
 
 def _attr(b: Builder, lit: dict, key: str):
@@ -108,9 +192,36 @@ def _kron(b: Builder, z: str, factors: list[str], transpose: bool, rank3: bool =
     return b.op("Reshape", t, b.op("Concat", lead, b.op("Mul", a, c), axis=0))
 
 
-def _unpack_codes(b: Builder, codes: str, bits: int, lit: dict) -> str:
+def _kron_matrix(b: Builder, factors: list[str]) -> str:
+    """The dense K = F_1 x F_2 (row-major) from initializers: folded at session creation."""
+    if len(factors) == 1:
+        return factors[0]
+    fa, fb = factors
+    prod = b.op("Mul", b.op("Unsqueeze", fa, b.ints([1, 3])), b.op("Unsqueeze", fb, b.ints([0, 2])))  # (a,b,a,b)
+    size = b.op("Mul", b.op("Shape", fa, start=0, end=1), b.op("Shape", fb, start=0, end=1))
+    return b.op("Reshape", prod, b.op("Concat", size, b.ints([-1]), axis=0))
+
+
+def _transform_in(b: Builder, v: Variant, z: str, mats: list[str]) -> str:
+    """K_in z (row vectors: z K_in^T)."""
+    if v.in_form == "h":     # the shared matrix is stored transposed: no per-layer Transpose
+        return b.op("MatMul", z, mats[0])
+    if v.in_form == "d":
+        return b.op("MatMul", z, b.op("Transpose", _kron_matrix(b, mats), perm=[1, 0]))
+    return _kron(b, z, mats, transpose=False, rank3=v.rank3)
+
+
+def _transform_out(b: Builder, v: Variant, y: str, mats: list[str], signs: str | None) -> str:
+    """s_out * K_out^T y (row vectors: (y K_out) * s = y (K_out diag(s)))."""
+    if v.out_form == "d":    # signs folded into the per-layer matrix
+        k = _kron_matrix(b, mats) if mats else None
+        return b.op("MatMul", y, b.op("Mul", k, signs) if signs else k)
+    y = b.op("MatMul", y, mats[0]) if v.out_form == "h" else _kron(b, y, mats, transpose=True, rank3=v.rank3)
+    return b.op("Mul", y, signs) if signs else y
+
+
+def _unpack_codes(b: Builder, codes: str, bits: int, m: str, lit: dict) -> str:
     """(m, n) int64 codes from the dense packed bytes, with integer ops only."""
-    m = b.attr_int("out_features", lit.get("out_features"))
     groups = b.op("Reshape", codes, b.op("Concat", m, b.ints([-1, bits]), axis=0))       # (m, G, bits)
     words = b.op("Mul", b.op("Cast", groups, to=TensorProto.INT64), b.ints([256 ** k for k in range(bits)]))
     words = b.op("ReduceSum", words, b.ints([2]), keepdims=1)                            # (m, G, 1)
@@ -120,104 +231,183 @@ def _unpack_codes(b: Builder, codes: str, bits: int, lit: dict) -> str:
     return b.op("Slice", vals, b.ints([0]), b.attr_int("in_features", lit.get("in_features")), b.ints([1]))
 
 
-def _unpack_weight(b: Builder, codes: str, scale_f: str, zero: str, bits: int, lit: dict) -> str:
+def _unpack_weight(b: Builder, codes: str, scale_f: str, zero: str, bits: int, m: str, lit: dict) -> str:
     """W' (m, n) float from the dense packed codes."""
-    vals = _unpack_codes(b, codes, bits, lit)
+    vals = _unpack_codes(b, codes, bits, m, lit)
     w = b.op("Mul", b.op("Cast", vals, to=FLOAT), b.op("Unsqueeze", scale_f, b.ints([1])))
     return b.op("Add", w, b.op("Unsqueeze", b.op("Cast", zero, to=FLOAT), b.ints([1])))
 
 
-def _sign_vector(b: Builder, sign_bits: str, lit: dict) -> str:
+def _sign_vector(b: Builder, sign_bits: str, m: str) -> str:
     bits = b.op("Div", b.op("Unsqueeze", b.op("Cast", sign_bits, to=TensorProto.INT64), b.ints([1])),
                 b.ints([1 << (7 - j) for j in range(8)]))
     bits = b.op("Reshape", b.op("Mod", bits, b.ints([2])), b.ints([-1]))
-    bits = b.op("Slice", bits, b.ints([0]), b.attr_int("out_features", lit.get("out_features")))
+    bits = b.op("Slice", bits, b.ints([0]), m)
     return b.op("Sub", b.const(np.float32(1)), b.op("Mul", b.op("Cast", bits, to=FLOAT), b.const(np.float32(2))))
+
+
+def _input_side(b: Builder, v: Variant, named: dict, n: str) -> str:
+    """K_in (in_scale * x), flattened to (rows, n) unless rank3."""
+    z = named["x"]
+    if v.in_scale:
+        z = b.op("Mul", z, b.op("Cast", named["in_scale"], to=FLOAT))
+    if not v.rank3:
+        z = b.op("Reshape", z, b.op("Concat", b.ints([-1]), n, axis=0))
+    return _transform_in(b, v, z, [named[k] for k in _side_inputs("in", v.in_form, v.n_in)])
+
+
+def _weight_product(b: Builder, v: Variant, z: str, codes: str, scale: str, zero: str, m: str,
+                    lit: dict) -> str:
+    """W' z for the m rows of codes/scale/zero (m: out_features, the total in a group)."""
+    scale_f = b.op("Cast", scale, to=FLOAT)
+    if v.mode == "unpack":
+        w = _unpack_weight(b, codes, scale_f, zero, v.bits, m, lit)
+        return b.op("MatMul", z, b.op("Transpose", w, perm=[1, 0]))
+    if v.mode == "nbits":   # the quipc layout is MatMulNBits' layout: only reshaped
+        blob = b.op("Div", b.op("Mul", b.attr_int("block_size", lit.get("block_size")),
+                                b.attr_int("bits", lit.get("bits"))), b.ints([8]))
+        packed = b.op("Reshape", codes, b.op("Concat", m, b.ints([-1]), blob, axis=0))
+        kbits, half = _attr(b, lit, "bits"), b.op("Pow", b.const(np.float32(2)), b.op(
+            "Cast", b.op("Sub", b.attr_int("bits", lit.get("bits")), b.ints([1])), to=FLOAT))
+    else:   # 2/3-bit: unpacked and re-packed as 4-bit nibbles (folded once, at session creation)
+        pairs = b.op("Reshape", _unpack_codes(b, codes, v.bits, m, lit), b.op("Concat", m, b.ints([-1, 2]), axis=0))
+        nib = b.op("ReduceSum", b.op("Mul", pairs, b.ints([1, 16])), b.ints([2]), keepdims=0)
+        blob = b.op("Div", b.attr_int("block_size", lit.get("block_size")), b.ints([2]))
+        packed = b.op("Reshape", b.op("Cast", nib, to=TensorProto.UINT8), b.op("Concat", m, b.ints([-1]), blob, axis=0))
+        kbits, half = 4, b.const(np.float32(8))
+    kb = b.op("Slice", b.op("Shape", packed), b.ints([1]), b.ints([2]))
+    scales = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", scale_f, b.ints([1])),
+                                  b.op("Concat", m, kb, axis=0)), b.ints([-1]))
+    y = b.op("MatMulNBits", z, packed, scales, domain=MS_DOMAIN,
+             K=_attr(b, lit, "in_features"), N=_attr(b, lit, "out_features"),
+             bits=kbits, block_size=_attr(b, lit, "block_size"),
+             accuracy_level=_attr(b, lit, "accuracy_level"))
+    y = b.op("Cast", y, to=FLOAT)   # types the contrib op's output for ONNX shape inference
+    corr = b.op("Add", b.op("Cast", zero, to=FLOAT), b.op("Mul", scale_f, half))
+    return b.op("Add", y, b.op("Mul", b.op("ReduceSum", z, b.ints([-1]), keepdims=1), corr))
+
+
+def _rename(b: Builder, old: str, new: str) -> str:
+    """Give the node output `old` the name `new` (instead of adding an Identity)."""
+    for node in reversed(b.nodes):
+        for i, o in enumerate(node.output):
+            if o == old:
+                node.output[i] = new
+                return new
+    raise ValueError(f"{old} is not a node output")
+
+
+def _output_side(b: Builder, v: Variant, y: str, named: dict, x: str, m: str, out_name: str | None) -> str:
+    """s_out * K_out^T y + bias for one layer (named: its inputs without a part prefix)."""
+    signs = _sign_vector(b, named["out_sign_bits"], m) if v.out_signs else None
+    y = _transform_out(b, v, y, [named[k] for k in _side_inputs("out", v.out_form, v.n_out)], signs)
+    if v.bias:
+        y = b.op("Add", y, named["bias"])
+    if v.rank3:
+        return _rename(b, y, out_name) if out_name else y
+    lead = b.op("Slice", b.op("Shape", x), b.ints([0]), b.ints([-1]))
+    return b.op("Reshape", y, b.op("Concat", lead, m, axis=0), out_name=out_name)
 
 
 def emit_body(b: Builder, v: Variant, ins: list[str], lit: dict, out_name: str | None = None) -> str:
     """Write the QuipLinear computation into b; ins follow v.input_names(); returns y."""
     named = dict(zip(v.input_names(), ins))
-    fin = [named[f"in_factor{i}"] for i in range(v.n_in)]
-    fout = [named[f"out_factor{i}"] for i in range(v.n_out)]
-    x = named["x"]
     n = b.attr_int("in_features", lit.get("in_features"))
     m = b.attr_int("out_features", lit.get("out_features"))
-    z = x
-    if v.in_scale:
-        z = b.op("Mul", z, b.op("Cast", named["in_scale"], to=FLOAT))
-    if not v.rank3:
-        z = b.op("Reshape", z, b.op("Concat", b.ints([-1]), n, axis=0))
-    z = _kron(b, z, fin, transpose=False, rank3=v.rank3)
-    scale_f = b.op("Cast", named["scale"], to=FLOAT)
-    if v.mode in ("nbits", "repack4"):
-        if v.mode == "nbits":   # the quipc layout is MatMulNBits' layout: only reshaped
-            blob = b.op("Div", b.op("Mul", b.attr_int("block_size", lit.get("block_size")),
-                                    b.attr_int("bits", lit.get("bits"))), b.ints([8]))
-            packed = b.op("Reshape", named["codes"], b.op("Concat", m, b.ints([-1]), blob, axis=0))
-            kbits, half = _attr(b, lit, "bits"), b.op("Pow", b.const(np.float32(2)), b.op(
-                "Cast", b.op("Sub", b.attr_int("bits", lit.get("bits")), b.ints([1])), to=FLOAT))
-        else:   # 2/3-bit: unpacked and re-packed as 4-bit nibbles (folded once, at session creation)
-            pairs = b.op("Reshape", _unpack_codes(b, named["codes"], v.bits, lit),
-                         b.op("Concat", m, b.ints([-1, 2]), axis=0))
-            nib = b.op("ReduceSum", b.op("Mul", pairs, b.ints([1, 16])), b.ints([2]), keepdims=0)
-            blob = b.op("Div", b.attr_int("block_size", lit.get("block_size")), b.ints([2]))
-            packed = b.op("Reshape", b.op("Cast", nib, to=TensorProto.UINT8),
-                          b.op("Concat", m, b.ints([-1]), blob, axis=0))
-            kbits, half = 4, b.const(np.float32(8))
-        kb = b.op("Slice", b.op("Shape", packed), b.ints([1]), b.ints([2]))
-        scales = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", scale_f, b.ints([1])),
-                                      b.op("Concat", m, kb, axis=0)), b.ints([-1]))
-        y = b.op("MatMulNBits", z, packed, scales, domain=MS_DOMAIN,
-                 K=_attr(b, lit, "in_features"), N=_attr(b, lit, "out_features"),
-                 bits=kbits, block_size=_attr(b, lit, "block_size"),
-                 accuracy_level=_attr(b, lit, "accuracy_level"))
-        y = b.op("Cast", y, to=FLOAT)   # types the contrib op's output for ONNX shape inference
-        corr = b.op("Add", b.op("Cast", named["zero"], to=FLOAT), b.op("Mul", scale_f, half))
-        y = b.op("Add", y, b.op("Mul", b.op("ReduceSum", z, b.ints([-1]), keepdims=1), corr))
-    else:
-        w = _unpack_weight(b, named["codes"], scale_f, named["zero"], v.bits, lit)
-        y = b.op("MatMul", z, b.op("Transpose", w, perm=[1, 0]))
-    y = _kron(b, y, fout, transpose=True, rank3=v.rank3)
-    if v.out_signs:
-        y = b.op("Mul", y, _sign_vector(b, named["out_sign_bits"], lit))
-    if v.bias:
-        y = b.op("Add", y, named["bias"])
-    if v.rank3:
-        if out_name:   # rename the last node's output instead of adding an Identity
-            assert b.nodes[-1].output[0] == y
-            b.nodes[-1].output[0] = y = out_name
-        return y
-    lead = b.op("Slice", b.op("Shape", x), b.ints([0]), b.ints([-1]))
-    return b.op("Reshape", y, b.op("Concat", lead, m, axis=0), out_name=out_name)
+    z = _input_side(b, v, named, n)
+    y = _weight_product(b, v, z, named["codes"], named["scale"], named["zero"], m, lit)
+    return _output_side(b, v, y, named, named["x"], m, out_name)
+
+
+def emit_group_body(b: Builder, g: GroupVariant, ins: list[str], lit: dict,
+                    out_names: list[str | None]) -> list[str]:
+    """QuipLinearGroup: in_scale and K_in once, one weight product on the row-concatenated
+    weights (Concat of initializers: folded once), one zero correction, then Split and each
+    part's own output side. ins follow g.input_names(); returns the parts' outputs."""
+    named = dict(zip(g.input_names(), ins))
+    v0, k = g.parts[0], len(g.parts)
+    n = b.attr_int("in_features", lit.get("in_features"))
+    m = b.attr_int("out_features", lit.get("out_features"))
+    z = _input_side(b, v0, named, n)
+    cat = {key: b.op("Concat", *[named[f"p{i}.{key}"] for i in range(k)], axis=0)
+           for key in ("codes", "scale", "zero")}
+    y = _weight_product(b, v0, z, cat["codes"], cat["scale"], cat["zero"], m, lit)
+    ys = b.op("Split", y, b.attr_ints("out_split", lit.get("out_split")), axis=-1, outputs=k)
+    ys = [ys] if k == 1 else ys
+    outs = []
+    for i, v in enumerate(g.parts):
+        part = {key.split(".", 1)[1]: named[key] for key in g.part_names(i)}
+        m_i = b.op("Shape", part["scale"])     # (m_i,) from an initializer: folded
+        outs.append(_output_side(b, v, ys[i], part, named["x"], m_i, out_names[i]))
+    return outs
+
+
+def _function(name: str, overload: str, ins: list[str], outs: list[str], b: Builder, mode: str,
+              attrs: list[str], opset: int) -> onnx.FunctionProto:
+    opsets = [helper.make_opsetid("", opset)]
+    if mode in ("nbits", "repack4"):
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    f = helper.make_function(QUIPC_DOMAIN, name, ins, outs, b.nodes, opsets, attributes=attrs,
+                             doc_string=f"quipc {name}, layout {overload}: see quipc.backends.onnx.quip_function")
+    f.overload = overload
+    return f
 
 
 def make_function(v: Variant, opset: int = OPSET) -> onnx.FunctionProto:
     b = Builder(function=True)
     y = emit_body(b, v, v.input_names(), {}, out_name="y")
-    opsets = [helper.make_opsetid("", opset)]
-    if v.mode in ("nbits", "repack4"):
-        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-    f = helper.make_function(QUIPC_DOMAIN, "QuipLinear", v.input_names(), [y], b.nodes, opsets,
-                             attributes=list(ATTRS) + ["in_transform", "out_transform"],
-                             doc_string=f"quipc QuipLinear, layout {v.overload}: see quipc.backends.onnx.quip_function")
-    f.overload = v.overload
-    return f
+    return _function("QuipLinear", v.overload, v.input_names(), [y], b, v.mode,
+                     list(ATTRS) + ["in_transform", "out_transform"], opset)
+
+
+def make_group_function(g: GroupVariant, opset: int = OPSET) -> onnx.FunctionProto:
+    b = Builder(function=True)
+    outs = emit_group_body(b, g, g.input_names(), {}, [f"y{i}" for i in range(len(g.parts))])
+    return _function("QuipLinearGroup", g.overload, g.input_names(), outs, b, g.parts[0].mode,
+                     list(GROUP_ATTRS), opset)
+
+
+DENSE_SHARED_MAX = 640   # hadamard transforms up to this n: one MatMul by a shared n x n matrix
+DENSE_LAYER_MAX = 256    # any transform up to this n: one MatMul by a per-layer matrix (signs folded)
+
+
+def _same_input_side(a: QuantizedLinear, b: QuantizedLinear) -> bool:
+    """Equal in_scale and input transform (compared as arrays: never assumed)."""
+    if (a.bits, a.in_features, a.t_in.kind, tuple(a.t_in.orders)) != (b.bits, b.in_features, b.t_in.kind,
+                                                                      tuple(b.t_in.orders)):
+        return False
+    if (a.in_scale is None) != (b.in_scale is None) or (a.in_scale is not None and not np.array_equal(
+            a.in_scale, b.in_scale)):
+        return False
+    if not np.array_equal(a.t_in.sign_vector(), b.t_in.sign_vector()):
+        return False
+    return all(np.array_equal(x, y) for x, y in zip(a.t_in.matrices(), b.t_in.matrices()))
+
+
+def _group_name(names: list[str]) -> str:
+    """model.layers.0.mlp.gate_proj, ...up_proj -> model.layers.0.mlp.gate_proj+up_proj.QuipLinearGroup"""
+    prefix = names[0].rsplit(".", 1)[0] + "."
+    if all(n.startswith(prefix) for n in names):
+        return prefix + "+".join(n[len(prefix):] for n in names) + ".QuipLinearGroup"
+    return "+".join(names) + ".QuipLinearGroup"
 
 
 class QuipLinearEmitter:
-    """Adds quantized linears to a graph Builder: as QuipLinear nodes (ops='quip') or as
-    their standard-op bodies inlined (ops='std')."""
+    """Adds quantized linears to a graph Builder: as QuipLinear / QuipLinearGroup nodes
+    (ops='quip') or as their standard-op bodies inlined (ops='std')."""
 
     def __init__(self, b: Builder, ops: str = "quip", accuracy_level: int = 4, opset: int = OPSET,
-                 native_2bit: bool = False):
+                 native_2bit: bool = False, dense_shared_max: int = DENSE_SHARED_MAX,
+                 dense_layer_max: int = DENSE_LAYER_MAX):
         if ops not in ("quip", "std"):
             raise ValueError(f"unknown ONNX ops mode {ops!r}: expected 'quip' or 'std'")
         self.b, self.ops, self.accuracy_level, self.opset = b, ops, accuracy_level, opset
         self.native_2bit = native_2bit
-        self.functions: dict[str, onnx.FunctionProto] = {}
+        self.dense_shared_max, self.dense_layer_max = dense_shared_max, dense_layer_max
+        self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
         self.uses_ms = False
         self._node_names: set[str] = set()
+        self._shared: dict[str, np.ndarray] = {}
 
     def _factors(self, layer: QuantizedLinear, side: str) -> list[str]:
         t = layer.t_in if side == "in" else layer.t_out
@@ -229,8 +419,36 @@ class QuipLinearEmitter:
                 names.append(self.b.initializer(f"{layer.name}.{side}_factor{i}", mat))
         return names
 
-    def emit(self, x: str, layer: QuantizedLinear, out_name: str | None = None, rank: int | None = None) -> str:
-        """y = layer(x); rank: x's rank when known (3 gives a body without shape ops)."""
+    def _shared_dense(self, t, side: str) -> str:
+        """The full normalized Hadamard matrix (in side: transposed), one initializer per order."""
+        k = np.ones((1, 1))
+        for mat in t.matrices():
+            k = np.kron(k, mat.astype(np.float64))
+        k = np.ascontiguousarray((k.T if side == "in" else k).astype(np.float32))
+        name = f"quipc.hadamard.{'x'.join(str(o) for o in t.orders)}" + (".T" if side == "in" else "")
+        if name in self._shared and not np.array_equal(self._shared[name], k):
+            raise ValueError(f"two different Hadamard matrices of orders {t.orders}")
+        self._shared[name] = k
+        return self.b.initializer(name, k)
+
+    def _form(self, t, side: str) -> str:
+        """How a transform is applied (see FORMS): dense where it saves nodes cheaply."""
+        mats = t.matrices()
+        signs = side == "out" and t.signs is not None
+        fold = bool(mats) and t.n <= self.dense_layer_max and (len(mats) > 1 or signs)  # per layer
+        if mats and t.kind == "hadamard" and t.n <= self.dense_shared_max and not (fold and signs):
+            return "h"
+        return "d" if fold else "k"
+
+    def _side(self, layer: QuantizedLinear, side: str) -> tuple[str, list[str]]:
+        """(form, input names) of one transform; the initializers are added to the graph."""
+        t = layer.t_in if side == "in" else layer.t_out
+        form = self._form(t, side)
+        return form, [self._shared_dense(t, side)] if form == "h" else self._factors(layer, side)
+
+    def _plan(self, layer: QuantizedLinear, rank: int | None, input_side: bool = True) -> tuple[Variant, dict, dict]:
+        """The layer's Variant, literal attributes, and its inputs by Variant.input_names() key;
+        input_side=False: a group's later part, whose in_scale / input transform are not added."""
         b, name = self.b, layer.name
         block, mode = 0, "unpack"
         if self.ops == "quip":
@@ -239,36 +457,75 @@ class QuipLinearEmitter:
             if native and layer.bits == 2:
                 block = min(block, 128)   # 2-bit blocks of 256 hit a slow kernel
             mode = ("nbits" if native else "repack4") if block else "unpack"
-        v = Variant(mode, layer.bits, len(layer.t_in.matrices()),
-                    len(layer.t_out.matrices()), layer.in_scale is not None,
-                    layer.t_out.signs is not None, layer.bias is not None, rank == 3)
-        ins = [x, b.initializer(f"{name}.codes", layer.codes), b.initializer(f"{name}.scale", layer.scale),
-               b.initializer(f"{name}.zero", layer.zero)]
-        if v.in_scale:
-            ins.append(b.initializer(f"{name}.in_scale", layer.in_scale))
+        in_form = self._form(layer.t_in, "in")
+        in_mats = self._side(layer, "in")[1] if input_side else []
+        n_in = 1 if in_form == "h" else len(layer.t_in.matrices())
+        out_form, out_mats = self._side(layer, "out")
+        v = Variant(mode, layer.bits, n_in, len(out_mats), layer.in_scale is not None,
+                    layer.t_out.signs is not None, layer.bias is not None, rank == 3, in_form, out_form)
+        named = {"codes": b.initializer(f"{name}.codes", layer.codes),
+                 "scale": b.initializer(f"{name}.scale", layer.scale),
+                 "zero": b.initializer(f"{name}.zero", layer.zero)}
+        if v.in_scale and input_side:
+            named["in_scale"] = b.initializer(f"{name}.in_scale", layer.in_scale)
         if v.out_signs:
-            ins.append(b.initializer(f"{name}.out_sign_bits", layer.t_out.sign_bits()))
-        ins += self._factors(layer, "in") + self._factors(layer, "out")
+            named["out_sign_bits"] = b.initializer(f"{name}.out_sign_bits", layer.t_out.sign_bits())
+        named.update(zip(_side_inputs("in", in_form, n_in), in_mats))
+        named.update(zip(_side_inputs("out", out_form, len(out_mats)), out_mats))
         if v.bias:
-            ins.append(b.initializer(f"{name}.bias", layer.bias.astype(np.float32)))
+            named["bias"] = b.initializer(f"{name}.bias", layer.bias.astype(np.float32))
         lit = {"bits": layer.bits, "in_features": layer.in_features, "out_features": layer.out_features,
                "block_size": block, "accuracy_level": self.accuracy_level}
+        return v, lit, named
+
+    def _node(self, op: str, ins: list[str], outs: list[str], name: str, overload: str, **attrs) -> None:
+        if name in self._node_names:   # the same layer applied twice
+            name = self.b.name(name)
+        self._node_names.add(name)
+        node = helper.make_node(op, ins, outs, name=name, domain=QUIPC_DOMAIN, **attrs)
+        node.overload = overload
+        self.b.nodes.append(node)
+
+    def emit(self, x: str, layer: QuantizedLinear, out_name: str | None = None, rank: int | None = None) -> str:
+        """y = layer(x); rank: x's rank when known (3 gives a body without shape ops)."""
+        v, lit, named = self._plan(layer, rank)
+        ins = [x] + [named[k] for k in v.input_names()[1:]]
         if self.ops == "std":
-            return emit_body(b, v, ins, lit, out_name=out_name)
-        if v.mode != "unpack":
-            self.uses_ms = True
-        if v.overload not in self.functions:
-            self.functions[v.overload] = make_function(v, self.opset)
-        out = out_name or b.name(f"{name}.out")
-        node_name = f"{name}.QuipLinear"
-        if node_name in self._node_names:   # the same layer applied twice
-            node_name = b.name(node_name)
-        self._node_names.add(node_name)
-        node = helper.make_node("QuipLinear", ins, [out], name=node_name, domain=QUIPC_DOMAIN,
-                                in_transform=layer.t_in.kind, out_transform=layer.t_out.kind, **lit)
-        node.overload = v.overload
-        b.nodes.append(node)
+            return emit_body(self.b, v, ins, lit, out_name=out_name)
+        self.uses_ms |= v.mode != "unpack"
+        if ("QuipLinear", v.overload) not in self.functions:
+            self.functions[("QuipLinear", v.overload)] = make_function(v, self.opset)
+        out = out_name or self.b.name(f"{layer.name}.out")
+        self._node("QuipLinear", ins, [out], f"{layer.name}.QuipLinear", v.overload,
+                   in_transform=layer.t_in.kind, out_transform=layer.t_out.kind, **lit)
         return out
+
+    def can_group(self, layers: list[QuantizedLinear]) -> bool:
+        return len(layers) > 1 and all(_same_input_side(layers[0], la) for la in layers[1:])
+
+    def emit_group(self, x: str, layers: list[QuantizedLinear], out_names: list[str | None] | None = None,
+                   rank: int | None = None) -> list[str]:
+        """[layer(x) for layer in layers]: one QuipLinearGroup node when they share in_scale and
+        input transform (ops='quip'; 'std' inlines its body), else one node per layer."""
+        out_names = out_names or [None] * len(layers)
+        if not self.can_group(layers):
+            return [self.emit(x, la, o, rank) for la, o in zip(layers, out_names)]
+        plans = [self._plan(la, rank, input_side=i == 0) for i, la in enumerate(layers)]
+        g = GroupVariant(tuple(p[0] for p in plans))
+        lit = dict(plans[0][1], out_features=sum(la.out_features for la in layers),
+                   out_split=[la.out_features for la in layers])
+        ins = [x] + [plans[0][2][k] for k in g.shared_names()[1:]]
+        ins += [p[2][k.split(".", 1)[1]] for i, p in enumerate(plans) for k in g.part_names(i)]
+        if self.ops == "std":
+            return emit_group_body(self.b, g, ins, lit, out_names)
+        self.uses_ms |= g.parts[0].mode != "unpack"
+        if ("QuipLinearGroup", g.overload) not in self.functions:
+            self.functions[("QuipLinearGroup", g.overload)] = make_group_function(g, self.opset)
+        outs = [o or self.b.name(f"{la.name}.out") for la, o in zip(layers, out_names)]
+        self._node("QuipLinearGroup", ins, outs, _group_name([la.name for la in layers]),
+                   g.overload, in_transform=layers[0].t_in.kind, out_transforms=[la.t_out.kind for la in layers],
+                   layer_names=[la.name for la in layers], **lit)
+        return outs
 
     def opsets(self) -> list:
         ops = [helper.make_opsetid("", self.opset)]
