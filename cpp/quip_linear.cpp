@@ -25,6 +25,23 @@ Buffer alloc_floats(size_t count) {
   return Buffer(static_cast<float*>(p));
 }
 
+// Per-thread scratch that only grows: a decode step calls hundreds of small layers, and
+// five allocations per call cost as much as a small layer's transforms. `slot` keeps the
+// buffers that are alive at the same time apart.
+float* scratch(int slot, size_t count) {
+  struct Slot {
+    Buffer buf;
+    size_t size = 0;
+  };
+  thread_local Slot slots[4];
+  Slot& s = slots[slot];
+  if (s.size < count) {
+    s.buf = alloc_floats(count);
+    s.size = count;
+  }
+  return s.buf.get();
+}
+
 // `threads` is an upper bound: a thread gets at least kMinWork multiply-adds, since
 // waking one costs a few microseconds (tiny layers and single rows run inline).
 constexpr double kMinWork = 65536.0;
@@ -62,13 +79,13 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
   ThreadPool::instance().run(nt, [&](int tid) {
     int b0, b1;
     split_range(batch, nt, tid, 1, &b0, &b1);
-    Buffer scratch = alloc_floats(size_t(n));
+    float* work = scratch(3, size_t(n));
     for (int b = b0; b < b1; ++b) {
       const float* xr = x + size_t(b) * n;
       float* zr = z + size_t(b) * npad_;
       for (int j = 0; j < n; ++j) zr[j] = xr[j] * in_vec_[j];
       for (int j = n; j < npad_; ++j) zr[j] = 0.f;
-      t_in_.apply(k, zr, scratch.get(), nt == 1 ? threads : 1);
+      t_in_.apply(k, zr, work, nt == 1 ? threads : 1);
       double s = 0.0;
       for (int j = 0; j < n; ++j) s += zr[j];
       zsum[b] = float(s);
@@ -104,10 +121,10 @@ void QuipLinearPlan::transform_out(const KernelTable& k, float* t, int batch, fl
   ThreadPool::instance().run(nt, [&](int tid) {
     int b0, b1;
     split_range(batch, nt, tid, 1, &b0, &b1);
-    Buffer scratch = alloc_floats(size_t(m));
+    float* work = scratch(3, size_t(m));
     for (int b = b0; b < b1; ++b) {
       float* tr = t + size_t(b) * m;
-      t_out_.apply(k, tr, scratch.get(), nt == 1 ? threads : 1);
+      t_out_.apply(k, tr, work, nt == 1 ? threads : 1);
       float* yr = y + size_t(b) * m;
       if (bias)
         for (int i = 0; i < m; ++i) yr[i] = out_vec_[i] * tr[i] + bias[i];
@@ -121,12 +138,13 @@ void QuipLinearPlan::forward(const float* x, int batch, float* y, int threads,
                              bool force_scalar) const {
   if (batch <= 0) return;
   const KernelTable& k = select_kernels(force_scalar);
-  Buffer z = alloc_floats(size_t(batch) * npad_);
-  Buffer zsum = alloc_floats(size_t(batch));
-  Buffer t = alloc_floats(size_t(batch) * d_.m);
-  transform_in(k, x, batch, z.get(), zsum.get(), threads);
-  matmul(k, z.get(), zsum.get(), batch, t.get(), threads);
-  transform_out(k, t.get(), batch, y, threads);
+  // The caller's thread owns slots 0-2 for the whole call; pool threads use slot 3 only.
+  float* z = scratch(0, size_t(batch) * npad_);
+  float* zsum = scratch(1, size_t(batch));
+  float* t = scratch(2, size_t(batch) * d_.m);
+  transform_in(k, x, batch, z, zsum, threads);
+  matmul(k, z, zsum, batch, t, threads);
+  transform_out(k, t, batch, y, threads);
 }
 
 }  // namespace quipc
