@@ -24,6 +24,9 @@ import traceback
 from pathlib import Path
 
 QUIPC_BACKENDS = ("torch-ref", "runtime", "onnx", "tvm")
+# Pause before each timed run: the previous backend's idle thread pools (onnxruntime, TVM,
+# OpenMP) spin for a while after their last region and would steal the cores.
+SETTLE_S = 0.2
 BASELINES = {"fp32": ("fp32-torch", "fp32-onnx")}
 
 
@@ -302,6 +305,7 @@ def run(args) -> int:
     samples: dict[str, list[dict]] = {n: [] for n in workers}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for name, (proc, conn, _) in list(workers.items()):
+            time.sleep(SETTLE_S)
             try:
                 conn.send("run")
                 kind, res = conn.recv()
