@@ -257,3 +257,25 @@ def test_model_level_matches_reference(tiny_artifact):
         ga = ref.generate(ids[:, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False)
         gb = fast.generate(ids[:, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False)
     assert torch.equal(ga, gb)
+
+
+def test_model_hands_threads_to_the_pool(tiny_artifact):
+    """During a forward torch runs single-threaded and the pool gets torch's thread count;
+    both are restored afterwards, also when the forward raises."""
+    import quipc_runtime
+    fast = quipc_runtime.load(tiny_artifact, backend="kernels")
+    seen = []
+    layer = next(m for m in fast.modules() if isinstance(m, K.KernelQuipLinear))
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.append((torch.get_num_threads(), K.default_threads())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            fast(torch.zeros(1, 4, dtype=torch.long))
+        assert seen[0] == (1, 2) and torch.get_num_threads() == 2 and K._pool_threads is None
+        with pytest.raises(IndexError), torch.inference_mode():
+            fast(torch.full((1, 4), 10 ** 6, dtype=torch.long))  # token id past the vocabulary
+        assert torch.get_num_threads() == 2 and K._pool_threads is None
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)

@@ -57,6 +57,10 @@ def load_model(folder, device: str = "cpu", backend: str = "reference"):
         raise art.ArtifactError(f"artifact lacks tensors the model needs: {still[:5]}")
     model.eval()
     model.quipc_manifest = manifest
+    if backend == "kernels" and torch.device(device).type == "cpu":
+        from .kernels import hand_threads_to_kernels
+
+        hand_threads_to_kernels(model)
     return model.to(device)
 
 
