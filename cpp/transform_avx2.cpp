@@ -91,7 +91,7 @@ inline void two_rows(int K, const float* a0, const float* a1, const float* B, in
 
 }  // namespace
 
-// C = A * B, vectorized along N: rows in pairs, 32 (then 8) columns at a time.
+// C = A * B, vectorized along N: rows in pairs, 32 (then 16, 8) columns at a time.
 void gemm_f32(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
               int ldc) {
   int i = 0;
@@ -102,6 +102,7 @@ void gemm_f32(int M, int N, int K, const float* A, int lda, const float* B, int 
     float* c1 = c0 + ldc;
     int j = 0;
     for (; j + 32 <= N; j += 32) two_rows<4>(K, a0, a1, B, ldb, j, c0, c1);
+    for (; j + 16 <= N; j += 16) two_rows<2>(K, a0, a1, B, ldb, j, c0, c1);  // e.g. 576 = 36 x 16
     for (; j + 8 <= N; j += 8) two_rows<1>(K, a0, a1, B, ldb, j, c0, c1);
     for (; j < N; ++j) {
       float s0 = 0.f, s1 = 0.f;
