@@ -292,7 +292,7 @@ def replace_linears(model: onnx.ModelProto, targets: list[Target], layers: dict,
                     accuracy_level: int, ranks: dict | None = None) -> onnx.ModelProto:
     g = model.graph
     opset = opset_default(model)
-    b = Builder(prefix="quipc/")
+    b = Builder(prefix="quipc/", opset=opset)
     emitter = QuipLinearEmitter(b, ops=ops, accuracy_level=accuracy_level, opset=opset)
     elem = _value_types(model)
     by_index = {t.index: t for t in targets}

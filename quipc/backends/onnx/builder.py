@@ -15,9 +15,10 @@ class Builder:
     """Collects nodes (and, for a graph, initializers). Names get a prefix and a counter so
     that bodies emitted many times into one graph never collide."""
 
-    def __init__(self, prefix: str = "", function: bool = False):
+    def __init__(self, prefix: str = "", function: bool = False, opset: int = OPSET):
         self.prefix = prefix
         self.function = function   # inside a FunctionProto: no initializers, attribute refs
+        self.opset = opset         # default-domain opset the nodes are written for
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
         self._count = 0

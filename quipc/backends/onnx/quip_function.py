@@ -220,8 +220,38 @@ def _transform_out(b: Builder, v: Variant, y: str, mats: list[str], signs: str |
     return b.op("Mul", y, signs) if signs else y
 
 
+BITWISE_OPSET = 18   # BitwiseAnd / BitwiseOr
+
+
+def _uints(b: Builder, values, dtype) -> str:
+    return b.const(np.asarray(values, dtype))
+
+
 def _unpack_codes(b: Builder, codes: str, bits: int, m: str, lit: dict) -> str:
-    """(m, n) int64 codes from the dense packed bytes, with integer ops only."""
+    """(m, n) integer codes from the dense packed bytes. onnxruntime folds this once per
+    session for every layer at the same time, so the intermediates' width is the session's
+    peak memory: with bitwise ops (opset >= 18) they stay at 1 byte per code (4 for 3 bits);
+    the int64 arithmetic fallback for older opsets needs 8."""
+    if b.opset < BITWISE_OPSET:
+        return _unpack_codes_int64(b, codes, bits, m, lit)
+    if 8 % bits == 0:   # 2 and 4 bits: whole codes in each byte, lowest bits first
+        shifts = _uints(b, [bits * j for j in range(8 // bits)], np.uint8)
+        vals = b.op("BitShift", b.op("Unsqueeze", codes, b.ints([-1])), shifts, direction="RIGHT")
+        vals = b.op("BitwiseAnd", vals, _uints(b, [(1 << bits) - 1], np.uint8))           # (m, R, 8/bits)
+    else:               # 3 bits: 8 codes in 3 bytes, read as one little-endian uint32 word
+        groups = b.op("Cast", b.op("Reshape", codes, b.op("Concat", m, b.ints([-1, 3]), axis=0)),
+                      to=TensorProto.UINT32)                                             # (m, G, 3)
+        parts = b.op("Split", b.op("BitShift", groups, _uints(b, [0, 8, 16], np.uint32), direction="LEFT"),
+                     axis=2, outputs=3, num_outputs=3)
+        word = b.op("BitwiseOr", b.op("BitwiseOr", parts[0], parts[1]), parts[2])        # (m, G, 1)
+        vals = b.op("BitShift", word, _uints(b, [3 * j for j in range(8)], np.uint32), direction="RIGHT")
+        vals = b.op("Cast", b.op("BitwiseAnd", vals, _uints(b, [7], np.uint32)), to=TensorProto.UINT8)
+    vals = b.op("Reshape", vals, b.op("Concat", m, b.ints([-1]), axis=0))
+    return b.op("Slice", vals, b.ints([0]), b.attr_int("in_features", lit.get("in_features")), b.ints([1]))
+
+
+def _unpack_codes_int64(b: Builder, codes: str, bits: int, m: str, lit: dict) -> str:
+    """(m, n) int64 codes with integer arithmetic only (any opset >= 13)."""
     groups = b.op("Reshape", codes, b.op("Concat", m, b.ints([-1, bits]), axis=0))       # (m, G, bits)
     words = b.op("Mul", b.op("Cast", groups, to=TensorProto.INT64), b.ints([256 ** k for k in range(bits)]))
     words = b.op("ReduceSum", words, b.ints([2]), keepdims=1)                            # (m, G, 1)
@@ -270,10 +300,9 @@ def _weight_product(b: Builder, v: Variant, z: str, codes: str, scale: str, zero
         kbits, half = _attr(b, lit, "bits"), b.op("Pow", b.const(np.float32(2)), b.op(
             "Cast", b.op("Sub", b.attr_int("bits", lit.get("bits")), b.ints([1])), to=FLOAT))
     else:   # 2/3-bit: unpacked and re-packed as 4-bit nibbles (folded once, at session creation)
-        pairs = b.op("Reshape", _unpack_codes(b, codes, v.bits, m, lit), b.op("Concat", m, b.ints([-1, 2]), axis=0))
-        nib = b.op("ReduceSum", b.op("Mul", pairs, b.ints([1, 16])), b.ints([2]), keepdims=0)
         blob = b.op("Div", b.attr_int("block_size", lit.get("block_size")), b.ints([2]))
-        packed = b.op("Reshape", b.op("Cast", nib, to=TensorProto.UINT8), b.op("Concat", m, b.ints([-1]), blob, axis=0))
+        packed = b.op("Reshape", _nibbles(b, _unpack_codes(b, codes, v.bits, m, lit), m),
+                      b.op("Concat", m, b.ints([-1]), blob, axis=0))
         kbits, half = 4, b.const(np.float32(8))
     kb = b.op("Slice", b.op("Shape", packed), b.ints([1]), b.ints([2]))
     scales = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", scale_f, b.ints([1])),
@@ -285,6 +314,17 @@ def _weight_product(b: Builder, v: Variant, z: str, codes: str, scale: str, zero
     y = b.op("Cast", y, to=FLOAT)   # types the contrib op's output for ONNX shape inference
     corr = b.op("Add", b.op("Cast", zero, to=FLOAT), b.op("Mul", scale_f, half))
     return b.op("Add", y, b.op("Mul", b.op("ReduceSum", z, b.ints([-1]), keepdims=1), corr))
+
+
+def _nibbles(b: Builder, vals: str, m: str) -> str:
+    """(m, n/2) uint8 bytes (code 2k in the low nibble, 2k+1 in the high) from (m, n) codes."""
+    pairs = b.op("Reshape", vals, b.op("Concat", m, b.ints([-1, 2]), axis=0))
+    if b.opset < BITWISE_OPSET:
+        return b.op("Cast", b.op("ReduceSum", b.op("Mul", pairs, b.ints([1, 16])), b.ints([2]), keepdims=0),
+                    to=TensorProto.UINT8)
+    lo, hi = b.op("Split", pairs, axis=2, outputs=2, num_outputs=2)
+    hi = b.op("BitShift", hi, _uints(b, [4], np.uint8), direction="LEFT")
+    return b.op("Squeeze", b.op("BitwiseOr", lo, hi), b.ints([2]))
 
 
 def _rename(b: Builder, old: str, new: str) -> str:
@@ -354,14 +394,14 @@ def _function(name: str, overload: str, ins: list[str], outs: list[str], b: Buil
 
 
 def make_function(v: Variant, opset: int = OPSET) -> onnx.FunctionProto:
-    b = Builder(function=True)
+    b = Builder(function=True, opset=opset)
     y = emit_body(b, v, v.input_names(), {}, out_name="y")
     return _function("QuipLinear", v.overload, v.input_names(), [y], b, v.mode,
                      list(ATTRS) + ["in_transform", "out_transform"], opset)
 
 
 def make_group_function(g: GroupVariant, opset: int = OPSET) -> onnx.FunctionProto:
-    b = Builder(function=True)
+    b = Builder(function=True, opset=opset)
     outs = emit_group_body(b, g, g.input_names(), {}, [f"y{i}" for i in range(len(g.parts))])
     return _function("QuipLinearGroup", g.overload, g.input_names(), outs, b, g.parts[0].mode,
                      list(GROUP_ATTRS), opset)
