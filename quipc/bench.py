@@ -137,17 +137,25 @@ def _load_backend(name: str, spec: dict, threads: int):
 
 
 def _rss_mb() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in MiB (Linux)."""
-    import resource
+    """(current, peak) resident memory of this process in MiB, from /proc/self/status (Linux).
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    cur = peak
+    Not getrusage's ru_maxrss: across exec it keeps the high-water mark of the forked
+    parent's pages, so every spawned worker would report at least the parent's size."""
+    fields = {}
     try:
-        with open("/proc/self/statm") as f:
-            cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = int(rest.split()[0]) / 1024.0   # kB
     except OSError:
         pass
-    return cur, peak
+    if "VmHWM" not in fields:   # not Linux: the portable (coarser) figure
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return peak, peak
+    return fields.get("VmRSS", fields["VmHWM"]), fields["VmHWM"]
 
 
 def _worker(name: str, spec: dict, threads: int, conn) -> None:
