@@ -10,7 +10,8 @@ One run, one machine, onnxruntime CPU with --threads (default 2) intra-op thread
 - quipc from the ONNX input (quipc.frontend.onnx_model.compile_onnx) at 4, 3, 2 bits,
   calibrated per PROTOCOL (first 64 windows of 512 tokens of wiki.valid.tokens).
 - optionally (--artifacts) quipc artifacts compiled by the torch path, exported with
-  export_artifact, with the artifact's own torch-path perplexity beside them.
+  export_artifact, with the artifact's own torch-path perplexity beside them (--torch-ppl);
+  --agreement adds their accuracy_level-0 exports (fp32 activations, the torch path's math).
 Perplexity per PROTOCOL (wiki.test.raw, 2048-token windows, the first --windows).
 Latency: prefill of 512 tokens, and decode per token with the KV cache (batch 1) after a
 128-token prompt; all models are timed interleaved, --reps rounds, median; ratios are to
@@ -161,6 +162,9 @@ def main(argv=None) -> int:
                     help="also evaluate the quipc models on the torch path: --artifacts artifacts with "
                          "quipc_runtime.load, quipc_onnx_w* with their layers read back from the ONNX file")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--agreement", action="store_true",
+                    help="with --artifacts: also export them at accuracy_level 0 (fp32 activations) and compare "
+                         "their perplexity with the torch path (use with --torch-ppl)")
     args = ap.parse_args(argv)
 
     import torch
@@ -216,6 +220,10 @@ def main(argv=None) -> int:
             art = Path(args.artifacts.format(bits=b))
             specs.append(dict(name=f"quipc_art_w{b}", source=f"quipc artifact export ({art})", algo="QuIP",
                               bits=b, block_size=None, artifact=art))
+            if args.agreement:  # fp32 activations: the exact torch-path math, for the agreement check
+                specs.append(dict(name=f"quipc_art_w{b}_acc0", source=f"quipc artifact export ({art}), "
+                                  "accuracy_level 0", algo="QuIP", bits=b, block_size=None, artifact=art,
+                                  accuracy_level=0, latency=False))
     if args.only:
         specs = [s for s in specs if s["name"] in args.only or s["name"] == "fp32"]
 
@@ -249,7 +257,8 @@ def main(argv=None) -> int:
                 out = work / s["name"]
                 if not (out / "model.onnx").is_file():
                     log(f"export artifact {s['artifact']}")
-                    export_artifact(s["artifact"], out, progress=False)
+                    export_artifact(s["artifact"], out, progress=False,
+                                    accuracy_level=s.get("accuracy_level", 4))
                 meta = json.loads((out / "quipc_onnx.json").read_text())
                 rec["bpw"] = meta["bpw"]
                 s["path"] = out / "model.onnx"
@@ -264,6 +273,7 @@ def main(argv=None) -> int:
 
     # --- perplexity -------------------------------------------------------------------------
     hf_model = None
+    torch_ppl_of: dict = {}  # artifact path -> (torch-path result, what was measured)
     for s in specs:
         rec = state[s["name"]]
         if s.get("path") is None:
@@ -281,6 +291,12 @@ def main(argv=None) -> int:
             from quipc.eval.perplexity import torch_logits_fn
             from quipc_runtime import load
 
+            if "artifact" in s and str(s["artifact"]) in torch_ppl_of:  # the same artifact, measured already
+                res_t, what = torch_ppl_of[str(s["artifact"])]
+                rec.update(torch_ppl=res_t["ppl"], torch_ppl_windows=args.windows, torch_ppl_of=what,
+                           onnx_vs_torch=rec["ppl"] / res_t["ppl"] - 1)
+                save_state()
+                continue
             if "artifact" in s:
                 tmodel, what = load(s["artifact"]), "artifact torch path (quipc_runtime.load)"
             else:
@@ -293,6 +309,8 @@ def main(argv=None) -> int:
                 what = "layers read back from the ONNX model on QuipLinearRef"
             log(f"torch perplexity {s['name']}")
             res_t = perplexity(torch_logits_fn(tmodel), windows, progress=False)
+            if "artifact" in s:
+                torch_ppl_of[str(s["artifact"])] = (res_t, what)
             rec.update(torch_ppl=res_t["ppl"], torch_ppl_windows=args.windows, torch_ppl_of=what,
                        onnx_vs_torch=rec["ppl"] / res_t["ppl"] - 1)
             log(f"  torch ppl {res_t['ppl']:.3f} (onnx/torch - 1 = {rec['onnx_vs_torch']:+.4%})")
@@ -304,7 +322,7 @@ def main(argv=None) -> int:
         live = {}
     else:
         live = {s["name"]: OnnxLM(s["path"], threads=args.threads, providers=["CPUExecutionProvider"])
-                for s in specs if s.get("path") is not None}
+                for s in specs if s.get("path") is not None and s.get("latency", True)}
     log(f"latency: {len(live)} models, {args.reps} rounds, {args.threads} threads")
     lat = measure_latency(live, args.reps) if live else {}
     del live
