@@ -11,59 +11,32 @@ namespace avx2 {
 
 namespace {
 
-// One butterfly stage of span h < 8 inside each 8-lane register: lanes with bit h clear
-// get v + partner, the others partner - v (the partner is the lane h away).
+// One butterfly stage of span H < 8 inside an 8-lane register: lanes with bit H clear get
+// v + partner, the others partner - v (the partner is the lane H away).
 template <int H>
 inline __m256 butterfly_in_register(__m256 v) {
-  __m256 partner;
-  int upper;  // lanes that hold the difference
-  if (H == 4) {
-    partner = _mm256_permute2f128_ps(v, v, 1);
-    upper = 0xF0;
-  } else if (H == 2) {
-    partner = _mm256_permute_ps(v, 0x4E);
-    upper = 0xCC;
-  } else {
-    partner = _mm256_permute_ps(v, 0xB1);
-    upper = 0xAA;
-  }
-  const __m256 sum = _mm256_add_ps(v, partner), diff = _mm256_sub_ps(partner, v);
-  switch (upper) {  // the blend mask must be a compile-time constant
-    case 0xF0: return _mm256_blend_ps(sum, diff, 0xF0);
-    case 0xCC: return _mm256_blend_ps(sum, diff, 0xCC);
-    default: return _mm256_blend_ps(sum, diff, 0xAA);
-  }
-}
-
-// FWHT of each contiguous run of f (>= 8) floats: spans 1, 2, 4 in registers, then the
-// generic loop, whose spans of 8 and more vectorize.
-void fwht_last_axis(float* x, int pre, int f) {
-  for (int p = 0; p < pre; ++p) {
-    float* v = x + size_t(p) * f;
-    for (int j = 0; j < f; j += 8) {
-      __m256 r = _mm256_loadu_ps(v + j);
-      r = butterfly_in_register<1>(r);
-      r = butterfly_in_register<2>(r);
-      r = butterfly_in_register<4>(r);
-      _mm256_storeu_ps(v + j, r);
-    }
-    for (int h = 8; h < f; h *= 2)
-      for (int base = 0; base < f; base += 2 * h)
-        for (int k = 0; k < h; ++k) {
-          const float s = v[base + k], d = v[base + h + k];
-          v[base + k] = s + d;
-          v[base + h + k] = s - d;
-        }
-  }
+  const __m256 partner = H == 4 ? _mm256_permute2f128_ps(v, v, 1)
+                         : H == 2 ? _mm256_permute_ps(v, 0x4E)
+                                  : _mm256_permute_ps(v, 0xB1);
+  constexpr int kDiffLanes = H == 4 ? 0xF0 : H == 2 ? 0xCC : 0xAA;
+  return _mm256_blend_ps(_mm256_add_ps(v, partner), _mm256_sub_ps(partner, v), kDiffLanes);
 }
 
 }  // namespace
 
-// The generic loop's butterflies are contiguous runs of h*post floats, which vectorize
-// once h*post >= 8; only the last axis (post == 1) needs the in-register stages.
+// The generic loop's butterflies are contiguous runs of h*post floats, which vectorize once
+// h*post >= 8. On the last axis (post == 1) the spans 1, 2, 4 run in registers instead, and
+// the rest is the generic loop on the (pre, f/8, 8) view.
 void fwht(float* x, int pre, int f, int post) {
-  if (post == 1 && f >= 8) fwht_last_axis(x, pre, f);
-  else fwht_generic(x, pre, f, post);
+  if (post != 1 || f < 8) return fwht_generic(x, pre, f, post);
+  for (size_t j = 0; j < size_t(pre) * f; j += 8) {
+    __m256 r = _mm256_loadu_ps(x + j);
+    r = butterfly_in_register<1>(r);
+    r = butterfly_in_register<2>(r);
+    r = butterfly_in_register<4>(r);
+    _mm256_storeu_ps(x + j, r);
+  }
+  fwht_generic(x, pre, f / 8, 8);
 }
 
 namespace {

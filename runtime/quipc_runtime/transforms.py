@@ -89,14 +89,18 @@ class Transform:
     def sign_vector(self) -> np.ndarray:
         return np.ones(self.n, np.float32) if self.signs is None else self.signs.astype(np.float32)
 
-    def dense(self) -> np.ndarray:
-        """The n x n matrix (tests and small layers only)."""
+    def kron_product(self) -> np.ndarray:
+        """The n x n float64 product of the factors, without the signs."""
+        if self.kind == "identity":
+            return np.eye(self.n)
         k = np.ones((1, 1), np.float64)
         for mat in self.matrices():
             k = np.kron(k, mat.astype(np.float64))
-        if self.kind == "identity":
-            k = np.eye(self.n)
-        return k * self.sign_vector()[None, :]
+        return k
+
+    def dense(self) -> np.ndarray:
+        """The n x n matrix (tests and small layers only)."""
+        return self.kron_product() * self.sign_vector()[None, :]
 
     def meta(self) -> dict:
         out = {"kind": self.kind, "n": self.n, "orders": list(self.orders)}

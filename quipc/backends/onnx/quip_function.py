@@ -447,7 +447,6 @@ class QuipLinearEmitter:
         self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
         self.uses_ms = False
         self._node_names: set[str] = set()
-        self._shared: dict[str, np.ndarray] = {}
 
     def _factors(self, layer: QuantizedLinear, side: str) -> list[str]:
         t = layer.t_in if side == "in" else layer.t_out
@@ -460,16 +459,13 @@ class QuipLinearEmitter:
         return names
 
     def _shared_dense(self, t, side: str) -> str:
-        """The full normalized Hadamard matrix (in side: transposed), one initializer per order."""
-        k = np.ones((1, 1))
-        for mat in t.matrices():
-            k = np.kron(k, mat.astype(np.float64))
-        k = np.ascontiguousarray((k.T if side == "in" else k).astype(np.float32))
+        """The full normalized Hadamard matrix (in side: transposed), one initializer per order
+        (a Hadamard transform's factors depend on its orders only, so it is built once)."""
         name = f"quipc.hadamard.{'x'.join(str(o) for o in t.orders)}" + (".T" if side == "in" else "")
-        if name in self._shared and not np.array_equal(self._shared[name], k):
-            raise ValueError(f"two different Hadamard matrices of orders {t.orders}")
-        self._shared[name] = k
-        return self.b.initializer(name, k)
+        if name not in self.b.initializers:
+            k = t.kron_product()
+            self.b.initializer(name, (k.T if side == "in" else k).astype(np.float32))
+        return name
 
     def _form(self, t, side: str) -> str:
         """How a transform is applied (see FORMS): dense where it saves nodes cheaply."""
@@ -497,8 +493,7 @@ class QuipLinearEmitter:
             if native and layer.bits == 2:
                 block = min(block, 128)   # 2-bit blocks of 256 hit a slow kernel
             mode = ("nbits" if native else "repack4") if block else "unpack"
-        in_form = self._form(layer.t_in, "in")
-        in_mats = self._side(layer, "in")[1] if input_side else []
+        in_form, in_mats = self._side(layer, "in") if input_side else (self._form(layer.t_in, "in"), [])
         n_in = 1 if in_form == "h" else len(layer.t_in.matrices())
         out_form, out_mats = self._side(layer, "out")
         v = Variant(mode, layer.bits, n_in, len(out_mats), layer.in_scale is not None,
