@@ -14,10 +14,11 @@ from onnx import TensorProto, helper
 from quipc.backends.onnx.builder import Builder
 from quipc.backends.onnx.inspect import layers_from_onnx
 from quipc.backends.onnx.quip_function import QuipLinearEmitter
+from quipc_runtime.hadamard import split_order
 from quipc_runtime.modules import QuipLinearRef
 from test_onnx_layer import make_layer
 
-KRON_ONLY = {"dense_shared_max": 0, "dense_layer_max": 0}   # the Kronecker forms everywhere
+KRON_ONLY = {"dense_layer_max": 0}   # the Kronecker forms everywhere
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,19 +68,24 @@ def check_against_reference(layers, model, x):
 
 
 # (n, outs, bits, incoherence): 48 = 12x4 and 96 = 12x8 hadamard, kron 2-factor sides,
-# 320 = 20x16 (shared dense matrix with the signs as a Mul), 40 (no MatMulNBits block)
+# 40 (no MatMulNBits block); stacked output sides (same last factor): 96 = 12x8 twice,
+# 320 = 20x16 with 192 = 12x16 (q/k/v-like), at 4 and 3 bits
 GROUPS = [(48, (48, 24, 24), 4, "hadamard"), (48, (96, 96), 2, "hadamard"), (96, (48, 24), 3, "kron"),
-          (48, (320, 24), 4, "hadamard"), (40, (40, 16), 4, "hadamard")]
+          (48, (320, 24), 4, "hadamard"), (40, (40, 16), 4, "hadamard"),
+          (48, (320, 192, 192), 4, "hadamard"), (96, (192, 320), 3, "hadamard")]
+NO_STACK = {"stack_outputs": False}
 
 
 @pytest.mark.parametrize("n,outs,bits,inc", GROUPS)
 @pytest.mark.parametrize("ops,rank,kw", [("quip", 3, {}), ("quip", None, {}), ("quip", 3, KRON_ONLY),
-                                         ("std", 3, {}), ("std", None, KRON_ONLY)])
+                                         ("quip", 3, NO_STACK), ("std", 3, {}), ("std", None, KRON_ONLY)])
 def test_group_matches_reference(n, outs, bits, inc, ops, rank, kw):
     layers = group_layers(n, outs, bits, inc, bias=bits == 3)
     model = build(layers, ops, rank, **kw)
     if ops == "quip":
         assert [nd.op_type for nd in model.graph.node] == ["QuipLinearGroup"]
+        stacked = inc == "hadamard" and len({split_order(m)[1] for m in outs}) == 1 and kw != NO_STACK
+        assert ("st" in model.functions[0].overload.split("_")) == stacked
     x = np.random.default_rng(1).standard_normal((2, 5, n)).astype(np.float32)
     check_against_reference(layers, model, x)
 
@@ -93,9 +99,9 @@ def test_group_falls_back_when_the_input_side_differs():
     check_against_reference([layers[0], other], model, x)
 
 
-@pytest.mark.parametrize("kw", [{}, KRON_ONLY])
-def test_layers_read_back(tmp_path, kw):
-    layers = group_layers(48, (320, 24), 4, "hadamard", bias=True)
+@pytest.mark.parametrize("outs,kw", [((320, 24), {}), ((320, 24), KRON_ONLY), ((320, 192), {})])
+def test_layers_read_back(tmp_path, outs, kw):
+    layers = group_layers(48, outs, 4, "hadamard", bias=True)
     path = tmp_path / "m.onnx"
     onnx.save(build(layers, **kw), str(path))
     back = layers_from_onnx(path)
@@ -118,10 +124,12 @@ def optimized_ops(model, tmp_path) -> list[str]:
 
 def test_fewer_nodes_after_optimization(tmp_path):
     """q/k/v-like 576 -> 576, 192, 192 at 4 bits: 42 nodes as three Kronecker QuipLinears;
-    grouped with dense transforms: in_scale Mul, K_in MatMul, MatMulNBits, ReduceSum, Mul,
-    Add, Split, then MatMul + sign Mul (576) and one MatMul each (192, signs folded)."""
+    grouped, 16: in_scale Mul, K_in (Reshape, MatMul, MatMul, Reshape), MatMulNBits, the zero
+    correction (ReduceSum, Mul, Add), the stacked output transform (36|12|12 x 16: Reshape,
+    MatMul, MatMul by the block diagonal, Reshape), one sign Mul, Split."""
     layers = group_layers(576, (576, 192, 192), 4, "hadamard")
     before = optimized_ops(build(layers, group=False, **KRON_ONLY), tmp_path)
     after = optimized_ops(build(layers), tmp_path)
+    kron = ["Reshape", "MatMul", "MatMul", "Reshape"]
     assert len(before) == 42 and sorted(after) == sorted(
-        ["Mul", "MatMul", "MatMulNBits", "ReduceSum", "Mul", "Add", "Split", "MatMul", "Mul", "MatMul", "MatMul"])
+        ["Mul", *kron, "MatMulNBits", "ReduceSum", "Mul", "Add", *kron, "Mul", "Split"])

@@ -24,7 +24,7 @@ def make_layer(m, n, bits, method="quip", incoherence="hadamard", bias=False, se
     return quantize_linear(LayerInput("blk.0.proj", w, b, h), cfg)
 
 
-KRON_ONLY = {"dense_shared_max": 0, "dense_layer_max": 0}
+KRON_ONLY = {"dense_layer_max": 0}
 
 
 def run_layer(layer, x, ops, accuracy_level=0, rank=None, native_2bit=False, **kw):
@@ -97,11 +97,11 @@ def test_accuracy_level_4_close():
 
 
 @pytest.mark.parametrize("kw,overload,shared", [
-    ({}, "nbits_b4_k12_thd_so_r3", ["quipc.hadamard.12x4.T", "quipc.hadamard.12", "quipc.hadamard.8"]),
+    ({}, "nbits_b4_k22_tdd_so_r3", ["quipc.hadamard.12", "quipc.hadamard.4", "quipc.hadamard.8"]),
     (KRON_ONLY, "nbits_b4_k22_so_r3", ["quipc.hadamard.12", "quipc.hadamard.4", "quipc.hadamard.8"])])
 def test_transform_forms(kw, overload, shared):
-    """48 = 12x4 in: the shared dense Hadamard (h, stored transposed); 96 = 12x8 out with signs:
-    a per-layer dense matrix (d) built in the body from the shared factors."""
+    """48 = 12x4 in and 96 = 12x8 out (with signs): per-layer dense matrices (d) built in the
+    body from the shared factors (folded at session creation), or the factors themselves (k)."""
     layer = make_layer(96, 48, 4)
     _, model = run_layer(layer, np.zeros((1, 1, 48), np.float32), "quip", rank=3, **kw)
     assert model.functions[0].overload == overload

@@ -1,6 +1,6 @@
 """Read the quantized layers back from a quipc ONNX model (QuipLinear and QuipLinearGroup
 nodes), e.g. to run the very same layers on the torch reference path (QuipLinearRef) and compare.
-A transform stored as one dense matrix (form h) comes back as a single factor of order n."""
+Transforms are stored as their Kronecker factors whatever form the body applies them in."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,8 +55,6 @@ def _arrays(names: dict[str, str], inits: dict) -> dict[str, np.ndarray]:
 def _transform(v: Variant, arr: dict, side: str, size: int, kind: str) -> Transform:
     form, count = (v.in_form, v.n_in) if side == "in" else (v.out_form, v.n_out)
     mats = [arr[k] for k in _side_inputs(side, form, count)]
-    if form == "h" and side == "in":   # stored as K^T
-        mats = [mats[0].T]
     signs = None
     if side == "out" and "out_sign_bits" in arr:
         signs = np.where(np.unpackbits(arr["out_sign_bits"])[:size] == 1, -1, 1).astype(np.int8)

@@ -5,7 +5,7 @@ QuipLinear (domain ai.quipc, version 1, one `overload` per input layout, see Var
     inputs : x, codes (m, packed_row_bytes) uint8, scale (m,) fp16, zero (m,) fp16,
              [in_scale (n,) fp16], [out_sign_bits (ceil(m/8),) uint8, np.packbits order],
              input transform, output transform, [bias (m,) fp32]; a transform is given as its
-             0-2 Kronecker factors, or as one shared dense matrix (form h: in side K^T, out side K)
+             0-2 Kronecker factors
     attributes: bits, in_features, out_features, block_size, accuracy_level,
                 in_transform, out_transform (kind strings: hadamard | kron | identity)
     y = s_out * K_out^T (W' (K_in (in_scale * x))) + bias,  W'[i, j] = scale[i] * code[i, j] + zero[i]
@@ -19,12 +19,16 @@ QuipLinearGroup (same domain; layers with equal in_scale and input transform, e.
                 layer_names (strings, read by inspect.layers_from_onnx; unused by the body)
     in_scale and K_in once, the parts' codes/scale/zero concatenated (initializers only: folded
     once), one weight product and zero correction, Split, then each part's own output side.
+    Stacked output side (overload suffix `_st`: every part's output transform is two factors
+    with the same last one, e.g. Hadamard q/k/v (36|12|12 x 16) or gate/up (12|12 x 128)):
+    the output transforms run once on the concatenated y, the first factors as one
+    block-diagonal matrix built in the body (folded), then one sign multiply, then Split.
 
-Transform forms (onnxruntime CPU decode is dominated by per-node overhead, so small
-transforms are one dense MatMul): k: one MatMul per Kronecker factor plus reshapes;
-d: n <= 256, a per-layer dense matrix built in the body from the factors (output side: the
-signs folded in), folded per layer; h: hadamard kind with n <= 640, one shared initializer
-per order (the full normalized Hadamard matrix), so every layer reads the same copy.
+Transform forms: k: one MatMul per Kronecker factor plus reshapes; d: n <= 256, one MatMul
+by a per-layer dense matrix built in the body from the factors (output side: the signs folded
+in), folded per layer. (A shared dense n x n Hadamard for n <= 640 was tried and dropped: for
+SmolLM2's 576 it read 1.3 MB per use and was slower than the factors: w4 decode 12.1 vs
+11.7 ms per token, prefill of 512 tokens 694 vs 581 ms, onnxruntime CPU, 2 threads.)
 
 Weight products:
 - "nbits" (4 bits, or 2 with native_2bit; n a multiple of 16): the packed codes are already MatMulNBits'
@@ -73,24 +77,22 @@ def nbits_block_size(n: int, bits: int) -> int:
     return 0
 
 
-FORMS = ("k", "d", "h")
+FORMS = ("k", "d")
 # How a transform is applied (the `t` part of an overload):
 #   k: Kronecker factors, one small MatMul per factor (any n);
 #   d: one dense MatMul by the matrix built in the body from the layer's factors (out side:
 #      with the output signs folded in); folded per layer at session creation (n <= 256);
-#   h: one dense MatMul by a shared initializer (hadamard kind: the same for every layer, so
-#      one copy stays in cache): in side K^T, out side K; input `in_matrix` / `out_matrix`.
 
 
 def _side_inputs(side: str, form: str, count: int) -> list[str]:
-    return [f"{side}_matrix"] if form == "h" else [f"{side}_factor{i}" for i in range(count)]
+    return [f"{side}_factor{i}" for i in range(count)]
 
 
 @dataclass(frozen=True)
 class Variant:
     mode: str          # nbits | repack4 | unpack
     bits: int
-    n_in: int          # matrices given for the input transform (factors, or 1 for form h)
+    n_in: int          # Kronecker factors given for the input transform
     n_out: int
     in_scale: bool
     out_signs: bool
@@ -129,23 +131,25 @@ class Variant:
 @dataclass(frozen=True)
 class GroupVariant:
     """QuipLinearGroup: layers reading the same x with equal in_scale and input transform.
-    All parts share mode, bits, rank3 and the input side (taken from parts[0])."""
+    All parts share mode, bits, rank3 and the input side (taken from parts[0]); stacked: the
+    output transforms run once on the concatenated outputs (see _stackable)."""
     parts: tuple[Variant, ...]
+    stacked: bool = False
 
     @property
     def overload(self) -> str:
         v = self.parts[0]
         head = f"{v.mode}_b{v.bits}_i{v.in_form}{v.n_in}" + ("s" if v.in_scale else "")
         outs = "".join(f"_o{p.out_form}{p.n_out}" + "o" * p.out_signs + "b" * p.bias for p in self.parts)
-        return head + outs + ("_r3" if v.rank3 else "")
+        return head + outs + ("_st" if self.stacked else "") + ("_r3" if v.rank3 else "")
 
     @staticmethod
     def parse(overload: str) -> "GroupVariant":
         mode, bits, head, *rest = overload.split("_")
         rank3 = "r3" in rest
         parts = tuple(Variant(mode, int(bits[1:]), int(head[2]), int(o[2]), head.endswith("s"), "o" in o[3:],
-                              "b" in o[3:], rank3, head[1], o[1]) for o in rest if o != "r3")
-        return GroupVariant(parts)
+                              "b" in o[3:], rank3, head[1], o[1]) for o in rest if o not in ("r3", "st"))
+        return GroupVariant(parts, "st" in rest)
 
     def shared_names(self) -> list[str]:
         v = self.parts[0]
@@ -204,8 +208,6 @@ def _kron_matrix(b: Builder, factors: list[str]) -> str:
 
 def _transform_in(b: Builder, v: Variant, z: str, mats: list[str]) -> str:
     """K_in z (row vectors: z K_in^T)."""
-    if v.in_form == "h":     # the shared matrix is stored transposed: no per-layer Transpose
-        return b.op("MatMul", z, mats[0])
     if v.in_form == "d":
         return b.op("MatMul", z, b.op("Transpose", _kron_matrix(b, mats), perm=[1, 0]))
     return _kron(b, z, mats, transpose=False, rank3=v.rank3)
@@ -216,7 +218,7 @@ def _transform_out(b: Builder, v: Variant, y: str, mats: list[str], signs: str |
     if v.out_form == "d":    # signs folded into the per-layer matrix
         k = _kron_matrix(b, mats) if mats else None
         return b.op("MatMul", y, b.op("Mul", k, signs) if signs else k)
-    y = b.op("MatMul", y, mats[0]) if v.out_form == "h" else _kron(b, y, mats, transpose=True, rank3=v.rank3)
+    y = _kron(b, y, mats, transpose=True, rank3=v.rank3)
     return b.op("Mul", y, signs) if signs else y
 
 
@@ -337,10 +339,13 @@ def _rename(b: Builder, old: str, new: str) -> str:
     raise ValueError(f"{old} is not a node output")
 
 
-def _output_side(b: Builder, v: Variant, y: str, named: dict, x: str, m: str, out_name: str | None) -> str:
-    """s_out * K_out^T y + bias for one layer (named: its inputs without a part prefix)."""
-    signs = _sign_vector(b, named["out_sign_bits"], m) if v.out_signs else None
-    y = _transform_out(b, v, y, [named[k] for k in _side_inputs("out", v.out_form, v.n_out)], signs)
+def _output_side(b: Builder, v: Variant, y: str, named: dict, x: str, m: str, out_name: str | None,
+                 transformed: bool = False) -> str:
+    """s_out * K_out^T y + bias for one layer (named: its inputs without a part prefix);
+    transformed: y already is s_out * K_out^T y (a stacked group)."""
+    if not transformed:
+        signs = _sign_vector(b, named["out_sign_bits"], m) if v.out_signs else None
+        y = _transform_out(b, v, y, [named[k] for k in _side_inputs("out", v.out_form, v.n_out)], signs)
     if v.bias:
         y = b.op("Add", y, named["bias"])
     if v.rank3:
@@ -372,14 +377,43 @@ def emit_group_body(b: Builder, g: GroupVariant, ins: list[str], lit: dict,
     cat = {key: b.op("Concat", *[named[f"p{i}.{key}"] for i in range(k)], axis=0)
            for key in ("codes", "scale", "zero")}
     y = _weight_product(b, v0, z, cat["codes"], cat["scale"], cat["zero"], m, lit)
+    parts = [{key.split(".", 1)[1]: named[key] for key in g.part_names(i)} for i in range(k)]
+    sizes = [b.op("Shape", part["scale"]) for part in parts]    # (m_i,) from initializers: folded
+    if g.stacked:
+        y = _stacked_output(b, g, y, parts, sizes)
     ys = b.op("Split", y, b.attr_ints("out_split", lit.get("out_split")), axis=-1, outputs=k)
     ys = [ys] if k == 1 else ys
-    outs = []
-    for i, v in enumerate(g.parts):
-        part = {key.split(".", 1)[1]: named[key] for key in g.part_names(i)}
-        m_i = b.op("Shape", part["scale"])     # (m_i,) from an initializer: folded
-        outs.append(_output_side(b, v, ys[i], part, named["x"], m_i, out_names[i]))
-    return outs
+    return [_output_side(b, v, ys[i], parts[i], named["x"], sizes[i], out_names[i], g.stacked)
+            for i, v in enumerate(g.parts)]
+
+
+def _stacked_output(b: Builder, g: GroupVariant, y: str, parts: list[dict], sizes: list[str]) -> str:
+    """s * K^T y for the concatenated outputs of a group whose parts' output transforms are
+    A_i x B (same B): y viewed as (sum a_i, b) rows, times B, then the block-diagonal of the
+    A_i^T from the left (built from initializers: folded), then the concatenated signs."""
+    lefts = [part["out_factor0"] for part in parts]
+    right = parts[0]["out_factor1"]
+    first = lambda t: b.op("Slice", b.op("Shape", t), b.ints([0]), b.ints([1]))  # noqa: E731
+    rows = [first(a) for a in lefts]
+    total = b.op("ReduceSum", b.op("Concat", *rows, axis=0), keepdims=1)
+    blocks, before = [], b.ints([0])
+    for a, r in zip(lefts, rows):
+        after = b.op("Sub", b.op("Sub", total, before), r)
+        pads = b.op("Concat", b.ints([0]), before, b.ints([0]), after, axis=0)
+        blocks.append(b.op("Pad", b.op("Transpose", a, perm=[1, 0]), pads))
+        before = b.op("Add", before, r)
+    diag = b.op("Concat", *blocks, axis=0)                                   # (A, A)
+    v = g.parts[0]
+    lead = b.ints([0, 0] if v.rank3 else [0])
+    inner = first(right)
+    t = b.op("MatMul", diag, b.op("MatMul", b.op("Reshape", y, b.op("Concat", lead, b.ints([-1]), inner, axis=0)),
+                                  right))
+    y = b.op("Reshape", t, b.op("Concat", lead, b.ints([-1]), axis=0))
+    if not any(p.out_signs for p in g.parts):
+        return y
+    signs = [_sign_vector(b, part["out_sign_bits"], m) if p.out_signs
+             else b.op("Expand", b.const(np.float32(1)), m) for p, part, m in zip(g.parts, parts, sizes)]
+    return b.op("Mul", y, b.op("Concat", *signs, axis=0))
 
 
 def _function(name: str, overload: str, ins: list[str], outs: list[str], b: Builder, mode: str,
@@ -407,7 +441,6 @@ def make_group_function(g: GroupVariant, opset: int = OPSET) -> onnx.FunctionPro
                      list(GROUP_ATTRS), opset)
 
 
-DENSE_SHARED_MAX = 640   # hadamard transforms up to this n: one MatMul by a shared n x n matrix
 DENSE_LAYER_MAX = 256    # any transform up to this n: one MatMul by a per-layer matrix (signs folded)
 
 
@@ -424,6 +457,14 @@ def _same_input_side(a: QuantizedLinear, b: QuantizedLinear) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a.t_in.matrices(), b.t_in.matrices()))
 
 
+def _stackable(outs: list) -> bool:
+    """Output transforms that can run once on the concatenated outputs: two Kronecker factors
+    each, with the very same last factor (compared as arrays)."""
+    mats = [t.matrices() for t in outs]
+    return all(len(m) == 2 for m in mats) and all(
+        m[1].shape == mats[0][1].shape and np.array_equal(m[1], mats[0][1]) for m in mats[1:])
+
+
 def _group_name(names: list[str]) -> str:
     """model.layers.0.mlp.gate_proj, ...up_proj -> model.layers.0.mlp.gate_proj+up_proj.QuipLinearGroup"""
     prefix = names[0].rsplit(".", 1)[0] + "."
@@ -437,13 +478,13 @@ class QuipLinearEmitter:
     (ops='quip') or as their standard-op bodies inlined (ops='std')."""
 
     def __init__(self, b: Builder, ops: str = "quip", accuracy_level: int = 4, opset: int = OPSET,
-                 native_2bit: bool = False, dense_shared_max: int = DENSE_SHARED_MAX,
-                 dense_layer_max: int = DENSE_LAYER_MAX):
+                 native_2bit: bool = False, dense_layer_max: int = DENSE_LAYER_MAX,
+                 stack_outputs: bool = True):
         if ops not in ("quip", "std"):
             raise ValueError(f"unknown ONNX ops mode {ops!r}: expected 'quip' or 'std'")
         self.b, self.ops, self.accuracy_level, self.opset = b, ops, accuracy_level, opset
         self.native_2bit = native_2bit
-        self.dense_shared_max, self.dense_layer_max = dense_shared_max, dense_layer_max
+        self.dense_layer_max, self.stack_outputs = dense_layer_max, stack_outputs
         self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
         self.uses_ms = False
         self._node_names: set[str] = set()
@@ -458,33 +499,19 @@ class QuipLinearEmitter:
                 names.append(self.b.initializer(f"{layer.name}.{side}_factor{i}", mat))
         return names
 
-    def _shared_dense(self, t, side: str) -> str:
-        """The full normalized Hadamard matrix (in side: transposed), one initializer per order
-        (a Hadamard transform's factors depend on its orders only, so it is built once)."""
-        name = f"quipc.hadamard.{'x'.join(str(o) for o in t.orders)}" + (".T" if side == "in" else "")
-        if name not in self.b.initializers:
-            k = t.kron_product()
-            self.b.initializer(name, (k.T if side == "in" else k).astype(np.float32))
-        return name
-
-    def _form(self, t, side: str) -> str:
-        """How a transform is applied (see FORMS): dense where it saves nodes cheaply."""
+    def _form(self, t, side: str, stacked: bool = False) -> str:
+        """How a transform is applied (see FORMS): small ones as one per-layer dense matrix,
+        unless the output side is stacked with the rest of its group."""
         mats = t.matrices()
         signs = side == "out" and t.signs is not None
-        fold = bool(mats) and t.n <= self.dense_layer_max and (len(mats) > 1 or signs)  # per layer
-        if mats and t.kind == "hadamard" and t.n <= self.dense_shared_max and not (fold and signs):
-            return "h"
-        return "d" if fold else "k"
+        fold = bool(mats) and t.n <= self.dense_layer_max and (len(mats) > 1 or signs)
+        return "d" if fold and not stacked else "k"
 
-    def _side(self, layer: QuantizedLinear, side: str) -> tuple[str, list[str]]:
-        """(form, input names) of one transform; the initializers are added to the graph."""
-        t = layer.t_in if side == "in" else layer.t_out
-        form = self._form(t, side)
-        return form, [self._shared_dense(t, side)] if form == "h" else self._factors(layer, side)
-
-    def _plan(self, layer: QuantizedLinear, rank: int | None, input_side: bool = True) -> tuple[Variant, dict, dict]:
+    def _plan(self, layer: QuantizedLinear, rank: int | None, input_side: bool = True,
+              stacked: bool = False) -> tuple[Variant, dict, dict]:
         """The layer's Variant, literal attributes, and its inputs by Variant.input_names() key;
-        input_side=False: a group's later part, whose in_scale / input transform are not added."""
+        input_side=False: a group's later part, whose in_scale / input transform are not added;
+        stacked: its output transform runs stacked with its group's (kept as factors)."""
         b, name = self.b, layer.name
         block, mode = 0, "unpack"
         if self.ops == "quip":
@@ -493,9 +520,10 @@ class QuipLinearEmitter:
             if native and layer.bits == 2:
                 block = min(block, 128)   # 2-bit blocks of 256 hit a slow kernel
             mode = ("nbits" if native else "repack4") if block else "unpack"
-        in_form, in_mats = self._side(layer, "in") if input_side else (self._form(layer.t_in, "in"), [])
-        n_in = 1 if in_form == "h" else len(layer.t_in.matrices())
-        out_form, out_mats = self._side(layer, "out")
+        in_form = self._form(layer.t_in, "in")
+        in_mats = self._factors(layer, "in") if input_side else []
+        n_in = len(layer.t_in.matrices())
+        out_form, out_mats = self._form(layer.t_out, "out", stacked), self._factors(layer, "out")
         v = Variant(mode, layer.bits, n_in, len(out_mats), layer.in_scale is not None,
                     layer.t_out.signs is not None, layer.bias is not None, rank == 3, in_form, out_form)
         named = {"codes": b.initializer(f"{name}.codes", layer.codes),
@@ -545,8 +573,9 @@ class QuipLinearEmitter:
         out_names = out_names or [None] * len(layers)
         if not self.can_group(layers):
             return [self.emit(x, la, o, rank) for la, o in zip(layers, out_names)]
-        plans = [self._plan(la, rank, input_side=i == 0) for i, la in enumerate(layers)]
-        g = GroupVariant(tuple(p[0] for p in plans))
+        stack = self.stack_outputs and _stackable([la.t_out for la in layers])
+        plans = [self._plan(la, rank, input_side=i == 0, stacked=stack) for i, la in enumerate(layers)]
+        g = GroupVariant(tuple(p[0] for p in plans), stack)
         lit = dict(plans[0][1], out_features=sum(la.out_features for la in layers),
                    out_split=[la.out_features for la in layers])
         ins = [x] + [plans[0][2][k] for k in g.shared_names()[1:]]
