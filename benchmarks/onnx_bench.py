@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             if args.agreement:  # fp32 activations: the exact torch-path math, for the agreement check
                 specs.append(dict(name=f"quipc_art_w{b}_acc0", source=f"quipc artifact export ({art}), "
                                   "accuracy_level 0", algo="QuIP", bits=b, block_size=None, artifact=art,
-                                  accuracy_level=0, latency=False))
+                                  accuracy_level=0))
     if args.only:
         specs = [s for s in specs if s["name"] in args.only or s["name"] == "fp32"]
 

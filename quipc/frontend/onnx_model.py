@@ -11,18 +11,24 @@ What it does:
    or an alias; else a `tokenizer/` folder beside the model). Without calib.text (data-free)
    the model samples its own windows with onnxruntime (temperature 1, top-k 50, each started
    from a random token; seeded by QuantConfig.seed).
-3. Hessians: one onnxruntime pass of the *fp32* model over all windows, exposing every
-   target MatMul's input as an extra output; inputs shared by several layers (q/k/v, gate/up)
-   are accumulated once. This is not block-sequential (the torch path re-calibrates each
-   block on the outputs of the already-quantized blocks): an ONNX graph has no block
-   structure to cut it at, so every layer sees fp32 activations.
-4. quipc.passes.methods.quantize_linear on each weight, then each MatMul/Gemm is replaced by a
-   QuipLinear node (ops='quip') or its standard-op body (ops='std'), written with external
-   data, checked with onnx.checker (full check).
+3. Calibration and quantization, sequential (default for every method but rtn, which needs no
+   Hessian; quipc.frontend.onnx_sequential): the graph is cut before the first target node of
+   each distinct target input (q/k/v share one input, gate/up share one), and each piece runs
+   as its own small onnxruntime model over all windows, carrying only the tensors that later
+   pieces read. At each cut H = E[x x^T] of that input is taken from the model whose earlier
+   layers are already quantized (their nodes read the effective weight of the stored layer),
+   its layers are quantized, and the piece up to the next cut runs with them: the ONNX
+   counterpart of the torch path's block-by-block calibration, cut per shared input rather
+   than per block. calibration="one-pass" instead takes every H from one onnxruntime pass of
+   the fp32 model (every layer sees fp32 activations; Hessians cacheable across settings).
+4. quipc.passes.methods.quantize_linear on each weight (inside step 3 when sequential), then
+   each MatMul/Gemm is replaced by a QuipLinear node (ops='quip') or its standard-op body
+   (ops='std'), written with external data, checked with onnx.checker (full check).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +39,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from quipc_runtime.layer import QuantizedLinear
 
 from ..backends.onnx.builder import Builder
 from ..backends.onnx.export import IR_VERSION, META_FILE, save_model
@@ -296,20 +304,29 @@ def replace_linears(model: onnx.ModelProto, targets: list[Target], layers: dict,
     emitter = QuipLinearEmitter(b, ops=ops, accuracy_level=accuracy_level, opset=opset)
     elem = _value_types(model)
     by_index = {t.index: t for t in targets}
+    readers: dict[str, list[Target]] = {}
+    for t in targets:
+        readers.setdefault(t.x, []).append(t)
     new_nodes = []
     for idx, node in enumerate(g.node):
         t = by_index.get(idx)
         if t is None:
             new_nodes.append(node)
             continue
+        group = readers[t.x]
+        if t is not group[0]:
+            continue   # emitted with the first MatMul reading the same x (its position precedes)
         start = len(b.nodes)
-        x, out = t.x, node.output[0]
+        x = t.x
         half = elem.get(x, TensorProto.FLOAT) != TensorProto.FLOAT
         if half:
             x = b.op("Cast", x, to=TensorProto.FLOAT)
-        y = emitter.emit(x, layers[t.name], out_name=None if half else out, rank=(ranks or {}).get(t.x))
+        outs = [u.node.output[0] for u in group]
+        ys = emitter.emit_group(x, [layers[u.name] for u in group], out_names=[None if half else o for o in outs],
+                                rank=(ranks or {}).get(t.x))
         if half:
-            b.op("Cast", y, to=elem[t.x], out_name=out)
+            for y, o in zip(ys, outs):
+                b.op("Cast", y, to=elem[t.x], out_name=o)
         new_nodes.extend(b.nodes[start:])
     used = {i for n in new_nodes for i in n.input}
     used |= {i for f in model.functions for n in f.node for i in n.input}
@@ -361,15 +378,26 @@ def _value_types(model) -> dict:
 
 
 # --- the entry point --------------------------------------------------------------------
+CALIBRATION_MODES = ("sequential", "one-pass")
+
+
 def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: str | None,
                  ops: str = "quip", progress: bool = True, accuracy_level: int = 4,
-                 threads: int | None = 2, hessian_cache: Path | None = None) -> dict:
+                 threads: int | None = 2, hessian_cache: Path | None = None,
+                 calibration: str = "sequential") -> dict:
     """Quantize an ONNX LM's MatMul/Gemm weights with QuIP; writes `out` (a .onnx file with
-    `<name>.data` beside it, or a folder holding model.onnx) and returns a summary."""
+    `<name>.data` beside it, or a folder holding model.onnx) and returns a summary.
+
+    calibration: "sequential" (each layer calibrated on the model whose earlier layers are
+    quantized) or "one-pass" (all Hessians from the fp32 model). hessian_cache: a file that
+    keeps, keyed by everything they depend on, the finished layers (sequential) or the
+    Hessians (one-pass) for a later identical run."""
     t0 = time.time()
     cfg, calib = cfg.validate(), calib.validate()
     if ops not in ("quip", "std"):
         raise ValueError(f"unknown --onnx-ops {ops!r}: expected 'quip' or 'std'")
+    if calibration not in CALIBRATION_MODES:
+        raise ValueError(f"unknown calibration {calibration!r}: expected one of {CALIBRATION_MODES}")
     model_path, out = Path(model), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose another -o")
@@ -383,32 +411,61 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
     if progress:
         print(f"{len(targets)} MatMul/Gemm layers to quantize, {len(skipped)} skipped")
 
-    tok = None
-    hess: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    calib_info: dict = {"source": "none (rtn needs no calibration)"}
-    if cfg.method != "rtn":
-        key = _calib_key(model_path, calib, cfg)
-        if hessian_cache is not None and Path(hessian_cache).is_file():
-            blob = torch.load(hessian_cache, weights_only=True)
-            if blob.get("key") == key:
-                hess, ranks, calib_info = blob["hessians"], blob["ranks"], dict(blob["info"], cached=True)
-        if not hess:
-            windows, calib_info, tok = _windows(src, model_path, calib, cfg, tokenizer, threads, progress)
-            hess, ranks = collect_hessians(src, model_path, targets, windows, threads, progress)
-            if hessian_cache is not None:
-                torch.save({"key": key, "hessians": hess, "ranks": ranks, "info": calib_info}, hessian_cache)
-    elif calib.text is not None and tokenizer:
-        tok = load_tokenizer(tokenizer)
-
     from tqdm.auto import tqdm
 
-    layers, caches = {}, {}
-    for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
-        h = hess.get(t.x)
+    tok = None
+    ranks: dict[str, int] = {}
+    layers: dict = {}
+    caches: dict = {}
+    calib_info: dict = {"source": "none (rtn needs no calibration)"}
+    mode = "none (rtn needs no calibration)"
+
+    def quantize(t: Target, h):
         inp = LayerInput(t.name, torch.from_numpy(t.weight), None if t.bias is None else torch.from_numpy(t.bias),
                          h, caches.setdefault(t.x, {}))
-        layers[t.name] = quantize_linear(inp, cfg)
+        return quantize_linear(inp, cfg)
+
+    if cfg.method != "rtn" and calibration == "sequential":
+        from .onnx_sequential import lm_feeds, plan_stages, run_sequential
+
+        mode = (f"sequential: the graph cut before each of the {len(plan_stages(targets))} distinct target inputs, "
+                "each calibrated (onnxruntime) on the outputs of the already-quantized earlier layers")
+        key = None if hessian_cache is None else _calib_key(
+            model_path, calib, json.dumps(cfg.to_dict(), sort_keys=True), tokenizer, "sequential-layers")
+        cached = _read_cache(hessian_cache, key)
+        if cached is not None:
+            layers = {name: QuantizedLinear.from_storage(json.loads(meta), {k: v.numpy() for k, v in ts.items()})
+                      for name, (meta, ts) in cached["layers"].items()}
+            ranks, calib_info = cached["ranks"], dict(cached["info"], cached=True)
+            tok = _text_tokenizer(calib, tokenizer, model_path)
+        else:
+            windows, calib_info, tok = _windows(src, model_path, calib, cfg, tokenizer, threads, progress)
+            res = run_sequential(src, targets, lm_feeds(src, windows), int(windows.numel()), quantize,
+                                 threads=threads, progress=progress)
+            layers, ranks = res.layers, res.ranks
+            _write_cache(hessian_cache, {
+                "key": key, "ranks": ranks, "info": calib_info,
+                "layers": {n: (json.dumps(l.meta(), default=_jsonable), {k: torch.from_numpy(np.ascontiguousarray(v))
+                                                                         for k, v in l.tensors().items()})
+                           for n, l in layers.items()}})
+    else:
+        hess: dict[str, torch.Tensor] = {}
+        if cfg.method != "rtn":
+            mode = "one onnxruntime pass of the fp32 model (not sequential: every layer sees fp32 activations)"
+            key = None if hessian_cache is None else _calib_key(model_path, calib, f"seed={cfg.seed}", tokenizer,
+                                                                "one-pass-hessians")
+            cached = _read_cache(hessian_cache, key)
+            if cached is not None:
+                hess, ranks, calib_info = cached["hessians"], cached["ranks"], dict(cached["info"], cached=True)
+                tok = _text_tokenizer(calib, tokenizer, model_path)
+            else:
+                windows, calib_info, tok = _windows(src, model_path, calib, cfg, tokenizer, threads, progress)
+                hess, ranks = collect_hessians(src, model_path, targets, windows, threads, progress)
+                _write_cache(hessian_cache, {"key": key, "hessians": hess, "ranks": ranks, "info": calib_info})
+        elif calib.text is not None and tokenizer:
+            tok = load_tokenizer(tokenizer)
+        for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
+            layers[t.name] = quantize(t, hess.get(t.x))
     new = replace_linears(src, targets, layers, ops, accuracy_level, ranks)
 
     weights = sum(l.out_features * l.in_features for l in layers.values())
@@ -417,7 +474,7 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
     summary = {"source": str(model_path), "ops": ops, "bits": cfg.bits, "method": cfg.method,
                "quantized_layers": len(layers), "quantized_weights": weights, "bpw": stored / max(weights, 1),
                "skipped": skipped, "calibration": calib_info,
-               "calibration_mode": "one onnxruntime pass of the fp32 model (not block-sequential)",
+               "calibration_mode": mode,
                "proxy_loss_mean": float(np.mean(losses)) if losses else None,
                "accuracy_level": accuracy_level}
     if out.suffix == ".onnx":
@@ -430,10 +487,88 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
     return summary
 
 
-def _calib_key(model_path: Path, calib, cfg: QuantConfig) -> str:
-    st = model_path.stat()
-    blob = f"{model_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{calib.text}|{calib.windows}|{calib.length}|{cfg.seed}"
-    return hashlib.sha256(blob.encode()).hexdigest()
+# --- the calibration cache ------------------------------------------------------------------
+_CACHE_FORMAT = 2
+_CODE = ("quipc/passes", "quipc/frontend/onnx_model.py", "quipc/frontend/onnx_sequential.py",
+         "quipc/frontend/calibration.py", "runtime/quipc_runtime/layer.py", "runtime/quipc_runtime/packing.py",
+         "runtime/quipc_runtime/transforms.py", "runtime/quipc_runtime/hadamard.py",
+         "runtime/quipc_runtime/onnx_runtime.py")
+
+
+def _calib_key(model_path: Path, calib, settings: str, tokenizer: str | None, kind: str) -> str:
+    """Everything a cached result depends on: the model's files, the calibration text and
+    tokenizer, the settings it depends on, the code and the library versions."""
+    import onnxruntime
+
+    def stat(p: Path) -> str:
+        p = Path(p)
+        if p.is_dir():
+            return "|".join(stat(q) for q in sorted(p.rglob("*")) if q.is_file())
+        if not p.exists():
+            return f"{p}:missing"
+        st = p.stat()
+        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+    raw = onnx.load(str(model_path), load_external_data=False)
+    data = sorted({e.value for i in raw.graph.initializer for e in i.external_data if e.key == "location"})
+    parts = [kind, str(_CACHE_FORMAT), stat(model_path), *(stat(model_path.parent / d) for d in data),
+             str(calib.text), str(calib.windows), str(calib.length)]
+    if calib.text is not None:
+        parts.append(stat(Path(calib.text)))
+        spec = tokenizer if tokenizer else str(model_path.parent / "tokenizer")
+        parts += [str(tokenizer), stat(Path(spec)) if Path(spec).exists() else spec]
+    parts.append(settings)
+    root = Path(__file__).resolve().parents[2]
+    code = hashlib.sha256()
+    for rel in _CODE:
+        p = root / rel
+        for f in (sorted(p.rglob("*.py")) if p.is_dir() else [p]):
+            if f.is_file():
+                code.update(f.read_bytes())
+    parts += [code.hexdigest(), onnxruntime.__version__, torch.__version__, np.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _read_cache(path: Path | None, key: str | None) -> dict | None:
+    if path is None or key is None or not Path(path).is_file():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception:  # unreadable or another format: recompute (and overwrite it)
+        return None
+    return blob if isinstance(blob, dict) and blob.get("key") == key else None
+
+
+def _write_cache(path: Path | None, blob: dict) -> None:
+    """Atomically: a half-written cache file is never left behind."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"{type(v).__name__} is not JSON serializable")
+
+
+def _text_tokenizer(calib, tokenizer: str | None, model_path: Path):
+    """The tokenizer a text calibration file was read with (saved beside a folder output)."""
+    if calib.text is None or Path(calib.text).suffix in (".npy", ".ids"):
+        return None
+    spec = tokenizer
+    if spec is None and (model_path.parent / "tokenizer").is_dir():
+        spec = str(model_path.parent / "tokenizer")
+    return load_tokenizer(spec) if spec else None
 
 
 def _windows(src, model_path: Path, calib, cfg: QuantConfig, tokenizer, threads, progress):
