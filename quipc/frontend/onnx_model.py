@@ -23,7 +23,9 @@ What it does:
    the fp32 model (every layer sees fp32 activations; Hessians cacheable across settings).
 4. quipc.passes.methods.quantize_linear on each weight (inside step 3 when sequential), then
    each MatMul/Gemm is replaced by a QuipLinear node (ops='quip') or its standard-op body
-   (ops='std'), written with external data, checked with onnx.checker (full check).
+   (ops='std'); MatMuls reading the same tensor whose layers share in_scale and input transform
+   (q/k/v, gate/up) become one QuipLinearGroup node, placed where the first of them was. The
+   result is written with external data and checked with onnx.checker (full check).
 """
 from __future__ import annotations
 
