@@ -5,7 +5,6 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from quipc.backends.onnx import export_hf_model
 from quipc.backends.onnx.inspect import layers_from_onnx
 from quipc.compile import CalibConfig, compile_model
 from quipc.config import QuantConfig
@@ -13,19 +12,12 @@ from quipc.frontend.onnx_model import compile_onnx
 from quipc_runtime import load
 from quipc_runtime.artifact import load_layers, read_manifest
 from quipc_runtime.onnx_runtime import OnnxLM
-from tiny import make_tiny_llama, write_text
+from tiny import make_tiny_onnx_lm
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("onnxfe")
-    folder = make_tiny_llama(root / "hf")
-    text = write_text(root / "calib.txt")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    path = export_hf_model(model, root / "fp32")
-    return root, folder, text, path
+    return make_tiny_onnx_lm(tmp_path_factory.mktemp("onnxfe"))
 
 
 CAL = dict(windows=8, length=32)

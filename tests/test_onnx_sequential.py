@@ -9,26 +9,18 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from quipc.backends.onnx import export_hf_model
 from quipc.compile import CalibConfig
 from quipc.config import QuantConfig
 from quipc.frontend.onnx_model import collect_hessians, compile_onnx, find_targets, load_checked
 from quipc.frontend.onnx_sequential import Segmenter, effective_initializer, lm_feeds, plan_stages, run_sequential
 from quipc.passes.methods import LayerInput, quantize_linear
 from quipc_runtime.onnx_runtime import OnnxLM
-from tiny import make_tiny_llama, write_text
+from tiny import make_tiny_onnx_lm
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("onnxseq")
-    folder = make_tiny_llama(root / "hf")
-    text = write_text(root / "calib.txt")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    path = export_hf_model(model, root / "fp32")
-    return root, folder, text, path
+    return make_tiny_onnx_lm(tmp_path_factory.mktemp("onnxseq"))
 
 
 def windows(n=3, length=16, seed=0):

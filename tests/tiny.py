@@ -46,3 +46,15 @@ def write_text(path: Path, n_words: int = 3000, seed: int = 0) -> Path:
     lines = [" ".join(WORDS[i] for i in idx[j:j + 20]) for j in range(0, n_words, 20)]
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+def make_tiny_onnx_lm(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(root, HF folder, calibration text, fp32 ONNX export) of a tiny Llama, under root."""
+    from transformers import AutoModelForCausalLM
+
+    from quipc.backends.onnx import export_hf_model
+
+    folder = make_tiny_llama(root / "hf")
+    text = write_text(root / "calib.txt")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return root, folder, text, export_hf_model(model, root / "fp32")
