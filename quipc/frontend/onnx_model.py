@@ -260,6 +260,8 @@ def collect_hessians(model: onnx.ModelProto, model_path: Path, targets: list[Tar
 
     from quipc_runtime.onnx_runtime import OnnxLM
 
+    from .onnx_sequential import lm_feeds
+
     xs = sorted({t.x for t in targets})
     calib = onnx.ModelProto()
     calib.CopyFrom(model)
@@ -275,22 +277,15 @@ def collect_hessians(model: onnx.ModelProto, model_path: Path, targets: list[Tar
         lm = OnnxLM(path, threads=threads, providers=["CPUExecutionProvider"])
         sums = {x: torch.zeros(0) for x in xs}
         ranks: dict[str, int] = {}
-        count = 0
-        feeds_past = lm._empty_past(1)
-        for ids in tqdm(windows, desc="calibrate (onnxruntime)", unit="window", disable=not progress):
-            arr = ids[None].numpy()
-            feeds = {lm.ids_name: arr, **feeds_past}
-            if lm.mask_name:
-                feeds[lm.mask_name] = np.ones_like(arr)
-            if lm.pos_name:
-                feeds[lm.pos_name] = np.arange(arr.shape[1], dtype=np.int64)[None]
+        for feeds in tqdm(lm_feeds(model, windows), desc="calibrate (onnxruntime)", unit="window",
+                          disable=not progress):
             outs = lm.session.run(xs, feeds)
             for name, act in zip(xs, outs):
                 ranks[name] = int(np.ndim(act))
                 a = torch.from_numpy(np.asarray(act, dtype=np.float32).reshape(-1, act.shape[-1]))
                 part = (a.T @ a).double()     # float32 product per window, float64 sum
                 sums[name] = part if sums[name].numel() == 0 else sums[name] + part
-            count += int(arr.size)
+        count = int(windows.numel())
         del lm
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -397,8 +397,7 @@ class _GraphIO:
         shape: list
         type: str
 
-    def __init__(self, model: onnx.ModelProto, keep: tuple = ()):
-        """keep: names wanted after the last node (counted as read there)."""
+    def __init__(self, model: onnx.ModelProto):
         g = model.graph
         inits = {i.name for i in g.initializer}
         self._ins = [self._arg(v) for v in g.input if v.name not in inits]
