@@ -18,8 +18,9 @@ from quipc_runtime.layer import QuantizedLinear
 from .config import QuantConfig
 from .frontend import calibration
 from .frontend.hf import load_model
-from .frontend.models import resolve
+from .frontend.models import _file_sha256, resolve
 from .frontend.trace import find_blocks
+from .passes import head as headpass
 from .passes.sequential import quantize_model
 
 
@@ -60,14 +61,52 @@ def _dense_tensors(model, prefix: str) -> tuple[dict, set]:
     return dense, quantized
 
 
-def _summary(manifest: dict, dense: dict) -> dict:
+def _summary(manifest: dict, dense: dict, model_params: int) -> dict:
+    """bpw of the decoder blocks' linears (as before), the head and embedding apart, and the
+    whole model: total_bytes = every file a deployment needs (the manifest included, the
+    tokenizer apart), bits_per_param = total_bytes * 8 / the unquantized model's parameters
+    (tied tensors once). total_bytes is filled in by `_finish_sizes` when the manifest is final."""
     layers = [layer for b in manifest["blocks"] for layer in b["layers"]]
     weights = sum(l["shape"][0] * l["shape"][1] for l in layers)
     bits = sum(l["storage_bits"] for l in layers)
-    return {"quantized_layers": len(layers), "quantized_weights": weights,
-            "bpw": bits / max(weights, 1), "quantized_bytes": bits // 8,
-            "dense_params": int(sum(t.numel() for t in dense.values())),
-            "dense_dtypes": sorted({str(t.dtype).replace("torch.", "") for t in dense.values()})}
+    out = {"quantized_layers": len(layers), "quantized_weights": weights,
+           "bpw": bits / max(weights, 1), "quantized_bytes": bits // 8,
+           "dense_params": int(sum(t.numel() for t in dense.values())),
+           "dense_dtypes": sorted({str(t.dtype).replace("torch.", "") for t in dense.values()})}
+    head = manifest.get("head")
+    if head:
+        meta = head["layers"][0]
+        out["head"] = {"bits": meta["bits"], "tied": head["tied"],
+                       "bpw": meta["storage_bits"] / (meta["shape"][0] * meta["shape"][1])}
+    emb = manifest.get("embedding")
+    if emb:
+        out["embedding"] = {k: emb[k] for k in ("kind", "bits", "group", "bpw") if k in emb}
+    out["model_params"] = model_params
+    return out
+
+
+def _finish_sizes(out: Path, manifest: dict) -> None:
+    """Set summary.total_bytes / bits_per_param so that they count the manifest as it is
+    finally written (its own size included: iterate to the fixed point)."""
+    s = manifest["summary"]
+    data = sum(art.safe_path(out, rel).stat().st_size for rel in art.data_files(manifest))
+    s["data_bytes"] = data
+
+    def length_with(size: int) -> int:
+        s["total_bytes"] = data + size
+        s["bits_per_param"] = round(8 * s["total_bytes"] / max(s["model_params"], 1), 4)
+        return len(art.manifest_bytes(manifest))
+
+    # bits_per_param's printed length can jump by a digit or two from one byte to the next,
+    # leaving no fixed point: then a few spaces of padding are added until one exists
+    for pad in range(16):
+        if pad:
+            s["pad"] = " " * pad
+        guess = length_with(0)
+        for size in sorted(range(guess - 64, guess + 64), key=lambda v: abs(v - guess)):
+            if length_with(size) == size:
+                return
+    raise RuntimeError("manifest size did not settle")
 
 
 def _start_or_resume(out: Path, resume: bool, key: str) -> tuple[dict | None, dict[int, list[QuantizedLinear]]]:
@@ -88,8 +127,8 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
                   device: str = "cpu", resume: bool = False, progress: bool = True) -> dict:
     cfg, calib = cfg.validate(), calib.validate()
     if cfg.quantize_lm_head:
-        raise ValueError("quantizing lm_head is implemented for ONNX inputs only; "
-                         "Hugging Face models keep it in floating point")
+        raise ValueError("quantize_lm_head is the ONNX frontend's switch; for Hugging Face models "
+                         "set head_bits (--head-bits)")
     out = Path(out)
     source = resolve(model_spec)
     key = _job_key(source.to_dict(), cfg, calib)
@@ -99,12 +138,15 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     t0 = time.time()
     model, tokenizer = load_model(source)
     prefix, blocks = find_blocks(model)
+    plan = headpass.plan_for(model, cfg)
+    model_params = int(sum(p.numel() for p in model.parameters()))  # tied tensors once
     windows, calib_info = None, {"source": "none (rtn needs no calibration)"}
     if cfg.method != "rtn":
         windows, calib_info = _calibration(model, tokenizer, calib, cfg.seed, device, progress)
     dense, _ = _dense_tensors(model, prefix)  # before quantization edits the block weights
+    dense = plan.dense_tensors(dense, model)
     if manifest is None:
-        manifest = _new_artifact(out, model, tokenizer, source, cfg, calib_info, key, prefix, dense)
+        manifest = _new_artifact(out, model, tokenizer, source, cfg, calib_info, key, prefix, dense, plan)
 
     def save_block(index: int, layers: list[QuantizedLinear]) -> None:
         rec = art.write_block(out, index, layers)
@@ -114,23 +156,52 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
                                     key=lambda b: b["index"])
         art.write_manifest(out, manifest)
 
+    head_h: dict = {}
+
+    def head_hessian(inputs) -> None:
+        if plan.head_quantized and inputs is not None:
+            head_h["h"] = headpass.head_hessian(model, blocks, inputs.hidden)
+
     bar = tqdm(total=len(blocks), desc="quantize blocks", unit="block", disable=not progress)
     try:
         quantize_model(model, windows, cfg, device=device, batch=calib.batch, done=done,
-                       on_block=save_block, progress=bar)
+                       on_block=save_block, progress=bar, on_final=head_hessian)
     finally:
         bar.close()
-    manifest["summary"] = _summary(manifest, dense)
+    if plan.head_quantized:
+        layer = headpass.quantize_head(model, plan, head_h.get("h"), cfg)
+        rec = art.write_layers(out, HEAD_FILE, [layer])
+        rec["layers"][0]["storage_bits"] = layer.storage_bits()
+        manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}
+    manifest["summary"] = _summary(manifest, dense, model_params)
     manifest["compile_seconds"] = manifest.get("compile_seconds", 0.0) + time.time() - t0
     manifest["complete"] = True
+    _finish_sizes(out, manifest)
     art.write_manifest(out, manifest)
     return manifest
+
+
+HEAD_FILE = "head.safetensors"
+EMBED_FILE = "embedding.safetensors"
+
+
+def _embedding_record(folder: Path, model, plan) -> dict:
+    rec = {"module": plan.embed, "tied": plan.tied}
+    if plan.embed_mode == "head":
+        return {**rec, "kind": "head", "bits": plan.head_bits}
+    if plan.embed_mode == "dense":
+        return {**rec, "kind": "dense", "bits": plan.embed_bits}
+    table = headpass.embedding_table(model, plan)
+    return {**rec, **table.meta(), **art.write_tensors(folder, EMBED_FILE, table.tensors()),
+            "bpw": table.storage_bits() / (table.rows * table.dim)}
 
 
 def _calibration(model, tokenizer, calib: CalibConfig, seed: int, device, progress):
     if calib.text is not None:
         windows = calibration.text_windows(tokenizer, calib.text, calib.windows, calib.length)
-        return windows, {"source": str(calib.text), "windows": int(windows.shape[0]), "length": calib.length}
+        # named by file name and content, not by where it sat on the compiling machine
+        return windows, {"source": Path(calib.text).name, "sha256": _file_sha256(Path(calib.text)),
+                         "windows": int(windows.shape[0]), "length": calib.length}
     bar = tqdm(total=calib.windows, desc="generate calibration text", unit="window", disable=not progress)
     model.to(device)
     try:
@@ -143,7 +214,7 @@ def _calibration(model, tokenizer, calib: CalibConfig, seed: int, device, progre
 
 
 def _new_artifact(out: Path, model, tokenizer, source, cfg: QuantConfig, calib_info: dict,
-                  key: str, prefix: str, dense: dict) -> dict:
+                  key: str, prefix: str, dense: dict, plan) -> dict:
     """Create the folder with tokenizer, dense tensors and an unfinished manifest, all at
     once (built in a temporary folder and renamed), so no half-made folder is left."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,11 +224,13 @@ def _new_artifact(out: Path, model, tokenizer, source, cfg: QuantConfig, calib_i
         config = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_DROP}
         manifest = {
             "format": art.FORMAT, "format_version": art.FORMAT_VERSION, "complete": False,
-            "job_key": key, "source": source.to_dict(), "quant_config": cfg.to_dict(),
+            "job_key": key, "source": source.describe(), "quant_config": cfg.to_dict(),
             "calibration": calib_info, "architecture": type(model).__name__,
             "model_config": config, "blocks_prefix": prefix, "num_blocks": len(find_blocks(model)[1]),
             "tokenizer": "tokenizer", "dense": art.write_dense(tmp, dense), "blocks": [],
         }
+        if plan.head_quantized or plan.embed_bits != headpass.DENSE_BITS or plan.embed_mode != "dense":
+            manifest["embedding"] = _embedding_record(tmp, model, plan)
         art.write_manifest(tmp, manifest)
         tmp.rename(out)
     except BaseException:

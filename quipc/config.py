@@ -6,6 +6,13 @@ from dataclasses import asdict, dataclass
 from quipc_runtime.packing import SUPPORTED_BITS
 from quipc_runtime.transforms import KINDS
 
+DENSE_BITS = 32  # head_bits / embed_bits: kept in floating point as today
+EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
+# `quipc compile`'s defaults for lm_head and the embedding (the library's QuantConfig keeps
+# both dense); chosen from measurements on SmolLM2-135M, see README.
+CLI_HEAD_BITS = 4
+CLI_EMBED_BITS = "auto"
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -17,7 +24,11 @@ class QuantConfig:
     greedy_passes: int = 0        # coordinate-descent passes after LDLQ
     rescale: bool = False         # QuIP's diagonal rescaling before the rotations (see README)
     grid: str = "mse"             # per-row grid range: mse (clip search) | minmax
-    quantize_lm_head: bool = False  # ONNX frontend only (the HF path keeps lm_head dense)
+    quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
+    head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py
+    embed_bits: int | str = "auto"  # HF path: "head" (the tied head's codes) | 4 | 8 (tables) | 16 | 32
+                                    # (dense); auto: head when tied and the head is quantized, else
+                                    # 8 with a quantized head, else 32
 
     def validate(self) -> "QuantConfig":
         from .passes.methods import METHODS
@@ -34,6 +45,12 @@ class QuantConfig:
             raise ValueError("greedy passes must be >= 0")
         if self.grid not in ("mse", "minmax"):
             raise ValueError(f"unknown grid {self.grid!r}; expected mse or minmax")
+        if self.head_bits not in SUPPORTED_BITS + (DENSE_BITS,):
+            raise ValueError(f"unsupported head bits {self.head_bits}: expected one of "
+                             f"{SUPPORTED_BITS + (DENSE_BITS,)} (32 keeps lm_head dense)")
+        if str(self.embed_bits) not in EMBED_CHOICES:
+            raise ValueError(f"unsupported embed bits {self.embed_bits!r}: expected one of "
+                             f"{', '.join(EMBED_CHOICES)}")
         return self
 
     def to_dict(self) -> dict:

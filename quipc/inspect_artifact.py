@@ -12,7 +12,8 @@ def _fmt(v, spec=".4f") -> str:
 
 def layer_rows(manifest: dict) -> list[dict]:
     rows = []
-    for block in manifest["blocks"]:
+    records = manifest["blocks"] + ([manifest["head"]] if manifest.get("head") else [])
+    for block in records:
         for layer in block["layers"]:
             rows.append({
                 "name": layer["name"], "shape": "x".join(map(str, layer["shape"])), "bits": layer["bits"],
@@ -22,6 +23,39 @@ def layer_rows(manifest: dict) -> list[dict]:
                 "mu_h": layer.get("mu_h"), "mu_h_after": layer.get("mu_h_after", layer.get("mu_h")),
                 "bpw": layer["storage_bits"] / (layer["shape"][0] * layer["shape"][1])})
     return rows
+
+
+def deployment_size(folder: str | Path, manifest: dict) -> dict:
+    """What a user ships, measured on disk: every file but the tokenizer (PROTOCOL's model
+    size), and whole-model bits per parameter when the manifest knows the parameter count."""
+    folder = Path(folder)
+    tok = manifest.get("tokenizer")
+    skip = art.safe_path(folder, tok) if tok else None
+    total = sum(p.stat().st_size for p in folder.rglob("*")
+                if p.is_file() and not (skip is not None and (p == skip or skip in p.parents)))
+    params = manifest.get("summary", {}).get("model_params")
+    return {"bytes": total, "model_params": params,
+            "bits_per_param": None if not params else 8 * total / params}
+
+
+def _head_line(manifest: dict) -> str:
+    head, emb = manifest.get("head"), manifest.get("embedding")
+    parts = []
+    if head:
+        meta = head["layers"][0]
+        parts.append(f"lm_head {meta['bits']}-bit ({meta['storage_bits'] / (meta['shape'][0] * meta['shape'][1]):.3f} bpw"
+                     f"{', tied' if head.get('tied') else ''})")
+    else:
+        parts.append("lm_head dense")
+    if not emb:
+        parts.append("embedding dense")
+    elif emb["kind"] == "head":
+        parts.append("embedding = the lm_head's codes (one table)")
+    elif emb["kind"] == "table":
+        parts.append(f"embedding {emb['bits']}-bit table, group {emb['group']} ({emb['bpw']:.3f} bpw)")
+    else:
+        parts.append(f"embedding dense, {emb['bits']}-bit float")
+    return "; ".join(parts)
 
 
 def render(folder: str | Path) -> str:
@@ -44,4 +78,9 @@ def render(folder: str | Path) -> str:
                      f"{s['bpw']:.3f} bpw ({s['quantized_bytes']:,} bytes); kept dense: "
                      f"{s['dense_params']:,} params ({', '.join(s['dense_dtypes'])})")
     lines.append(f"calibration: {manifest.get('calibration')}; files: {size:,} bytes on disk")
+    lines.append(_head_line(manifest))
+    dep = deployment_size(folder, manifest)
+    bpp = "" if dep["bits_per_param"] is None else \
+        f", {dep['bits_per_param']:.3f} bits/param over {dep['model_params']:,} parameters"
+    lines.append(f"whole model (without tokenizer): {dep['bytes']:,} bytes ({dep['bytes'] / 1e6:.2f} MB){bpp}")
     return "\n".join(lines)

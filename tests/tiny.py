@@ -20,14 +20,14 @@ def make_tokenizer():
 
 
 def make_tiny_llama(folder: Path, *, hidden: int = 48, layers: int = 2, intermediate: int = 96,
-                    vocab: int = 64, seed: int = 0) -> Path:
+                    vocab: int = 64, seed: int = 0, tied: bool = True) -> Path:
     """A random LlamaForCausalLM (hidden 48 = 12 * 4 exercises non-power-of-2 Hadamards)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                         max_position_embeddings=256, tie_word_embeddings=True,
+                         max_position_embeddings=256, tie_word_embeddings=tied,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init, so outputs depend on them

@@ -1,6 +1,7 @@
 """Where a model comes from: a Hugging Face folder, a .gguf file, or a known alias."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,27 @@ class ModelSource:
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "folder": str(self.folder), "gguf_file": self.gguf_file}
+
+    def describe(self) -> dict:
+        """How the artifact names its source: what was compiled, not where it sat on the
+        compiling machine. spec (an alias as typed, a path by its last component), file (the
+        .gguf file, or the folder's name) and sha256 (of the .gguf file; of a folder, over
+        its files' names and contents, sorted, sub-folders included)."""
+        spec = self.spec if self.spec in ALIASES else Path(self.spec).name
+        if self.gguf_file:
+            return {"spec": spec, "file": self.gguf_file, "sha256": _file_sha256(self.folder / self.gguf_file)}
+        h = hashlib.sha256()
+        for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
+            h.update(f"{path.relative_to(self.folder).as_posix()}|{_file_sha256(path)}|".encode())
+        return {"spec": spec, "file": self.folder.name, "sha256": h.hexdigest()}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _smollm2_135m() -> ModelSource:

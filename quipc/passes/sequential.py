@@ -125,9 +125,12 @@ def install_quantized(block: nn.Module, layers: dict[str, QuantizedLinear]) -> N
 def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantConfig, *,
                    device="cpu", batch: int = 8, done: dict[int, list[QuantizedLinear]] | None = None,
                    on_block: Callable[[int, list[QuantizedLinear]], None] | None = None,
-                   progress=None) -> list[list[QuantizedLinear]]:
+                   progress=None,
+                   on_final: Callable[[BlockInputs | None], None] | None = None) -> list[list[QuantizedLinear]]:
     """Quantize every decoder block's linears; `done` holds blocks finished by an earlier,
-    interrupted run (they are installed, not recomputed); on_block saves each new block."""
+    interrupted run (they are installed, not recomputed); on_block saves each new block;
+    on_final gets the last (quantized) block's outputs (None without calibration), while
+    the model is still on the device (lm_head's Hessian, passes/head.py)."""
     done = done or {}
     prefix, blocks = find_blocks(model)
     needs_h = cfg.method != "rtn"
@@ -163,6 +166,8 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
         results.append(layers)
         if progress is not None:
             progress.update(1)
+    if on_final is not None:
+        on_final(inputs)
     model.to(cpu)
     return results
 

@@ -20,7 +20,8 @@ from safetensors.numpy import save as st_save_numpy
 from .layer import QuantizedLinear, tensors_checksum
 
 FORMAT = "quipc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # 2: layers name their code format (quipc_runtime.formats)
+READABLE_VERSIONS = (1, 2)   # version 1 artifacts hold "grid" layers only
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 
@@ -68,21 +69,51 @@ def read_checked(folder: Path, rel: str, sha256: str) -> bytes:
 
 
 # --- writing ----------------------------------------------------------------------------
+def manifest_bytes(manifest: dict) -> bytes:
+    """The manifest exactly as write_manifest stores it."""
+    return json.dumps(manifest, indent=1, sort_keys=False).encode()
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
-    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False).encode())
+    atomic_write(folder / MANIFEST, manifest_bytes(manifest))
 
 
 def write_block(folder: Path, index: int, layers: list[QuantizedLinear]) -> dict:
     """Write one decoder block's quantized layers; returns its manifest record."""
+    return {"index": index, **write_layers(folder, f"blocks/block_{index:04d}.safetensors", layers)}
+
+
+def write_layers(folder: Path, rel: str, layers: list[QuantizedLinear]) -> dict:
+    """Write quantized layers into one file; returns {file, sha256, layers} (read by load_block)."""
     tensors = {}
     for layer in layers:
         for key, arr in layer.tensors().items():
             tensors[f"{layer.name}.{key}"] = np.ascontiguousarray(arr)
     data = st_save_numpy(tensors)
-    rel = f"blocks/block_{index:04d}.safetensors"
     atomic_write(folder / rel, data)
     metas = [{**layer.meta(), "sha256": layer.checksum()} for layer in layers]
-    return {"index": index, "file": rel, "sha256": sha256_bytes(data), "layers": metas}
+    return {"file": rel, "sha256": sha256_bytes(data), "layers": metas}
+
+
+def write_tensors(folder: Path, rel: str, tensors: dict[str, np.ndarray]) -> dict:
+    """Write numpy tensors into one file; returns {file, sha256} (read by load_tensors)."""
+    data = st_save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    atomic_write(folder / rel, data)
+    return {"file": rel, "sha256": sha256_bytes(data)}
+
+
+def load_tensors(folder: str | os.PathLike, record: dict) -> dict[str, np.ndarray]:
+    data = read_checked(Path(folder), record["file"], record["sha256"])
+    try:
+        return st_load_numpy(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ArtifactError(f"artifact file {record['file']} is unreadable: {e}") from None
+
+
+def data_files(manifest: dict) -> list[str]:
+    """Every file the manifest names (tokenizer apart), manifest-relative."""
+    recs = manifest.get("blocks", []) + [manifest.get(k) or {} for k in ("dense", "head", "embedding")]
+    return [r["file"] for r in recs if r.get("file") is not None]
 
 
 def write_dense(folder: Path, tensors: dict) -> dict:
@@ -109,16 +140,15 @@ def read_manifest(folder: str | os.PathLike, allow_incomplete: bool = False) -> 
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a quipc manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(f"{path}: format version {manifest.get('format_version')} is not "
-                            f"supported (this quipc reads version {FORMAT_VERSION})")
+                            f"supported (this quipc reads versions {READABLE_VERSIONS})")
     if not manifest.get("complete") and not allow_incomplete:
         raise ArtifactError(f"{folder} is an unfinished compile "
                             f"({len(manifest.get('blocks', []))} blocks done): "
                             "rerun `quipc compile ... --resume` to finish it")
-    for rel in [b.get("file") for b in manifest.get("blocks", [])] + [manifest.get("dense", {}).get("file")]:
-        if rel is not None:
-            safe_path(folder, rel)
+    for rel in data_files(manifest):
+        safe_path(folder, rel)
     return manifest
 
 

@@ -14,6 +14,8 @@ def _empty_model(manifest: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(manifest["model_config"])
+    if _separate_head(manifest):
+        cfg["tie_word_embeddings"] = False
     model_type = cfg.pop("model_type", None)
     if model_type is None:
         raise art.ArtifactError("manifest has no model_type in model_config")
@@ -47,10 +49,12 @@ def load_model(folder, device: str = "cpu", backend: str = "reference"):
     model = _empty_model(manifest)
     for name, layer in layers.items():
         model.set_submodule(name, _module_for(layer, backend, device))
+    _install_head_and_embedding(model, folder, manifest, backend, device)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if unexpected:
         raise art.ArtifactError(f"artifact holds tensors the model does not have: {unexpected[:5]}")
-    model.tie_weights()
+    if not _separate_head(manifest):
+        model.tie_weights()
     tied = {k for k in missing if _is_tied(model, k, dense)}
     still = [k for k in missing if k not in tied]
     if still:
@@ -62,6 +66,49 @@ def load_model(folder, device: str = "cpu", backend: str = "reference"):
 
         hand_threads_to_kernels(model)
     return model.to(device)
+
+
+def _separate_head(manifest: dict) -> bool:
+    """lm_head and the embedding are stored apart (quantized, or dense in different forms,
+    one table at most for a tied model): the model is built untied, and never tied."""
+    return bool(manifest.get("head") or manifest.get("embedding"))
+
+
+def _install_head_and_embedding(model, folder: Path, manifest: dict, backend: str, device: str) -> list[str]:
+    """Swap in the quantized lm_head and embedding the manifest names (artifacts from before
+    these existed have neither); returns the names of the modules replaced."""
+    from .embedding import EmbeddingTable, QuantEmbedding
+
+    replaced = []
+    head = None
+    rec = manifest.get("head")
+    if rec:
+        layers = art.load_block(folder, rec)
+        if len(layers) != 1:
+            raise art.ArtifactError(f"head record holds {len(layers)} layers, expected 1")
+        head = layers[0]
+        model.set_submodule(rec["module"], _module_for(head, backend, device))
+        replaced.append(rec["module"])
+    emb = manifest.get("embedding")
+    if emb and emb.get("kind") in ("head", "table"):
+        if emb["kind"] == "head":
+            if head is None:
+                raise art.ArtifactError("the embedding shares the head's codes, but the artifact has no head")
+            source = head
+        else:
+            try:
+                source = EmbeddingTable.from_storage(emb, art.load_tensors(folder, emb))
+            except (KeyError, ValueError) as e:
+                raise art.ArtifactError(f"embedding table is malformed: {e}") from None
+        try:
+            module = QuantEmbedding(source, backend=backend)
+        except ValueError as e:
+            raise art.ArtifactError(f"embedding: {e}") from None
+        model.set_submodule(emb["module"], module)
+        replaced.append(emb["module"])
+    elif emb and emb.get("kind") != "dense":
+        raise art.ArtifactError(f"unknown embedding kind {emb.get('kind')!r} (written by a newer quipc?)")
+    return replaced
 
 
 def _is_tied(model, key: str, dense: dict) -> bool:

@@ -113,6 +113,9 @@ def export_artifact(artifact: Path, out: Path, *, ops: str = "quip", progress: b
     if ops not in ("quip", "std"):
         raise ValueError(f"unknown --onnx-ops {ops!r}: expected 'quip' or 'std'")
     manifest = art.read_manifest(artifact)
+    from ..head_support import require_dense_head
+
+    require_dense_head(manifest, "ONNX")
     config = _config(manifest["model_config"])
     if config.model_type not in ("llama",):
         raise ValueError(f"ONNX export supports llama-architecture artifacts, not {config.model_type!r}")
