@@ -1,8 +1,9 @@
 """Which backends can run an artifact's lm_head and embedding (quipc/passes/head.py).
 
-The ONNX and TVM backends lower lm_head and the embedding from dense tensors only: an
-artifact whose head or embedding is quantized is refused with an error that says so,
-never lowered into a model that computes something else."""
+The ONNX export runs them (lm_head as a QuipLinear node, the embedding as a gather +
+dequantize, backends/onnx/embedding.py). The TVM backend lowers lm_head and the embedding
+from dense tensors only: an artifact whose head or embedding is quantized is refused with
+an error that says so, never lowered into a model that computes something else."""
 from __future__ import annotations
 
 

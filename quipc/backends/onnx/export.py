@@ -113,9 +113,6 @@ def export_artifact(artifact: Path, out: Path, *, ops: str = "quip", progress: b
     if ops not in ("quip", "std"):
         raise ValueError(f"unknown --onnx-ops {ops!r}: expected 'quip' or 'std'")
     manifest = art.read_manifest(artifact)
-    from ..head_support import require_dense_head
-
-    require_dense_head(manifest, "ONNX")
     config = _config(manifest["model_config"])
     if config.model_type not in ("llama",):
         raise ValueError(f"ONNX export supports llama-architecture artifacts, not {config.model_type!r}")
@@ -123,9 +120,10 @@ def export_artifact(artifact: Path, out: Path, *, ops: str = "quip", progress: b
         print(f"loading {artifact}")
     layers = art.load_layers(artifact, manifest)
     dense = {k: v.float().numpy() for k, v in art.load_dense(artifact, manifest).items()}
+    embed_fn = _quantized_head_and_embedding(artifact, manifest, layers)
     b = Builder()
     emitter = QuipLinearEmitter(b, ops=ops, accuracy_level=accuracy_level)
-    inputs, outputs = build_llama(config, dense, _Linears(layers, dense, emitter), b)
+    inputs, outputs = build_llama(config, dense, _Linears(layers, dense, emitter), b, embed_fn=embed_fn)
     model = make_model(b, inputs, outputs, emitter, "quipc_" + config.model_type)
     summary = manifest.get("summary", {})
     meta = {"format": "quipc-onnx", "version": 1, "source_artifact": str(artifact.resolve()),
@@ -135,6 +133,32 @@ def export_artifact(artifact: Path, out: Path, *, ops: str = "quip", progress: b
     if progress:
         print(f"writing {out / MODEL_FILE} ({len(layers)} QuipLinear layers, ops={ops})")
     return save_model(model, out, meta, tokenizer_dir=tok if tok and tok.is_dir() else None)
+
+
+def _quantized_head_and_embedding(artifact: Path, manifest: dict, layers: dict):
+    """Add the quantized lm_head (if any) to `layers`; the quantized embedding's graph
+    builder (embed_fn for build_llama), or None for a dense table."""
+    from quipc_runtime import artifact as art
+    from quipc_runtime.embedding import EmbeddingTable
+
+    from .embedding import embedding_fn
+
+    head = None
+    if manifest.get("head"):
+        (head,) = art.load_block(artifact, manifest["head"])
+        layers[manifest["head"]["module"]] = head
+    emb = manifest.get("embedding") or {}
+    if emb.get("kind") in (None, "dense"):
+        return None
+    if emb.get("module") != "model.embed_tokens":
+        raise ValueError(f"ONNX export: unexpected embedding module {emb.get('module')!r}")
+    if emb["kind"] == "head":
+        if head is None:
+            raise ValueError("the embedding shares the head's codes, but the artifact has no head")
+        return embedding_fn(head)
+    if emb["kind"] == "table":
+        return embedding_fn(EmbeddingTable.from_storage(emb, art.load_tensors(artifact, emb)))
+    raise ValueError(f"ONNX export: unknown embedding kind {emb['kind']!r}")
 
 
 def io_convention(config) -> dict:

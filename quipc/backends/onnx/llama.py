@@ -72,8 +72,10 @@ def _rotate(b: Builder, x: str, cos: str, sin: str, half: int) -> str:
 
 
 def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Builder,
-                max_positions: int | None = None) -> tuple[list, list]:
-    """Add the whole model to b; returns (graph inputs, graph outputs) value infos."""
+                max_positions: int | None = None, embed_fn=None) -> tuple[list, list]:
+    """Add the whole model to b; returns (graph inputs, graph outputs) value infos.
+    embed_fn(b, ids) -> (batch, seq, hidden): a quantized embedding (backends/onnx/embedding.py)
+    instead of the dense table; lm_head then comes from `linear`."""
     from onnx import helper
 
     if config.model_type not in SUPPORTED:
@@ -88,7 +90,8 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     cos_t, sin_t = rotary_tables(config, max_positions)
     cos_tab = b.initializer("rotary.cos", cos_t)
     sin_tab = b.initializer("rotary.sin", sin_t)
-    embed = b.initializer("model.embed_tokens.weight", dense["model.embed_tokens.weight"].astype(np.float32))
+    embed = None if embed_fn is not None else \
+        b.initializer("model.embed_tokens.weight", dense["model.embed_tokens.weight"].astype(np.float32))
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "seq", config.vocab_size])]
@@ -114,7 +117,8 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     sin = b.op("Unsqueeze", b.op("Gather", sin_tab, qpos, axis=0), b.ints([0, 1]))
     scaling = b.const(np.float32(head_dim ** -0.5))
 
-    x = b.op("Gather", embed, "input_ids", axis=0)                  # (B, T, hidden)
+    x = embed_fn(b, "input_ids") if embed_fn is not None else \
+        b.op("Gather", embed, "input_ids", axis=0)                  # (B, T, hidden)
     bt_shape = b.op("Concat", batch, seq, axis=0)
     heads_shape = lambda h: b.op("Concat", bt_shape, b.ints([h, head_dim]), axis=0)  # noqa: E731
     for i in range(n_layers):
@@ -148,6 +152,8 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     x = _rms_norm(b, x, b.initializer("model.norm.weight", dense["model.norm.weight"].astype(np.float32)), eps)
     if "lm_head.weight" in dense or getattr(linear, "has", lambda n: False)("lm_head"):
         linear(b, x, "lm_head", out_name="logits")
+    elif embed is None:
+        raise ValueError("the embedding is quantized but lm_head is neither a quantized layer nor a dense weight")
     else:  # tied to the embedding, as torch.onnx exports it: MatMul(x, Transpose(embedding))
         b.op("MatMul", x, b.op("Transpose", embed, perm=[1, 0]), out_name="logits")
     return inputs, outputs

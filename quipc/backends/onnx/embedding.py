@@ -1,0 +1,61 @@
+"""The quantized token embedding in ONNX: a row gather + dequantize, no dense table.
+
+Graph (standard ops, opset >= 18 for the bitwise unpacking): the ids are flattened, the
+packed code rows of those ids gathered (Gather on the uint8 codes), unpacked with the same
+ops as QuipLinear's weight (quip_function._unpack_codes), dequantized with the gathered
+per-row (or per-group) fp16 scale and zero, and, for a tied model whose table is the
+lm_head's codes, multiplied by K_in (rows @ K_in, one dense n x n MatMul) and in_scale:
+    E[i] = (W'[i] @ K_in) * in_scale     (quipc_runtime.embedding)
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from quipc_runtime.embedding import EmbeddingTable, check_shared_head
+from quipc_runtime.layer import QuantizedLinear
+
+from .builder import Builder
+from .quip_function import BITWISE_OPSET, _unpack_codes
+
+FLOAT = TensorProto.FLOAT
+
+
+def embedding_fn(source, name: str = "model.embed_tokens"):
+    """fn(b, ids) -> (batch, seq, n) float embeddings, for a shared head or an integer table."""
+    if isinstance(source, QuantizedLinear):
+        check_shared_head(source)
+        n, bits = source.in_features, source.bits
+    elif isinstance(source, EmbeddingTable):
+        n, bits = source.dim, source.bits
+    else:
+        raise TypeError(f"expected a QuantizedLinear or an EmbeddingTable, got {type(source).__name__}")
+
+    def fn(b: Builder, ids: str) -> str:
+        if b.opset < BITWISE_OPSET:
+            raise ValueError(f"the quantized embedding needs opset >= {BITWISE_OPSET}")
+        shape = b.op("Shape", ids)
+        flat = b.op("Reshape", ids, b.ints([-1]))                               # (K,)
+        k = b.op("Shape", flat)                                                 # [K]
+        codes = b.op("Gather", b.initializer(f"{name}.codes", source.codes), flat, axis=0)
+        scale = b.op("Cast", b.op("Gather", b.initializer(f"{name}.scale", source.scale), flat, axis=0), to=FLOAT)
+        zero = b.op("Cast", b.op("Gather", b.initializer(f"{name}.zero", source.zero), flat, axis=0), to=FLOAT)
+        if bits == 8:
+            vals = b.op("Cast", codes, to=FLOAT)                                # (K, n)
+        else:
+            vals = b.op("Cast", _unpack_codes(b, codes, bits, k, {"in_features": n}), to=FLOAT)
+        if isinstance(source, EmbeddingTable):
+            groups = b.op("Reshape", vals, b.op("Concat", k, b.ints([n // source.group, source.group]), axis=0))
+            rows = b.op("Add", b.op("Mul", groups, b.op("Unsqueeze", scale, b.ints([-1]))),
+                        b.op("Unsqueeze", zero, b.ints([-1])))
+            rows = b.op("Reshape", rows, b.op("Concat", k, b.ints([n]), axis=0))
+        else:
+            rows = b.op("Add", b.op("Mul", vals, b.op("Unsqueeze", scale, b.ints([1]))),
+                        b.op("Unsqueeze", zero, b.ints([1])))                  # W'[ids]
+            if source.t_in.kind != "identity":
+                k_in = source.t_in.kron_product().astype(np.float32)
+                rows = b.op("MatMul", rows, b.initializer(f"{name}.k_in", k_in))
+            rows = b.op("Mul", rows, b.initializer(f"{name}.in_scale", source.in_scale_f32()))
+        return b.op("Reshape", rows, b.op("Concat", shape, b.ints([n]), axis=0))
+
+    return fn
