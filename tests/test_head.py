@@ -252,15 +252,21 @@ def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, h
     np.testing.assert_allclose(got, logits(quipc.load(artifact), ids)[0].numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_tvm_refuses_a_quantized_head(tied_w3, tmp_path):
-    """TVM lowers lm_head / the embedding from dense tensors only: a clear error, never a
-    model that computes something else."""
-    try:
-        from quipc.backends.tvm import compile_artifact
-        compile_artifact(tied_w3, tmp_path / "tvm", progress=False)
-    except ImportError:
-        pytest.skip("TVM not installed")
-    except ValueError as e:
-        assert "TVM backend does not run a 4-bit quantized lm_head" in str(e)
-    else:
-        raise AssertionError("TVM lowered a quantized head")
+@pytest.mark.parametrize("head_bits,embed_bits", [(4, "auto"), (32, "8")])
+def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits):
+    """TVM: the quantized lm_head as one more QuIP linear, the embedding dequantized at build."""
+    pytest.importorskip("tvm")
+    from quipc.backends.tvm import compile_artifact
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    model, text = tiny_model
+    artifact = tied_w3
+    if (head_bits, embed_bits) != (4, "auto"):
+        artifact = tmp_path / "a"
+        compile_model(str(model), artifact, QuantConfig(bits=2, seed=2, head_bits=head_bits, embed_bits=embed_bits),
+                      CalibConfig(text=str(text), **CALIB), progress=False)
+    out = tmp_path / "tvm"
+    compile_artifact(artifact, out, progress=False)
+    ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
+    got = np.asarray(TvmLM(out, threads=1).logits(ids.numpy())).reshape(20, -1)
+    np.testing.assert_allclose(got, logits(quipc.load(artifact), ids)[0].numpy(), atol=1e-4, rtol=1e-4)

@@ -76,9 +76,7 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
     if not artifact.exists():
         raise FileNotFoundError(f"artifact {artifact} not found")
     manifest = art.read_manifest(artifact)
-    from ..head_support import model_config_for_dense, require_dense_head
-
-    require_dense_head(manifest, "TVM")
+    from ..head_support import head_and_dense_embedding, model_config_for_dense
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if (out / CONFIG).exists() or (out / LIB).exists():
@@ -89,7 +87,8 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
     log(f"loading {artifact}")
     layers = art.load_layers(artifact, manifest)
     dense = art.load_dense(artifact, manifest)
-    builder = ModelBuilder(model_config_for_dense(manifest, dense), layers, dense,
+    head_and_dense_embedding(artifact, manifest, layers, dense)
+    builder = ModelBuilder(model_config_for_dense(manifest, dense, layers), layers, dense,
                            manifest.get("blocks_prefix", "model.layers"))
     mod = builder.build()
     log(f"relax module: {sum(1 for _ in mod.functions)} functions, {len(builder.arrays)} parameters; "

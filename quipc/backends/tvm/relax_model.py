@@ -226,7 +226,12 @@ class ModelBuilder:
     def _collect(self) -> None:
         sp = self.spec
         self._add("embed", tile_rows(self._dense("model.embed_tokens.weight")))
-        if not sp.tied:
+        if "lm_head" in self.layers:  # quantized lm_head: one more QuIP linear (vocab x hidden)
+            spec = Q.LinearSpec.of(self.layers["lm_head"])
+            self.linear_specs["lm_head"] = spec
+            for key, arr in Q.linear_params(self.layers["lm_head"], spec).items():
+                self._add(f"lm_head.{key}", arr)
+        elif not sp.tied:
             self._add("lm_head", tile_rows(self._dense("lm_head.weight")))
         cos, sin = rope_tables(self.cfg, sp)
         self._add("rope_cos", cos)
@@ -326,12 +331,16 @@ class ModelBuilder:
             if last is not None:
                 h = bb.emit_te(te_take_row, h, last, primfunc_name_hint="take_row")
             hn = bb.emit_te(rms, h, P("norm"), primfunc_name_hint="rmsnorm")
-            head = P("embed" if sp.tied else "lm_head")
-            lg = bb.emit_te(te_lm_head, hn, head, primfunc_name_hint="lm_head")
             n_rows = 1 if fname != "prefill_all" else L
-            lg = bb.emit(relax.op.reshape(lg, (n_rows, sp.vocab_pad)))
-            if sp.vocab_pad != sp.vocab:
-                lg = bb.emit(relax.op.strided_slice(lg, axes=[1], begin=[0], end=[sp.vocab]))
+            if "lm_head" in self.linear_specs:
+                lg = self._linear(bb, P, "lm_head", hn, mode)
+                lg = bb.emit(relax.op.reshape(lg, (n_rows, sp.vocab)))
+            else:
+                head = P("embed" if sp.tied else "lm_head")
+                lg = bb.emit_te(te_lm_head, hn, head, primfunc_name_hint="lm_head")
+                lg = bb.emit(relax.op.reshape(lg, (n_rows, sp.vocab_pad)))
+                if sp.vocab_pad != sp.vocab:
+                    lg = bb.emit(relax.op.strided_slice(lg, axes=[1], begin=[0], end=[sp.vocab]))
             bb.emit_func_output(relax.Tuple([lg, ck, cv]))
 
     def _linear(self, bb, P, name: str, x, mode: str, residual=None):
