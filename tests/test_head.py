@@ -270,3 +270,24 @@ def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, he
     ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
     got = np.asarray(TvmLM(out, threads=1).logits(ids.numpy())).reshape(20, -1)
     np.testing.assert_allclose(got, logits(quipc.load(artifact), ids)[0].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_interrupted_head_resumes_to_the_same_bytes(tiny_model, tied_w3, tmp_path, monkeypatch):
+    """Killed while quantizing lm_head (every block written): --resume finishes the head and
+    writes what an uninterrupted compile writes."""
+    from quipc.passes import head as headpass
+
+    model, text = tiny_model
+    cfg, calib = QuantConfig(bits=3, seed=1, head_bits=4), CalibConfig(text=str(text), **CALIB)
+    real = headpass.quantize_head
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(headpass, "quantize_head", dies)
+    with pytest.raises(KeyboardInterrupt):
+        compile_model(str(model), tmp_path / "cut", cfg, calib, progress=False)
+    assert not json.loads((tmp_path / "cut" / "manifest.json").read_text())["complete"]
+    monkeypatch.setattr(headpass, "quantize_head", real)
+    compile_model(str(model), tmp_path / "cut", cfg, calib, resume=True, progress=False)
+    for name in ("head.safetensors", "dense.safetensors", "blocks/block_0001.safetensors"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tied_w3 / name).read_bytes()
