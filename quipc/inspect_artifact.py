@@ -31,7 +31,7 @@ def deployment_size(folder: str | Path, manifest: dict) -> dict:
     folder = Path(folder)
     tok = manifest.get("tokenizer")
     skip = art.safe_path(folder, tok) if tok else None
-    total = sum(p.stat().st_size for p in folder.rglob("*")
+    total = sum(p.stat().st_size for p in folder.resolve().rglob("*")
                 if p.is_file() and not (skip is not None and (p == skip or skip in p.parents)))
     params = manifest.get("summary", {}).get("model_params")
     return {"bytes": total, "model_params": params,

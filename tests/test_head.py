@@ -148,7 +148,7 @@ def test_tied_head_dense_embedding_quantized(tiny_model, tmp_path):
                                atol=2e-4, rtol=1e-4)
 
 
-def test_size_accounting_is_exact(tied_w3, tiny_model):
+def test_size_accounting_is_exact(tied_w3, tiny_model, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from quipc.inspect_artifact import deployment_size, render
@@ -163,6 +163,8 @@ def test_size_accounting_is_exact(tied_w3, tiny_model):
     assert s["bits_per_param"] == round(8 * on_disk / params, 4)
     dep = deployment_size(tied_w3, man)
     assert dep["bytes"] == on_disk and dep["bits_per_param"] == 8 * on_disk / params
+    monkeypatch.chdir(tied_w3.parent)  # a relative path (the tokenizer is still left out)
+    assert deployment_size(tied_w3.name, man)["bytes"] == on_disk
     head = man["head"]["layers"][0]
     assert head["storage_bits"] == 8 * sum(v.nbytes for v in load_file(tied_w3 / "head.safetensors").values())
     text = render(tied_w3)

@@ -1,0 +1,132 @@
+"""Size x perplexity of lm_head / embedding settings, the decoder blocks held fixed.
+
+    python benchmarks/head_embed.py --artifact /work/artifacts/w2 --model smollm2-135m \\
+        --calib wiki.valid.tokens --text wiki.test.raw --windows 16 \\
+        --variants 32/32,4/head,3/head,4/8,4/4 --json benchmarks/results/head_embed_w2.json
+
+Loads ARTIFACT's quantized blocks once (torch reference path), takes lm_head's Hessian from the
+final norm's outputs on the calibration windows (the fp32 embedding in front, as `quipc compile`
+does), then for each HEAD/EMBED variant quantizes the head and the embedding as `quipc compile
+--head-bits HEAD --embed-bits EMBED` would (quipc.passes.head), swaps them in and measures PROTOCOL
+perplexity. Sizes: the artifact's files other than head / embedding / dense tables, plus the
+variant's tensors (bytes as stored; the artifact's manifest counted as it is; safetensors headers
+of the variant's files and the manifest's change not counted: a few hundred bytes). A variant is only an estimate of a compile; compile the chosen one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--model", default="smollm2-135m", help="the artifact's source (fp32 head/embedding)")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--calib-windows", type=int, default=64)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--variants", default="32/32,4/head,3/head,4/8,4/4")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import quipc_runtime
+    from quipc.config import QuantConfig
+    from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
+    from quipc.frontend import calibration
+    from quipc.frontend.hf import load_model
+    from quipc.frontend.models import resolve
+    from quipc.frontend.trace import find_blocks
+    from quipc.passes import head as headpass
+    from quipc_runtime import artifact as art
+    from quipc_runtime.embedding import QuantEmbedding
+    from quipc_runtime.modules import QuipLinearRef
+
+    folder = Path(args.artifact)
+    manifest = art.read_manifest(folder)
+    src, tok = load_model(resolve(args.model))
+    model = quipc_runtime.load(folder)
+    base_cfg = QuantConfig(**{k: v for k, v in manifest["quant_config"].items()
+                              if k in {f.name for f in dataclasses.fields(QuantConfig)}})
+    e32, h32 = src.get_input_embeddings(), src.get_output_embeddings()
+    model.set_submodule("model.embed_tokens", e32)
+    model.set_submodule("lm_head", h32)
+
+    t0 = time.time()
+    windows = calibration.text_windows(tok, args.calib, args.calib_windows, args.calib_len)
+    prefix, _ = find_blocks(src)
+    blocks = model.get_submodule(prefix)
+    norm = headpass.final_norm(model, blocks)
+    acc = {}
+
+    def grab(_m, _a, out):
+        x = out.detach().reshape(-1, out.shape[-1]).double()
+        acc["s"] = acc.get("s", 0) + x.T @ x
+        acc["n"] = acc.get("n", 0) + x.shape[0]
+    hook = norm.register_forward_hook(grab)
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 8):
+            model.model(input_ids=windows[i:i + 8], use_cache=False)
+    hook.remove()
+    hess = acc["s"] / acc["n"]
+    print(f"head Hessian from {acc['n']} tokens in {time.time() - t0:.0f} s", flush=True)
+
+    other = sum(art.safe_path(folder, r).stat().st_size for r in art.data_files(manifest)
+                if r not in ("head.safetensors", "embedding.safetensors", manifest["dense"]["file"]))
+    other += (folder / "manifest.json").stat().st_size  # the artifact's: within a few hundred bytes
+    dense_small = sum(t.numel() * t.element_size() for k, t in art.load_dense(folder, manifest).items()
+                      if "embed" not in k and "lm_head" not in k)
+    params = int(sum(p.numel() for p in src.parameters()))
+    eval_w = eval_windows(tok, args.text, args.ctx, args.windows)
+    results = []
+    for variant in args.variants.split(","):
+        hb, eb = variant.split("/")
+        cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb).validate()
+        plan = headpass.plan_for(src, cfg)
+        t1 = time.time()
+        nbytes = other + dense_small
+        if plan.head_quantized:
+            layer = headpass.quantize_head(src, plan, hess, cfg)
+            model.set_submodule("lm_head", QuipLinearRef(layer))
+            nbytes += layer.storage_bits() // 8
+        else:
+            model.set_submodule("lm_head", h32)
+        if plan.embed_mode == "head":
+            model.set_submodule("model.embed_tokens", QuantEmbedding(layer))
+        elif plan.embed_mode == "table":
+            table = headpass.embedding_table(src, plan)
+            model.set_submodule("model.embed_tokens", QuantEmbedding(table))
+            nbytes += table.storage_bits() // 8
+        else:
+            w = e32.weight.detach()
+            emb = torch.nn.Embedding.from_pretrained(w.half().float() if plan.embed_bits == 16 else w)
+            model.set_submodule("model.embed_tokens", emb)
+            nbytes += w.numel() * plan.embed_bits // 8
+        if not plan.head_quantized and not (plan.embed_mode == "dense" and plan.embed_bits == 32):
+            nbytes += h32.weight.numel() * 4  # a tied model's dense head stored apart
+        quant_s = time.time() - t1
+        r = perplexity(torch_logits_fn(model), eval_w, progress=False)
+        rec = {"variant": variant, "head_bits": plan.head_bits, "embed": plan.embed_mode,
+               "embed_bits": plan.embed_bits, "est_bytes": int(nbytes), "est_MB": nbytes / 1e6,
+               "bits_per_param": 8 * nbytes / params, "ppl": r["ppl"], "windows": r["windows"],
+               "quantize_s": quant_s, "eval_s": r["seconds"]}
+        if plan.head_quantized:
+            rec["head_proxy_loss"], rec["head_proxy_loss_rtn"] = layer.info.get("proxy_loss"), layer.info.get("proxy_loss_rtn")
+        results.append(rec)
+        print(json.dumps(rec), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"artifact": str(folder.name), "quant_config": manifest["quant_config"],
+                                               "windows": args.windows, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
