@@ -293,3 +293,15 @@ def test_interrupted_head_resumes_to_the_same_bytes(tiny_model, tied_w3, tmp_pat
     compile_model(str(model), tmp_path / "cut", cfg, calib, resume=True, progress=False)
     for name in ("head.safetensors", "dense.safetensors", "blocks/block_0001.safetensors"):
         assert (tmp_path / "cut" / name).read_bytes() == (tied_w3 / name).read_bytes()
+
+
+def test_cli_flags():
+    from quipc.cli import build_parser
+    from quipc.config import CLI_EMBED_BITS, CLI_HEAD_BITS
+
+    args = build_parser().parse_args(["compile", "m", "-o", "x"])
+    assert (args.head_bits, args.embed_bits) == (CLI_HEAD_BITS, CLI_EMBED_BITS)
+    args = build_parser().parse_args(["compile", "m", "-o", "x", "--head-bits", "32", "--embed-bits", "32"])
+    assert QuantConfig(head_bits=args.head_bits, embed_bits=args.embed_bits).validate().head_bits == 32
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compile", "m", "-o", "x", "--embed-bits", "3"])
