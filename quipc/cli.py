@@ -23,6 +23,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy-passes", type=int, default=d.greedy_passes)
     p.add_argument("--rescale", action="store_true", help="QuIP's diagonal rescaling (off by default)")
     p.add_argument("--grid", default=d.grid, help="per-row grid range: mse (default) | minmax")
+    p.add_argument("--format", default=d.format,
+                   help="code format of the rotated weights: grid (per-row scalar grid) | "
+                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits)")
+    p.add_argument("--finetune", default=d.finetune,
+                   help="none | e2e: after rounding, train the continuous parameters (input and row "
+                        "scales, norms) to match the unquantized model's logits on the calibration text")
+    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +110,8 @@ def cmd_compile(args) -> int:
 
     cfg = QuantConfig(method=args.method, bits=args.bits, incoherence=args.incoherence, seed=args.seed,
                       damp=args.damp, greedy_passes=args.greedy_passes, rescale=args.rescale,
-                      grid=args.grid, head_bits=args.head_bits, embed_bits=args.embed_bits).validate()
+                      grid=args.grid, format=args.format, finetune=args.finetune,
+                      finetune_epochs=args.finetune_epochs, head_bits=args.head_bits, embed_bits=args.embed_bits).validate()
     calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,
                         batch=args.calib_batch)
     progress = not args.no_progress

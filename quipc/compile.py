@@ -173,6 +173,10 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
         rec = art.write_layers(out, HEAD_FILE, [layer])
         rec["layers"][0]["storage_bits"] = layer.storage_bits()
         manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}
+    if cfg.finetune != "none" and "finetune" not in manifest:
+        from .finetune_stage import run_finetune
+
+        manifest = run_finetune(out, manifest, source, windows, cfg, dense, progress)
     manifest["summary"] = _summary(manifest, dense, model_params)
     manifest["compile_seconds"] = manifest.get("compile_seconds", 0.0) + time.time() - t0
     manifest["complete"] = True

@@ -24,6 +24,9 @@ class QuantConfig:
     greedy_passes: int = 0        # coordinate-descent passes after LDLQ
     rescale: bool = False         # QuIP's diagonal rescaling before the rotations (see README)
     grid: str = "mse"             # per-row grid range: mse (clip search) | minmax
+    format: str = "grid"          # code format of W' (quipc_runtime.formats): grid | e8p
+    finetune: str = "none"        # none | e2e (quipc.passes.finetune)
+    finetune_epochs: int = 2
     quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
     head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py
     embed_bits: int | str = "auto"  # HF path: "head" (the tied head's codes) | 4 | 8 (tables) | 16 | 32
@@ -45,6 +48,12 @@ class QuantConfig:
             raise ValueError("greedy passes must be >= 0")
         if self.grid not in ("mse", "minmax"):
             raise ValueError(f"unknown grid {self.grid!r}; expected mse or minmax")
+        from quipc_runtime.formats import get_format
+
+        get_format(self.format).check(self.bits, 8)  # raises for an unknown format or width
+        self.finetune_config().validate()
+        if self.finetune != "none" and self.method == "rtn":
+            raise ValueError("fine-tuning trains on the calibration text, which method rtn does not use")
         if self.head_bits not in SUPPORTED_BITS + (DENSE_BITS,):
             raise ValueError(f"unsupported head bits {self.head_bits}: expected one of "
                              f"{SUPPORTED_BITS + (DENSE_BITS,)} (32 keeps lm_head dense)")
@@ -52,6 +61,11 @@ class QuantConfig:
             raise ValueError(f"unsupported embed bits {self.embed_bits!r}: expected one of "
                              f"{', '.join(EMBED_CHOICES)}")
         return self
+
+    def finetune_config(self):
+        from .passes.finetune import FinetuneConfig
+
+        return FinetuneConfig(mode=self.finetune, epochs=self.finetune_epochs, seed=self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)

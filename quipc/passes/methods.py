@@ -5,22 +5,22 @@ the stored format; adding a method is adding one registered function.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
 from quipc_runtime.layer import QuantizedLinear
-from quipc_runtime.packing import pack
 from quipc_runtime.transforms import Transform, derive_seed
 
 from ..config import QuantConfig
-from .grid import RowGrid, fit_grid
+from .encoders import Encoded, encode
+from .grid import fit_grid
 from .hessian import regularize
 from .incoherence import (apply_rows, mu_hessian, mu_of_eigenvectors, mu_weight, rescale_vector,
                           rotate_hessian, rotate_weight, unrotate_weight)
-from .ldlq import greedy_refine, ldlq, proxy_loss
+from .ldlq import proxy_loss
 
 
 @dataclass
@@ -53,15 +53,13 @@ def quantize_linear(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
 
 
 # --- shared pieces ------------------------------------------------------------------------
-def _store(inp: LayerInput, cfg: QuantConfig, grid: RowGrid, codes: torch.Tensor,
-           t_in: Transform, t_out: Transform, in_scale: np.ndarray | None, info: dict) -> QuantizedLinear:
+def _store(inp: LayerInput, cfg: QuantConfig, enc: Encoded, t_in: Transform, t_out: Transform,
+           in_scale: np.ndarray | None, info: dict) -> QuantizedLinear:
     m, n = inp.weight.shape
     bias = None if inp.bias is None else inp.bias.detach().float().cpu().numpy()
     layer = QuantizedLinear(
-        name=inp.name, out_features=m, in_features=n, bits=cfg.bits,
-        codes=pack(codes.cpu().numpy().astype(np.uint8), cfg.bits),
-        scale=grid.scale.cpu().numpy().astype(np.float16), zero=grid.zero.cpu().numpy().astype(np.float16),
-        t_in=t_in, t_out=t_out, in_scale=in_scale, bias=bias, info=info)
+        name=inp.name, out_features=m, in_features=n, bits=cfg.bits, codes=enc.codes, scale=enc.scale,
+        zero=enc.zero, format=cfg.format, t_in=t_in, t_out=t_out, in_scale=in_scale, bias=bias, info=info)
     layer.validate()
     return layer
 
@@ -83,27 +81,16 @@ def _mu_h_before(inp: LayerInput, h: torch.Tensor) -> float:
     return inp.cache["mu_h"]
 
 
-def _round_adaptive(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig) -> tuple[RowGrid, torch.Tensor]:
-    """Grid fit and LDLQ (+ greedy passes) in float32; H's factorization in float64."""
-    w = w.to(torch.float32)
-    grid = fit_grid(w, cfg.bits, cfg.grid, torch.diagonal(h))
-    codes = ldlq(w, h, grid)
-    if cfg.greedy_passes:
-        codes = greedy_refine(w, h, grid, codes, cfg.greedy_passes)
-    return grid, codes
-
-
 # --- methods ------------------------------------------------------------------------------
 @register("rtn")
 def quantize_rtn(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
-    """Nearest rounding on the per-row min-max grid (the baseline)."""
+    """Nearest rounding, no calibration (the baseline; the grid format uses min-max rows)."""
     w = inp.weight.detach().to(torch.float64)
     m, n = w.shape
-    grid = fit_grid(w, cfg.bits, "minmax")
-    codes = grid.codes(w)
+    enc = encode(cfg.format, w, None, replace(cfg, grid="minmax"))
     info = {"method": "rtn", "mu_w": mu_weight(w),
-            **_relative_losses(w, grid.values(codes) - w, inp.hessian, cfg.bits)}
-    return _store(inp, cfg, grid, codes, Transform("identity", n), Transform("identity", m), None, info)
+            **_relative_losses(w, enc.values.double() - w, inp.hessian, cfg.bits)}
+    return _store(inp, cfg, enc, Transform("identity", n), Transform("identity", m), None, info)
 
 
 @register("ldlq")
@@ -112,11 +99,11 @@ def quantize_ldlq(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
     w = inp.weight.detach().to(torch.float64)
     m, n = w.shape
     h, hinfo = regularize(inp.hessian, cfg.damp, inp.name)
-    grid, codes = _round_adaptive(w, h, cfg)
+    enc = encode(cfg.format, w, h, cfg)
     info = {"method": "ldlq", "hessian": hinfo, "mu_w": mu_weight(w),
             "mu_h": _mu_h_before(inp, h),
-            **_relative_losses(w, grid.values(codes).double() - w, inp.hessian, cfg.bits)}
-    return _store(inp, cfg, grid, codes, Transform("identity", n), Transform("identity", m), None, info)
+            **_relative_losses(w, enc.values.double() - w, inp.hessian, cfg.bits)}
+    return _store(inp, cfg, enc, Transform("identity", n), Transform("identity", m), None, info)
 
 
 @register("quip")
@@ -148,12 +135,12 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
         if "mu_h" not in group:
             group["mu_h"] = mu_of_eigenvectors(q) if not cfg.rescale else mu_hessian(h)
     h_rot = group["h_rot"]
-    grid, codes = _round_adaptive(w_rot, h_rot, cfg)
-    err = unrotate_weight(grid.values(codes).double() - w_rot, t_in, t_out) / d[None, :]
+    enc = encode(cfg.format, w_rot, h_rot, cfg)
+    err = unrotate_weight(enc.values.double() - w_rot, t_in, t_out) / d[None, :]
     info = {"method": "quip", "incoherence": t_in.kind if t_in.kind == t_out.kind
             else f"{t_in.kind}/{t_out.kind}", "hessian": group["hinfo"],
             "mu_w": mu_weight(w), "mu_w_after": mu_weight(w_rot),
             "mu_h": group["mu_h"], "mu_h_after": group["mu_h_after"],
             **_relative_losses(w, err, inp.hessian, cfg.bits)}
     stored_in = Transform(t_in.kind, n, t_in.orders, t_in.seed)  # signs live in in_scale
-    return _store(inp, cfg, grid, codes, stored_in, t_out, in_scale.numpy(), info)
+    return _store(inp, cfg, enc, stored_in, t_out, in_scale.numpy(), info)

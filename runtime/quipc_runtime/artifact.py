@@ -116,13 +116,13 @@ def data_files(manifest: dict) -> list[str]:
     return [r["file"] for r in recs if r.get("file") is not None]
 
 
-def write_dense(folder: Path, tensors: dict) -> dict:
+def write_dense(folder: Path, tensors: dict, rel: str = DENSE_FILE) -> dict:
     """Write the tensors kept in floating point (torch tensors, any dtype)."""
     from safetensors.torch import save as st_save_torch
 
     data = st_save_torch({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    atomic_write(folder / DENSE_FILE, data)
-    return {"file": DENSE_FILE, "sha256": sha256_bytes(data),
+    atomic_write(folder / rel, data)
+    return {"file": rel, "sha256": sha256_bytes(data),
             "tensors": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}}
 
 

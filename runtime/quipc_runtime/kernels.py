@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from .formats import require_format
 from .hadamard import hadamard
 from .layer import QuantizedLinear
 from .transforms import Transform
@@ -189,6 +190,7 @@ if torch is not None:
         def __init__(self, layer: QuantizedLinear, device: str = "cpu", threads: int | None = None):
             super().__init__()
             _require()
+            require_format(layer, ("grid",), "the C++/CUDA kernels")
             self.in_features, self.out_features = layer.in_features, layer.out_features
             self.bits = layer.bits
             self.device = torch.device(device)

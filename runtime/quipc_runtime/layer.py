@@ -1,11 +1,12 @@
 """The stored form of one QuIP-quantized linear layer and its exact meaning.
 
-    y = s_out * K_out^T ( W' ( K_in (in_scale * x) ) ) + bias,
-    W'[i, j] = scale[i] * code[i, j] + zero[i]
+    y = s_out * K_out^T ( W' ( K_in (in_scale * x) ) ) + bias
 
-W' is the quantized weight in the rotated domain, K_in / K_out the Kronecker parts of
-the input / output transforms, in_scale folds the diagonal rescaling and the input
-signs (fp16), s_out the output signs (stored as bits).
+W' is the quantized weight in the rotated domain, stored in a code format (see
+quipc_runtime.formats: "grid" is W'[i, j] = scale[i] * code[i, j] + zero[i], "e8p" holds
+E8-lattice vector codes), K_in / K_out the Kronecker parts of the input / output
+transforms, in_scale folds the diagonal rescaling and the input signs (fp16), s_out the
+output signs (stored as bits).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .packing import check_bits, packed_row_bytes, unpack
+from .formats import DEFAULT_FORMAT, get_format
+from .packing import check_bits
 from .transforms import Transform
 
 
@@ -24,26 +26,35 @@ class QuantizedLinear:
     out_features: int
     in_features: int
     bits: int
-    codes: np.ndarray            # (m, packed_row_bytes) uint8
-    scale: np.ndarray            # (m,) float16
-    zero: np.ndarray             # (m,) float16
+    codes: np.ndarray            # (m, packed_row_bytes) uint8, meaning set by the format
+    scale: np.ndarray            # (m,) or (m, stages) float16
+    zero: np.ndarray | None      # (m,) float16 for "grid", None for formats without offsets
     t_in: Transform
     t_out: Transform
     in_scale: np.ndarray | None = None   # (n,) float16, None means ones
     bias: np.ndarray | None = None       # (m,) float32
     info: dict = field(default_factory=dict)  # method, proxy losses, incoherence stats
+    format: str = DEFAULT_FORMAT
 
     def validate(self) -> None:
         m, n = self.out_features, self.in_features
         check_bits(self.bits)
-        expect = {"codes": ((m, packed_row_bytes(n, self.bits)), np.uint8),
-                  "scale": ((m,), np.float16), "zero": ((m,), np.float16)}
+        fmt = get_format(self.format)
+        try:
+            fmt.check(self.bits, n)
+        except ValueError as e:
+            raise ValueError(f"layer {self.name}: {e}") from None
+        expect = dict(fmt.tensor_specs(m, n, self.bits))
+        if "zero" not in expect and self.zero is not None:
+            raise ValueError(f"layer {self.name}: format {self.format!r} has no zero points")
         if self.in_scale is not None:
             expect["in_scale"] = ((n,), np.float16)
         if self.bias is not None:
             expect["bias"] = ((m,), np.float32)
         for key, (shape, dtype) in expect.items():
             arr = getattr(self, key)
+            if arr is None:
+                raise ValueError(f"layer {self.name}: {key} is missing for format {self.format!r}")
             if arr.shape != shape or arr.dtype != dtype:
                 raise ValueError(f"layer {self.name}: {key} has shape {arr.shape} {arr.dtype}, "
                                  f"expected {shape} {np.dtype(dtype)}")
@@ -57,8 +68,7 @@ class QuantizedLinear:
     # --- numerics -------------------------------------------------------------------
     def rotated_weight(self) -> np.ndarray:
         """W' in float32: the dense quantized matrix that the kernels multiply by."""
-        codes = unpack(self.codes, self.bits, self.in_features).astype(np.float32)
-        return codes * self.scale.astype(np.float32)[:, None] + self.zero.astype(np.float32)[:, None]
+        return get_format(self.format).decode(self.tensors(), self.bits, self.in_features)
 
     def in_scale_f32(self) -> np.ndarray:
         if self.in_scale is None:
@@ -74,7 +84,9 @@ class QuantizedLinear:
 
     # --- storage --------------------------------------------------------------------
     def tensors(self) -> dict[str, np.ndarray]:
-        out = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        out = {"codes": self.codes, "scale": self.scale}
+        if self.zero is not None:
+            out["zero"] = self.zero
         if self.in_scale is not None:
             out["in_scale"] = self.in_scale
         if self.t_out.signs is not None:
@@ -85,11 +97,12 @@ class QuantizedLinear:
 
     def meta(self) -> dict:
         return {"name": self.name, "shape": [self.out_features, self.in_features],
-                "bits": self.bits, "in_transform": self.t_in.meta(),
+                "bits": self.bits, "format": self.format, "in_transform": self.t_in.meta(),
                 "out_transform": self.t_out.meta(), **self.info}
 
     def storage_bits(self) -> int:
-        """Bits stored for this layer per PROTOCOL's bpw (codes, scales, signs, seeds)."""
+        """Bits stored for this layer per PROTOCOL's bpw (codes, scales, signs, seeds; the
+        formats' codebooks are computed from constants, so they cost nothing per model)."""
         nbytes = sum(a.nbytes for k, a in self.tensors().items() if k != "bias")
         seeds = sum(8 for t in (self.t_in, self.t_out) if t.seed is not None)
         return 8 * (nbytes + seeds)
@@ -100,14 +113,17 @@ class QuantizedLinear:
     @staticmethod
     def from_storage(meta: dict, tensors: dict[str, np.ndarray]) -> "QuantizedLinear":
         m, n = (int(v) for v in meta["shape"])
+        fmt = meta.get("format", DEFAULT_FORMAT)
+        if not isinstance(fmt, str):
+            raise ValueError(f"layer {meta.get('name')}: format field {fmt!r} is not a format name")
         layer = QuantizedLinear(
             name=meta["name"], out_features=m, in_features=n, bits=int(meta["bits"]),
-            codes=tensors["codes"], scale=tensors["scale"], zero=tensors["zero"],
+            codes=tensors["codes"], scale=tensors["scale"], zero=tensors.get("zero"), format=fmt,
             t_in=Transform.from_meta(meta["in_transform"]),
             t_out=Transform.from_meta(meta["out_transform"], tensors.get("out_signs")),
             in_scale=tensors.get("in_scale"), bias=tensors.get("bias"),
             info={k: v for k, v in meta.items()
-                  if k not in ("name", "shape", "bits", "in_transform", "out_transform")})
+                  if k not in ("name", "shape", "bits", "format", "in_transform", "out_transform")})
         if layer.t_out.kind == "hadamard" and layer.t_out.signs is None:
             raise ValueError(f"layer {layer.name}: output sign bits are missing")
         layer.validate()

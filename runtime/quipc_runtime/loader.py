@@ -39,11 +39,13 @@ def _module_for(layer, backend: str, device: str):
     return KernelQuipLinear(layer, device=device)
 
 
-def load_model(folder, device: str = "cpu", backend: str = "reference"):
+def load_model(folder, device: str = "cpu", backend: str = "reference", allow_incomplete: bool = False):
+    """allow_incomplete: load a compile whose layers are all written but which is not marked
+    complete yet (the compiler's fine-tuning stage works on it)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     folder = Path(folder)
-    manifest = art.read_manifest(folder)
+    manifest = art.read_manifest(folder, allow_incomplete=allow_incomplete)
     layers = art.load_layers(folder, manifest)
     dense = art.load_dense(folder, manifest)
     model = _empty_model(manifest)

@@ -51,6 +51,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from quipc_runtime.formats import require_format
 from quipc_runtime.layer import QuantizedLinear
 
 from .builder import MS_DOMAIN, OPSET, QUIPC_DOMAIN, Builder, Ref
@@ -512,6 +513,7 @@ class QuipLinearEmitter:
         """The layer's Variant, literal attributes, and its inputs by Variant.input_names() key;
         input_side=False: a group's later part, whose in_scale / input transform are not added;
         stacked: its output transform runs stacked with its group's (kept as factors)."""
+        require_format(layer, ("grid",), "the ONNX backend")
         b, name = self.b, layer.name
         block, mode = 0, "unpack"
         if self.ops == "quip":

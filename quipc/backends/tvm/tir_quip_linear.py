@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from quipc_runtime.formats import require_format
 from tvm import te, tirx
 
 TILE_O = 16
@@ -63,6 +64,7 @@ class LinearSpec:
     def of(layer) -> "LinearSpec":
         def orders(t):
             return tuple(int(m.shape[0]) for m in factor_matrices(t))
+        require_format(layer, ("grid",), "the TVM backend")
         return LinearSpec(layer.out_features, layer.in_features, layer.bits, orders(layer.t_in),
                           orders(layer.t_out), layer.in_scale is not None,
                           layer.t_out.signs is not None, layer.bias is not None)

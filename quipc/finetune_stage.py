@@ -1,0 +1,60 @@
+"""The compile's fine-tuning stage: load the rounded (not yet complete) artifact, fine-tune its
+continuous parameters against the unquantized model, and write them back.
+
+The codes are never touched. The new block and dense files get new names and one manifest
+write switches to them, so an interruption at any point leaves a folder that `--resume`
+finishes: before the switch the rounded files are intact, after it the fine-tuned ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from quipc_runtime import artifact as art
+from quipc_runtime.loader import load_model as load_artifact
+
+from .frontend.hf import load_model
+from .passes.finetune import finetune_e2e
+
+FT_SUFFIX = "_ft"
+
+
+def run_finetune(out: Path, manifest: dict, source, windows: torch.Tensor, cfg, dense: dict,
+                 progress: bool = True) -> dict:
+    ft = cfg.finetune_config()
+    art.write_manifest(out, manifest)           # every layer is written: the student loads from it
+    student = load_artifact(out, allow_incomplete=True)
+    teacher, _ = load_model(source)
+    names = [meta["name"] for rec in manifest["blocks"] for meta in rec["layers"]]
+    train_windows = windows.shape[0] - ft.holdout
+    bar = tqdm(total=ft.epochs * max(train_windows, 0), desc="fine-tune (e2e)", unit="window",
+               disable=not progress)
+    try:
+        result = finetune_e2e(student, teacher, names, windows, ft, progress=bar)
+    finally:
+        bar.close()
+    tunables = result["tunables"]
+    old_files = [rec["file"] for rec in manifest["blocks"]] + [manifest["dense"]["file"]]
+    blocks = []
+    for rec in manifest["blocks"]:
+        layers = [tunables[layer.name].apply_to(layer) for layer in art.load_block(out, rec)]
+        rel = f"blocks/block_{rec['index']:04d}{FT_SUFFIX}.safetensors"
+        new = {"index": rec["index"], **art.write_layers(out, rel, layers)}
+        for meta, layer in zip(new["layers"], layers):
+            meta["storage_bits"] = layer.storage_bits()
+        blocks.append(new)
+    dense = dict(dense)
+    for name, value in result["norms"].items():
+        if name in dense:
+            dense[name] = value.to(dense[name].dtype)
+    stem = Path(art.DENSE_FILE)
+    manifest["dense"] = art.write_dense(out, dense, rel=f"{stem.stem}{FT_SUFFIX}{stem.suffix}")
+    manifest["blocks"] = blocks
+    manifest["finetune"] = result["record"]
+    art.write_manifest(out, manifest)
+    for rel in old_files:
+        if rel not in {b["file"] for b in blocks} | {manifest["dense"]["file"]}:
+            (out / rel).unlink(missing_ok=True)
+    return manifest

@@ -1,0 +1,41 @@
+"""Encoders: one per code format (quipc_runtime.formats), registered by the format's name.
+
+An encoder rounds the (rotated) weight W' of one layer into its format: with a Hessian it
+rounds adaptively (LDLQ / BlockLDLQ), without one (rtn) to the nearest code. It returns
+the stored tensors and the values they decode to, so that the proxy loss is measured on
+exactly what the artifact holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Encoded:
+    codes: np.ndarray            # (m, packed_row_bytes) uint8
+    scale: np.ndarray            # float16, the format's shape
+    zero: np.ndarray | None      # float16 or None
+    values: torch.Tensor         # (m, n) what the stored tensors decode to
+
+
+ENCODERS: dict[str, Callable] = {}
+
+
+def register_encoder(name: str):
+    def wrap(fn):
+        ENCODERS[name] = fn
+        return fn
+    return wrap
+
+
+def encode(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
+    if fmt not in ENCODERS:
+        raise ValueError(f"no encoder for code format {fmt!r}; known: {sorted(ENCODERS)}")
+    return ENCODERS[fmt](w, h, cfg)
+
+
+from . import e8p, grid  # noqa: E402,F401

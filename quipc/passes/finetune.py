@@ -1,0 +1,159 @@
+"""End-to-end fine-tuning of the continuous parameters of a quantized model.
+
+After every layer is rounded, the codes stay fixed and what is still continuous is trained
+to match the unquantized model: per quantized linear its input scale (in_scale: signs and
+rescaling, fp16) and a gain on each row of W' (folded into the format's fp16 row scales),
+and the model's norm weights. Embeddings and lm_head are left as they are. The loss is
+KL(teacher || student) of the next-token distributions on the calibration windows; the
+last `holdout` windows are never trained on and pick the epoch to keep (early stopping).
+Seeded; deterministic on the CPU for a given thread count.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quipc_runtime.layer import QuantizedLinear
+from quipc_runtime.modules import QuipLinearRef, kron_apply
+
+MODES = ("none", "e2e")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: str = "none"     # none | e2e
+    epochs: int = 2
+    lr: float = 5e-4       # Adam, on parameters that start at their stored values (near 1)
+    holdout: int = 8       # calibration windows kept for early stopping
+    seed: int = 0
+
+    def validate(self) -> "FinetuneConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"unknown fine-tuning mode {self.mode!r}; expected one of {MODES}")
+        if self.epochs < 1 or self.lr <= 0 or self.holdout < 1:
+            raise ValueError("fine-tuning needs epochs >= 1, lr > 0 and holdout >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TunableQuipLinear(nn.Module):
+    """QuipLinearRef with in_scale and a per-row gain of W' as trainable parameters."""
+
+    def __init__(self, ref: QuipLinearRef):
+        super().__init__()
+        self.ref = ref
+        self.in_scale = nn.Parameter(ref.in_scale.detach().clone())
+        self.row_gain = nn.Parameter(torch.ones(ref.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f_in, f_out = self.ref._factors()
+        z = kron_apply(x.to(torch.float32) * self.in_scale, f_in)
+        t = F.linear(z, self.ref.weight_rot) * self.row_gain
+        y = kron_apply(t, f_out, transpose=True) * self.ref.out_signs
+        if self.ref.bias is not None:
+            y = y + self.ref.bias
+        return y.to(x.dtype)
+
+    def apply_to(self, layer: QuantizedLinear) -> QuantizedLinear:
+        """The layer with the trained values folded into its stored fp16 tensors."""
+        gain = self.row_gain.detach().double().numpy()
+        out = copy.copy(layer)
+        scale = layer.scale.astype(np.float64)
+        out.scale = (scale * (gain[:, None] if scale.ndim == 2 else gain)).astype(np.float16)
+        if layer.zero is not None:
+            out.zero = (layer.zero.astype(np.float64) * gain).astype(np.float16)
+        out.in_scale = self.in_scale.detach().numpy().astype(np.float16)
+        out.info = {**layer.info, "finetuned": True}
+        out.validate()
+        return out
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights of every normalization module (RMSNorm / LayerNorm of any family)."""
+    return {f"{name}.{pname}": p for name, mod in model.named_modules()
+            if "norm" in type(mod).__name__.lower()
+            for pname, p in mod.named_parameters(recurse=False)}
+
+
+def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return torch.sum(t.exp() * (t - s), dim=-1).mean()
+
+
+def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str], windows: torch.Tensor,
+                 cfg: FinetuneConfig, progress=None) -> dict:
+    """Train `student` in place (its QuipLinearRef modules named in layer_names become
+    TunableQuipLinear); returns {name: TunableQuipLinear}, the trained norm parameters and a
+    record of the losses."""
+    cfg = cfg.validate()
+    if windows.shape[0] <= cfg.holdout:
+        raise ValueError(f"fine-tuning holds out {cfg.holdout} calibration windows and needs more "
+                         f"than that; got {windows.shape[0]}")
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    teacher.eval()
+    for p in list(student.parameters()) + list(teacher.parameters()):
+        p.requires_grad_(False)
+    tunables = {}
+    for name in layer_names:
+        ref = student.get_submodule(name)
+        if not isinstance(ref, QuipLinearRef):
+            raise TypeError(f"{name} is not a reference QuIP linear; fine-tuning needs the torch path")
+        tunables[name] = TunableQuipLinear(ref)
+        student.set_submodule(name, tunables[name])
+    norms = norm_parameters(student)
+    for p in norms.values():
+        p.requires_grad_(True)
+    params = [p for t in tunables.values() for p in t.parameters() if p.requires_grad] + list(norms.values())
+    train, held = windows[:-cfg.holdout], windows[-cfg.holdout:]
+
+    def holdout_kl() -> float:
+        with torch.no_grad():
+            return float(np.mean([_kl(teacher(input_ids=w[None]).logits, student(input_ids=w[None]).logits)
+                                  for w in held]))
+
+    def state() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    history = [holdout_kl()]
+    best, best_state = history[0], state()
+    order = torch.Generator().manual_seed(cfg.seed)
+    student.train(False)
+    for _epoch in range(cfg.epochs):
+        train_loss = []
+        for i in torch.randperm(train.shape[0], generator=order).tolist():
+            ids = train[i][None]
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits
+            loss = _kl(target, student(input_ids=ids).logits)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_loss.append(float(loss.detach()))
+            if progress is not None:
+                progress.update(1)
+        history.append(holdout_kl())
+        if history[-1] < best:
+            best, best_state = history[-1], state()
+        else:
+            break   # the held-out loss stopped improving: keep the best epoch
+    with torch.no_grad():
+        for p, v in zip(params, best_state):
+            p.copy_(v)
+    for p in params:
+        p.requires_grad_(False)
+    record = {**cfg.to_dict(), "holdout_kl": history, "kept_epoch": history.index(best),
+              "train_windows": int(train.shape[0]), "seconds": time.time() - t0,
+              "last_epoch_train_kl": float(np.mean(train_loss)) if train_loss else None}
+    return {"tunables": tunables, "norms": {k: v.detach().clone() for k, v in norms.items()},
+            "record": record}

@@ -1,0 +1,61 @@
+"""Code formats: how a layer's rotated weight W' is stored, and its exact meaning.
+
+Every format stores `codes` as (m, packed_row_bytes(n, bits)) uint8, i.e. `bits` bytes per
+group of 8 weights of a row, and a per-row fp16 `scale` (one column per stage); what the
+bytes of a group mean is the format's. A format is one module here that registers itself:
+its tensor shapes, its reference decoder (numpy, the definition every backend must
+reproduce) and the bits it supports. Adding a format is adding a module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CodeFormat:
+    name: str
+    bits: tuple[int, ...]                       # bit widths the format stores
+    tensor_specs: Callable[[int, int, int], dict]   # (m, n, bits) -> {key: (shape, dtype)}
+    decode: Callable[[dict, int, int], np.ndarray]  # (tensors, bits, n) -> W' (m, n) float32
+    check_shape: Callable[[int], None]          # raises ValueError for an unsupported width n
+    describe: str
+
+    def check(self, bits: int, n: int) -> None:
+        if bits not in self.bits:
+            raise ValueError(f"format {self.name!r} stores {'/'.join(map(str, self.bits))} bits, not {bits}")
+        self.check_shape(n)
+
+
+FORMATS: dict[str, CodeFormat] = {}
+DEFAULT_FORMAT = "grid"  # what a layer without a "format" field (artifacts before v2) holds
+
+
+def register_format(fmt: CodeFormat) -> CodeFormat:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> CodeFormat:
+    fmt = FORMATS.get(name)
+    if fmt is None:
+        raise ValueError(f"unknown code format {name!r}; this quipc knows {sorted(FORMATS)}")
+    return fmt
+
+
+from . import e8p, grid  # noqa: E402,F401  (register the built-in formats)
+
+
+class UnsupportedFormatError(ValueError):
+    """A backend was handed a layer in a code format it has no lowering for."""
+
+
+def require_format(layer, supported: tuple[str, ...], backend: str) -> None:
+    """Refuse, naming the format, a layer that `backend` cannot run."""
+    if layer.format not in supported:
+        raise UnsupportedFormatError(
+            f"{backend} runs the code format(s) {', '.join(supported)}; layer {layer.name} is stored "
+            f"as {layer.format!r}. Run this artifact with quipc.load(..., backend='reference') "
+            f"(the torch path), or compile with --format {supported[0]}")

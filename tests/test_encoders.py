@@ -1,0 +1,65 @@
+"""Encoders (quipc.passes.encoders) end to end: an e8p compile of the tiny model loads on the
+torch path and computes its stored weights; backends without an e8p lowering refuse it."""
+import json
+
+import pytest
+import torch
+
+import quipc
+from quipc.cli import main
+from quipc.compile import CalibConfig, compile_model
+from quipc.config import QuantConfig
+from quipc_runtime import artifact as art
+from quipc_runtime.formats import UnsupportedFormatError
+
+
+@pytest.fixture(scope="module")
+def e8p_artifact(tiny_model, tmp_path_factory):
+    model, text = tiny_model
+    out = tmp_path_factory.mktemp("e8p") / "w2"
+    compile_model(str(model), out, QuantConfig(bits=2, format="e8p", seed=1),
+                  CalibConfig(text=str(text), windows=8, length=32), progress=False)
+    return out
+
+
+def test_e8p_artifact_records_format_and_beats_rtn(e8p_artifact):
+    man = json.loads((e8p_artifact / "manifest.json").read_text())
+    assert man["format_version"] == art.FORMAT_VERSION and man["quant_config"]["format"] == "e8p"
+    layers = [l for b in man["blocks"] for l in b["layers"]]
+    assert layers and all(l["format"] == "e8p" for l in layers)
+    assert all(l["proxy_loss"] < l["proxy_loss_rtn"] for l in layers)
+
+
+def test_e8p_model_computes_its_effective_weights(tiny_model, e8p_artifact):
+    from transformers import AutoModelForCausalLM
+
+    model = quipc.load(e8p_artifact)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model[0], dtype=torch.float32)
+    for name, layer in art.load_layers(e8p_artifact, art.read_manifest(e8p_artifact)).items():
+        ref.get_submodule(name).weight.data = torch.from_numpy(layer.effective_weight()).float()
+    ids = torch.randint(3, 17, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=2e-4, rtol=1e-4)
+
+
+def test_backends_without_e8p_refuse_it_by_name(e8p_artifact, tmp_path):
+    from quipc_runtime import kernels as K
+
+    if K.available():
+        with pytest.raises(UnsupportedFormatError, match="kernels.*'e8p'"):
+            quipc.load(e8p_artifact, backend="kernels")
+    pytest.importorskip("onnx")
+    from quipc.backends.onnx import export_artifact
+
+    with pytest.raises(UnsupportedFormatError, match="ONNX backend.*'e8p'"):
+        export_artifact(e8p_artifact, tmp_path / "onnx", progress=False)
+
+
+def test_cli_format_flag(tiny_model, tmp_path, capsys):
+    model, text = tiny_model
+    assert main(["compile", str(model), "-o", str(tmp_path / "a"), "--bits", "3", "--format", "e8p",
+                 "--calib", str(text), "--calib-windows", "4", "--calib-len", "16", "--no-progress",
+                 "--head-bits", "32", "--embed-bits", "32"]) == 0
+    assert main(["compile", str(model), "-o", str(tmp_path / "b"), "--format", "nope",
+                 "--no-progress"]) == 1
+    assert "unknown code format 'nope'" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""End-to-end fine-tuning (quipc.passes.finetune, quipc.finetune_stage): it lowers the KL it
+optimizes, keeps every code, and writes a complete artifact."""
+import numpy as np
+import pytest
+import torch
+
+import quipc
+from quipc.compile import CalibConfig, compile_model
+from quipc.config import QuantConfig
+from quipc.frontend import calibration
+from quipc.passes.finetune import FinetuneConfig, _kl, finetune_e2e
+from quipc_runtime import artifact as art
+
+
+def _layers(folder):
+    return art.load_layers(folder, art.read_manifest(folder))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model, tmp_path_factory):
+    model, text = tiny_model
+    root = tmp_path_factory.mktemp("ft")
+    calib = CalibConfig(text=str(text), windows=12, length=32)
+    for mode in ("none", "e2e"):
+        compile_model(str(model), root / mode, QuantConfig(bits=2, seed=3, finetune=mode,
+                                                           finetune_epochs=2), calib, progress=False)
+    return root / "none", root / "e2e"
+
+
+def test_finetune_keeps_codes_and_changes_only_continuous_values(pair):
+    plain, tuned = _layers(pair[0]), _layers(pair[1])
+    assert plain.keys() == tuned.keys()
+    changed = 0
+    for name, a in plain.items():
+        b = tuned[name]
+        assert np.array_equal(a.codes, b.codes) and a.format == b.format
+        changed += int(not np.array_equal(a.scale, b.scale)) + int(not np.array_equal(a.in_scale, b.in_scale))
+    assert changed > 0
+    man = art.read_manifest(pair[1])
+    assert man["complete"] and man["finetune"]["mode"] == "e2e"
+    hist = man["finetune"]["holdout_kl"]
+    assert hist[man["finetune"]["kept_epoch"]] == min(hist)
+    files = {p.relative_to(pair[1]).as_posix() for p in pair[1].rglob("*.safetensors")}
+    assert files == set(art.data_files(man)) - {"manifest.json"}   # the rounded files are gone
+    quipc.load(pair[1])
+
+
+def test_finetune_lowers_the_kl_it_optimizes(tiny_model, pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, text = tiny_model
+    teacher = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model)
+    windows = calibration.text_windows(tok, str(text), 12, 32)
+    student = quipc.load(pair[0])
+
+    def train_kl():
+        with torch.no_grad():
+            return float(np.mean([_kl(teacher(input_ids=w[None]).logits, student(input_ids=w[None]).logits)
+                                  for w in windows[:-4]]))
+
+    before = train_kl()
+    names = list(_layers(pair[0]))
+    result = finetune_e2e(student, teacher, names, windows, FinetuneConfig("e2e", epochs=2, holdout=4, lr=2e-3))
+    assert train_kl() < before
+    assert result["record"]["holdout_kl"][result["record"]["kept_epoch"]] <= result["record"]["holdout_kl"][0]
+
+
+def test_finetune_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown fine-tuning mode"):
+        QuantConfig(finetune="block2").validate()
+    with pytest.raises(ValueError, match="rtn"):
+        QuantConfig(method="rtn", finetune="e2e").validate()

@@ -1,0 +1,132 @@
+"""Code formats (quipc_runtime.formats): codebooks, index layout, decoding, bpw, registry."""
+import numpy as np
+import pytest
+import torch
+
+from quipc_runtime.formats import FORMATS, get_format, require_format
+from quipc_runtime.formats.e8p import STAGES, join_indices, split_indices
+from quipc_runtime.formats.lattice import e8_one_bit_table, e8p_source_parity, e8p_sources, e8p_table
+from quipc_runtime.layer import QuantizedLinear
+from quipc_runtime.transforms import Transform
+from quipc.passes.encoders.e8p_search import E8PSearch, TableSearch
+
+
+def test_e8p_points_are_distinct_points_of_the_shifted_lattice():
+    table = e8p_table().astype(np.float64)
+    assert table.shape == (1 << 16, 8) and len(np.unique(table, axis=0)) == 1 << 16
+    shift = np.where(np.arange(1 << 16) >> 15, -0.25, 0.25)[:, None]
+    coset = table - shift                       # must lie in D8hat: half-integers, even sum
+    assert np.all(np.abs(coset * 2 - np.rint(coset * 2)) < 1e-6)
+    assert np.all(np.rint(coset * 2) % 2 == 1)
+    assert np.all(np.rint(coset.sum(1)) % 2 == 0)
+
+
+def test_e8p_sources_are_the_256_smallest_patterns_padded():
+    src = e8p_sources().astype(np.float64)
+    norms = (src ** 2).sum(1)
+    assert len(np.unique(src, axis=0)) == 256
+    assert (norms <= 10).sum() == 227 and np.all(norms[227:] == 12)
+    assert np.array_equal(e8p_source_parity(), np.rint(src.sum(1)).astype(int) % 2)
+
+
+def test_every_e8p_index_round_trips_through_the_search():
+    table = torch.from_numpy(e8p_table())
+    index, point = E8PSearch(torch.float64).nearest(table.double())
+    assert torch.equal(index, torch.arange(1 << 16))
+    assert torch.equal(point.float(), table)
+
+
+def test_every_one_bit_index_round_trips():
+    table = e8_one_bit_table()
+    assert len(np.unique(table, axis=0)) == 256
+    norms = (table ** 2).sum(1)
+    assert np.all(norms[:240] == 2) and np.all(norms[240:] == 4)
+    index, _ = TableSearch(table, torch.float64).nearest(torch.from_numpy(table).double())
+    assert torch.equal(index, torch.arange(256))
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.5])
+def test_e8p_search_equals_brute_force(scale):
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    x = torch.randn(2000, 8, generator=gen, dtype=torch.float64) * scale
+    table = torch.from_numpy(e8p_table()).double()
+    dist = (x ** 2).sum(1, keepdim=True) - 2 * x @ table.t() + (table ** 2).sum(1)
+    index, point = E8PSearch(torch.float64).nearest(x)
+    rows = torch.arange(len(x))
+    assert torch.allclose(dist[rows, index], dist.min(1).values, atol=1e-9)
+    assert torch.equal(point, table[index])
+
+
+def test_one_bit_search_equals_brute_force():
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    table = torch.from_numpy(e8_one_bit_table()).double()
+    index, _ = TableSearch(e8_one_bit_table(), torch.float64).nearest(x)
+    assert torch.equal(index, torch.cdist(x, table).argmin(1))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_index_layout_round_trips(bits):
+    rng = np.random.default_rng(bits)
+    idx = [rng.integers(0, 1 << (8 * (1 if k == "e8_1bit" else 2)), size=(5, 6)) for k in STAGES[bits]]
+    codes = join_indices(idx, bits)
+    assert codes.shape == (5, 6 * bits) and codes.dtype == np.uint8
+    assert all(np.array_equal(a, b) for a, b in zip(split_indices(codes, bits), idx))
+
+
+def _e8p_layer(bits, m=16, n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    stages = len(STAGES[bits])
+    return QuantizedLinear(
+        name="x", out_features=m, in_features=n, bits=bits, format="e8p",
+        codes=rng.integers(0, 256, size=(m, n // 8 * bits), dtype=np.uint8),
+        scale=rng.uniform(0.1, 1, size=(m, stages)).astype(np.float16), zero=None,
+        t_in=Transform.make("hadamard", n, 1), t_out=Transform.make("hadamard", m, 2),
+        in_scale=np.ones(n, np.float16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8p_decode_and_exact_bpw(bits):
+    layer = _e8p_layer(bits)
+    layer.validate()
+    w = layer.rotated_weight()
+    idx = split_indices(layer.codes, bits)
+    scale = layer.scale.astype(np.float32)
+    row, group = 3, 2
+    expect = scale[row, 0] * e8p_table()[idx[0][row, group]]
+    if bits > 2:
+        second = e8p_table() if bits == 4 else e8_one_bit_table()
+        expect = expect + scale[row, 1] * second[idx[1][row, group]]
+    assert np.allclose(w[row, 8 * group:8 * group + 8], expect)
+    m, n, stages = 16, 32, len(STAGES[bits])
+    # codes + fp16 stage scales + fp16 in_scale + output sign bits (Hadamard: no seeds)
+    expected_bits = m * n * bits + 16 * m * stages + 16 * n + 8 * ((m + 7) // 8)
+    assert layer.storage_bits() == expected_bits
+
+
+def test_registry_and_refusals():
+    assert {"grid", "e8p"} <= set(FORMATS)
+    with pytest.raises(ValueError, match="unknown code format 'nope'"):
+        get_format("nope")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        get_format("e8p").check(2, 20)
+    layer = _e8p_layer(2)
+    with pytest.raises(ValueError, match="TVM backend runs the code format.*'e8p'"):
+        require_format(layer, ("grid",), "the TVM backend")
+    layer.zero = np.zeros(16, np.float16)
+    with pytest.raises(ValueError, match="has no zero points"):
+        layer.validate()
+
+
+def test_layer_without_format_field_is_grid_and_tampered_format_is_refused():
+    layer = _e8p_layer(2)
+    meta, tensors = layer.meta(), layer.tensors()
+    assert meta["format"] == "e8p"
+    assert QuantizedLinear.from_storage(meta, tensors).format == "e8p"
+    with pytest.raises(ValueError, match="unknown code format"):
+        QuantizedLinear.from_storage({**meta, "format": "e9p"}, tensors)
+    with pytest.raises(ValueError, match="scale has shape"):
+        QuantizedLinear.from_storage({**meta, "format": "grid"}, tensors)
+    old = {k: v for k, v in meta.items() if k != "format"}       # written before formats existed
+    grid_tensors = {**tensors, "codes": np.zeros((16, 32 // 8 * 2), np.uint8),
+                    "scale": np.ones(16, np.float16), "zero": np.zeros(16, np.float16)}
+    assert QuantizedLinear.from_storage(old, grid_tensors).format == "grid"
