@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--variants", default="32/32,4/head,3/head,4/8,4/4")
     ap.add_argument("--json")
+    ap.add_argument("--hessian-cache", help="file for lm_head's Hessian (read if present, else written)")
     args = ap.parse_args()
 
     import quipc_runtime
@@ -61,6 +62,18 @@ def main() -> None:
     model.set_submodule("lm_head", h32)
 
     t0 = time.time()
+    if args.hessian_cache and Path(args.hessian_cache).is_file():
+        hess = torch.load(args.hessian_cache)
+    else:
+        hess = _head_hessian(args, model, src, tok, headpass, calibration, find_blocks)
+        if args.hessian_cache:
+            torch.save(hess, args.hessian_cache + ".tmp")
+            Path(args.hessian_cache + ".tmp").rename(args.hessian_cache)
+    print(f"head Hessian in {time.time() - t0:.0f} s", flush=True)
+    _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
+
+
+def _head_hessian(args, model, src, tok, headpass, calibration, find_blocks):
     windows = calibration.text_windows(tok, args.calib, args.calib_windows, args.calib_len)
     prefix, _ = find_blocks(src)
     blocks = model.get_submodule(prefix)
@@ -76,8 +89,15 @@ def main() -> None:
         for i in range(0, windows.shape[0], 8):
             model.model(input_ids=windows[i:i + 8], use_cache=False)
     hook.remove()
-    hess = acc["s"] / acc["n"]
-    print(f"head Hessian from {acc['n']} tokens in {time.time() - t0:.0f} s", flush=True)
+    return acc["s"] / acc["n"]
+
+
+def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32):
+    from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
+    from quipc.passes import head as headpass
+    from quipc_runtime import artifact as art
+    from quipc_runtime.embedding import QuantEmbedding
+    from quipc_runtime.modules import QuipLinearRef
 
     other = sum(art.safe_path(folder, r).stat().st_size for r in art.data_files(manifest)
                 if r not in ("head.safetensors", "embedding.safetensors", manifest["dense"]["file"]))
@@ -89,7 +109,10 @@ def main() -> None:
     results = []
     for variant in args.variants.split(","):
         hb, eb = variant.split("/")
+        eb, _, damp = eb.partition("@")   # "4/head@0.1": the head quantized with damp 0.1
         cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb).validate()
+        if damp:
+            cfg = dataclasses.replace(cfg, damp=float(damp))
         plan = headpass.plan_for(src, cfg)
         t1 = time.time()
         nbytes = other + dense_small
