@@ -1,5 +1,7 @@
 """Quality benchmark (PROTOCOL): perplexity, bpw and compile time of fp32 and of rtn /
-ldlq / quip (hadamard, kron) at 4, 3, 2 bits, plus data-free calibration.
+ldlq / quip (hadamard, kron) at 4, 3, 2 bits, plus data-free calibration; code formats
+(grid, e8p) and fine-tuning (none, e2e) side by side; with --agreement, the answer
+agreement (ROUGE-L of greedy chat answers against fp32's, quipc.eval.agreement).
 
     python benchmarks/quality.py --windows 16 --json benchmarks/results/quality.json
     python benchmarks/quality.py --plot benchmarks/results/quality.png --json benchmarks/results/quality.json
@@ -19,13 +21,23 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
-# (method, incoherence, calibration) in the order they run: the headline first.
-RUNS = [("quip", "hadamard", "wikitext"), ("ldlq", None, "wikitext"), ("rtn", None, None),
-        ("quip", "kron", "wikitext"), ("quip", "hadamard", "generated")]
+# (method, incoherence, calibration, format, fine-tuning) in the order they run.
+RUNS = [("quip", "hadamard", "wikitext", "grid", "none"), ("ldlq", None, "wikitext", "grid", "none"),
+        ("rtn", None, None, "grid", "none"), ("quip", "kron", "wikitext", "grid", "none"),
+        ("quip", "hadamard", "generated", "grid", "none"),
+        ("quip", "hadamard", "wikitext", "e8p", "none"), ("quip", "hadamard", "wikitext", "e8p", "e2e"),
+        ("quip", "hadamard", "generated", "e8p", "none"), ("quip", "hadamard", "generated", "e8p", "e2e")]
 
 
 def key(rec: dict) -> tuple:
-    return (rec["method"], rec.get("bits"), rec.get("incoherence"), rec.get("calib"))
+    return (rec["method"], rec.get("bits"), rec.get("incoherence"), rec.get("calib"),
+            rec.get("format", "grid"), rec.get("finetune", "none"))
+
+
+def label(method, inc, cal, fmt, ft) -> str:
+    """The --only name of a run: e.g. quip-hadamard, quip-hadamard-generated, quip-hadamard-e8p-e2e."""
+    return "-".join(x for x in (method, inc, cal if cal == "generated" else None,
+                                fmt if fmt != "grid" else None, ft if ft != "none" else None) if x)
 
 
 def save(path: Path, record: dict) -> None:
@@ -54,24 +66,58 @@ def run_fp32(args) -> dict:
             "bpw": 32.0, "compile_seconds": 0.0, "eval_seconds": r["seconds"], "windows": r["windows"]}
 
 
-def run_quant(args, method, incoherence, calib, bits) -> dict:
+def fp32_answers(path: Path, args) -> list:
+    """The fp32 model's greedy answers, computed once and kept beside the records."""
+    from quipc.eval.agreement import PROMPTS, chat_answers
+    from quipc.frontend.hf import load_model
+    from quipc.frontend.models import resolve
+
+    cache = path.with_name(path.stem + "_fp32_answers.json")
+    if cache.exists():
+        data = json.loads(cache.read_text())
+        if data["prompts"] == PROMPTS:
+            return data["answers"]
+    model, tok = load_model(resolve(args.model))
+    answers = chat_answers(model, tok)
+    cache.write_text(json.dumps({"prompts": PROMPTS, "answers": answers}))
+    return answers
+
+
+def add_agreement(rec: dict, model, tokenizer, reference: list) -> None:
+    from quipc.eval.agreement import agreement, chat_answers
+
+    result = agreement(chat_answers(model, tokenizer), reference)
+    rec["agreement"] = result["rouge_l"]
+    rec["identical_answers"] = result["identical"]
+
+
+def run_quant(args, method, incoherence, calib, bits, fmt="grid", finetune="none") -> dict:
     import quipc_runtime
     from quipc.compile import CalibConfig, compile_model
     from quipc.config import QuantConfig
     from quipc_runtime.loader import load_tokenizer
 
     name = f"{method}-w{bits}" + (f"-{incoherence}" if incoherence else "") + (f"-{calib}" if calib else "")
+    name += (f"-{fmt}" if fmt != "grid" else "") + (f"-ft{finetune}" if finetune != "none" else "")
     out = Path(args.artifacts) / name
-    cfg = QuantConfig(method=method, bits=bits, incoherence=incoherence or "hadamard")
+    cfg = QuantConfig(method=method, bits=bits, incoherence=incoherence or "hadamard", format=fmt,
+                      finetune=finetune)
     cal = CalibConfig(text=str(args.calib) if calib == "wikitext" else None, windows=args.calib_windows)
     t0 = time.time()
     manifest = compile_model(args.model, out, cfg, cal, resume=True, progress=False)
     compile_s = time.time() - t0 if manifest.get("compile_seconds") is None else manifest["compile_seconds"]
     model = quipc_runtime.load(out)
-    r = eval_model(model, load_tokenizer(out), args)
-    return {"method": method, "bits": bits, "incoherence": incoherence, "calib": calib, "ppl": r["ppl"],
-            "bpw": manifest["summary"]["bpw"], "compile_seconds": compile_s, "eval_seconds": r["seconds"],
-            "windows": r["windows"], "artifact": str(out), "threads": torch.get_num_threads()}
+    tok = load_tokenizer(out)
+    r = eval_model(model, tok, args)
+    rec = {"method": method, "bits": bits, "incoherence": incoherence, "calib": calib, "format": fmt,
+           "finetune": finetune, "ppl": r["ppl"], "bpw": manifest["summary"]["bpw"],
+           "compile_seconds": compile_s, "eval_seconds": r["seconds"], "windows": r["windows"],
+           "artifact": str(out), "threads": torch.get_num_threads()}
+    if manifest.get("finetune"):
+        rec["finetune_seconds"] = manifest["finetune"]["seconds"]
+    if args.agreement:
+        add_agreement(rec, model, tok, fp32_answers(Path(args.json), args))
+    return rec
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -85,12 +131,14 @@ def plot(records: list[dict], path: Path) -> None:
     groups: dict[str, list] = {}
     for r in records:
         if r["method"] != "fp32":
-            label = r["method"] + (f" {r['incoherence']}" if r["incoherence"] else "") + \
+            name = r["method"] + (f" {r['incoherence']}" if r["incoherence"] else "") + \
+                (f" {r['format']}" if r.get("format", "grid") != "grid" else "") + \
+                (f" +ft {r['finetune']}" if r.get("finetune", "none") != "none" else "") + \
                 (" (data-free)" if r["calib"] == "generated" else "")
-            groups.setdefault(label, []).append(r)
-    for label, rs in sorted(groups.items()):
+            groups.setdefault(name, []).append(r)
+    for name, rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["bpw"])
-        ax.plot([r["bpw"] for r in rs], [r["ppl"] for r in rs], "o-", label=label)
+        ax.plot([r["bpw"] for r in rs], [r["ppl"] for r in rs], "o-", label=name)
     if fp32:
         ax.axhline(fp32[0]["ppl"], color="k", ls="--", label=f"fp32 ({fp32[0]['ppl']:.2f})")
     ax.set_yscale("log")
@@ -104,11 +152,14 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def markdown(records: list[dict]) -> str:
-    rows = ["| method | transform | calibration | bits | bpw | ppl | compile s |",
-            "|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (-r["bits"], r["method"], str(r["incoherence"]), str(r["calib"]))):
-        rows.append(f"| {r['method']} | {r['incoherence'] or '-'} | {r['calib'] or '-'} | {r['bits']} | "
-                    f"{r['bpw']:.3f} | {r['ppl']:.2f} | {r['compile_seconds']:.0f} |")
+    rows = ["| method | transform | calibration | format | fine-tune | bits | bpw | ppl | agreement | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (-r["bits"], r["method"], str(r["incoherence"]), str(r["calib"]),
+                                            r.get("format", "grid"), r.get("finetune", "none"))):
+        agree = f"{r['agreement']:.3f}" if "agreement" in r else "-"
+        rows.append(f"| {r['method']} | {r['incoherence'] or '-'} | {r['calib'] or '-'} | "
+                    f"{r.get('format', 'grid') if r['method'] != 'fp32' else '-'} | {r.get('finetune', 'none')} | "
+                    f"{r['bits']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {agree} | {r['compile_seconds']:.0f} |")
     return "\n".join(rows)
 
 
@@ -121,7 +172,11 @@ def main() -> int:
     p.add_argument("--calib", default=str(SHARED / "wiki.valid.tokens"))
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--bits", default="4,3,2")
-    p.add_argument("--only", help="comma list of run labels: fp32,quip-hadamard,ldlq,rtn,quip-kron,quip-hadamard-generated")
+    p.add_argument("--only", help="comma list of run labels: fp32, quip-hadamard, ldlq, rtn, quip-kron, "
+                                  "quip-hadamard-generated, quip-hadamard-e8p, quip-hadamard-e8p-e2e, "
+                                  "quip-hadamard-generated-e8p, quip-hadamard-generated-e8p-e2e")
+    p.add_argument("--agreement", action="store_true",
+                   help="also score greedy chat answers against fp32's (ROUGE-L over token ids)")
     p.add_argument("--artifacts", default="benchmarks/artifacts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plot", help="only draw the PNG from the JSON")
@@ -138,14 +193,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else None
     done = {key(r) for r in records}
-    todo = [("fp32", None, None, 32)] + [(m, inc, cal, b) for m, inc, cal in RUNS
-                                         for b in map(int, args.bits.split(","))]
-    for method, inc, cal, bits in todo:
-        label = "-".join(x for x in (method, inc, cal if cal == "generated" else None) if x)
-        rec_key = (method, bits, inc, cal)
-        if rec_key in done or (only and label not in only):
+    todo = [("fp32", None, None, "grid", "none", 32)] + [
+        (m, inc, cal, fmt, ft, b) for m, inc, cal, fmt, ft in RUNS for b in map(int, args.bits.split(","))]
+    for method, inc, cal, fmt, ft, bits in todo:
+        rec_key = (method, bits, inc, cal, fmt, ft)
+        if rec_key in done or (only and label(method, inc, cal, fmt, ft) not in only):
             continue
-        rec = run_fp32(args) if method == "fp32" else run_quant(args, method, inc, cal, bits)
+        rec = run_fp32(args) if method == "fp32" else run_quant(args, method, inc, cal, bits, fmt, ft)
         save(path, rec)
         print(json.dumps(rec), flush=True)
     return 0

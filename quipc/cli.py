@@ -23,12 +23,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy-passes", type=int, default=d.greedy_passes)
     p.add_argument("--rescale", action="store_true", help="QuIP's diagonal rescaling (off by default)")
     p.add_argument("--grid", default=d.grid, help="per-row grid range: mse (default) | minmax")
-    p.add_argument("--format", default=d.format,
+    p.add_argument("--format", default=None,
                    help="code format of the rotated weights: grid (per-row scalar grid) | "
-                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits)")
-    p.add_argument("--finetune", default=d.finetune,
+                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits). Default: e8p for an "
+                        "artifact, grid for --target onnx/tvm and .onnx inputs")
+    p.add_argument("--finetune", default=None,
                    help="none | e2e: after rounding, train the continuous parameters (input and row "
-                        "scales, norms) to match the unquantized model's logits on the calibration text")
+                        "scales, norms) to match the unquantized model's logits on the calibration "
+                        "text (default e2e; none for rtn and .onnx inputs)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
 
 
@@ -104,10 +106,28 @@ def _is_artifact(path: str) -> bool:
     return Path(path, "manifest.json").is_file()
 
 
+def _format_and_finetune(args) -> tuple[str, str]:
+    """--format / --finetune, or the defaults for this target (see quipc.config)."""
+    from .config import CLI_FINETUNE, CLI_FORMAT
+
+    onnx_input = args.model.endswith(".onnx")
+    lowered = onnx_input or args.target != "torch"
+    fmt = args.format or ("grid" if lowered else CLI_FORMAT)
+    if lowered and fmt != "grid":
+        raise ValueError(f"--target {args.target if not onnx_input else 'onnx'} lowers the grid format only "
+                         f"(no lowering of {fmt!r} yet): use --format grid, or compile an artifact "
+                         "(--target torch) and run it with quipc.load")
+    finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else CLI_FINETUNE)
+    if onnx_input and finetune != "none":
+        raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")
+    return fmt, finetune
+
+
 def cmd_compile(args) -> int:
     from .compile import CalibConfig, compile_model
     from .config import QuantConfig
 
+    args.format, args.finetune = _format_and_finetune(args)
     cfg = QuantConfig(method=args.method, bits=args.bits, incoherence=args.incoherence, seed=args.seed,
                       damp=args.damp, greedy_passes=args.greedy_passes, rescale=args.rescale,
                       grid=args.grid, format=args.format, finetune=args.finetune,

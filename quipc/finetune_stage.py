@@ -16,7 +16,7 @@ from quipc_runtime import artifact as art
 from quipc_runtime.loader import load_model as load_artifact
 
 from .frontend.hf import load_model
-from .passes.finetune import finetune_e2e
+from .passes.finetune import finetune_e2e, held_out_windows
 
 FT_SUFFIX = "_ft"
 
@@ -28,7 +28,7 @@ def run_finetune(out: Path, manifest: dict, source, windows: torch.Tensor, cfg, 
     student = load_artifact(out, allow_incomplete=True)
     teacher, _ = load_model(source)
     names = [meta["name"] for rec in manifest["blocks"] for meta in rec["layers"]]
-    train_windows = windows.shape[0] - ft.holdout
+    train_windows = windows.shape[0] - held_out_windows(ft, windows.shape[0])
     bar = tqdm(total=ft.epochs * max(train_windows, 0), desc="fine-tune (e2e)", unit="window",
                disable=not progress)
     try:

@@ -30,7 +30,7 @@ class FinetuneConfig:
     mode: str = "none"     # none | e2e
     epochs: int = 2
     lr: float = 5e-4       # Adam, on parameters that start at their stored values (near 1)
-    holdout: int = 8       # calibration windows kept for early stopping
+    holdout: int = 8       # calibration windows kept for early stopping (at most 1/8 of them, >= 1)
     seed: int = 0
 
     def validate(self) -> "FinetuneConfig":
@@ -83,6 +83,10 @@ def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             for pname, p in mod.named_parameters(recurse=False)}
 
 
+def held_out_windows(cfg: FinetuneConfig, windows: int) -> int:
+    return max(1, min(cfg.holdout, windows // 8))
+
+
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     s = F.log_softmax(student_logits.float(), dim=-1)
@@ -95,9 +99,10 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
     TunableQuipLinear); returns {name: TunableQuipLinear}, the trained norm parameters and a
     record of the losses."""
     cfg = cfg.validate()
-    if windows.shape[0] <= cfg.holdout:
-        raise ValueError(f"fine-tuning holds out {cfg.holdout} calibration windows and needs more "
-                         f"than that; got {windows.shape[0]}")
+    if windows.shape[0] < 2:
+        raise ValueError("fine-tuning needs at least 2 calibration windows (one is held out); "
+                         "pass more windows or --finetune none")
+    holdout = held_out_windows(cfg, windows.shape[0])
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     teacher.eval()
@@ -114,7 +119,7 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
     for p in norms.values():
         p.requires_grad_(True)
     params = [p for t in tunables.values() for p in t.parameters() if p.requires_grad] + list(norms.values())
-    train, held = windows[:-cfg.holdout], windows[-cfg.holdout:]
+    train, held = windows[:-holdout], windows[-holdout:]
 
     def holdout_kl() -> float:
         with torch.no_grad():

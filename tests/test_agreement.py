@@ -1,0 +1,36 @@
+"""Answer agreement (quipc.eval.agreement): ROUGE-L F1 over token ids, and the answers' shape."""
+import pytest
+import torch
+
+from quipc.eval.agreement import PROMPTS, agreement, chat_answers, lcs_length, rouge_l_f1
+
+
+def test_lcs_and_rouge_l():
+    assert lcs_length([1, 2, 3, 4], [2, 4]) == 2
+    assert lcs_length([], [1]) == 0
+    assert rouge_l_f1([1, 2, 3], [1, 2, 3]) == 1.0
+    assert rouge_l_f1([], []) == 1.0 and rouge_l_f1([], [5]) == 0.0
+    assert rouge_l_f1([1, 2, 3, 4], [1, 3]) == pytest.approx(2 * 2 / 6)
+    assert rouge_l_f1([7, 8], [9]) == 0.0
+
+
+def test_agreement_summary_and_mismatch():
+    result = agreement([[1, 2], [3]], [[1, 2], [4]])
+    assert result == {"rouge_l": 0.5, "identical": 1, "prompts": 2}
+    with pytest.raises(ValueError):
+        agreement([[1]], [[1], [2]])
+    assert len(PROMPTS) >= 20 and len(set(PROMPTS)) == len(PROMPTS)
+
+
+def test_answers_stop_at_end_of_sequence(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model[0])
+    if tok.chat_template is None:
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model[0], dtype=torch.float32)
+    answers = chat_answers(model, tok, prompts=["hi", "yes"], max_new_tokens=5)
+    assert len(answers) == 2
+    for a in answers:
+        assert len(a) <= 5 and tok.eos_token_id not in a
+    assert answers == chat_answers(model, tok, prompts=["hi", "yes"], max_new_tokens=5)  # greedy
