@@ -249,6 +249,11 @@ def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, h
         compile_model(str(model), artifact, QuantConfig(bits=2, seed=2, head_bits=head_bits, embed_bits=embed_bits),
                       CalibConfig(text=str(text), **CALIB), progress=False)
     out = export_artifact(artifact, tmp_path / "onnx", progress=False, accuracy_level=0)
+    if embed_bits == "auto":  # the shared table is stored once: the lm_head node's initializers
+        import onnx
+
+        inits = [i.name for i in onnx.load(str(out), load_external_data=False).graph.initializer]
+        assert "lm_head.codes" in inits and not any(i.startswith("model.embed_tokens") for i in inits)
     ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
     got = np.asarray(OnnxLM(out, threads=1).logits(ids.numpy())).reshape(20, -1)
     np.testing.assert_allclose(got, logits(quipc.load(artifact), ids)[0].numpy(), atol=1e-4, rtol=1e-4)

@@ -4,8 +4,11 @@ Graph (standard ops, opset >= 18 for the bitwise unpacking): the ids are flatten
 packed code rows of those ids gathered (Gather on the uint8 codes), unpacked with the same
 ops as QuipLinear's weight (quip_function._unpack_codes), dequantized with the gathered
 per-row (or per-group) fp16 scale and zero, and, for a tied model whose table is the
-lm_head's codes, multiplied by K_in (rows @ K_in, one dense n x n MatMul) and in_scale:
+lm_head's codes, multiplied by K_in (rows @ K_in, one small MatMul per Kronecker factor) and
+in_scale:
     E[i] = (W'[i] @ K_in) * in_scale     (quipc_runtime.embedding)
+A shared head's codes, scales, zeros and in_scale are the very initializers of the lm_head's
+QuipLinear node (same names): the file holds the table once.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def embedding_fn(source, name: str = "model.embed_tokens"):
     if isinstance(source, QuantizedLinear):
         check_shared_head(source)
         n, bits = source.in_features, source.bits
+        name = source.name   # QuipLinear's initializer names: one table in the file
     elif isinstance(source, EmbeddingTable):
         n, bits = source.dim, source.bits
     else:
@@ -52,10 +56,27 @@ def embedding_fn(source, name: str = "model.embed_tokens"):
         else:
             rows = b.op("Add", b.op("Mul", vals, b.op("Unsqueeze", scale, b.ints([1]))),
                         b.op("Unsqueeze", zero, b.ints([1])))                  # W'[ids]
-            if source.t_in.kind != "identity":
-                k_in = source.t_in.kron_product().astype(np.float32)
-                rows = b.op("MatMul", rows, b.initializer(f"{name}.k_in", k_in))
-            rows = b.op("Mul", rows, b.initializer(f"{name}.in_scale", source.in_scale_f32()))
+            rows = _times_kron(b, rows, k, source.t_in.matrices(), f"{name}.embed_k_in")
+            if source.in_scale is not None:
+                in_scale = b.op("Cast", b.initializer(f"{name}.in_scale", source.in_scale), to=FLOAT)
+                rows = b.op("Mul", rows, in_scale)
         return b.op("Reshape", rows, b.op("Concat", shape, b.ints([n]), axis=0))
 
     return fn
+
+
+def _times_kron(b: Builder, rows: str, k: str, mats: list, prefix: str) -> str:
+    """rows (K, n) @ (F_1 x ... x F_r): row-major axes (o_1, ..., o_r), each multiplied by
+    its factor (X[..., i, ...] F[i, :]) on its own axis."""
+    if not mats:
+        return rows
+    orders = [int(m.shape[0]) for m in mats]
+    n = int(np.prod(orders))
+    x = b.op("Reshape", rows, b.op("Concat", k, b.ints(orders), axis=0))      # (K, o_1, ..., o_r)
+    r = len(orders)
+    for a, mat in enumerate(mats):
+        perm = [0] + [i for i in range(1, r + 1) if i != a + 1] + [a + 1]       # axis a+1 last
+        inv = list(np.argsort(perm))
+        f = b.initializer(f"{prefix}{a}", np.ascontiguousarray(mat, dtype=np.float32))
+        x = b.op("Transpose", b.op("MatMul", b.op("Transpose", x, perm=perm), f), perm=[int(i) for i in inv])
+    return b.op("Reshape", x, b.op("Concat", k, b.ints([n]), axis=0))
