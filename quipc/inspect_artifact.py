@@ -17,7 +17,7 @@ def layer_rows(manifest: dict) -> list[dict]:
         for layer in block["layers"]:
             rows.append({
                 "name": layer["name"], "shape": "x".join(map(str, layer["shape"])), "bits": layer["bits"],
-                "method": layer.get("method"), "transform": layer["in_transform"]["kind"],
+                "format": layer.get("format", "grid"), "method": layer.get("method"), "transform": layer["in_transform"]["kind"],
                 "loss_rtn": layer.get("proxy_loss_rtn"), "loss": layer.get("proxy_loss"),
                 "mu_w": layer.get("mu_w"), "mu_w_after": layer.get("mu_w_after", layer.get("mu_w")),
                 "mu_h": layer.get("mu_h"), "mu_h_after": layer.get("mu_h_after", layer.get("mu_h")),
@@ -58,13 +58,25 @@ def _head_line(manifest: dict) -> str:
     return "; ".join(parts)
 
 
+def _finetune_line(manifest: dict) -> str:
+    """The proxy losses above are those of the rounding; fine-tuning then moves the continuous
+    parameters, and its own loss (KL to the unquantized model) is reported before/after."""
+    ft = manifest.get("finetune")
+    if not ft:
+        return "fine-tuning: none"
+    kl = ft["holdout_kl"]
+    return (f"fine-tuning: {ft['mode']}, held-out KL to the unquantized model {kl[0]:.4f} -> "
+            f"{kl[ft['kept_epoch']]:.4f} (epoch {ft['kept_epoch']} of {len(kl) - 1} kept; "
+            f"{ft['train_windows']} training windows, lr {ft['lr']}, {ft['seconds']:.0f} s)")
+
+
 def render(folder: str | Path) -> str:
     folder = Path(folder)
     manifest = art.read_manifest(folder, allow_incomplete=True)
-    lines = [f"{'layer':<34} {'shape':>10} {'bits':>4} {'method':>6} {'transform':>9} "
+    lines = [f"{'layer':<34} {'shape':>10} {'bits':>4} {'format':>6} {'method':>6} {'transform':>9} "
              f"{'loss rtn':>9} {'loss':>9} {'muW':>6} {'muW rot':>7} {'muH':>6} {'muH rot':>7} {'bpw':>6}"]
     for r in layer_rows(manifest):
-        lines.append(f"{r['name']:<34} {r['shape']:>10} {r['bits']:>4} {r['method']:>6} {r['transform']:>9} "
+        lines.append(f"{r['name']:<34} {r['shape']:>10} {r['bits']:>4} {r['format']:>6} {r['method']:>6} {r['transform']:>9} "
                      f"{_fmt(r['loss_rtn']):>9} {_fmt(r['loss']):>9} {_fmt(r['mu_w'], '.1f'):>6} "
                      f"{_fmt(r['mu_w_after'], '.1f'):>7} {_fmt(r['mu_h'], '.1f'):>6} "
                      f"{_fmt(r['mu_h_after'], '.1f'):>7} {r['bpw']:>6.3f}")
@@ -79,6 +91,7 @@ def render(folder: str | Path) -> str:
                      f"{s['dense_params']:,} params ({', '.join(s['dense_dtypes'])})")
     lines.append(f"calibration: {manifest.get('calibration')}; files: {size:,} bytes on disk")
     lines.append(_head_line(manifest))
+    lines.append(_finetune_line(manifest))
     dep = deployment_size(folder, manifest)
     bpp = "" if dep["bits_per_param"] is None else \
         f", {dep['bits_per_param']:.3f} bits/param over {dep['model_params']:,} parameters"

@@ -1,0 +1,68 @@
+"""Answer agreement of artifacts with the fp32 model (PROTOCOL "Answer agreement").
+
+    python benchmarks/agreement.py --json benchmarks/results/agreement.json ART [ART ...]
+
+Greedy chat answers (48 new tokens, the model's chat template, quipc.eval.agreement.PROMPTS)
+of each artifact on the torch path against the unquantized source model's, ROUGE-L F1 over
+token ids. The fp32 answers are computed once and cached beside the JSON; records are keyed
+by artifact path and rerunning skips those already recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def fp32_answers(cache: Path, model_spec: str) -> list:
+    from quipc.eval.agreement import PROMPTS, chat_answers
+    from quipc.frontend.hf import load_model
+    from quipc.frontend.models import resolve
+
+    if cache.exists():
+        data = json.loads(cache.read_text())
+        if data["prompts"] == PROMPTS and data.get("model") == model_spec:
+            return data["answers"]
+    model, tok = load_model(resolve(model_spec))
+    answers = chat_answers(model, tok)
+    cache.write_text(json.dumps({"model": model_spec, "prompts": PROMPTS, "answers": answers}))
+    return answers
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--json", required=True)
+    p.add_argument("--model", default="smollm2-135m", help="the unquantized source (alias, folder, .gguf)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    import quipc_runtime
+    from quipc.eval.agreement import agreement, chat_answers
+    from quipc_runtime.loader import load_tokenizer
+
+    path = Path(args.json)
+    records = json.loads(path.read_text()) if path.exists() else []
+    reference = fp32_answers(path.with_name(path.stem + "_fp32_answers.json"), args.model)
+    tok = None
+    for art in args.artifacts:
+        if any(r["artifact"] == art for r in records):
+            continue
+        tok = load_tokenizer(art)
+        manifest = json.loads((Path(art) / "manifest.json").read_text())
+        result = agreement(chat_answers(quipc_runtime.load(art), tok), reference)
+        rec = {"artifact": art, **result, "quant_config": manifest["quant_config"],
+               "bpw": manifest["summary"]["bpw"]}
+        records.append(rec)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, path)
+        print(json.dumps({k: rec[k] for k in ("artifact", "rouge_l", "identical", "prompts")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
