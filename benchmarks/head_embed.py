@@ -109,10 +109,12 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
     results = []
     for variant in args.variants.split(","):
         hb, eb = variant.split("/")
-        eb, _, damp = eb.partition("@")   # "4/head@0.1": the head quantized with damp 0.1
+        eb, _, opt = eb.partition("@")   # "4/head@0.1": damp 0.1; "4/head@g2": 2 greedy passes
         cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb).validate()
-        if damp:
-            cfg = dataclasses.replace(cfg, damp=float(damp))
+        if opt.startswith("g"):
+            cfg = dataclasses.replace(cfg, greedy_passes=int(opt[1:]))
+        elif opt:
+            cfg = dataclasses.replace(cfg, damp=float(opt))
         plan = headpass.plan_for(src, cfg)
         t1 = time.time()
         nbytes = other + dense_small
