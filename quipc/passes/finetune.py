@@ -158,7 +158,8 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
     for p in params:
         p.requires_grad_(False)
     record = {**cfg.to_dict(), "holdout_kl": history, "kept_epoch": history.index(best),
-              "train_windows": int(train.shape[0]), "seconds": time.time() - t0,
+              "train_windows": int(train.shape[0]), "held_out_windows": holdout,
+              "seconds": time.time() - t0,
               "last_epoch_train_kl": float(np.mean(train_loss)) if train_loss else None}
     return {"tunables": tunables, "norms": {k: v.detach().clone() for k, v in norms.items()},
             "record": record}
