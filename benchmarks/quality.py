@@ -67,20 +67,14 @@ def run_fp32(args) -> dict:
 
 
 def fp32_answers(path: Path, args) -> list:
-    """The fp32 model's greedy answers, computed once and kept beside the records."""
-    from quipc.eval.agreement import PROMPTS, chat_answers
-    from quipc.frontend.hf import load_model
-    from quipc.frontend.models import resolve
+    """The fp32 model's greedy answers, computed once and cached beside the records
+    (benchmarks/agreement.py's cache)."""
+    import sys
 
-    cache = path.with_name(path.stem + "_fp32_answers.json")
-    if cache.exists():
-        data = json.loads(cache.read_text())
-        if data["prompts"] == PROMPTS:
-            return data["answers"]
-    model, tok = load_model(resolve(args.model))
-    answers = chat_answers(model, tok)
-    cache.write_text(json.dumps({"prompts": PROMPTS, "answers": answers}))
-    return answers
+    sys.path.insert(0, str(Path(__file__).parent))
+    from agreement import fp32_answers as cached_answers
+
+    return cached_answers(path.with_name(path.stem + "_fp32_answers.json"), args.model)
 
 
 def add_agreement(rec: dict, model, tokenizer, reference: list) -> None:
