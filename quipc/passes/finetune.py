@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quipc_runtime.layer import QuantizedLinear
-from quipc_runtime.modules import QuipLinearRef, kron_apply
+from quipc_runtime.modules import QuipLinearRef
 
 MODES = ("none", "e2e")
 
@@ -54,13 +54,7 @@ class TunableQuipLinear(nn.Module):
         self.row_gain = nn.Parameter(torch.ones(ref.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f_in, f_out = self.ref._factors()
-        z = kron_apply(x.to(torch.float32) * self.in_scale, f_in)
-        t = F.linear(z, self.ref.weight_rot) * self.row_gain
-        y = kron_apply(t, f_out, transpose=True) * self.ref.out_signs
-        if self.ref.bias is not None:
-            y = y + self.ref.bias
-        return y.to(x.dtype)
+        return self.ref.apply_with(x, self.in_scale, self.row_gain)
 
     def apply_to(self, layer: QuantizedLinear) -> QuantizedLinear:
         """The layer with the trained values folded into its stored fp16 tensors."""

@@ -41,10 +41,18 @@ class QuipLinearRef(nn.Module):
         return mats[: self.n_in], mats[self.n_in:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_with(x, self.in_scale)
+
+    def apply_with(self, x: torch.Tensor, in_scale: torch.Tensor,
+                   row_gain: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer with `in_scale` (and an optional gain on each row of W') given by the
+        caller: fine-tuning trains these while the codes stay fixed."""
         f_in, f_out = self._factors()
         dtype = x.dtype
-        z = kron_apply(x.to(self.weight_rot.dtype) * self.in_scale, f_in)
+        z = kron_apply(x.to(self.weight_rot.dtype) * in_scale, f_in)
         t = torch.nn.functional.linear(z, self.weight_rot)
+        if row_gain is not None:
+            t = t * row_gain
         y = kron_apply(t, f_out, transpose=True) * self.out_signs
         if self.bias is not None:
             y = y + self.bias
