@@ -235,6 +235,17 @@ def test_missing_head_file_is_refused(tied_w3, tmp_path):
         quipc.load(copy)
 
 
+def _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits):
+    """The shared w3 artifact for the default head setting, else a w2 one compiled here."""
+    if (head_bits, embed_bits) == (4, "auto"):
+        return tied_w3
+    model, text = tiny_model
+    artifact = tmp_path / "a"
+    compile_model(str(model), artifact, QuantConfig(bits=2, seed=2, head_bits=head_bits, embed_bits=embed_bits),
+                  CalibConfig(text=str(text), **CALIB), progress=False)
+    return artifact
+
+
 @pytest.mark.parametrize("head_bits,embed_bits", [(4, "auto"), (3, "auto"), (2, "4"), (32, "8")])
 def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits):
     """The ONNX export: lm_head as a QuipLinear node, the embedding as a gather of code rows +
@@ -242,12 +253,7 @@ def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, h
     from quipc.backends.onnx import export_artifact
     from quipc_runtime.onnx_runtime import OnnxLM
 
-    model, text = tiny_model
-    artifact = tied_w3
-    if (head_bits, embed_bits) != (4, "auto"):
-        artifact = tmp_path / "a"
-        compile_model(str(model), artifact, QuantConfig(bits=2, seed=2, head_bits=head_bits, embed_bits=embed_bits),
-                      CalibConfig(text=str(text), **CALIB), progress=False)
+    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits)
     out = export_artifact(artifact, tmp_path / "onnx", progress=False, accuracy_level=0)
     if embed_bits == "auto":  # the shared table is stored once: the lm_head node's initializers
         import onnx
@@ -266,12 +272,7 @@ def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, he
     from quipc.backends.tvm import compile_artifact
     from quipc_runtime.tvm_runtime import TvmLM
 
-    model, text = tiny_model
-    artifact = tied_w3
-    if (head_bits, embed_bits) != (4, "auto"):
-        artifact = tmp_path / "a"
-        compile_model(str(model), artifact, QuantConfig(bits=2, seed=2, head_bits=head_bits, embed_bits=embed_bits),
-                      CalibConfig(text=str(text), **CALIB), progress=False)
+    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits)
     out = tmp_path / "tvm"
     compile_artifact(artifact, out, progress=False)
     ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
