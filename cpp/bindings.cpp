@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "e8p.h"
 #include "kernels.h"
 #include "quip_linear.h"
 #include "transform.h"
@@ -98,23 +99,42 @@ struct PyPlan {
   std::unique_ptr<QuipLinearPlan> plan;
 };
 
+CodeFormat parse_format(const std::string& format) {
+  if (format == "grid") return CodeFormat::kGrid;
+  if (format == "e8p") return CodeFormat::kE8P;
+  throw py::value_error("the C++ kernels run the code formats grid, e8p; not '" + format + "'");
+}
+
 PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::object& scale,
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                  const py::object& bias, const py::sequence& in_factors,
-                 const py::sequence& out_factors) {
+                 const py::sequence& out_factors, const std::string& format) {
   if (bits < 2 || bits > 4) throw py::value_error("bits must be 2, 3 or 4, got " + std::to_string(bits));
   if (m < 1 || n < 1) throw py::value_error("layer shape must be positive");
+  const CodeFormat fmt = parse_format(format);
+  if (fmt == CodeFormat::kE8P && n % 8 != 0)
+    throw py::value_error("format e8p codes groups of 8 weights; n = " + std::to_string(n) +
+                          " is not a multiple of 8");
   const py::ssize_t row_bytes = py::ssize_t((n + 7) / 8) * bits;
   PyPlan p;
   p.codes = expect_array<uint8_t>(codes, "codes", {m, row_bytes});
   LayerData d;
+  d.format = fmt;
   d.m = m;
   d.n = n;
   d.bits = bits;
   d.codes = static_cast<const uint8_t*>(p.codes.data());
   d.row_bytes = size_t(row_bytes);
-  d.scale = to_vector(scale, "scale", m);
-  d.zero = to_vector(zero, "zero", m);
+  if (fmt == CodeFormat::kE8P) {
+    const py::ssize_t stages = e8p_stages(bits);
+    py::array sa = expect_array<float>(scale, "scale", {m, stages});
+    const float* sp = static_cast<const float*>(sa.data());
+    d.scale.assign(sp, sp + size_t(m) * stages);
+    if (!zero.is_none()) throw py::value_error("format e8p has no zero points: zero must be None");
+  } else {
+    d.scale = to_vector(scale, "scale", m);
+    d.zero = to_vector(zero, "zero", m);
+  }
   d.in_scale = to_vector(in_scale, "in_scale", n);
   d.out_scale = to_vector(out_scale, "out_scale", m);
   if (!bias.is_none()) d.bias = to_vector(bias, "bias", m);
@@ -167,9 +187,12 @@ std::unique_ptr<cuda::CudaPlan> make_cuda_plan(int device, int m, int n, int bit
                                                const py::object& zero, const py::object& in_scale,
                                                const py::object& out_scale, const py::object& bias,
                                                const py::sequence& in_factors,
-                                               const py::sequence& out_factors) {
+                                               const py::sequence& out_factors,
+                                               const std::string& format) {
+  if (format != "grid")
+    throw py::value_error("the CUDA kernels run the code format grid; not '" + format + "'");
   PyPlan cpu = make_plan(m, n, bits, codes, scale, zero, in_scale, out_scale, bias, in_factors,
-                         out_factors);  // validates everything
+                         out_factors, format);  // validates everything
   cuda::HostLayer L;
   L.m = m;
   L.n = n;
@@ -200,7 +223,7 @@ void register_cuda(py::module_& mod) {
       .def(py::init(&make_cuda_plan), py::arg("device"), py::arg("m"), py::arg("n"),
            py::arg("bits"), py::arg("codes"), py::arg("scale"), py::arg("zero"),
            py::arg("in_scale"), py::arg("out_scale"), py::arg("bias"), py::arg("in_factors"),
-           py::arg("out_factors"))
+           py::arg("out_factors"), py::arg("format") = "grid")
       .def_property_readonly("m", &cuda::CudaPlan::m)
       .def_property_readonly("n", &cuda::CudaPlan::n)
       .def_property_readonly("padded_n", &cuda::CudaPlan::padded_n)
@@ -258,6 +281,18 @@ PYBIND11_MODULE(_kernels, mod) {
   mod.def("cpu_has_avx2_fma", &cpu_has_avx2_fma);
   mod.def("kernel_name", [](bool force_scalar) { return std::string(select_kernels(force_scalar).name); },
           py::arg("force_scalar") = false, "Name of the CPU kernel set that would run.");
+  mod.def(
+      "e8p_codebooks",
+      [] {
+        // The C++ decoder's tables, for the tests: E8P[a] for every 16-bit a, and E8_1bit.
+        const E8PTables& T = e8p_tables();
+        py::array_t<float> e8p({py::ssize_t(1) << 16, py::ssize_t(8)});
+        py::array_t<float> one_bit({py::ssize_t(256), py::ssize_t(8)});
+        for (uint32_t a = 0; a < (1u << 16); ++a) e8p_point(T, a, e8p.mutable_data() + size_t(a) * 8);
+        std::memcpy(one_bit.mutable_data(), T.one_bit, sizeof(T.one_bit));
+        return py::make_tuple(e8p, one_bit);
+      },
+      "(E8P table (65536, 8), E8_1bit table (256, 8)) as the C++ kernels decode them.");
   mod.def("cuda_built", [] {
 #ifdef QUIPC_WITH_CUDA
     return true;
@@ -269,7 +304,8 @@ PYBIND11_MODULE(_kernels, mod) {
   py::class_<PyPlan>(mod, "Plan")
       .def(py::init(&make_plan), py::arg("m"), py::arg("n"), py::arg("bits"), py::arg("codes"),
            py::arg("scale"), py::arg("zero"), py::arg("in_scale"), py::arg("out_scale"),
-           py::arg("bias"), py::arg("in_factors"), py::arg("out_factors"))
+           py::arg("bias"), py::arg("in_factors"), py::arg("out_factors"),
+           py::arg("format") = "grid")
       .def_property_readonly("m", [](const PyPlan& p) { return p.plan->m(); })
       .def_property_readonly("n", [](const PyPlan& p) { return p.plan->n(); })
       .def(

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "avx2.h"
+#include "e8p.h"
 #include "kernels.h"
 
 namespace quipc {
@@ -18,7 +19,9 @@ bool cpu_has_avx2_fma() {
 
 #ifdef QUIPC_HAVE_AVX2
 const KernelTable& avx2_kernels() {
-  static const KernelTable table{"avx2", avx2::qgemv, avx2::qgemm, avx2::fwht, avx2::gemm_f32};
+  static const KernelTable table{"avx2",         avx2::qgemv,    avx2::qgemm,
+                                 avx2::fwht,     avx2::gemm_f32, e8p_avx2::gemv,
+                                 e8p_avx2::gemm};
   return table;
 }
 #else

@@ -40,18 +40,20 @@ inline void pack_activations(const float* z, int ldz, int nbatch, int k0, int kl
 }
 
 // Ukernel(rows, K, apack, panel, C, ldc, accumulate, cols): C[rows x cols] (+)= A * panel.
+// pack(p0, rows, k0, klen, panel) fills the weight panel of rows [p0, p0 + rows) (rows past
+// `rows` zero) for input features [k0, k0 + klen). t[b][i0:i1] = W z_b (no epilogue).
 // work: kGemmWork floats for the code panel, then qgemm_work_floats(nbatch) in total.
-template <class Ukernel>
-void qgemm_driver(const Codes& c, const RowAffine& aff, int i0, int i1, const float* z, int ldz,
-                  const float* zsum, int nbatch, float* t, int ldt, float* work) {
+template <class Ukernel, class PackPanel>
+void gemm_panels(int n, int i0, int i1, const float* z, int ldz, int nbatch, float* t, int ldt,
+                 float* work, const PackPanel& pack) {
   float* panel = work;
   float* apack = work + kGemmWork;
-  for (int k0 = 0; k0 < c.n; k0 += kGemmKC) {
-    const int klen = c.n - k0 < kGemmKC ? c.n - k0 : kGemmKC;
+  for (int k0 = 0; k0 < n; k0 += kGemmKC) {
+    const int klen = n - k0 < kGemmKC ? n - k0 : kGemmKC;
     pack_activations(z, ldz, nbatch, k0, klen, apack);
     for (int p0 = i0; p0 < i1; p0 += kGemmNR) {
       const int cols = i1 - p0 < kGemmNR ? i1 - p0 : kGemmNR;
-      pack_code_panel(c, p0, cols, k0, klen, panel);
+      pack(p0, cols, k0, klen, panel);
       for (int b0 = 0; b0 < nbatch; b0 += kGemmMR) {
         const int rows = nbatch - b0 < kGemmMR ? nbatch - b0 : kGemmMR;
         Ukernel::run(rows, klen, apack + size_t(b0) * klen, panel, t + size_t(b0) * ldt + p0, ldt,
@@ -59,6 +61,16 @@ void qgemm_driver(const Codes& c, const RowAffine& aff, int i0, int i1, const fl
       }
     }
   }
+}
+
+// The grid format: panels of integer codes, then t = scale * (codes . z) + zero * sum(z).
+template <class Ukernel>
+void qgemm_driver(const Codes& c, const RowAffine& aff, int i0, int i1, const float* z, int ldz,
+                  const float* zsum, int nbatch, float* t, int ldt, float* work) {
+  gemm_panels<Ukernel>(c.n, i0, i1, z, ldz, nbatch, t, ldt, work,
+                       [&c](int p0, int rows, int k0, int klen, float* panel) {
+                         pack_code_panel(c, p0, rows, k0, klen, panel);
+                       });
   for (int b = 0; b < nbatch; ++b) {
     float* tr = t + size_t(b) * ldt;
     const float zs = zsum[b];

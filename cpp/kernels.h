@@ -21,6 +21,8 @@ struct RowAffine {
   const float* zero;    // (m)
 };
 
+struct E8PCodes;  // e8p.h
+
 struct KernelTable {
   const char* name;
   // t[b*ldt + i] for i in [i0, i1), b < nb (nb <= 4): one pass over the codes.
@@ -35,6 +37,11 @@ struct KernelTable {
   // C (MxN) = A (MxK) * B (KxN), all row-major.
   void (*gemm_f32)(int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                    float* C, int ldc);
+  // Format "e8p" (e8p.h): fused decode + GEMV (nb <= 4) and decode-panel + GEMM.
+  void (*e8p_gemv)(const E8PCodes&, int i0, int i1, const float* z, int ldz, const float* gsum,
+                   int nb, float* t, int ldt);
+  void (*e8p_gemm)(const E8PCodes&, int i0, int i1, const float* z, int ldz, int nbatch, float* t,
+                   int ldt, float* work);
 };
 
 constexpr int kGemmNR = 16;   // output features per micro-panel

@@ -1,7 +1,9 @@
 // Portable kernels: plain C++ that any x86-64 (or other) CPU runs. Also the reference
 // for the AVX2 kernels in the tests (forced through force_scalar / QUIPC_FORCE_SCALAR).
+#include "e8p.h"
 #include "gemm_driver.h"
 #include "kernels.h"
+#include "ukernel_scalar.h"
 #include "unpack.h"
 
 namespace quipc {
@@ -26,19 +28,6 @@ void qgemv_scalar(const Codes& c, const RowAffine& aff, int i0, int i1, const fl
   }
 }
 
-struct ScalarUkernel {
-  static void run(int rows, int K, const float* A, const float* panel, float* C, int ldc,
-                  bool accumulate, int cols) {
-    for (int r = 0; r < rows; ++r) {
-      float acc[kGemmNR] = {};
-      for (int k = 0; k < K; ++k)
-        for (int j = 0; j < kGemmNR; ++j) acc[j] += A[k * kGemmMR + r] * panel[k * kGemmNR + j];
-      float* cr = C + size_t(r) * ldc;
-      for (int j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + acc[j] : acc[j];
-    }
-  }
-};
-
 void qgemm_scalar(const Codes& c, const RowAffine& aff, int i0, int i1, const float* z, int ldz,
                   const float* zsum, int nb, float* t, int ldt, float* work) {
   qgemm_driver<ScalarUkernel>(c, aff, i0, i1, z, ldz, zsum, nb, t, ldt, work);
@@ -62,7 +51,9 @@ void gemm_f32_scalar(int M, int N, int K, const float* A, int lda, const float* 
 }  // namespace
 
 const KernelTable& scalar_kernels() {
-  static const KernelTable table{"scalar", qgemv_scalar, qgemm_scalar, fwht_scalar, gemm_f32_scalar};
+  static const KernelTable table{"scalar",    qgemv_scalar,    qgemm_scalar,
+                                 fwht_scalar, gemm_f32_scalar, e8p_scalar::gemv,
+                                 e8p_scalar::gemm};
   return table;
 }
 

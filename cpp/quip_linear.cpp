@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "e8p.h"
 #include "thread_pool.h"
 
 namespace quipc {
@@ -33,7 +34,7 @@ float* scratch(int slot, size_t count) {
     Buffer buf;
     size_t size = 0;
   };
-  thread_local Slot slots[4];
+  thread_local Slot slots[5];
   Slot& s = slots[slot];
   if (s.size < count) {
     s.buf = alloc_floats(count);
@@ -59,7 +60,10 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
   if (d_.m < 1 || d_.n < 1) throw std::invalid_argument("layer shape must be positive");
   if (d_.row_bytes != size_t((d_.n + 7) / 8) * d_.bits)
     throw std::invalid_argument("packed row size does not match n and bits");
-  if (d_.scale.size() != size_t(d_.m) || d_.zero.size() != size_t(d_.m) ||
+  const bool e8p = d_.format == CodeFormat::kE8P;
+  if (e8p && d_.n % 8 != 0) throw std::invalid_argument("format e8p needs n a multiple of 8");
+  const size_t scales = e8p ? size_t(d_.m) * e8p_stages(d_.bits) : size_t(d_.m);
+  if (d_.scale.size() != scales || d_.zero.size() != (e8p ? 0 : size_t(d_.m)) ||
       d_.out_scale.size() != size_t(d_.m) || d_.in_scale.size() != size_t(d_.n) ||
       (!d_.bias.empty() && d_.bias.size() != size_t(d_.m)))
     throw std::invalid_argument("layer vectors do not match the layer shape");
@@ -95,6 +99,7 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
 
 void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
                             float* t, int threads) const {
+  if (d_.format == CodeFormat::kE8P) return matmul_e8p(k, z, batch, t, threads);
   const Codes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
   const RowAffine aff{d_.scale.data(), d_.zero.data()};
   const bool gemv = batch <= kGemvMaxBatch;
@@ -109,6 +114,36 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
     } else {
       Buffer work = alloc_floats(qgemm_work_floats(batch));
       k.qgemm(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m, work.get());
+    }
+  });
+}
+
+void QuipLinearPlan::matmul_e8p(const KernelTable& k, const float* z, int batch, float* t,
+                                int threads) const {
+  const E8PCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
+  const bool gemv = batch <= kGemvMaxBatch;
+  const int groups = d_.n / 8;
+  float* gsum = nullptr;  // the GEMV's shift term: 1/4 * the sums of z over each group
+  if (gemv) {
+    gsum = scratch(4, size_t(batch) * groups);  // the caller's; pool threads only read it
+    for (int b = 0; b < batch; ++b)
+      for (int g = 0; g < groups; ++g) {
+        const float* zg = z + size_t(b) * npad_ + 8 * g;
+        gsum[size_t(b) * groups + g] =
+            0.25f * (((zg[0] + zg[1]) + (zg[2] + zg[3])) + ((zg[4] + zg[5]) + (zg[6] + zg[7])));
+      }
+  }
+  const int align = gemv ? 8 : kGemmNR;
+  const int nt = clamp_threads(threads, (d_.m + align - 1) / align, double(batch) * d_.m * d_.n);
+  ThreadPool::instance().run(nt, [&](int tid) {
+    int i0, i1;
+    split_range(d_.m, nt, tid, align, &i0, &i1);
+    if (i0 >= i1) return;
+    if (gemv) {
+      k.e8p_gemv(codes, i0, i1, z, npad_, gsum, batch, t, d_.m);
+    } else {
+      Buffer work = alloc_floats(qgemm_work_floats(batch));
+      k.e8p_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
     }
   });
 }
@@ -138,7 +173,7 @@ void QuipLinearPlan::forward(const float* x, int batch, float* y, int threads,
                              bool force_scalar) const {
   if (batch <= 0) return;
   const KernelTable& k = select_kernels(force_scalar);
-  // The caller's thread owns slots 0-2 for the whole call; pool threads use slot 3 only.
+  // The caller's thread owns slots 0-2 and 4 for the whole call; pool threads use slot 3 only.
   float* z = scratch(0, size_t(batch) * npad_);
   float* zsum = scratch(1, size_t(batch));
   float* t = scratch(2, size_t(batch) * d_.m);

@@ -99,17 +99,25 @@ def _layer_args(layer: QuantizedLinear) -> dict:
         raise TypeError(f"expected a QuantizedLinear, got {type(layer).__name__}")
     layer.validate()
     return dict(
-        m=layer.out_features, n=layer.in_features, bits=layer.bits,
-        codes=np.ascontiguousarray(layer.codes), scale=_f32(layer.scale), zero=_f32(layer.zero),
+        m=layer.out_features, n=layer.in_features, bits=layer.bits, format=layer.format,
+        codes=np.ascontiguousarray(layer.codes), scale=_f32(layer.scale),
+        zero=None if layer.zero is None else _f32(layer.zero),
         in_scale=_f32(layer.in_scale_f32()), out_scale=_f32(layer.t_out.sign_vector()),
         bias=None if layer.bias is None else _f32(layer.bias),
         in_factors=transform_factors(layer.t_in),
         out_factors=transform_factors(layer.t_out, transpose=True))
 
 
+# Code formats the kernels run (runtime/quipc_runtime/formats); others are refused by name.
+CPU_FORMATS = ("grid", "e8p")
+CUDA_FORMATS = ("grid",)
+
+
 def prepare(layer: QuantizedLinear):
     """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out."""
     _require()
+    if isinstance(layer, QuantizedLinear):
+        require_format(layer, CPU_FORMATS, "the C++ kernel backend")
     return _ext.Plan(**_layer_args(layer))
 
 
@@ -141,6 +149,7 @@ def prepare_cuda(layer: QuantizedLinear, device: int = 0):
     if not cuda_available():
         raise RuntimeError("CUDA kernels unavailable: build with QUIPC_CUDA=ON on a machine "
                            "with the CUDA toolkit, and run where a GPU is visible")
+    require_format(layer, CUDA_FORMATS, "the CUDA kernel backend")
     return _ext.CudaPlan(device=device, **_layer_args(layer))
 
 
@@ -190,10 +199,12 @@ if torch is not None:
         def __init__(self, layer: QuantizedLinear, device: str = "cpu", threads: int | None = None):
             super().__init__()
             _require()
-            require_format(layer, ("grid",), "the C++/CUDA kernels")
-            self.in_features, self.out_features = layer.in_features, layer.out_features
-            self.bits = layer.bits
             self.device = torch.device(device)
+            require_format(layer, CUDA_FORMATS if self.device.type == "cuda" else CPU_FORMATS,
+                           "the CUDA kernel backend" if self.device.type == "cuda"
+                           else "the C++ kernel backend")
+            self.in_features, self.out_features = layer.in_features, layer.out_features
+            self.bits, self.format = layer.bits, layer.format
             self.threads = threads
             args = _layer_args(layer)
             if self.device.type == "cpu":
@@ -229,7 +240,7 @@ if torch is not None:
 
         def extra_repr(self) -> str:
             return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                    f"bits={self.bits}, device={self.device}")
+                    f"bits={self.bits}, format={self.format}, device={self.device}")
 
     def hand_threads_to_kernels(model: nn.Module) -> nn.Module:
         """While `model` runs, torch uses one thread and the kernels' pool the threads torch had.

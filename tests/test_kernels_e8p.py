@@ -1,0 +1,194 @@
+"""C++ kernels for the code format "e8p" (cpp/e8p_*.cpp) against the reference decoder
+(`layer.rotated_weight()`, runtime/quipc_runtime/formats/e8p.py) and QuipLinearRef."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:  # the installed package (with its built extension), else the source tree
+    import quipc_runtime  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+
+from quipc_runtime import kernels as K  # noqa: E402
+from quipc_runtime.formats import UnsupportedFormatError  # noqa: E402
+from quipc_runtime.formats.e8p import STAGES, join_indices  # noqa: E402
+from quipc_runtime.formats.lattice import e8_one_bit_table, e8p_table  # noqa: E402
+from quipc_runtime.layer import QuantizedLinear  # noqa: E402
+from quipc_runtime.transforms import Transform  # noqa: E402
+
+torch = pytest.importorskip("torch")
+from quipc_runtime.modules import QuipLinearRef  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="quipc kernels extension not built")
+
+TOL = 2e-5  # max |y - ref| / max |ref|
+INDEX_RANGE = {"e8p": 1 << 16, "e8_1bit": 256}
+
+
+def e8p_layer(m, n, bits, seed=0, indices=None, kin="hadamard", kout="hadamard", bias=True):
+    """A random e8p layer with real transforms (stored form: input signs in in_scale).
+    `indices`: one (m, n/8) index array per stage instead of random ones."""
+    rng = np.random.default_rng(seed)
+    if indices is None:
+        indices = [rng.integers(0, INDEX_RANGE[k], size=(m, n // 8)) for k in STAGES[bits]]
+    t_in = Transform.make(kin, n, seed + 1)
+    t_in.signs = None
+    layer = QuantizedLinear(
+        name="e8p_test", out_features=m, in_features=n, bits=bits, format="e8p",
+        codes=join_indices(indices, bits),
+        scale=(rng.random((m, len(STAGES[bits]))) * 0.02 + 0.001).astype(np.float16), zero=None,
+        t_in=t_in, t_out=Transform.make(kout, m, seed + 2),
+        in_scale=((rng.random(n) + 0.5) * rng.choice([-1, 1], n)).astype(np.float16),
+        bias=rng.standard_normal(m).astype(np.float32) if bias else None)
+    layer.validate()
+    return layer
+
+
+def rel_err(y, ref):
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30)
+
+
+def reference(layer, x):
+    return QuipLinearRef(layer)(torch.from_numpy(x)).numpy()
+
+
+def test_codebooks_equal_the_python_tables():
+    e8p, one_bit = K._ext.e8p_codebooks()
+    np.testing.assert_array_equal(e8p, e8p_table())
+    np.testing.assert_array_equal(one_bit, e8_one_bit_table())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_index_decodes_as_the_reference(bits):
+    """64 rows x 1024 groups: each stage's 65536 (or 256) indices all occur, each in a
+    different place. A wrong decode of any one of them moves t by far more than TOL."""
+    m, n = 64, 8192
+    rng = np.random.default_rng(bits)
+    indices = []
+    for k in STAGES[bits]:
+        idx = rng.permutation(np.resize(np.arange(INDEX_RANGE[k]), m * n // 8))
+        indices.append(idx.reshape(m, n // 8))
+    layer = e8p_layer(m, n, bits, seed=bits, indices=indices)
+    w = layer.rotated_weight().astype(np.float64)
+    plan = K.prepare(layer)
+    z = np.random.default_rng(5).standard_normal((6, n)).astype(np.float32)
+    zsum = z.sum(1).astype(np.float32)
+    for force_scalar in (False, True):
+        for batch in (1, 4, 6):  # GEMV (with its 2-row and batched kernels) and GEMM
+            t = plan.matmul(z[:batch], zsum[:batch], threads=2, force_scalar=force_scalar)
+            ref = z[:batch].astype(np.float64) @ w.T
+            per_row = np.abs(t - ref).max(0) / np.abs(ref).max()
+            assert per_row.max() < TOL, (force_scalar, batch, per_row.argmax(), per_row.max())
+
+
+# SmolLM2 shapes, a 4096-wide row, odd row counts (row-pair tails) and widths whose group
+# count is not a multiple of 8 (72: one block + 1 group, 40: 5 groups, 8: 1 group).
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (640, 192), (96, 4096), (37, 72),
+          (7, 40), (1, 8), (3, 24)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_quip_linear_matches_reference(bits, m, n):
+    layer = e8p_layer(m, n, bits, seed=m + n + bits)
+    plan = K.prepare(layer)
+    x = np.random.default_rng(1).standard_normal((9, n)).astype(np.float32)
+    ref = reference(layer, x)
+    for batch in (1, 2, 3, 4, 5, 9):  # GEMV kernels (<= 4), GEMM with tail rows
+        y1 = K.quip_linear(plan, x[:batch], threads=1)
+        y2 = K.quip_linear(plan, x[:batch], threads=2)
+        assert rel_err(y1, ref[:batch]) < TOL, (batch, rel_err(y1, ref[:batch]))
+        np.testing.assert_array_equal(y1, y2)  # same arithmetic whatever the thread split
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_scalar_fallback_matches(bits, monkeypatch):
+    layer = e8p_layer(192, 576, bits, seed=7)
+    plan = K.prepare(layer)
+    x = np.random.default_rng(2).standard_normal((7, 576)).astype(np.float32)
+    ref = reference(layer, x)
+    for batch in (1, 2, 4, 7):
+        for threads in (1, 2):
+            y = K.quip_linear(plan, x[:batch], threads=threads, force_scalar=True)
+            assert rel_err(y, ref[:batch]) < TOL
+    monkeypatch.setenv("QUIPC_FORCE_SCALAR", "1")
+    assert K.kernel_name() == "scalar"
+    assert rel_err(K.quip_linear(plan, x, threads=2), ref) < TOL
+
+
+def test_large_layer_gemv():
+    layer = e8p_layer(4096, 4096, 2, seed=3, kout="identity")
+    x = np.random.default_rng(3).standard_normal((1, 4096)).astype(np.float32)
+    y = K.quip_linear(K.prepare(layer), x, threads=2)
+    assert rel_err(y, reference(layer, x)) < TOL
+
+
+@pytest.mark.parametrize("kin,kout", [("kron", "kron"), ("identity", "hadamard")])
+def test_transform_kinds(kin, kout):
+    layer = e8p_layer(96, 80, 3, seed=3, kin=kin, kout=kout, bias=False)
+    x = np.random.default_rng(3).standard_normal((5, 80)).astype(np.float32)
+    assert rel_err(K.quip_linear(K.prepare(layer), x, threads=2), reference(layer, x)) < TOL
+
+
+def test_torch_module_matches_reference():
+    layer = e8p_layer(192, 576, 4, seed=8)
+    ref, mod = QuipLinearRef(layer), K.KernelQuipLinear(layer, "cpu")
+    assert "format=e8p" in repr(mod)
+    for shape in ((1, 576), (2, 3, 576), (20, 576)):
+        x = torch.randn(*shape)
+        assert rel_err(mod(x), ref(x)) < TOL
+
+
+# --- malformed buffers and formats the kernels do not run raise --------------------------
+def test_bad_layer_buffers():
+    layer = e8p_layer(64, 32, 3, seed=11)
+    args = K._layer_args(layer)
+    assert args["format"] == "e8p" and args["zero"] is None and args["scale"].shape == (64, 2)
+    K._ext.Plan(**args)  # the good arguments build
+    cases = [
+        ("codes", args["codes"][:, :-1].copy(), ValueError),
+        ("codes", args["codes"][:-1].copy(), ValueError),
+        ("codes", args["codes"].view(np.int8), TypeError),
+        ("scale", args["scale"][:, :1].copy(), ValueError),      # one stage, 3 bits needs two
+        ("scale", args["scale"][:, 0].copy(), ValueError),       # (m,) as for grid
+        ("scale", args["scale"].T.copy(), ValueError),
+        ("scale", args["scale"].astype(np.float16), TypeError),
+        ("scale", np.asfortranarray(np.ones((64, 2), np.float32)), ValueError),
+        ("zero", np.zeros(64, np.float32), ValueError),           # e8p has no zero points
+        ("bits", 2, ValueError),                                   # codes sized for 3 bits
+        ("format", "e9p", ValueError),
+    ]
+    for key, value, exc in cases:
+        with pytest.raises(exc):
+            K._ext.Plan(**{**args, key: value})
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        K._ext.Plan(**{**args, "n": 36, "codes": np.zeros((64, 15), np.uint8),
+                       "in_scale": np.ones(36, np.float32), "in_factors": []})
+    layer.scale = layer.scale[:, :1]
+    with pytest.raises(ValueError, match="scale"):
+        K.prepare(layer)
+
+
+def test_grid_plan_refuses_e8p_style_buffers():
+    layer = e8p_layer(64, 32, 2, seed=12)
+    args = {**K._layer_args(layer), "format": "grid"}
+    with pytest.raises((TypeError, ValueError)):  # scale (m, 1) and zero None are not a grid
+        K._ext.Plan(**args)
+
+
+def test_cuda_refuses_e8p_by_name():
+    layer = e8p_layer(64, 32, 2, seed=12)
+    with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend runs the code format.*'e8p'"):
+        K.KernelQuipLinear(layer, "cuda")
+
+
+def test_unknown_format_is_refused_by_name():
+    layer = e8p_layer(64, 32, 2, seed=12)
+    layer.format = "trellis"  # a format these kernels do not run
+    with pytest.raises(UnsupportedFormatError, match="C\\+\\+ kernel backend runs the code format.*'trellis'"):
+        K.prepare(layer)
+    with pytest.raises(UnsupportedFormatError, match="'trellis'"):
+        K.KernelQuipLinear(layer, "cpu")
