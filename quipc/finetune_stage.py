@@ -28,15 +28,29 @@ def run_finetune(out: Path, manifest: dict, source, windows: torch.Tensor, cfg, 
     student = load_artifact(out, allow_incomplete=True)
     teacher, _ = load_model(source)
     names = [meta["name"] for rec in manifest["blocks"] for meta in rec["layers"]]
+    head = manifest.get("head")
+    tied = None
+    if head:
+        names.append(head["layers"][0]["name"])
+        emb = manifest.get("embedding") or {}
+        if emb.get("kind") == "head":
+            tied = (emb["module"], names[-1])
     train_windows = windows.shape[0] - held_out_windows(ft, windows.shape[0])
     bar = tqdm(total=ft.epochs * max(train_windows, 0), desc="fine-tune (e2e)", unit="window",
                disable=not progress)
     try:
-        result = finetune_e2e(student, teacher, names, windows, ft, progress=bar)
+        result = finetune_e2e(student, teacher, names, windows, ft, progress=bar, tied_embedding=tied)
     finally:
         bar.close()
     tunables = result["tunables"]
     old_files = [rec["file"] for rec in manifest["blocks"]] + [manifest["dense"]["file"]]
+    if head:
+        old_files.append(head["file"])
+        layer = tunables[names[-1]].apply_to(art.load_block(out, head)[0])
+        rel = f"{Path(head['file']).stem}{FT_SUFFIX}.safetensors"
+        rec = art.write_layers(out, rel, [layer])
+        rec["layers"][0]["storage_bits"] = layer.storage_bits()
+        manifest["head"] = {**rec, "module": head["module"], "tied": head["tied"]}
     blocks = []
     for rec in manifest["blocks"]:
         layers = [tunables[layer.name].apply_to(layer) for layer in art.load_block(out, rec)]
@@ -55,6 +69,6 @@ def run_finetune(out: Path, manifest: dict, source, windows: torch.Tensor, cfg, 
     manifest["finetune"] = result["record"]
     art.write_manifest(out, manifest)
     for rel in old_files:
-        if rel not in {b["file"] for b in blocks} | {manifest["dense"]["file"]}:
+        if rel not in {b["file"] for b in blocks} | {manifest["dense"]["file"], (manifest.get("head") or {}).get("file")}:
             (out / rel).unlink(missing_ok=True)
     return manifest

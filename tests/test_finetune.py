@@ -71,3 +71,42 @@ def test_finetune_settings_are_checked():
         QuantConfig(finetune="block2").validate()
     with pytest.raises(ValueError, match="rtn"):
         QuantConfig(method="rtn", finetune="e2e").validate()
+
+
+def test_tied_head_is_finetuned_and_the_embedding_follows_it(tiny_model, tmp_path):
+    """A quantized tied lm_head is trained like the block linears (codes kept), and the
+    embedding decoded from its codes computes during training exactly what the stored head
+    gives once the trained values are folded into its fp16 tensors."""
+    from quipc.passes.finetune import TiedTunableEmbedding, TunableQuipLinear
+    from quipc_runtime.embedding import head_rows
+    from quipc_runtime.modules import QuipLinearRef
+
+    model, text = tiny_model
+    calib = CalibConfig(text=str(text), windows=12, length=32)
+    folders = {}
+    for mode in ("none", "e2e"):
+        folders[mode] = tmp_path / mode
+        compile_model(str(model), folders[mode], QuantConfig(bits=2, seed=3, head_bits=4, finetune=mode,
+                                                             finetune_epochs=1), calib, progress=False)
+    heads = {mode: art.load_block(f, art.read_manifest(f)["head"])[0] for mode, f in folders.items()}
+    man = art.read_manifest(folders["e2e"])
+    assert man["embedding"]["kind"] == "head" and man["head"]["file"].endswith("_ft.safetensors")
+    assert not (folders["e2e"] / art.read_manifest(folders["none"])["head"]["file"]).exists()
+    assert np.array_equal(heads["none"].codes, heads["e2e"].codes)
+    assert not np.array_equal(heads["none"].scale, heads["e2e"].scale)
+
+    layer = heads["none"]
+    tunable = TunableQuipLinear(QuipLinearRef(layer))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        tunable.row_gain.mul_(1 + 0.1 * torch.randn(layer.out_features, generator=gen))
+        tunable.in_scale.mul_(1 + 0.1 * torch.randn(layer.in_features, generator=gen))
+    ids = torch.tensor([[0, 5, 17, 3], [2, 2, 9, 1]])
+    stored = tunable.apply_to(layer)
+    with torch.no_grad():
+        got = TiedTunableEmbedding(tunable)(ids).numpy()
+        x = torch.randn(3, layer.in_features, generator=gen)
+        y_train, y_stored = tunable(x).numpy(), QuipLinearRef(stored)(x).numpy()
+    np.testing.assert_allclose(got, head_rows(stored, ids.numpy()), rtol=2e-3, atol=2e-3 * np.abs(got).max())
+    np.testing.assert_allclose(y_train, y_stored, rtol=2e-3, atol=2e-3 * np.abs(y_train).max())
+    quipc.load(folders["e2e"])

@@ -3,7 +3,10 @@
 After every layer is rounded, the codes stay fixed and what is still continuous is trained
 to match the unquantized model: per quantized linear its input scale (in_scale: signs and
 rescaling, fp16) and a gain on each row of W' (folded into the format's fp16 row scales),
-and the model's norm weights. Embeddings and lm_head are left as they are. The loss is
+and the model's norm weights. A quantized lm_head is one more such linear; when the embedding
+is decoded from the head's codes (a tied model), the embedding follows the head's trained
+values during training exactly as it will once they are stored. Dense embeddings and a dense
+lm_head are left as they are. The loss is
 KL(teacher || student) of the next-token distributions on the calibration windows; the
 last `holdout` windows are never trained on and pick the epoch to keep (early stopping).
 Seeded; deterministic on the CPU for a given thread count.
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quipc_runtime.layer import QuantizedLinear
-from quipc_runtime.modules import QuipLinearRef
+from quipc_runtime.modules import QuipLinearRef, kron_apply
 
 MODES = ("none", "e2e")
 
@@ -70,6 +73,21 @@ class TunableQuipLinear(nn.Module):
         return out
 
 
+class TiedTunableEmbedding(nn.Module):
+    """The embedding of a tied model whose table is the quantized head's: row i is
+    in_scale * K_in^T (gain_i * W'_i), computed from the head being trained."""
+
+    def __init__(self, head: TunableQuipLinear):
+        super().__init__()
+        self._head = [head]   # not a submodule: its parameters belong to the head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self._head[0]
+        f_in, _ = head.ref._factors()
+        rows = head.ref.weight_rot[ids] * head.row_gain[ids].unsqueeze(-1)
+        return kron_apply(rows, f_in, transpose=True) * head.in_scale
+
+
 def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights of every normalization module (RMSNorm / LayerNorm of any family)."""
     return {f"{name}.{pname}": p for name, mod in model.named_modules()
@@ -88,10 +106,11 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 
 
 def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str], windows: torch.Tensor,
-                 cfg: FinetuneConfig, progress=None) -> dict:
+                 cfg: FinetuneConfig, progress=None, tied_embedding: tuple[str, str] | None = None) -> dict:
     """Train `student` in place (its QuipLinearRef modules named in layer_names become
     TunableQuipLinear); returns {name: TunableQuipLinear}, the trained norm parameters and a
-    record of the losses."""
+    record of the losses. tied_embedding = (embedding module, head layer name): that
+    embedding is decoded from the head's codes and follows the head's trained values."""
     cfg = cfg.validate()
     if windows.shape[0] < 2:
         raise ValueError("fine-tuning needs at least 2 calibration windows (one is held out); "
@@ -109,6 +128,9 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
             raise TypeError(f"{name} is not a reference QuIP linear; fine-tuning needs the torch path")
         tunables[name] = TunableQuipLinear(ref)
         student.set_submodule(name, tunables[name])
+    if tied_embedding is not None:
+        emb_module, head_name = tied_embedding
+        student.set_submodule(emb_module, TiedTunableEmbedding(tunables[head_name]))
     norms = norm_parameters(student)
     for p in norms.values():
         p.requires_grad_(True)
