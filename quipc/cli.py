@@ -1,4 +1,4 @@
-"""The `quipc` command: compile, eval, inspect, bench."""
+"""The `quipc` command: compile, eval, chat, inspect, bench."""
 from __future__ import annotations
 
 import argparse
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true")
+
+    ch = sub.add_parser("chat", help="greedy answer to one chat prompt (artifact or unquantized model)")
+    ch.add_argument("target", help="artifact folder, or an unquantized model (HF folder, .gguf, alias)")
+    ch.add_argument("prompt", help="one user turn, sent through the model's chat template")
+    ch.add_argument("--max-new-tokens", type=int, default=64)
+    ch.add_argument("--backend", default="reference", help="artifact backend: reference | kernels")
 
     i = sub.add_parser("inspect", help="per-layer table of an artifact")
     i.add_argument("artifact")
@@ -207,6 +213,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .eval.chat import answer_ids
+
+    if _is_artifact(args.target):
+        import quipc_runtime
+        from quipc_runtime.loader import load_tokenizer
+
+        model = quipc_runtime.load(args.target, backend=args.backend)
+        tokenizer = load_tokenizer(args.target)
+    else:
+        from .frontend.hf import load_model
+        from .frontend.models import resolve
+
+        model, tokenizer = load_model(resolve(args.target))
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
+    print(tokenizer.decode(answer_ids(model, tokenizer, args.prompt, args.max_new_tokens)))
+    return 0
+
+
 def _lowered_model(target: str):
     """(language model, tokenizer, description) for an ONNX or TVM output, else None."""
     from transformers import AutoTokenizer
@@ -259,7 +285,8 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
+COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "chat": cmd_chat, "inspect": cmd_inspect,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

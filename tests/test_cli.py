@@ -75,6 +75,26 @@ def test_compile_inspect_eval(capsys, tiny_model, tmp_path):
     assert_clean_error(code, err, "already exists")
 
 
+def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path):
+    """`quipc chat` answers with the same tokens as generate() on the loaded artifact."""
+    import quipc
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+    from quipc.eval.chat import answer_ids
+    from quipc_runtime.loader import load_tokenizer
+
+    model, text = tiny_model
+    out = tmp_path / "a"
+    compile_model(str(model), out, QuantConfig(bits=4), CalibConfig(text=str(text), windows=4, length=32),
+                  progress=False)
+    code, stdout, _ = run(capsys, "chat", out, "the", "--max-new-tokens", 6)
+    tok = load_tokenizer(out)
+    expect = answer_ids(quipc.load(out), tok, "the", 6)
+    assert code == 0 and len(expect) > 0 and stdout.rstrip("\n") == tok.decode(expect)
+    code, _, err = run(capsys, "chat", out, "the", "--max-new-tokens", 0)
+    assert_clean_error(code, err, "max-new-tokens")
+
+
 def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-import torch
+from .chat import answer_ids
 
 # Short instructions with short, checkable answers (facts, arithmetic, language, code).
 PROMPTS = [
@@ -63,22 +63,7 @@ def rouge_l_f1(a: list[int], b: list[int]) -> float:
 
 def chat_answers(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
     """Greedy answers as token-id lists (end-of-sequence tokens and what follows dropped)."""
-    eos = tokenizer.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
-    out = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=next(iter(stops), 0))
-        answer = []
-        for t in gen[0, ids.shape[1]:].tolist():
-            if t in stops:
-                break
-            answer.append(t)
-        out.append(answer)
-    return out
+    return [answer_ids(model, tokenizer, prompt, max_new_tokens) for prompt in prompts]
 
 
 def agreement(answers: list[list[int]], reference: list[list[int]]) -> dict:

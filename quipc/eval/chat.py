@@ -1,0 +1,34 @@
+"""One chat turn through the model's own chat template: what `quipc chat` prints and what
+the answer-agreement metric (quipc.eval.agreement) compares. Greedy, so it is reproducible."""
+from __future__ import annotations
+
+import torch
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, L) input ids of one user turn with the generation prompt; a tokenizer without a
+    chat template gets the plain prompt (a base model)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def stop_ids(tokenizer) -> set[int]:
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def answer_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy answer as token ids, cut at the first end-of-sequence token."""
+    ids = prompt_ids(tokenizer, prompt)
+    stops = stop_ids(tokenizer)
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=next(iter(stops), 0))
+    out = []
+    for t in gen[0, ids.shape[1]:].tolist():
+        if t in stops:
+            break
+        out.append(t)
+    return out
