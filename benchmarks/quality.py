@@ -21,23 +21,27 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
-# (method, incoherence, calibration, format, fine-tuning) in the order they run.
-RUNS = [("quip", "hadamard", "wikitext", "grid", "none"), ("ldlq", None, "wikitext", "grid", "none"),
-        ("rtn", None, None, "grid", "none"), ("quip", "kron", "wikitext", "grid", "none"),
-        ("quip", "hadamard", "generated", "grid", "none"),
-        ("quip", "hadamard", "wikitext", "e8p", "none"), ("quip", "hadamard", "wikitext", "e8p", "e2e"),
-        ("quip", "hadamard", "generated", "e8p", "none"), ("quip", "hadamard", "generated", "e8p", "e2e")]
+# (method, incoherence, calibration, format, fine-tuning, head bits) in the order they run; head
+# bits 32 keeps lm_head and the embedding dense (so rows compare linears with linears), 4 is
+# `quipc compile`'s default (one 4-bit table for a tied model); the last row is the CLI default.
+RUNS = [("quip", "hadamard", "wikitext", "grid", "none", 32), ("ldlq", None, "wikitext", "grid", "none", 32),
+        ("rtn", None, None, "grid", "none", 32), ("quip", "kron", "wikitext", "grid", "none", 32),
+        ("quip", "hadamard", "generated", "grid", "none", 32),
+        ("quip", "hadamard", "wikitext", "e8p", "none", 32), ("quip", "hadamard", "wikitext", "e8p", "e2e", 32),
+        ("quip", "hadamard", "generated", "e8p", "none", 32), ("quip", "hadamard", "generated", "e8p", "e2e", 32),
+        ("quip", "hadamard", "wikitext", "e8p", "e2e", 4), ("quip", "hadamard", "generated", "e8p", "e2e", 4)]
 
 
 def key(rec: dict) -> tuple:
     return (rec["method"], rec.get("bits"), rec.get("incoherence"), rec.get("calib"),
-            rec.get("format", "grid"), rec.get("finetune", "none"))
+            rec.get("format", "grid"), rec.get("finetune", "none"), rec.get("head_bits", 32))
 
 
-def label(method, inc, cal, fmt, ft) -> str:
-    """The --only name of a run: e.g. quip-hadamard, quip-hadamard-generated, quip-hadamard-e8p-e2e."""
+def label(method, inc, cal, fmt, ft, head=32) -> str:
+    """The --only name of a run: e.g. quip-hadamard, quip-hadamard-generated, quip-hadamard-e8p-e2e-head4."""
     return "-".join(x for x in (method, inc, cal if cal == "generated" else None,
-                                fmt if fmt != "grid" else None, ft if ft != "none" else None) if x)
+                                fmt if fmt != "grid" else None, ft if ft != "none" else None,
+                                f"head{head}" if head != 32 else None) if x)
 
 
 def save(path: Path, record: dict) -> None:
@@ -85,7 +89,7 @@ def add_agreement(rec: dict, model, tokenizer, reference: list) -> None:
     rec["identical_answers"] = result["identical"]
 
 
-def run_quant(args, method, incoherence, calib, bits, fmt="grid", finetune="none") -> dict:
+def run_quant(args, method, incoherence, calib, bits, fmt="grid", finetune="none", head=32) -> dict:
     import quipc_runtime
     from quipc.compile import CalibConfig, compile_model
     from quipc.config import QuantConfig
@@ -93,9 +97,10 @@ def run_quant(args, method, incoherence, calib, bits, fmt="grid", finetune="none
 
     name = f"{method}-w{bits}" + (f"-{incoherence}" if incoherence else "") + (f"-{calib}" if calib else "")
     name += (f"-{fmt}" if fmt != "grid" else "") + (f"-ft{finetune}" if finetune != "none" else "")
+    name += f"-head{head}" if head != 32 else ""
     out = Path(args.artifacts) / name
     cfg = QuantConfig(method=method, bits=bits, incoherence=incoherence or "hadamard", format=fmt,
-                      finetune=finetune)
+                      finetune=finetune, head_bits=head)
     cal = CalibConfig(text=str(args.calib) if calib == "wikitext" else None, windows=args.calib_windows)
     t0 = time.time()
     manifest = compile_model(args.model, out, cfg, cal, resume=True, progress=False)
@@ -104,7 +109,8 @@ def run_quant(args, method, incoherence, calib, bits, fmt="grid", finetune="none
     tok = load_tokenizer(out)
     r = eval_model(model, tok, args)
     rec = {"method": method, "bits": bits, "incoherence": incoherence, "calib": calib, "format": fmt,
-           "finetune": finetune, "ppl": r["ppl"], "bpw": manifest["summary"]["bpw"],
+           "finetune": finetune, "head_bits": head, "ppl": r["ppl"], "bpw": manifest["summary"]["bpw"],
+           "total_mb": manifest["summary"]["total_bytes"] / 1e6,
            "compile_seconds": compile_s, "eval_seconds": r["seconds"], "windows": r["windows"],
            "artifact": str(out), "threads": torch.get_num_threads()}
     if manifest.get("finetune"):
@@ -128,7 +134,8 @@ def plot(records: list[dict], path: Path) -> None:
             name = r["method"] + (f" {r['incoherence']}" if r["incoherence"] else "") + \
                 (f" {r['format']}" if r.get("format", "grid") != "grid" else "") + \
                 (f" +ft {r['finetune']}" if r.get("finetune", "none") != "none" else "") + \
-                (" (data-free)" if r["calib"] == "generated" else "")
+                (" (data-free)" if r["calib"] == "generated" else "") + \
+                (f" head {r['head_bits']}-bit" if r.get("head_bits", 32) != 32 else "")
             groups.setdefault(name, []).append(r)
     for name, rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["bpw"])
@@ -146,13 +153,14 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def markdown(records: list[dict]) -> str:
-    rows = ["| method | transform | calibration | format | fine-tune | bits | bpw | ppl | agreement | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | transform | calibration | format | fine-tune | head | bits | bpw | ppl | agreement | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (-r["bits"], r["method"], str(r["incoherence"]), str(r["calib"]),
                                             r.get("format", "grid"), r.get("finetune", "none"))):
         agree = f"{r['agreement']:.3f}" if "agreement" in r else "-"
         rows.append(f"| {r['method']} | {r['incoherence'] or '-'} | {r['calib'] or '-'} | "
                     f"{r.get('format', 'grid') if r['method'] != 'fp32' else '-'} | {r.get('finetune', 'none')} | "
+                    f"{r.get('head_bits', 32)} | "
                     f"{r['bits']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {agree} | {r['compile_seconds']:.0f} |")
     return "\n".join(rows)
 
@@ -168,7 +176,8 @@ def main() -> int:
     p.add_argument("--bits", default="4,3,2")
     p.add_argument("--only", help="comma list of run labels: fp32, quip-hadamard, ldlq, rtn, quip-kron, "
                                   "quip-hadamard-generated, quip-hadamard-e8p, quip-hadamard-e8p-e2e, "
-                                  "quip-hadamard-generated-e8p, quip-hadamard-generated-e8p-e2e")
+                                  "quip-hadamard-generated-e8p, quip-hadamard-generated-e8p-e2e, "
+                                  "quip-hadamard-e8p-e2e-head4, quip-hadamard-generated-e8p-e2e-head4 (the CLI default)")
     p.add_argument("--agreement", action="store_true",
                    help="also score greedy chat answers against fp32's (ROUGE-L over token ids)")
     p.add_argument("--artifacts", default="benchmarks/artifacts")
@@ -187,13 +196,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else None
     done = {key(r) for r in records}
-    todo = [("fp32", None, None, "grid", "none", 32)] + [
-        (m, inc, cal, fmt, ft, b) for m, inc, cal, fmt, ft in RUNS for b in map(int, args.bits.split(","))]
-    for method, inc, cal, fmt, ft, bits in todo:
-        rec_key = (method, bits, inc, cal, fmt, ft)
-        if rec_key in done or (only and label(method, inc, cal, fmt, ft) not in only):
+    todo = [("fp32", None, None, "grid", "none", 32, 32)] + [
+        (m, inc, cal, fmt, ft, head, b) for m, inc, cal, fmt, ft, head in RUNS for b in map(int, args.bits.split(","))]
+    for method, inc, cal, fmt, ft, head, bits in todo:
+        rec_key = (method, bits, inc, cal, fmt, ft, head)
+        if rec_key in done or (only and label(method, inc, cal, fmt, ft, head) not in only):
             continue
-        rec = run_fp32(args) if method == "fp32" else run_quant(args, method, inc, cal, bits, fmt, ft)
+        rec = run_fp32(args) if method == "fp32" else run_quant(args, method, inc, cal, bits, fmt, ft, head)
         save(path, rec)
         print(json.dumps(rec), flush=True)
     return 0
