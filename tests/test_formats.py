@@ -1,4 +1,6 @@
 """Code formats (quipc_runtime.formats): codebooks, index layout, decoding, bpw, registry."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -110,8 +112,12 @@ def test_registry_and_refusals():
     with pytest.raises(ValueError, match="multiple of 8"):
         get_format("e8p").check(2, 20)
     layer = _e8p_layer(2)
-    with pytest.raises(ValueError, match="TVM backend runs the code format.*'e8p'"):
-        require_format(layer, ("grid",), "the TVM backend")
+    from quipc.backends.tvm.lowering import LOWERINGS  # the TVM backend's formats (no tvm import)
+
+    assert {"grid", "e8p"} <= set(LOWERINGS)
+    require_format(layer, tuple(LOWERINGS), "the TVM backend")
+    with pytest.raises(ValueError, match="TVM backend runs the code format.*'made-up'"):
+        require_format(dataclasses.replace(layer, format="made-up"), tuple(LOWERINGS), "the TVM backend")
     layer.zero = np.zeros(16, np.float16)
     with pytest.raises(ValueError, match="has no zero points"):
         layer.validate()

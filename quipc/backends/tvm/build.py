@@ -115,6 +115,7 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
                       "hidden": sp.hidden},
             "row_multiple": 16, "cache_multiple": 16,
             "bits": sorted({s.bits for s in builder.linear_specs.values()}),
+            "formats": sorted({s.format for s in builder.linear_specs.values()}),
             "eos_token_id": manifest["model_config"].get("eos_token_id"),
             "source_artifact": str(artifact.resolve()),
             "compile_seconds": None,

@@ -10,7 +10,9 @@ L and C are multiples of 16 (prompts padded at the end; causal attention keeps p
 real rows), prefill writes positions [0, L), decode writes `pos` and attends to [0, pos].
 
 Every stage is a TE computation tagged with "quipc.op" for the schedule rules; the quantized
-linears are tir_quip_linear's fused kernels (one PrimFunc per distinct layer shape).
+linears are fused decode-matmul kernels, built by the lowering of each layer's code format
+(lowering.py: tir_quip_linear for "grid", tir_e8p_linear for "e8p"; one PrimFunc per distinct
+layer shape and format)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from . import tir_quip_linear as Q
+from .lowering import lowering
 
 LANES = 16
 
@@ -227,10 +230,7 @@ class ModelBuilder:
         sp = self.spec
         self._add("embed", tile_rows(self._dense("model.embed_tokens.weight")))
         if "lm_head" in self.layers:  # quantized lm_head: one more QuIP linear (vocab x hidden)
-            spec = Q.LinearSpec.of(self.layers["lm_head"])
-            self.linear_specs["lm_head"] = spec
-            for key, arr in Q.linear_params(self.layers["lm_head"], spec).items():
-                self._add(f"lm_head.{key}", arr)
+            self._add_linear("lm_head", self.layers["lm_head"])
         elif not sp.tied:
             self._add("lm_head", tile_rows(self._dense("lm_head.weight")))
         cos, sin = rope_tables(self.cfg, sp)
@@ -245,11 +245,20 @@ class ModelBuilder:
                 name = f"{p}.{lin}"
                 if name not in self.layers:
                     raise ValueError(f"the TVM backend needs every block linear quantized; {name} is not")
-                layer = self.layers[name]
-                spec = Q.LinearSpec.of(layer)
-                self.linear_specs[name] = spec
-                for key, arr in Q.linear_params(layer, spec).items():
-                    self._add(f"{name}.{key}", arr)
+                self._add_linear(name, self.layers[name])
+
+    def _add_linear(self, name: str, layer) -> None:
+        spec = Q.LinearSpec.of(layer)
+        self.linear_specs[name] = spec
+        low = lowering(spec.format)
+        for key, arr in low.linear_params(layer, spec).items():
+            gname = self._param_name(low, name, key)
+            if gname not in self.index:  # a SHARED array (codebook table) is stored once
+                self._add(gname, arr)
+
+    @staticmethod
+    def _param_name(low, name: str, key: str) -> str:
+        return f"{low.__name__.rsplit('.', 1)[-1]}.{key}" if key in low.SHARED else f"{name}.{key}"
 
     # --- relax -----------------------------------------------------------------------
     def param_types(self):
@@ -345,12 +354,15 @@ class ModelBuilder:
 
     def _linear(self, bb, P, name: str, x, mode: str, residual=None):
         spec = self.linear_specs[name]
-        pnames = Q.param_names(spec)
+        low = lowering(spec.format)
+        pnames = low.param_names(spec)
 
         def fn(x, *rest):
             args = dict(zip(pnames, rest[:len(pnames)]))
             res = rest[len(pnames)] if residual is not None else None
-            return Q.quip_linear_te(x, args, spec, mode, residual=res)
+            return low.quip_linear_te(x, args, spec, mode, residual=res)
         extra = [residual] if residual is not None else []
-        hint = f"quip_{mode}_{spec.m}x{spec.n}_b{spec.bits}"
-        return bb.emit_te(fn, x, *[P(f"{name}.{k}") for k in pnames], *extra, primfunc_name_hint=hint)
+        fmt = "" if spec.format == "grid" else f"{spec.format}_"
+        hint = f"quip_{fmt}{mode}_{spec.m}x{spec.n}_b{spec.bits}"
+        return bb.emit_te(fn, x, *[P(self._param_name(low, name, k)) for k in pnames], *extra,
+                          primfunc_name_hint=hint)

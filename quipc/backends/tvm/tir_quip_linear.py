@@ -31,6 +31,7 @@ TILE_O = 16
 K_GROUP = 32
 PARTS = 4  # partial sums of the GEMV (independent FMA chains)
 PLANES = {2: ((0, 2),), 3: ((0, 2), (2, 1)), 4: ((0, 4),)}  # (shift in the code, width)
+SHARED = ()  # no arrays shared by all layers (see lowering.py)
 
 
 def _ceil_to(v: int, m: int) -> int:
@@ -48,6 +49,7 @@ class LinearSpec:
     in_scale: bool = False
     out_sign: bool = False
     bias: bool = False
+    format: str = "grid"  # the layer's code format: which lowering (module) builds its kernel
 
     @property
     def o_pad(self) -> int:
@@ -64,10 +66,12 @@ class LinearSpec:
     def of(layer) -> "LinearSpec":
         def orders(t):
             return tuple(int(m.shape[0]) for m in factor_matrices(t))
-        require_format(layer, ("grid",), "the TVM backend")
+        from .lowering import LOWERINGS
+
+        require_format(layer, tuple(LOWERINGS), "the TVM backend")
         return LinearSpec(layer.out_features, layer.in_features, layer.bits, orders(layer.t_in),
                           orders(layer.t_out), layer.in_scale is not None,
-                          layer.t_out.signs is not None, layer.bias is not None)
+                          layer.t_out.signs is not None, layer.bias is not None, layer.format)
 
 
 MAX_FACTOR = 64
@@ -148,11 +152,20 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
     from quipc_runtime.packing import unpack
 
     spec = spec or LinearSpec.of(layer)
+    if spec.format != "grid":
+        raise ValueError(f"layer {layer.name} is stored as {spec.format!r}: use lowering.lowering(spec.format)")
     codes = unpack(layer.codes, layer.bits, layer.in_features)
     out = {f"plane{i}": p for i, p in enumerate(repack_codes(codes, layer.bits))}
     pad = spec.o_pad - spec.m
     out["scale"] = np.pad(layer.scale.astype(np.float32), (0, pad))
     out["zero"] = np.pad(layer.zero.astype(np.float32), (0, pad))
+    out.update(transform_params(layer, spec))
+    return out
+
+
+def transform_params(layer, spec: LinearSpec) -> dict[str, np.ndarray]:
+    """The format-independent arrays: input scale, transform factors, output signs, bias."""
+    out = {}
     if spec.in_scale:
         out["in_scale"] = layer.in_scale.astype(np.float32)
     mats_in = factor_matrices(layer.t_in)
@@ -169,9 +182,11 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
 
 
 def param_names(spec: LinearSpec) -> list[str]:
-    names = [f"plane{i}" for i in range(len(PLANES[spec.bits]))] + ["scale", "zero"]
-    if spec.in_scale:
-        names.append("in_scale")
+    return [f"plane{i}" for i in range(len(PLANES[spec.bits]))] + ["scale", "zero"] + transform_names(spec)
+
+
+def transform_names(spec: LinearSpec) -> list[str]:
+    names = ["in_scale"] if spec.in_scale else []
     names += [f"fin{i}" for i, _ in _stages(spec.in_orders)]
     names += [f"fout{i}" for i, _ in _stages(spec.out_orders)]
     if spec.out_sign:
@@ -186,6 +201,11 @@ def param_shapes(spec: LinearSpec) -> dict[str, tuple]:
     for i, (_, width) in enumerate(PLANES[spec.bits]):
         shapes[f"plane{i}"] = (spec.o_pad // TILE_O, spec.k_pad // (32 // width), TILE_O)
     shapes["scale"] = shapes["zero"] = (spec.o_pad,)
+    return {**shapes, **transform_shapes(spec)}
+
+
+def transform_shapes(spec: LinearSpec) -> dict[str, tuple]:
+    shapes = {}
     if spec.in_scale:
         shapes["in_scale"] = (spec.n,)
     for i, _ in _stages(spec.in_orders):
@@ -229,20 +249,8 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     """Build the TE graph. x: (L, n) float32; args: name -> te placeholder (see param_names).
     mode "gemv" (decode, L small) or "gemm" (prefill). Returns y (L, m)."""
     rows = x.shape[0]
-    n, m = spec.n, spec.m
-    cur = x
-    if spec.in_scale:
-        s = args["in_scale"]
-        cur = te.compute((rows, n), lambda b, k: cur[b, k] * s[k], name="quip_prescale",
-                         attrs={"quipc.op": "inline"})
-    for i, q in _stages(spec.in_orders):
-        cur = _kron_stage(cur, args[f"fin{i}"], spec.in_orders[i], q, n, f"quip_in{i}")
-    if spec.k_pad != n or not spec.in_orders:
-        src = cur
-        cur = te.compute((rows, spec.k_pad),
-                         lambda b, k: tirx.if_then_else(k < n, src[b, tirx.min(k, n - 1)], tirx.const(0.0, "float32")),
-                         name="quip_zpad", attrs={"quipc.op": "copy"})
-    z = cur
+    n = spec.n
+    z = te_input_side(x, args, spec, spec.k_pad)
     kz = te.reduce_axis((0, n), name="kz")
     zsum = te.compute((rows,), lambda b: te.sum(z[b, kz], axis=kz), name="quip_zsum",
                       attrs={"quipc.op": "rowsum"})
@@ -279,8 +287,34 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
         def acc_at(b, o):
             return acc[b, o // TILE_O, o % TILE_O]
     scale, zero = args["scale"], args["zero"]
-    cur = te.compute((rows, m), lambda b, o: scale[o] * acc_at(b, o) + zero[o] * zsum[b],
-                     name="quip_affine", attrs={"quipc.op": "inline"})
+    return te_output_side(lambda b, o: scale[o] * acc_at(b, o) + zero[o] * zsum[b], rows, args, spec,
+                          residual)
+
+
+def te_input_side(x, args: dict, spec: LinearSpec, width: int):
+    """z (L, width) = K_in (in_scale * x), zero-padded to `width` columns, materialized (the
+    matmul reads it once per row tile)."""
+    rows = x.shape[0]
+    n = spec.n
+    cur = x
+    if spec.in_scale:
+        s = args["in_scale"]
+        cur = te.compute((rows, n), lambda b, k: cur[b, k] * s[k], name="quip_prescale",
+                         attrs={"quipc.op": "inline"})
+    for i, q in _stages(spec.in_orders):
+        cur = _kron_stage(cur, args[f"fin{i}"], spec.in_orders[i], q, n, f"quip_in{i}")
+    if width != n or not spec.in_orders:
+        src = cur
+        cur = te.compute((rows, width),
+                         lambda b, k: tirx.if_then_else(k < n, src[b, tirx.min(k, n - 1)], tirx.const(0.0, "float32")),
+                         name="quip_zpad", attrs={"quipc.op": "copy"})
+    return cur
+
+
+def te_output_side(t_at, rows, args: dict, spec: LinearSpec, residual=None):
+    """y (L, m) = s_out * K_out^T t + bias (+ residual), t[b, o] = t_at(b, o) (inlined)."""
+    m = spec.m
+    cur = te.compute((rows, m), t_at, name="quip_affine", attrs={"quipc.op": "inline"})
     for i, q in _stages(spec.out_orders):
         cur = _kron_stage(cur, args[f"fout{i}"], spec.out_orders[i], q, m, f"quip_out{i}")
     u = cur

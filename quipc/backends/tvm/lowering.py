@@ -1,0 +1,29 @@
+"""Which module lowers a layer's code format to TIR: one module per format.
+
+Each lowering module provides, for a LinearSpec of its format,
+    param_names(spec) -> [name]          the kernel's parameter arrays, in call order
+    param_shapes(spec) / placeholders(spec)
+    linear_params(layer, spec) -> {name: array}
+    quip_linear_te(x, args, spec, mode, residual=None) -> y   (mode "gemv" | "gemm")
+    linear_prim_func(spec, mode, rows=None, residual=False)   a standalone PrimFunc
+    SHARED: names of arrays that are the same for every layer (codebook tables), which the
+            model builder stores once;
+and its schedule rules live in schedules/ (keyed on the "quipc.op" names its TE stages carry).
+Adding a format to the TVM backend is adding a module here and a rule file there.
+"""
+from __future__ import annotations
+
+import importlib
+
+LOWERINGS = {
+    "grid": "quipc.backends.tvm.tir_quip_linear",
+    "e8p": "quipc.backends.tvm.tir_e8p_linear",
+}
+
+
+def lowering(fmt: str):
+    """The lowering module of format `fmt` (a LinearSpec's .format)."""
+    if fmt not in LOWERINGS:
+        raise ValueError(f"the TVM backend has no lowering for the code format {fmt!r} "
+                         f"(it runs {', '.join(LOWERINGS)})")
+    return importlib.import_module(LOWERINGS[fmt])
