@@ -10,7 +10,8 @@ namespace quipc {
 
 bool cpu_has_avx2_fma() {
 #if defined(QUIPC_HAVE_AVX2) && defined(__GNUC__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("bmi2");
   return ok;
 #else
   return false;

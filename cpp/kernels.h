@@ -55,7 +55,7 @@ inline size_t qgemm_work_floats(int nbatch) {
 
 const KernelTable& scalar_kernels();
 const KernelTable& avx2_kernels();  // only valid when cpu_has_avx2_fma()
-bool cpu_has_avx2_fma();
+bool cpu_has_avx2_fma();  // AVX2, FMA and BMI2
 // The table to use: AVX2 unless the CPU lacks it, force_scalar is set, or the
 // environment variable QUIPC_FORCE_SCALAR is set to a non-empty value other than "0".
 const KernelTable& select_kernels(bool force_scalar);
