@@ -33,7 +33,7 @@ from tvm import te
 from .tir_quip_linear import (LinearSpec, _ceil_to, prefill_rows, te_input_side, te_output_side,
                               transform_names, transform_params, transform_shapes)
 
-ROWS = 8      # rows of one GEMV tile: 8 independent 8-lane accumulators
+ROWS = 16     # rows of one GEMV tile: 16 independent 8-lane accumulators (AVX-512 has 32 registers)
 TILE_O = 16   # rows of one prefill dequantized tile (the tiled_gemm lane width)
 SHARED = ("e8p_src", "e8p_sign", "e8_1bit")
 _DTYPE = {"e8p": "uint16", "e8_1bit": "uint8"}
