@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from quipc.backends.onnx.builder import Builder
 from quipc.backends.onnx.inspect import layers_from_onnx
-from quipc.backends.onnx.quip_function import QuipLinearEmitter
+from quipc.backends.onnx.emitter import QuipLinearEmitter
 from quipc_runtime.hadamard import split_order
 from quipc_runtime.modules import QuipLinearRef
 from test_onnx_layer import make_layer

@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper
 
 from quipc.backends.onnx.builder import Builder
-from quipc.backends.onnx.quip_function import QuipLinearEmitter
+from quipc.backends.onnx.emitter import QuipLinearEmitter
 from quipc.config import QuantConfig
 from quipc.passes.methods import LayerInput, quantize_linear
 from quipc_runtime.modules import QuipLinearRef

@@ -46,7 +46,7 @@ from quipc_runtime.layer import QuantizedLinear
 
 from ..backends.onnx.builder import Builder
 from ..backends.onnx.export import IR_VERSION, META_FILE, save_model
-from ..backends.onnx.quip_function import QuipLinearEmitter
+from ..backends.onnx.emitter import QuipLinearEmitter
 from ..config import QuantConfig
 from ..passes.methods import LayerInput, quantize_linear
 

@@ -2,7 +2,7 @@
 
 Graph (standard ops, opset >= 18 for the bitwise unpacking): the ids are flattened, the
 packed code rows of those ids gathered (Gather on the uint8 codes), unpacked with the same
-ops as QuipLinear's weight (quip_function._unpack_codes), dequantized with the gathered
+ops as QuipLinear's weight (formats.grid.unpack_codes), dequantized with the gathered
 per-row (or per-group) fp16 scale and zero, and, for a tied model whose table is the
 lm_head's codes, multiplied by K_in (rows @ K_in, one small MatMul per Kronecker factor) and
 in_scale:
@@ -19,7 +19,8 @@ from quipc_runtime.embedding import EmbeddingTable, check_shared_head
 from quipc_runtime.layer import QuantizedLinear
 
 from .builder import Builder
-from .quip_function import BITWISE_OPSET, _unpack_codes
+from .formats.grid import unpack_codes as _unpack_codes
+from .formats.nbits import BITWISE_OPSET
 
 FLOAT = TensorProto.FLOAT
 

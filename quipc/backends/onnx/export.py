@@ -13,7 +13,7 @@ from onnx import helper
 
 from .builder import MS_DOMAIN, OPSET, Builder
 from .llama import build_llama, dense_linear
-from .quip_function import QuipLinearEmitter
+from .emitter import QuipLinearEmitter
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

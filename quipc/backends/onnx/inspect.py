@@ -13,7 +13,7 @@ from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.transforms import Transform
 
 from .builder import QUIPC_DOMAIN
-from .quip_function import GroupVariant, Variant, _side_inputs
+from .variants import GroupVariant, Variant, side_inputs
 
 
 def layers_from_onnx(path: str | Path) -> dict[str, QuantizedLinear]:
@@ -54,7 +54,7 @@ def _arrays(names: dict[str, str], inits: dict) -> dict[str, np.ndarray]:
 
 def _transform(v: Variant, arr: dict, side: str, size: int, kind: str) -> Transform:
     form, count = (v.in_form, v.n_in) if side == "in" else (v.out_form, v.n_out)
-    mats = [arr[k] for k in _side_inputs(side, form, count)]
+    mats = [arr[k] for k in side_inputs(side, form, count)]
     signs = None
     if side == "out" and "out_sign_bits" in arr:
         signs = np.where(np.unpackbits(arr["out_sign_bits"])[:size] == 1, -1, 1).astype(np.int8)
@@ -65,9 +65,14 @@ def _transform(v: Variant, arr: dict, side: str, size: int, kind: str) -> Transf
 
 def _layer(name: str, v: Variant, arr: dict, m: int, attrs: dict, kind_out: str) -> QuantizedLinear:
     n = int(attrs["in_features"])
-    return QuantizedLinear(name, m, n, int(attrs["bits"]), arr["codes"], arr["scale"], arr["zero"],
-                           _transform(v, arr, "in", n, attrs["in_transform"]), _transform(v, arr, "out", m, kind_out),
-                           arr.get("in_scale"), arr.get("bias"))
+    fmt = attrs.get("format", "grid")
+    if fmt != v.fmt:
+        raise ValueError(f"layer {name}: the node's format attribute {fmt!r} disagrees with its layout {v.fmt!r}")
+    layer = QuantizedLinear(name, m, n, int(attrs["bits"]), arr["codes"], arr["scale"], arr.get("zero"),
+                            _transform(v, arr, "in", n, attrs["in_transform"]),
+                            _transform(v, arr, "out", m, kind_out), arr.get("in_scale"), arr.get("bias"), format=fmt)
+    layer.validate()   # a known format, and its tensors' shapes and dtypes
+    return layer
 
 
 def torch_model_with(hf_model, layers: dict[str, QuantizedLinear]):
