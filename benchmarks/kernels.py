@@ -3,6 +3,11 @@
     python benchmarks/kernels.py --json benchmarks/results/kernels.json      # CPU, 2 threads
     python benchmarks/kernels.py --gpu --json OUT.json                       # CUDA (H100 ...)
     python benchmarks/kernels.py --artifact DIR --fp32-model HF_DIR --json OUT.json  # decode
+    python benchmarks/kernels.py --formats grid e8p --shapes 7b --batches 1 --json OUT.json
+
+Code formats (--formats, default grid and e8p): every format runs in the same interleaved
+rounds as the grid kernel at the same bits and fp32, so each e8p record also carries
+`vs_grid` (grid time / e8p time, > 1: e8p faster).
 
 Shapes are written IN x OUT (in_features x out_features), e.g. 576x1536 is an up-projection.
 Every configuration is measured interleaved with its fp32 baseline (one repetition of each
@@ -55,9 +60,27 @@ def random_layer(n_in: int, n_out: int, bits: int, seed: int = 0) -> QuantizedLi
                            (rng.random(n_in) + 0.5).astype(np.float16), None)
 
 
+def random_e8p_layer(n_in: int, n_out: int, bits: int, seed: int = 0) -> QuantizedLinear:
+    """An e8p layer with random codes (every index is valid; n_in a multiple of 8)."""
+    from quipc_runtime.formats.e8p import STAGES
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (n_out, packed_row_bytes(n_in, bits)), dtype=np.uint8)
+    t_in = Transform.make("hadamard", n_in, seed + 1)
+    t_in.signs = None
+    return QuantizedLinear(f"bench_e8p{n_in}x{n_out}", n_out, n_in, bits, codes,
+                           (rng.random((n_out, len(STAGES[bits]))) * 0.01).astype(np.float16), None,
+                           t_in, Transform.make("hadamard", n_out, seed + 2),
+                           (rng.random(n_in) + 0.5).astype(np.float16), None, format="e8p")
+
+
+def make_layer(fmt: str, n_in: int, n_out: int, bits: int) -> QuantizedLinear:
+    return random_e8p_layer(n_in, n_out, bits) if fmt == "e8p" else random_layer(n_in, n_out, bits)
+
+
 def weight_bytes(layer: QuantizedLinear) -> int:
-    """Bytes of weights a quip_linear call reads: codes + fp16 scale and zero per row."""
-    return layer.codes.nbytes + 4 * layer.out_features
+    """Bytes of weights a quip_linear call reads: codes + the fp16 scales (and zeros) per row."""
+    extra = layer.scale.nbytes + (0 if layer.zero is None else layer.zero.nbytes)
+    return layer.codes.nbytes + extra
 
 
 def time_call(fn, min_time: float = 0.02) -> float:
@@ -92,39 +115,48 @@ def interleaved(fns: dict, reps: int) -> dict:
 def cpu_bench(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     shapes = (SMOL if "smol" in args.shapes else []) + (SEVEN_B if "7b" in args.shapes else [])
+    formats = [f for f in args.formats if f == "grid"] + [f for f in args.formats if f != "grid"]
     records = []
     for n_in, n_out in shapes:
         w = torch.randn(n_out, n_in)
-        layers = {b: random_layer(n_in, n_out, b) for b in args.bits}
-        plans = {b: K.prepare(layers[b]) for b in args.bits}
+        configs = [(f, b) for b in args.bits for f in formats]  # (format, bits)
+        layers = {c: make_layer(c[0], n_in, n_out, c[1]) for c in configs}
+        plans = {c: K.prepare(layers[c]) for c in configs}
+        key = {c: f"q{c[1]}" if c[0] == "grid" else f"{c[0]}{c[1]}" for c in configs}
         for batch in args.batches:
             x = torch.randn(batch, n_in)
             xn = x.numpy()
-            out = {b: np.empty((batch, n_out), np.float32) for b in args.bits}
+            out = {c: np.empty((batch, n_out), np.float32) for c in configs}
             fns = {"fp32": lambda: torch.nn.functional.linear(x, w)}
             staged = {}
-            for b in args.bits:
-                fns[f"q{b}"] = (lambda p=plans[b], o=out[b]: p.forward(xn, out=o, threads=args.threads))
+            for c in configs:
+                fns[key[c]] = (lambda p=plans[c], o=out[c]: p.forward(xn, out=o, threads=args.threads))
                 if batch == 1:  # bare quantized matmul, for the transform overhead
-                    z, zs = plans[b].transform_in(xn, threads=args.threads)
-                    staged[b] = (z, zs)
-                    fns[f"mm{b}"] = (lambda p=plans[b], s=staged[b]: p.matmul(s[0], s[1], threads=args.threads))
+                    z, zs = plans[c].transform_in(xn, threads=args.threads)
+                    staged[c] = (z, zs)
+                    fns["mm" + key[c]] = (lambda p=plans[c], s=staged[c]: p.matmul(s[0], s[1], threads=args.threads))
             reps = args.reps if batch == 1 or n_in * n_out < 5e6 else max(3, args.reps // 2)
             med = interleaved(fns, reps)
-            for b in args.bits:
+            for c in configs:
+                fmt, b = c
+                q = med[key[c]]
                 rec = {"kind": "layer", "device": "cpu", "shape": f"{n_in}x{n_out}", "in": n_in,
-                       "out": n_out, "bits": b, "batch": batch, "threads": args.threads,
-                       "kernels": K.kernel_name(), "quipc_ms": med[f"q{b}"] * 1e3,
-                       "fp32_ms": med["fp32"] * 1e3, "speedup": med["fp32"] / med[f"q{b}"],
-                       "quipc_weight_GBps": weight_bytes(layers[b]) / med[f"q{b}"] / 1e9,
+                       "out": n_out, "bits": b, "format": fmt, "batch": batch, "threads": args.threads,
+                       "kernels": K.kernel_name(), "quipc_ms": q * 1e3,
+                       "fp32_ms": med["fp32"] * 1e3, "speedup": med["fp32"] / q,
+                       "quipc_weight_GBps": weight_bytes(layers[c]) / q / 1e9,
                        "fp32_weight_GBps": 4 * n_in * n_out / med["fp32"] / 1e9}
-                if f"mm{b}" in med:
-                    rec["matmul_only_ms"] = med[f"mm{b}"] * 1e3
-                    rec["transform_overhead"] = med[f"q{b}"] / med[f"mm{b}"] - 1
+                if fmt != "grid" and ("grid", b) in key:
+                    rec["grid_ms"] = med[key[("grid", b)]] * 1e3
+                    rec["vs_grid"] = med[key[("grid", b)]] / q
+                if "mm" + key[c] in med:
+                    rec["matmul_only_ms"] = med["mm" + key[c]] * 1e3
+                    rec["transform_overhead"] = q / med["mm" + key[c]] - 1
                 records.append(rec)
-                print(f"{rec['shape']:>11} b{b} B={batch:<3} quipc {rec['quipc_ms']:8.3f} ms  fp32 "
+                print(f"{rec['shape']:>11} {fmt:>4} b{b} B={batch:<3} quipc {rec['quipc_ms']:8.3f} ms  fp32 "
                       f"{rec['fp32_ms']:8.3f} ms  x{rec['speedup']:.2f}  "
                       f"({rec['quipc_weight_GBps']:.1f} vs {rec['fp32_weight_GBps']:.1f} GB/s)"
+                      + (f"  vs grid x{rec['vs_grid']:.2f}" if "vs_grid" in rec else "")
                       + (f"  transforms +{100 * rec['transform_overhead']:.0f}%" if "transform_overhead" in rec else ""),
                       flush=True)
     return records
@@ -241,15 +273,16 @@ def plot(records: list[dict], path: Path) -> None:
     if not layer:
         return
     groups = sorted({(r["batch"], r["in"] * r["out"], r["shape"]) for r in layer})
-    bits = sorted({r["bits"] for r in layer})
-    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 0.9), 4.5))
-    width = 0.8 / len(bits)
-    for i, b in enumerate(bits):
-        vals = [next((r["speedup"] for r in layer if r["bits"] == b and r["batch"] == g[0] and
-                      r["shape"] == g[2]), 0) for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=f"{b}-bit")
+    series = sorted({(r.get("format", "grid"), r["bits"]) for r in layer})
+    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 0.3 * len(series)), 4.5))
+    width = 0.8 / len(series)
+    for i, (fmt, b) in enumerate(series):
+        vals = [next((r["speedup"] for r in layer if r["bits"] == b and r.get("format", "grid") == fmt
+                      and r["batch"] == g[0] and r["shape"] == g[2]), 0) for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, vals, width,
+               label=f"{b}-bit" if fmt == "grid" else f"{fmt} {b}-bit")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(np.arange(len(groups)) + width * (len(bits) - 1) / 2)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(series) - 1) / 2)
     ax.set_xticklabels([f"{g[2]}\nB={g[0]}" for g in groups], fontsize=8)
     ax.set_ylabel("speedup vs fp32 F.linear")
     ax.set_title(f"quipc quip_linear (transforms included), {layer[0]['threads']} threads, in x out")
@@ -267,6 +300,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 512])
     ap.add_argument("--shapes", nargs="+", default=["smol", "7b"], choices=["smol", "7b"])
+    ap.add_argument("--formats", nargs="+", default=["grid", "e8p"], choices=["grid", "e8p"],
+                    help="code formats to measure (CPU); grid is always measured first")
     ap.add_argument("--gpu", action="store_true", help="CUDA kernels instead of the CPU ones")
     ap.add_argument("--artifact", type=Path, help="also measure decode tok/s of this artifact")
     ap.add_argument("--fp32-model", help="fp32 baseline for --artifact: alias (smollm2-135m), HF dir or .gguf")
