@@ -21,6 +21,7 @@ class Builder:
         self.opset = opset         # default-domain opset the nodes are written for
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
+        self._tables: dict[str, str] = {}
         self._count = 0
 
     def name(self, hint: str) -> str:
@@ -59,6 +60,15 @@ class Builder:
         if self.function:
             return self.op("Constant", value_ints=Ref(attr, onnx.AttributeProto.INTS))
         return self.ints(list(values))
+
+    def table(self, name: str, arr: np.ndarray) -> str:
+        """A constant read by many nodes: one Constant per function body, one shared
+        initializer `name` in a graph (the same array for the same name, by contract)."""
+        if not self.function:
+            return self.initializer(name, arr)
+        if name not in self._tables:
+            self._tables[name] = self.const(arr, hint="table")
+        return self._tables[name]
 
     def initializer(self, name: str, arr: np.ndarray) -> str:
         if name not in self.initializers:

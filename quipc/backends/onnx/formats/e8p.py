@@ -77,7 +77,7 @@ def plan(layer, ops: str, native_2bit: bool) -> tuple[str, int]:
 
 
 def _table(b: Builder, name: str, arr: np.ndarray) -> str:
-    return b.const(arr) if b.function else b.initializer(f"quipc.e8p.{name}", arr)
+    return b.table(f"quipc.e8p.{name}", arr)
 
 
 def _gather(b: Builder, table: str, col: str) -> str:
