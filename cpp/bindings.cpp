@@ -189,18 +189,23 @@ std::unique_ptr<cuda::CudaPlan> make_cuda_plan(int device, int m, int n, int bit
                                                const py::sequence& in_factors,
                                                const py::sequence& out_factors,
                                                const std::string& format) {
-  if (format != "grid")
-    throw py::value_error("the CUDA kernels run the code format grid; not '" + format + "'");
   PyPlan cpu = make_plan(m, n, bits, codes, scale, zero, in_scale, out_scale, bias, in_factors,
-                         out_factors, format);  // validates everything
+                         out_factors, format);  // validates everything (and the format name)
   cuda::HostLayer L;
+  L.e8p = format == "e8p";
   L.m = m;
   L.n = n;
   L.bits = bits;
   L.codes = static_cast<const uint8_t*>(cpu.codes.data());
   L.row_bytes = size_t((n + 7) / 8) * bits;
-  L.scale = to_vector(scale, "scale", m);
-  L.zero = to_vector(zero, "zero", m);
+  if (L.e8p) {
+    py::array sa = expect_array<float>(scale, "scale", {m, e8p_stages(bits)});
+    const float* sp = static_cast<const float*>(sa.data());
+    L.scale.assign(sp, sp + size_t(m) * e8p_stages(bits));
+  } else {
+    L.scale = to_vector(scale, "scale", m);
+    L.zero = to_vector(zero, "zero", m);
+  }
   L.in_scale = to_vector(in_scale, "in_scale", n);
   L.out_scale = to_vector(out_scale, "out_scale", m);
   if (!bias.is_none()) L.bias = to_vector(bias, "bias", m);

@@ -15,6 +15,7 @@ except ImportError:
 
 from quipc_runtime import kernels as K  # noqa: E402
 from test_kernels import SHAPES, make_layer, rel_err  # noqa: E402
+from test_kernels_e8p import SHAPES as E8P_SHAPES, e8p_layer  # noqa: E402
 
 
 def _skip_reason():
@@ -122,3 +123,43 @@ def test_torch_cuda_module():
         K.cuda_quip_linear(mod._plan, x.reshape(21, 576).cuda()[:, :575], out)
     with pytest.raises(TypeError):
         K.cuda_quip_linear(mod._plan, x.reshape(21, 576).cuda().double(), out)
+
+
+# --- format "e8p" (cpp/cuda/e8p.cu) against the CPU e8p kernels ------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n", E8P_SHAPES + [(256, 4096), (4096, 256)])
+def test_cuda_e8p_forward_matches_cpu(bits, m, n):
+    layer = e8p_layer(m, n, bits, seed=m + n + bits)
+    cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
+    rng = np.random.default_rng(0)
+    for batch in (1, 2, 3, 4, 5, 70):  # GEMV (1..4) and tiled GEMM
+        x = rng.standard_normal((batch, n)).astype(np.float32)
+        want = cpu.forward(x, threads=2)
+        got = gpu.run_host("forward", x)
+        assert rel_err(got, want) < TOL, (batch, rel_err(got, want))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cuda_e8p_every_index(bits):
+    """Every index of each stage occurs (64 rows x 1024 groups): GPU matmul = CPU matmul."""
+    from quipc_runtime.formats.e8p import STAGES
+    m, n = 64, 8192
+    rng = np.random.default_rng(bits)
+    size = {"e8p": 1 << 16, "e8_1bit": 256}
+    indices = [rng.permutation(np.resize(np.arange(size[k]), m * n // 8)).reshape(m, n // 8)
+               for k in STAGES[bits]]
+    layer = e8p_layer(m, n, bits, seed=bits, indices=indices)
+    cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
+    z = rng.standard_normal((6, n)).astype(np.float32)
+    for batch in (1, 4, 6):
+        want = cpu.matmul(z[:batch], z[:batch].sum(1).astype(np.float32), threads=2)
+        assert rel_err(gpu.run_host("matmul", z[:batch]), want) < TOL, batch
+
+
+def test_cuda_e8p_bad_buffers():
+    args = K._layer_args(e8p_layer(64, 32, 3, seed=9))
+    K._ext.CudaPlan(device=0, **args)
+    for key, value in [("scale", args["scale"][:, :1].copy()), ("zero", np.zeros(64, np.float32)),
+                       ("codes", args["codes"][:, :-1].copy()), ("format", "trellis")]:
+        with pytest.raises(ValueError):
+            K._ext.CudaPlan(device=0, **{**args, key: value})

@@ -179,12 +179,6 @@ def test_grid_plan_refuses_e8p_style_buffers():
         K._ext.Plan(**args)
 
 
-def test_cuda_refuses_e8p_by_name():
-    layer = e8p_layer(64, 32, 2, seed=12)
-    with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend runs the code format.*'e8p'"):
-        K.KernelQuipLinear(layer, "cuda")
-
-
 def test_unknown_format_is_refused_by_name():
     layer = e8p_layer(64, 32, 2, seed=12)
     layer.format = "trellis"  # a format these kernels do not run
@@ -192,3 +186,7 @@ def test_unknown_format_is_refused_by_name():
         K.prepare(layer)
     with pytest.raises(UnsupportedFormatError, match="'trellis'"):
         K.KernelQuipLinear(layer, "cpu")
+    with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend runs the code format.*'trellis'"):
+        K.KernelQuipLinear(layer, "cuda")
+    with pytest.raises(ValueError, match="code formats grid, e8p; not 'trellis'"):
+        K._ext.Plan(**{**K._layer_args(e8p_layer(64, 32, 2, seed=12)), "format": "trellis"})

@@ -34,6 +34,11 @@ __device__ __forceinline__ unsigned load_group_bytes(const unsigned char* g, int
 void launch_qmatmul(const unsigned char* codes, size_t row_bytes, int bits, int m, int n, int npad,
                     const float* z, int batch, const float* scale, const float* zero, float* t,
                     cudaStream_t stream);
+// Format "e8p" (e8p.cu): scale (m, stages); tables = the 256x8 sources (parity folded in)
+// then the 256x8 E8_1bit table, on the device.
+void launch_e8p_matmul(const unsigned char* codes, size_t row_bytes, int bits, int m, int n,
+                       int npad, const float* z, int batch, const float* scale,
+                       const float* tables, float* t, cudaStream_t stream);
 void launch_fwht(int pre, int f, int post, int width, const float* src, int ld_src, float* dst,
                  int ld_out, const float* pre_scale, const float* post_scale, const float* bias,
                  int batch, cudaStream_t stream);

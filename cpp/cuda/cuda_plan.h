@@ -16,6 +16,7 @@ struct HostFactor {
 };
 
 struct HostLayer {
+  bool e8p = false;  // code format: grid (scale, zero per row) or e8p (scale (m, stages), no zero)
   int m = 0, n = 0, bits = 0;
   const uint8_t* codes = nullptr;  // m x row_bytes (host)
   size_t row_bytes = 0;
@@ -65,11 +66,12 @@ class CudaPlan {
   float* workspace(size_t floats);
   void release();
 
+  bool e8p_;
   int device_, m_, n_, bits_, npad_;
   size_t row_bytes_;
   uint8_t* codes_ = nullptr;
   float *scale_ = nullptr, *zero_ = nullptr, *in_vec_ = nullptr, *out_vec_ = nullptr,
-        *bias_ = nullptr;
+        *bias_ = nullptr, *e8p_tables_ = nullptr;
   std::vector<DevFactor> in_f_, out_f_;
   float* work_ = nullptr;
   size_t work_floats_ = 0;
