@@ -190,3 +190,31 @@ def test_unknown_format_is_refused_by_name():
         K.KernelQuipLinear(layer, "cuda")
     with pytest.raises(ValueError, match="code formats grid, e8p; not 'trellis'"):
         K._ext.Plan(**{**K._layer_args(e8p_layer(64, 32, 2, seed=12)), "format": "trellis"})
+
+
+# --- model level: a tiny e8p artifact through quipc_runtime.load --------------------------
+@pytest.fixture(scope="module")
+def e8p_artifact(tiny_model, tmp_path_factory):
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+
+    model, text = tiny_model
+    out = tmp_path_factory.mktemp("art_e8p") / "w3"
+    compile_model(str(model), out, QuantConfig(bits=3, seed=1, format="e8p"),
+                  CalibConfig(text=str(text), windows=8, length=32), progress=False)
+    return out
+
+
+def test_model_level_matches_reference(e8p_artifact):
+    import quipc_runtime
+    ref = quipc_runtime.load(e8p_artifact, backend="reference")
+    fast = quipc_runtime.load(e8p_artifact, backend="kernels")
+    formats = {m.format for m in fast.modules() if isinstance(m, K.KernelQuipLinear)}
+    assert formats == {"e8p"}
+    ids = torch.randint(0, ref.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = ref(ids).logits, fast(ids).logits
+        assert rel_err(b.numpy(), a.numpy()) < 1e-4
+        ga = ref.generate(ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        gb = fast.generate(ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert torch.equal(ga, gb)
