@@ -2,6 +2,7 @@
 reference decoder (QuipLinearRef), a tiny Llama exported end to end, the frontend, refusals."""
 import dataclasses
 import hashlib
+import json
 
 import numpy as np
 import onnx
@@ -220,6 +221,7 @@ def test_tiny_llama_export_matches_torch_path(tiny, bits, ops):
     out = root / f"onnx{bits}_{ops}"
     path = export_artifact(arts[bits], out, ops=ops, progress=False, accuracy_level=0)
     model = onnx.load(str(path), load_external_data=False)
+    assert json.loads((out / "quipc_onnx.json").read_text())["code_format"] == ["e8p"]
     if ops == "quip":
         nodes = [nd.op_type for nd in model.graph.node if nd.domain == "ai.quipc"]
         assert nodes == ["QuipLinearGroup", "QuipLinear"] * 4
@@ -257,4 +259,26 @@ def test_frontend_rtn_e8p_matches_torch_path(tiny):
     x = ids()
     with torch.no_grad():
         ref = load(art)(input_ids=x).logits[0].numpy()
+    np.testing.assert_allclose(OnnxLM(out, threads=1).logits(x), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_frontend_sequential_e8p_reads_back_onto_torch_path(tiny):
+    """QuIP with calibration from an .onnx input, format e8p: the file's layers, run on the
+    torch reference path, give the file's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from quipc.backends.onnx.inspect import torch_model_with
+
+    root, folder, fp32, _ = tiny
+    out = root / "seq3"
+    summary = compile_onnx(fp32, out, QuantConfig(bits=3, format="e8p"),
+                           CalibConfig(text=str(root / "calib.txt"), windows=8, length=32), tokenizer=str(folder),
+                           progress=False, accuracy_level=0)
+    assert summary["quantized_layers"] == 14
+    layers = layers_from_onnx(out / "model.onnx")
+    assert {la.format for la in layers.values()} == {"e8p"}
+    model = torch_model_with(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), layers)
+    x = ids(16)
+    with torch.no_grad():
+        ref = model(input_ids=x).logits[0].numpy()
     np.testing.assert_allclose(OnnxLM(out, threads=1).logits(x), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())

@@ -128,6 +128,7 @@ def export_artifact(artifact: Path, out: Path, *, ops: str = "quip", progress: b
     summary = manifest.get("summary", {})
     meta = {"format": "quipc-onnx", "version": 1, "source_artifact": str(artifact.resolve()),
             "ops": ops, "accuracy_level": accuracy_level, "bits": manifest.get("quant_config", {}).get("bits"),
+            "code_format": sorted({la.format for la in layers.values()}),
             "bpw": summary.get("bpw"), "quantized_layers": len(layers), "io": io_convention(config)}
     tok = art.safe_path(artifact, manifest["tokenizer"]) if manifest.get("tokenizer") else None
     if progress:
