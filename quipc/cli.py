@@ -25,8 +25,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=d.grid, help="per-row grid range: mse (default) | minmax")
     p.add_argument("--format", default=None,
                    help="code format of the rotated weights: grid (per-row scalar grid) | "
-                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits). Default: e8p for an "
-                        "artifact, grid for --target onnx/tvm and .onnx inputs")
+                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits; default)")
     p.add_argument("--finetune", default=None,
                    help="none | e2e: after rounding, train the continuous parameters (input and row "
                         "scales, norms) to match the unquantized model's logits on the calibration "
@@ -117,12 +116,7 @@ def _format_and_finetune(args) -> tuple[str, str]:
     from .config import CLI_FINETUNE, CLI_FORMAT
 
     onnx_input = args.model.endswith(".onnx")
-    lowered = onnx_input or args.target != "torch"
-    fmt = args.format or ("grid" if lowered else CLI_FORMAT)
-    if lowered and fmt != "grid":
-        raise ValueError(f"--target {args.target if not onnx_input else 'onnx'} lowers the grid format only "
-                         f"(no lowering of {fmt!r} yet): use --format grid, or compile an artifact "
-                         "(--target torch) and run it with quipc.load")
+    fmt = args.format or CLI_FORMAT   # every backend lowers every format (quipc_runtime.formats)
     finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else CLI_FINETUNE)
     if onnx_input and finetune != "none":
         raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")

@@ -12,8 +12,7 @@ EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 # both dense); chosen from measurements on SmolLM2-135M, see README.
 CLI_HEAD_BITS = 4
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
-# the best rows of benchmarks/quality.py (README). Deployment targets that have no lowering
-# for the format (ONNX, TVM) get "grid".
+# the best rows of benchmarks/quality.py (README), for every target (each backend lowers e8p).
 CLI_FORMAT = "e8p"
 CLI_FINETUNE = "e2e"
 CLI_EMBED_BITS = "auto"
