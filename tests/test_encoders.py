@@ -2,6 +2,8 @@
 torch path and computes its stored weights; backends without an e8p lowering refuse it."""
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -10,7 +12,6 @@ from quipc.cli import main
 from quipc.compile import CalibConfig, compile_model
 from quipc.config import QuantConfig
 from quipc_runtime import artifact as art
-from quipc_runtime.formats import UnsupportedFormatError
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +43,24 @@ def test_e8p_model_computes_its_effective_weights(tiny_model, e8p_artifact):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=2e-4, rtol=1e-4)
 
 
-def test_backends_without_e8p_refuse_it_by_name(e8p_artifact, tmp_path):
+def test_every_backend_runs_an_e8p_artifact(e8p_artifact, tmp_path):
+    """The kernels runtime and the ONNX export compute what the torch path computes (per-backend
+    tests: tests/test_kernels*.py, test_onnx_e8p.py, test_tvm_e8p.py)."""
     from quipc_runtime import kernels as K
 
-    if K.available():
-        with pytest.raises(UnsupportedFormatError, match="kernels.*'e8p'"):
-            quipc.load(e8p_artifact, backend="kernels")
+    ids = torch.randint(3, 17, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = quipc.load(e8p_artifact)(ids).logits
+        if K.available():
+            got = quipc.load(e8p_artifact, backend="kernels")(ids).logits
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     pytest.importorskip("onnx")
     from quipc.backends.onnx import export_artifact
+    from quipc_runtime.onnx_runtime import OnnxLM
 
-    # the ONNX backend runs e8p now (tests/test_onnx_e8p.py, with its refusal of an unknown format)
-    assert export_artifact(e8p_artifact, tmp_path / "onnx", progress=False).is_file()
+    out = export_artifact(e8p_artifact, tmp_path / "onnx", progress=False, accuracy_level=0)
+    got = np.asarray(OnnxLM(out, threads=1).logits(ids.numpy())).reshape(want.shape)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_format_flag(tiny_model, tmp_path, capsys):
