@@ -1,9 +1,8 @@
 """Encoders (quipc.passes.encoders) end to end: an e8p compile of the tiny model loads on the
-torch path and computes its stored weights; backends without an e8p lowering refuse it."""
+torch path and computes its stored weights; the other backends compute the same."""
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
