@@ -38,6 +38,11 @@ struct E8PCodes {
 
 inline int e8p_stages(int bits) { return bits == 2 ? 1 : 2; }
 
+// Up to this batch the fused GEMV (4 activation vectors per pass over the codes) beats
+// decoding panels for the GEMM: e8p's decode costs more per weight than the grid's, so the
+// crossover is later (measured on SmolLM2 and 4096 x 4096 shapes, AVX2, one thread).
+inline int e8p_gemv_max_batch(int bits) { return bits == 2 ? 32 : bits == 3 ? 16 : 20; }
+
 // The signed source of index a (E8P[a] without the shift).
 inline void e8p_signed_source(const E8PTables& T, uint32_t a, float* out) {
   const uint32_t* mask = T.sign_mask[(a >> 8) & 0x7F];

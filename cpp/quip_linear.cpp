@@ -121,7 +121,7 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
 void QuipLinearPlan::matmul_e8p(const KernelTable& k, const float* z, int batch, float* t,
                                 int threads) const {
   const E8PCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
-  const bool gemv = batch <= kGemvMaxBatch;
+  const bool gemv = batch <= e8p_gemv_max_batch(d_.bits);
   const int groups = d_.n / 8;
   float* gsum = nullptr;  // the GEMV's shift term: 1/4 * the sums of z over each group
   if (gemv) {
@@ -139,8 +139,12 @@ void QuipLinearPlan::matmul_e8p(const KernelTable& k, const float* z, int batch,
     int i0, i1;
     split_range(d_.m, nt, tid, align, &i0, &i1);
     if (i0 >= i1) return;
-    if (gemv) {
-      k.e8p_gemv(codes, i0, i1, z, npad_, gsum, batch, t, d_.m);
+    if (gemv) {  // up to kGemvMaxBatch activation vectors per pass over the rows' codes
+      for (int b0 = 0; b0 < batch; b0 += kGemvMaxBatch) {
+        const int nb = std::min(kGemvMaxBatch, batch - b0);
+        k.e8p_gemv(codes, i0, i1, z + size_t(b0) * npad_, npad_, gsum + size_t(b0) * groups, nb,
+                   t + size_t(b0) * d_.m, d_.m);
+      }
     } else {
       Buffer work = alloc_floats(qgemm_work_floats(batch));
       k.e8p_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());

@@ -74,10 +74,10 @@ def test_every_index_decodes_as_the_reference(bits):
     layer = e8p_layer(m, n, bits, seed=bits, indices=indices)
     w = layer.rotated_weight().astype(np.float64)
     plan = K.prepare(layer)
-    z = np.random.default_rng(5).standard_normal((6, n)).astype(np.float32)
+    z = np.random.default_rng(5).standard_normal((33, n)).astype(np.float32)
     zsum = z.sum(1).astype(np.float32)
     for force_scalar in (False, True):
-        for batch in (1, 4, 6):  # GEMV (with its 2-row and batched kernels) and GEMM
+        for batch in (1, 4, 6, 33):  # GEMV (its row-block and batched kernels, chunks) and GEMM
             t = plan.matmul(z[:batch], zsum[:batch], threads=2, force_scalar=force_scalar)
             ref = z[:batch].astype(np.float64) @ w.T
             per_row = np.abs(t - ref).max(0) / np.abs(ref).max()
@@ -95,9 +95,11 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (640, 192), (96, 409
 def test_quip_linear_matches_reference(bits, m, n):
     layer = e8p_layer(m, n, bits, seed=m + n + bits)
     plan = K.prepare(layer)
-    x = np.random.default_rng(1).standard_normal((9, n)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((33, n)).astype(np.float32)
     ref = reference(layer, x)
-    for batch in (1, 2, 3, 4, 5, 9):  # GEMV kernels (<= 4), GEMM with tail rows
+    # GEMV kernels (<= 4 vectors per pass; chunks of 4 up to e8p_gemv_max_batch: 32 / 16 / 20
+    # for 2 / 3 / 4 bits), then the GEMM (17: 3 bits, 21: 4 bits, 33: all, with tail rows)
+    for batch in (1, 2, 3, 4, 6, 17, 21, 33):
         y1 = K.quip_linear(plan, x[:batch], threads=1)
         y2 = K.quip_linear(plan, x[:batch], threads=2)
         assert rel_err(y1, ref[:batch]) < TOL, (batch, rel_err(y1, ref[:batch]))
@@ -108,9 +110,9 @@ def test_quip_linear_matches_reference(bits, m, n):
 def test_scalar_fallback_matches(bits, monkeypatch):
     layer = e8p_layer(192, 576, bits, seed=7)
     plan = K.prepare(layer)
-    x = np.random.default_rng(2).standard_normal((7, 576)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((33, 576)).astype(np.float32)
     ref = reference(layer, x)
-    for batch in (1, 2, 4, 7):
+    for batch in (1, 2, 4, 7, 33):
         for threads in (1, 2):
             y = K.quip_linear(plan, x[:batch], threads=threads, force_scalar=True)
             assert rel_err(y, ref[:batch]) < TOL
