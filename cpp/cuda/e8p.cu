@@ -196,8 +196,15 @@ void launch_bits(const unsigned char* codes, size_t row_bytes, int m, int n, int
                  const float* z, int batch, const float* scale, const float* tables, float* t,
                  cudaStream_t stream) {
   if (batch <= 4) {
+    // Each block stages the 16 KB of codebooks once: a few blocks per SM loop over the rows.
+    static int sms = 0;
+    if (sms == 0) {
+      int dev = 0;
+      QUIPC_CUDA_CHECK(cudaGetDevice(&dev));
+      QUIPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    }
     const unsigned blocks = unsigned((m + kGemvWarps - 1) / kGemvWarps);
-    const unsigned grid = blocks < 65535u ? blocks : 65535u;
+    const unsigned grid = blocks < unsigned(4 * sms) ? blocks : unsigned(4 * sms);
     const bool vec = reinterpret_cast<uintptr_t>(z) % 16 == 0 && npad % 4 == 0;
     if (vec) gemv_batch<BITS, true>(grid, codes, row_bytes, m, n, npad, z, batch, scale, tables, t, stream);
     else gemv_batch<BITS, false>(grid, codes, row_bytes, m, n, npad, z, batch, scale, tables, t, stream);
