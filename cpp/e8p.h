@@ -39,9 +39,9 @@ struct E8PCodes {
 inline int e8p_stages(int bits) { return bits == 2 ? 1 : 2; }
 
 // Up to this batch the fused GEMV (4 activation vectors per pass over the codes) beats
-// decoding panels for the GEMM: e8p's decode costs more per weight than the grid's, so the
-// crossover is later (measured on SmolLM2 and 4096 x 4096 shapes, AVX2, one thread).
-inline int e8p_gemv_max_batch(int bits) { return bits == 2 ? 32 : bits == 3 ? 16 : 20; }
+// decoding panels for the GEMM (measured on SmolLM2 and 4096 x 4096 shapes, AVX2, one
+// thread: at 2 bits two GEMV passes still win at batch 8, at 3 and 4 bits the GEMM from 5).
+inline int e8p_gemv_max_batch(int bits) { return bits == 2 ? 8 : 4; }
 
 // The signed source of index a (E8P[a] without the shift).
 inline void e8p_signed_source(const E8PTables& T, uint32_t a, float* out) {
@@ -60,7 +60,7 @@ inline void e8p_signed_source(const E8PTables& T, uint32_t a, float* out) {
 // The 8 coordinates of E8P[a] (tests compare every index with the Python table).
 inline void e8p_point(const E8PTables& T, uint32_t a, float* out) {
   e8p_signed_source(T, a, out);
-  const float shift = (a & 0x8000u) ? -0.25f : 0.25f;
+  const float shift = 0.25f - 0.5f * float((a >> 15) & 1);  // branch-free: the bit is random
   for (int j = 0; j < 8; ++j) out[j] += shift;
 }
 

@@ -18,7 +18,7 @@ inline float signed_dot(const E8PTables& T, uint32_t a, const float* z) {
   return s;
 }
 
-inline float shift_term(uint32_t a, float gsum) { return (a & 0x8000u) ? -gsum : gsum; }
+inline float shift_term(uint32_t a, float gsum) { return gsum - 2.f * gsum * float((a >> 15) & 1); }
 
 }  // namespace
 

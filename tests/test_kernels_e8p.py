@@ -77,7 +77,7 @@ def test_every_index_decodes_as_the_reference(bits):
     z = np.random.default_rng(5).standard_normal((33, n)).astype(np.float32)
     zsum = z.sum(1).astype(np.float32)
     for force_scalar in (False, True):
-        for batch in (1, 4, 6, 33):  # GEMV (its row-block and batched kernels, chunks) and GEMM
+        for batch in (1, 4, 6, 33):  # GEMV (row-block and batched kernels, 2 passes at 2 bits), GEMM
             t = plan.matmul(z[:batch], zsum[:batch], threads=2, force_scalar=force_scalar)
             ref = z[:batch].astype(np.float64) @ w.T
             per_row = np.abs(t - ref).max(0) / np.abs(ref).max()
@@ -97,9 +97,9 @@ def test_quip_linear_matches_reference(bits, m, n):
     plan = K.prepare(layer)
     x = np.random.default_rng(1).standard_normal((33, n)).astype(np.float32)
     ref = reference(layer, x)
-    # GEMV kernels (<= 4 vectors per pass; chunks of 4 up to e8p_gemv_max_batch: 32 / 16 / 20
-    # for 2 / 3 / 4 bits), then the GEMM (17: 3 bits, 21: 4 bits, 33: all, with tail rows)
-    for batch in (1, 2, 3, 4, 6, 17, 21, 33):
+    # GEMV kernels (<= 4 vectors per pass; in passes up to e8p_gemv_max_batch: 8 at 2 bits,
+    # 4 at 3/4 bits), then the GEMM (6 at 3/4 bits; 9, 17, 33 with tail rows)
+    for batch in (1, 2, 3, 4, 6, 9, 17, 33):
         y1 = K.quip_linear(plan, x[:batch], threads=1)
         y2 = K.quip_linear(plan, x[:batch], threads=2)
         assert rel_err(y1, ref[:batch]) < TOL, (batch, rel_err(y1, ref[:batch]))
