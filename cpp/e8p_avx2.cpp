@@ -203,7 +203,7 @@ void by_batch(const E8PCodes& c, int i0, int i1, const float* z, int ldz, const 
   switch (nb) {
     case 1: rows<BITS, 1, two ? 2 : 4, two ? 2 : 1>(c, i0, i1, z, ldz, gsum, t, ldt); break;
     case 2: rows<BITS, 2, two ? 4 : 2, 1>(c, i0, i1, z, ldz, gsum, t, ldt); break;
-    case 3: rows<BITS, 3, two ? 4 : 1, 1>(c, i0, i1, z, ldz, gsum, t, ldt); break;
+    case 3: rows<BITS, 3, two ? 4 : 2, 1>(c, i0, i1, z, ldz, gsum, t, ldt); break;
     default: rows<BITS, 4, two ? 2 : 1, 1>(c, i0, i1, z, ldz, gsum, t, ldt); break;
   }
 }
