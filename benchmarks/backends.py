@@ -129,6 +129,7 @@ def cmd_kernel(args) -> None:
     import tvm
 
     from quipc.backends.tvm import tir_quip_linear as Q
+    from quipc.backends.tvm.lowering import linear_prim_func
     from quipc.backends.tvm.build import resolve_target
     from quipc.backends.tvm.schedules import schedule_func
 
@@ -138,7 +139,7 @@ def cmd_kernel(args) -> None:
         for bits in args.kbits:
             layer = random_layer(m, n, bits)
             spec = Q.LinearSpec.of(layer)
-            lib = tvm.compile(schedule_func(Q.linear_prim_func(spec, "gemv")).with_attr("global_symbol", "main"),
+            lib = tvm.compile(schedule_func(linear_prim_func(spec, "gemv")).with_attr("global_symbol", "main"),
                               target=resolve_target("llvm"))
             x = np.random.default_rng(1).normal(size=(1, n)).astype(np.float32)
             p = Q.linear_params(layer, spec)
@@ -201,6 +202,7 @@ def cmd_gpu_prepare(args) -> None:
 
     from quipc.backends.tvm import compile_artifact
     from quipc.backends.tvm import tir_quip_linear as Q
+    from quipc.backends.tvm.lowering import linear_prim_func
     from quipc.backends.tvm.build import resolve_target, schedule
 
     out = Path(args.dir)
@@ -224,7 +226,7 @@ def cmd_gpu_prepare(args) -> None:
     # the kernel alone: 4096x4096 2-bit, batch 1
     layer = random_layer(4096, 4096, 2)
     spec = Q.LinearSpec.of(layer)
-    mod = tvm.IRModule({"main": Q.linear_prim_func(spec, "gemv").with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": linear_prim_func(spec, "gemv").with_attr("global_symbol", "main")})
     lib = tvm.compile(schedule(mod, tgt), target=tgt)
     lib.export_library(str(out / "kernel_4096_b2.so"))
     x = np.random.default_rng(1).normal(size=(1, 4096)).astype(np.float32)

@@ -33,11 +33,12 @@ def random_layer(m, n, bits, kind="hadamard", seed=0, bias=True, in_scale=True):
 
 def run_kernel(layer, mode, rows, residual=None):
     from quipc.backends.tvm import tir_quip_linear as Q
+    from quipc.backends.tvm.lowering import linear_prim_func
     from quipc.backends.tvm.build import resolve_target
     from quipc.backends.tvm.schedules import schedule_func
 
     spec = Q.LinearSpec.of(layer)
-    func = schedule_func(Q.linear_prim_func(spec, mode, residual=residual is not None))
+    func = schedule_func(linear_prim_func(spec, mode, residual=residual is not None))
     lib = tvm.compile(func.with_attr("global_symbol", "main"), target=resolve_target("llvm"))
     x = np.random.default_rng(7).normal(size=(rows, layer.in_features)).astype(np.float32)
     params = Q.linear_params(layer, spec)

@@ -29,13 +29,13 @@ def e8p_layer(m, n, bits, kind="hadamard", seed=0, bias=True, in_scale=True):
 
 def run_kernel(layer, mode, rows, residual=None):
     from quipc.backends.tvm.build import resolve_target
-    from quipc.backends.tvm.lowering import lowering
+    from quipc.backends.tvm.lowering import linear_prim_func, lowering
     from quipc.backends.tvm.schedules import schedule_func
     from quipc.backends.tvm.tir_quip_linear import LinearSpec
 
     spec = LinearSpec.of(layer)
     low = lowering(spec.format)
-    func = low.linear_prim_func(spec, mode, rows=rows if mode == "gemv" else None,
+    func = linear_prim_func(spec, mode, rows=rows if mode == "gemv" else None,
                                 residual=residual is not None)
     lib = tvm.compile(schedule_func(func).with_attr("global_symbol", "main"), target=resolve_target("llvm"))
     x = np.random.default_rng(7).normal(size=(rows, layer.in_features)).astype(np.float32)

@@ -346,15 +346,3 @@ def prefill_rows():
     """The symbolic row count of prefill functions. Callers pad it to a multiple of
     ROW_MULTIPLE: the schedules split rows without a bounds predicate."""
     return tirx.Var("L", "int64")
-
-
-def linear_prim_func(spec: LinearSpec, mode: str, rows=None, residual: bool = False):
-    """A standalone PrimFunc (x, params..., [residual], y) for tests and kernel benchmarks."""
-    if rows is None:
-        rows = 1 if mode == "gemv" else prefill_rows()
-    x = te.placeholder((rows, spec.n), "float32", name="x")
-    args = placeholders(spec)
-    res = te.placeholder((rows, spec.m), "float32", name="residual") if residual else None
-    y = quip_linear_te(x, args, spec, mode, residual=res)
-    ins = [x] + [args[k] for k in param_names(spec)] + ([res] if res is not None else [])
-    return te.create_prim_func(ins + [y])
