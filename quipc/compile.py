@@ -214,7 +214,8 @@ def _calibration(model, tokenizer, calib: CalibConfig, seed: int, device, progre
     finally:
         bar.close()
         model.to("cpu")
-    return windows, {"source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length}
+    return windows, {"source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length,
+                     "chat_windows": calibration.chat_window_count(tokenizer, calib.windows)}
 
 
 def _new_artifact(out: Path, model, tokenizer, source, cfg: QuantConfig, calib_info: dict,

@@ -33,10 +33,37 @@ def text_windows(tokenizer, path, n_windows: int, length: int) -> torch.Tensor:
     return cut_windows(tokenize_file(tokenizer, path), n_windows, length, str(path))
 
 
+CHAT_SHARE = 0.5   # of the generated windows, for a model with a chat template
+
+
+def chat_window_count(tokenizer, n_windows: int) -> int:
+    from .chat_calibration import has_chat_template
+
+    return int(n_windows * CHAT_SHARE) if has_chat_template(tokenizer) and n_windows > 1 else 0
+
+
 def generated_windows(model, tokenizer, n_windows: int, length: int, seed: int,
                       batch: int = 16, progress=None) -> torch.Tensor:
-    """Data-free calibration: sequences sampled from the model (temperature 1, top-k 50),
-    each started from a random vocabulary token, all from one seed."""
+    """Data-free calibration, all from one seed: for a model with a chat template, half the
+    windows are conversations it writes through its template (chat_calibration.py) and
+    the others free text; the two kinds alternate, so a held-out tail holds both."""
+    from .chat_calibration import chat_windows
+
+    n_chat = chat_window_count(tokenizer, n_windows)
+    free = free_windows(model, tokenizer, n_windows - n_chat, length, seed, batch, progress)
+    if n_chat == 0:
+        return free
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        chat = chat_windows(model, tokenizer, n_chat, length, batch, progress)
+    order = torch.stack([free[:n_chat], chat], dim=1).reshape(2 * n_chat, length)
+    return torch.cat([order, free[n_chat:]])
+
+
+def free_windows(model, tokenizer, n_windows: int, length: int, seed: int,
+                 batch: int = 16, progress=None) -> torch.Tensor:
+    """Sequences sampled from the model (temperature 1, top-k 50), each started from a
+    random vocabulary token."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
