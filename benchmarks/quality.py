@@ -134,7 +134,8 @@ def plot(records: list[dict], path: Path) -> None:
             name = r["method"] + (f" {r['incoherence']}" if r["incoherence"] else "") + \
                 (f" {r['format']}" if r.get("format", "grid") != "grid" else "") + \
                 (f" +ft {r['finetune']}" if r.get("finetune", "none") != "none" else "") + \
-                (" (data-free)" if r["calib"] == "generated" else "") + \
+                (f" ({'data-free' if r['calib'] == 'generated' else r['calib']})"
+                 if str(r["calib"]).startswith("generated") else "") + \
                 (f" head {r['head_bits']}-bit" if r.get("head_bits", 32) != 32 else "")
             groups.setdefault(name, []).append(r)
     for name, rs in sorted(groups.items()):
