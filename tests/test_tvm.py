@@ -101,8 +101,11 @@ def test_whole_model_logits_and_generation(tiny_artifact, tvm_build):
     import quipc_runtime
     from quipc_runtime.tvm_runtime import TvmLM
 
-    model = quipc_runtime.load(tiny_artifact)
-    lm = TvmLM(tvm_build, threads=2)
+    assert_matches_torch_path(quipc_runtime.load(tiny_artifact), TvmLM(tvm_build, threads=2), new_tokens=10)
+
+
+def assert_matches_torch_path(model, lm, new_tokens: int) -> None:
+    """A TVM build's prefill logits and greedy tokens (KV cache) equal the torch path's."""
     ids = torch.randint(3, 17, (1, 37), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits[0].numpy()
@@ -110,9 +113,9 @@ def test_whole_model_logits_and_generation(tiny_artifact, tvm_build):
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     with torch.no_grad():
-        want = model.generate(ids[:, :9], max_new_tokens=10, do_sample=False, eos_token_id=None,
+        want = model.generate(ids[:, :9], max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0].tolist()
-    assert lm.generate(ids[0, :9].numpy(), 10, stop_at_eos=False)[0].tolist() == want
+    assert lm.generate(ids[0, :9].numpy(), new_tokens, stop_at_eos=False)[0].tolist() == want
 
 
 def test_runtime_needs_only_tvm(tvm_build):

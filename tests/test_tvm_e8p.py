@@ -13,6 +13,7 @@ from quipc_runtime.formats.lattice import e8p_table  # noqa: E402
 from quipc_runtime.layer import QuantizedLinear  # noqa: E402
 from quipc_runtime.modules import QuipLinearRef  # noqa: E402
 from quipc_runtime.transforms import Transform  # noqa: E402
+from test_tvm import assert_matches_torch_path  # noqa: E402
 
 
 def e8p_layer(m, n, bits, kind="hadamard", seed=0, bias=True, in_scale=True):
@@ -136,14 +137,4 @@ def test_whole_model_e8p_logits_and_generation(e8p_artifact, tmp_path):
     cfg = json.loads((out / "tvm_config.json").read_text())
     assert cfg["bits"] == [2, 3]
     assert cfg["formats"] == ["e8p", "grid"]  # the blocks' linears are e8p, the quantized head grid
-    lm = TvmLM(out, threads=2)
-    ids = torch.randint(3, 17, (1, 37), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=False).logits[0].numpy()
-    got = lm.logits(ids[0].numpy())
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    with torch.no_grad():
-        want = model.generate(ids[:, :9], max_new_tokens=8, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0].tolist()
-    assert lm.generate(ids[0, :9].numpy(), 8, stop_at_eos=False)[0].tolist() == want
+    assert_matches_torch_path(model, TvmLM(out, threads=2), new_tokens=8)
