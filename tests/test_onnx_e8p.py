@@ -28,6 +28,7 @@ from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.modules import QuipLinearRef
 from quipc_runtime.onnx_runtime import OnnxLM
 from quipc_runtime.transforms import Transform
+from test_onnx_export import assert_matches_torch_path
 from tiny import make_tiny_onnx_lm
 
 
@@ -231,16 +232,7 @@ def test_tiny_llama_export_matches_torch_path(tiny, bits, ops):
         for name, la in want.items():
             assert back[name].format == la.format == "e8p" and back[name].zero is None
             assert np.array_equal(back[name].codes, la.codes) and np.array_equal(back[name].scale, la.scale)
-    torch_model = load(arts[bits])
-    x = ids(24, seed=bits)
-    with torch.no_grad():
-        ref = torch_model(input_ids=x).logits[0].numpy()
-    lm = OnnxLM(out, threads=1)
-    np.testing.assert_allclose(lm.logits(x), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
-    gen = torch_model.generate(x[:, :6], max_new_tokens=6, do_sample=False,
-                               attention_mask=torch.ones(1, 6, dtype=torch.long))
-    got, want = list(lm.generate(x[0, :6], 6)), list(gen[0].numpy())
-    assert got[:len(want)] == want and (len(got) == len(want) or want[-1] == 2)   # transformers stops at EOS
+    assert_matches_torch_path(load(arts[bits]), OnnxLM(out, threads=1), ids(24, seed=bits))
     if bits == 2 and ops == "quip":   # deterministic: a second export is byte-identical
         again = export_artifact(arts[bits], root / "again", ops=ops, progress=False, accuracy_level=0)
         assert digest(again.parent) == digest(out)
