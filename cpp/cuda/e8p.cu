@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "gemm_tile.cuh"
 
 namespace quipc {
 namespace cuda {
@@ -122,7 +123,7 @@ e8p_gemv_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m
   }
 }
 
-constexpr int kTileM = 64, kTileB = 64, kTileK = 32;
+constexpr int kTileM = gemm_tile::kM, kTileB = gemm_tile::kB, kTileK = gemm_tile::kK;
 
 template <int BITS>
 __global__ void __launch_bounds__(256)
@@ -130,8 +131,8 @@ e8p_gemm_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m
                 const float* __restrict__ z, int batch, const float* __restrict__ scale,
                 const float* __restrict__ tables, float* __restrict__ t) {
   __shared__ __align__(16) float sh[2 * kTable];
-  __shared__ float ws[kTileK][kTileM + 4];
-  __shared__ float zs[kTileK][kTileB + 4];
+  __shared__ gemm_tile::WeightTile ws;
+  __shared__ gemm_tile::ActivationTile zs;
   stage_tables(tables, sh);
   constexpr int S = BITS == 2 ? 1 : 2;
   const int tid = threadIdx.x;
@@ -150,22 +151,9 @@ e8p_gemm_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m
 #pragma unroll
       for (int u = 0; u < 8; ++u) ws[gq * 8 + u][r] = w[u];
     }
-    {  // 8 activations per thread
-      const int b = tid / 4, kq = (tid % 4) * 8;
-      for (int u = 0; u < 8; ++u) {
-        const int k = k0 + kq + u;
-        zs[kq + u][b] = (b0 + b < batch && k < npad) ? z[size_t(b0 + b) * npad + k] : 0.f;
-      }
-    }
+    gemm_tile::stage_activations(zs, z, npad, batch, b0, k0, tid);
     __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[4], c[4];
-      for (int q = 0; q < 4; ++q) a[q] = ws[kk][ti * 4 + q];
-      for (int q = 0; q < 4; ++q) c[q] = zs[kk][tb * 4 + q];
-      for (int x = 0; x < 4; ++x)
-        for (int y = 0; y < 4; ++y) acc[x][y] = fmaf(a[x], c[y], acc[x][y]);
-    }
+    gemm_tile::accumulate(ws, zs, ti, tb, acc);
     __syncthreads();
   }
   for (int y = 0; y < 4; ++y) {

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "common.cuh"
+#include "gemm_tile.cuh"
 
 namespace quipc {
 namespace cuda {
@@ -172,15 +173,15 @@ __global__ void qgemv_simple_kernel(const unsigned char* __restrict__ codes, siz
   }
 }
 
-constexpr int kTileM = 64, kTileB = 64, kTileK = 32;
+constexpr int kTileM = gemm_tile::kM, kTileB = gemm_tile::kB, kTileK = gemm_tile::kK;
 
 template <int BITS>
 __global__ void __launch_bounds__(256)
 qgemm_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m, int n, int npad,
              const float* __restrict__ z, int batch, const float* __restrict__ scale,
              const float* __restrict__ zero, float* __restrict__ t) {
-  __shared__ float ws[kTileK][kTileM + 4];
-  __shared__ float zs[kTileK][kTileB + 4];
+  __shared__ gemm_tile::WeightTile ws;
+  __shared__ gemm_tile::ActivationTile zs;
   __shared__ float zsum[kTileB];
   const int tid = threadIdx.x;
   const int i0 = blockIdx.x * kTileM, b0 = blockIdx.y * kTileB;
@@ -203,22 +204,9 @@ qgemm_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m, i
       if (i0 + r < m && g < groups) w = load_group_bytes(codes + size_t(i0 + r) * row_bytes + size_t(g) * BITS, BITS);
       for (int u = 0; u < 8; ++u) ws[gq * 8 + u][r] = code_to_float((w >> (BITS * u)) & ((1u << BITS) - 1u));
     }
-    {  // 8 activations per thread
-      const int b = tid / 4, kq = (tid % 4) * 8;
-      for (int u = 0; u < 8; ++u) {
-        const int k = k0 + kq + u;
-        zs[kq + u][b] = (b0 + b < batch && k < npad) ? z[size_t(b0 + b) * npad + k] : 0.f;
-      }
-    }
+    gemm_tile::stage_activations(zs, z, npad, batch, b0, k0, tid);
     __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[4], c[4];
-      for (int q = 0; q < 4; ++q) a[q] = ws[kk][ti * 4 + q];
-      for (int q = 0; q < 4; ++q) c[q] = zs[kk][tb * 4 + q];
-      for (int x = 0; x < 4; ++x)
-        for (int y = 0; y < 4; ++y) acc[x][y] = fmaf(a[x], c[y], acc[x][y]);
-    }
+    gemm_tile::accumulate(ws, zs, ti, tb, acc);
     __syncthreads();
   }
   for (int y = 0; y < 4; ++y) {
