@@ -52,6 +52,18 @@ int clamp_threads(int threads, int work_items, double total_work) {
   return std::max(1, std::min({threads, work_items, by_work}));
 }
 
+// Rows 0..m of the quantized matmul split over the pool (`align` rows at a time): fn(i0, i1)
+// on each thread's non-empty share.
+template <class RowsFn>
+void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
+  const int nt = clamp_threads(threads, (m + align - 1) / align, double(batch) * m * n);
+  ThreadPool::instance().run(nt, [&](int tid) {
+    int i0, i1;
+    split_range(m, nt, tid, align, &i0, &i1);
+    if (i0 < i1) fn(i0, i1);
+  });
+}
+
 }  // namespace
 
 QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform t_out)
@@ -103,12 +115,7 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
   const Codes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
   const RowAffine aff{d_.scale.data(), d_.zero.data()};
   const bool gemv = batch <= kGemvMaxBatch;
-  const int align = gemv ? 8 : kGemmNR;
-  const int nt = clamp_threads(threads, (d_.m + align - 1) / align, double(batch) * d_.m * d_.n);
-  ThreadPool::instance().run(nt, [&](int tid) {
-    int i0, i1;
-    split_range(d_.m, nt, tid, align, &i0, &i1);
-    if (i0 >= i1) return;
+  over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
     if (gemv) {
       k.qgemv(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m);
     } else {
@@ -133,12 +140,7 @@ void QuipLinearPlan::matmul_e8p(const KernelTable& k, const float* z, int batch,
             0.25f * (((zg[0] + zg[1]) + (zg[2] + zg[3])) + ((zg[4] + zg[5]) + (zg[6] + zg[7])));
       }
   }
-  const int align = gemv ? 8 : kGemmNR;
-  const int nt = clamp_threads(threads, (d_.m + align - 1) / align, double(batch) * d_.m * d_.n);
-  ThreadPool::instance().run(nt, [&](int tid) {
-    int i0, i1;
-    split_range(d_.m, nt, tid, align, &i0, &i1);
-    if (i0 >= i1) return;
+  over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
     if (gemv) {  // up to kGemvMaxBatch activation vectors per pass over the rows' codes
       for (int b0 = 0; b0 < batch; b0 += kGemvMaxBatch) {
         const int nb = std::min(kGemvMaxBatch, batch - b0);
