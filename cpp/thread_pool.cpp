@@ -4,6 +4,16 @@
 
 namespace quipc {
 
+namespace {
+thread_local const ExternalPool* t_external = nullptr;
+}  // namespace
+
+ScopedExternalPool::ScopedExternalPool(const ExternalPool* pool) : saved_(t_external) {
+  t_external = pool;
+}
+
+ScopedExternalPool::~ScopedExternalPool() { t_external = saved_; }
+
 ThreadPool& ThreadPool::instance() {
   static ThreadPool pool;
   return pool;
@@ -29,6 +39,10 @@ void ThreadPool::ensure_workers(int count) {
 void ThreadPool::run(int n, const std::function<void(int)>& fn) {
   if (n <= 1) {
     if (n == 1) fn(0);
+    return;
+  }
+  if (t_external != nullptr) {
+    t_external->parallel_for(t_external->ctx, n, fn);
     return;
   }
   std::lock_guard<std::mutex> region(run_mu_);

@@ -11,11 +11,32 @@
 
 namespace quipc {
 
+// Another pool that run() hands its parallel regions to, on the thread that installed it
+// (ScopedExternalPool): e.g. onnxruntime's intra-op pool inside a custom-op kernel, so that
+// one pool, sized by its owner, runs everything. parallel_for runs fn(0..n-1), possibly in
+// parallel, and returns when all are done.
+struct ExternalPool {
+  void (*parallel_for)(void* ctx, int n, const std::function<void(int)>& fn);
+  void* ctx;
+};
+
+class ScopedExternalPool {
+ public:
+  explicit ScopedExternalPool(const ExternalPool* pool);
+  ~ScopedExternalPool();
+  ScopedExternalPool(const ScopedExternalPool&) = delete;
+  ScopedExternalPool& operator=(const ScopedExternalPool&) = delete;
+
+ private:
+  const ExternalPool* saved_;
+};
+
 class ThreadPool {
  public:
   static ThreadPool& instance();
   ~ThreadPool();
-  // Runs fn(i) for i in [0, n); returns when all are done. n <= 1 runs inline.
+  // Runs fn(i) for i in [0, n); returns when all are done. n <= 1 runs inline; so does a
+  // region on a thread with a ScopedExternalPool, through that pool.
   void run(int n, const std::function<void(int)>& fn);
 
  private:
