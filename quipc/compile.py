@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from quipc_runtime.layer import QuantizedLinear
 
 from .config import QuantConfig
 from .frontend import calibration
-from .frontend.hf import load_model
+from .distributed import Group, join
 from .frontend.models import _file_sha256, resolve
+from .frontend.streaming import open_streamed
 from .frontend.trace import find_blocks
 from .passes import head as headpass
+from .passes.hessian import batch_partial, reduce_in_batch_order
 from .passes.sequential import quantize_model
 
 
@@ -109,7 +112,7 @@ def _finish_sizes(out: Path, manifest: dict) -> None:
     raise RuntimeError("manifest size did not settle")
 
 
-def _start_or_resume(out: Path, resume: bool, key: str) -> tuple[dict | None, dict[int, list[QuantizedLinear]]]:
+def _start_or_resume(out: Path, resume: bool, key: str) -> tuple[dict | None, Mapping]:
     if not out.exists():
         return None, {}
     if not resume:
@@ -119,34 +122,58 @@ def _start_or_resume(out: Path, resume: bool, key: str) -> tuple[dict | None, di
     if manifest.get("job_key") != key:
         raise ValueError(f"{out} was compiled from another model or with other settings; "
                          "--resume needs the same command")
-    done = {rec["index"]: art.load_block(out, rec) for rec in manifest["blocks"]}
-    return manifest, done
+    return manifest, _DoneBlocks(out, manifest["blocks"])
+
+
+class _DoneBlocks(Mapping):
+    """The blocks an interrupted run finished, each read from the folder when its turn comes."""
+
+    def __init__(self, out: Path, records: list[dict]):
+        self._out, self._records = out, {rec["index"]: rec for rec in records}
+
+    def __getitem__(self, index: int) -> list[QuantizedLinear]:
+        return art.load_block(self._out, self._records[index])
+
+    def __iter__(self):
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: CalibConfig, *,
-                  device: str = "cpu", resume: bool = False, progress: bool = True) -> dict:
+                  device: str = "cpu", resume: bool = False, progress: bool = True,
+                  group: Group | None = None) -> dict | None:
+    """Compile MODEL into the artifact folder `out`. The decoder blocks are read from the
+    checkpoint one at a time (frontend/streaming.py). Under torchrun (or with `group`) the
+    ranks share the work (distributed.py) and rank 0 writes the folder and returns the
+    manifest; the other ranks return None once the blocks are done."""
     cfg, calib = cfg.validate(), calib.validate()
     if cfg.quantize_lm_head:
         raise ValueError("quantize_lm_head is the ONNX frontend's switch; for Hugging Face models "
                          "set head_bits (--head-bits)")
+    group = group or join(device)
+    device = group.device if group.world > 1 else device
     out = Path(out)
     source = resolve(model_spec)
     key = _job_key(source.to_dict(), cfg, calib)
-    manifest, done = _start_or_resume(out, resume, key)
-    if manifest is not None and manifest.get("complete"):
-        return manifest
+    manifest, done = _on_main(group, lambda: _start_or_resume(out, resume, key), (None, {}))
+    if group.broadcast_object(manifest is not None and manifest.get("complete", False) if group.is_main else None):
+        return manifest if group.is_main else None
     t0 = time.time()
-    model, tokenizer = load_model(source)
-    prefix, blocks = find_blocks(model)
+    stream, tokenizer = open_streamed(source)
+    model, prefix, blocks = stream.model, stream.prefix, stream.blocks
     plan = headpass.plan_for(model, cfg)
     model_params = int(sum(p.numel() for p in model.parameters()))  # tied tensors once
     windows, calib_info = None, {"source": "none (rtn needs no calibration)"}
     if cfg.method != "rtn":
-        windows, calib_info = _calibration(model, tokenizer, calib, cfg.seed, device, progress)
-    dense, _ = _dense_tensors(model, prefix)  # before quantization edits the block weights
+        windows, calib_info = group.broadcast_object(
+            _calibration(stream, tokenizer, calib, cfg.seed, device, progress) if group.is_main else None)
+    dense, _ = _dense_tensors(model, prefix)
     dense = plan.dense_tensors(dense, model)
     if manifest is None:
-        manifest = _new_artifact(out, model, tokenizer, source, cfg, calib_info, key, prefix, dense, plan)
+        manifest = _on_main(group, lambda: _new_artifact(out, model, tokenizer, source, cfg, calib_info, key,
+                                                          prefix, dense, plan), None)
 
     def save_block(index: int, layers: list[QuantizedLinear]) -> None:
         rec = art.write_block(out, index, layers)
@@ -160,29 +187,66 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
 
     def head_hessian(inputs) -> None:
         if plan.head_quantized and inputs is not None:
-            head_h["h"] = headpass.head_hessian(model, blocks, inputs.hidden)
+            head_h["h"] = _head_hessian(model, blocks, inputs, group)
 
-    bar = tqdm(total=len(blocks), desc="quantize blocks", unit="block", disable=not progress)
+    finetune = group.broadcast_object(cfg.finetune != "none" and "finetune" not in manifest
+                                      if group.is_main else None)
+    bar = tqdm(total=len(blocks), desc="quantize blocks", unit="block", disable=not progress or not group.is_main)
     try:
-        quantize_model(model, windows, cfg, device=device, batch=calib.batch, done=done,
-                       on_block=save_block, progress=bar, on_final=head_hessian)
+        teacher_hidden = quantize_model(model, windows, cfg, device=device, batch=calib.batch, done=done,
+                                        on_block=save_block, progress=bar, on_final=head_hessian,
+                                        stream=stream, group=group, teacher=finetune)
     finally:
         bar.close()
+    if not group.is_main:
+        return None   # rank 0 finishes alone: the head, the fine-tuning (not split: see README)
     if plan.head_quantized:
         layer = headpass.quantize_head(model, plan, head_h.get("h"), cfg)
         rec = art.write_layers(out, HEAD_FILE, [layer])
         rec["layers"][0]["storage_bits"] = layer.storage_bits()
         manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}
-    if cfg.finetune != "none" and "finetune" not in manifest:
+    if finetune:
         from .finetune_stage import run_finetune
+        from .passes.teacher import TeacherLogits
 
-        manifest = run_finetune(out, manifest, source, windows, cfg, dense, progress)
+        teacher = TeacherLogits(headpass.final_norm(model, blocks), model.get_output_embeddings(),
+                                windows, teacher_hidden)
+        manifest = run_finetune(out, manifest, teacher, windows, cfg, dense, progress)
     manifest["summary"] = _summary(manifest, dense, model_params)
     manifest["compile_seconds"] = manifest.get("compile_seconds", 0.0) + time.time() - t0
     manifest["complete"] = True
     _finish_sizes(out, manifest)
     art.write_manifest(out, manifest)
     return manifest
+
+
+def _on_main(group: Group, fn, other):
+    """fn() on rank 0; its error, if any, raised on every rank (so none waits for the others)."""
+    result, error = (other, None)
+    if group.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    failed = group.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 stopped: {failed}")
+    return result
+
+
+def _head_hessian(model, blocks, inputs, group: Group) -> torch.Tensor:
+    """E[x x^T] of lm_head's input (the final norm of the last block's outputs) over every
+    rank's batches, summed in batch order (as passes/head.head_hessian does in one process)."""
+    norm = headpass.final_norm(model, blocks)
+    where = dict(zip(inputs.batch_ids, inputs.hidden))
+    dim = group.broadcast_object(inputs.hidden[0].shape[-1] if group.is_main else None)
+    device = norm.weight.device
+    with torch.no_grad():
+        accs = reduce_in_batch_order(group, inputs.n_batches, lambda b: [batch_partial(norm(where[b]))],
+                                     [dim], device)
+    return accs[0].mean().cpu()
 
 
 HEAD_FILE = "head.safetensors"
@@ -200,20 +264,22 @@ def _embedding_record(folder: Path, model, plan) -> dict:
             "bpw": table.storage_bits() / (table.rows * table.dim)}
 
 
-def _calibration(model, tokenizer, calib: CalibConfig, seed: int, device, progress):
+def _calibration(stream, tokenizer, calib: CalibConfig, seed: int, device, progress):
     if calib.text is not None:
         windows = calibration.text_windows(tokenizer, calib.text, calib.windows, calib.length)
         # named by file name and content, not by where it sat on the compiling machine
         return windows, {"source": Path(calib.text).name, "sha256": _file_sha256(Path(calib.text)),
                          "windows": int(windows.shape[0]), "length": calib.length}
     bar = tqdm(total=calib.windows, desc="generate calibration text", unit="window", disable=not progress)
-    model.to(device)
+    # data-free: the model writes the text, so it is held whole while it does (then freed)
     try:
-        windows = calibration.generated_windows(model, tokenizer, calib.windows, calib.length, seed,
-                                                progress=bar)
+        with stream.fully_loaded() as model:
+            model.to(device)
+            windows = calibration.generated_windows(model, tokenizer, calib.windows, calib.length, seed,
+                                                    progress=bar)
+            model.to("cpu")
     finally:
         bar.close()
-        model.to("cpu")
     return windows, {"source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length,
                      "chat_windows": calibration.chat_window_count(tokenizer, calib.windows)}
 

@@ -1,5 +1,5 @@
 """The compile's fine-tuning stage: load the rounded (not yet complete) artifact, fine-tune its
-continuous parameters against the unquantized model, and write them back.
+continuous parameters against the unquantized model's logits, and write them back.
 
 The codes are never touched. The new block and dense files get new names and one manifest
 write switches to them, so an interruption at any point leaves a folder that `--resume`
@@ -15,18 +15,18 @@ from tqdm.auto import tqdm
 from quipc_runtime import artifact as art
 from quipc_runtime.loader import load_model as load_artifact
 
-from .frontend.hf import load_model
 from .passes.finetune import finetune_e2e, held_out_windows
 
 FT_SUFFIX = "_ft"
 
 
-def run_finetune(out: Path, manifest: dict, source, windows: torch.Tensor, cfg, dense: dict,
+def run_finetune(out: Path, manifest: dict, teacher: torch.nn.Module, windows: torch.Tensor, cfg, dense: dict,
                  progress: bool = True) -> dict:
+    """teacher: the unquantized model, or what gives its logits on the calibration windows
+    (passes/teacher.TeacherLogits)."""
     ft = cfg.finetune_config()
     art.write_manifest(out, manifest)           # every layer is written: the student loads from it
     student = load_artifact(out, allow_incomplete=True)
-    teacher, _ = load_model(source)
     names = [meta["name"] for rec in manifest["blocks"] for meta in rec["layers"]]
     head = manifest.get("head")
     tied = None

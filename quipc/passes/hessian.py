@@ -17,8 +17,41 @@ class HessianAccumulator:
         self.sum += (x.t() @ x).double()
         self.count += x.shape[0]
 
+    def add_partial(self, total: torch.Tensor, count: int) -> None:
+        """One batch's x^T x (float64) and its row count, summed in by the caller in batch order."""
+        self.sum += total
+        self.count += count
+
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
+
+
+def batch_partial(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x^T x of one batch, as HessianAccumulator.add computes it (float32 product, float64)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return (x.t() @ x).double(), x.shape[0]
+
+
+def reduce_in_batch_order(group, n_batches: int, partials_of, dims: list[int], device) -> list[HessianAccumulator]:
+    """Sum per-batch partial Hessians over all ranks, in batch order 0, 1, 2, ... whatever the
+    number of ranks (so the float sums are those of one process). Batch b is computed by rank
+    group.owner(b): `partials_of(b)` gives its [(x^T x, rows)] per accumulator. Rounds of
+    group.world batches: each owner broadcasts its partials, every rank adds them in order,
+    so a rank holds one batch's partials at a time."""
+    accs = [HessianAccumulator(n, device) for n in dims]
+    for start in range(0, n_batches, group.world):
+        mine = partials_of(start + group.rank) if start + group.rank < n_batches else None
+        for owner in range(min(group.world, n_batches - start)):
+            for g, acc in enumerate(accs):
+                if owner == group.rank:
+                    total, count = mine[g]
+                else:
+                    total, count = torch.empty_like(acc.sum), 0
+                counted = torch.tensor([count], dtype=torch.int64, device=acc.sum.device)
+                group.broadcast_(total, owner)
+                group.broadcast_(counted, owner)
+                acc.add_partial(total, int(counted.item()))
+    return accs
 
 
 def regularize(h: torch.Tensor, damp: float, name: str = "layer") -> tuple[torch.Tensor, dict]:

@@ -118,7 +118,9 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
     group = inp.cache
     if "h" not in group:
         group["h"], group["hinfo"] = regularize(inp.hessian, cfg.damp, inp.name)
-        group["t_in"] = Transform.make(cfg.incoherence, n, derive_seed(cfg.seed, inp.name, "in"))
+        # seeded by the group's first linear, whichever linear (or rank, passes/spread.py) gets here first
+        leader = group.get("leader", inp.name)
+        group["t_in"] = Transform.make(cfg.incoherence, n, derive_seed(cfg.seed, leader, "in"))
     h, t_in = group["h"], group["t_in"]
     t_out = Transform.make(cfg.incoherence, m, derive_seed(cfg.seed, inp.name, "out"))
     d = rescale_vector(w, h) if cfg.rescale else torch.ones(n, dtype=torch.float64)

@@ -7,7 +7,7 @@ windows are the only state carried from block to block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -15,9 +15,12 @@ from torch import nn
 from quipc_runtime.layer import QuantizedLinear
 
 from ..config import QuantConfig
+from ..distributed import SINGLE, Group
 from ..frontend.trace import find_blocks, linears_in_order
-from .hessian import HessianAccumulator
-from .methods import LayerInput, quantize_linear
+from .hessian import batch_partial, reduce_in_batch_order
+from .methods import quantize_linear
+from .spread import encode_block
+from .teacher import TeacherStates
 
 
 class _StopForward(Exception):
@@ -31,11 +34,23 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     args: list[tuple]
     kwargs: list[dict]
+    batch_ids: list[int] = None     # which calibration batches these are (default 0, 1, ...)
+    n_batches: int = None           # batches over all ranks
+
+    def __post_init__(self):
+        if self.batch_ids is None:
+            self.batch_ids = list(range(len(self.hidden)))
+        if self.n_batches is None:
+            self.n_batches = len(self.hidden)
 
 
 def capture_first_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,
-                               batch: int, device) -> BlockInputs:
+                               batch: int, device, group: Group = SINGLE) -> BlockInputs:
+    """The first block's inputs for the calibration batches of this rank (batch b of
+    `batch` windows belongs to rank group.owner(b))."""
     hidden, args, kwargs = [], [], []
+    n_batches = -(-windows.shape[0] // batch)
+    mine = group.mine(n_batches)
 
     def grab(_mod, a, kw):
         hidden.append(a[0] if a else kw.pop("hidden_states"))
@@ -46,14 +61,14 @@ def capture_first_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows:
     hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            for start in range(0, windows.shape[0], batch):
+            for start in (b * batch for b in mine):
                 try:
                     model(input_ids=windows[start:start + batch].to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
         hook.remove()
-    return BlockInputs(hidden, args, kwargs)
+    return BlockInputs(hidden, args, kwargs, mine, n_batches)
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
@@ -66,12 +81,15 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 class HessianHooks:
-    """Accumulates E[x x^T] for each linear; linears fed the very same tensor (q/k/v,
-    gate/up) share one accumulator, so x^T x is computed once per distinct input."""
+    """Per calibration batch, x^T x for each distinct input of the named linears; linears fed
+    the very same tensor (q/k/v, gate/up) share one accumulator, so x^T x is computed once
+    per distinct input. Accumulators are numbered in the order their inputs are first seen."""
 
     def __init__(self, block: nn.Module, names: list[str]):
-        self.accs: dict[str, HessianAccumulator] = {}
-        self._seen: dict[tuple, HessianAccumulator] = {}
+        self.group_of: dict[str, int] = {}
+        self.dims: list[int] = []
+        self.batch: dict[int, list] = {}    # accumulator -> [x^T x, rows] of the current batch
+        self._seen: dict[tuple, tuple] = {}
         modules = dict(block.named_modules())
         self.handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
 
@@ -80,37 +98,59 @@ class HessianHooks:
             x = inp[0]
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
             if key in self._seen:
-                self.accs.setdefault(name, self._seen[key][0])
+                self.group_of.setdefault(name, self._seen[key][0])
                 return
-            acc = self.accs.setdefault(name, HessianAccumulator(x.shape[-1], x.device))
-            acc.add(x)
+            g = self.group_of.get(name)
+            if g is None:
+                g = self.group_of[name] = len(self.dims)
+                self.dims.append(x.shape[-1])
+            total, rows = batch_partial(x)
+            if g in self.batch:
+                self.batch[g][0] += total
+                self.batch[g][1] += rows
+            else:
+                self.batch[g] = [total, rows]
             # holding x keeps its memory from being reused by a later input in this batch,
             # which would make a different tensor look like the same one
-            self._seen[key] = (acc, x)
+            self._seen[key] = (g, x)
         return fn
 
-    def new_batch(self):
+    def run_batch(self, block: nn.Module, h, a, kw) -> dict[int, list]:
         self._seen.clear()
+        self.batch = {}
+        with torch.no_grad():
+            block(h, *a, **kw)
+        self._seen.clear()
+        return self.batch
 
     def remove(self):
         for h in self.handles:
             h.remove()
 
 
-def calibrate_block(block: nn.Module, inputs: BlockInputs, names: list[str]) -> dict[str, torch.Tensor]:
+def calibrate_block(block: nn.Module, inputs: BlockInputs, names: list[str],
+                    group: Group = SINGLE) -> dict[str, torch.Tensor]:
+    """E[x x^T] of each named linear's input over every rank's calibration batches, summed
+    in batch order (passes/hessian.reduce_in_batch_order): the same floats for any world size."""
     hooks = HessianHooks(block, names)
+    where = dict(zip(inputs.batch_ids, range(len(inputs.hidden))))
+    device = next(block.parameters()).device
+
+    def partials_of(b: int):
+        i = where[b]
+        part = hooks.run_batch(block, inputs.hidden[i], inputs.args[i], inputs.kwargs[i])
+        return [part[g] for g in range(len(hooks.dims))]
+
     try:
-        with torch.no_grad():
-            for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
-                hooks.new_batch()
-                block(h, *a, **kw)
+        first = partials_of(0) if group.is_main else None   # batch 0 (rank 0's) fixes the layout
+        layout = group.broadcast_object((hooks.group_of, hooks.dims) if group.is_main else None)
+        hooks.group_of, hooks.dims = layout
+        accs = reduce_in_batch_order(group, inputs.n_batches,
+                                     lambda b: first if b == 0 else partials_of(b), hooks.dims, device)
     finally:
         hooks.remove()
-    means = {}
-    for name, acc in hooks.accs.items():
-        means.setdefault(id(acc), acc.mean())
-    shared = {id(acc): means[id(acc)] for acc in hooks.accs.values()}
-    return {name: shared[id(acc)] for name, acc in hooks.accs.items()}
+    means = [acc.mean() for acc in accs]
+    return {name: means[g] for name, g in hooks.group_of.items()}
 
 
 def install_quantized(block: nn.Module, layers: dict[str, QuantizedLinear]) -> None:
@@ -123,53 +163,57 @@ def install_quantized(block: nn.Module, layers: dict[str, QuantizedLinear]) -> N
 
 
 def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantConfig, *,
-                   device="cpu", batch: int = 8, done: dict[int, list[QuantizedLinear]] | None = None,
+                   device="cpu", batch: int = 8, done: Mapping[int, list[QuantizedLinear]] | None = None,
                    on_block: Callable[[int, list[QuantizedLinear]], None] | None = None,
                    progress=None,
-                   on_final: Callable[[BlockInputs | None], None] | None = None) -> list[list[QuantizedLinear]]:
+                   on_final: Callable[[BlockInputs | None], None] | None = None,
+                   stream=None, group: Group = SINGLE, teacher: bool = False) -> dict[int, torch.Tensor] | None:
     """Quantize every decoder block's linears; `done` holds blocks finished by an earlier,
-    interrupted run (they are installed, not recomputed); on_block saves each new block;
-    on_final gets the last (quantized) block's outputs (None without calibration), while
-    the model is still on the device (lm_head's Hessian, passes/head.py)."""
+    interrupted run (they are installed, not recomputed; read on rank 0 only); on_block saves
+    each new block (rank 0); on_final gets the last (quantized) block's outputs of this rank's
+    batches (None without calibration), while the model is still on the device.
+
+    stream (frontend/streaming.StreamedModel): block i is read from the checkpoint before its
+    turn and freed after it. group: the ranks of a distributed compile (distributed.py), which
+    share the calibration batches and the rounding. teacher: also carry the fp hidden states of
+    every window (passes/teacher.py); returns them on rank 0 ({window: hidden}), else None."""
     done = done or {}
     prefix, blocks = find_blocks(model)
     needs_h = cfg.method != "rtn"
     cpu = torch.device("cpu")
     _move_except(model, blocks, device)
-    inputs = capture_first_block_inputs(model, blocks, windows, batch, device) if needs_h else None
-    results = []
-    for index, block in enumerate(blocks):
+    inputs = capture_first_block_inputs(model, blocks, windows, batch, device, group) if needs_h else None
+    fp_states = TeacherStates(model, blocks, windows, device, group) if teacher else None
+    done_indices = group.broadcast_object(sorted(done) if group.is_main else None)
+    for index in range(len(blocks)):
+        block = stream.load_block(index) if stream is not None else blocks[index]
         block.to(device)
-        names = _block_linears(block, inputs)
+        if fp_states is not None:
+            fp_states.step(block)
+        names = group.broadcast_object(_block_linears(block, inputs) if group.is_main else None)
         full = {n: f"{prefix}.{index}.{n}" for n in names}
-        if index in done:
-            layers = done[index]
+        if index in done_indices:
+            layers = group.broadcast_object(done[index] if group.is_main else None)
         else:
-            hess = calibrate_block(block, inputs, names) if needs_h else {}
-            modules = dict(block.named_modules())
-            cache: dict[int, dict] = {}
-            layers = []
-            for n in names:
-                h = hess.get(n)
-                lin = modules[n]
-                # rounding runs on the CPU in float64/32 whatever the calibration device
-                bias = lin.bias.data.cpu() if lin.bias is not None else None
-                inp = LayerInput(full[n], lin.weight.data.cpu(), bias,
-                                 None if h is None else h.cpu(), cache.setdefault(id(h), {}))
-                layers.append(quantize_linear(inp, cfg))
-            if on_block is not None:
+            hess = calibrate_block(block, inputs, names, group) if needs_h else {}
+            layers = encode_block(block, names, hess, full, cfg, group, quantize=quantize_linear)
+            if on_block is not None and group.is_main:
                 on_block(index, layers)
         install_quantized(block, {layer.name[len(f"{prefix}.{index}."):]: layer for layer in layers})
+        del layers
         if needs_h:
             inputs.hidden = run_block(block, inputs)
         block.to(cpu)
-        results.append(layers)
+        if stream is not None:
+            stream.release_block(index)
         if progress is not None:
             progress.update(1)
     if on_final is not None:
         on_final(inputs)
-    model.to(cpu)
-    return results
+    _move_except(model, blocks, cpu)
+    if stream is None:
+        model.to(cpu)
+    return fp_states.gather(group) if fp_states is not None else None
 
 
 def _move_except(model: nn.Module, blocks: nn.ModuleList, device) -> None:

@@ -1,0 +1,108 @@
+"""The compile's view of torch.distributed: which rank this is and the few collectives the
+compile uses (broadcast of tensors and objects, gather to rank 0), all torch.distributed's.
+
+A job started by torchrun (RANK / WORLD_SIZE / MASTER_ADDR in the environment) joins its
+process group: gloo on the CPU, NCCL when the compile runs on CUDA. Without torchrun the
+compile is one process and every collective is the identity. Work is spread by a fixed rule
+(calibration batch b belongs to rank b % world), so any world size computes the same values
+and sums them in the same order: the artifact does not depend on the number of ranks.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+
+TIMEOUT = timedelta(hours=6)   # a rank may wait that long for rank 0's fine-tuning or a slow block
+
+
+class RankFailed(RuntimeError):
+    """Another rank of the job stopped (killed, out of memory): finished blocks are kept."""
+
+
+class Group:
+    def __init__(self, rank: int = 0, world: int = 1, device: str = "cpu"):
+        self.rank, self.world, self.device = rank, world, device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owner(self, item: int) -> int:
+        return item % self.world
+
+    def mine(self, count: int) -> list[int]:
+        return [i for i in range(count) if self.owner(i) == self.rank]
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as err:   # gloo / NCCL report a peer that went away as RuntimeError
+            raise RankFailed(f"rank {self.rank}: another rank of the compile stopped ({_first_line(err)}); "
+                             "every finished block is kept: rerun with --resume") from None
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """tensor (same shape on every rank) overwritten with rank src's."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self._call(dist.broadcast, tensor, src=src)
+        return tensor
+
+    def broadcast_object(self, obj, src: int = 0):
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        self._call(dist.broadcast_object_list, box, src=src)
+        return box[0]
+
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.is_main else None
+        self._call(dist.gather_object, obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self._call(dist.barrier)
+
+
+SINGLE = Group()
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def join(device: str = "cpu") -> Group:
+    """This process's Group: torchrun's process group when launched by it, else SINGLE."""
+    if not launched_by_torchrun():
+        return SINGLE
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    return Group(dist.get_rank(), dist.get_world_size(), device)
+
+
+def leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

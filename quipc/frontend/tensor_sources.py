@@ -1,0 +1,72 @@
+"""Read one named tensor of a checkpoint at a time, without loading the rest: a folder of
+safetensors files (one file or shards with an index json), or a GGUF file through its
+memory map (dequantized by the `gguf` package, names and layout mapped by transformers'
+own GGUF helpers). Names are the transformers model's parameter names."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+class SafetensorsSource:
+    """Tensors of a Hugging Face folder, each read from its shard by name (safe_open)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = folder / SAFETENSORS_INDEX
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / SAFETENSORS_SINGLE).is_file():
+            files = [SAFETENSORS_SINGLE]
+        else:
+            raise ValueError(f"{folder} holds no safetensors weights ({SAFETENSORS_SINGLE} or "
+                             f"{SAFETENSORS_INDEX}): the streaming loader reads safetensors only")
+        self._handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        self._where = {name: f for f, h in self._handles.items() for name in h.keys()}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+class GGUFSource:
+    """Tensors of a GGUF file: looked up in its memory map, dequantized one at a time."""
+
+    def __init__(self, path: Path, skeleton: torch.nn.Module):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map, load_gguf_checkpoint,
+                                                              read_field)
+
+        self._reader = GGUFReader(str(path))
+        arch = read_field(self._reader, "general.architecture")[0]
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+        self._to_hf = get_gguf_hf_weights_map(skeleton, self._processor)
+        self._tensors = {t.name: t for t in self._reader.tensors if t.name in self._to_hf}
+        self._by_hf = {self._to_hf[n]: n for n in self._tensors}
+
+    def names(self) -> set[str]:
+        return set(self._by_hf)
+
+    def get(self, name: str) -> torch.Tensor:
+        from gguf import dequantize
+
+        gname = self._by_hf[name]
+        tensor = self._tensors[gname]
+        result = self._processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=gname,
+                                         tensor_key_mapping=self._to_hf, parsed_parameters={"tensors": {}})
+        if result.weights is None or result.name != gname:
+            raise ValueError(f"GGUF tensor {gname} does not map to one transformers tensor: "
+                             "this architecture cannot be streamed")
+        return torch.from_numpy(np.copy(result.weights))
