@@ -5,6 +5,11 @@ and for the usual torch.onnx / optimum layouts (input_ids [+ attention_mask, pos
 
 Tokenizer convention: a quipc ONNX folder holds `model.onnx` and `tokenizer/` beside it
 (`OnnxLM.tokenizer()` loads it). Never imports the compiler (quipc).
+
+Custom ops: by default the session registers quipc's onnxruntime custom-op library
+(ort_custom_ops.py) when it is built, so QuipLinear / QuipLinearGroup nodes run as fused C++
+kernels; `custom_ops=False` runs their ONNX function bodies (stock onnxruntime), True
+requires the library.
 """
 from __future__ import annotations
 
@@ -28,8 +33,11 @@ class OnnxLM:
     """model: path to a .onnx file or to a folder holding model.onnx."""
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None,
-                 providers: list[str] | None = None, optimization: str = "all"):
+                 providers: list[str] | None = None, optimization: str = "all",
+                 custom_ops: bool | None = None):
         import onnxruntime as ort
+
+        from . import ort_custom_ops
 
         path = Path(model)
         if path.is_dir():
@@ -45,6 +53,11 @@ class OnnxLM:
         opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                          "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+        if custom_ops is None:
+            custom_ops = ort_custom_ops.available()
+        if custom_ops:
+            ort_custom_ops.register(opts, threads)
+        self.custom_ops = bool(custom_ops)   # whether quipc's kernels run the ai.quipc nodes
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers or default_providers())
         except Exception as e:  # onnxruntime raises its own exception types

@@ -1,0 +1,58 @@
+"""quipc's onnxruntime custom-op library (built from cpp/ort with the C++ kernels and
+installed beside them): ai.quipc QuipLinear / QuipLinearGroup nodes then run as one fused
+C++ kernel call each instead of their ONNX function bodies. onnxruntime picks a registered
+kernel over a model-local function of the same domain and name (it inlines a function only
+for nodes no execution provider claims), so the same .onnx file runs either way.
+
+`library_path()` finds the library; `register(options, threads)` adds it to an
+onnxruntime SessionOptions. The library needs onnxruntime >= 1.18 (C API version 18) and
+refuses an older runtime with an error naming both versions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+THREADS_KEY = "quipc.threads"   # session config entry read by the library at registration
+_NAMES = ("libquipc_ort.so", "libquipc_ort.dylib", "quipc_ort.dll")
+
+
+def _candidate_dirs() -> list[Path]:
+    import importlib.util
+
+    import quipc_runtime
+
+    dirs = [Path(p) for p in quipc_runtime.__path__]
+    spec = importlib.util.find_spec("quipc_runtime._kernels")   # editable installs keep it apart
+    if spec is not None and spec.origin:
+        dirs.append(Path(spec.origin).parent)
+    return dirs
+
+
+def library_path() -> Path | None:
+    """The custom-op library's path, or None when the package was installed without it."""
+    for folder in _candidate_dirs():
+        for name in _NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def available() -> bool:
+    return library_path() is not None
+
+
+def register(options, threads: int | None = None) -> Path:
+    """Register the library on `options` (onnxruntime.SessionOptions); its kernels split work
+    into up to `threads` parts (default: the CPU count) on onnxruntime's intra-op pool.
+    Raises RuntimeError when the library is missing or refuses this onnxruntime."""
+    path = library_path()
+    if path is None:
+        raise RuntimeError("quipc's onnxruntime custom-op library is not built (reinstall quipc with "
+                           "`bash scripts/setup.sh`), or pass custom_ops=False")
+    if threads:
+        options.add_session_config_entry(THREADS_KEY, str(int(threads)))
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as e:   # onnxruntime raises its own exception types
+        raise RuntimeError(f"onnxruntime refused {path.name}: {e}") from None
+    return path

@@ -1,0 +1,218 @@
+"""quipc's onnxruntime custom-op library (cpp/ort, quipc_runtime.ort_custom_ops) against the
+ONNX function bodies of the same file: QuipLinear / QuipLinearGroup layers of both code formats
+at bits 2/3/4, a tiny Llama (prefill and decode with the KV cache, batch 1 and 2), the profiler's
+proof that the fused kernel ran, a runtime older than the library's API, malformed inputs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from quipc.backends.onnx import export_artifact
+from quipc.compile import CalibConfig, compile_model
+from quipc.config import QuantConfig
+from quipc_runtime import ort_custom_ops
+from quipc_runtime.onnx_runtime import OnnxLM
+from test_onnx_e8p import build, e8p_layer, qkv
+from test_onnx_group import group_layers
+from test_onnx_layer import make_layer
+from tiny import make_tiny_llama, write_text
+
+
+def session(model, custom_ops, threads=2, profile_dir=None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if custom_ops:
+        ort_custom_ops.register(so, threads)
+    if profile_dir is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_dir / "prof")
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def run_profiled(model, custom_ops, feeds, tmp_path, threads=2):
+    """(outputs, op types of the nodes onnxruntime ran, from its profiler)."""
+    sess = session(model, custom_ops, threads, profile_dir=tmp_path)
+    outs = sess.run(None, feeds)
+    events = json.loads(open(sess.end_profiling()).read())
+    return outs, {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
+
+
+def assert_close(got, want):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_library_is_built_and_found():
+    path = ort_custom_ops.library_path()
+    assert path is not None and path.is_file()
+
+
+# --- layers: the fused kernel against the function body of the same model ------------------
+GRID = [(96, 48, 2, "quip", "hadamard", False), (96, 48, 3, "quip", "hadamard", True),
+        (320, 48, 4, "quip", "hadamard", False), (48, 96, 4, "quip", "kron", False),
+        (40, 40, 4, "quip", "hadamard", True), (48, 64, 2, "rtn", "hadamard", False),
+        (36, 72, 3, "quip", "kron", False)]
+E8P = [(64, 64, 2), (192, 576, 3), (40, 40, 4)]
+LAYERS = ([("grid", c) for c in GRID] + [("e8p", c) for c in E8P])
+BATCHES = [(1, 1), (3, 5)]   # decode-like and prefill-like rows
+
+
+def make(fmt, case):
+    return make_layer(*case) if fmt == "grid" else e8p_layer(*case, bias=case[0] == 40)
+
+
+@pytest.mark.parametrize("fmt,case", LAYERS)
+def test_layer_kernel_matches_function_body(fmt, case, tmp_path):
+    layer = make(fmt, case)
+    model = build([layer])
+    for b, s in BATCHES:
+        x = np.random.default_rng(b).standard_normal((b, s, layer.in_features)).astype(np.float32)
+        (want,), body_ops = run_profiled(model, False, {"x": x}, tmp_path)
+        (got,), kernel_ops = run_profiled(model, True, {"x": x}, tmp_path)
+        assert kernel_ops == {"QuipLinear"}          # one fused kernel call, nothing else
+        assert "QuipLinear" not in body_ops and len(body_ops) > 1
+        assert_close(got, want)
+
+
+GROUPS = [("grid", lambda: group_layers(48, (48, 24, 24), 4, "hadamard")),
+          ("grid", lambda: group_layers(48, (96, 96), 2, "hadamard")),
+          ("grid", lambda: group_layers(96, (48, 24), 3, "kron")),
+          ("e8p", lambda: qkv(64, (64, 32, 32), 2)), ("e8p", lambda: qkv(128, (128, 64), 3)),
+          ("e8p", lambda: qkv(64, (128, 64), 4))]
+
+
+@pytest.mark.parametrize("stack", [True, False])
+@pytest.mark.parametrize("k", range(len(GROUPS)))
+def test_group_kernel_matches_function_body(k, stack, tmp_path):
+    layers = list(GROUPS[k][1]())
+    model = build(layers, group=True, stack_outputs=stack)
+    assert [nd.op_type for nd in model.graph.node] == ["QuipLinearGroup"]
+    for b, s in BATCHES:
+        x = np.random.default_rng(b).standard_normal((b, s, layers[0].in_features)).astype(np.float32)
+        want, _ = run_profiled(model, False, {"x": x}, tmp_path)
+        got, ops = run_profiled(model, True, {"x": x}, tmp_path)
+        assert ops == {"QuipLinearGroup"} and len(got) == len(layers)
+        for g, w in zip(got, want):
+            assert_close(g, w)
+
+
+def test_kernel_matches_quipc_runtime_kernels():
+    """The same C++ kernels as quipc_runtime's backend: equal up to float rounding."""
+    from quipc_runtime import kernels
+
+    for layer in (make_layer(96, 48, 3, bias=True), e8p_layer(192, 576, 2)):
+        x = np.random.default_rng(7).standard_normal((4, layer.in_features)).astype(np.float32)
+        (got,) = session(build([layer], rank=None), True).run(None, {"x": x[None]})
+        want = kernels.prepare(layer).forward(x)
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+# --- a tiny Llama, both formats: prefill and decode with the KV cache --------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ortlib")
+    folder, text = make_tiny_llama(root / "hf"), write_text(root / "calib.txt")
+    outs = {}
+    for fmt, bits in (("e8p", 2), ("grid", 3)):
+        art = root / f"art_{fmt}{bits}"
+        compile_model(str(folder), art, QuantConfig(bits=bits, format=fmt),
+                      CalibConfig(text=str(text), windows=8, length=32), progress=False)
+        outs[fmt] = export_artifact(art, root / f"onnx_{fmt}{bits}", progress=False, accuracy_level=0)
+    return outs
+
+
+def empty_past(sess, batch):
+    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in sess.get_inputs() if i.name.startswith("past")}
+
+
+@pytest.mark.parametrize("fmt", ["e8p", "grid"])
+def test_tiny_llama_prefill_and_decode_match_function_bodies(tiny, fmt, tmp_path):
+    path = tiny[fmt]
+    with_lib, without = session(path, True), session(path, False)
+    ids = np.random.default_rng(3).integers(3, 17, (2, 9)).astype(np.int64)
+    names = [o.name for o in with_lib.get_outputs()]
+    for batch in (1, 2):
+        feeds = {"input_ids": ids[:batch], **empty_past(with_lib, batch)}
+        got, want = with_lib.run(None, feeds), without.run(None, feeds)
+        for g, w in zip(got, want):
+            assert_close(g, w)
+        past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], want[1:])}
+        step = {"input_ids": ids[:batch, :1], **past}      # one decode step on the cache
+        for g, w in zip(with_lib.run(None, step), without.run(None, step)):
+            assert_close(g, w)
+    _, ops = run_profiled(path, True, {"input_ids": ids[:1], **empty_past(with_lib, 1)}, tmp_path)
+    assert {"QuipLinear", "QuipLinearGroup"} <= ops and "MatMulNBits" not in ops
+
+
+def test_onnxlm_uses_the_library_by_default_and_can_be_told_not_to(tiny):
+    fast, stock = OnnxLM(tiny["e8p"], threads=2), OnnxLM(tiny["e8p"], threads=2, custom_ops=False)
+    assert fast.custom_ops and not stock.custom_ops
+    prompt = torch.randint(3, 17, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert_close(fast.logits(prompt), stock.logits(prompt))
+    assert np.array_equal(fast.generate(prompt, 8), stock.generate(prompt, 8))
+
+
+# --- failures: clean onnxruntime errors, never a crash ----------------------------------------
+REFUSE = """
+import onnxruntime as ort
+from quipc_runtime import ort_custom_ops
+try:
+    ort_custom_ops.register(ort.SessionOptions())
+except RuntimeError as e:
+    print("REFUSED:", e)
+"""
+
+
+def test_runtime_older_than_the_library_is_refused_cleanly():
+    newer = int(ort.__version__.split(".")[1]) + 1     # an API this onnxruntime does not have
+    env = dict(os.environ, QUIPC_ORT_API_VERSION=str(newer))
+    r = subprocess.run([sys.executable, "-c", REFUSE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"needs onnxruntime C API version {newer}" in r.stdout and ort.__version__ in r.stdout
+
+
+def inputs_from_initializers(model, names, types=None):
+    """The model with the initializers `names` turned into graph inputs (fed at run time,
+    of their own type unless `types` names another) and x's last axis left free."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    for name in names:
+        init = next(i for i in g.initializer if i.name == name)
+        dtype = (types or {}).get(name, init.data_type)
+        g.input.append(onnx.helper.make_tensor_value_info(name, dtype, [None] * len(init.dims)))
+        g.initializer.remove(init)
+    g.input[0].type.tensor_type.shape.dim[2].dim_param = "n"
+    return model
+
+
+def test_malformed_inputs_are_onnxruntime_errors():
+    layer = make_layer(96, 48, 2)
+    model = inputs_from_initializers(build([layer]), ["blk.0.proj.codes", "blk.0.proj.scale"])
+    sess = session(model, True)
+    x = np.ones((1, 2, 48), np.float32)
+    feeds = {"x": x, "blk.0.proj.codes": layer.codes, "blk.0.proj.scale": layer.scale}
+    (y,) = sess.run(None, feeds)     # weights fed at run time: prepared on each call
+    assert_close(y, session(build([layer]), True).run(None, {"x": x})[0])
+    bad = [({"x": np.ones((1, 2, 47), np.float32)}, r"x is float32 \(1, 2, 47\), expected float32 with last axis 48"),
+           ({"blk.0.proj.codes": layer.codes[:, :-1]}, r"codes are uint8 \(96, 11\), expected 12 bytes a row"),
+           ({"blk.0.proj.codes": layer.codes[:-1]}, r"codes have 95 rows"),
+           ({"blk.0.proj.scale": layer.scale[:-3]}, r"scale is float16 \(93,\), expected 96 values"),
+           ({"x": np.ones((1, 2, 48))}, r"Unexpected input data type")]      # onnxruntime's check
+    for change, message in bad:
+        with pytest.raises(Exception, match=message):   # onnxruntime's own exception types
+            sess.run(None, {**feeds, **change})
+    assert_close(sess.run(None, feeds)[0], y)             # the session still works
+    # a weight of the wrong element type reaches the kernel when the graph declares it so
+    f32_scale = inputs_from_initializers(build([layer]), ["blk.0.proj.scale"],
+                                         {"blk.0.proj.scale": onnx.TensorProto.FLOAT})
+    with pytest.raises(Exception, match=r"input 2: scale: expected a rank-1 float16 tensor, got float32 \(96,\)"):
+        session(f32_scale, True).run(None, {"x": x, "blk.0.proj.scale": layer.scale.astype(np.float32)})
