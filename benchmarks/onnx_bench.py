@@ -12,6 +12,11 @@ One run, one machine, onnxruntime CPU with --threads (default 2) intra-op thread
 - optionally (--artifacts) quipc artifacts compiled by the torch path, exported with
   export_artifact, with the artifact's own torch-path perplexity beside them (--torch-ppl);
   --agreement adds their accuracy_level-0 exports (fp32 activations, the torch path's math).
+- every quipc model twice: through its ONNX function bodies (stock onnxruntime, the plain
+  rows) and with quipc's custom-op library registered (rows `..._lib`: one fused C++ kernel per
+  QuipLinear / QuipLinearGroup node, fp32 activations whatever the file's accuracy_level);
+  --no-custom-ops leaves the `_lib` rows out. --op-profile adds a per-op comparison from
+  onnxruntime's profiler (benchmarks/onnx_op_profile.py).
 Perplexity per PROTOCOL (wiki.test.raw, 2048-token windows, the first --windows).
 Latency: prefill of 512 tokens, and decode per token with the KV cache (batch 1) after a
 128-token prompt; all models are timed interleaved, --reps rounds, median; ratios are to
@@ -162,6 +167,11 @@ def main(argv=None) -> int:
                     help="also evaluate the quipc models on the torch path: --artifacts artifacts with "
                          "quipc_runtime.load, quipc_onnx_w* with their layers read back from the ONNX file")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--no-custom-ops", action="store_true",
+                    help="leave out the quipc rows run with the custom-op library (`..._lib`)")
+    ap.add_argument("--op-profile", action="store_true",
+                    help="also profile single ops at batch 1 (QuipLinear with the library vs MatMulNBits "
+                         "4-bit block 32, QuipLinearGroup vs its parts) and write them to the JSON")
     ap.add_argument("--agreement", action="store_true",
                     help="with --artifacts: also export them at accuracy_level 0 (fp32 activations) and compare "
                          "their perplexity with the torch path (use with --torch-ppl)")
@@ -224,14 +234,23 @@ def main(argv=None) -> int:
                 specs.append(dict(name=f"quipc_art_w{b}_acc0", source=f"quipc artifact export ({art}), "
                                   "accuracy_level 0", algo="QuIP", bits=b, block_size=None, artifact=art,
                                   accuracy_level=0))
+    if not args.no_custom_ops:   # the same files with quipc's kernels (cpp/ort) in onnxruntime
+        specs += [dict(s, name=s["name"] + "_lib", lib_of=s["name"], custom_ops=True,
+                       source=s["source"] + " + quipc custom-op library")
+                  for s in list(specs) if "quipc" in s or "artifact" in s]
     if args.only:
         specs = [s for s in specs if s["name"] in args.only or s["name"] == "fp32"]
+    by_name = {s["name"]: s for s in specs}
 
     # --- build the models -----------------------------------------------------------------
     for s in specs:
         rec = state.setdefault(s["name"], {})
         try:
-            if "ort" in s:
+            if "lib_of" in s:     # the file of its plain row
+                src = by_name.get(s["lib_of"]) or {}
+                s["path"] = src.get("path")
+                rec["bpw"] = state.get(s["lib_of"], {}).get("bpw")
+            elif "ort" in s:
                 algo, block = s["ort"]
                 t = time.time()
                 gw = text_windows(tok, calib_text, args.gptq_windows, 512) if algo == "gptq" else None
@@ -280,13 +299,14 @@ def main(argv=None) -> int:
             continue
         if rec.get("ppl_windows") != args.windows:
             log(f"perplexity {s['name']}")
-            lm = OnnxLM(s["path"], threads=args.threads, providers=["CPUExecutionProvider"])
+            lm = OnnxLM(s["path"], threads=args.threads, providers=["CPUExecutionProvider"],
+                        custom_ops=s.get("custom_ops", False))
             res = perplexity(lm.logits, windows, progress=False)
             rec.update(ppl=res["ppl"], ppl_windows=args.windows, eval_s=res["seconds"])
             log(f"  ppl {rec['ppl']:.3f}")
             save_state()
             del lm
-        if args.torch_ppl and ("artifact" in s or "quipc" in s) and rec.get("torch_ppl_windows") != args.windows:
+        if args.torch_ppl and ("artifact" in s or "quipc" in s) and "lib_of" not in s and rec.get("torch_ppl_windows") != args.windows:
             # the same quantized layers on the torch reference path (QuipLinearRef)
             from quipc.eval.perplexity import torch_logits_fn
             from quipc_runtime import load
@@ -321,7 +341,8 @@ def main(argv=None) -> int:
     if args.no_latency:
         live = {}
     else:
-        live = {s["name"]: OnnxLM(s["path"], threads=args.threads, providers=["CPUExecutionProvider"])
+        live = {s["name"]: OnnxLM(s["path"], threads=args.threads, providers=["CPUExecutionProvider"],
+                                  custom_ops=s.get("custom_ops", False))
                 for s in specs if s.get("path") is not None and s.get("latency", True)}
     log(f"latency: {len(live)} models, {args.reps} rounds, {args.threads} threads")
     lat = measure_latency(live, args.reps) if live else {}
@@ -333,7 +354,7 @@ def main(argv=None) -> int:
         r = {"name": s["name"], "source": s["source"], "algo": s["algo"], "bits": s["bits"],
              "block_size": s["block_size"], "bpw": rec.get("bpw"), "ppl": rec.get("ppl"),
              "prefill_ms": lat.get(s["name"], {}).get("prefill_ms"),
-             "decode_ms": lat.get(s["name"], {}).get("decode_ms")}
+             "decode_ms": lat.get(s["name"], {}).get("decode_ms"), "custom_ops": s.get("custom_ops", False)}
         if base and r["prefill_ms"] is not None:
             r["prefill_ratio"] = r["prefill_ms"] / base["prefill_ms"]
             r["decode_ratio"] = r["decode_ms"] / base["decode_ms"]
@@ -347,12 +368,19 @@ def main(argv=None) -> int:
                                                  "decode": "median per token, 16 tokens after a 128-token prompt"},
            "onnxruntime": __import__("onnxruntime").__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "records": records}
+    if args.op_profile:
+        from onnx_op_profile import profile_ops
+
+        log("per-op profile (batch 1)")
+        out["op_profile"] = profile_ops(work / "op_profile", args.threads)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"\n{'name':18s} {'bits':>4s} {'bpw':>6s} {'ppl':>8s} {'prefill':>9s} {'ratio':>6s} {'decode':>8s} {'ratio':>6s}")
+    for row in out.get("op_profile", []):
+        print(row)
+    print(f"\n{'name':22s} {'bits':>4s} {'bpw':>6s} {'ppl':>8s} {'prefill':>9s} {'ratio':>6s} {'decode':>8s} {'ratio':>6s}")
     for r in records:
         fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else "-"  # noqa: E731
-        print(f"{r['name']:18s} {r['bits']:>4d} {fmt(r['bpw'], '%.3f'):>6s} {fmt(r['ppl'], '%.3f'):>8s} "
+        print(f"{r['name']:22s} {r['bits']:>4d} {fmt(r['bpw'], '%.3f'):>6s} {fmt(r['ppl'], '%.3f'):>8s} "
               f"{fmt(r['prefill_ms'], '%.1f'):>9s} {fmt(r.get('prefill_ratio'), '%.2f'):>6s} "
               f"{fmt(r['decode_ms'], '%.2f'):>8s} {fmt(r.get('decode_ratio'), '%.2f'):>6s}")
     return 0

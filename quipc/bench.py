@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "reused when present")
     parser.add_argument("--tvm-build", default=None, help="use this existing TVM build instead of compiling one")
     parser.add_argument("--onnx-build", default=None, help="use this existing ONNX export instead of exporting")
+    parser.add_argument("--no-onnx-custom-ops", action="store_true",
+                        help="onnx: run the quipc nodes' function bodies (stock onnxruntime) instead of "
+                             "quipc's onnxruntime custom-op library")
     parser.add_argument("--json", default=None, help="write one record per backend to this JSON file")
     parser.add_argument("--png", default=None, help="write a chart (default: next to --json)")
     parser.add_argument("--seed", type=int, default=0)
@@ -128,7 +131,8 @@ def _load_backend(name: str, spec: dict, threads: int):
     if name in ("onnx", "fp32-onnx"):
         from quipc_runtime.onnx_runtime import OnnxLM
 
-        return OnnxDriver(OnnxLM(spec["onnx_path"], threads=threads))
+        custom_ops = None if spec["onnx_custom_ops"] else False   # None: the library when built
+        return OnnxDriver(OnnxLM(spec["onnx_path"], threads=threads, custom_ops=custom_ops))
     if name == "tvm":
         from quipc_runtime.tvm_runtime import TvmLM
 
@@ -281,7 +285,8 @@ def run(args) -> int:
     rng = random.Random(args.seed)
     prompt = [rng.randrange(min(vocab, 32000)) for _ in range(args.prompt_len)]
     base = {"artifact": str(artifact.resolve()), "source_spec": manifest.get("source", {}).get("spec"),
-            "prompt": prompt, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+            "prompt": prompt, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "onnx_custom_ops": not args.no_onnx_custom_ops}
 
     def log(msg):
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
@@ -350,7 +355,7 @@ def run(args) -> int:
     ordered = [records[n] for n in names if n in records]
     meta = {"artifact": str(artifact.resolve()), "threads": threads, "reps": args.reps,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(),
-            "seconds": round(time.time() - t_start, 1),
+            "onnx_custom_ops": not args.no_onnx_custom_ops, "seconds": round(time.time() - t_start, 1),
             "statistic": "median over reps; spread = [min, max]; interleaved; 1 warm-up rep each",
             "peak_mb": "peak RSS of the backend's own worker process (interpreter and libraries included)"}
     print(format_table(ordered, meta))

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=int, default=2048)
     e.add_argument("--backend", default="reference", help="artifact backend: reference | kernels")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--no-onnx-custom-ops", action="store_true",
+                   help="ONNX target: run the quipc nodes' function bodies (stock onnxruntime) instead of "
+                        "quipc's onnxruntime custom-op library")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true")
 
@@ -176,7 +179,7 @@ def cmd_compile(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.perplexity import eval_windows, perplexity, torch_logits_fn
 
-    lowered = _lowered_model(args.target)
+    lowered = _lowered_model(args.target, custom_ops=False if args.no_onnx_custom_ops else None)
     if lowered is not None:
         lm, tokenizer, what = lowered
         logits_fn = lambda ids: lm.logits(ids.numpy())  # noqa: E731
@@ -227,8 +230,9 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _lowered_model(target: str):
-    """(language model, tokenizer, description) for an ONNX or TVM output, else None."""
+def _lowered_model(target: str, custom_ops: bool | None = None):
+    """(language model, tokenizer, description) for an ONNX or TVM output, else None;
+    custom_ops: OnnxLM's (None: quipc's custom-op library when it is built)."""
     from transformers import AutoTokenizer
 
     path = Path(target)
@@ -237,8 +241,9 @@ def _lowered_model(target: str):
     if onnx_file.is_file():
         from quipc_runtime.onnx_runtime import OnnxLM
 
-        lm = OnnxLM(onnx_file, threads=threads)
-        return lm, lm.tokenizer(), {"model": str(onnx_file), "backend": "onnxruntime"}
+        lm = OnnxLM(onnx_file, threads=threads, custom_ops=custom_ops)
+        return lm, lm.tokenizer(), {"model": str(onnx_file), "backend": "onnxruntime",
+                                    "custom_ops": lm.custom_ops}
     if (path / "tvm_config.json").is_file():
         from quipc_runtime.tvm_runtime import TvmLM
 

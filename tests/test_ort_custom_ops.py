@@ -216,3 +216,14 @@ def test_malformed_inputs_are_onnxruntime_errors():
                                          {"blk.0.proj.scale": onnx.TensorProto.FLOAT})
     with pytest.raises(Exception, match=r"input 2: scale: expected a rank-1 float16 tensor, got float32 \(96,\)"):
         session(f32_scale, True).run(None, {"x": x, "blk.0.proj.scale": layer.scale.astype(np.float32)})
+
+
+def test_cli_and_bench_switches(tiny):
+    from quipc.cli import _lowered_model, build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "m", "--text", "t", "--no-onnx-custom-ops"]).no_onnx_custom_ops
+    assert parser.parse_args(["bench", "a", "--no-onnx-custom-ops"]).no_onnx_custom_ops
+    for custom_ops, used in ((None, True), (False, False)):
+        _, _, what = _lowered_model(str(tiny["e8p"].parent), custom_ops=custom_ops)
+        assert what["custom_ops"] is used
