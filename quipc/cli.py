@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", help="tokenizer for an .onnx input (folder, .gguf or alias)")
     c.add_argument("--device", default="cpu", help="calibration device (cpu, cuda, cuda:1, ...)")
     c.add_argument("--resume", action="store_true", help="finish an interrupted compile in --out")
+    c.add_argument("--workers", type=int, default=1,
+                   help="processes on this machine sharing the compile (runs torchrun --standalone "
+                        "--nproc-per-node N -m quipc compile ...; the artifact is the same bytes)")
     c.add_argument("--no-progress", action="store_true")
     _add_quant_args(c)
     _add_head_args(c)
@@ -151,9 +154,15 @@ def cmd_compile(args) -> int:
                                threads=_threads(), calibration=args.onnx_calibration)
         print(json.dumps(summary, indent=1, default=str))
         return 0
+    if args.workers > 1:
+        return _run_workers(args)
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
     if args.target == "torch":
-        manifest = compile_model(args.model, out, cfg, calib, device=args.device, resume=args.resume,
-                                 progress=progress)
+        manifest = _compile_on_ranks(args.model, out, cfg, calib, device=args.device, resume=args.resume,
+                                     progress=progress)
+        if manifest is None:
+            return 0   # a rank other than 0 of a distributed compile: rank 0 reports
         s = manifest["summary"]
         print(f"wrote {out}: {s['quantized_layers']} layers at {s['bpw']:.3f} bpw; whole model "
               f"{s['total_bytes'] / 1e6:.2f} MB without tokenizer, {s['bits_per_param']:.3f} bits/param; "
@@ -174,6 +183,40 @@ def cmd_compile(args) -> int:
         path = compile_artifact(artifact, out, target=args.tvm_target, progress=progress)
     print(f"wrote {path}")
     return 0
+
+
+def _compile_on_ranks(*args, **kwargs):
+    """compile_model, leaving torchrun's process group (if any) when done."""
+    from .compile import compile_model
+    from .distributed import leave
+
+    try:
+        return compile_model(*args, **kwargs)
+    finally:
+        leave()
+
+
+def _run_workers(args) -> int:
+    """`--workers N`: the same command under torchrun on this machine (N ranks)."""
+    import subprocess
+
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ValueError("--workers is for a plain `quipc compile`; under torchrun use --nproc-per-node")
+    if args.target != "torch" or args.model.endswith(".onnx"):
+        raise ValueError("--workers compiles Hugging Face / GGUF models to a quipc artifact (--target torch)")
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
+           "-m", "quipc", *argv]
+    return subprocess.call(cmd)
 
 
 def cmd_eval(args) -> int:
@@ -289,7 +332,9 @@ COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "chat": cmd_chat, "inspect
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.threads:
         import torch
 

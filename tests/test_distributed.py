@@ -1,0 +1,122 @@
+"""A compile spread over 2 ranks (torch.distributed, gloo on loopback) writes the same bytes as
+one process; a rank that dies stops the job with a clear error on rank 0 and leaves a folder
+that --resume finishes."""
+import json
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from quipc.compile import CalibConfig, compile_model
+from quipc.config import QuantConfig
+
+# the CLI's defaults (e8p codes, 4-bit tied head = embedding, e2e fine-tuning), data-free:
+# windows 10 in batches of 4 = 3 batches, so the ranks hold unequal shares
+CFG = QuantConfig(bits=2, format="e8p", finetune="e2e", finetune_epochs=1, head_bits=4, seed=3)
+CALIB = CalibConfig(windows=10, length=16, batch=4)
+
+
+def digest(folder) -> str:
+    """Every data file's bytes and the manifest, less what measures time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.safetensors")):
+        h.update(f.relative_to(folder).as_posix().encode() + f.read_bytes())
+    man = json.loads((folder / "manifest.json").read_text())
+    man.pop("compile_seconds")
+    man["finetune"].pop("seconds")
+    for key in ("total_bytes", "bits_per_param", "pad"):   # count the manifest (and its seconds)
+        man["summary"].pop(key, None)
+    return h.hexdigest() + json.dumps(man, sort_keys=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, model: str, out: str, report: str, die_in_block: int | None):
+    """One rank, as torchrun would start it (its environment), one thread."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    if die_in_block is not None and rank == 1:
+        import quipc.passes.sequential as seq
+
+        real = seq.quantize_linear
+
+        def killed(inp, cfg):
+            if f".{die_in_block}." in inp.name:
+                os._exit(9)   # as if killed: no cleanup, no message
+            return real(inp, cfg)
+
+        seq.quantize_linear = killed
+    try:
+        compile_model(model, out, CFG, CALIB, progress=False)
+        outcome = "ok"
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        outcome = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+    finally:
+        from quipc.distributed import leave
+
+        leave()
+    with open(f"{report}.{rank}", "w") as f:
+        f.write(outcome)
+
+
+def _launch(world: int, model, out, report, die_in_block=None) -> list[str]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(model), str(out), str(report), die_in_block))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank did not finish")
+    return [open(f"{report}.{r}").read() if os.path.exists(f"{report}.{r}") else f"exit {p.exitcode}"
+            for r, p in enumerate(procs)]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "art"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compile_model(str(tiny_model[0]), out, CFG, CALIB, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_two_ranks_write_the_same_bytes_as_one(tiny_model, one_rank, tmp_path):
+    outcome = _launch(2, tiny_model[0], tmp_path / "two", tmp_path / "report")
+    assert outcome == ["ok", "ok"], outcome
+    assert digest(tmp_path / "two") == digest(one_rank)
+    man = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert man["complete"] and "finetune" in man and man["calibration"]["source"] == "generated"
+
+
+def test_a_killed_rank_leaves_a_resumable_folder(tiny_model, one_rank, tmp_path):
+    out = tmp_path / "cut"
+    outcome = _launch(2, tiny_model[0], out, tmp_path / "report", die_in_block=1)
+    assert outcome[1] == "exit 9"
+    assert outcome[0].startswith("RankFailed: rank 0: another rank of the compile stopped"), outcome[0]
+    assert "--resume" in outcome[0].splitlines()[0]
+    man = json.loads((out / "manifest.json").read_text())
+    assert not man["complete"] and [b["index"] for b in man["blocks"]] == [0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compile_model(str(tiny_model[0]), out, CFG, CALIB, resume=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert digest(out) == digest(one_rank)
