@@ -238,8 +238,9 @@ def main(argv=None) -> int:
         specs += [dict(s, name=s["name"] + "_lib", lib_of=s["name"], custom_ops=True,
                        source=s["source"] + " + quipc custom-op library")
                   for s in list(specs) if "quipc" in s or "artifact" in s]
-    if args.only:
-        specs = [s for s in specs if s["name"] in args.only or s["name"] == "fp32"]
+    if args.only:   # a `_lib` row needs its plain row's file
+        keep = set(args.only) | {s["lib_of"] for s in specs if s["name"] in args.only and "lib_of" in s}
+        specs = [s for s in specs if s["name"] in keep or s["name"] == "fp32"]
     by_name = {s["name"]: s for s in specs}
 
     # --- build the models -----------------------------------------------------------------
