@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".onnx input: sequential (default; each layer calibrated on the outputs of the "
                         "already-quantized earlier layers) or one-pass (every Hessian from the fp32 model)")
     c.add_argument("--tvm-target", default="llvm")
+    c.add_argument("--graph", default="auto", choices=["auto", "traced", "handwritten"],
+                   help="onnx / tvm: the traced transformers model (every family) or the hand-written "
+                        "Llama graph; auto (default): hand-written for llama, traced otherwise")
     c.add_argument("--tokenizer", help="tokenizer for an .onnx input (folder, .gguf or alias)")
     c.add_argument("--device", default="cpu", help="calibration device (cpu, cuda, cuda:1, ...)")
     c.add_argument("--resume", action="store_true", help="finish an interrupted compile in --out")
@@ -172,15 +175,11 @@ def cmd_compile(args) -> int:
     if not _is_artifact(args.model):
         compile_model(args.model, artifact, cfg, calib, device=args.device, resume=args.resume,
                       progress=progress)
-    if args.target == "onnx":
-        from .backends.onnx import export_artifact
+    from .backends.lower import lower_artifact
 
-        path = export_artifact(artifact, out, ops=args.onnx_ops, progress=progress,
-                               accuracy_level=args.onnx_accuracy_level)
-    else:
-        from .backends.tvm import compile_artifact
-
-        path = compile_artifact(artifact, out, target=args.tvm_target, progress=progress)
+    path = lower_artifact(artifact, out, target=args.target, graph=args.graph, onnx_ops=args.onnx_ops,
+                          accuracy_level=args.onnx_accuracy_level, tvm_target=args.tvm_target,
+                          progress=progress)
     print(f"wrote {path}")
     return 0
 

@@ -1,0 +1,57 @@
+"""Which graph a quipc artifact is lowered with, and the lowering itself (`quipc compile
+--target onnx|tvm --graph ...`, `quipc bench`).
+
+    handwritten  the Llama graphs written node by node (onnx/llama.py, tvm/relax_model.py);
+                 llama-architecture artifacts only
+    traced       the artifact's transformers model captured by torch.export (backends/traced),
+                 every family in traced/families.py
+    auto         handwritten for llama artifacts (until a benchmark shows the traced graph as
+                 fast), traced for every other family
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+GRAPHS = ("auto", "traced", "handwritten")
+HANDWRITTEN_TYPES = ("llama",)
+
+
+def model_type(artifact: Path) -> str | None:
+    from quipc_runtime import artifact as art
+
+    return art.read_manifest(Path(artifact)).get("model_config", {}).get("model_type")
+
+
+def choose_graph(artifact: Path, graph: str = "auto") -> str:
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown --graph {graph!r}: expected one of {', '.join(GRAPHS)}")
+    kind = model_type(artifact)
+    if graph == "auto":
+        return "handwritten" if kind in HANDWRITTEN_TYPES else "traced"
+    if graph == "handwritten" and kind not in HANDWRITTEN_TYPES:
+        raise ValueError(f"the hand-written graphs cover {', '.join(HANDWRITTEN_TYPES)} artifacts, not "
+                         f"{kind!r}: use --graph traced (or auto)")
+    return graph
+
+
+def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto", onnx_ops: str = "quip",
+                   accuracy_level: int = 4, tvm_target: str = "llvm", progress: bool = True) -> Path:
+    """artifact -> OUT (an ONNX folder or a TVM build) with the chosen graph."""
+    chosen = choose_graph(artifact, graph)
+    if target == "onnx":
+        if chosen == "traced":
+            from .onnx.traced import export_traced
+
+            return export_traced(artifact, out, ops=onnx_ops, progress=progress, accuracy_level=accuracy_level)
+        from .onnx import export_artifact
+
+        return export_artifact(artifact, out, ops=onnx_ops, progress=progress, accuracy_level=accuracy_level)
+    if target == "tvm":
+        if chosen == "traced":
+            from .tvm.traced import compile_traced
+
+            return compile_traced(artifact, out, target=tvm_target, progress=progress)
+        from .tvm import compile_artifact
+
+        return compile_artifact(artifact, out, target=tvm_target, progress=progress)
+    raise ValueError(f"unknown lowering target {target!r}: expected onnx or tvm")

@@ -1,0 +1,134 @@
+"""Capture an artifact's transformers model, KV cache included, with `torch.export`.
+
+The model is the artifact loaded on the torch path (`quipc_runtime.load`) with each quantized
+linear / embedding swapped for a module calling its registered op (quipc_runtime.torch_ops),
+so every one of them is ONE node of the captured graph. `CachedLM` is the one function that
+serves prefill and decode, the interface of the hand-written graphs:
+
+    CachedLM(input_ids (batch, seq), past (2 * layers tensors: key, value of each layer,
+             (batch, kv_heads, past_seq, head_dim); past_seq = 0 for prefill))
+        -> logits (batch, seq, vocab), present (the same 2 * layers tensors, past_seq + seq)
+
+Positions are past_seq .. past_seq + seq - 1 (no padding). The cache is a plain
+transformers DynamicCache rebuilt from `past` (no sliding-window cropping: sliding layers see
+their window through the attention mask, so every layer's cache holds every position).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .families import Family, family_for
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    layers: int
+    kv_heads: tuple[int, ...]
+    head_dims: tuple[int, ...]
+
+
+class CachedLM(nn.Module):
+    def __init__(self, model: nn.Module, layers: int):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device) + past[0].shape[2]
+        out = self.model(input_ids=input_ids, position_ids=pos[None], cache_position=pos, use_cache=True,
+                         **{_cache_kwarg(self.model): cache})
+        present = []
+        for i in range(self.layers):
+            present += [cache.layers[i].keys, cache.layers[i].values]
+        return out.logits, present
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5 names the cache argument `cache` (`past_key_values` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@dataclass
+class Captured:
+    program: torch.export.ExportedProgram
+    family: Family
+    config: object
+    manifest: dict
+    cache: CacheLayout
+    example: tuple
+    swapped: dict          # layer name -> "linear" | "embedding"
+    seconds: float
+
+
+def load_traceable(artifact: Path):
+    """(model with op modules and eager attention, manifest, {layer name: kind})."""
+    import quipc_runtime
+    from quipc_runtime.torch_ops import with_ops
+
+    model = quipc_runtime.load(artifact, backend="reference")
+    family_for(model.config)
+    model.set_attn_implementation("eager")   # soft-capping and every mask variant live there
+    swapped = with_ops(model)
+    if not any(kind == "linear" for kind in swapped.values()):
+        raise ValueError(f"{artifact} holds no quantized linear the traced lowering could place")
+    return model, model.quipc_manifest, swapped
+
+
+def cache_layout(model: nn.Module) -> CacheLayout:
+    """Per-layer kv heads and head dims, read from one short run of the model."""
+    with torch.no_grad():
+        out = model(input_ids=torch.ones(1, 2, dtype=torch.long), use_cache=True)
+    layers = _returned_cache(out).layers
+    if not layers or any(getattr(la, "keys", None) is None for la in layers):
+        raise ValueError(f"{model.config.model_type}: the model's cache does not hold keys and values "
+                         "per layer, which the traced lowering feeds back")
+    return CacheLayout(len(layers), tuple(int(la.keys.shape[1]) for la in layers),
+                       tuple(int(la.keys.shape[3]) for la in layers))
+
+
+def example_inputs(layout: CacheLayout, vocab: int, batch: int = 2, seq: int = 5, past: int = 3) -> tuple:
+    """Inputs for the capture (sizes above 1, so that no dimension is specialized)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    kv = [torch.randn(batch, h, past, d, generator=g)
+          for h, d in zip(layout.kv_heads, layout.head_dims) for _ in range(2)]
+    return ids, kv
+
+
+def dynamic_shapes(layout: CacheLayout) -> tuple:
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    past = torch.export.Dim("past_seq", min=0)
+    return {0: batch, 1: seq}, [{0: batch, 2: past} for _ in range(2 * layout.layers)]
+
+
+def capture(artifact: Path) -> Captured:
+    """torch.export of CachedLM over the artifact's model (dynamic batch, seq and past_seq)."""
+    t0 = time.time()
+    model, manifest, swapped = load_traceable(Path(artifact))
+    fam = family_for(model.config)
+    layout = cache_layout(model)
+    wrapper = CachedLM(model, layout.layers).eval()
+    example = example_inputs(layout, int(model.config.vocab_size))
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(layout), strict=False)
+    except Exception as e:
+        raise ValueError(f"{fam.name}: torch.export could not capture the model with its KV cache: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return Captured(ep, fam, model.config, manifest, layout, example, swapped, time.time() - t0)

@@ -1,0 +1,95 @@
+"""Tiny random models of every family the traced lowering covers, built from transformers
+configs in the test (hidden 64, 2 layers, vocab 256), compiled once per test session.
+
+FAMILY_CONFIGS holds what each family needs to show its own features: qwen2 has q/k/v
+biases by default, qwen3 and gemma3 q/k norms, gemma2/3 one sliding-window layer (window 8,
+shorter than the test prompts) and one global, soft-capping (gemma2) and embedding scaling,
+phi3 its fused qkv_proj / gate_up_proj.
+"""
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiny import make_tokenizer, write_text
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+SLIDING = dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+FAMILY_CONFIGS = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=16)),
+    "gemma2": ("gemma2", SLIDING),
+    "gemma3": ("gemma3_text", SLIDING),
+    "phi3": ("phi3", {}),
+}
+PROMPT_LEN, DECODE_STEPS = 12, 8
+_ROOT = Path(tempfile.mkdtemp(prefix="quipc-traced-"))
+atexit.register(shutil.rmtree, _ROOT, True)
+
+
+def make_family_model(folder: Path, family: str, seed: int = 0) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = FAMILY_CONFIGS[family]
+    config = AutoConfig.for_model(model_type, **{**BASE, **extra})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights than the default init, so outputs depend on them
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def family_artifact(family: str, head: bool = False) -> Path:
+    """A 2-bit QuIP artifact of the family's tiny model; head=True: e8p blocks with a 4-bit
+    lm_head whose codes are the embedding too (the CLI's defaults, without fine-tuning)."""
+    return _compiled(family, bool(head))
+
+
+@lru_cache(maxsize=None)
+def _compiled(family: str, head: bool) -> Path:
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+
+    root = _ROOT / family
+    folder = root / "hf" if (root / "hf").is_dir() else make_family_model(root / "hf", family)
+    text = root / "calib.txt" if (root / "calib.txt").is_file() else write_text(root / "calib.txt")
+    cfg = QuantConfig(bits=2, format="e8p", head_bits=4, embed_bits="head") if head else QuantConfig(bits=2)
+    out = root / ("art-head" if head else "art")
+    compile_model(str(folder), out, cfg, CalibConfig(text=str(text), windows=8, length=32), progress=False)
+    return out
+
+
+def prompt(seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 250, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def torch_reference(artifact: Path, backend: str = "reference"):
+    """(prefill logits (L, V), [logits of each greedy decode step], tokens) on the torch path,
+    through transformers' own generate and cache."""
+    import quipc_runtime
+
+    model = quipc_runtime.load(artifact, backend=backend)
+    ids = prompt()
+    with torch.no_grad():
+        full = model(ids).logits[0].numpy()
+        gen = model.generate(ids, max_new_tokens=DECODE_STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return full, [s[0].numpy() for s in gen.logits], gen.sequences[0].tolist()
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
