@@ -45,7 +45,8 @@ def test_finetune_keeps_codes_and_changes_only_continuous_values(pair):
     quipc.load(pair[1])
 
 
-def test_finetune_lowers_the_kl_it_optimizes(tiny_model, pair):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_finetune_lowers_the_kl_it_optimizes(tiny_model, pair, schedule):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, text = tiny_model
@@ -61,7 +62,8 @@ def test_finetune_lowers_the_kl_it_optimizes(tiny_model, pair):
 
     before = train_kl()
     names = list(_layers(pair[0]))
-    result = finetune_e2e(student, teacher, names, windows, FinetuneConfig("e2e", epochs=2, holdout=4, lr=2e-3))
+    result = finetune_e2e(student, teacher, names, windows, FinetuneConfig("e2e", epochs=2, holdout=4, lr=2e-3,
+                                                                           schedule=schedule))
     assert train_kl() < before
     assert result["record"]["holdout_kl"][result["record"]["kept_epoch"]] <= result["record"]["holdout_kl"][0]
 
@@ -71,6 +73,8 @@ def test_finetune_settings_are_checked():
         QuantConfig(finetune="block2").validate()
     with pytest.raises(ValueError, match="rtn"):
         QuantConfig(method="rtn", finetune="e2e").validate()
+    with pytest.raises(ValueError, match="learning-rate schedule"):
+        FinetuneConfig("e2e", schedule="linear").validate()
 
 
 def test_tied_head_is_finetuned_and_the_embedding_follows_it(tiny_model, tmp_path):

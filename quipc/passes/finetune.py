@@ -26,6 +26,7 @@ from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.modules import QuipLinearRef, kron_apply
 
 MODES = ("none", "e2e")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,15 @@ class FinetuneConfig:
     lr: float = 5e-4       # Adam, on parameters that start at their stored values (near 1)
     holdout: int = 8       # calibration windows kept for early stopping (at most 1/8 of them, >= 1)
     seed: int = 0
+    schedule: str = "constant"   # learning rate per step: constant, or cosine decay to 0 over all epochs
 
     def validate(self) -> "FinetuneConfig":
         if self.mode not in MODES:
             raise ValueError(f"unknown fine-tuning mode {self.mode!r}; expected one of {MODES}")
         if self.epochs < 1 or self.lr <= 0 or self.holdout < 1:
             raise ValueError("fine-tuning needs epochs >= 1, lr > 0 and holdout >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; expected one of {SCHEDULES}")
         return self
 
     def to_dict(self) -> dict:
@@ -146,6 +150,9 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
         return [p.detach().clone() for p in params]
 
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    steps = cfg.epochs * int(train.shape[0])
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if cfg.schedule == "cosine"
+             else None)
     history = [holdout_kl()]
     best, best_state = history[0], state()
     order = torch.Generator().manual_seed(cfg.seed)
@@ -160,6 +167,8 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             train_loss.append(float(loss.detach()))
             if progress is not None:
                 progress.update(1)
