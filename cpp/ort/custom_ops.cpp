@@ -227,6 +227,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(
             "(the model's function bodies run in any onnxruntime)");
   }
   ort::Api a(api);
+  if (!a.status_round_trip())
+    return a.status(kOrtFail, "the quipc custom-op library does not match this onnxruntime's C API table");
   try {
     const int threads = thread_count(a, options);
     a.add_domain(options, kDomain, {&new_op(false, threads, api)->op, &new_op(true, threads, api)->op});

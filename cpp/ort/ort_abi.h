@@ -5,9 +5,11 @@
 // the OrtCustomOp struct (all 25 callbacks, in the header's order) and the slot index of
 // each OrtApi function called. OrtApi is append-only: a function keeps its slot in every
 // later version, and a runtime that returns the table for version V has every slot up to
-// the last function added in V. The slot indices were checked against the field offsets of
-// struct OrtApi (8 bytes a slot on 64-bit targets); tests/test_ort_custom_ops.py calls
-// every one of them through onnxruntime 1.32.
+// the last function added in V. Each slot index is the function's position in struct OrtApi
+// (field offset / 8 on 64-bit targets), taken from a binding generated from that header and
+// checked against the neighbouring declarations in the header itself. RegisterCustomOps
+// round-trips a status through the table at every registration, and
+// tests/test_ort_custom_ops.py runs the code calling each of the others (onnxruntime 1.32).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -43,6 +43,16 @@ OrtStatus* Api::status(int code, const std::string& msg) const {
   return fn<OrtStatus* (*)(int, const char*)>(kCreateStatus)(code, msg.c_str());
 }
 
+bool Api::status_round_trip() const {
+  const char* probe = "quipc probe";
+  OrtStatus* s = status(kOrtInvalidArgument, probe);
+  if (s == nullptr) return false;
+  const bool same = fn<int (*)(const OrtStatus*)>(kGetErrorCode)(s) == kOrtInvalidArgument &&
+                    std::string(fn<const char* (*)(const OrtStatus*)>(kGetErrorMessage)(s)) == probe;
+  fn<void (*)(OrtStatus*)>(kReleaseStatus)(s);
+  return same;
+}
+
 Tensor Api::tensor(const OrtValue* value) const {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   check(fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(kGetTensorTypeAndShape)(

@@ -38,6 +38,9 @@ class Api {
   explicit Api(const OrtApi* api) : api_(api) {}
 
   OrtStatus* status(int code, const std::string& msg) const;
+  // A status made and read back through the table (CreateStatus, GetErrorCode,
+  // GetErrorMessage, ReleaseStatus): false when the table is not laid out as ort_abi.h says.
+  bool status_round_trip() const;
   Tensor tensor(const OrtValue* value) const;
 
   // Kernel creation (OrtKernelInfo).
