@@ -1,6 +1,6 @@
 """Per-op latency from onnxruntime's profiler at batch 1 (one token), onnxruntime CPU:
 - a quipc QuipLinear node run by the custom-op library (transforms, signs and scales
-  included), e8p 2-bit and grid 4-bit, against onnxruntime's MatMulNBits 4-bit block 32
+  included), e8p 2-bit, grid 2- and 4-bit, against onnxruntime's MatMulNBits 4-bit block 32
   (accuracy_level 4, its fastest CPU path) on the same shape;
 - a QuipLinearGroup (q/k/v-like and gate/up-like) against the sum of its parts as
   separate QuipLinear nodes.
@@ -120,7 +120,7 @@ def profile_ops(folder: Path, threads: int = 2, runs: int = 200) -> list[dict]:
     rows = []
     for n, m in SHAPES:
         ref = total_us(node_times_us(nbits_model(n, m), False, threads, runs, folder), "MatMulNBits")
-        for fmt, bits in (("e8p", 2), ("grid", 4)):
+        for fmt, bits in (("e8p", 2), ("grid", 2), ("grid", 4)):
             model = quipc_model([quipc_layer(m, n, fmt, bits, seed=0)], group=False)
             t = total_us(node_times_us(model, True, threads, runs, folder), "QuipLinear")
             rows.append({"op": f"QuipLinear {fmt} w{bits}", "shape": f"{n}x{m}", "us": round(t, 2),
