@@ -93,10 +93,11 @@ def join(device: str = "cpu") -> Group:
         return SINGLE
     import torch.distributed as dist
 
+    cuda = str(device).startswith("cuda")
+    if cuda:   # one GPU per rank on its machine
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        cuda = str(device).startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     return Group(dist.get_rank(), dist.get_world_size(), device)
 

@@ -25,6 +25,10 @@ class HessianAccumulator:
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
 
+    def mean_(self) -> torch.Tensor:
+        """mean() computed in the running sum's memory (the accumulator is spent)."""
+        return self.sum.div_(max(self.count, 1))
+
 
 def batch_partial(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x^T x of one batch, as HessianAccumulator.add computes it (float32 product, float64)."""
@@ -72,12 +76,13 @@ def regularize(h: torch.Tensor, damp: float, name: str = "layer") -> tuple[torch
     h[dead, :] = 0
     h[:, dead] = 0
     h[dead, dead] = mean
-    eye = torch.eye(n, dtype=torch.float64, device=h.device)
     for attempt in range(6):
         lam = damp * (10 ** attempt) if damp > 0 else (0 if attempt == 0 else 1e-6 * 10 ** attempt)
-        candidate = h + lam * mean * eye
+        candidate = h.clone()   # H + lam * mean * I, without an n x n identity in memory
+        candidate.diagonal().add_(lam * mean)
         if torch.linalg.cholesky_ex(candidate).info == 0:
             info["damp"] = lam
             return candidate, info
+        del candidate
     info["fallback"] = "not positive definite after damping: identity used"
-    return mean * eye, info
+    return mean * torch.eye(n, dtype=torch.float64, device=h.device), info

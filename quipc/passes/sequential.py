@@ -149,7 +149,7 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, names: list[str],
                                      lambda b: first if b == 0 else partials_of(b), hooks.dims, device)
     finally:
         hooks.remove()
-    means = [acc.mean() for acc in accs]
+    means = [acc.mean_() for acc in accs]
     return {name: means[g] for name, g in hooks.group_of.items()}
 
 

@@ -42,12 +42,14 @@ def assign(shapes: list[tuple[int, int]], groups: list[int], world: int) -> list
 def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names: dict[str, str],
                  cfg: QuantConfig, group: Group = SINGLE, quantize=quantize_linear) -> list[QuantizedLinear]:
     """The block's linears (in `names` order) rounded; with several ranks each rounds its
-    share and the results are broadcast. quantize: methods.quantize_linear or a stand-in."""
+    share and the results are broadcast. quantize: methods.quantize_linear or a stand-in.
+    `hessians` is consumed: a group's entries are dropped once its linears are rounded."""
     modules = dict(block.named_modules())
     group_id: dict[int, int] = {}
     groups = [group_id.setdefault(id(hessians.get(n, n)), len(group_id)) for n in names]
     shapes = [tuple(modules[n].weight.shape) for n in names]
     owner = assign(shapes, groups, group.world) if group.world > 1 else [0] * len(names)
+    last = {g: i for i, g in enumerate(groups) if owner[i] == group.rank}   # a group's last linear here
     caches: dict[int, dict] = {}
     mine = {}
     for i, (n, g) in enumerate(zip(names, groups)):
@@ -59,6 +61,11 @@ def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names:
         bias = lin.bias.data.cpu() if lin.bias is not None else None
         cache = caches.setdefault(g, {"leader": full_names[names[groups.index(g)]]})
         mine[i] = quantize(LayerInput(full_names[n], lin.weight.data.cpu(), bias,
-                                             None if h is None else h.cpu(), cache), cfg)
+                                      None if h is None else h.cpu(), cache), cfg)
+        if last[g] == i:   # free the group's Hessian and its rotated copies
+            del cache, h
+            caches.pop(g)
+            for j in (j for j, gj in enumerate(groups) if gj == g):
+                hessians.pop(names[j], None)
     # every rank rounds its share first, then the results go round (one broadcast each)
     return [group.broadcast_object(mine.get(i), src=owner[i]) for i in range(len(names))]
