@@ -1,8 +1,11 @@
 """quipc's onnxruntime custom-op library (built from cpp/ort with the C++ kernels and
 installed beside them): ai.quipc QuipLinear / QuipLinearGroup nodes then run as one fused
 C++ kernel call each instead of their ONNX function bodies. onnxruntime picks a registered
-kernel over a model-local function of the same domain and name (it inlines a function only
-for nodes no execution provider claims), so the same .onnx file runs either way.
+kernel over a model-local function of the same domain and name: it inlines a function only
+for nodes no execution provider claims (GraphPartitioner::InlineFunctionsAOT, before the
+graph optimizations, and again during partitioning), and the library's kernel registry makes
+the CPU provider claim them. So the same .onnx file runs either way (the tests check with
+onnxruntime's profiler which nodes ran).
 
 `library_path()` finds the library; `register(options, threads)` adds it to an
 onnxruntime SessionOptions. The library needs onnxruntime >= 1.18 (C API version 18) and
