@@ -104,6 +104,15 @@ def test_group_kernel_matches_function_body(k, stack, tmp_path):
             assert_close(g, w)
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    """Work is split by rows (each output element computed by one thread): bitwise equal."""
+    layers = list(qkv(576, (576, 192, 192), 2))
+    model = build(layers, group=True)
+    x = np.random.default_rng(5).standard_normal((3, 5, 576)).astype(np.float32)
+    one, two = session(model, True, threads=1).run(None, {"x": x}), session(model, True, threads=2).run(None, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+
+
 def test_kernel_matches_quipc_runtime_kernels():
     """The same C++ kernels as quipc_runtime's backend: equal up to float rounding."""
     from quipc_runtime import kernels
