@@ -77,7 +77,20 @@ def _register_nvcc_callback() -> None:
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
 
 
+def _is_traced(folder) -> bool:
+    cfg = Path(folder) / CONFIG
+    return cfg.is_file() and json.loads(cfg.read_text()).get("graph") == "traced"
+
+
 class TvmLM:
+    def __new__(cls, folder, threads: int | None = None):
+        """A traced build (`--graph traced`) is run by tvm_traced.TracedTvmLM, same interface."""
+        if cls is TvmLM and _is_traced(folder):
+            from .tvm_traced import TracedTvmLM
+
+            return TracedTvmLM(folder, threads=threads)
+        return super().__new__(cls)
+
     def __init__(self, folder, threads: int | None = None):
         folder = Path(folder)
         cfg_path = folder / CONFIG

@@ -38,11 +38,9 @@ class CachedLM(nn.Module):
         self.model, self.layers = model, layers
 
     def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        for tensor in past[1:]:   # one past length for every layer (one symbol in the program)
+            torch._check(tensor.shape[2] == past[0].shape[2])
+        cache = _cache_of(past, self.layers)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device) + past[0].shape[2]
         out = self.model(input_ids=input_ids, position_ids=pos[None], cache_position=pos, use_cache=True,
                          **{_cache_kwarg(self.model): cache})
@@ -50,6 +48,21 @@ class CachedLM(nn.Module):
         for i in range(self.layers):
             present += [cache.layers[i].keys, cache.layers[i].values]
         return out.logits, present
+
+
+def _cache_of(past: list[torch.Tensor], layers: int):
+    """A DynamicCache holding `past` (its layers set directly: DynamicLayer.update would concatenate
+    onto an empty 1-D tensor, which Relax's importer refuses)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for i in range(layers):
+        layer = DynamicLayer()
+        layer.lazy_initialization(past[2 * i], past[2 * i + 1])
+        layer.keys, layer.values = past[2 * i], past[2 * i + 1]
+        cache.layers.append(layer)
+    return cache
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -103,7 +116,7 @@ def cache_layout(model: nn.Module) -> CacheLayout:
 
 
 def example_inputs(layout: CacheLayout, vocab: int, batch: int = 2, seq: int = 5, past: int = 3) -> tuple:
-    """Inputs for the capture (sizes above 1, so that no dimension is specialized)."""
+    """Inputs for the capture (dynamic sizes above 1, so that none is specialized)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     kv = [torch.randn(batch, h, past, d, generator=g)
@@ -111,24 +124,46 @@ def example_inputs(layout: CacheLayout, vocab: int, batch: int = 2, seq: int = 5
     return ids, kv
 
 
-def dynamic_shapes(layout: CacheLayout) -> tuple:
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    past = torch.export.Dim("past_seq", min=0)
-    return {0: batch, 1: seq}, [{0: batch, 2: past} for _ in range(2 * layout.layers)]
+def dynamic_shapes(layout: CacheLayout, batch: int | None, seq: int | None) -> tuple:
+    """Dims of (input_ids, past): batch and seq dynamic unless given, past_seq always."""
+    b = torch.export.Dim("batch") if batch is None else None
+    t = torch.export.Dim("seq") if seq is None else None
+    # a static seq (decode) gives guards on past_seq the solver cannot prove: let export decide
+    past = torch.export.Dim("past_seq", min=0) if seq is None else torch.export.Dim.AUTO
+    ids = {k: d for k, d in ((0, b), (1, t)) if d is not None}
+    return ids or None, [{**({0: b} if b is not None else {}), 2: past} for _ in range(2 * layout.layers)]
+
+
+@dataclass
+class Traceable:
+    """An artifact's model ready for capture (loaded once, captured as often as needed)."""
+    model: nn.Module
+    manifest: dict
+    swapped: dict          # layer name -> "linear" | "embedding"
+    family: Family
+    layout: CacheLayout
+
+    @staticmethod
+    def load(artifact: Path) -> "Traceable":
+        model, manifest, swapped = load_traceable(Path(artifact))
+        return Traceable(model, manifest, swapped, family_for(model.config), cache_layout(model))
+
+    def capture(self, batch: int | None = None, seq: int | None = None) -> Captured:
+        """torch.export of CachedLM; batch / seq: static sizes (None: dynamic)."""
+        t0 = time.time()
+        wrapper = CachedLM(self.model, self.layout.layers).eval()
+        example = example_inputs(self.layout, int(self.model.config.vocab_size), batch=batch or 2, seq=seq or 5)
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(wrapper, example, strict=False,
+                                         dynamic_shapes=dynamic_shapes(self.layout, batch, seq))
+        except Exception as e:
+            raise ValueError(f"{self.family.name}: torch.export could not capture the model with its KV cache: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return Captured(ep, self.family, self.model.config, self.manifest, self.layout, example, self.swapped,
+                        time.time() - t0)
 
 
 def capture(artifact: Path) -> Captured:
     """torch.export of CachedLM over the artifact's model (dynamic batch, seq and past_seq)."""
-    t0 = time.time()
-    model, manifest, swapped = load_traceable(Path(artifact))
-    fam = family_for(model.config)
-    layout = cache_layout(model)
-    wrapper = CachedLM(model, layout.layers).eval()
-    example = example_inputs(layout, int(model.config.vocab_size))
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(layout), strict=False)
-    except Exception as e:
-        raise ValueError(f"{fam.name}: torch.export could not capture the model with its KV cache: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    return Captured(ep, fam, model.config, manifest, layout, example, swapped, time.time() - t0)
+    return Traceable.load(artifact).capture()

@@ -225,10 +225,15 @@ def _kron_stage(inp, mat, f: int, q: int, n: int, name: str):
     r = te.reduce_axis((0, f), name="r")
     vec = int(q % 8 == 0 or (q == 1 and f % 8 == 0))
 
+    whole = f * q == n  # the outermost factor: k // q < f already
+
     def body(b, k):
-        ik = (k // q) % f
+        ik = k // q if whole else (k // q) % f
         coef = mat[r, ik] if q == 1 else mat[ik, r]
-        return te.sum(coef * inp[b, k + (r - ik) * q], axis=r)
+        # one factor over the whole vector reads in[b, r]: spelled k + (r - k), TVM's region
+        # analysis of the inlined producer divided by zero (a hidden size of 64, issue 11)
+        src = r if whole and q == 1 else k + (r - ik) * q
+        return te.sum(coef * inp[b, src], axis=r)
     return te.compute((rows, n), body, name=name, attrs={"quipc.op": "kron", "quipc.vec": vec})
 
 

@@ -1,0 +1,222 @@
+"""`quipc compile MODEL --target tvm --graph traced`: the artifact's transformers model captured by
+torch.export (backends/traced) and imported with Relax's `from_exported_program`, each
+quantized linear one `call_tir` of the same TIR kernel the hand-written build uses
+(lowering.linear_prim_func, scheduled by schedules/), for every family in
+backends/traced/families.py.
+
+Two Relax functions (batch 1, the cache as in the ONNX graph: `past` in, `present` out,
+concatenated, (1, kv_heads, past_seq, head_dim) per layer and kind):
+    forward(input_ids (1, seq) int64, past...) -> (logits (1, seq, vocab), present...)
+        any seq; the linears run the GEMM kernel on rows padded to a multiple of 16
+    decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
+        the GEMV kernels
+The quantized parameters are constants of the module (no params.bin). The quantized embedding is
+dequantized to fp32 at build time, as in the hand-written build. Run it with
+`quipc_runtime.tvm_runtime.TvmLM` (which hands a traced build to tvm_traced.TracedTvmLM).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .build import CONFIG, LIB, FORMAT_VERSION, resolve_target
+
+FUNCTIONS = ("forward", "decode")
+ROW_MULTIPLE = 16    # the GEMM schedules split rows without a bounds predicate
+
+
+class QuipConverters:
+    """custom_convert_map for from_exported_program: quip_linear -> call_tir of the layer's TIR
+    kernel (one PrimFunc per distinct spec and mode), quip_embedding -> take from the table."""
+
+    def __init__(self, layers: dict, tables: dict, prefix: str, llvm: bool):
+        self.layers, self.tables, self.prefix, self.llvm = layers, tables, prefix, llvm
+        self.funcs: dict = {}
+        self.consts: dict = {}
+
+    def convert_map(self) -> dict:
+        return {"quip_linear.default": self.linear, "quip_embedding.default": self.embedding}
+
+    def _kernel(self, bb, spec, mode: str):
+        from .lowering import linear_prim_func
+        from .schedules import schedule_func
+
+        key = (spec, mode)
+        if key not in self.funcs:
+            func = linear_prim_func(spec, mode)
+            if self.llvm:
+                func = schedule_func(func)
+            fmt = "" if spec.format == "grid" else f"{spec.format}_"
+            hint = f"{self.prefix}quip_{fmt}{mode}_{spec.m}x{spec.n}_b{spec.bits}_{len(self.funcs)}"
+            func = func.with_attr("tir.is_scheduled", True).with_attr("global_symbol", hint)
+            self.funcs[key] = bb.add_func(func, hint)
+        return self.funcs[key]
+
+    def _const(self, low, name: str, key: str, arr: np.ndarray):
+        from tvm import relax
+
+        cname = f"{low.__name__}.{key}" if key in low.SHARED else f"{name}.{key}"
+        if cname not in self.consts:
+            self.consts[cname] = relax.const(np.ascontiguousarray(arr))
+        return self.consts[cname]
+
+    def linear(self, node, importer):
+        from tvm import relax, tirx
+
+        from quipc_runtime.torch_ops import layer_name
+
+        from .lowering import lowering
+        from .tir_quip_linear import LinearSpec
+
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        name = layer_name(node.args[1])
+        if name not in self.layers:
+            raise ValueError(f"the traced graph calls {name}, which the artifact does not store quantized")
+        layer = self.layers[name]
+        spec = LinearSpec.of(layer)
+        low = lowering(spec.format)
+        shape = list(x.ty.shape)
+        rows = 1
+        for d in shape[:-1]:
+            rows = rows * d
+        x2 = bb.emit(relax.op.reshape(x, [rows, spec.n]))
+        params = [self._const(low, name, k, v) for k, v in _ordered(low, layer, spec)]
+        static_one = isinstance(rows, (int, tirx.IntImm)) and int(rows) == 1
+        if static_one:
+            y = bb.emit(relax.call_tir(self._kernel(bb, spec, "gemv"), [x2, *params],
+                                       relax.TensorType([1, spec.m], "float32")))
+        else:
+            padded = (rows + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE
+            pad = bb.emit(relax.op.zeros(relax.ShapeExpr([padded - rows, spec.n]), "float32"))
+            xp = bb.emit(relax.op.concat([x2, pad], axis=0))
+            yp = bb.emit(relax.call_tir(self._kernel(bb, spec, "gemm"), [xp, *params],
+                                        relax.TensorType([padded, spec.m], "float32")))
+            y = bb.emit(relax.op.strided_slice(yp, axes=[0], begin=[0], end=[rows]))
+        return bb.emit(relax.op.reshape(y, shape[:-1] + [spec.m]))
+
+    def embedding(self, node, importer):
+        from tvm import relax
+
+        from quipc_runtime.torch_ops import layer_name
+
+        name = layer_name(node.args[1])
+        if name not in self.tables:
+            raise ValueError(f"the traced graph embeds with {name}, which the artifact does not store quantized")
+        if name not in self.consts:
+            self.consts[name] = relax.const(self.tables[name])
+        ids = importer.env[node.args[0]]
+        return importer.block_builder.emit(relax.op.take(self.consts[name], ids, axis=0))
+
+
+def _ordered(low, layer, spec) -> list:
+    params = low.linear_params(layer, spec)
+    return [(k, params[k]) for k in low.param_names(spec)]
+
+
+def _dense_tables(traceable) -> dict:
+    """name -> fp32 table of each quantized embedding (its reference module's table)."""
+    from quipc_runtime.torch_ops import _module
+
+    tables = {}
+    for name, module in traceable.model.named_modules():
+        if type(module).__name__ == "QuipOpEmbedding":
+            tables[name] = np.ascontiguousarray(_module(module.key).table.numpy(), dtype=np.float32)
+    return tables
+
+
+def _import(captured, converters: QuipConverters):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        return from_exported_program(captured.program, custom_convert_map=converters.convert_map())
+    except Exception as e:
+        raise ValueError(f"{captured.family.name}: Relax cannot import the traced graph: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def build_module(artifact: Path, llvm: bool = True):
+    """(IRModule with `forward` and `decode`, Traceable, seconds spent capturing)."""
+    import tvm
+    from tvm import relax
+
+    from quipc_runtime import artifact as art
+
+    from ..traced import Traceable
+
+    traceable = Traceable.load(Path(artifact))
+    layers = art.load_layers(Path(artifact), traceable.manifest)
+    if traceable.manifest.get("head"):
+        (head,) = art.load_block(Path(artifact), traceable.manifest["head"])
+        layers[traceable.manifest["head"]["module"]] = head
+    tables = _dense_tables(traceable)
+    mod = tvm.IRModule()
+    for fname, seq in (("forward", None), ("decode", 1)):
+        captured = traceable.capture(seq=seq)   # batch stays dynamic: a static 1 trips a stride guard
+        part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm))
+        for gv, func in part.functions.items():
+            if gv.name_hint == "main":
+                mod[fname] = func.with_attr("global_symbol", fname)
+            else:
+                mod[gv] = func
+    return mod, traceable
+
+
+def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True) -> Path:
+    """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config)."""
+    import tvm
+
+    from quipc_runtime import artifact as art
+
+    from .build import _tvm_or_explain
+
+    _tvm_or_explain()
+    artifact, out = Path(artifact), Path(out)
+    if (out / CONFIG).exists() or (out / LIB).exists():
+        raise FileExistsError(f"{out} already holds a TVM build: choose another -o")
+    tgt = resolve_target(target)
+    if tgt.kind.name != "llvm":
+        raise ValueError(f"the traced TVM build runs on llvm (CPU) targets, not {tgt.kind.name}: "
+                         "use --graph handwritten for a llama model on cuda")
+    log = (lambda msg: print(f"[quipc tvm traced] {msg}", flush=True)) if progress else (lambda msg: None)
+    t0 = time.time()
+    log(f"tracing {artifact}")
+    mod, traceable = build_module(artifact)
+    log(f"compiling for {tgt}")
+    ex = tvm.compile(mod, target=tgt)
+    lay = traceable.layout
+    cfg = {"format": "quipc-tvm", "format_version": FORMAT_VERSION, "graph": "traced",
+           "family": traceable.family.name, "model_type": traceable.model.config.model_type,
+           "target": str(tgt), "device": "cpu", "functions": list(FUNCTIONS),
+           "model": {"layers": lay.layers, "kv_heads": list(lay.kv_heads), "head_dims": list(lay.head_dims),
+                     "vocab": int(traceable.model.config.vocab_size),
+                     "max_pos": int(traceable.model.config.max_position_embeddings)},
+           "eos_token_id": traceable.manifest["model_config"].get("eos_token_id"),
+           "source_artifact": str(artifact.resolve()), "compile_seconds": None}
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        ex.export_library(str(tmp / LIB))
+        shutil.copy(artifact / art.MANIFEST, tmp / "artifact_manifest.json")
+        tok = traceable.manifest.get("tokenizer")
+        if tok and (artifact / tok).is_dir():
+            shutil.copytree(artifact / tok, tmp / "tokenizer")
+        cfg["compile_seconds"] = round(time.time() - t0, 1)
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
+        out.mkdir(parents=True, exist_ok=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG):  # config last: marks done
+            dest = out / item.name
+            if dest.exists():
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            item.rename(dest)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} in {time.time() - t0:.0f} s")
+    return out

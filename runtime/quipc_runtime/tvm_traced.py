@@ -1,0 +1,102 @@
+"""Run a traced TVM build (`quipc compile ... --target tvm --graph traced`) with the TVM runtime
+alone, through TvmLM's interface (`logits`, `new_cache`, `prefill`, `decode`, `generate`), so
+`quipc eval` and `quipc bench` run it unchanged; `tvm_runtime.TvmLM(folder)` returns one of
+these for a traced build.
+
+The build's functions (tvm_config.json, "graph": "traced"):
+    forward(input_ids (1, seq) int64, past...) -> (logits (1, seq, vocab), present...)
+    decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
+past / present: per layer its key then its value, (1, kv_heads, positions, head_dim) float32.
+A cache here is a list holding those arrays, replaced on each call.
+This module imports neither quipc nor torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = "tvm_config.json"
+
+
+class TracedTvmLM:
+    def __init__(self, folder, threads: int | None = None):
+        folder = Path(folder)
+        self.cfg = json.loads((folder / CONFIG).read_text())
+        if self.cfg.get("graph") != "traced":
+            raise ValueError(f"{folder} is not a traced TVM build")
+        if threads:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        import tvm
+        from tvm.runtime import vm as tvm_vm
+
+        if threads:
+            cfg_pool = tvm.get_global_func("runtime.config_threadpool", True)
+            if cfg_pool is not None:
+                cfg_pool(-1, int(threads))
+        self.tvm, self.dev = tvm, tvm.cpu(0)
+        self.vm = tvm_vm.VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), self.dev)
+        m = self.cfg["model"]
+        self.layers, self.vocab, self.max_pos = m["layers"], m["vocab"], m["max_pos"]
+        self.kv_heads, self.head_dims = m["kv_heads"], m["head_dims"]
+        self.eos_token_id = self.cfg.get("eos_token_id")
+        self._forward, self._decode = self.vm["forward"], self.vm["decode"]
+
+    def _t(self, arr: np.ndarray):
+        return self.tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev)
+
+    def new_cache(self, capacity: int = 0) -> list:
+        """An empty cache (capacity is not needed: the cache grows with each call)."""
+        return [self._t(np.zeros((1, self.kv_heads[i // 2], 0, self.head_dims[i // 2]), np.float32))
+                for i in range(2 * self.layers)]
+
+    def _run(self, fn, ids: np.ndarray, cache: list) -> np.ndarray:
+        out = fn(self._t(ids.astype(np.int64)), *cache)
+        cache[:] = [out[1 + i] for i in range(2 * self.layers)]
+        return out[0].numpy()[0]
+
+    @staticmethod
+    def _ids(ids) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if arr.shape[1] == 0:
+            raise ValueError("empty prompt")
+        return arr
+
+    def logits(self, ids) -> np.ndarray:
+        """(L, vocab) logits of one sequence."""
+        return self._run(self._forward, self._ids(ids), self.new_cache())
+
+    def prefill(self, ids, cache: list) -> np.ndarray:
+        """Run the prompt into an empty `cache`; returns the last row's logits (V,)."""
+        return self.prefill_all(ids, cache)[-1]
+
+    def prefill_all(self, ids, cache: list) -> np.ndarray:
+        return self._run(self._forward, self._ids(ids), cache)
+
+    def decode(self, token: int, pos: int, cache: list) -> np.ndarray:
+        """One token at position `pos` (the cache holds [0, pos)); returns its logits (V,)."""
+        held = int(cache[0].shape[2])
+        if held != pos:
+            raise ValueError(f"decode at position {pos}, but the cache holds {held} positions")
+        return self._run(self._decode, np.array([[token]], np.int64), cache)[0]
+
+    def generate(self, ids, max_new_tokens: int, eos_token_id: int | None = None,
+                 stop_at_eos: bool = True) -> np.ndarray:
+        """Greedy generation: prompt + new tokens as an int64 array (1, L + n)."""
+        prompt = self._ids(ids)[0]
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        out = prompt.tolist()
+        if max_new_tokens <= 0:
+            return np.array([out], np.int64)
+        cache = self.new_cache()
+        logits = self.prefill(prompt, cache)
+        for step in range(max_new_tokens):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            if stop_at_eos and eos is not None and tok == eos:
+                break
+            if step + 1 < max_new_tokens:
+                logits = self.decode(tok, len(out) - 1, cache)
+        return np.array([out], np.int64)
