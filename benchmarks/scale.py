@@ -125,9 +125,9 @@ def digest(folder: Path) -> str:
 
 
 # --- parts -----------------------------------------------------------------------------------
-def part_rss(args, work: Path) -> list[dict]:
+def part_rss(args, work: Path, keep) -> list[dict]:
     text = write_text(work / "calib.txt")
-    common = ["--bits", "2", "--calib", str(text), "--calib-windows", str(args.windows),
+    common = ["--bits", "2", "--format", args.format, "--calib", str(text), "--calib-windows", str(args.windows),
               "--calib-len", str(args.calib_len), "--finetune", "none", "--no-progress"]
     records = []
     for blocks in args.blocks:
@@ -142,15 +142,16 @@ def part_rss(args, work: Path) -> list[dict]:
             shutil.rmtree(model, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
         records.append({"part": "rss", "model": f"random llama {args.hidden}/{args.intermediate} x {blocks} blocks",
-                        "blocks": blocks, "fp16_bytes_on_disk": size, **r})
-        print(json.dumps(records[-1]), flush=True)
+                        "blocks": blocks, "format": args.format, "windows": args.windows,
+                        "calib_len": args.calib_len, "fp16_bytes_on_disk": size, **r})
+        keep(records)
     if args.smollm2:
         out = work / "out-smollm2"
         shutil.rmtree(out, ignore_errors=True)
         r = measured_compile(["--threads", str(args.threads), "compile", "smollm2-135m", "-o", str(out), *common], work)
         shutil.rmtree(out, ignore_errors=True)
-        records.append({"part": "rss", "model": "smollm2-135m (GGUF)", **r})
-        print(json.dumps(records[-1]), flush=True)
+        records.append({"part": "rss", "model": "smollm2-135m (GGUF)", "format": args.format, **r})
+        keep(records)
     deep = [r for r in records if r.get("blocks")]
     if len(deep) >= 2:
         lo, hi = min(deep, key=lambda r: r["blocks"]), max(deep, key=lambda r: r["blocks"])
@@ -159,11 +160,11 @@ def part_rss(args, work: Path) -> list[dict]:
                         "seconds_per_block": per_block, "blocks": [lo["blocks"], hi["blocks"]],
                         "threads": args.threads,
                         "targets_met": hi["peak_rss_mb"] <= 1.3 * lo["peak_rss_mb"] and hi["peak_rss_mb"] <= 3072})
-        print(json.dumps(records[-1]), flush=True)
+        keep(records)
     return records
 
 
-def part_timing(args, work: Path) -> list[dict]:
+def part_timing(args, work: Path, keep) -> list[dict]:
     calib = ["--calib-windows", str(args.timing_windows), "--calib-len", str(args.timing_len)]
     runs = {"1x1": ["--threads", "1"], "2x1": ["--threads", "1", "--workers", "2"], "1x2": ["--threads", "2"]}
     records, outs = [], {}
@@ -177,12 +178,12 @@ def part_timing(args, work: Path) -> list[dict]:
         records.append({"part": "timing", "run": name, "ranks": 2 if "--workers" in extra else 1,
                         "threads_per_rank": int(extra[1]), "wall_seconds": time.time() - t0,
                         "calib_windows": args.timing_windows, "calib_len": args.timing_len})
-        print(json.dumps(records[-1]), flush=True)
+        keep(records)
     t = {r["run"]: r["wall_seconds"] for r in records}
     records.append({"part": "timing", "summary": True, "speedup_2x1_over_1x1": t["1x1"] / t["2x1"],
                     "speedup_1x2_over_1x1": t["1x1"] / t["1x2"],
                     "identical_2x1_1x1": digest(outs["2x1"]) == digest(outs["1x1"])})
-    print(json.dumps(records[-1]), flush=True)
+    keep(records)
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
     return records
@@ -195,31 +196,39 @@ def main() -> int:
     p.add_argument("--json", required=True)
     p.add_argument("--parts", default="rss,timing", help="rss, timing or both (comma separated)")
     p.add_argument("--workdir", default="/tmp", help="where the random models and outputs go (deleted after)")
-    p.add_argument("--blocks", default="4,16", help="depths of the random models")
+    p.add_argument("--blocks", default="4,16", help="depths of the random models (\"\" for none)")
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=11008)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--windows", type=int, default=4, help="rss part: calibration windows")
     p.add_argument("--calib-len", type=int, default=64, help="rss part: tokens per window")
     p.add_argument("--threads", type=int, default=2, help="rss part: threads of the compile")
+    p.add_argument("--format", default="e8p", help="rss part: code format (e8p, the default, or grid: "
+                                                   "its rounding is much faster on 4096-wide blocks)")
     p.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="rss part: skip SmolLM2")
     p.add_argument("--timing-windows", type=int, default=64, help="timing part: calibration windows")
     p.add_argument("--timing-len", type=int, default=512, help="timing part: tokens per window")
     args = p.parse_args()
-    args.blocks = [int(b) for b in args.blocks.split(",")]
+    args.blocks = [int(b) for b in args.blocks.split(",") if b]
     parts = args.parts.split(",")
     if unknown := set(parts) - {"rss", "timing"}:
         p.error(f"unknown parts {sorted(unknown)}")
     work = Path(args.workdir) / f"quipc-scale-{os.getpid()}"
     work.mkdir(parents=True)
     out = Path(args.json)
-    records = json.loads(out.read_text()) if out.exists() else []
+    earlier = json.loads(out.read_text()) if out.exists() else []
+
+    def keep_part(part):
+        def keep(records):   # written after every measurement
+            print(json.dumps(records[-1]), flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps([r for r in earlier if r.get("part") != part] + records, indent=1))
+        return keep
+
     try:
         for part in parts:
-            new = (part_rss if part == "rss" else part_timing)(args, work)
-            records = [r for r in records if r.get("part") != part] + new
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(records, indent=1))
+            records = (part_rss if part == "rss" else part_timing)(args, work, keep_part(part))
+            earlier = [r for r in earlier if r.get("part") != part] + records
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -168,7 +168,7 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     windows, calib_info = None, {"source": "none (rtn needs no calibration)"}
     if cfg.method != "rtn":
         windows, calib_info = group.broadcast_object(
-            _calibration(stream, tokenizer, calib, cfg.seed, device, progress) if group.is_main else None)
+            _on_main(group, lambda: _calibration(stream, tokenizer, calib, cfg.seed, device, progress), None))
     dense, _ = _dense_tensors(model, prefix)
     dense = plan.dense_tensors(dense, model)
     if manifest is None:
