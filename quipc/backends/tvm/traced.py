@@ -155,8 +155,9 @@ def build_module(artifact: Path, llvm: bool = True):
         layers[traceable.manifest["head"]["module"]] = head
     tables = _dense_tables(traceable)
     mod = tvm.IRModule()
-    for fname, seq in (("forward", None), ("decode", 1)):
-        captured = traceable.capture(seq=seq)   # batch stays dynamic: a static 1 trips a stride guard
+    # forward: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
+    for fname, batch, seq in (("forward", None, None), ("decode", 1, 1)):
+        captured = traceable.capture(batch=batch, seq=seq)
         part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm))
         for gv, func in part.functions.items():
             if gv.name_hint == "main":
