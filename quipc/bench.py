@@ -24,6 +24,10 @@ import traceback
 from pathlib import Path
 
 QUIPC_BACKENDS = ("torch-ref", "runtime", "onnx", "tvm")
+# onnx / tvm lower with the artifact's default graph (backends/lower.py: hand-written for llama,
+# traced otherwise); these name the graph, to put both side by side (not in the default list)
+GRAPH_BACKENDS = {"onnx-traced": ("onnx", "traced"), "onnx-handwritten": ("onnx", "handwritten"),
+                  "tvm-traced": ("tvm", "traced"), "tvm-handwritten": ("tvm", "handwritten")}
 # Pause before each timed run: the previous backend's idle thread pools (onnxruntime, TVM,
 # OpenMP) spin for a while after their last region and would steal the cores.
 SETTLE_S = 0.2
@@ -33,7 +37,8 @@ BASELINES = {"fp32": ("fp32-torch", "fp32-onnx")}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="a quipc artifact folder")
     parser.add_argument("--backends", default=",".join(QUIPC_BACKENDS),
-                        help=f"comma-separated, from {', '.join(QUIPC_BACKENDS)} (default: all)")
+                        help=f"comma-separated, from {', '.join(QUIPC_BACKENDS + tuple(GRAPH_BACKENDS))} "
+                             f"(default: {', '.join(QUIPC_BACKENDS)})")
     parser.add_argument("--baseline", default=None, choices=sorted(BASELINES),
                         help="also measure the unquantized model: fp32 = transformers fp32 + onnxruntime fp32")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill (default 128)")
@@ -128,12 +133,12 @@ def _load_backend(name: str, spec: dict, threads: int):
 
         model, _ = load_model(resolve(spec["source_spec"]))
         return TorchLM(model.eval())
-    if name in ("onnx", "fp32-onnx"):
+    if name in ("onnx", "fp32-onnx") or name.startswith("onnx-"):
         from quipc_runtime.onnx_runtime import OnnxLM
 
         custom_ops = None if spec["onnx_custom_ops"] else False   # None: the library when built
         return OnnxDriver(OnnxLM(spec["onnx_path"], threads=threads, custom_ops=custom_ops))
-    if name == "tvm":
+    if name == "tvm" or name.startswith("tvm-"):
         from quipc_runtime.tvm_runtime import TvmLM
 
         return TvmDriver(TvmLM(spec["tvm_path"], threads=threads), spec["prompt_len"] + spec["new_tokens"] + 1)
@@ -204,12 +209,12 @@ def _why_not(name: str) -> str | None:
     """The reason a backend cannot run here, or None."""
     import importlib.util
 
-    if name in ("onnx", "fp32-onnx"):
+    if name in ("onnx", "fp32-onnx") or name.startswith("onnx-"):
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed"
         if importlib.util.find_spec("onnx") is None:
             return "onnx is not installed"
-    if name == "tvm" and importlib.util.find_spec("tvm") is None:
+    if (name == "tvm" or name.startswith("tvm-")) and importlib.util.find_spec("tvm") is None:
         return "apache-tvm is not installed"
     if name == "runtime":
         try:
@@ -225,14 +230,19 @@ def _prepare(name: str, spec: dict, args, work: Path, log) -> str | None:
     """Build what a backend needs (ONNX export, TVM compile), cached in `work`."""
     art = Path(spec["artifact"])
     try:
-        if name == "onnx":
-            path = Path(args.onnx_build) if args.onnx_build else work / "onnx-quip"
-            if not (path / "model.onnx").is_file():
-                from quipc.backends.onnx import export_artifact
+        if name in ("onnx", "tvm") or name in GRAPH_BACKENDS:
+            target, graph = GRAPH_BACKENDS.get(name, (name, "auto"))
+            given = {"onnx": args.onnx_build, "tvm": args.tvm_build}.get(name)
+            path = Path(given) if given else work / {"onnx": "onnx-quip", "tvm": "tvm-llvm"}.get(name, name)
+            done = path / ("model.onnx" if target == "onnx" else "tvm_config.json")
+            if not done.is_file():
+                from quipc.backends.lower import lower_artifact
 
-                log(f"exporting {art} to ONNX ({path})")
-                export_artifact(art, path, ops="quip", progress=False)
-            spec["onnx_path"] = str(path)
+                log(f"lowering {art} to {target} ({graph} graph, {path})")
+                t0 = time.time()
+                lower_artifact(art, path, target=target, graph=graph, onnx_ops="quip", progress=False)
+                spec["build_s"] = round(time.time() - t0, 1)
+            spec["onnx_path" if target == "onnx" else "tvm_path"] = str(path)
         elif name == "fp32-onnx":
             path = work / "onnx-fp32"
             if not (path / "model.onnx").is_file():
@@ -244,14 +254,6 @@ def _prepare(name: str, spec: dict, args, work: Path, log) -> str | None:
                 model, tok = load_model(resolve(spec["source_spec"]))
                 export_hf_model(model.eval(), path, tokenizer=tok)
             spec["onnx_path"] = str(path)
-        elif name == "tvm":
-            path = Path(args.tvm_build) if args.tvm_build else work / "tvm-llvm"
-            if not (path / "tvm_config.json").is_file():
-                from quipc.backends.tvm import compile_artifact
-
-                log(f"compiling {art} with TVM ({path})")
-                compile_artifact(art, path, target="llvm", progress=False)
-            spec["tvm_path"] = str(path)
     except Exception as e:
         return f"could not prepare: {type(e).__name__}: {e}"[:500]
     return None
@@ -268,9 +270,10 @@ def run(args) -> int:
     artifact = Path(args.artifact)
     manifest = art.read_manifest(artifact)  # raises a clear error for a bad folder
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in QUIPC_BACKENDS]
+    unknown = [b for b in names if b not in QUIPC_BACKENDS and b not in GRAPH_BACKENDS]
     if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; expected some of {', '.join(QUIPC_BACKENDS)}")
+        raise ValueError(f"unknown backend(s) {unknown}; expected some of "
+                         f"{', '.join(QUIPC_BACKENDS + tuple(GRAPH_BACKENDS))}")
     if args.baseline:
         names += list(BASELINES[args.baseline])
     if args.reps < 1 or args.new_tokens < 1 or args.prompt_len < 1:
@@ -294,10 +297,13 @@ def run(args) -> int:
     t_start = time.time()
     records: dict[str, dict] = {}
     workers: dict[str, tuple] = {}
+    build_s: dict[str, float] = {}
     ctx = mp.get_context("spawn")
     for name in names:
         spec = dict(base)
         reason = _why_not(name) or _prepare(name, spec, args, work, log)
+        if "build_s" in spec:
+            build_s[name] = spec["build_s"]
         if reason is None and name.startswith("fp32") and not spec["source_spec"]:
             reason = "the artifact does not record its source model"
         if reason:
@@ -352,6 +358,8 @@ def run(args) -> int:
             "rss_before_load_mb": round(info["rss_before_load_mb"], 1),
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         }
+        if name in build_s:   # the ONNX export / TVM build made for this run
+            records[name]["build_s"] = build_s[name]
     ordered = [records[n] for n in names if n in records]
     meta = {"artifact": str(artifact.resolve()), "threads": threads, "reps": args.reps,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(),
