@@ -24,7 +24,8 @@ _MODULES: "weakref.WeakValueDictionary[str, nn.Module]" = weakref.WeakValueDicti
 _TAGS = itertools.count()
 
 
-def _module(key: str) -> nn.Module:
+def module_for(key: str) -> nn.Module:
+    """The module computing the op registered under `key` (its eager kernel)."""
     module = _MODULES.get(key)
     if module is None:
         raise KeyError(f"no quipc module is registered under {key!r} (its model was freed?)")
@@ -38,7 +39,7 @@ def layer_name(key: str) -> str:
 
 @torch.library.custom_op(f"{NAMESPACE}::quip_linear", mutates_args=())
 def quip_linear(x: torch.Tensor, key: str, out_features: int) -> torch.Tensor:
-    return _module(key)(x).clone()
+    return module_for(key)(x).clone()
 
 
 @quip_linear.register_fake
@@ -48,7 +49,7 @@ def _quip_linear_fake(x: torch.Tensor, key: str, out_features: int) -> torch.Ten
 
 @torch.library.custom_op(f"{NAMESPACE}::quip_embedding", mutates_args=())
 def quip_embedding(ids: torch.Tensor, key: str, dim: int) -> torch.Tensor:
-    return _module(key)(ids).clone()
+    return module_for(key)(ids).clone()
 
 
 @quip_embedding.register_fake

@@ -120,12 +120,12 @@ def _ordered(low, layer, spec) -> list:
 
 def _dense_tables(traceable) -> dict:
     """name -> fp32 table of each quantized embedding (its reference module's table)."""
-    from quipc_runtime.torch_ops import _module
+    from quipc_runtime.torch_ops import module_for
 
     tables = {}
     for name, module in traceable.model.named_modules():
         if type(module).__name__ == "QuipOpEmbedding":
-            tables[name] = np.ascontiguousarray(_module(module.key).table.numpy(), dtype=np.float32)
+            tables[name] = np.ascontiguousarray(module_for(module.key).table.numpy(), dtype=np.float32)
     return tables
 
 
