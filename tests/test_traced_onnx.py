@@ -4,6 +4,7 @@ it, the quantized linears as quipc nodes, the same bytes twice, clear errors."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from functools import lru_cache
 from types import SimpleNamespace
@@ -152,3 +153,19 @@ def test_untranslatable_op_is_named(monkeypatch):
     monkeypatch.setattr(traced, "translations", lambda: {})
     with pytest.raises(ValueError, match="llama: the ONNX exporter cannot translate.*quip_linear"):
         traced._to_onnx(captured)
+
+
+def test_cli_compiles_a_model_to_onnx(tmp_path):
+    """quipc compile MODEL --target onnx: the artifact in OUT/artifact, the traced graph (auto for
+    qwen2) beside it, equal to the artifact's torch path."""
+    from quipc.cli import main
+
+    folder = family_artifact("qwen2").parent / "hf"
+    text = family_artifact("qwen2").parent / "calib.txt"
+    out = tmp_path / "out"
+    assert main(["compile", str(folder), "--target", "onnx", "--bits", "2", "--format", "grid",
+                 "--finetune", "none", "--calib", str(text), "--calib-windows", "8", "--calib-len", "32",
+                 "--onnx-accuracy-level", "0", "--no-progress", "-o", str(out)]) == 0
+    meta = json.loads((out / "quipc_onnx.json").read_text())
+    assert meta["graph"] == "traced" and meta["family"] == "qwen2"
+    check_against_torch(out / "artifact", out / "model.onnx")

@@ -19,6 +19,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 META_FILE = "quipc_onnx.json"
 TOKENIZER_DIR = "tokenizer"
+ARTIFACT_DIR = "artifact"   # quipc compile MODEL --target onnx -o OUT: OUT/artifact, then OUT/model.onnx
 IR_VERSION = 10   # function overloads need IR 10
 
 
@@ -39,9 +40,11 @@ def make_model(b: Builder, inputs, outputs, emitter: QuipLinearEmitter | None, n
 def save_model(model: onnx.ModelProto, folder: Path, meta: dict | None = None,
                tokenizer_dir: Path | None = None, tokenizer=None) -> Path:
     """Write folder/model.onnx + external data (+ tokenizer, metadata) atomically: built in a
-    temporary sibling folder, fully checked, then renamed. Refuses an existing folder."""
+    temporary sibling folder, fully checked, then renamed. Refuses an existing folder, unless
+    it holds only the artifact `quipc compile MODEL --target onnx` just wrote (`artifact/`)."""
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    held = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if folder.exists() and (not folder.is_dir() or held - {ARTIFACT_DIR}):
         raise FileExistsError(f"{folder} already exists and is not empty: choose another -o")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
@@ -56,9 +59,14 @@ def save_model(model: onnx.ModelProto, folder: Path, meta: dict | None = None,
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         if meta is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
+        if held:   # beside the artifact: move the files in, model.onnx last (marks done)
+            for item in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_FILE):
+                os.replace(item, folder / item.name)
+            tmp.rmdir()
+        else:
+            if folder.exists():
+                folder.rmdir()
+            os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
