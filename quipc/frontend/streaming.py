@@ -9,6 +9,7 @@ are those `from_pretrained(..., dtype=float32)` gives (checked by tests/test_str
 """
 from __future__ import annotations
 
+import ctypes
 from contextlib import contextmanager
 
 import torch
@@ -71,6 +72,7 @@ class StreamedModel:
             for name in self._streamed[index]:
                 self._set(name, None)
             self.loaded.discard(index)
+            _return_freed_memory()
 
     @contextmanager
     def fully_loaded(self):
@@ -85,6 +87,24 @@ class StreamedModel:
             for i in range(len(self.blocks)):
                 if i not in before:
                     self.release_block(i)
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed block back to the system: glibc's malloc keeps freed large chunks in
+    its heap (its mmap threshold rises after the first big free), so without a trim the
+    resident memory grew by about a block per block (measured). No-op without glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _tied_names(model: nn.Module) -> list[str]:

@@ -5,6 +5,7 @@ own GGUF helpers). Names are the transformers model's parameter names."""
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,20 @@ class SafetensorsSource:
         else:
             raise ValueError(f"{folder} holds no safetensors weights ({SAFETENSORS_SINGLE} or "
                              f"{SAFETENSORS_INDEX}): the streaming loader reads safetensors only")
-        self._handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
-        self._where = {name: f for f, h in self._handles.items() for name in h.keys()}
+        self._where = {}
+        for f in files:
+            with safe_open(str(folder / f), framework="pt") as handle:
+                self._where.update({name: folder / f for name in handle.keys()})
 
     def names(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        from safetensors import safe_open
+
+        # opened per read: a file kept open keeps every page read from it mapped (resident)
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 class GGUFSource:
@@ -69,4 +76,16 @@ class GGUFSource:
         if result.weights is None or result.name != gname:
             raise ValueError(f"GGUF tensor {gname} does not map to one transformers tensor: "
                              "this architecture cannot be streamed")
-        return torch.from_numpy(np.copy(result.weights))
+        out = torch.from_numpy(np.copy(result.weights))
+        self._unmap(tensor)
+        return out
+
+    def _unmap(self, tensor) -> None:
+        """Drop the pages of `tensor` from this process's memory map (they stay in the page
+        cache): otherwise every tensor read stays resident and memory grows with depth."""
+        mapped = getattr(self._reader.data, "_mmap", None)
+        if mapped is None or not hasattr(mapped, "madvise"):
+            return
+        start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(tensor.data_offset + tensor.n_bytes, len(mapped))
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
