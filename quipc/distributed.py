@@ -10,6 +10,7 @@ and sums them in the same order: the artifact does not depend on the number of r
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 
 import torch
@@ -99,7 +100,14 @@ def join(device: str = "cpu") -> Group:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    signal.signal(signal.SIGTERM, _stopped_by_torchrun)
     return Group(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _stopped_by_torchrun(_signum, _frame):
+    """torchrun stops every rank (SIGTERM) when one fails: say so, as an error the CLI prints."""
+    raise RankFailed(f"rank {os.environ.get('RANK')}: stopped by torchrun because another rank of the compile "
+                     "failed (its report follows); every finished block is kept: rerun with --resume")
 
 
 def leave() -> None:
