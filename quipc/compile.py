@@ -171,7 +171,7 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
             _on_main(group, lambda: _calibration(stream, tokenizer, calib, cfg.seed, device, progress), None))
     dense, _ = _dense_tensors(model, prefix)
     dense = plan.dense_tensors(dense, model)
-    if manifest is None:
+    if group.broadcast_object(manifest is None if group.is_main else None):   # a new folder
         manifest = _on_main(group, lambda: _new_artifact(out, model, tokenizer, source, cfg, calib_info, key,
                                                           prefix, dense, plan), None)
 
