@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import onnx
 import pytest
+import torch
 
 from quipc.backends.onnx.traced import export_traced
 from traced_families import DECODE_STEPS, FAMILY_CONFIGS, PROMPT_LEN, family_artifact, prompt, rel, \
@@ -78,6 +79,23 @@ def test_quantized_head_and_embedding():
     model = onnx.load(path, load_external_data=False)
     dense = [i.name for i in model.graph.initializer if list(i.dims) == [256, 64] and i.data_type == 1]
     assert dense == []
+
+
+def test_scaled_embedding_keeps_its_scale():
+    """Gemma 3's embedding module multiplies its rows by sqrt(hidden); the quantized table
+    (here the 4-bit head's codes) must too, on the torch path and in the traced graph."""
+    from transformers import AutoModelForCausalLM
+
+    import quipc_runtime
+
+    artifact = family_artifact("gemma3", head=True)
+    fp = AutoModelForCausalLM.from_pretrained(artifact.parent / "hf", dtype=torch.float32)
+    ids = prompt()
+    with torch.no_grad():
+        want = fp.get_input_embeddings()(ids).numpy()
+        got = quipc_runtime.load(artifact).get_input_embeddings()(ids).numpy()
+    assert rel(got, want) < 0.25   # 4-bit rows; without the scale the error is 1 - 1/8
+    check_against_torch(artifact, family_onnx("gemma3", head=True))
 
 
 def test_quantized_linears_are_quipc_nodes():

@@ -182,9 +182,11 @@ if torch is not None:
         backend "reference": the whole table dequantized once (the head's effective weight,
         float32), then indexed: the readable definition. "kernels": only the rows of the
         ids are decoded, per call; a shared head's inverse input transform runs on the C++
-        kernels (`kernels.kron_apply`)."""
+        kernels (`kernels.kron_apply`).
+        scale: what the model's own embedding module multiplies its rows by (Gemma 3's
+        `embed_scale`), or None; `lookup` gives the rows before it."""
 
-        def __init__(self, source, backend: str = "reference"):
+        def __init__(self, source, backend: str = "reference", scale: float | None = None):
             super().__init__()
             if backend not in ("reference", "kernels"):
                 raise ValueError(f"unknown embedding backend {backend!r}; expected reference or kernels")
@@ -211,6 +213,8 @@ if torch is not None:
                 kernels._require()
                 self._in_scale = source.in_scale_f32()
             self.register_buffer("table", table, persistent=False)
+            self.register_buffer("scale", None if scale is None else torch.tensor(float(scale)),
+                                 persistent=False)
 
         def rows(self, ids: np.ndarray) -> np.ndarray:
             """float32 rows for integer ids (numpy), decoded on demand."""
@@ -224,15 +228,21 @@ if torch is not None:
             out = kernels.kron_apply(rot, src.t_in, transpose=True) * self._in_scale[None, :]
             return out.reshape(*ids.shape, src.in_features)
 
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+            """The stored rows of the ids (float32), before `scale`."""
             if self.table is not None:
                 return torch.nn.functional.embedding(ids, self.table)
             device = ids.device
             out = torch.from_numpy(np.ascontiguousarray(self.rows(ids.detach().cpu().numpy())))
             return out.to(device)
 
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            rows = self.lookup(ids)
+            return rows if self.scale is None else rows * self.scale
+
         def extra_repr(self) -> str:
-            return (f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}, backend={self.backend}")
+            scaled = "" if self.scale is None else f", scale={float(self.scale):g}"
+            return (f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}, backend={self.backend}{scaled}")
 else:
     class QuantEmbedding:  # noqa: D101 - placeholder that explains itself
         def __init__(self, *args, **kwargs):

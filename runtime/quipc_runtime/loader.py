@@ -103,7 +103,8 @@ def _install_head_and_embedding(model, folder: Path, manifest: dict, backend: st
             except (KeyError, ValueError) as e:
                 raise art.ArtifactError(f"embedding table is malformed: {e}") from None
         try:
-            module = QuantEmbedding(source, backend=backend)
+            scale = _embed_scale(model.get_submodule(emb["module"]))
+            module = QuantEmbedding(source, backend=backend, scale=scale)
         except ValueError as e:
             raise art.ArtifactError(f"embedding: {e}") from None
         model.set_submodule(emb["module"], module)
@@ -111,6 +112,13 @@ def _install_head_and_embedding(model, folder: Path, manifest: dict, backend: st
     elif emb and emb.get("kind") != "dense":
         raise art.ArtifactError(f"unknown embedding kind {emb.get('kind')!r} (written by a newer quipc?)")
     return replaced
+
+
+def _embed_scale(module) -> float | None:
+    """The factor a family's own embedding module applies to its rows (Gemma 3's scaled
+    word embedding), which the quantized table must apply too; None for a plain one."""
+    scale = getattr(module, "embed_scale", None)
+    return None if scale is None else float(scale)
 
 
 def _is_tied(model, key: str, dense: dict) -> bool:

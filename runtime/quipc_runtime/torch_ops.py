@@ -49,7 +49,7 @@ def _quip_linear_fake(x: torch.Tensor, key: str, out_features: int) -> torch.Ten
 
 @torch.library.custom_op(f"{NAMESPACE}::quip_embedding", mutates_args=())
 def quip_embedding(ids: torch.Tensor, key: str, dim: int) -> torch.Tensor:
-    return module_for(key)(ids).clone()
+    return module_for(key).lookup(ids).clone()
 
 
 @quip_embedding.register_fake
@@ -84,9 +84,12 @@ class QuipOpEmbedding(nn.Module):
         self.num_embeddings = int(inner.num_embeddings)
         self.__dict__["inner"] = inner
         _MODULES[key] = inner
+        # the stored rows are the op; a family's embedding scale stays a plain multiply
+        self.register_buffer("scale", getattr(inner, "scale", None), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quipc.quip_embedding(ids, self.key, self.embedding_dim)
+        rows = torch.ops.quipc.quip_embedding(ids, self.key, self.embedding_dim)
+        return rows if self.scale is None else rows * self.scale
 
     def extra_repr(self) -> str:
         return f"{self.key}, {self.num_embeddings}, {self.embedding_dim}"
