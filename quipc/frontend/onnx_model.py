@@ -29,7 +29,6 @@ What it does:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +48,8 @@ from ..backends.onnx.export import IR_VERSION, META_FILE, save_model
 from ..backends.onnx.emitter import QuipLinearEmitter
 from ..config import QuantConfig
 from ..passes.methods import LayerInput, quantize_linear
+from .onnx_calib_cache import calib_key, read_cache, write_cache
+from .onnx_calibration import calibration_windows, embedding_tables, load_tokenizer, text_tokenizer
 
 MIN_OPSET = 13
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -113,7 +114,7 @@ def find_targets(model: onnx.ModelProto, quantize_lm_head: bool = False) -> tupl
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    gathered = set(_embeddings(model))
+    gathered = set(embedding_tables(model))
     vocab = {int(inits[e].dims[0]) for e in gathered if len(inits[e].dims) == 2}
     const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
 
@@ -180,75 +181,6 @@ def _layer_name(weight_name: str) -> str:
         if weight_name.endswith(suffix):
             return weight_name[: -len(suffix)]
     return weight_name
-
-
-# --- calibration tokens -----------------------------------------------------------------
-def load_tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
-    from .models import resolve
-
-    src = resolve(spec) if not Path(spec).is_dir() else None
-    try:
-        if src is not None:
-            kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-            return AutoTokenizer.from_pretrained(src.folder, **kwargs)
-        return AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"could not load a tokenizer from {spec}: {e}") from None
-
-
-def calibration_tokens(path: Path, tokenizer_spec: str | None, model_path: Path):
-    """1-D int64 token ids from .npy / .ids / text; returns (tokens, tokenizer or None)."""
-    from .calibration import tokenize_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration file {path} not found")
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable .npy array: {e}") from None
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{path} holds {arr.dtype}, not integer token ids")
-        return torch.from_numpy(arr.reshape(-1).astype(np.int64)), None
-    if path.suffix == ".ids":
-        try:
-            return torch.tensor([int(t) for t in path.read_text().split()], dtype=torch.long), None
-        except ValueError:
-            raise ValueError(f"{path} (.ids) must hold integer token ids separated by whitespace") from None
-    spec = tokenizer_spec
-    if spec is None and (model_path.parent / "tokenizer").is_dir():
-        spec = str(model_path.parent / "tokenizer")
-    if spec is None:
-        raise ValueError(f"calibration text {path} needs a tokenizer: pass --tokenizer (a model folder, a "
-                         ".gguf file or an alias), or give token ids as .npy / .ids (whitespace-separated)")
-    tok = load_tokenizer(spec)
-    return tokenize_file(tok, path), tok
-
-
-def generated_windows(lm, n_windows: int, length: int, vocab: int, seed: int, progress=None) -> torch.Tensor:
-    """Data-free calibration: windows sampled from the ONNX model itself (temperature 1,
-    top-k 50), each started from a random token."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_windows):
-        seq = [int(rng.integers(0, vocab))]
-        last, past = lm.prefill(np.array(seq))
-        while len(seq) < length:
-            top = np.argpartition(-last, 50)[:50]
-            p = np.exp(last[top] - last[top].max())
-            seq.append(int(top[rng.choice(50, p=p / p.sum())]))
-            if len(seq) < length:
-                if lm.has_cache:
-                    last, past = lm.decode(seq[-1], past, len(seq) - 1)
-                else:
-                    last = lm.logits(np.array(seq))[-1]
-        out.append(seq)
-        if progress is not None:
-            progress.update(1)
-    return torch.tensor(out, dtype=torch.long)
 
 
 # --- Hessians ---------------------------------------------------------------------------
@@ -427,20 +359,20 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
 
         mode = (f"sequential: the graph cut before each of the {len(plan_stages(targets))} distinct target inputs, "
                 "each calibrated (onnxruntime) on the outputs of the already-quantized earlier layers")
-        key = None if hessian_cache is None else _calib_key(
+        key = None if hessian_cache is None else calib_key(
             model_path, calib, json.dumps(cfg.to_dict(), sort_keys=True), tokenizer, "sequential-layers")
-        cached = _read_cache(hessian_cache, key)
+        cached = read_cache(hessian_cache, key)
         if cached is not None:
             layers = {name: QuantizedLinear.from_storage(json.loads(meta), {k: v.numpy() for k, v in ts.items()})
                       for name, (meta, ts) in cached["layers"].items()}
             ranks, calib_info = cached["ranks"], dict(cached["info"], cached=True)
-            tok = _text_tokenizer(calib, tokenizer, model_path)
+            tok = text_tokenizer(calib, tokenizer, model_path)
         else:
-            windows, calib_info, tok = _windows(src, model_path, calib, cfg, tokenizer, threads, progress)
+            windows, calib_info, tok = calibration_windows(src, model_path, calib, cfg, tokenizer, threads, progress)
             res = run_sequential(src, targets, lm_feeds(src, windows), int(windows.numel()), quantize,
                                  threads=threads, progress=progress)
             layers, ranks = res.layers, res.ranks
-            _write_cache(hessian_cache, {
+            write_cache(hessian_cache, {
                 "key": key, "ranks": ranks, "info": calib_info,
                 "layers": {n: (json.dumps(l.meta(), default=_jsonable), {k: torch.from_numpy(np.ascontiguousarray(v))
                                                                          for k, v in l.tensors().items()})
@@ -449,16 +381,16 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
         hess: dict[str, torch.Tensor] = {}
         if cfg.method != "rtn":
             mode = "one onnxruntime pass of the fp32 model (not sequential: every layer sees fp32 activations)"
-            key = None if hessian_cache is None else _calib_key(model_path, calib, f"seed={cfg.seed}", tokenizer,
+            key = None if hessian_cache is None else calib_key(model_path, calib, f"seed={cfg.seed}", tokenizer,
                                                                 "one-pass-hessians")
-            cached = _read_cache(hessian_cache, key)
+            cached = read_cache(hessian_cache, key)
             if cached is not None:
                 hess, ranks, calib_info = cached["hessians"], cached["ranks"], dict(cached["info"], cached=True)
-                tok = _text_tokenizer(calib, tokenizer, model_path)
+                tok = text_tokenizer(calib, tokenizer, model_path)
             else:
-                windows, calib_info, tok = _windows(src, model_path, calib, cfg, tokenizer, threads, progress)
+                windows, calib_info, tok = calibration_windows(src, model_path, calib, cfg, tokenizer, threads, progress)
                 hess, ranks = collect_hessians(src, model_path, targets, windows, threads, progress)
-                _write_cache(hessian_cache, {"key": key, "hessians": hess, "ranks": ranks, "info": calib_info})
+                write_cache(hessian_cache, {"key": key, "hessians": hess, "ranks": ranks, "info": calib_info})
         elif calib.text is not None and tokenizer:
             tok = load_tokenizer(tokenizer)
         for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
@@ -484,138 +416,12 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
     return summary
 
 
-# --- the calibration cache ------------------------------------------------------------------
-_CACHE_FORMAT = 2
-_CODE = ("quipc/passes", "quipc/frontend/onnx_model.py", "quipc/frontend/onnx_sequential.py",
-         "quipc/frontend/calibration.py", "runtime/quipc_runtime/layer.py", "runtime/quipc_runtime/packing.py",
-         "runtime/quipc_runtime/transforms.py", "runtime/quipc_runtime/hadamard.py",
-         "runtime/quipc_runtime/onnx_runtime.py")
-
-
-def _calib_key(model_path: Path, calib, settings: str, tokenizer: str | None, kind: str) -> str:
-    """Everything a cached result depends on: the model's files, the calibration text and
-    tokenizer, the settings it depends on, the code and the library versions."""
-    import onnxruntime
-
-    def stat(p: Path) -> str:
-        p = Path(p)
-        if p.is_dir():
-            return "|".join(stat(q) for q in sorted(p.rglob("*")) if q.is_file())
-        if not p.exists():
-            return f"{p}:missing"
-        st = p.stat()
-        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-    raw = onnx.load(str(model_path), load_external_data=False)
-    data = sorted({e.value for i in raw.graph.initializer for e in i.external_data if e.key == "location"})
-    parts = [kind, str(_CACHE_FORMAT), stat(model_path), *(stat(model_path.parent / d) for d in data),
-             str(calib.text), str(calib.windows), str(calib.length)]
-    if calib.text is not None:
-        parts.append(stat(Path(calib.text)))
-        spec = tokenizer if tokenizer else str(model_path.parent / "tokenizer")
-        parts += [str(tokenizer), stat(Path(spec)) if Path(spec).exists() else spec]
-    parts.append(settings)
-    root = Path(__file__).resolve().parents[2]
-    code = hashlib.sha256()
-    for rel in _CODE:
-        p = root / rel
-        for f in (sorted(p.rglob("*.py")) if p.is_dir() else [p]):
-            if f.is_file():
-                code.update(f.read_bytes())
-    parts += [code.hexdigest(), onnxruntime.__version__, torch.__version__, np.__version__]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _read_cache(path: Path | None, key: str | None) -> dict | None:
-    if path is None or key is None or not Path(path).is_file():
-        return None
-    try:
-        blob = torch.load(path, weights_only=True)
-    except Exception:  # unreadable or another format: recompute (and overwrite it)
-        return None
-    return blob if isinstance(blob, dict) and blob.get("key") == key else None
-
-
-def _write_cache(path: Path | None, blob: dict) -> None:
-    """Atomically: a half-written cache file is never left behind."""
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _jsonable(v):
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):
         return v.tolist()
     raise TypeError(f"{type(v).__name__} is not JSON serializable")
-
-
-def _text_tokenizer(calib, tokenizer: str | None, model_path: Path):
-    """The tokenizer a text calibration file was read with (saved beside a folder output)."""
-    if calib.text is None or Path(calib.text).suffix in (".npy", ".ids"):
-        return None
-    spec = tokenizer
-    if spec is None and (model_path.parent / "tokenizer").is_dir():
-        spec = str(model_path.parent / "tokenizer")
-    return load_tokenizer(spec) if spec else None
-
-
-def _windows(src, model_path: Path, calib, cfg: QuantConfig, tokenizer, threads, progress):
-    from .calibration import cut_windows
-
-    vocab = _vocab_size(src)
-    if calib.text is None:
-        from tqdm.auto import tqdm
-
-        from quipc_runtime.onnx_runtime import OnnxLM
-
-        if vocab is None:
-            raise ValueError("data-free calibration needs the vocabulary size (an embedding Gather); "
-                             "pass --calib with text or token ids")
-        lm = OnnxLM(model_path, threads=threads, providers=["CPUExecutionProvider"])
-        bar = tqdm(total=calib.windows, desc="generate calibration text", unit="window", disable=not progress)
-        try:
-            windows = generated_windows(lm, calib.windows, calib.length, vocab, cfg.seed, bar)
-        finally:
-            bar.close()
-        return windows, {"source": "generated (onnxruntime, top-k 50)", "seed": cfg.seed,
-                         "windows": calib.windows, "length": calib.length}, None
-    tokens, tok = calibration_tokens(Path(calib.text), tokenizer, model_path)
-    if tokens.numel() and (int(tokens.min()) < 0 or (vocab is not None and int(tokens.max()) >= vocab)):
-        raise ValueError(f"calibration token ids must lie in [0, {vocab}): found {int(tokens.min())}..{int(tokens.max())}")
-    windows = cut_windows(tokens, calib.windows, calib.length, str(calib.text))
-    return windows, {"source": str(calib.text), "windows": int(windows.shape[0]), "length": calib.length}, tok
-
-
-def _embeddings(model) -> list[str]:
-    """Initializers gathered by the token ids (a graph input): the embedding tables."""
-    inits = {i.name: i for i in model.graph.initializer}
-    ids = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)
-           and i.name not in inits}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    out = []
-    for n in model.graph.node:
-        if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
-            src = n.input[1]
-            while src in producers and producers[src].op_type in ("Cast", "Identity", "Reshape", "Unsqueeze"):
-                src = producers[src].input[0]
-            if src in ids:
-                out.append(n.input[0])
-    return out
-
-
-def _vocab_size(model) -> int | None:
-    inits = {i.name: i for i in model.graph.initializer}
-    emb = _embeddings(model)
-    return int(inits[emb[0]].dims[0]) if emb else None
 
 
 def _save_file(model: onnx.ModelProto, out: Path) -> Path:
