@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .hf import _one_line
+from .hf import _one_line, load_tokenizer
 from .models import ModelSource
 from .tensor_sources import GGUFSource, SafetensorsSource
 from .trace import find_blocks
@@ -117,7 +117,7 @@ def _tied_names(model: nn.Module) -> list[str]:
 def open_streamed(source: ModelSource, dtype: torch.dtype = torch.float32):
     """(StreamedModel, tokenizer) for a resolved source (a safetensors folder or a GGUF file)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -128,10 +128,7 @@ def open_streamed(source: ModelSource, dtype: torch.dtype = torch.float32):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"could not load {source.spec} as a causal LM: {_one_line(e)}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"could not load a tokenizer for {source.spec}: {_one_line(e)}") from None
+    tokenizer = load_tokenizer(source)
     tensors = GGUFSource(source.folder / source.gguf_file, model) if source.gguf_file \
         else SafetensorsSource(source.folder)
     model.eval()

@@ -82,6 +82,19 @@ def _is_traced(folder) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("graph") == "traced"
 
 
+def import_tvm(threads: int | None):
+    """The tvm module, its CPU thread pool set to `threads` (None: TVM's own default)."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    import tvm
+
+    if threads:
+        cfg_pool = tvm.get_global_func("runtime.config_threadpool", True)
+        if cfg_pool is not None:
+            cfg_pool(-1, int(threads))  # -1: big cores, as many as asked
+    return tvm
+
+
 class TvmLM:
     def __new__(cls, folder, threads: int | None = None):
         """A traced build (`--graph traced`) is run by tvm_traced.TracedTvmLM, same interface."""
@@ -99,15 +112,9 @@ class TvmLM:
         self.cfg = json.loads(cfg_path.read_text())
         if self.cfg.get("format") != "quipc-tvm":
             raise ValueError(f"{cfg_path} is not a quipc TVM config")
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
-        import tvm
+        tvm = import_tvm(threads)
         from tvm.runtime import vm as tvm_vm
 
-        if threads:
-            cfg_pool = tvm.get_global_func("runtime.config_threadpool", True)
-            if cfg_pool is not None:
-                cfg_pool(-1, int(threads))  # -1: big cores, as many as asked
         self.threads = threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or os.cpu_count()
         self.tvm = tvm
         if self.cfg["device"] == "cuda":

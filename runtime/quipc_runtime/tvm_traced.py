@@ -13,12 +13,12 @@ This module imports neither quipc nor torch.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-CONFIG = "tvm_config.json"
+from .tvm_runtime import CONFIG, import_tvm
+
 
 
 class TracedTvmLM:
@@ -27,15 +27,9 @@ class TracedTvmLM:
         self.cfg = json.loads((folder / CONFIG).read_text())
         if self.cfg.get("graph") != "traced":
             raise ValueError(f"{folder} is not a traced TVM build")
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
-        import tvm
+        tvm = import_tvm(threads)
         from tvm.runtime import vm as tvm_vm
 
-        if threads:
-            cfg_pool = tvm.get_global_func("runtime.config_threadpool", True)
-            if cfg_pool is not None:
-                cfg_pool(-1, int(threads))
         self.tvm, self.dev = tvm, tvm.cpu(0)
         self.vm = tvm_vm.VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), self.dev)
         m = self.cfg["model"]

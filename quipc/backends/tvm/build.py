@@ -96,44 +96,59 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
     mod = schedule(mod, tgt)
     log("compiling (llvm/nvcc)")
     ex = tvm.compile(mod, target=tgt)
+    sp = builder.spec
+    cfg = {
+        "format": "quipc-tvm", "format_version": FORMAT_VERSION,
+        "target": str(tgt), "device": "cuda" if tgt.kind.name == "cuda" else "cpu",
+        "functions": ["prefill_all", "prefill", "decode"],
+        "params": [f"p{i:05d}" for i in range(len(builder.arrays))],
+        "param_names": builder.names,
+        "model": {"layers": sp.layers, "heads": sp.heads, "kv_heads": sp.kv_heads,
+                  "head_dim": sp.head_dim, "vocab": sp.vocab, "max_pos": sp.max_pos,
+                  "hidden": sp.hidden},
+        "row_multiple": 16, "cache_multiple": 16,
+        "bits": sorted({s.bits for s in builder.linear_specs.values()}),
+        "formats": sorted({s.format for s in builder.linear_specs.values()}),
+        "eos_token_id": manifest["model_config"].get("eos_token_id"),
+        "source_artifact": str(artifact.resolve()),
+        "compile_seconds": None,
+    }
+
+    def fill(tmp: Path) -> None:
+        ex.export_library(str(tmp / LIB))
+        save_param_dict_to_file({f"p{i:05d}": tvm.runtime.tensor(a) for i, a in enumerate(builder.arrays)},
+                                str(tmp / PARAMS))
+
+    write_build(out, artifact, manifest, cfg, t0, fill)
+    log(f"wrote {out} in {time.time() - t0:.0f} s")
+    return out
+
+
+def write_build(out: Path, artifact: Path, manifest: dict, cfg: dict, t0: float, fill) -> None:
+    """Write a TVM build into `out` through a temporary sibling folder: fill(tmp) writes the
+    compiled library (and parameters), then come the artifact's manifest and tokenizer, and last
+    the config, which marks the build complete. An error leaves nothing half-written in `out`
+    (which may already hold the artifact: quipc compile MODEL --target tvm)."""
+    from quipc_runtime import artifact as art
+
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        ex.export_library(str(tmp / LIB))
-        save_param_dict_to_file({f"p{i:05d}": tvm.runtime.tensor(a) for i, a in enumerate(builder.arrays)},
-                                str(tmp / PARAMS))
-        sp = builder.spec
-        cfg = {
-            "format": "quipc-tvm", "format_version": FORMAT_VERSION,
-            "target": str(tgt), "device": "cuda" if tgt.kind.name == "cuda" else "cpu",
-            "functions": ["prefill_all", "prefill", "decode"],
-            "params": [f"p{i:05d}" for i in range(len(builder.arrays))],
-            "param_names": builder.names,
-            "model": {"layers": sp.layers, "heads": sp.heads, "kv_heads": sp.kv_heads,
-                      "head_dim": sp.head_dim, "vocab": sp.vocab, "max_pos": sp.max_pos,
-                      "hidden": sp.hidden},
-            "row_multiple": 16, "cache_multiple": 16,
-            "bits": sorted({s.bits for s in builder.linear_specs.values()}),
-            "formats": sorted({s.format for s in builder.linear_specs.values()}),
-            "eos_token_id": manifest["model_config"].get("eos_token_id"),
-            "source_artifact": str(artifact.resolve()),
-            "compile_seconds": None,
-        }
+        fill(tmp)
         shutil.copy(artifact / art.MANIFEST, tmp / "artifact_manifest.json")
-        if manifest.get("tokenizer") and (artifact / manifest["tokenizer"]).is_dir():
-            shutil.copytree(artifact / manifest["tokenizer"], tmp / "tokenizer")
+        tok = manifest.get("tokenizer")
+        if tok and (artifact / tok).is_dir():
+            shutil.copytree(artifact / tok, tmp / "tokenizer")
         cfg["compile_seconds"] = round(time.time() - t0, 1)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
-        out.mkdir(parents=True, exist_ok=True)  # may already hold the artifact (quipc compile MODEL)
+        out.mkdir(parents=True, exist_ok=True)
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG):  # config last: marks done
-            target_path = out / item.name
-            if target_path.exists():
-                shutil.rmtree(target_path) if target_path.is_dir() else target_path.unlink()
-            item.rename(target_path)
+            dest = out / item.name
+            if dest.exists():
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            item.rename(dest)
         tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out} in {time.time() - t0:.0f} s")
-    return out

@@ -16,14 +16,12 @@ dequantized to fp32 at build time, as in the hand-written build. Run it with
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .build import CONFIG, LIB, FORMAT_VERSION, resolve_target
+from .build import CONFIG, FORMAT_VERSION, LIB, resolve_target, write_build
 
 FUNCTIONS = ("forward", "decode")
 ROW_MULTIPLE = 16    # the GEMM schedules split rows without a bounds predicate
@@ -171,8 +169,6 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
     """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config)."""
     import tvm
 
-    from quipc_runtime import artifact as art
-
     from .build import _tvm_or_explain
 
     _tvm_or_explain()
@@ -198,26 +194,6 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
                      "max_pos": int(traceable.model.config.max_position_embeddings)},
            "eos_token_id": traceable.manifest["model_config"].get("eos_token_id"),
            "source_artifact": str(artifact.resolve()), "compile_seconds": None}
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        ex.export_library(str(tmp / LIB))
-        shutil.copy(artifact / art.MANIFEST, tmp / "artifact_manifest.json")
-        tok = traceable.manifest.get("tokenizer")
-        if tok and (artifact / tok).is_dir():
-            shutil.copytree(artifact / tok, tmp / "tokenizer")
-        cfg["compile_seconds"] = round(time.time() - t0, 1)
-        (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
-        out.mkdir(parents=True, exist_ok=True)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG):  # config last: marks done
-            dest = out / item.name
-            if dest.exists():
-                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-            item.rename(dest)
-        tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_build(out, artifact, traceable.manifest, cfg, t0, lambda tmp: ex.export_library(str(tmp / LIB)))
     log(f"wrote {out} in {time.time() - t0:.0f} s")
     return out
