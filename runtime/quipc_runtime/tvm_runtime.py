@@ -198,18 +198,24 @@ class TvmLM:
             raise ValueError(f"{prompt.size} prompt + {max_new_tokens} new tokens exceed the model's "
                              f"{self.max_pos} positions")
         cache = self.new_cache(_ceil_to(max(total, prompt.size), self.row_multiple))
-        out = list(prompt.tolist())
-        if max_new_tokens <= 0:
-            return np.array([out], np.int64)
-        logits = self.prefill(prompt, cache)
-        for step in range(max_new_tokens):
-            tok = int(np.argmax(logits))
-            out.append(tok)
-            if stop_at_eos and eos is not None and tok == eos:
-                break
-            if step + 1 < max_new_tokens:
-                logits = self.decode(tok, len(out) - 1, cache)
+        return greedy(self, prompt, cache, max_new_tokens, eos if stop_at_eos else None)
+
+
+def greedy(lm, prompt: np.ndarray, cache, max_new_tokens: int, eos: int | None) -> np.ndarray:
+    """Greedy decoding through lm.prefill / lm.decode (TvmLM, TracedTvmLM): prompt + new tokens
+    as an int64 array (1, L + n), stopping after `eos` when it is not None."""
+    out = prompt.tolist()
+    if max_new_tokens <= 0:
         return np.array([out], np.int64)
+    logits = lm.prefill(prompt, cache)
+    for step in range(max_new_tokens):
+        tok = int(np.argmax(logits))
+        out.append(tok)
+        if eos is not None and tok == eos:
+            break
+        if step + 1 < max_new_tokens:
+            logits = lm.decode(tok, len(out) - 1, cache)
+    return np.array([out], np.int64)
 
 
 def load(folder, threads: int | None = None) -> TvmLM:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tvm_runtime import CONFIG, import_tvm
+from .tvm_runtime import CONFIG, greedy, import_tvm
 
 
 
@@ -81,16 +81,4 @@ class TracedTvmLM:
         """Greedy generation: prompt + new tokens as an int64 array (1, L + n)."""
         prompt = self._ids(ids)[0]
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        out = prompt.tolist()
-        if max_new_tokens <= 0:
-            return np.array([out], np.int64)
-        cache = self.new_cache()
-        logits = self.prefill(prompt, cache)
-        for step in range(max_new_tokens):
-            tok = int(np.argmax(logits))
-            out.append(tok)
-            if stop_at_eos and eos is not None and tok == eos:
-                break
-            if step + 1 < max_new_tokens:
-                logits = self.decode(tok, len(out) - 1, cache)
-        return np.array([out], np.int64)
+        return greedy(self, prompt, self.new_cache(), max_new_tokens, eos if stop_at_eos else None)
