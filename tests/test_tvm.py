@@ -88,6 +88,48 @@ def test_codes_repack_roundtrip():
         assert not back[20:].any() and not back[:, 40:].any()
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim,cache,pos", [
+    (4, 2, 16, 32, 12),    # the tiny hidden-64 Llama of the tests: head_dim 16
+    (9, 3, 64, 48, 16),    # SmolLM2's heads, one past a 16-position tile
+])
+def test_decode_attention_ignores_unwritten_cache(heads, kv_heads, head_dim, cache, pos):
+    """Decode attention runs over the whole cache, masking positions past pos; a cache
+    allocated uninitialized can hold NaN there, and a zero softmax weight times NaN is NaN
+    (the hand-written build's decode returned NaN in some runs): they must never reach the output."""
+    from tvm import te
+
+    from quipc.backends.tvm.build import resolve_target
+    from quipc.backends.tvm.relax_model import LlamaSpec, te_attention
+    from quipc.backends.tvm.schedules import schedule_func
+
+    sp = LlamaSpec(heads * head_dim, 4 * heads * head_dim, 2, heads, kv_heads, head_dim, 32, 1e-6, cache, True)
+    q = te.placeholder((heads, 1, head_dim), "float32", name="q")
+    ck = te.placeholder((2, kv_heads, head_dim, cache), "float32", name="cache_k")
+    cv = te.placeholder((2, kv_heads, cache, head_dim), "float32", name="cache_v")
+    p_pos = te.placeholder((1,), "int64", name="pos")
+    p_layer = te.placeholder((1,), "int64", name="layer")
+    out = te_attention(q, ck, cv, p_pos, p_layer, cache, sp)
+    func = schedule_func(te.create_prim_func([q, ck, cv, p_pos, p_layer, out]))
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=resolve_target("llvm"))
+    rng = np.random.default_rng(0)
+    qn = rng.normal(size=(heads, 1, head_dim)).astype(np.float32)
+    kn = rng.normal(size=(2, kv_heads, head_dim, cache)).astype(np.float32)
+    vn = rng.normal(size=(2, kv_heads, cache, head_dim)).astype(np.float32)
+    kn[..., pos + 1:] = np.nan                       # never written: anything, NaN and inf included
+    vn[:, :, pos + 1:] = np.nan
+    vn[:, :, -1] = np.inf
+    y = tvm.runtime.empty((1, heads * head_dim), "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(a) for a in (qn, kn, vn, np.array([pos], np.int64), np.array([1], np.int64))], y)
+    grp = heads // kv_heads
+    keys, vals = kn[1, :, :, :pos + 1], vn[1, :, :pos + 1]
+    want = []
+    for h in range(heads):
+        s = qn[h, 0] @ keys[h // grp] / np.sqrt(head_dim)
+        w = np.exp(s - s.max())
+        want.append(w @ vals[h // grp] / w.sum())
+    np.testing.assert_allclose(y.numpy()[0], np.concatenate(want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tvm_build(tiny_artifact, tmp_path_factory):
     from quipc.backends.tvm import compile_artifact

@@ -7,7 +7,9 @@ Functions (all take the parameter tuple last; caches are updated in place and re
 with cache_k (layers, kv_heads, head_dim, C) (keys transposed: attention vectorizes over
 positions), cache_v (layers, kv_heads, C, head_dim). Contract with the caller (the runtime):
 L and C are multiples of 16 (prompts padded at the end; causal attention keeps padding out of
-real rows), prefill writes positions [0, L), decode writes `pos` and attends to [0, pos].
+real rows), prefill writes positions [0, L), decode writes `pos` and attends to [0, pos]; cache
+positions not written yet (past `pos`) may hold anything, NaN included (the runtime allocates
+caches uninitialized): attention reads them but they never reach a result.
 
 Every stage is a TE computation tagged with "quipc.op" for the schedule rules; the quantized
 linears are fused decode-matmul kernels, built by the lowering of each layer's code format
@@ -98,7 +100,9 @@ def te_rope(x, cos, sin, pos, heads: int, hd: int, head_major: bool):
 
 def te_attention(q, cache_k, cache_v, pos, layer, extent, spec: LlamaSpec):
     """Causal attention of q (H, L, D) (row i at position pos[0] + i) over cache positions
-    [0, extent): returns (L, H*D)."""
+    [0, extent): returns (L, H*D). Positions past pos[0] + i are masked out of both the scores
+    and the value sum by a select, never by a zero weight: in decode, extent is the whole cache
+    and the positions not written yet hold whatever the allocation held (0 * NaN = NaN)."""
     H, D, grp = spec.heads, spec.head_dim, spec.heads // spec.kv_heads
     L = q.shape[1]
     nt = extent // LANES
@@ -108,9 +112,11 @@ def te_attention(q, cache_k, cache_v, pos, layer, extent, spec: LlamaSpec):
                    lambda h, i, jt, ji: te.sum(q[h, i, d] * cache_k[layer[0], h // grp, d, jt * LANES + ji], axis=d),
                    name="attn_scores", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
 
+    def visible(i, jt, ji):
+        return jt * LANES + ji <= pos[0] + i
+
     def masked(h, i, jt, ji):
-        return tirx.if_then_else(jt * LANES + ji <= pos[0] + i, s[h, i, jt, ji] * scale,
-                                 tirx.min_value("float32"))
+        return tirx.if_then_else(visible(i, jt, ji), s[h, i, jt, ji] * scale, tirx.min_value("float32"))
     rt = te.reduce_axis((0, nt), name="rt")
     rl = te.reduce_axis((0, LANES), name="rl")
     mx = te.compute((H, L), lambda h, i: te.max(masked(h, i, rt, rl), axis=[rt, rl]), name="attn_max",
@@ -125,9 +131,10 @@ def te_attention(q, cache_k, cache_v, pos, layer, extent, spec: LlamaSpec):
     jt = te.reduce_axis((0, nt), name="jt")
     ji = te.reduce_axis((0, LANES), name="ji")
     o = te.compute((H, L, D // dl, dl),
-                   lambda h, i, dt, di: te.sum(e[h, i, jt, ji]
-                                               * cache_v[layer[0], h // grp, jt * LANES + ji, dt * dl + di],
-                                               axis=[jt, ji]),
+                   lambda h, i, dt, di: te.sum(tirx.if_then_else(
+                       visible(i, jt, ji),
+                       e[h, i, jt, ji] * cache_v[layer[0], h // grp, jt * LANES + ji, dt * dl + di], 0.0),
+                       axis=[jt, ji]),
                    name="attn_pv", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
     return te.compute((L, H * D), lambda i, c: o[c // D, i, (c % D) // dl, c % dl] / sm[c // D, i],
                       name="attn_out", attrs={"quipc.op": "elementwise"})
