@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -349,10 +350,16 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
     calib_info: dict = {"source": "none (rtn needs no calibration)"}
     mode = "none (rtn needs no calibration)"
 
+    left = Counter(t.x for t in targets)   # targets not quantized yet, per input
+
     def quantize(t: Target, h):
         inp = LayerInput(t.name, torch.from_numpy(t.weight), None if t.bias is None else torch.from_numpy(t.bias),
-                         h, caches.setdefault(t.x, {}))
-        return quantize_linear(inp, cfg)
+                         h, caches.setdefault(t.x, {}), last_reader=left[t.x] == 1)
+        layer = quantize_linear(inp, cfg)
+        left[t.x] -= 1
+        if left[t.x] == 0:   # the input's last linear: free its shared stats (the rotated Hessian)
+            del caches[t.x]
+        return layer
 
     if cfg.method != "rtn" and calibration == "sequential":
         from .onnx_sequential import lm_feeds, plan_stages, run_sequential
@@ -395,6 +402,8 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
             tok = load_tokenizer(tokenizer)
         for t in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             layers[t.name] = quantize(t, hess.get(t.x))
+            if left[t.x] == 0:
+                hess.pop(t.x, None)   # (written to the cache already)
     new = replace_linears(src, targets, layers, ops, accuracy_level, ranks)
 
     weights = sum(l.out_features * l.in_features for l in layers.values())

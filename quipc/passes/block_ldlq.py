@@ -12,27 +12,31 @@ from typing import Callable
 
 import torch
 
-from .ldlq import ldl_upper
+from .ldlq import ldl_unit_upper
 
 
 def block_ldl_upper(h: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     """H = (I + U) D (I + U)^T with U block strictly upper (g x g blocks), D block diagonal.
 
     From the scalar LDL H = A D' A^T (A unit upper): A = A_b B with B the block diagonal
-    of A, so A_b = A B^-1 and D = B D' B^T. Returns (U, D) with D as (n/g, g, g)."""
+    of A, so A_b = A B^-1 and D = B D' B^T. Returns (U, D) with D as (n/g, g, g).
+    Column block k of A_b needs only column block k of A, so A_b overwrites A in place:
+    one n x n matrix in all (no identity matrices)."""
     n = h.shape[0]
     if n % g:
         raise ValueError(f"BlockLDLQ needs the width {n} to be a multiple of the block size {g}")
-    u, d = ldl_upper(h)
-    a = u + torch.eye(n, dtype=h.dtype)
-    blocks = torch.arange(n).reshape(-1, g)
-    a_b = torch.empty_like(a)
+    a, d = ldl_unit_upper(h)
+    # A as (A - I) + I would give it (x - 0 + 0 turns -0 into +0 off the diagonal)
+    a.diagonal().sub_(1)
+    a.add_(0.0)
+    a.diagonal().add_(1)
     d_b = torch.empty(n // g, g, g, dtype=h.dtype)
-    for j, idx in enumerate(blocks):
-        b = a[idx][:, idx]
-        a_b[:, idx] = torch.linalg.solve_triangular(b, a[:, idx], upper=True, left=False)
-        d_b[j] = (b * d[idx][None, :]) @ b.t()
-    return a_b - torch.eye(n, dtype=h.dtype), d_b
+    for j, k in enumerate(range(0, n, g)):
+        b = a[k:k + g, k:k + g].clone()
+        a[:, k:k + g] = torch.linalg.solve_triangular(b, a[:, k:k + g].contiguous(), upper=True, left=False)
+        d_b[j] = (b * d[k:k + g][None, :]) @ b.t()
+    a.diagonal().sub_(1)    # A_b - I (off the diagonal x - 0 == x)
+    return a, d_b
 
 
 def block_ldlq(w: torch.Tensor, h: torch.Tensor, g: int,

@@ -64,7 +64,7 @@ def regularize(h: torch.Tensor, damp: float, name: str = "layer") -> tuple[torch
     if not torch.isfinite(h).all():
         raise ValueError(f"{name}: the calibration Hessian holds NaN or Inf "
                          "(the model produced non-finite activations)")
-    h = h.to(torch.float64).clone()
+    h = h.to(torch.float64, copy=True)
     n = h.shape[0]
     diag = torch.diagonal(h)
     info = {"damp": damp, "dead_inputs": int((diag <= 0).sum())}
@@ -76,13 +76,13 @@ def regularize(h: torch.Tensor, damp: float, name: str = "layer") -> tuple[torch
     h[dead, :] = 0
     h[:, dead] = 0
     h[dead, dead] = mean
+    diag0 = torch.diagonal(h).clone()
     for attempt in range(6):
         lam = damp * (10 ** attempt) if damp > 0 else (0 if attempt == 0 else 1e-6 * 10 ** attempt)
-        candidate = h.clone()   # H + lam * mean * I, without an n x n identity in memory
-        candidate.diagonal().add_(lam * mean)
-        if torch.linalg.cholesky_ex(candidate).info == 0:
+        # H + lam * mean * I in H's own memory (the undamped diagonal restored between attempts)
+        torch.diagonal(h).copy_(diag0).add_(lam * mean)
+        if torch.linalg.cholesky_ex(h).info == 0:
             info["damp"] = lam
-            return candidate, info
-        del candidate
+            return h, info
     info["fallback"] = "not positive definite after damping: identity used"
     return mean * torch.eye(n, dtype=torch.float64, device=h.device), info

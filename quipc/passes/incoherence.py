@@ -34,10 +34,41 @@ def unrotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform) -> torch
     return apply_rows_transposed(apply_rows_transposed(w, t_in).t(), t_out).t()
 
 
+# Rows (or columns) per step when a transform is applied to an n x n matrix piecewise: each row
+# goes through the same products as in one call on the whole matrix (the same floats), and a
+# step's temporaries stay ~ CHUNK x n.
+CHUNK = 512
+
+
 def rotate_hessian(h: torch.Tensor, t_in: Transform) -> torch.Tensor:
-    """V H V^T."""
-    h = apply_rows(apply_rows(h, t_in).t(), t_in).t()
-    return (h + h.t()) / 2
+    """V H V^T, symmetrized: (K + K^T) / 2 for K = apply_rows(apply_rows(H)^T)^T.
+
+    Built in one n x n buffer, rows then columns in steps of CHUNK, and symmetrized in
+    place: the floats of the whole-matrix expression, without its ~5 n x n temporaries.
+    Returned as the expression returned it (a transposed view; symmetric, so the same values)."""
+    n = h.shape[0]
+    out = torch.empty(n, n, dtype=h.dtype, device=h.device)
+    for r0 in range(0, n, CHUNK):
+        out[r0:r0 + CHUNK] = apply_rows(h[r0:r0 + CHUNK], t_in)
+    # K = apply_rows(out^T)^T: column block c of K is the transform of column block c of out
+    for c0 in range(0, n, CHUNK):
+        out[:, c0:c0 + CHUNK] = apply_rows(out[:, c0:c0 + CHUNK].t(), t_in).t()
+    # (K + K^T) / 2, block pair by block pair (both halves of a pair get the same sums)
+    for i0 in range(0, n, CHUNK):
+        for j0 in range(i0, n, CHUNK):
+            blk = (out[i0:i0 + CHUNK, j0:j0 + CHUNK] + out[j0:j0 + CHUNK, i0:i0 + CHUNK].t()) / 2
+            out[i0:i0 + CHUNK, j0:j0 + CHUNK] = blk
+            out[j0:j0 + CHUNK, i0:i0 + CHUNK] = blk.t()
+    return out.t()
+
+
+def mu_rotated_eigenvectors(q: torch.Tensor, t: Transform) -> float:
+    """mu_of_eigenvectors(apply_rows(q^T, t)^T) (the eigenvectors of V H V^T from those of H),
+    a column block of q at a time."""
+    top = 0.0
+    for c0 in range(0, q.shape[1], CHUNK):
+        top = max(top, float(apply_rows(q[:, c0:c0 + CHUNK].t(), t).abs().max()))
+    return top * (q.shape[0] ** 0.5)
 
 
 def rescale_vector(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -14,21 +14,64 @@ import torch
 from .grid import RowGrid
 
 
+STEP = 512  # rows / columns per step of the in-place reorderings below
+
+
+def _anti_transpose_(s: torch.Tensor) -> torch.Tensor:
+    """S[i, j] <- S[n-1-j, n-1-i] in place (a square, contiguous S), block pair by block pair."""
+    n = s.shape[0]
+    cuts = sorted({*range(0, n, STEP), *(n - c for c in range(0, n, STEP)), n})
+    spans = list(zip(cuts[:-1], cuts[1:]))   # symmetric under x -> n - x, so partners are whole spans
+    done = set()
+    for i0, i1 in spans:
+        for j0, j1 in spans:
+            mate = ((n - j1, n - j0), (n - i1, n - i0))
+            if ((i0, i1), (j0, j1)) in done:
+                continue
+            done.add(mate)
+            blk = s[i0:i1, j0:j1]
+            other = s[mate[0][0]:mate[0][1], mate[1][0]:mate[1][1]]
+            keep = blk.clone()
+            if mate == ((i0, i1), (j0, j1)):     # its own mate
+                blk.copy_(keep.flip(0, 1).t())
+            else:
+                blk.copy_(other.flip(0, 1).t())
+                other.copy_(keep.flip(0, 1).t())
+    return s
+
+
+def ldl_unit_upper(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H = A D A^T with A unit upper triangular; returns (A, diag(D)), A in a new n x n matrix
+    (H is not changed; A is the only n x n matrix this allocates).
+
+    Reversing rows and columns turns the upper-unit factor into a lower one (standard LDL):
+    A = P L P for the unit lower Cholesky factor L of P H P (P the reversal). P H P is written
+    transposed into the buffer so that it is Fortran-ordered, the Cholesky factorization runs
+    in it in place, and the reversals are done in place."""
+    n = h.shape[0]
+    buf = torch.empty(n, n, dtype=h.dtype, device=h.device)
+    # buf[a, b] = (P H P)[b, a] = H[n-1-b, n-1-a]: its transpose (F-ordered) holds P H P
+    for a0 in range(0, n, STEP):
+        a1 = min(a0 + STEP, n)
+        buf[a0:a1] = h[:, n - a1:n - a0].t().flip(0, 1)
+    chol = buf.t()
+    torch.linalg.cholesky_ex(chol, check_errors=True, out=(chol, torch.empty((), dtype=torch.int32, device=h.device)))
+    diag = torch.diagonal(chol).clone()
+    chol.div_(diag[None, :])                         # unit lower L, in buf (transposed)
+    # A[i, j] = L[n-1-i, n-1-j] = buf[n-1-j, n-1-i]: an anti-transpose of buf
+    return _anti_transpose_(buf), (diag ** 2).flip(0)
+
+
 def ldl_upper(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """H = (I + U) D (I + U)^T with U strictly upper triangular; returns (U, diag(D))."""
-    rev = torch.arange(h.shape[0] - 1, -1, -1)
-    # Reversing rows and columns turns the upper-unit factor into a lower one (standard LDL).
-    chol = torch.linalg.cholesky(h[rev][:, rev])
-    diag = torch.diagonal(chol)
-    lower_unit = chol / diag[None, :]
-    upper_unit = lower_unit[rev][:, rev]
-    return upper_unit - torch.eye(h.shape[0], dtype=h.dtype), (diag ** 2)[rev]
+    a, d = ldl_unit_upper(h)
+    a.diagonal().sub_(1)    # U = A - I (off the diagonal x - 0 == x, so no identity is needed)
+    return a, d
 
 
 def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
-    """R upper triangular with H^-1 = R^T R."""
-    lower = torch.linalg.cholesky(h)
-    h_inv = torch.cholesky_inverse(lower)
+    """R upper triangular with H^-1 = R^T R (the Cholesky factor of H freed before R is built)."""
+    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(h_inv, upper=True)
 
 
@@ -78,5 +121,10 @@ def greedy_refine(w: torch.Tensor, h: torch.Tensor, grid: RowGrid, codes: torch.
 
 def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """tr((W^ - W) H (W^ - W)^T)."""
-    e = (w_hat - w).to(h.dtype)
-    return float(torch.sum((e @ h) * e))
+    return error_loss(w_hat - w, h)
+
+
+def error_loss(e: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(E H E^T), as sum((E H) * E) with the product taken in place."""
+    e = e.to(h.dtype)
+    return float(torch.sum((e @ h).mul_(e)))

@@ -18,9 +18,9 @@ from ..config import QuantConfig
 from .encoders import Encoded, encode
 from .grid import fit_grid
 from .hessian import regularize
-from .incoherence import (apply_rows, mu_hessian, mu_of_eigenvectors, mu_weight, rescale_vector,
+from .incoherence import (mu_hessian, mu_of_eigenvectors, mu_rotated_eigenvectors, mu_weight, rescale_vector,
                           rotate_hessian, rotate_weight, unrotate_weight)
-from .ldlq import proxy_loss
+from .ldlq import error_loss, proxy_loss
 
 
 @dataclass
@@ -30,7 +30,13 @@ class LayerInput:
     bias: torch.Tensor | None = None
     hessian: torch.Tensor | None = None  # E[x x^T] of the layer's input, undamped
     cache: dict = field(default_factory=dict)  # stats shared by layers with the same input
+    last_reader: bool = False  # no later linear uses `cache`: its matrices are freed once this one is rounded
 
+
+# The diagnostics mu_h / mu_h_after need every eigenvector of the n x n Hessian (torch.linalg.eigh:
+# minutes at n = 11008 on two cores, and 4 n x n float64 matrices); above this width they are
+# not computed, and the layer's info says so (mu_h_skipped).
+MU_EIGH_MAX_N = 8192
 
 METHODS: dict[str, Callable[[LayerInput, QuantConfig], QuantizedLinear]] = {}
 
@@ -69,16 +75,22 @@ def _relative_losses(w: torch.Tensor, err: torch.Tensor, h: torch.Tensor | None,
     if h is None:
         return {}
     h = h.to(torch.float64)
-    ref = max(proxy_loss(torch.zeros_like(w), w, h), 1e-30)
+    ref = max(error_loss(w, h), 1e-30)   # proxy_loss(0, W, H): W - 0 == W, sign of zeros included
     rtn = fit_grid(w, bits, "minmax")
     return {"proxy_loss_rtn": proxy_loss(w, rtn.round(w), h) / ref,
             "proxy_loss": proxy_loss(w, w + err, h) / ref}
 
 
-def _mu_h_before(inp: LayerInput, h: torch.Tensor) -> float:
+def _mu_h_before(inp: LayerInput, h: torch.Tensor) -> dict:
     if "mu_h" not in inp.cache:
-        inp.cache["mu_h"] = mu_hessian(h)
-    return inp.cache["mu_h"]
+        n = h.shape[0]
+        inp.cache["mu_h"] = mu_hessian(h) if n <= MU_EIGH_MAX_N else None
+        if n > MU_EIGH_MAX_N:
+            inp.cache["mu_h_skipped"] = (f"mu_h not computed: the eigendecomposition of the {n} x {n} Hessian "
+                                         f"(n > MU_EIGH_MAX_N = {MU_EIGH_MAX_N}) costs minutes and 4 n x n "
+                                         "float64 matrices")
+    return {"mu_h": inp.cache["mu_h"],
+            **({"mu_h_skipped": inp.cache["mu_h_skipped"]} if "mu_h_skipped" in inp.cache else {})}
 
 
 # --- methods ------------------------------------------------------------------------------
@@ -101,7 +113,7 @@ def quantize_ldlq(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
     h, hinfo = regularize(inp.hessian, cfg.damp, inp.name)
     enc = encode(cfg.format, w, h, cfg)
     info = {"method": "ldlq", "hessian": hinfo, "mu_w": mu_weight(w),
-            "mu_h": _mu_h_before(inp, h),
+            **_mu_h_before(inp, h),
             **_relative_losses(w, enc.values.double() - w, inp.hessian, cfg.bits)}
     return _store(inp, cfg, enc, Transform("identity", n), Transform("identity", m), None, info)
 
@@ -112,37 +124,85 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
 
     Layers that read the same input (q/k/v, gate/up) share the input transform V, so
     without rescaling they share H' = V H V^T too (and a runtime can transform their
-    input once)."""
+    input once).
+
+    Memory, in n x n float64 matrices (n the input width, the caller's H not counted): the
+    group keeps H' only (H too with rescale, each layer needing its own H'), until its last
+    reader is encoded; damping needs 2 (H and its Cholesky check), the diagnostic
+    eigendecomposition 4 (n <= MU_EIGH_MAX_N only, before H' exists), rotating 2, encoding
+    2.5 (H', the BlockLDLQ factor and its float32 copy). benchmarks/quip_memory.py measures it."""
     w = inp.weight.detach().to(torch.float64)
     m, n = w.shape
     group = inp.cache
-    if "h" not in group:
+    if "t_in" not in group:
         group["h"], group["hinfo"] = regularize(inp.hessian, cfg.damp, inp.name)
         # seeded by the group's first linear, whichever linear (or rank, passes/spread.py) gets here first
         leader = group.get("leader", inp.name)
         group["t_in"] = Transform.make(cfg.incoherence, n, derive_seed(cfg.seed, leader, "in"))
-    h, t_in = group["h"], group["t_in"]
+    t_in = group["t_in"]
     t_out = Transform.make(cfg.incoherence, m, derive_seed(cfg.seed, inp.name, "out"))
+    h = group.get("h")    # None once H' is built and no rescaling needs H again
     d = rescale_vector(w, h) if cfg.rescale else torch.ones(n, dtype=torch.float64)
     # The stored in_scale = signs / d is fp16: rescale by exactly the stored value.
     in_scale = (torch.from_numpy(t_in.sign_vector()).double() / d).to(torch.float16)
     d = torch.from_numpy(t_in.sign_vector()).double() / in_scale.double()
-    w_rot = rotate_weight(w * d[None, :], t_in, t_out)
+    unit = bool((d == 1).all())   # x * 1 == x / 1 == x: no scaled copies
+    w_rot = rotate_weight(w if unit else w * d[None, :], t_in, t_out)
+    mu_w = mu_weight(w)
+    del w     # read again below (the same floats): one (m, n) float64 less while encoding
     if cfg.rescale or "h_rot" not in group:
-        h_r = h / d[:, None] / d[None, :]
+        group.pop("h_rot", None)    # the previous layer's (rescale), freed before this one is built
+        # H_r = H / d_i / d_j; without rescaling d == 1 and x / 1 == x: H itself, no copy
+        h_r = h if unit else _rescaled(h, d)
+        _mu_diagnostics(group, h, h_r, t_in, cfg.rescale)
         group["h_rot"] = rotate_hessian(h_r, t_in)
-        # eigenvectors of V H_r V^T are V times those of H_r: one eigh gives both mu's
-        _, q = torch.linalg.eigh(h_r)
-        group["mu_h_after"] = mu_of_eigenvectors(apply_rows(q.t(), t_in).t())
-        if "mu_h" not in group:
-            group["mu_h"] = mu_of_eigenvectors(q) if not cfg.rescale else mu_hessian(h)
+        del h_r
+        if not cfg.rescale:
+            del group["h"]           # the group's later layers read H' only
+        h = None
     h_rot = group["h_rot"]
     enc = encode(cfg.format, w_rot, h_rot, cfg)
-    err = unrotate_weight(enc.values.double() - w_rot, t_in, t_out) / d[None, :]
+    del h_rot
+    if inp.last_reader:
+        group.pop("h_rot")
+        group.pop("h", None)
+    err = unrotate_weight(enc.values.double() - w_rot, t_in, t_out)
+    if not unit:
+        err.div_(d[None, :])
+    mu_w_after = mu_weight(w_rot)
+    del w_rot
+    w = inp.weight.detach().to(torch.float64)
     info = {"method": "quip", "incoherence": t_in.kind if t_in.kind == t_out.kind
             else f"{t_in.kind}/{t_out.kind}", "hessian": group["hinfo"],
-            "mu_w": mu_weight(w), "mu_w_after": mu_weight(w_rot),
+            "mu_w": mu_w, "mu_w_after": mu_w_after,
             "mu_h": group["mu_h"], "mu_h_after": group["mu_h_after"],
+            **({"mu_h_skipped": group["mu_h_skipped"]} if "mu_h_skipped" in group else {}),
             **_relative_losses(w, err, inp.hessian, cfg.bits)}
     stored_in = Transform(t_in.kind, n, t_in.orders, t_in.seed)  # signs live in in_scale
     return _store(inp, cfg, enc, stored_in, t_out, in_scale.numpy(), info)
+
+
+def _rescaled(h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """h / d[:, None] / d[None, :] with one new matrix."""
+    h_r = h / d[:, None]
+    return h_r.div_(d[None, :])
+
+
+def _mu_diagnostics(group: dict, h: torch.Tensor, h_r: torch.Tensor, t_in: Transform, rescale: bool) -> None:
+    """The group's mu_h (incoherence of H) and mu_h_after (of V H_r V^T), from eigh(H_r) (and
+    eigh(H) with rescale). Above MU_EIGH_MAX_N both are None and `mu_h_skipped` says why."""
+    n = h_r.shape[0]
+    if n > MU_EIGH_MAX_N:
+        group["mu_h"] = group["mu_h_after"] = None
+        group["mu_h_skipped"] = (f"mu_h / mu_h_after not computed: the eigendecomposition of the {n} x {n} "
+                                 f"Hessian (n > MU_EIGH_MAX_N = {MU_EIGH_MAX_N}) costs minutes and 4 n x n "
+                                 "float64 matrices")
+        return
+    # eigenvectors of V H_r V^T are V times those of H_r: one eigh gives both mu's
+    _, q = torch.linalg.eigh(h_r)
+    group["mu_h_after"] = mu_rotated_eigenvectors(q, t_in)
+    if "mu_h" not in group and not rescale:
+        group["mu_h"] = mu_of_eigenvectors(q)
+    del q
+    if "mu_h" not in group:
+        group["mu_h"] = mu_hessian(h)

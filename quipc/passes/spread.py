@@ -61,7 +61,7 @@ def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names:
         bias = lin.bias.data.cpu() if lin.bias is not None else None
         cache = caches.setdefault(g, {"leader": full_names[names[groups.index(g)]]})
         mine[i] = quantize(LayerInput(full_names[n], lin.weight.data.cpu(), bias,
-                                      None if h is None else h.cpu(), cache), cfg)
+                                      None if h is None else h.cpu(), cache, last_reader=last[g] == i), cfg)
         if last[g] == i:   # free the group's Hessian and its rotated copies
             del cache, h
             caches.pop(g)

@@ -25,11 +25,15 @@ STAGE_SCALES = {2: (1.0,), 3: (1.045, 0.50), 4: (1.045, 0.30)}
 class StagedQuantizer:
     """Greedy residual quantization of (m, 8) blocks with per-row stage scales."""
 
-    def __init__(self, bits: int, scale: torch.Tensor, dtype):
+    def __init__(self, bits: int, scale: torch.Tensor, dtype, groups: int | None = None):
         self.kinds = STAGES[bits]
         self.searches = [stage_search(kind, dtype) for kind in self.kinds]
         self.scale = scale.to(dtype)                       # (m, stages)
-        self.indices: list[dict[int, torch.Tensor]] = [{} for _ in self.kinds]
+        # kept indices: with `groups` known, one (m, groups) table per stage allocated up front
+        # (thousands of small kept tensors would fragment the heap between the large temporaries
+        # of BlockLDLQ, which then stays resident), else a dict per stage
+        self.indices: list = ([torch.empty(scale.shape[0], groups, dtype=torch.int64) for _ in self.kinds]
+                              if groups is not None else [{} for _ in self.kinds])
 
     def round(self, x: torch.Tensor, scale: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
         scale = self.scale if scale is None else scale
@@ -39,11 +43,15 @@ class StagedQuantizer:
             index, point = search.nearest((x - value) / col)
             value = value + point.to(x.dtype) * col
             if keep is not None:
-                self.indices[s][keep] = index
+                if torch.is_tensor(self.indices[s]):
+                    self.indices[s][:, keep] = index
+                else:
+                    self.indices[s][keep] = index
         return value
 
     def codes(self, bits: int, groups: int) -> np.ndarray:
-        per_stage = [torch.stack([d[k] for k in range(groups)], dim=1).cpu().numpy() for d in self.indices]
+        per_stage = [(d[:, :groups] if torch.is_tensor(d) else torch.stack([d[k] for k in range(groups)], dim=1))
+                     .cpu().numpy() for d in self.indices]
         return join_indices(per_stage, bits)
 
 
@@ -65,7 +73,7 @@ def encode_e8p(w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
                          "use --format grid")
     w = w.to(torch.float32)
     scale = fit_scales(w, cfg.bits)
-    quant = StagedQuantizer(cfg.bits, scale, w.dtype)
+    quant = StagedQuantizer(cfg.bits, scale, w.dtype, n // GROUP)
     if h is None:
         values = torch.cat([quant.round(w[:, k * GROUP:(k + 1) * GROUP], keep=k)
                             for k in range(n // GROUP)], dim=1)
