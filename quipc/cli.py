@@ -27,9 +27,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="code format of the rotated weights: grid (per-row scalar grid) | "
                         "e8p (E8-lattice vector codes, residual stages at 3/4 bits; default)")
     p.add_argument("--finetune", default=None,
-                   help="none | e2e: after rounding, train the continuous parameters (input and row "
-                        "scales, norms) to match the unquantized model's logits on the calibration "
-                        "text (default e2e; none for rtn and .onnx inputs)")
+                   help="none | block | e2e | all. block: round each decoder block's linears input by "
+                        "input, training in between what is still continuous (input and row scales, "
+                        "weights not rounded yet) to match the fp block's outputs; e2e: after rounding, "
+                        "train input and row scales and norms to match the unquantized model's logits "
+                        "on the calibration text; all: both (default e2e; none for rtn and .onnx inputs)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
 
 

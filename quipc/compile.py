@@ -189,7 +189,7 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
         if plan.head_quantized and inputs is not None:
             head_h["h"] = _head_hessian(model, blocks, inputs, group)
 
-    finetune = group.broadcast_object(cfg.finetune != "none" and "finetune" not in manifest
+    finetune = group.broadcast_object(cfg.finetune_config().e2e and "finetune" not in manifest
                                       if group.is_main else None)
     bar = tqdm(total=len(blocks), desc="quantize blocks", unit="block", disable=not progress or not group.is_main)
     try:

@@ -29,7 +29,7 @@ class QuantConfig:
     rescale: bool = False         # QuIP's diagonal rescaling before the rotations (see README)
     grid: str = "mse"             # per-row grid range: mse (clip search) | minmax
     format: str = "grid"          # code format of W' (quipc_runtime.formats): grid | e8p
-    finetune: str = "none"        # none | e2e (quipc.passes.finetune)
+    finetune: str = "none"        # none | block | e2e | all (quipc.passes.finetune, block_finetune)
     finetune_epochs: int = 2
     quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
     head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py

@@ -58,6 +58,23 @@ def _head_line(manifest: dict) -> str:
     return "; ".join(parts)
 
 
+def _block_finetune_line(manifest: dict) -> str | None:
+    """Block fine-tuning's own loss: the held-out relative MSE of each block's outputs against
+    the fp block's, before its first round's tuning and after its last (mean over blocks)."""
+    recs = [b["layers"][0]["block_finetune"] for b in manifest["blocks"] if "block_finetune" in b["layers"][0]]
+    rounds = [r["held_out"] for r in recs if r["held_out"]]
+    if not recs:
+        return None
+    first = [r[0][0] for r in rounds if r[0][0] is not None]
+    last = [r[-1][1] if r[-1][2] else r[-1][0] for r in rounds]   # a round not kept restores its start
+    last = [v for v in last if v is not None]
+    if not first or not last:
+        return f"block fine-tuning: {len(recs)} blocks, {sum(r['seconds'] for r in recs):.0f} s"
+    return (f"block fine-tuning: {len(recs)} blocks, held-out relative MSE of a block's outputs (mean) "
+            f"{sum(first) / len(first):.5f} after its first rounding -> {sum(last) / len(last):.5f} after "
+            f"its last tuning; {sum(r['seconds'] for r in recs):.0f} s")
+
+
 def _finetune_line(manifest: dict) -> str:
     """The proxy losses above are those of the rounding; fine-tuning then moves the continuous
     parameters, and its own loss (KL to the unquantized model) is reported before/after."""
@@ -91,6 +108,9 @@ def render(folder: str | Path) -> str:
                      f"{s['dense_params']:,} params ({', '.join(s['dense_dtypes'])})")
     lines.append(f"calibration: {manifest.get('calibration')}; files: {size:,} bytes on disk")
     lines.append(_head_line(manifest))
+    block_line = _block_finetune_line(manifest)
+    if block_line:
+        lines.append(block_line)
     lines.append(_finetune_line(manifest))
     dep = deployment_size(folder, manifest)
     bpp = "" if dep["bits_per_param"] is None else \

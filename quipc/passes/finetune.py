@@ -25,24 +25,37 @@ from torch import nn
 from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.modules import QuipLinearRef, kron_apply
 
-MODES = ("none", "e2e")
+MODES = ("none", "block", "e2e", "all")   # all = block, then e2e
 SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    mode: str = "none"     # none | e2e
+    mode: str = "none"     # none | block (passes/block_finetune.py) | e2e | all (block, then e2e)
     epochs: int = 2
     lr: float = 5e-4       # Adam, on parameters that start at their stored values (near 1)
     holdout: int = 8       # calibration windows kept for early stopping (at most 1/8 of them, >= 1)
     seed: int = 0
     schedule: str = "constant"   # learning rate per step: constant, or cosine decay to 0 over all epochs
+    block_steps: int = 8   # block stage: Adam steps (one calibration batch each) after each round
+    block_lr: float = 1e-3  # block stage: in_scale / row gains; an unrounded weight gets lr * its rms
+    block_last_round: bool = True   # block stage: also tune after the block's last round
+
+    @property
+    def block(self) -> bool:
+        return self.mode in ("block", "all")
+
+    @property
+    def e2e(self) -> bool:
+        return self.mode in ("e2e", "all")
 
     def validate(self) -> "FinetuneConfig":
         if self.mode not in MODES:
             raise ValueError(f"unknown fine-tuning mode {self.mode!r}; expected one of {MODES}")
         if self.epochs < 1 or self.lr <= 0 or self.holdout < 1:
             raise ValueError("fine-tuning needs epochs >= 1, lr > 0 and holdout >= 1")
+        if self.block_steps < 0 or self.block_lr <= 0:
+            raise ValueError("block fine-tuning needs block_steps >= 0 and block_lr > 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; expected one of {SCHEDULES}")
         return self

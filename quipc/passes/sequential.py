@@ -195,8 +195,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
         if index in done_indices:
             layers = group.broadcast_object(done[index] if group.is_main else None)
         else:
-            hess = calibrate_block(block, inputs, names, group) if needs_h else {}
-            layers = encode_block(block, names, hess, full, cfg, group, quantize=quantize_linear)
+            layers = _round_block(block, inputs, names, full, cfg, group, needs_h)
             if on_block is not None and group.is_main:
                 on_block(index, layers)
         install_quantized(block, {layer.name[len(f"{prefix}.{index}."):]: layer for layer in layers})
@@ -214,6 +213,26 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
     if stream is None:
         model.to(cpu)
     return fp_states.gather(group) if fp_states is not None else None
+
+
+def _round_block(block: nn.Module, inputs: BlockInputs | None, names: list[str], full: dict[str, str],
+                 cfg: QuantConfig, group: Group, needs_h: bool) -> list[QuantizedLinear]:
+    """The block's linears rounded: all from one calibration, or (block fine-tuning) round by
+    round with tuning in between (passes/block_finetune.py)."""
+    def encode(blk, rnames, hess):
+        return encode_block(blk, rnames, hess, full, cfg, group, quantize=quantize_linear)
+
+    if not (needs_h and cfg.finetune_config().block):
+        return encode(block, names, calibrate_block(block, inputs, names, group) if needs_h else {})
+    from .block_finetune import round_block_tuned
+
+    layers, record = round_block_tuned(block, inputs, names, full, cfg, encode,
+                                       lambda blk, rnames: calibrate_block(blk, inputs, rnames, group), group)
+    summary = {"seconds": round(record["seconds"], 2),
+               "held_out": [[r.get("held_before"), r.get("held_after"), r.get("kept")] for r in record["rounds"]]}
+    for layer in layers:
+        layer.info = {**layer.info, "block_finetune": summary}
+    return layers
 
 
 def _move_except(model: nn.Module, blocks: nn.ModuleList, device) -> None:
