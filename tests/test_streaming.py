@@ -3,7 +3,6 @@ file equal what transformers' from_pretrained loads; the teacher's logits from c
 hidden states equal the fp model's; a sharded folder compiles to the same bytes."""
 import json
 
-import numpy as np
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -58,56 +57,13 @@ def test_sharded_safetensors_stream_block_by_block(tiny_model, tmp_path):
     assert stream.loaded == set()
 
 
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's q/k row order (which transformers' GGUF loader undoes)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_tiny_gguf(model, path):
-    """A Llama GGUF of `model`: linears as Q8_0, the rest float32."""
-    import gguf
-
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(c.vocab_size)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    w.add_tensor("token_embd.weight", model.model.embed_tokens.weight.detach().numpy())
-    w.add_tensor("output_norm.weight", model.model.norm.weight.detach().numpy())
-    for i, block in enumerate(model.model.layers):
-        for hf, gg in names.items():
-            t = block.get_submodule(hf).weight.detach().numpy()
-            if gg == "attn_q":
-                t = _permute(t, c.num_attention_heads)
-            elif gg == "attn_k":
-                t = _permute(t, c.num_key_value_heads)
-            if t.ndim == 2:
-                w.add_tensor(f"blk.{i}.{gg}.weight", gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            else:
-                w.add_tensor(f"blk.{i}.{gg}.weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_gguf_streams_block_by_block(tmp_path):
+    from gguf_writer import write_gguf
     from tiny import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path / "hf", hidden=64, intermediate=128)   # Q8_0 rows: 32 values
     source = _eager(folder)
-    path = write_tiny_gguf(source, tmp_path / "tiny.gguf")
+    path = write_gguf(source, tmp_path / "tiny.gguf", q8_linears=True)
     eager = _eager(tmp_path, gguf_file=path.name)
     stream = _stream(tmp_path, lambda skeleton: GGUFSource(path, skeleton), gguf_file=path.name)
     _assert_blocks_equal(stream, eager)

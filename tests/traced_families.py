@@ -37,11 +37,13 @@ _ROOT = Path(tempfile.mkdtemp(prefix="quipc-traced-"))
 atexit.register(shutil.rmtree, _ROOT, True)
 
 
-def make_family_model(folder: Path, family: str, seed: int = 0) -> Path:
+def make_family_model(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """The family's tiny model (FAMILY_CONFIGS, `overrides` on top), saved with the tiny
+    tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, extra = FAMILY_CONFIGS[family]
-    config = AutoConfig.for_model(model_type, **{**BASE, **extra})
+    config = AutoConfig.for_model(model_type, **{**BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger weights than the default init, so outputs depend on them

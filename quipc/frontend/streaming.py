@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .hf import _one_line, load_tokenizer
+from .hf import _one_line, load_config, load_tokenizer
 from .models import ModelSource
 from .tensor_sources import GGUFSource, SafetensorsSource
 from .trace import find_blocks
@@ -117,13 +117,12 @@ def _tied_names(model: nn.Module) -> list[str]:
 def open_streamed(source: ModelSource, dtype: torch.dtype = torch.float32):
     """(StreamedModel, tokenizer) for a resolved source (a safetensors folder or a GGUF file)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     hf_logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(source.folder, **kwargs)
+        config = load_config(source)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
