@@ -32,6 +32,10 @@ FAMILY_CONFIGS = {
     "gemma3": ("gemma3_text", SLIDING),
     "phi3": ("phi3", {}),
 }
+# Sizes with no Hadamard construction (runtime hadamard.split_order), so QuIP's incoherence
+# falls back to Kronecker products of random orthogonal factors on every side of every linear:
+# hidden 52 = 4 x 13, intermediate 184 = 8 x 23, k/v width 26 = 2 x 13 (2 heads of 26, one kv head).
+KRON_SIZES = dict(hidden_size=52, intermediate_size=184, num_attention_heads=2, num_key_value_heads=1)
 PROMPT_LEN, DECODE_STEPS = 12, 8
 _ROOT = Path(tempfile.mkdtemp(prefix="quipc-traced-"))
 atexit.register(shutil.rmtree, _ROOT, True)
@@ -55,19 +59,21 @@ def make_family_model(folder: Path, family: str, seed: int = 0, **overrides) -> 
     return folder
 
 
-def family_artifact(family: str, head: bool = False) -> Path:
+def family_artifact(family: str, head: bool = False, kron: bool = False) -> Path:
     """A 2-bit QuIP artifact of the family's tiny model; head=True: e8p blocks with a 4-bit
-    lm_head whose codes are the embedding too (the CLI's defaults, without fine-tuning)."""
-    return _compiled(family, bool(head))
+    lm_head whose codes are the embedding too (the CLI's defaults, without fine-tuning);
+    kron=True: the model in KRON_SIZES."""
+    return _compiled(family, bool(head), bool(kron))
 
 
 @lru_cache(maxsize=None)
-def _compiled(family: str, head: bool) -> Path:
+def _compiled(family: str, head: bool, kron: bool = False) -> Path:
     from quipc.compile import CalibConfig, compile_model
     from quipc.config import QuantConfig
 
-    root = _ROOT / family
-    folder = root / "hf" if (root / "hf").is_dir() else make_family_model(root / "hf", family)
+    root = _ROOT / (f"{family}-kron" if kron else family)
+    folder = root / "hf" if (root / "hf").is_dir() else \
+        make_family_model(root / "hf", family, **(KRON_SIZES if kron else {}))
     text = root / "calib.txt" if (root / "calib.txt").is_file() else write_text(root / "calib.txt")
     cfg = QuantConfig(bits=2, format="e8p", head_bits=4, embed_bits="head") if head else QuantConfig(bits=2)
     out = root / ("art-head" if head else "art")
