@@ -98,12 +98,15 @@ def test_mu_diagnostics_skipped_above_the_width_limit(monkeypatch):
     assert lean.info["mu_h"] is None and lean.info["mu_h_after"] is None and "64 x 64" in lean.info["mu_h_skipped"]
 
 
+def _group_setup(g: torch.Generator):
+    """A 32-wide Hessian, an empty group cache and a 2-bit grid QuIP config."""
+    x = torch.randn(100, 32, generator=g)
+    return (x.t() @ x).double() / 100, {}, QuantConfig(method="quip", bits=2, format="grid")
+
+
 def test_group_keeps_only_the_rotated_hessian():
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(100, 32, generator=g)
-    h = (x.t() @ x).double() / 100
-    cache: dict = {}
-    cfg = QuantConfig(method="quip", bits=2, format="grid")
+    h, cache, cfg = _group_setup(g)
     for name in ("q", "k"):
         quantize_linear(LayerInput(name, torch.randn(8, 32, generator=g), None, h, cache), cfg)
         assert "h" not in cache and cache["h_rot"].shape == (32, 32)
@@ -111,10 +114,7 @@ def test_group_keeps_only_the_rotated_hessian():
 
 def test_last_reader_frees_the_group():
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(100, 32, generator=g)
-    h = (x.t() @ x).double() / 100
-    cache: dict = {}
-    cfg = QuantConfig(method="quip", bits=2, format="grid")
+    h, cache, cfg = _group_setup(g)
     ws = [torch.randn(8, 32, generator=g) for _ in range(2)]
     other: dict = {}
     quantize_linear(LayerInput("q", ws[0], None, h, other), cfg)

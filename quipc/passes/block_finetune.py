@@ -27,18 +27,14 @@ from quipc_runtime.modules import QuipLinearRef
 from ..config import QuantConfig
 from ..distributed import SINGLE, Group
 from .finetune import FinetuneConfig, TunableQuipLinear
+from .sequential import HessianHooks, first_window, run_block
 
 
 def input_rounds(block: nn.Module, inputs, names: list[str]) -> list[list[str]]:
     """`names` grouped by the tensor they read, in the order those inputs are first computed."""
-    from .sequential import HessianHooks
-
     hooks = HessianHooks(block, names)
     try:
-        h, a, kw = inputs.hidden[0][:1], inputs.args[0], inputs.kwargs[0]
-        kw = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == inputs.hidden[0].shape[0]
-                  else v) for k, v in kw.items()}
-        hooks.run_batch(block, h, a, kw)
+        hooks.run_batch(block, *first_window(inputs))
     finally:
         hooks.remove()
     rounds: dict[int, list[str]] = {}
@@ -120,7 +116,7 @@ def round_block_tuned(block: nn.Module, inputs, names: list[str], full_names: di
     ft = ft or cfg.finetune_config()
     t0 = time.time()
     with torch.no_grad():
-        targets = [t.detach() for t in _run(block, inputs)]
+        targets = [t.detach() for t in run_block(block, inputs)]
     for p in block.parameters():
         p.requires_grad_(False)
     trainer = _Trainer(block, inputs, targets, ft, seed=ft.seed)
@@ -148,9 +144,3 @@ def round_block_tuned(block: nn.Module, inputs, names: list[str], full_names: di
             block.set_submodule(n, mod)
     out = [tunables[n].apply_to(layers[n]) for n in names]
     return out, {"rounds": record, "seconds": time.time() - t0}
-
-
-def _run(block: nn.Module, inputs) -> list[torch.Tensor]:
-    from .sequential import run_block
-
-    return run_block(block, inputs)

@@ -248,10 +248,16 @@ def _move_except(model: nn.Module, blocks: nn.ModuleList, device) -> None:
         setattr(model, name, buf.to(device))
 
 
+def first_window(inputs: BlockInputs) -> tuple[torch.Tensor, tuple, dict]:
+    """The block arguments of the first calibration window alone (batch-sized kwargs sliced)."""
+    h, a, kw = inputs.hidden[0][:1], inputs.args[0], inputs.kwargs[0]
+    kw = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == inputs.hidden[0].shape[0] else v)
+          for k, v in kw.items()}
+    return h, a, kw
+
+
 def _block_linears(block: nn.Module, inputs: BlockInputs | None) -> list[str]:
     if inputs is not None:
-        h, a, kw = inputs.hidden[0][:1], inputs.args[0], inputs.kwargs[0]
-        kw = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == inputs.hidden[0].shape[0] else v)
-              for k, v in kw.items()}
+        h, a, kw = first_window(inputs)
         return linears_in_order(block, lambda: block(h, *a, **kw))
     return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]  # definition order
