@@ -1,0 +1,157 @@
+// The CPU layer plan's bindings: class Plan (forward, and its three stages for tests).
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+
+#include "bindings.h"
+#include "e8p.h"
+#include "kernels.h"
+
+namespace quipc {
+namespace bindings {
+
+namespace {
+
+CodeFormat parse_format(const std::string& format) {
+  if (format == "grid") return CodeFormat::kGrid;
+  if (format == "e8p") return CodeFormat::kE8P;
+  throw py::value_error("the C++ kernels run the code formats grid, e8p; not '" + format + "'");
+}
+
+}  // namespace
+
+PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::object& scale,
+                 const py::object& zero, const py::object& in_scale, const py::object& out_scale,
+                 const py::object& bias, const py::sequence& in_factors,
+                 const py::sequence& out_factors, const std::string& format) {
+  if (bits < 2 || bits > 4) throw py::value_error("bits must be 2, 3 or 4, got " + std::to_string(bits));
+  if (m < 1 || n < 1) throw py::value_error("layer shape must be positive");
+  const CodeFormat fmt = parse_format(format);
+  if (fmt == CodeFormat::kE8P && n % 8 != 0)
+    throw py::value_error("format e8p codes groups of 8 weights; n = " + std::to_string(n) +
+                          " is not a multiple of 8");
+  const py::ssize_t row_bytes = py::ssize_t((n + 7) / 8) * bits;
+  PyPlan p;
+  p.codes = expect_array<uint8_t>(codes, "codes", {m, row_bytes});
+  LayerData d;
+  d.format = fmt;
+  d.m = m;
+  d.n = n;
+  d.bits = bits;
+  d.codes = static_cast<const uint8_t*>(p.codes.data());
+  d.row_bytes = size_t(row_bytes);
+  if (fmt == CodeFormat::kE8P) {
+    const py::ssize_t stages = e8p_stages(bits);
+    py::array sa = expect_array<float>(scale, "scale", {m, stages});
+    const float* sp = static_cast<const float*>(sa.data());
+    d.scale.assign(sp, sp + size_t(m) * stages);
+    if (!zero.is_none()) throw py::value_error("format e8p has no zero points: zero must be None");
+  } else {
+    d.scale = to_vector(scale, "scale", m);
+    d.zero = to_vector(zero, "zero", m);
+  }
+  d.in_scale = to_vector(in_scale, "in_scale", n);
+  d.out_scale = to_vector(out_scale, "out_scale", m);
+  if (!bias.is_none()) d.bias = to_vector(bias, "bias", m);
+  KronTransform tin = make_transform(n, in_factors), tout = make_transform(m, out_factors);
+  try {
+    p.plan = std::make_unique<QuipLinearPlan>(std::move(d), std::move(tin), std::move(tout));
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  return p;
+}
+
+void register_plan(py::module_& mod) {
+  py::class_<PyPlan>(mod, "Plan")
+      .def(py::init(&make_plan), py::arg("m"), py::arg("n"), py::arg("bits"), py::arg("codes"),
+           py::arg("scale"), py::arg("zero"), py::arg("in_scale"), py::arg("out_scale"),
+           py::arg("bias"), py::arg("in_factors"), py::arg("out_factors"),
+           py::arg("format") = "grid")
+      .def_property_readonly("m", [](const PyPlan& p) { return p.plan->m(); })
+      .def_property_readonly("n", [](const PyPlan& p) { return p.plan->n(); })
+      .def(
+          "forward",
+          [](const PyPlan& p, const py::object& x, const py::object& out, int threads,
+             bool force_scalar) {
+            const int batch = batch_of(x, "x", p.plan->n());
+            check_threads(threads);
+            py::array y = out.is_none() ? py::array(new_matrix(batch, p.plan->m()))
+                                        : expect_array<float>(out, "out", {batch, p.plan->m()});
+            if (!y.writeable()) throw py::value_error("out must be writeable");
+            py::array xa = py::reinterpret_borrow<py::array>(x);
+            const float* xp = static_cast<const float*>(xa.data());
+            float* yp = static_cast<float*>(y.mutable_data());
+            {
+              py::gil_scoped_release nogil;
+              p.plan->forward(xp, batch, yp, threads, force_scalar);
+            }
+            return y;
+          },
+          py::arg("x"), py::arg("out") = py::none(), py::arg("threads") = 1,
+          py::arg("force_scalar") = false, "y = quip_linear(x) for x of shape (B, n), float32.")
+      .def(
+          "transform_in",
+          [](const PyPlan& p, const py::object& x, int threads, bool force_scalar) {
+            const int batch = batch_of(x, "x", p.plan->n());
+            check_threads(threads);
+            const int npad = p.plan->padded_n();
+            py::array_t<float> z = new_matrix(batch, npad);
+            py::array_t<float> zsum(batch);
+            py::array xa = py::reinterpret_borrow<py::array>(x);
+            {
+              py::gil_scoped_release nogil;
+              p.plan->transform_in(select_kernels(force_scalar),
+                                   static_cast<const float*>(xa.data()), batch, z.mutable_data(),
+                                   zsum.mutable_data(), threads);
+            }
+            return py::make_tuple(z, zsum);
+          },
+          py::arg("x"), py::arg("threads") = 1, py::arg("force_scalar") = false,
+          "(z, zsum): z = K_in(in_scale * x) padded to a multiple of 8 columns, zsum its row sums.")
+      .def(
+          "matmul",
+          [](const PyPlan& p, const py::object& z, const py::object& zsum, int threads,
+             bool force_scalar) {
+            const int batch = batch_of(z, "z", p.plan->padded_n());
+            py::array za = py::reinterpret_borrow<py::array>(z);
+            py::array sa = expect_array<float>(zsum, "zsum", {batch});
+            check_threads(threads);
+            // The kernels rely on zero padding past n (the padded codes are zero).
+            const float* zp = static_cast<const float*>(za.data());
+            for (int b = 0; b < batch; ++b)
+              for (int j = p.plan->n(); j < p.plan->padded_n(); ++j)
+                if (zp[size_t(b) * p.plan->padded_n() + j] != 0.f)
+                  throw py::value_error("z must be zero in its padding columns");
+            py::array_t<float> t = new_matrix(batch, p.plan->m());
+            {
+              py::gil_scoped_release nogil;
+              p.plan->matmul(select_kernels(force_scalar), zp,
+                             static_cast<const float*>(sa.data()), batch, t.mutable_data(), threads);
+            }
+            return t;
+          },
+          py::arg("z"), py::arg("zsum"), py::arg("threads") = 1, py::arg("force_scalar") = false,
+          "t = W' z (z of shape (B, padded_n), zsum its row sums).")
+      .def(
+          "transform_out",
+          [](const PyPlan& p, const py::object& t, int threads, bool force_scalar) {
+            const int batch = batch_of(t, "t", p.plan->m());
+            check_threads(threads);
+            py::array ta = py::reinterpret_borrow<py::array>(t);
+            py::array_t<float> work = new_matrix(batch, p.plan->m());
+            std::memcpy(work.mutable_data(), ta.data(), sizeof(float) * size_t(batch) * p.plan->m());
+            py::array_t<float> y = new_matrix(batch, p.plan->m());
+            {
+              py::gil_scoped_release nogil;
+              p.plan->transform_out(select_kernels(force_scalar), work.mutable_data(), batch,
+                                    y.mutable_data(), threads);
+            }
+            return y;
+          },
+          py::arg("t"), py::arg("threads") = 1, py::arg("force_scalar") = false,
+          "y = out_scale * K_out^T t + bias.");
+}
+
+}  // namespace bindings
+}  // namespace quipc
