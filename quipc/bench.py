@@ -10,6 +10,10 @@ the spread (min, max). A backend that cannot run here is reported as skipped wit
 Backends: torch-ref (quipc_runtime, reference modules), runtime (quipc_runtime C++ kernels),
 onnx (quipc ONNX export + onnxruntime), tvm (quipc TVM build, llvm); baselines (--baseline fp32):
 fp32-torch (transformers, the original fp32 model), fp32-onnx (its ONNX export, onnxruntime).
+
+This module drives a run (arguments, repetitions, records); bench_backends.py names the
+backends and prepares them, bench_worker.py is the worker process, bench_report.py the table
+and chart.
 """
 from __future__ import annotations
 
@@ -20,18 +24,16 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
-QUIPC_BACKENDS = ("torch-ref", "runtime", "onnx", "tvm")
-# onnx / tvm lower with the artifact's default graph (backends/lower.py: hand-written for llama,
-# traced otherwise); these name the graph, to put both side by side (not in the default list)
-GRAPH_BACKENDS = {"onnx-traced": ("onnx", "traced"), "onnx-handwritten": ("onnx", "handwritten"),
-                  "tvm-traced": ("tvm", "traced"), "tvm-handwritten": ("tvm", "handwritten")}
+from .bench_backends import BASELINES, GRAPH_BACKENDS, QUIPC_BACKENDS, prepare
+from .bench_backends import why_not as _why_not  # called through this name: tests patch it here
+from .bench_report import format_table, write_chart
+from .bench_worker import worker
+
 # Pause before each timed run: the previous backend's idle thread pools (onnxruntime, TVM,
 # OpenMP) spin for a while after their last region and would steal the cores.
 SETTLE_S = 0.2
-BASELINES = {"fp32": ("fp32-torch", "fp32-onnx")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,206 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write one record per backend to this JSON file")
     parser.add_argument("--png", default=None, help="write a chart (default: next to --json)")
     parser.add_argument("--seed", type=int, default=0)
-
-
-# --- backends (run inside the worker processes) --------------------------------------------
-class TorchLM:
-    """A transformers causal LM driven step by step with its KV cache."""
-
-    def __init__(self, model):
-        import inspect
-
-        import torch
-
-        self.torch, self.model = torch, model
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-
-    def prefill(self, ids):
-        torch = self.torch
-        with torch.no_grad():
-            out = self.model(input_ids=torch.as_tensor(ids)[None], use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        return int(out.logits[0, -1].argmax()), cache
-
-    def decode(self, tok, pos, cache):
-        torch = self.torch
-        with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([[tok]]), use_cache=True, **{self.cache_kw: cache})
-        cache = getattr(out, "cache", None) or out.past_key_values
-        return int(out.logits[0, -1].argmax()), cache
-
-
-class OnnxDriver:
-    def __init__(self, lm):
-        self.lm = lm
-
-    def prefill(self, ids):
-        import numpy as np
-
-        res = self.lm.prefill(np.asarray(ids)[None])
-        logits, past = res[0], res[1]
-        return int(np.asarray(logits).reshape(-1, np.asarray(logits).shape[-1])[-1].argmax()), (past, len(ids))
-
-    def decode(self, tok, pos, state):
-        import numpy as np
-
-        past, past_len = state
-        res = self.lm.decode(tok, past, past_len)
-        logits, past = res[0], res[1]
-        return int(np.asarray(logits).reshape(-1)[-np.asarray(logits).shape[-1]:].argmax()), (past, past_len + 1)
-
-
-class TvmDriver:
-    def __init__(self, lm, total: int):
-        self.lm, self.total = lm, total
-
-    def prefill(self, ids):
-        cache = self.lm.new_cache(-(-self.total // 16) * 16)
-        return int(self.lm.prefill(ids, cache).argmax()), cache
-
-    def decode(self, tok, pos, cache):
-        return int(self.lm.decode(tok, pos, cache).argmax()), cache
-
-
-def _load_backend(name: str, spec: dict, threads: int):
-    """Build the driver of one backend inside its worker (after threads are configured)."""
-    art = spec["artifact"]
-    if name in ("torch-ref", "runtime"):
-        import quipc_runtime
-
-        model = quipc_runtime.load(art, backend="reference" if name == "torch-ref" else "kernels")
-        return TorchLM(model)
-    if name == "fp32-torch":
-        from quipc.frontend.hf import load_model
-        from quipc.frontend.models import resolve
-
-        model, _ = load_model(resolve(spec["source_spec"]))
-        return TorchLM(model.eval())
-    if name in ("onnx", "fp32-onnx") or name.startswith("onnx-"):
-        from quipc_runtime.onnx_runtime import OnnxLM
-
-        custom_ops = None if spec["onnx_custom_ops"] else False   # None: the library when built
-        return OnnxDriver(OnnxLM(spec["onnx_path"], threads=threads, custom_ops=custom_ops))
-    if name == "tvm" or name.startswith("tvm-"):
-        from quipc_runtime.tvm_runtime import TvmLM
-
-        return TvmDriver(TvmLM(spec["tvm_path"], threads=threads), spec["prompt_len"] + spec["new_tokens"] + 1)
-    raise ValueError(name)
-
-
-def _rss_mb() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in MiB, from /proc/self/status (Linux).
-
-    Not getrusage's ru_maxrss: across exec it keeps the high-water mark of the forked
-    parent's pages, so every spawned worker would report at least the parent's size."""
-    fields = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    fields[key] = int(rest.split()[0]) / 1024.0   # kB
-    except OSError:
-        pass
-    if "VmHWM" not in fields:   # not Linux: the portable (coarser) figure
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return peak, peak
-    return fields.get("VmRSS", fields["VmHWM"]), fields["VmHWM"]
-
-
-def _worker(name: str, spec: dict, threads: int, conn) -> None:
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    os.environ["TVM_NUM_THREADS"] = os.environ["QUIPC_NUM_THREADS"] = str(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        before, _ = _rss_mb()
-        drv = _load_backend(name, spec, threads)
-        loaded, _ = _rss_mb()
-        conn.send(("ready", {"rss_before_load_mb": before, "rss_loaded_mb": loaded}))
-    except Exception as e:  # reported as skipped, with the reason
-        conn.send(("error", f"{type(e).__name__}: {e}".strip()[:500]))
-        conn.close()
-        return
-    ids = spec["prompt"]
-    while True:
-        msg = conn.recv()
-        if msg == "stop":
-            break
-        try:
-            t0 = time.perf_counter()
-            tok, state = drv.prefill(ids)
-            t1 = time.perf_counter()
-            pos = len(ids)
-            for _ in range(spec["new_tokens"]):
-                tok, state = drv.decode(tok, pos, state)
-                pos += 1
-            t2 = time.perf_counter()
-            conn.send(("ok", {"prefill_ms": (t1 - t0) * 1e3,
-                              "decode_ms": (t2 - t1) * 1e3 / max(spec["new_tokens"], 1),
-                              "peak_mb": _rss_mb()[1]}))
-        except Exception as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"[:500] + "\n" + traceback.format_exc()[-800:]))
-    conn.close()
-
-
-# --- preparation (parent) ---------------------------------------------------------------------
-def _why_not(name: str) -> str | None:
-    """The reason a backend cannot run here, or None."""
-    import importlib.util
-
-    if name in ("onnx", "fp32-onnx") or name.startswith("onnx-"):
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed"
-        if importlib.util.find_spec("onnx") is None:
-            return "onnx is not installed"
-    if (name == "tvm" or name.startswith("tvm-")) and importlib.util.find_spec("tvm") is None:
-        return "apache-tvm is not installed"
-    if name == "runtime":
-        try:
-            from quipc_runtime import kernels
-        except ImportError as e:
-            return f"quipc_runtime.kernels is not importable: {e}"
-        if not kernels.available():
-            return f"the C++ kernels are not built ({kernels._IMPORT_ERROR})"
-    return None
-
-
-def _prepare(name: str, spec: dict, args, work: Path, log) -> str | None:
-    """Build what a backend needs (ONNX export, TVM compile), cached in `work`."""
-    art = Path(spec["artifact"])
-    try:
-        if name in ("onnx", "tvm") or name in GRAPH_BACKENDS:
-            target, graph = GRAPH_BACKENDS.get(name, (name, "auto"))
-            given = {"onnx": args.onnx_build, "tvm": args.tvm_build}.get(name)
-            path = Path(given) if given else work / {"onnx": "onnx-quip", "tvm": "tvm-llvm"}.get(name, name)
-            done = path / ("model.onnx" if target == "onnx" else "tvm_config.json")
-            if not done.is_file():
-                from quipc.backends.lower import lower_artifact
-
-                log(f"lowering {art} to {target} ({graph} graph, {path})")
-                t0 = time.time()
-                lower_artifact(art, path, target=target, graph=graph, onnx_ops="quip", progress=False)
-                spec["build_s"] = round(time.time() - t0, 1)
-            spec["onnx_path" if target == "onnx" else "tvm_path"] = str(path)
-        elif name == "fp32-onnx":
-            path = work / "onnx-fp32"
-            if not (path / "model.onnx").is_file():
-                from quipc.backends.onnx.export import export_hf_model
-                from quipc.frontend.hf import load_model
-                from quipc.frontend.models import resolve
-
-                log(f"exporting the fp32 model to ONNX ({path})")
-                model, tok = load_model(resolve(spec["source_spec"]))
-                export_hf_model(model.eval(), path, tokenizer=tok)
-            spec["onnx_path"] = str(path)
-    except Exception as e:
-        return f"could not prepare: {type(e).__name__}: {e}"[:500]
-    return None
 
 
 def _summary(samples: list[dict], key: str) -> tuple[float, list[float]]:
@@ -301,7 +103,7 @@ def run(args) -> int:
     ctx = mp.get_context("spawn")
     for name in names:
         spec = dict(base)
-        reason = _why_not(name) or _prepare(name, spec, args, work, log)
+        reason = _why_not(name) or prepare(name, spec, args, work, log)
         if "build_s" in spec:
             build_s[name] = spec["build_s"]
         if reason is None and name.startswith("fp32") and not spec["source_spec"]:
@@ -311,7 +113,7 @@ def run(args) -> int:
             log(f"{name}: skipped: {reason}")
             continue
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(name, spec, threads, child), daemon=True)
+        proc = ctx.Process(target=worker, args=(name, spec, threads, child), daemon=True)
         proc.start()
         kind, info = parent.recv()
         if kind != "ready":
@@ -379,50 +181,3 @@ def run(args) -> int:
         if why:
             print(f"no chart: {why}")
     return 0
-
-
-def format_table(records: list[dict], meta: dict) -> str:
-    lines = [f"threads={meta['threads']}  reps={meta['reps']} (median, [min-max])  "
-             f"prompt={meta['prompt_len']} tokens  decode={meta['new_tokens']} tokens",
-             f"{'backend':<11} {'bits':>4} {'prefill ms':>22} {'decode ms/token':>22} {'tok/s':>7} {'peak MiB':>9}"]
-    for r in records:
-        if r["status"] != "ok":
-            lines.append(f"{r['backend']:<11} {r['status']}: {r['reason']}")
-            continue
-        p, d = r["spread"]["prefill_ms"], r["spread"]["decode_ms"]
-        lines.append(f"{r['backend']:<11} {str(r['bits'] or 'fp32'):>4} "
-                     f"{r['prefill_ms']:>8.1f} [{p[0]:.1f}-{p[1]:.1f}]".ljust(40)
-                     + f"{r['decode_ms']:>8.2f} [{d[0]:.2f}-{d[1]:.2f}]".rjust(23)
-                     + f" {r['tok_s']:>7.1f} {r['peak_mb']:>9.0f}")
-    return "\n".join(lines)
-
-
-def write_chart(records: list[dict], meta: dict, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed"
-    ok = [r for r in records if r["status"] == "ok"]
-    if not ok:
-        return "no backend ran"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "decode_ms", "decode, ms per token"),
-                           (axes[1], "prefill_ms", f"prefill of {meta['prompt_len']} tokens, ms")):
-        names = [r["backend"] for r in ok]
-        vals = [r[key] for r in ok]
-        lo = [r[key] - r["spread"][key][0] for r in ok]
-        hi = [r["spread"][key][1] - r[key] for r in ok]
-        colors = ["#999999" if n.startswith("fp32") else "#3366aa" for n in names]
-        ax.bar(names, vals, yerr=[lo, hi], capsize=4, color=colors)
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"{Path(meta['artifact']).name}: {meta['threads']} threads, median of {meta['reps']} "
-                 "interleaved reps, bars = min-max")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
