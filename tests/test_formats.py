@@ -9,8 +9,8 @@ from quipc_runtime.formats import FORMATS, get_format, require_format
 from quipc_runtime.formats.e8p import STAGES, join_indices, split_indices
 from quipc_runtime.formats.lattice import e8_one_bit_table, e8p_source_parity, e8p_sources, e8p_table
 from quipc_runtime.layer import QuantizedLinear
-from quipc_runtime.transforms import Transform
 from quipc.passes.encoders.e8p_search import E8PSearch, TableSearch
+from e8p_layers import random_e8p_layer
 
 
 def test_e8p_points_are_distinct_points_of_the_shifted_lattice():
@@ -75,20 +75,9 @@ def test_index_layout_round_trips(bits):
     assert all(np.array_equal(a, b) for a, b in zip(split_indices(codes, bits), idx))
 
 
-def _e8p_layer(bits, m=16, n=32, seed=0):
-    rng = np.random.default_rng(seed)
-    stages = len(STAGES[bits])
-    return QuantizedLinear(
-        name="x", out_features=m, in_features=n, bits=bits, format="e8p",
-        codes=rng.integers(0, 256, size=(m, n // 8 * bits), dtype=np.uint8),
-        scale=rng.uniform(0.1, 1, size=(m, stages)).astype(np.float16), zero=None,
-        t_in=Transform.make("hadamard", n, 1), t_out=Transform.make("hadamard", m, 2),
-        in_scale=np.ones(n, np.float16))
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_e8p_decode_and_exact_bpw(bits):
-    layer = _e8p_layer(bits)
+    layer = random_e8p_layer(16, 32, bits, bias=False)
     layer.validate()
     w = layer.rotated_weight()
     idx = split_indices(layer.codes, bits)
@@ -111,7 +100,7 @@ def test_registry_and_refusals():
         get_format("nope")
     with pytest.raises(ValueError, match="multiple of 8"):
         get_format("e8p").check(2, 20)
-    layer = _e8p_layer(2)
+    layer = random_e8p_layer(16, 32, 2, bias=False)
     from quipc.backends.tvm.lowering import LOWERINGS  # the TVM backend's formats (no tvm import)
 
     assert {"grid", "e8p"} <= set(LOWERINGS)
@@ -124,7 +113,7 @@ def test_registry_and_refusals():
 
 
 def test_layer_without_format_field_is_grid_and_tampered_format_is_refused():
-    layer = _e8p_layer(2)
+    layer = random_e8p_layer(16, 32, 2, bias=False)
     meta, tensors = layer.meta(), layer.tensors()
     assert meta["format"] == "e8p"
     assert QuantizedLinear.from_storage(meta, tensors).format == "e8p"

@@ -15,7 +15,8 @@ except ImportError:
 
 from quipc_runtime import kernels as K  # noqa: E402
 from test_kernels import SHAPES, make_layer, rel_err  # noqa: E402
-from test_kernels_e8p import SHAPES as E8P_SHAPES, e8p_layer  # noqa: E402
+from test_kernels_e8p import SHAPES as E8P_SHAPES  # noqa: E402
+from e8p_layers import random_e8p_layer  # noqa: E402
 
 
 def _skip_reason():
@@ -129,7 +130,7 @@ def test_torch_cuda_module():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n", E8P_SHAPES + [(256, 4096), (4096, 256)])
 def test_cuda_e8p_forward_matches_cpu(bits, m, n):
-    layer = e8p_layer(m, n, bits, seed=m + n + bits)
+    layer = random_e8p_layer(m, n, bits, seed=m + n + bits)
     cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
     rng = np.random.default_rng(0)
     for batch in (1, 2, 3, 4, 5, 70):  # GEMV (1..4) and tiled GEMM
@@ -148,7 +149,7 @@ def test_cuda_e8p_every_index(bits):
     size = {"e8p": 1 << 16, "e8_1bit": 256}
     indices = [rng.permutation(np.resize(np.arange(size[k]), m * n // 8)).reshape(m, n // 8)
                for k in STAGES[bits]]
-    layer = e8p_layer(m, n, bits, seed=bits, indices=indices)
+    layer = random_e8p_layer(m, n, bits, seed=bits, indices=indices)
     cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
     z = rng.standard_normal((6, n)).astype(np.float32)
     for batch in (1, 4, 6):
@@ -157,7 +158,7 @@ def test_cuda_e8p_every_index(bits):
 
 
 def test_cuda_e8p_bad_buffers():
-    args = K._layer_args(e8p_layer(64, 32, 3, seed=9))
+    args = K._layer_args(random_e8p_layer(64, 32, 3, seed=9))
     K._ext.CudaPlan(device=0, **args)
     for key, value in [("scale", args["scale"][:, :1].copy()), ("zero", np.zeros(64, np.float32)),
                        ("codes", args["codes"][:, :-1].copy()), ("format", "trellis")]:

@@ -13,10 +13,9 @@ except ImportError:
 
 from quipc_runtime import kernels as K  # noqa: E402
 from quipc_runtime.formats import UnsupportedFormatError  # noqa: E402
-from quipc_runtime.formats.e8p import STAGES, join_indices  # noqa: E402
+from quipc_runtime.formats.e8p import STAGES  # noqa: E402
 from quipc_runtime.formats.lattice import e8_one_bit_table, e8p_table  # noqa: E402
-from quipc_runtime.layer import QuantizedLinear  # noqa: E402
-from quipc_runtime.transforms import Transform  # noqa: E402
+from e8p_layers import INDEX_RANGE, random_e8p_layer  # noqa: E402
 
 torch = pytest.importorskip("torch")
 from quipc_runtime.modules import QuipLinearRef  # noqa: E402
@@ -24,26 +23,6 @@ from quipc_runtime.modules import QuipLinearRef  # noqa: E402
 pytestmark = pytest.mark.skipif(not K.available(), reason="quipc kernels extension not built")
 
 TOL = 2e-5  # max |y - ref| / max |ref|
-INDEX_RANGE = {"e8p": 1 << 16, "e8_1bit": 256}
-
-
-def e8p_layer(m, n, bits, seed=0, indices=None, kin="hadamard", kout="hadamard", bias=True):
-    """A random e8p layer with real transforms (stored form: input signs in in_scale).
-    `indices`: one (m, n/8) index array per stage instead of random ones."""
-    rng = np.random.default_rng(seed)
-    if indices is None:
-        indices = [rng.integers(0, INDEX_RANGE[k], size=(m, n // 8)) for k in STAGES[bits]]
-    t_in = Transform.make(kin, n, seed + 1)
-    t_in.signs = None
-    layer = QuantizedLinear(
-        name="e8p_test", out_features=m, in_features=n, bits=bits, format="e8p",
-        codes=join_indices(indices, bits),
-        scale=(rng.random((m, len(STAGES[bits]))) * 0.02 + 0.001).astype(np.float16), zero=None,
-        t_in=t_in, t_out=Transform.make(kout, m, seed + 2),
-        in_scale=((rng.random(n) + 0.5) * rng.choice([-1, 1], n)).astype(np.float16),
-        bias=rng.standard_normal(m).astype(np.float32) if bias else None)
-    layer.validate()
-    return layer
 
 
 def rel_err(y, ref):
@@ -71,7 +50,7 @@ def test_every_index_decodes_as_the_reference(bits):
     for k in STAGES[bits]:
         idx = rng.permutation(np.resize(np.arange(INDEX_RANGE[k]), m * n // 8))
         indices.append(idx.reshape(m, n // 8))
-    layer = e8p_layer(m, n, bits, seed=bits, indices=indices)
+    layer = random_e8p_layer(m, n, bits, seed=bits, indices=indices)
     w = layer.rotated_weight().astype(np.float64)
     plan = K.prepare(layer)
     z = np.random.default_rng(5).standard_normal((33, n)).astype(np.float32)
@@ -93,7 +72,7 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (640, 192), (96, 409
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n", SHAPES)
 def test_quip_linear_matches_reference(bits, m, n):
-    layer = e8p_layer(m, n, bits, seed=m + n + bits)
+    layer = random_e8p_layer(m, n, bits, seed=m + n + bits)
     plan = K.prepare(layer)
     x = np.random.default_rng(1).standard_normal((33, n)).astype(np.float32)
     ref = reference(layer, x)
@@ -108,7 +87,7 @@ def test_quip_linear_matches_reference(bits, m, n):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_scalar_fallback_matches(bits, monkeypatch):
-    layer = e8p_layer(192, 576, bits, seed=7)
+    layer = random_e8p_layer(192, 576, bits, seed=7)
     plan = K.prepare(layer)
     x = np.random.default_rng(2).standard_normal((33, 576)).astype(np.float32)
     ref = reference(layer, x)
@@ -122,7 +101,7 @@ def test_scalar_fallback_matches(bits, monkeypatch):
 
 
 def test_large_layer_gemv():
-    layer = e8p_layer(4096, 4096, 2, seed=3, kout="identity")
+    layer = random_e8p_layer(4096, 4096, 2, seed=3, kout="identity")
     x = np.random.default_rng(3).standard_normal((1, 4096)).astype(np.float32)
     y = K.quip_linear(K.prepare(layer), x, threads=2)
     assert rel_err(y, reference(layer, x)) < TOL
@@ -130,13 +109,13 @@ def test_large_layer_gemv():
 
 @pytest.mark.parametrize("kin,kout", [("kron", "kron"), ("identity", "hadamard")])
 def test_transform_kinds(kin, kout):
-    layer = e8p_layer(96, 80, 3, seed=3, kin=kin, kout=kout, bias=False)
+    layer = random_e8p_layer(96, 80, 3, seed=3, kin=kin, kout=kout, bias=False)
     x = np.random.default_rng(3).standard_normal((5, 80)).astype(np.float32)
     assert rel_err(K.quip_linear(K.prepare(layer), x, threads=2), reference(layer, x)) < TOL
 
 
 def test_torch_module_matches_reference():
-    layer = e8p_layer(192, 576, 4, seed=8)
+    layer = random_e8p_layer(192, 576, 4, seed=8)
     ref, mod = QuipLinearRef(layer), K.KernelQuipLinear(layer, "cpu")
     assert "format=e8p" in repr(mod)
     for shape in ((1, 576), (2, 3, 576), (20, 576)):
@@ -146,7 +125,7 @@ def test_torch_module_matches_reference():
 
 # --- malformed buffers and formats the kernels do not run raise --------------------------
 def test_bad_layer_buffers():
-    layer = e8p_layer(64, 32, 3, seed=11)
+    layer = random_e8p_layer(64, 32, 3, seed=11)
     args = K._layer_args(layer)
     assert args["format"] == "e8p" and args["zero"] is None and args["scale"].shape == (64, 2)
     K._ext.Plan(**args)  # the good arguments build
@@ -175,14 +154,14 @@ def test_bad_layer_buffers():
 
 
 def test_grid_plan_refuses_e8p_style_buffers():
-    layer = e8p_layer(64, 32, 2, seed=12)
+    layer = random_e8p_layer(64, 32, 2, seed=12)
     args = {**K._layer_args(layer), "format": "grid"}
     with pytest.raises((TypeError, ValueError)):  # scale (m, 1) and zero None are not a grid
         K._ext.Plan(**args)
 
 
 def test_unknown_format_is_refused_by_name():
-    layer = e8p_layer(64, 32, 2, seed=12)
+    layer = random_e8p_layer(64, 32, 2, seed=12)
     layer.format = "trellis"  # a format these kernels do not run
     with pytest.raises(UnsupportedFormatError, match="C\\+\\+ kernel backend runs the code format.*'trellis'"):
         K.prepare(layer)
@@ -191,7 +170,7 @@ def test_unknown_format_is_refused_by_name():
     with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend runs the code format.*'trellis'"):
         K.KernelQuipLinear(layer, "cuda")
     with pytest.raises(ValueError, match="code formats grid, e8p; not 'trellis'"):
-        K._ext.Plan(**{**K._layer_args(e8p_layer(64, 32, 2, seed=12)), "format": "trellis"})
+        K._ext.Plan(**{**K._layer_args(random_e8p_layer(64, 32, 2, seed=12)), "format": "trellis"})
 
 
 # --- model level: a tiny e8p artifact through quipc_runtime.load --------------------------

@@ -22,26 +22,12 @@ from quipc.frontend.onnx_model import compile_onnx
 from quipc_runtime import load
 from quipc_runtime.artifact import load_layers, read_manifest
 from quipc_runtime.formats import UnsupportedFormatError
-from quipc_runtime.formats.e8p import STAGES
 from quipc_runtime.formats.lattice import e8_one_bit_table, e8p_table
-from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.modules import QuipLinearRef
 from quipc_runtime.onnx_runtime import OnnxLM
-from quipc_runtime.transforms import Transform
+from e8p_layers import random_e8p_layer
 from test_onnx_export import assert_matches_torch_path
 from tiny import make_tiny_onnx_lm
-
-
-def e8p_layer(m, n, bits, seed=0, name="blk.0.proj", bias=False, t_in=None, in_scale=None):
-    """Random codes (every index is a valid code) and scales, Hadamard transforms."""
-    rng = np.random.default_rng(seed)
-    return QuantizedLinear(
-        name=name, out_features=m, in_features=n, bits=bits, format="e8p",
-        codes=rng.integers(0, 256, size=(m, n // 8 * bits), dtype=np.uint8),
-        scale=rng.uniform(0.02, 0.2, size=(m, len(STAGES[bits]))).astype(np.float16), zero=None,
-        t_in=t_in or Transform.make("hadamard", n, seed + 1), t_out=Transform.make("hadamard", m, seed + 2),
-        in_scale=in_scale if in_scale is not None else rng.uniform(0.5, 2, n).astype(np.float16),
-        bias=rng.standard_normal(m).astype(np.float32) if bias else None)
 
 
 def build(layers, ops="quip", rank=3, group=False, opset=21, accuracy_level=0, **kw):
@@ -99,7 +85,7 @@ MODES = [("quip", 3, 21), ("quip", None, 21), ("std", 3, 21), ("quip", 3, 17), (
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n", SHAPES)
 def test_layer_matches_reference_decoder(bits, m, n):
-    layer = e8p_layer(m, n, bits, seed=bits, bias=m == 192)
+    layer = random_e8p_layer(m, n, bits, seed=bits, bias=m == 192)
     rng = np.random.default_rng(1)
     for ops, rank, opset in MODES:
         model = build([layer], ops, rank, opset=opset)
@@ -119,7 +105,7 @@ def test_layer_matches_reference_decoder(bits, m, n):
 def test_tables_are_small_constants_and_std_shares_them():
     """The decode tables: 256 x 8 each, Constants of the function body (one copy per overload),
     or shared initializers when the body is inlined (std): never one per layer."""
-    layers = [e8p_layer(48, 32, 3, seed=i, name=f"l{i}") for i in range(3)]
+    layers = [random_e8p_layer(48, 32, 3, seed=i, name=f"l{i}", bias=False) for i in range(3)]
     model = build(layers, "quip")
     consts = [a.t for f in model.functions for nd in f.node if nd.op_type == "Constant" for a in nd.attribute
               if a.type == onnx.AttributeProto.TENSOR]
@@ -145,8 +131,9 @@ def test_quantized_layer_at_accuracy_level_4():
 
 
 def qkv(n, outs, bits):
-    head = e8p_layer(outs[0], n, bits, seed=0, name="blk.0.q")
-    return [head] + [e8p_layer(m, n, bits, seed=i, name=f"blk.0.p{i}", t_in=head.t_in, in_scale=head.in_scale)
+    head = random_e8p_layer(outs[0], n, bits, seed=0, name="blk.0.q", bias=False)
+    return [head] + [random_e8p_layer(m, n, bits, seed=i, name=f"blk.0.p{i}", t_in=head.t_in,
+                                      in_scale=head.in_scale, bias=False)
                      for i, m in enumerate(outs[1:], 1)]
 
 
@@ -181,11 +168,11 @@ def test_formats_are_not_mixed_in_a_group():
 
 
 def test_unknown_format_is_refused(tmp_path):
-    layer = dataclasses.replace(e8p_layer(32, 32, 2), format="e9p")
+    layer = dataclasses.replace(random_e8p_layer(32, 32, 2, bias=False), format="e9p")
     with pytest.raises(UnsupportedFormatError, match="ONNX backend runs the code format.*'e9p'"):
         build([layer])
     path = tmp_path / "t.onnx"
-    model = build([e8p_layer(32, 32, 2)])
+    model = build([random_e8p_layer(32, 32, 2, bias=False)])
     [a for a in model.graph.node[0].attribute if a.name == "format"][0].s = b"grid"   # tampered
     onnx.save(model, str(path))
     with pytest.raises(ValueError, match="format attribute 'grid' disagrees"):

@@ -8,24 +8,10 @@ import torch
 
 tvm = pytest.importorskip("tvm")
 
-from quipc_runtime.formats.e8p import STAGES  # noqa: E402
 from quipc_runtime.formats.lattice import e8p_table  # noqa: E402
-from quipc_runtime.layer import QuantizedLinear  # noqa: E402
 from quipc_runtime.modules import QuipLinearRef  # noqa: E402
-from quipc_runtime.transforms import Transform  # noqa: E402
+from e8p_layers import random_e8p_layer  # noqa: E402
 from test_tvm import assert_matches_torch_path  # noqa: E402
-
-
-def e8p_layer(m, n, bits, kind="hadamard", seed=0, bias=True, in_scale=True):
-    """Random codes (every index value is a valid E8P / one-bit index) and stage scales."""
-    rng = np.random.default_rng(seed)
-    stages = len(STAGES[bits])
-    scale = rng.uniform(0.02, 0.06, (m, stages)) * np.array([1.0, 0.3][:stages])
-    return QuantizedLinear(
-        "layer", m, n, bits, rng.integers(0, 256, (m, n // 8 * bits), dtype=np.uint8),
-        scale.astype(np.float16), None, Transform.make(kind, n, seed + 1), Transform.make(kind, m, seed + 2),
-        in_scale=rng.uniform(0.5, 2, n).astype(np.float16) if in_scale else None,
-        bias=rng.normal(0, 1, m).astype(np.float32) if bias else None, format="e8p")
 
 
 def run_kernel(layer, mode, rows, residual=None):
@@ -62,13 +48,14 @@ def check(layer, mode, rows, residual=None):
     ((40, 72), "gemm", 16),
 ])
 def test_kernel_matches_reference_decoder(bits, shape, mode, rows):
-    check(e8p_layer(*shape, bits, seed=bits), mode, rows)
+    check(random_e8p_layer(*shape, bits, seed=bits), mode, rows)
 
 
 def test_kernel_kron_identity_and_residual():
-    check(e8p_layer(24, 48, 3, kind="kron", bias=False), "gemv", 2)
+    check(random_e8p_layer(24, 48, 3, kin="kron", kout="kron", bias=False), "gemv", 2)
     res = np.random.default_rng(3).normal(size=(1, 32)).astype(np.float32)
-    check(e8p_layer(32, 64, 2, kind="identity", bias=False, in_scale=False), "gemv", 1, residual=res)
+    layer = random_e8p_layer(32, 64, 2, kin="identity", kout="identity", in_scale=None, bias=False)
+    check(layer, "gemv", 1, residual=res)
 
 
 def test_tables_reproduce_every_e8p_index():
@@ -96,7 +83,7 @@ def test_index_repack_roundtrip():
 def test_refusals():
     from quipc.backends.tvm.tir_quip_linear import LinearSpec
 
-    layer = e8p_layer(16, 32, 2)
+    layer = random_e8p_layer(16, 32, 2)
     assert LinearSpec.of(layer).format == "e8p"
     layer.format = "trellis-not-here"
     with pytest.raises(ValueError, match="TVM backend runs the code format.*'trellis-not-here'"):
@@ -104,7 +91,7 @@ def test_refusals():
     from quipc.backends.tvm import tir_quip_linear as grid
 
     with pytest.raises(ValueError, match="stored as 'e8p'"):
-        grid.linear_params(e8p_layer(16, 32, 2))
+        grid.linear_params(random_e8p_layer(16, 32, 2))
 
 
 @pytest.fixture(scope="module")
