@@ -59,8 +59,8 @@ def _head_line(manifest: dict) -> str:
 
 
 def _block_finetune_line(manifest: dict) -> str | None:
-    """Block fine-tuning's own loss: the held-out relative MSE of each block's outputs against
-    the fp block's, before its first round's tuning and after its last (mean over blocks)."""
+    """Block fine-tuning's own loss: the held-out per-token relative squared error of each
+    block's outputs against the fp block's, before its first round's tuning and after its last (mean over blocks)."""
     recs = [b["layers"][0]["block_finetune"] for b in manifest["blocks"] if "block_finetune" in b["layers"][0]]
     rounds = [r["held_out"] for r in recs if r["held_out"]]
     if not recs:
@@ -70,7 +70,7 @@ def _block_finetune_line(manifest: dict) -> str | None:
     last = [v for v in last if v is not None]
     if not first or not last:
         return f"block fine-tuning: {len(recs)} blocks, {sum(r['seconds'] for r in recs):.0f} s"
-    return (f"block fine-tuning: {len(recs)} blocks, held-out relative MSE of a block's outputs (mean) "
+    return (f"block fine-tuning: {len(recs)} blocks, held-out relative error of a block's outputs (mean) "
             f"{sum(first) / len(first):.5f} after its first rounding -> {sum(last) / len(last):.5f} after "
             f"its last tuning; {sum(r['seconds'] for r in recs):.0f} s")
 

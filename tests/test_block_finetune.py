@@ -15,7 +15,7 @@ from quipc.distributed import Group
 from quipc.frontend import calibration
 from quipc.frontend.trace import find_blocks
 from quipc.passes import sequential as seq
-from quipc.passes.block_finetune import _relative_mse, input_rounds, round_block_tuned
+from quipc.passes.block_finetune import block_loss, input_rounds, round_block_tuned
 from quipc.passes.finetune import FinetuneConfig
 from quipc.passes.spread import encode_block
 from quipc_runtime import artifact as art
@@ -45,8 +45,23 @@ def _round(block0, steps: int):
         ft=FinetuneConfig(mode="block", block_steps=steps, seed=0))
     assert all(type(block.get_submodule(n)) is torch.nn.Linear for n in names)   # modules restored
     seq.install_quantized(block, dict(zip(names, layers)))
-    loss = float(sum(_relative_mse(o, t) for o, t in zip(seq.run_block(block, inputs)[:-1], targets[:-1])))
+    loss = float(sum(block_loss(o, t) for o, t in zip(seq.run_block(block, inputs)[:-1], targets[:-1])))
     return dict(zip(names, layers)), record, loss
+
+
+def test_block_loss_weighs_every_token_alike():
+    """A token with massive activations (an attention sink) counts as much as any other, as it
+    does after the next RMSNorm; a plain relative MSE would be ruled by it."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 8, generator=g)
+    out = target + 0.1 * torch.randn(2, 5, 8, generator=g)
+    per_token = ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean()
+    assert torch.allclose(block_loss(out, target), per_token)
+    scale = torch.ones(2, 5, 1)
+    scale[0, 0] = 1000.0   # one token 1000x larger, its error in proportion
+    assert torch.allclose(block_loss(out * scale, target * scale), per_token)
+    plain = (out * scale - target * scale).pow(2).mean() / (target * scale).pow(2).mean()
+    assert not torch.allclose(plain, per_token, rtol=0.1)
 
 
 def test_rounds_follow_the_inputs(block0):
@@ -64,8 +79,7 @@ def test_tuning_lowers_the_block_loss_and_keeps_the_codes(block0):
     assert loss < 0.9 * loss0, (loss, loss0)
     for r in rec["rounds"]:   # a round keeps its values only when the held-out batch improves
         assert r["kept"] == (r["held_after"] < r["held_before"])
-        if r["kept"]:
-            assert r["train_last"] < r["train_first"]
+    assert any(r["kept"] for r in rec["rounds"])
     # q/k/v are rounded before any tuning: their codes are the plain rounding's; tuning moved
     # only their continuous values (fp16 row scales, in_scale)
     for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -110,4 +124,4 @@ def test_inspect_reports_block_finetuning(tiny_model, tmp_path):
     model, text = tiny_model
     compile_model(str(model), tmp_path / "b", QuantConfig(bits=2, seed=3, format="e8p", finetune="block"),
                   CalibConfig(text=str(text), windows=12, length=32), progress=False)
-    assert "block fine-tuning: 2 blocks, held-out relative MSE" in render(tmp_path / "b")
+    assert "block fine-tuning: 2 blocks, held-out relative error" in render(tmp_path / "b")

@@ -6,8 +6,11 @@ measured on the block as it is *now* (earlier rounds rounded and tuned), and aft
 what is still continuous is trained to recover the fp block's outputs on the calibration
 activations: the in_scale and per-row gain of every linear rounded so far (their codes
 fixed) and the weights of the linears not rounded yet (which the next rounds then round).
-The loss is the mean squared error to the fp block's outputs, relative to their mean square;
-the last calibration batch is held out, and a round keeps its trained values only if they
+The loss is each token's squared error relative to the fp output's squared norm, averaged over
+tokens: what the next RMSNorm (every later block's, and the final one's) sees, since it divides
+each token by its rms. A plain mean square would be ruled by the few tokens and channels with
+massive activations (attention sinks), whose errors the norms divide away. The last
+calibration batch is held out, and a round keeps its trained values only if they
 lower the held-out loss. Seeded; deterministic on the CPU for a given thread count.
 
 What it stores is what plain rounding stores (codes, fp16 scales, in_scale): the trained
@@ -43,8 +46,11 @@ def input_rounds(block: nn.Module, inputs, names: list[str]) -> list[list[str]]:
     return [rounds[g] for g in sorted(rounds)]
 
 
-def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (out.float() - target.float()).pow(2).mean() / target.float().pow(2).mean().clamp_min(1e-30)
+def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of |out_t - target_t|^2 / |target_t|^2 (the last axis is the hidden one)."""
+    target = target.float()
+    err = (out.float() - target).pow(2).sum(-1)
+    return (err / target.pow(2).sum(-1).clamp_min(1e-30)).mean()
 
 
 class _Trainer:
@@ -65,7 +71,7 @@ class _Trainer:
         if not self.held:
             return float("nan")
         with torch.no_grad():
-            return float(sum(_relative_mse(self._out(i), self.targets[i]) for i in self.held) / len(self.held))
+            return float(sum(block_loss(self._out(i), self.targets[i]) for i in self.held) / len(self.held))
 
     def run(self, groups: list[dict]) -> dict:
         """groups: Adam parameter groups ({"params": [...], "lr": ...}). Returns the round's record."""
@@ -83,7 +89,7 @@ class _Trainer:
             for i in torch.randperm(len(self.train), generator=self.order).tolist():
                 if steps == self.cfg.block_steps:
                     break
-                loss = _relative_mse(self._out(self.train[i]), self.targets[self.train[i]])
+                loss = block_loss(self._out(self.train[i]), self.targets[self.train[i]])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
