@@ -51,6 +51,9 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--calib-batch", type=int, default=8)
+    p.add_argument("--calib-chat", type=float, default=0.0,
+                   help="with --calib and a chat model: this share of the windows are conversations the model "
+                        "writes through its chat template, so that it keeps answering in turn (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +147,7 @@ def cmd_compile(args) -> int:
                       grid=args.grid, format=args.format, finetune=args.finetune,
                       finetune_epochs=args.finetune_epochs, head_bits=args.head_bits, embed_bits=args.embed_bits).validate()
     calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,
-                        batch=args.calib_batch)
+                        batch=args.calib_batch, chat=args.calib_chat)
     progress = not args.no_progress
     out = Path(args.out)
     if args.model.endswith(".onnx"):

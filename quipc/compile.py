@@ -17,7 +17,7 @@ from quipc_runtime import artifact as art
 from quipc_runtime.layer import QuantizedLinear
 
 from .config import QuantConfig
-from .frontend import calibration
+from .frontend import calibration, chat_calibration
 from .distributed import Group, join
 from .frontend.models import _file_sha256, resolve
 from .frontend.streaming import open_streamed
@@ -33,10 +33,17 @@ class CalibConfig:
     windows: int = 64
     length: int = 512
     batch: int = 8
+    chat: float = 0.0           # with a text file: this share of the windows are conversations
+                                # the model writes through its chat template (a chat model only)
 
     def validate(self) -> "CalibConfig":
         if self.windows < 1 or self.length < 2 or self.batch < 1:
             raise ValueError("calibration needs windows >= 1, length >= 2, batch >= 1")
+        if not 0.0 <= self.chat < 1.0:
+            raise ValueError(f"the chat share of the calibration windows must be in [0, 1), not {self.chat}")
+        if self.chat and self.text is None:
+            raise ValueError("a chat share of the calibration windows goes with a calibration text file "
+                             "(data-free calibration already writes conversations for a chat model)")
         if self.text is not None and not Path(self.text).is_file():
             raise FileNotFoundError(f"calibration text {self.text} not found")
         return self
@@ -47,7 +54,10 @@ _CONFIG_DROP = ("quantization_config", "_name_or_path", "_model_name_or_path", "
 
 
 def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:
-    blob = json.dumps({"source": source, "quant": cfg.to_dict(), "calib": asdict(calib)}, sort_keys=True)
+    calib_d = asdict(calib)
+    if not calib.chat:
+        del calib_d["chat"]   # the key of a compile from before the option existed
+    blob = json.dumps({"source": source, "quant": cfg.to_dict(), "calib": calib_d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -266,10 +276,23 @@ def _embedding_record(folder: Path, model, plan) -> dict:
 
 def _calibration(stream, tokenizer, calib: CalibConfig, seed: int, device, progress):
     if calib.text is not None:
-        windows = calibration.text_windows(tokenizer, calib.text, calib.windows, calib.length)
+        n_chat = int(calib.windows * calib.chat) if chat_calibration.has_chat_template(tokenizer) else 0
+        windows = calibration.text_windows(tokenizer, calib.text, calib.windows - n_chat, calib.length)
         # named by file name and content, not by where it sat on the compiling machine
-        return windows, {"source": Path(calib.text).name, "sha256": _file_sha256(Path(calib.text)),
-                         "windows": int(windows.shape[0]), "length": calib.length}
+        info = {"source": Path(calib.text).name, "sha256": _file_sha256(Path(calib.text)),
+                "windows": int(windows.shape[0]), "length": calib.length}
+        if n_chat == 0:
+            return windows, info
+        bar = tqdm(total=n_chat, desc="generate chat calibration", unit="window", disable=not progress)
+        try:
+            with stream.fully_loaded() as model:
+                model.to(device)
+                chat = calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed, progress=bar)
+                model.to("cpu")
+        finally:
+            bar.close()
+        windows = calibration.interleave(windows, chat)
+        return windows, {**info, "windows": int(windows.shape[0]), "chat_windows": n_chat, "seed": seed}
     bar = tqdm(total=calib.windows, desc="generate calibration text", unit="window", disable=not progress)
     # data-free: the model writes the text, so it is held whole while it does (then freed)
     try:

@@ -54,3 +54,49 @@ def test_generated_windows_mix_chat_and_free_text_deterministically(chat_pair, m
     assert calibration.chat_window_count(tok_plain, 4) == 0
     assert torch.equal(calibration.generated_windows(model, tok_plain, 2, 16, seed=3, batch=4),
                        calibration.free_windows(model, tok_plain, 2, 16, seed=3, batch=4))
+
+
+def test_text_calibration_with_a_chat_share(tiny_model, tmp_path, monkeypatch):
+    """--calib FILE --calib-chat 0.5: half the windows from the file, half conversations the
+    model writes, alternating; recorded in the manifest; the job key of a share-free compile
+    is the one it had before the option existed."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from quipc.compile import CalibConfig, _job_key, compile_model
+    from quipc.config import QuantConfig
+    from quipc_runtime import artifact as art
+
+    monkeypatch.setattr(cc, "ANSWER_TOKENS", 8)
+    folder, text = tiny_model
+    chat_folder = tmp_path / "chat-model"
+    shutil.copytree(folder, chat_folder)
+    tok = AutoTokenizer.from_pretrained(chat_folder)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(chat_folder)
+    calib = CalibConfig(text=str(text), windows=4, length=32, chat=0.5)
+    seen = {}
+    real = calibration.interleave
+    monkeypatch.setattr(calibration, "interleave", lambda t, c: seen.setdefault("w", real(t, c)))
+    compile_model(str(chat_folder), tmp_path / "a", QuantConfig(bits=4, finetune="none"), calib, progress=False)
+    info = art.read_manifest(tmp_path / "a")["calibration"]
+    assert info["windows"] == 4 and info["chat_windows"] == 2 and info["source"] == "calib.txt"
+    windows = seen["w"]
+    file_windows = calibration.text_windows(tok, text, 2, 32)
+    prefix = torch.tensor(cc.user_prefix_ids(tok))
+    assert torch.equal(windows[0], file_windows[0]) and torch.equal(windows[2], file_windows[1])
+    assert torch.equal(windows[1, : len(prefix)], prefix)   # conversations packed back to back
+    assert not any(torch.equal(windows[3], w) for w in calibration.text_windows(tok, text, None, 32))
+    # no chat share: the key does not name the field (old folders resume), a share changes it
+    plain = CalibConfig(text=str(text), windows=4, length=32)
+    import hashlib
+    import json
+    before = json.dumps({"source": {}, "quant": QuantConfig().to_dict(), "calib": {
+        "text": str(text), "windows": 4, "length": 32, "batch": 8}}, sort_keys=True)
+    assert _job_key({}, QuantConfig(), plain) == hashlib.sha256(before.encode()).hexdigest()
+    assert _job_key({}, QuantConfig(), plain) != _job_key({}, QuantConfig(), calib)
+    with pytest.raises(ValueError, match="calibration text file"):
+        CalibConfig(chat=0.5).validate()
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        CalibConfig(text=str(text), chat=1.0).validate()

@@ -47,17 +47,27 @@ def generated_windows(model, tokenizer, n_windows: int, length: int, seed: int,
     """Data-free calibration, all from one seed: for a model with a chat template, half the
     windows are conversations it writes through its template (chat_calibration.py) and
     the others free text; the two kinds alternate, so a held-out tail holds both."""
-    from .chat_calibration import chat_windows
-
     n_chat = chat_window_count(tokenizer, n_windows)
     free = free_windows(model, tokenizer, n_windows - n_chat, length, seed, batch, progress)
     if n_chat == 0:
         return free
+    return interleave(free, seeded_chat_windows(model, tokenizer, n_chat, length, seed, batch, progress))
+
+
+def seeded_chat_windows(model, tokenizer, n_windows: int, length: int, seed: int,
+                        batch: int = 16, progress=None) -> torch.Tensor:
+    from .chat_calibration import chat_windows
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        chat = chat_windows(model, tokenizer, n_chat, length, batch, progress)
-    order = torch.stack([free[:n_chat], chat], dim=1).reshape(2 * n_chat, length)
-    return torch.cat([order, free[n_chat:]])
+        return chat_windows(model, tokenizer, n_windows, length, batch, progress)
+
+
+def interleave(text: torch.Tensor, chat: torch.Tensor) -> torch.Tensor:
+    """Chat and other windows alternating while both last, so a held-out tail holds both."""
+    n = min(len(text), len(chat))
+    pairs = torch.stack([text[:n], chat[:n]], dim=1).reshape(2 * n, text.shape[1])
+    return torch.cat([pairs, text[n:], chat[n:]])
 
 
 def free_windows(model, tokenizer, n_windows: int, length: int, seed: int,
