@@ -127,11 +127,14 @@ def _is_artifact(path: str) -> bool:
 
 def _format_and_finetune(args) -> tuple[str, str]:
     """--format / --finetune, or the defaults for this target (see quipc.config)."""
-    from .config import CLI_FINETUNE, CLI_FORMAT
+    from .config import CLI_FINETUNE, CLI_FINETUNE_RANKS, CLI_FORMAT
+    from .distributed import launched_by_torchrun
 
     onnx_input = args.model.endswith(".onnx")
     fmt = args.format or CLI_FORMAT   # every backend lowers every format (quipc_runtime.formats)
-    finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else CLI_FINETUNE)
+    several_ranks = getattr(args, "workers", 1) > 1 or launched_by_torchrun()
+    default = CLI_FINETUNE_RANKS if several_ranks else CLI_FINETUNE   # block fine-tuning: one process
+    finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else default)
     if onnx_input and finetune != "none":
         raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")
     return fmt, finetune

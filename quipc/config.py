@@ -15,6 +15,7 @@ CLI_HEAD_BITS = 4
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers e8p).
 CLI_FORMAT = "e8p"
 CLI_FINETUNE = "e2e"
+CLI_FINETUNE_RANKS = "e2e"   # with --workers / under torchrun: block fine-tuning runs in one process
 CLI_EMBED_BITS = "auto"
 
 

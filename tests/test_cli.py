@@ -111,6 +111,7 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     (["m.onnx", "-o", "x"], ("e8p", "none")),
     (["m", "-o", "x", "--method", "rtn"], ("e8p", "none")),
     (["m", "-o", "x", "--format", "grid"], ("grid", "e2e")),
+    (["m", "-o", "x", "--workers", "2"], ("e8p", "e2e")),
 ])
 def test_compile_defaults_per_target(argv, expect):
     """Without flags every target gets the benchmark's best format and fine-tuning (an .onnx
