@@ -31,7 +31,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "input, training in between what is still continuous (input and row scales, "
                         "weights not rounded yet) to match the fp block's outputs; e2e: after rounding, "
                         "train input and row scales and norms to match the unquantized model's logits "
-                        "on the calibration text; all: both (default e2e; none for rtn and .onnx inputs)")
+                        "on the calibration text; all: both (default: all with --calib, e2e data-free or with "
+                        "several ranks, none for rtn and .onnx inputs)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
 
 
@@ -127,13 +128,14 @@ def _is_artifact(path: str) -> bool:
 
 def _format_and_finetune(args) -> tuple[str, str]:
     """--format / --finetune, or the defaults for this target (see quipc.config)."""
-    from .config import CLI_FINETUNE, CLI_FINETUNE_RANKS, CLI_FORMAT
+    from .config import CLI_FINETUNE, CLI_FINETUNE_CALIB, CLI_FINETUNE_RANKS, CLI_FORMAT
     from .distributed import launched_by_torchrun
 
     onnx_input = args.model.endswith(".onnx")
     fmt = args.format or CLI_FORMAT   # every backend lowers every format (quipc_runtime.formats)
     several_ranks = getattr(args, "workers", 1) > 1 or launched_by_torchrun()
-    default = CLI_FINETUNE_RANKS if several_ranks else CLI_FINETUNE   # block fine-tuning: one process
+    default = (CLI_FINETUNE_RANKS if several_ranks   # block fine-tuning runs in one process
+               else CLI_FINETUNE_CALIB if getattr(args, "calib", None) else CLI_FINETUNE)
     finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else default)
     if onnx_input and finetune != "none":
         raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")

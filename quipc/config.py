@@ -14,8 +14,10 @@ CLI_HEAD_BITS = 4
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers e8p).
 CLI_FORMAT = "e8p"
-CLI_FINETUNE = "e2e"
-CLI_FINETUNE_RANKS = "e2e"   # with --workers / under torchrun: block fine-tuning runs in one process
+CLI_FINETUNE = "e2e"          # data-free: block + e2e gave 58.85 vs 60.92 but agreement 0.275 vs 0.330
+CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3 25.21 vs 25.62,
+                              # w4 22.28 vs 22.02 but agreement 0.592 vs 0.458)
+CLI_FINETUNE_RANKS = "e2e"    # with --workers / under torchrun: block fine-tuning runs in one process
 CLI_EMBED_BITS = "auto"
 
 

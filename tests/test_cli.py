@@ -112,10 +112,14 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     (["m", "-o", "x", "--method", "rtn"], ("e8p", "none")),
     (["m", "-o", "x", "--format", "grid"], ("grid", "e2e")),
     (["m", "-o", "x", "--workers", "2"], ("e8p", "e2e")),
+    (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all")),
+    (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e")),
+    (["m.onnx", "-o", "x", "--calib", "t.txt"], ("e8p", "none")),
 ])
 def test_compile_defaults_per_target(argv, expect):
-    """Without flags every target gets the benchmark's best format and fine-tuning (an .onnx
-    input is not fine-tuned: its frontend has no teacher to match)."""
+    """Without flags every target gets the benchmark's best format and fine-tuning, data-free
+    or with --calib (an .onnx input is not fine-tuned: its frontend has no teacher to match;
+    several ranks skip the block stage, which runs in one process)."""
     from quipc.cli import _format_and_finetune, build_parser
 
     assert _format_and_finetune(build_parser().parse_args(["compile", *argv])) == expect
