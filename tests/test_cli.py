@@ -64,7 +64,8 @@ def test_compile_inspect_eval(capsys, tiny_model, tmp_path):
     assert code == 0 and "bpw" in stdout
     code, stdout, _ = run(capsys, "inspect", out)
     assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "bpw" in stdout
-    assert " e8p " in stdout and "fine-tuning: e2e, held-out KL" in stdout   # the CLI's defaults
+    assert " e8p " in stdout and "fine-tuning: all, held-out KL" in stdout   # the CLI's defaults with --calib
+    assert "block fine-tuning: 2 blocks" in stdout
     code, stdout, _ = run(capsys, "eval", out, "--text", text, "--ctx", 64, "--windows", 3, "--json", "--no-progress")
     result = json.loads(stdout)
     assert code == 0 and result["windows"] == 3 and result["tokens"] == 3 * 63 and result["ctx"] == 64
