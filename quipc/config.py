@@ -16,7 +16,7 @@ CLI_HEAD_BITS = 4
 CLI_FORMAT = "e8p"
 CLI_FINETUNE = "e2e"          # data-free: block + e2e gave 58.85 vs 60.92 but agreement 0.275 vs 0.330
 CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3 25.21 vs 25.62,
-                              # w4 22.28 vs 22.02 but agreement 0.592 vs 0.458)
+                              # w4 22.28 vs 22.02 but agreement 0.500 vs 0.458; w2 0.304 vs 0.154)
 CLI_FINETUNE_RANKS = "e2e"    # with --workers / under torchrun: block fine-tuning runs in one process
 CLI_EMBED_BITS = "auto"
 
