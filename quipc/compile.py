@@ -17,7 +17,7 @@ from quipc_runtime import artifact as art
 from quipc_runtime.layer import QuantizedLinear
 
 from .config import QuantConfig
-from .frontend import calibration, chat_calibration
+from .frontend import calibration
 from .distributed import Group, join
 from .frontend.models import _file_sha256, resolve
 from .frontend.streaming import open_streamed
@@ -274,35 +274,37 @@ def _embedding_record(folder: Path, model, plan) -> dict:
             "bpw": table.storage_bits() / (table.rows * table.dim)}
 
 
+def _generated(stream, device, total: int, desc: str, progress, write):
+    """`write(model, bar)` with the model held whole on `device` while it writes text (then
+    freed): generation needs every block at once."""
+    bar = tqdm(total=total, desc=desc, unit="window", disable=not progress)
+    try:
+        with stream.fully_loaded() as model:
+            model.to(device)
+            windows = write(model, bar)
+            model.to("cpu")
+    finally:
+        bar.close()
+    return windows
+
+
 def _calibration(stream, tokenizer, calib: CalibConfig, seed: int, device, progress):
     if calib.text is not None:
-        n_chat = int(calib.windows * calib.chat) if chat_calibration.has_chat_template(tokenizer) else 0
+        n_chat = calibration.chat_window_count(tokenizer, calib.windows, calib.chat)
         windows = calibration.text_windows(tokenizer, calib.text, calib.windows - n_chat, calib.length)
         # named by file name and content, not by where it sat on the compiling machine
         info = {"source": Path(calib.text).name, "sha256": _file_sha256(Path(calib.text)),
                 "windows": int(windows.shape[0]), "length": calib.length}
         if n_chat == 0:
             return windows, info
-        bar = tqdm(total=n_chat, desc="generate chat calibration", unit="window", disable=not progress)
-        try:
-            with stream.fully_loaded() as model:
-                model.to(device)
-                chat = calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed, progress=bar)
-                model.to("cpu")
-        finally:
-            bar.close()
+        chat = _generated(stream, device, n_chat, "generate chat calibration", progress, lambda model, bar:
+                          calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed, progress=bar))
         windows = calibration.interleave(windows, chat)
         return windows, {**info, "windows": int(windows.shape[0]), "chat_windows": n_chat, "seed": seed}
-    bar = tqdm(total=calib.windows, desc="generate calibration text", unit="window", disable=not progress)
-    # data-free: the model writes the text, so it is held whole while it does (then freed)
-    try:
-        with stream.fully_loaded() as model:
-            model.to(device)
-            windows = calibration.generated_windows(model, tokenizer, calib.windows, calib.length, seed,
-                                                    progress=bar)
-            model.to("cpu")
-    finally:
-        bar.close()
+    # data-free: the model writes the text
+    windows = _generated(stream, device, calib.windows, "generate calibration text", progress, lambda model, bar:
+                         calibration.generated_windows(model, tokenizer, calib.windows, calib.length, seed,
+                                                       progress=bar))
     return windows, {"source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length,
                      "chat_windows": calibration.chat_window_count(tokenizer, calib.windows)}
 

@@ -60,7 +60,8 @@ def _head_line(manifest: dict) -> str:
 
 def _block_finetune_line(manifest: dict) -> str | None:
     """Block fine-tuning's own loss: the held-out per-token relative squared error of each
-    block's outputs against the fp block's, before its first round's tuning and after its last (mean over blocks)."""
+    block's outputs against the fp block's, before its first round's tuning and after its
+    last (mean over blocks)."""
     recs = [b["layers"][0]["block_finetune"] for b in manifest["blocks"] if "block_finetune" in b["layers"][0]]
     rounds = [r["held_out"] for r in recs if r["held_out"]]
     if not recs:

@@ -60,6 +60,8 @@ def test_text_calibration_with_a_chat_share(tiny_model, tmp_path, monkeypatch):
     """--calib FILE --calib-chat 0.5: half the windows from the file, half conversations the
     model writes, alternating; recorded in the manifest; the job key of a share-free compile
     is the one it had before the option existed."""
+    import hashlib
+    import json
     import shutil
 
     from transformers import AutoTokenizer
@@ -90,8 +92,6 @@ def test_text_calibration_with_a_chat_share(tiny_model, tmp_path, monkeypatch):
     assert not any(torch.equal(windows[3], w) for w in calibration.text_windows(tok, text, None, 32))
     # no chat share: the key does not name the field (old folders resume), a share changes it
     plain = CalibConfig(text=str(text), windows=4, length=32)
-    import hashlib
-    import json
     before = json.dumps({"source": {}, "quant": QuantConfig().to_dict(), "calib": {
         "text": str(text), "windows": 4, "length": 32, "batch": 8}}, sort_keys=True)
     assert _job_key({}, QuantConfig(), plain) == hashlib.sha256(before.encode()).hexdigest()

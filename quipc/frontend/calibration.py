@@ -36,10 +36,11 @@ def text_windows(tokenizer, path, n_windows: int, length: int) -> torch.Tensor:
 CHAT_SHARE = 0.5   # of the generated windows, for a model with a chat template
 
 
-def chat_window_count(tokenizer, n_windows: int) -> int:
+def chat_window_count(tokenizer, n_windows: int, share: float = CHAT_SHARE) -> int:
+    """How many of n_windows are conversations: `share` of them, for a model with a chat template."""
     from .chat_calibration import has_chat_template
 
-    return int(n_windows * CHAT_SHARE) if has_chat_template(tokenizer) and n_windows > 1 else 0
+    return int(n_windows * share) if has_chat_template(tokenizer) and n_windows > 1 else 0
 
 
 def generated_windows(model, tokenizer, n_windows: int, length: int, seed: int,
