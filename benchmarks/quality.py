@@ -1,6 +1,6 @@
 """Quality benchmark (PROTOCOL): perplexity, bpw and compile time of fp32 and of rtn /
 ldlq / quip (hadamard, kron) at 4, 3, 2 bits, plus data-free calibration; code formats
-(grid, e8p) and fine-tuning (none, e2e) side by side; with --agreement, the answer
+(grid, e8p, trellis) and fine-tuning (none, e2e, all) side by side; with --agreement, the answer
 agreement (ROUGE-L of greedy chat answers against fp32's, quipc.eval.agreement).
 
     python benchmarks/quality.py --windows 16 --json benchmarks/results/quality.json
@@ -29,6 +29,8 @@ RUNS = [("quip", "hadamard", "wikitext", "grid", "none", 32), ("ldlq", None, "wi
         ("quip", "hadamard", "generated", "grid", "none", 32),
         ("quip", "hadamard", "wikitext", "e8p", "none", 32), ("quip", "hadamard", "wikitext", "e8p", "e2e", 32),
         ("quip", "hadamard", "generated", "e8p", "none", 32), ("quip", "hadamard", "generated", "e8p", "e2e", 32),
+        ("quip", "hadamard", "wikitext", "e8p", "all", 32),
+        ("quip", "hadamard", "wikitext", "trellis", "none", 32), ("quip", "hadamard", "wikitext", "trellis", "all", 32),
         ("quip", "hadamard", "wikitext", "e8p", "e2e", 4), ("quip", "hadamard", "generated", "e8p", "e2e", 4)]
 
 
@@ -177,7 +179,8 @@ def main() -> int:
     p.add_argument("--bits", default="4,3,2")
     p.add_argument("--only", help="comma list of run labels: fp32, quip-hadamard, ldlq, rtn, quip-kron, "
                                   "quip-hadamard-generated, quip-hadamard-e8p, quip-hadamard-e8p-e2e, "
-                                  "quip-hadamard-generated-e8p, quip-hadamard-generated-e8p-e2e, "
+                                  "quip-hadamard-generated-e8p, quip-hadamard-generated-e8p-e2e, quip-hadamard-e8p-all, "
+                                  "quip-hadamard-trellis, quip-hadamard-trellis-all, "
                                   "quip-hadamard-e8p-e2e-head4, quip-hadamard-generated-e8p-e2e-head4 (the CLI default)")
     p.add_argument("--agreement", action="store_true",
                    help="also score greedy chat answers against fp32's (ROUGE-L over token ids)")

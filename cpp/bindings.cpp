@@ -2,6 +2,7 @@
 // numpy can view) and never link libtorch. This file defines the module and its free
 // functions (kernel set, e8p tables, the standalone Kronecker transform); the layer plans
 // register their classes from bindings_plan.cpp and bindings_cuda.cpp (see bindings.h).
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -10,6 +11,7 @@
 #include "bindings.h"
 #include "e8p.h"
 #include "kernels.h"
+#include "trellis.h"
 
 namespace py = pybind11;
 using namespace quipc;
@@ -41,6 +43,34 @@ PYBIND11_MODULE(_kernels, mod) {
   });
 
   register_plan(mod);
+
+  mod.def(
+      "trellis_encode",
+      [](const py::object& x, const py::object& table, int k, int threads, bool force_scalar) {
+        py::array xa = expect_array<float>(x, "x", {-1, -1});
+        py::array ta = expect_array<float>(table, "table", {-1});
+        const int batch = int(xa.shape(0)), T = int(xa.shape(1));
+        const py::ssize_t S = ta.shape(0);
+        int L = 0;
+        while ((py::ssize_t(1) << L) < S) ++L;
+        if ((py::ssize_t(1) << L) != S || L < 2 * k || L > 16 || k < 2 || k > 4 || T < 2)
+          throw py::value_error("trellis_encode: table must hold 2^L values with 2k <= L <= 16, "
+                                "2 <= k <= 4, and sequences at least 2 long; got " +
+                                std::to_string(S) + " values, k=" + std::to_string(k) +
+                                ", T=" + std::to_string(T));
+        py::array_t<int32_t> states({py::ssize_t(batch), py::ssize_t(T)});
+        {
+          py::gil_scoped_release nogil;
+          trellis_encode(static_cast<const float*>(xa.data()), batch, T,
+                         static_cast<const float*>(ta.data()), L, k, states.mutable_data(),
+                         std::max(1, threads), force_scalar);
+        }
+        return states;
+      },
+      py::arg("x"), py::arg("table"), py::arg("k"), py::arg("threads") = 1,
+      py::arg("force_scalar") = false,
+      "Tail-biting Viterbi encoding of (batch, T) float32 sequences on the bitshift trellis "
+      "with the 2^L code values `table` and k bits per step: (batch, T) int32 states.");
 
   mod.def(
       "kron_apply",

@@ -25,7 +25,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=d.grid, help="per-row grid range: mse (default) | minmax")
     p.add_argument("--format", default=None,
                    help="code format of the rotated weights: grid (per-row scalar grid) | "
-                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits; default)")
+                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits; default) | "
+                        "trellis (tail-biting trellis codes on 16x16 tiles: lowest error; runs on the "
+                        "torch path and in ONNX, not yet in the C++/TVM kernels)")
     p.add_argument("--finetune", default=None,
                    help="none | block | e2e | all. block: round each decoder block's linears input by "
                         "input, training in between what is still continuous (input and row scales, "

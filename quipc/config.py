@@ -57,7 +57,7 @@ class QuantConfig:
             raise ValueError(f"unknown grid {self.grid!r}; expected mse or minmax")
         from quipc_runtime.formats import get_format
 
-        get_format(self.format).check(self.bits, 8)  # raises for an unknown format or width
+        get_format(self.format).check_bits(self.bits)  # raises for an unknown format or width
         self.finetune_config().validate()
         if self.finetune != "none" and self.method == "rtn":
             raise ValueError("fine-tuning trains on the calibration text, which method rtn does not use")

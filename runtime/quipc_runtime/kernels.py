@@ -136,6 +136,14 @@ def quip_linear(plan, x: np.ndarray, threads: int | None = None, force_scalar: b
     return y.reshape(*lead, plan.m)
 
 
+def trellis_encode(x: np.ndarray, table: np.ndarray, k: int, threads: int | None = None,
+                   force_scalar: bool = False) -> np.ndarray:
+    """Tail-biting Viterbi encoding of (B, T) float32 sequences (the "trellis" format's
+    encoder kernel; quipc/passes/encoders/trellis_viterbi.py is its numpy reference)."""
+    _require()
+    return _ext.trellis_encode(x, table, k, threads or default_threads(), force_scalar)
+
+
 def kron_apply(x: np.ndarray, t: Transform, transpose: bool = False,
                force_scalar: bool = False) -> np.ndarray:
     """(F_1 x ... x F_k) x (or its transpose) on each row of float32 x (B, n); no signs."""

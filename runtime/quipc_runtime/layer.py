@@ -41,7 +41,7 @@ class QuantizedLinear:
         check_bits(self.bits)
         fmt = get_format(self.format)
         try:
-            fmt.check(self.bits, n)
+            fmt.check(self.bits, n, m)
         except ValueError as e:
             raise ValueError(f"layer {self.name}: {e}") from None
         expect = dict(fmt.tensor_specs(m, n, self.bits))

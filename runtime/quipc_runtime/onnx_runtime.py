@@ -53,8 +53,8 @@ class OnnxLM:
         opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                          "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
-        if custom_ops is None:
-            custom_ops = ort_custom_ops.available()
+        if custom_ops is None:   # the library when built and it runs every node's code format
+            custom_ops = ort_custom_ops.available() and ort_custom_ops.runs(path)
         if custom_ops:
             ort_custom_ops.register(opts, threads)
         self.custom_ops = bool(custom_ops)   # whether quipc's kernels run the ai.quipc nodes

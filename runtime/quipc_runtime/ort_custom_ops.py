@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 THREADS_KEY = "quipc.threads"   # session config entry read by the library at registration
+LIBRARY_FORMATS = ("grid", "e8p")   # code formats the library's kernels run (cpp/ort/custom_ops.cpp)
 _NAMES = ("libquipc_ort.so", "libquipc_ort.dylib", "quipc_ort.dll")
 
 
@@ -42,6 +43,26 @@ def library_path() -> Path | None:
 
 def available() -> bool:
     return library_path() is not None
+
+
+def formats_in(model_path) -> set[str]:
+    """The code formats of a model's ai.quipc nodes (their "format" attribute; absent: grid),
+    read without its external data."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    found = set()
+    for node in model.graph.node:
+        if node.domain == "ai.quipc":
+            attr = next((a for a in node.attribute if a.name == "format"), None)
+            found.add(attr.s.decode() if attr is not None else "grid")
+    return found
+
+
+def runs(model_path) -> bool:
+    """Whether the library's kernels run every quipc node of the model (a model holding
+    another format runs its ONNX function bodies instead)."""
+    return formats_in(model_path) <= set(LIBRARY_FORMATS)
 
 
 def register(options, threads: int | None = None) -> Path:

@@ -38,4 +38,4 @@ def encode(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
     return ENCODERS[fmt](w, h, cfg)
 
 
-from . import e8p, grid  # noqa: E402,F401
+from . import e8p, grid, trellis  # noqa: E402,F401

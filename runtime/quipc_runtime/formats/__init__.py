@@ -20,13 +20,17 @@ class CodeFormat:
     bits: tuple[int, ...]                       # bit widths the format stores
     tensor_specs: Callable[[int, int, int], dict]   # (m, n, bits) -> {key: (shape, dtype)}
     decode: Callable[[dict, int, int], np.ndarray]  # (tensors, bits, n) -> W' (m, n) float32
-    check_shape: Callable[[int], None]          # raises ValueError for an unsupported width n
+    check_shape: Callable[..., None]            # (n, m=None): ValueError for an unsupported shape
     describe: str
 
-    def check(self, bits: int, n: int) -> None:
+    def check_bits(self, bits: int) -> None:
         if bits not in self.bits:
             raise ValueError(f"format {self.name!r} stores {'/'.join(map(str, self.bits))} bits, not {bits}")
-        self.check_shape(n)
+
+    def check(self, bits: int, n: int, m: int | None = None) -> None:
+        """Refuse a bit width or a shape (n columns, m rows when known) the format cannot store."""
+        self.check_bits(bits)
+        self.check_shape(n, m)
 
 
 FORMATS: dict[str, CodeFormat] = {}
@@ -45,7 +49,7 @@ def get_format(name: str) -> CodeFormat:
     return fmt
 
 
-from . import e8p, grid  # noqa: E402,F401  (register the built-in formats)
+from . import e8p, grid, trellis  # noqa: E402,F401  (register the built-in formats)
 
 
 class UnsupportedFormatError(ValueError):

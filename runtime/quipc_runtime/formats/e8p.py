@@ -63,7 +63,7 @@ def _decode(tensors: dict, bits: int, n: int) -> np.ndarray:
     return w.reshape(m, n)
 
 
-def _check_width(n: int) -> None:
+def _check_width(n: int, m: int | None = None) -> None:
     if n % GROUP:
         raise ValueError(f"format 'e8p' codes groups of {GROUP} weights; a row of {n} is not a "
                          f"multiple of {GROUP} (use --format grid for this model)")

@@ -21,7 +21,7 @@ def _decode(tensors: dict, bits: int, n: int) -> np.ndarray:
             + tensors["zero"].astype(np.float32)[:, None])
 
 
-def _any_width(n: int) -> None:
+def _any_width(n: int, m: int | None = None) -> None:
     return None
 
 

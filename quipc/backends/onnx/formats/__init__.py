@@ -46,4 +46,4 @@ def lowering_for(layer) -> Lowering:
     return LOWERINGS[layer.format]
 
 
-from . import e8p, grid  # noqa: E402,F401  (register the built-in lowerings)
+from . import e8p, grid, trellis  # noqa: E402,F401  (register the built-in lowerings)

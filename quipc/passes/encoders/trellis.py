@@ -1,0 +1,48 @@
+"""Encoder for the "trellis" format: a per-row scale, then BlockLDLQ (g = 16) over 16x16 tiles,
+each tile's 256 weights rounded as one sequence by tail-biting Viterbi (trellis_viterbi).
+
+The rows of W' are near Gaussian after the incoherence transforms and the code table has
+unit mean square, so a row's scale is its RMS times a constant of the bit width (ROW_SCALE,
+the proxy-loss optimum on SmolLM2 layers; see the module's tests for the Gaussian MSE).
+A column block of 16 holds m/16 tiles: the Viterbi runs over all of them at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quipc_runtime.formats.trellis import SEQ, TILE, TRELLIS, code_table, states_to_codes
+
+from ..block_ldlq import block_ldlq
+from . import Encoded, register_encoder
+from .trellis_viterbi import encode_sequences
+
+ROW_SCALE = {2: 1.05, 3: 1.05, 4: 1.05}
+
+
+def fit_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """(m, 1) fp16-representable row scales."""
+    rms = w.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)
+    return (rms * ROW_SCALE[bits]).clamp(6.1e-5, 65504).to(torch.float16).to(w.dtype)
+
+
+@register_encoder("trellis")
+def encode_trellis(w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
+    m, n = w.shape
+    TRELLIS.check(cfg.bits, n, m)
+    w = w.to(torch.float32)
+    scale = fit_scale(w, cfg.bits)
+    table = code_table()
+    states = np.empty((m // TILE, n // TILE, SEQ), np.int32)
+
+    def quantize(k: int, x: torch.Tensor) -> torch.Tensor:
+        seqs = (x / scale).reshape(m // TILE, SEQ)       # tile rows, row-major within the tile
+        states[:, k] = encode_sequences(seqs.numpy(), table, cfg.bits)
+        return torch.from_numpy(table[states[:, k]]).reshape(m, TILE) * scale
+
+    if h is None:
+        values = torch.cat([quantize(k, w[:, k * TILE:(k + 1) * TILE]) for k in range(n // TILE)], dim=1)
+    else:
+        values = block_ldlq(w, h, TILE, quantize)
+    return Encoded(codes=states_to_codes(states, cfg.bits), scale=scale.numpy().astype(np.float16),
+                   zero=None, values=values)

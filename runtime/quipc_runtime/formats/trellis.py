@@ -1,0 +1,128 @@
+"""Format "trellis": trellis-coded weights on a tail-biting bitshift trellis (QTIP's idea), k = bits.
+
+W' is cut into tiles of 16 rows x 16 columns. A tile's 256 weights, in row-major order
+t = 16 r + c, are one sequence coded by a circular bitstream of 256 k bits: weight t reads
+the L-bit window of the stream that starts at bit k t (wrapping past the end). That window,
+read most significant bit first, is its trellis state s_t, and
+
+    W'[16 R + r, 16 C + c] = scale[16 R + r, 0] * CODE[s_t]
+
+Consecutive states share L - k bits (s_{t+1} = (s_t << k | next k bits) mod 2^L), so each
+weight spends k bits and yet draws from 2^L values; the encoder picks the whole path at
+once (Viterbi), which is what brings the mean squared error of a Gaussian source below any
+8-dimensional lattice code at the same rate. L = STATE_BITS = 12 (16 KiB of fp32 codes, an
+L1-resident table); L is a multiple of every k, so s_t is the k-bit symbols t .. t + L/k - 1.
+
+CODE (2^L float32) is computed from constants, never stored: the 2^L standard-normal
+quantiles (p + 1/2) / 2^L, quantile p placed at state s = perm^-1(p) for a fixed invertible
+hash `perm` of L bits (so neighbouring states hold unrelated values), scaled to unit mean
+square.
+
+Storage: stream bits most significant first in each byte; a tile's 32 k bytes are split by
+rows, tile row r holding stream bytes [2 k r, 2 k (r + 1)) at codes[16 R + r, 2 k C .. 2 k C + 2 k],
+so `codes` keeps every format's (m, n k / 8) shape. scale is (m, 1) fp16. m and n must be
+multiples of 16.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from statistics import NormalDist
+
+import numpy as np
+
+from ..packing import packed_row_bytes
+from . import CodeFormat, register_format
+
+STATE_BITS = 12
+TILE = 16                      # a tile is TILE x TILE weights: one trellis sequence
+SEQ = TILE * TILE              # 256 weights per sequence
+BITS = (2, 3, 4)
+_HASH = (0x9E3779B1, 0x85EBCA77)
+
+
+def state_hash(s: np.ndarray, L: int = STATE_BITS) -> np.ndarray:
+    """An invertible map of L-bit integers onto themselves (xor-shifts and odd multipliers)."""
+    mask, shift = (1 << L) - 1, L // 2 + 1
+    x = np.asarray(s, dtype=np.uint64)
+    for mult in _HASH:
+        x = x ^ (x >> np.uint64(shift))
+        x = (x * np.uint64(mult)) & np.uint64(mask)
+    return x ^ (x >> np.uint64(shift))
+
+
+@lru_cache(maxsize=4)
+def code_table(L: int = STATE_BITS) -> np.ndarray:
+    """CODE[s] for the 2^L states, float32 with unit mean square (read-only)."""
+    size = 1 << L
+    normal = NormalDist()
+    quantiles = np.array([normal.inv_cdf((p + 0.5) / size) for p in range(size)])
+    quantiles /= np.sqrt(np.mean(quantiles ** 2))
+    table = quantiles[state_hash(np.arange(size), L).astype(np.int64)].astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def _tiles(m: int, n: int) -> tuple[int, int]:
+    return m // TILE, n // TILE
+
+
+def states_to_codes(states: np.ndarray, bits: int, L: int = STATE_BITS) -> np.ndarray:
+    """(m/16, n/16, 256) states of valid tail-biting paths -> codes (m, n bits / 8) uint8.
+    Symbol t of a tile's stream is the top k bits of s_t."""
+    rt, ct, _ = states.shape
+    symbols = (np.asarray(states, dtype=np.int64) >> (L - bits)).astype(np.uint8)
+    stream = np.unpackbits(symbols[..., None], axis=-1)[..., 8 - bits:]   # (rt, ct, 256, k)
+    packed = np.packbits(stream.reshape(rt, ct, SEQ * bits), axis=-1)      # (rt, ct, 32 k)
+    rows = packed.reshape(rt, ct, TILE, 2 * bits).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(rows.reshape(rt * TILE, ct * 2 * bits))
+
+
+def codes_to_states(codes: np.ndarray, bits: int, n: int, L: int = STATE_BITS) -> np.ndarray:
+    """codes (m, n bits / 8) uint8 -> (m/16, n/16, 256) int32 states."""
+    m = codes.shape[0]
+    rt, ct = _tiles(m, n)
+    stream = codes.reshape(rt, TILE, ct, 2 * bits).transpose(0, 2, 1, 3).reshape(rt, ct, 32 * bits)
+    bitvec = np.unpackbits(stream, axis=-1).reshape(rt, ct, SEQ, bits)
+    symbols = np.zeros((rt, ct, SEQ), np.int32)
+    for b in range(bits):
+        symbols = (symbols << 1) | bitvec[..., b]
+    states = np.zeros_like(symbols)
+    for i in range(L // bits):        # s_t = symbols t, t+1, ... (circular), first most significant
+        states = (states << bits) | np.roll(symbols, -i, axis=-1)
+    return states
+
+
+def tiles_to_matrix(tiles: np.ndarray) -> np.ndarray:
+    """(m/16, n/16, 256) per-tile values -> (m, n)."""
+    rt, ct, _ = tiles.shape
+    return tiles.reshape(rt, ct, TILE, TILE).transpose(0, 2, 1, 3).reshape(rt * TILE, ct * TILE)
+
+
+def matrix_to_tiles(w: np.ndarray) -> np.ndarray:
+    """(m, n) -> (m/16, n/16, 256), each tile's weights in row-major order."""
+    m, n = w.shape
+    rt, ct = _tiles(m, n)
+    return w.reshape(rt, TILE, ct, TILE).transpose(0, 2, 1, 3).reshape(rt, ct, SEQ)
+
+
+def _specs(m: int, n: int, bits: int) -> dict:
+    return {"codes": ((m, packed_row_bytes(n, bits)), np.uint8), "scale": ((m, 1), np.float16)}
+
+
+def _decode(tensors: dict, bits: int, n: int) -> np.ndarray:
+    codes, scale = tensors["codes"], tensors["scale"].astype(np.float32)
+    values = code_table()[codes_to_states(codes, bits, n)]
+    return tiles_to_matrix(values) * scale[:, :1]
+
+
+def _check_shape(n: int, m: int | None = None) -> None:
+    for what, size in (("row width", n), ("row count", m)):
+        if size is not None and size % TILE:
+            raise ValueError(f"format 'trellis' codes tiles of {TILE}x{TILE} weights; a {what} of "
+                             f"{size} is not a multiple of {TILE} (use --format e8p or grid for this model)")
+
+
+TRELLIS = register_format(CodeFormat(
+    name="trellis", bits=BITS, tensor_specs=_specs, decode=_decode, check_shape=_check_shape,
+    describe=f"trellis-coded (tail-biting bitshift trellis, {STATE_BITS}-bit states, 16x16 tiles), "
+             "computed Gaussian code, fp16 scale per row"))

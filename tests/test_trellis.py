@@ -1,0 +1,272 @@
+"""The "trellis" code format: its code table, bit layout and decoder (quipc_runtime.formats.trellis),
+the Viterbi encoder (numpy reference and C++ kernel, quipc/passes/encoders/trellis_viterbi.py)
+and the encoder with BlockLDLQ (quipc/passes/encoders/trellis.py)."""
+import itertools
+import json
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+import torch
+
+import quipc
+from quipc.compile import CalibConfig, compile_model
+from quipc.config import QuantConfig
+from quipc.passes.block_ldlq import block_ldlq
+from quipc.passes.encoders import encode
+from quipc.passes.encoders.e8p import StagedQuantizer, fit_scales
+from quipc.passes.encoders.trellis import fit_scale
+from quipc.passes.encoders.trellis_viterbi import tail_biting_reference, viterbi_reference
+from quipc.passes.ldlq import proxy_loss
+from quipc_runtime import artifact as art
+from quipc_runtime import kernels
+from quipc_runtime.formats import UnsupportedFormatError, get_format
+from quipc_runtime.formats.trellis import (STATE_BITS, TILE, code_table, codes_to_states, matrix_to_tiles,
+                                           state_hash, states_to_codes, tiles_to_matrix)
+from test_ldlq import random_problem
+
+TABLE = code_table()
+
+
+def _cost(x, table, states):
+    return ((table[states] - x) ** 2).sum(axis=-1)
+
+
+def _closed(states, L, k):
+    g = (1 << (L - k)) - 1
+    steps = ((states[:, 1:] >> k) == (states[:, :-1] & g)).all()
+    return bool(steps and ((states[:, 0] >> k) == (states[:, -1] & g)).all())
+
+
+def test_code_table_is_the_gaussian_quantiles_in_hashed_order():
+    assert np.array_equal(np.sort(state_hash(np.arange(1 << STATE_BITS))), np.arange(1 << STATE_BITS))
+    size = 1 << STATE_BITS
+    q = np.array([NormalDist().inv_cdf((p + 0.5) / size) for p in range(size)])
+    np.testing.assert_allclose(np.sort(TABLE), q / np.sqrt(np.mean(q ** 2)), rtol=1e-6)
+    assert np.mean(TABLE.astype(np.float64) ** 2) == pytest.approx(1.0, rel=1e-6)
+    # successors of a state hold unrelated values: not sorted runs
+    assert abs(np.corrcoef(TABLE[:-1], TABLE[1:])[0, 1]) < 0.05
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_viterbi_reference_is_optimal_against_brute_force(k):
+    """On a small trellis (L = 2k, T = 5): the free pass finds the cheapest of all paths, the
+    constrained pass the cheapest closed path through the given start bits."""
+    L, T = 2 * k, 5
+    table = np.random.default_rng(k).standard_normal(1 << L).astype(np.float32)
+    x = np.random.default_rng(10 + k).standard_normal((3, T)).astype(np.float32)
+    g = (1 << (L - k)) - 1
+    paths = []
+    for s0 in range(1 << L):
+        for bs in itertools.product(range(1 << k), repeat=T - 1):
+            path = [s0]
+            for b in bs:
+                path.append(((path[-1] << k) | b) & ((1 << L) - 1))
+            paths.append(path)
+    paths = np.array(paths)
+    free = viterbi_reference(x, table, k)
+    for i in range(3):
+        costs = _cost(x[i], table, paths)
+        assert _cost(x[i], table, free[i]) == pytest.approx(costs.min(), rel=1e-6)
+        start = i % (g + 1)
+        closed = ((paths[:, 0] >> k) == start) & ((paths[:, -1] & g) == start)
+        constrained = viterbi_reference(x[i:i + 1], table, k, np.array([start]))
+        assert _cost(x[i], table, constrained[0]) == pytest.approx(costs[closed].min(), rel=1e-6)
+        assert constrained[0, 0] >> k == start and constrained[0, -1] & g == start
+
+
+@pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("force_scalar", [False, True])
+def test_kernel_equals_the_reference_state_for_state(k, force_scalar):
+    x = np.random.default_rng(k).standard_normal((24, 256)).astype(np.float32) * 1.3
+    want = tail_biting_reference(x, TABLE, k)
+    got = kernels.trellis_encode(x, TABLE, k, threads=2, force_scalar=force_scalar)
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert _closed(got, STATE_BITS, k)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
+def test_kernel_refuses_bad_arguments():
+    x = np.zeros((2, 256), np.float32)
+    with pytest.raises(ValueError, match="2\\^L"):
+        kernels.trellis_encode(x, TABLE[:100], 2)
+    with pytest.raises(ValueError, match="k=5"):
+        kernels.trellis_encode(x, TABLE, 5)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.trellis_encode(x.astype(np.float64), TABLE, 2)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_gaussian_mse_beats_e8p_at_equal_bits(k):
+    """The reason for the format: on unit Gaussian weights (what the incoherence transforms
+    make of a layer) the trellis's MSE is well below E8P's at the same bits per weight."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32))
+    trellis = encode("trellis", x, None, QuantConfig(bits=k, format="trellis")).values
+    quant = StagedQuantizer(k, fit_scales(x, k), x.dtype)
+    e8p = torch.cat([quant.round(x[:, i:i + 8]) for i in range(0, 256, 8)], dim=1)
+    mse_t, mse_e = float((trellis - x).pow(2).mean()), float((e8p - x).pow(2).mean())
+    assert mse_t < 0.85 * mse_e
+    assert mse_t < {2: 0.080, 3: 0.022, 4: 0.0062}[k]   # the rate-distortion bound: 4^-k
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codes_round_trip_and_decode_to_the_encoded_values(bits):
+    w = torch.from_numpy(np.random.default_rng(bits).standard_normal((32, 48)).astype(np.float32))
+    enc = encode("trellis", w, None, QuantConfig(bits=bits, format="trellis"))
+    fmt = get_format("trellis")
+    assert enc.codes.shape == (32, 48 * bits // 8) and enc.scale.shape == (32, 1)
+    states = codes_to_states(enc.codes, bits, 48)
+    assert _closed(states.reshape(-1, TILE * TILE), STATE_BITS, bits)
+    assert np.array_equal(states_to_codes(states, bits), enc.codes)
+    decoded = fmt.decode({"codes": enc.codes, "scale": enc.scale}, bits, 48)
+    assert np.array_equal(decoded, enc.values.numpy())
+    tiles = np.arange(32 * 48).reshape(32, 48)
+    assert np.array_equal(tiles_to_matrix(matrix_to_tiles(tiles)), tiles)
+    assert matrix_to_tiles(tiles)[1, 2, 17] == tiles[16 + 1, 32 + 1]   # t = 16 r + c
+
+
+def test_shapes_the_format_refuses():
+    fmt = get_format("trellis")
+    with pytest.raises(ValueError, match="row width of 40 is not a multiple of 16"):
+        fmt.check(2, 40)
+    with pytest.raises(ValueError, match="row count of 24"):
+        fmt.check(2, 32, 24)
+    with pytest.raises(ValueError, match="stores 2/3/4 bits"):
+        fmt.check(8, 32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_ldlq_beats_rounding_without_feedback(seed):
+    w, h = random_problem(20 + seed, m=32, n=64)
+    for bits in (2, 3, 4):
+        cfg = QuantConfig(bits=bits, format="trellis")
+        adaptive = encode("trellis", w, h, cfg).values
+        nearest = encode("trellis", w, None, cfg).values
+        assert proxy_loss(w, adaptive, h) < proxy_loss(w, nearest, h)
+
+
+def test_each_tile_is_rounded_from_its_feedback_adjusted_target():
+    """Replaying the stored values through BlockLDLQ (g = 16) gives each column block's
+    feedback-adjusted input; the tail-biting Viterbi of that input is what was stored."""
+    w, h = random_problem(3, m=32, n=48)
+    w = w.float()
+    enc = encode("trellis", w, h, QuantConfig(bits=2, format="trellis"))
+    scale = torch.from_numpy(enc.scale.astype(np.float32))
+    assert torch.equal(scale, fit_scale(w, 2))
+    states = codes_to_states(enc.codes, 2, 48)
+    seen = {}
+
+    def replay(k, x):
+        seen[k] = x.clone()
+        return torch.from_numpy(TABLE[states[:, k]]).reshape(32, TILE) * scale
+
+    assert torch.equal(block_ldlq(w, h, TILE, replay), enc.values)
+    for k, x in seen.items():
+        target = (x / scale).reshape(2, TILE * TILE).numpy()
+        assert np.array_equal(tail_biting_reference(target, TABLE, 2), states[:, k])
+    assert not torch.equal(seen[2], w[:, 32:48])     # the feedback did change the target
+
+
+@pytest.fixture(scope="module")
+def trellis_artifact(tmp_path_factory):
+    from tiny import make_tiny_llama, write_text
+
+    root = tmp_path_factory.mktemp("trellis")
+    model = make_tiny_llama(root / "model", hidden=64, intermediate=96)   # k/v 32 rows: tiles fit
+    out = root / "w2"
+    compile_model(str(model), out, QuantConfig(bits=2, format="trellis", seed=1),
+                  CalibConfig(text=str(write_text(root / "calib.txt")), windows=8, length=32), progress=False)
+    return model, out
+
+
+def test_trellis_artifact_loads_and_computes_its_weights(trellis_artifact):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, out = trellis_artifact
+    man = json.loads((out / "manifest.json").read_text())
+    layers = [layer for b in man["blocks"] for layer in b["layers"]]
+    assert layers and all(layer["format"] == "trellis" for layer in layers)
+    assert all(layer["proxy_loss"] < layer["proxy_loss_rtn"] for layer in layers)
+    model = quipc.load(out)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for name, layer in art.load_layers(out, art.read_manifest(out)).items():
+        ref.get_submodule(name).weight.data = torch.from_numpy(layer.effective_weight()).float()
+    ids = torch.randint(3, 17, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=2e-4, rtol=1e-4)
+
+
+def random_trellis_layer(m, n, bits, seed=0, name="blk.0.proj"):
+    """A valid trellis layer of shape (m, n) with real transforms, encoded from random weights."""
+    from quipc_runtime.layer import QuantizedLinear
+    from quipc_runtime.transforms import Transform
+
+    rng = np.random.default_rng(seed)
+    w = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32) * 0.02)
+    enc = encode("trellis", w, None, QuantConfig(bits=bits, format="trellis"))
+    t_in = Transform.make("hadamard", n, seed + 1)
+    t_in.signs = None
+    layer = QuantizedLinear(name=name, out_features=m, in_features=n, bits=bits, format="trellis",
+                            codes=enc.codes, scale=enc.scale, zero=None, t_in=t_in,
+                            t_out=Transform.make("hadamard", m, seed + 2),
+                            in_scale=((rng.random(n) + 0.5) * rng.choice([-1, 1], n)).astype(np.float16),
+                            bias=rng.standard_normal(m).astype(np.float32))
+    layer.validate()
+    return layer
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_onnx_layers_match_the_reference_decoder(bits):
+    """QuipLinear (function body) and the inlined standard ops, bitwise (opset 21) and int64
+    arithmetic (opset 17), single layers and a q/k/v-like group."""
+    pytest.importorskip("onnxruntime")
+    from test_onnx_e8p import build, check, run
+
+    layers = [random_trellis_layer(m, 64, bits, seed=i, name=f"l{i}") for i, m in enumerate((96, 32, 32))]
+    rng = np.random.default_rng(1)
+    for ops, opset, group in (("quip", 21, False), ("std", 21, False), ("quip", 17, False), ("std", 17, True),
+                              ("quip", 21, True)):
+        model = build(layers, ops, 3, group=group, opset=opset)
+        x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+        check(layers, run(model, x), x)
+
+
+def test_onnx_export_computes_what_the_torch_path_computes(trellis_artifact, tmp_path):
+    """The whole tiny model exported; with the custom-op library built, OnnxLM runs the function
+    bodies by itself, and the library, asked to, refuses the format by name."""
+    pytest.importorskip("onnxruntime")
+    from quipc.backends.onnx import export_artifact
+    from quipc_runtime import ort_custom_ops
+    from quipc_runtime.onnx_runtime import OnnxLM
+
+    ids = torch.randint(3, 17, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = quipc.load(trellis_artifact[1])(ids).logits
+    out = export_artifact(trellis_artifact[1], tmp_path / "onnx", progress=False, accuracy_level=0)
+    assert ort_custom_ops.formats_in(out) == {"trellis"}
+    lm = OnnxLM(out, threads=1)
+    assert not lm.custom_ops
+    got = np.asarray(lm.logits(ids.numpy())).reshape(want.shape)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
+    if ort_custom_ops.available():
+        with pytest.raises(ValueError, match="code format 'trellis'"):
+            OnnxLM(out, threads=1, custom_ops=True)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
+def test_backends_without_a_trellis_lowering_refuse_it_by_name(trellis_artifact):
+    with pytest.raises(UnsupportedFormatError, match="stored as 'trellis'"):
+        quipc.load(trellis_artifact[1], backend="kernels")
+    from quipc.backends.tvm.lowering import LOWERINGS
+    from quipc_runtime.formats import require_format
+
+    layer = next(iter(art.load_layers(trellis_artifact[1], art.read_manifest(trellis_artifact[1])).values()))
+    with pytest.raises(UnsupportedFormatError, match="TVM backend.*'trellis'"):
+        require_format(layer, tuple(LOWERINGS), "the TVM backend")
+
+
+def test_a_shape_the_format_cannot_tile_is_refused_by_name(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="format 'trellis'.*multiple of 16"):
+        compile_model(str(tiny_model[0]), tmp_path / "x", QuantConfig(bits=2, format="trellis"),
+                      CalibConfig(text=str(tiny_model[1]), windows=4, length=16), progress=False)
