@@ -45,6 +45,14 @@ PYBIND11_MODULE(_kernels, mod) {
   register_plan(mod);
 
   mod.def(
+      "trellis_code_table",
+      [] {
+        py::array_t<float> t(py::ssize_t(1) << kTrellisL);
+        std::memcpy(t.mutable_data(), trellis_code_table(), sizeof(float) << kTrellisL);
+        return t;
+      },
+      "The trellis format's code table (2^12 floats) as the C++ kernels decode it.");
+  mod.def(
       "trellis_encode",
       [](const py::object& x, const py::object& table, int k, int threads, bool force_scalar) {
         py::array xa = expect_array<float>(x, "x", {-1, -1});

@@ -36,6 +36,8 @@ std::unique_ptr<cuda::CudaPlan> make_cuda_plan(int device, int m, int n, int bit
                                                const py::sequence& in_factors,
                                                const py::sequence& out_factors,
                                                const std::string& format) {
+  if (format != "grid" && format != "e8p")
+    throw py::value_error("the CUDA kernels run the code formats grid, e8p; not '" + format + "'");
   PyPlan cpu = make_plan(m, n, bits, codes, scale, zero, in_scale, out_scale, bias, in_factors,
                          out_factors, format);  // validates everything (and the format name)
   cuda::HostLayer L;

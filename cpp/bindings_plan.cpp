@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "bindings.h"
+#include "trellis.h"
 #include "e8p.h"
 #include "kernels.h"
 
@@ -15,7 +16,8 @@ namespace {
 CodeFormat parse_format(const std::string& format) {
   if (format == "grid") return CodeFormat::kGrid;
   if (format == "e8p") return CodeFormat::kE8P;
-  throw py::value_error("the C++ kernels run the code formats grid, e8p; not '" + format + "'");
+  if (format == "trellis") return CodeFormat::kTrellis;
+  throw py::value_error("the C++ kernels run the code formats grid, e8p, trellis; not '" + format + "'");
 }
 
 }  // namespace
@@ -30,6 +32,9 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
   if (fmt == CodeFormat::kE8P && n % 8 != 0)
     throw py::value_error("format e8p codes groups of 8 weights; n = " + std::to_string(n) +
                           " is not a multiple of 8");
+  if (fmt == CodeFormat::kTrellis && (n % kTrellisTile != 0 || m % kTrellisTile != 0))
+    throw py::value_error("format trellis codes tiles of 16x16 weights; the shape " + std::to_string(m) +
+                          "x" + std::to_string(n) + " is not made of whole tiles");
   const py::ssize_t row_bytes = py::ssize_t((n + 7) / 8) * bits;
   PyPlan p;
   p.codes = expect_array<uint8_t>(codes, "codes", {m, row_bytes});
@@ -40,12 +45,13 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
   d.bits = bits;
   d.codes = static_cast<const uint8_t*>(p.codes.data());
   d.row_bytes = size_t(row_bytes);
-  if (fmt == CodeFormat::kE8P) {
-    const py::ssize_t stages = e8p_stages(bits);
+  if (fmt != CodeFormat::kGrid) {
+    const py::ssize_t stages = fmt == CodeFormat::kE8P ? e8p_stages(bits) : 1;
     py::array sa = expect_array<float>(scale, "scale", {m, stages});
     const float* sp = static_cast<const float*>(sa.data());
     d.scale.assign(sp, sp + size_t(m) * stages);
-    if (!zero.is_none()) throw py::value_error("format e8p has no zero points: zero must be None");
+    if (!zero.is_none())
+      throw py::value_error("format " + format + " has no zero points: zero must be None");
   } else {
     d.scale = to_vector(scale, "scale", m);
     d.zero = to_vector(zero, "zero", m);

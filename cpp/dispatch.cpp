@@ -5,6 +5,7 @@
 #include "avx2.h"
 #include "e8p.h"
 #include "kernels.h"
+#include "trellis.h"
 
 namespace quipc {
 
@@ -22,7 +23,8 @@ bool cpu_has_avx2_fma() {
 const KernelTable& avx2_kernels() {
   static const KernelTable table{"avx2",         avx2::qgemv,    avx2::qgemm,
                                  avx2::fwht,     avx2::gemm_f32, e8p_avx2::gemv,
-                                 e8p_avx2::gemm};
+                                 e8p_avx2::gemm, trellis_avx2::gemv,
+                                 trellis_avx2::gemm};
   return table;
 }
 #else

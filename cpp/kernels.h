@@ -21,7 +21,8 @@ struct RowAffine {
   const float* zero;    // (m)
 };
 
-struct E8PCodes;  // e8p.h
+struct E8PCodes;      // e8p.h
+struct TrellisCodes;  // trellis.h
 
 struct KernelTable {
   const char* name;
@@ -42,6 +43,11 @@ struct KernelTable {
                    int nb, float* t, int ldt);
   void (*e8p_gemm)(const E8PCodes&, int i0, int i1, const float* z, int ldz, int nbatch, float* t,
                    int ldt, float* work);
+  // Format "trellis" (trellis.h): states + code gather + FMA GEMV (nb <= 4), decode-panel + GEMM.
+  void (*trellis_gemv)(const TrellisCodes&, int i0, int i1, const float* z, int ldz, int nb, float* t,
+                       int ldt);
+  void (*trellis_gemm)(const TrellisCodes&, int i0, int i1, const float* z, int ldz, int nbatch,
+                       float* t, int ldt, float* work);
 };
 
 constexpr int kGemmNR = 16;   // output features per micro-panel

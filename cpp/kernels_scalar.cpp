@@ -5,6 +5,7 @@
 #include "kernels.h"
 #include "ukernel_scalar.h"
 #include "unpack.h"
+#include "trellis.h"
 
 namespace quipc {
 namespace {
@@ -53,7 +54,8 @@ void gemm_f32_scalar(int M, int N, int K, const float* A, int lda, const float* 
 const KernelTable& scalar_kernels() {
   static const KernelTable table{"scalar",    qgemv_scalar,    qgemm_scalar,
                                  fwht_scalar, gemm_f32_scalar, e8p_scalar::gemv,
-                                 e8p_scalar::gemm};
+                                 e8p_scalar::gemm, trellis_scalar::gemv,
+                                 trellis_scalar::gemm};
   return table;
 }
 

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "e8p.h"
+#include "trellis.h"
 #include "thread_pool.h"
 
 namespace quipc {
@@ -72,10 +73,12 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
   if (d_.m < 1 || d_.n < 1) throw std::invalid_argument("layer shape must be positive");
   if (d_.row_bytes != size_t((d_.n + 7) / 8) * d_.bits)
     throw std::invalid_argument("packed row size does not match n and bits");
-  const bool e8p = d_.format == CodeFormat::kE8P;
+  const bool e8p = d_.format == CodeFormat::kE8P, grid = d_.format == CodeFormat::kGrid;
   if (e8p && d_.n % 8 != 0) throw std::invalid_argument("format e8p needs n a multiple of 8");
+  if (d_.format == CodeFormat::kTrellis && (d_.n % kTrellisTile || d_.m % kTrellisTile))
+    throw std::invalid_argument("format trellis needs m and n multiples of 16");
   const size_t scales = e8p ? size_t(d_.m) * e8p_stages(d_.bits) : size_t(d_.m);
-  if (d_.scale.size() != scales || d_.zero.size() != (e8p ? 0 : size_t(d_.m)) ||
+  if (d_.scale.size() != scales || d_.zero.size() != (grid ? size_t(d_.m) : 0) ||
       d_.out_scale.size() != size_t(d_.m) || d_.in_scale.size() != size_t(d_.n) ||
       (!d_.bias.empty() && d_.bias.size() != size_t(d_.m)))
     throw std::invalid_argument("layer vectors do not match the layer shape");
@@ -112,6 +115,7 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
 void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
                             float* t, int threads) const {
   if (d_.format == CodeFormat::kE8P) return matmul_e8p(k, z, batch, t, threads);
+  if (d_.format == CodeFormat::kTrellis) return matmul_trellis(k, z, batch, t, threads);
   const Codes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
   const RowAffine aff{d_.scale.data(), d_.zero.data()};
   const bool gemv = batch <= kGemvMaxBatch;
@@ -150,6 +154,20 @@ void QuipLinearPlan::matmul_e8p(const KernelTable& k, const float* z, int batch,
     } else {
       Buffer work = alloc_floats(qgemm_work_floats(batch));
       k.e8p_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
+    }
+  });
+}
+
+void QuipLinearPlan::matmul_trellis(const KernelTable& k, const float* z, int batch, float* t,
+                                    int threads) const {
+  const TrellisCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
+  const bool gemv = batch <= kGemvMaxBatch;
+  over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
+    if (gemv) {
+      k.trellis_gemv(codes, i0, i1, z, npad_, batch, t, d_.m);
+    } else {
+      Buffer work = alloc_floats(qgemm_work_floats(batch));
+      k.trellis_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
     }
   });
 }

@@ -1,6 +1,6 @@
 // One QuIP linear layer on the CPU: y = out_scale * K_out^T (W' (K_in (in_scale * x))) + bias,
 // computed straight from the artifact's packed codes. W' is stored in a code format, chosen
-// at plan creation: "grid" (W' = scale * codes + zero) or "e8p" (e8p.h).
+// at plan creation: "grid" (W' = scale * codes + zero), "e8p" (e8p.h) or "trellis" (trellis.h).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -10,14 +10,14 @@
 
 namespace quipc {
 
-enum class CodeFormat { kGrid, kE8P };
+enum class CodeFormat { kGrid, kE8P, kTrellis };
 
 struct LayerData {
   CodeFormat format = CodeFormat::kGrid;
   int m = 0, n = 0, bits = 0;
   const uint8_t* codes = nullptr;  // m x row_bytes, owned by the caller (kept alive there)
   size_t row_bytes = 0;
-  std::vector<float> scale, zero;  // grid: (m) each; e8p: scale (m, stages), zero empty
+  std::vector<float> scale, zero;  // grid: (m) each; e8p: scale (m, stages); trellis: (m); zero empty
   std::vector<float> in_scale;     // (n): input signs and diagonal rescaling
   std::vector<float> out_scale;    // (m): output signs
   std::vector<float> bias;         // (m) or empty
@@ -46,6 +46,7 @@ class QuipLinearPlan {
 
  private:
   void matmul_e8p(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
+  void matmul_trellis(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
 
   LayerData d_;
   KronTransform t_in_, t_out_;

@@ -1,10 +1,62 @@
-// Viterbi encoding on the tail-biting bitshift trellis of the "trellis" code format
-// (runtime/quipc_runtime/formats/trellis.py defines the format; quipc/passes/encoders/
-// trellis_viterbi.py the numpy reference this kernel reproduces state for state).
+// Code format "trellis" (runtime/quipc_runtime/formats/trellis.py defines it): its decode
+// kernels (scalar in trellis_scalar.cpp, AVX2 in trellis_avx2.cpp) and the encoder's Viterbi
+// (trellis_encode.cpp + trellis_encode_avx2.cpp; quipc/passes/encoders/trellis_viterbi.py is
+// the numpy reference it reproduces state for state).
+//
+// Layout: W' in tiles of 16 x 16; a tile's weights t = 16 r + c read the 12-bit window at bit
+// k t of the tile's circular bitstream (most significant bit first), which is the tile's
+// 32 k bytes split by rows: tile row r holds stream bytes [2 k r, 2 k r + 2 k) at
+// codes[16 R + r][2 k C ..]. So row i's 16 weights of column tile C need its own 2 k bytes
+// and the first 2 bytes of the tile's next row (row 0 after row 15): the window of weight c
+// starts at bit k c of those 2 k + 2 bytes. W'[i][16 C + c] = scale[i] * CODE[state].
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace quipc {
+
+constexpr int kTrellisL = 12;     // state bits
+constexpr int kTrellisTile = 16;  // tile side
+
+// CODE: the 2^12 standard-normal quantiles (p + 1/2) / 2^12 at their hashed states, over
+// their RMS (float32; built once, thread-safe; equal to code_table() in Python).
+const float* trellis_code_table();
+
+struct TrellisCodes {
+  const uint8_t* data;  // m rows of row_bytes = n / 8 * bits
+  size_t row_bytes;
+  int bits;             // k: 2, 3 or 4
+  int m, n;             // multiples of 16
+  const float* scale;   // (m)
+};
+
+// The 16 states of row i in column tile C.
+inline void trellis_row_states(const TrellisCodes& c, int i, int C, uint32_t* states) {
+  const int k = c.bits;
+  const int next = (i & ~(kTrellisTile - 1)) | ((i + 1) & (kTrellisTile - 1));
+  uint8_t buf[16] = {0};
+  std::memcpy(buf, c.data + size_t(i) * c.row_bytes + size_t(C) * 2 * k, size_t(2 * k));
+  std::memcpy(buf + 2 * k, c.data + size_t(next) * c.row_bytes + size_t(C) * 2 * k, 2);
+  for (int j = 0; j < kTrellisTile; ++j) {
+    const int o = k * j, at = o >> 3;
+    const uint32_t word = (uint32_t(buf[at]) << 16) | (uint32_t(buf[at + 1]) << 8) | buf[at + 2];
+    states[j] = (word >> (24 - kTrellisL - (o & 7))) & ((1u << kTrellisL) - 1);
+  }
+}
+
+// Decode kernels, rows [i0, i1): gemv for nb <= 4 activation vectors (ldz apart), t[b * ldt + i]
+// = (W' z_b)_i; gemm for any batch (decoded panels times the micro-kernel; work as qgemm's).
+namespace trellis_scalar {
+void gemv(const TrellisCodes&, int i0, int i1, const float* z, int ldz, int nb, float* t, int ldt);
+void gemm(const TrellisCodes&, int i0, int i1, const float* z, int ldz, int nbatch, float* t, int ldt,
+          float* work);
+}  // namespace trellis_scalar
+namespace trellis_avx2 {
+void gemv(const TrellisCodes&, int i0, int i1, const float* z, int ldz, int nb, float* t, int ldt);
+void gemm(const TrellisCodes&, int i0, int i1, const float* z, int ldz, int nbatch, float* t, int ldt,
+          float* work);
+}  // namespace trellis_avx2
 
 // Encodes `batch` sequences of length T (x: batch x T floats, row-major) on the trellis with
 // 2^L states and k bits per step (s_{t+1} = (s_t << k | b) mod 2^L), table: the 2^L code

@@ -1,70 +1,130 @@
-// AVX2 step functions of the trellis encoder (cpp/trellis.h); built with -mavx2 and
-// -ffp-contract=off: the same multiply, then add, as the scalar reference and numpy.
+// Format "trellis", AVX2+FMA decode kernels (compiled with -mavx2 -mfma; call only after
+// cpu_has_avx2_fma()). Row i's 16 weights of a column tile: its 2k bytes and the 2 spill
+// bytes of the tile's next row make one 16-byte vector, broadcast to both lanes;
+// one pshufb per 8 weights puts each weight's 4 stream bytes from byte (k c) / 8 into a
+// 32-bit lane, most significant first; a variable shift and a mask leave the 12-bit state;
+// a gather reads the 8 code values from the 16 KiB table (L1-resident).
 #include <immintrin.h>
 
+#include <cstring>
+
+#include "gemm_driver.h"
 #include "trellis.h"
+#include "ukernel_avx2.h"
 
 namespace quipc {
+namespace trellis_avx2 {
 namespace {
 
-// 32 groups at a time: the minimum over the K predecessors and the first top reaching it,
-// the four arg vectors narrowed to 32 bytes in order.
-void min_predecessors(const float* cost, int G, int K, float* best, uint8_t* back) {
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int j = 0; j < G; j += 32) {
-    __m256 b[4];
-    __m256i a[4];
-    for (int q = 0; q < 4; ++q) {
-      b[q] = _mm256_loadu_ps(cost + j + 8 * q);
-      a[q] = _mm256_setzero_si256();
+struct Windows {  // per bit width: the byte shuffles and right shifts of weights 0-7, 8-15
+  __m256i shuffle[2], shift[2];
+  __m128i spill;    // 0xFF on bytes 2k, 2k + 1: where the next row's first 2 bytes go
+};
+
+Windows windows_for(int k) {
+  alignas(32) int8_t sh[2][32];
+  alignas(32) int32_t sr[2][8];
+  alignas(16) int8_t sp[16] = {0};
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 8; ++j) {
+      const int o = k * (8 * h + j), at = o >> 3;
+      for (int b = 0; b < 4; ++b) sh[h][4 * j + b] = int8_t(at + 3 - b);  // little-endian lane
+      sr[h][j] = 32 - kTrellisL - (o & 7);
     }
-    for (int top = 1; top < K; ++top) {
-      const float* c = cost + size_t(top) * G + j;
-      const __m256i t = _mm256_set1_epi32(top);
-      for (int q = 0; q < 4; ++q) {
-        const __m256 v = _mm256_loadu_ps(c + 8 * q);
-        const __m256 lower = _mm256_cmp_ps(v, b[q], _CMP_LT_OQ);
-        b[q] = _mm256_blendv_ps(b[q], v, lower);
-        a[q] = _mm256_blendv_epi8(a[q], t, _mm256_castps_si256(lower));
-      }
-    }
-    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(best + j + 8 * q, b[q]);
-    const __m256i words = _mm256_packus_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(back + j), _mm256_permutevar8x32_epi32(words, order));
+  sp[2 * k] = sp[2 * k + 1] = -1;
+  Windows w;
+  for (int h = 0; h < 2; ++h) {
+    w.shuffle[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh[h]));
+    w.shift[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sr[h]));
   }
+  w.spill = _mm_load_si128(reinterpret_cast<const __m128i*>(sp));
+  return w;
 }
 
-inline __m256 branch(__m256 best, const float* table, __m256 xt) {
-  const __m256 d = _mm256_sub_ps(xt, _mm256_loadu_ps(table));
-  return _mm256_add_ps(best, _mm256_mul_ps(d, d));
+const Windows& windows(int k) {
+  static const Windows w[3] = {windows_for(2), windows_for(3), windows_for(4)};
+  return w[k - 2];
 }
 
-void add_branch(const float* best, const float* table, float xt, int G, int K, float* next) {
-  const __m256 x = _mm256_set1_ps(xt);
-  if (K == 4) {  // 8 groups -> 32 states: each best spread over its 4 states
-    const __m256i lo = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    const __m256i step = _mm256_set1_epi32(2);
-    for (int j = 0; j < G; j += 8) {
-      const __m256 b8 = _mm256_loadu_ps(best + j);
-      __m256i idx = lo;
-      for (int q = 0; q < 4; ++q, idx = _mm256_add_epi32(idx, step)) {
-        const int s = 4 * j + 8 * q;
-        _mm256_storeu_ps(next + s, branch(_mm256_permutevar8x32_ps(b8, idx), table + s, x));
-      }
-    }
-    return;
+// The code values of row i's 16 weights in column tile C (W' / scale). The row's 2k bytes
+// come from one 16-byte load (the bytes after them are shifted out of every window), the
+// next row's first 2 bytes are blended in after them; only the matrix's last 16 bytes are
+// copied first, so that no load reads past the codes.
+inline void tile_row(const TrellisCodes& c, const Windows& w, const float* code, int i, int C,
+                     __m256* v0, __m256* v1) {
+  const int k = c.bits;
+  const int next = (i & ~(kTrellisTile - 1)) | ((i + 1) & (kTrellisTile - 1));
+  const size_t at = size_t(i) * c.row_bytes + size_t(C) * 2 * k;
+  __m128i own;
+  if (at + 16 <= size_t(c.m) * c.row_bytes) {
+    own = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c.data + at));
+  } else {
+    alignas(16) uint8_t buf[16] = {0};
+    std::memcpy(buf, c.data + at, size_t(2 * k));
+    own = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
   }
-  for (int j = 0; j < G; ++j) {  // K = 8 or 16: one broadcast per group
-    const __m256 b = _mm256_set1_ps(best[j]);
-    for (int s = j * K; s < (j + 1) * K; s += 8) _mm256_storeu_ps(next + s, branch(b, table + s, x));
-  }
+  uint16_t spill;
+  std::memcpy(&spill, c.data + size_t(next) * c.row_bytes + size_t(C) * 2 * k, 2);
+  const __m128i row = _mm_blendv_epi8(own, _mm_set1_epi16(int16_t(spill)), w.spill);
+  const __m256i bytes = _mm256_broadcastsi128_si256(row);
+  const __m256i mask = _mm256_set1_epi32((1 << kTrellisL) - 1);
+  const __m256i s0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, w.shuffle[0]), w.shift[0]), mask);
+  const __m256i s1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, w.shuffle[1]), w.shift[1]), mask);
+  *v0 = _mm256_i32gather_ps(code, s0, 4);
+  *v1 = _mm256_i32gather_ps(code, s1, 4);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
 }  // namespace
 
-const TrellisStep& trellis_step_avx2() {
-  static const TrellisStep step{min_predecessors, add_branch};
-  return step;
+void gemv(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nb, float* t, int ldt) {
+  const float* code = trellis_code_table();
+  const Windows& w = windows(c.bits);
+  const int tiles = c.n / kTrellisTile;
+  for (int i = i0; i < i1; ++i) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int C = 0; C < tiles; ++C) {
+      __m256 v0, v1;
+      tile_row(c, w, code, i, C, &v0, &v1);
+      for (int b = 0; b < nb; ++b) {
+        const float* zb = z + size_t(b) * ldz + kTrellisTile * C;
+        acc[b] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(zb), acc[b]);
+        acc[b] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(zb + 8), acc[b]);
+      }
+    }
+    for (int b = 0; b < nb; ++b) t[size_t(b) * ldt + i] = c.scale[i] * hsum(acc[b]);
+  }
 }
 
+void gemm(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nbatch, float* t, int ldt,
+          float* work) {
+  const float* code = trellis_code_table();
+  const Windows& w = windows(c.bits);
+  auto pack = [&](int p0, int rows, int k0, int klen, float* panel) {
+    alignas(32) float vals[kTrellisTile];
+    for (int r = 0; r < kGemmNR; ++r) {
+      if (r >= rows) {
+        for (int k = 0; k < klen; ++k) panel[k * kGemmNR + r] = 0.f;
+        continue;
+      }
+      const __m256 sc = _mm256_set1_ps(c.scale[p0 + r]);
+      for (int k = 0; k < klen; k += kTrellisTile) {
+        __m256 v0, v1;
+        tile_row(c, w, code, p0 + r, (k0 + k) / kTrellisTile, &v0, &v1);
+        _mm256_store_ps(vals, _mm256_mul_ps(v0, sc));
+        _mm256_store_ps(vals + 8, _mm256_mul_ps(v1, sc));
+        for (int j = 0; j < kTrellisTile; ++j) panel[(k + j) * kGemmNR + r] = vals[j];
+      }
+    }
+  };
+  gemm_panels<avx2::Avx2Ukernel>(c.n, i0, i1, z, ldz, nbatch, t, ldt, work, pack);
+}
+
+}  // namespace trellis_avx2
 }  // namespace quipc

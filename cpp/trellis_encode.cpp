@@ -3,7 +3,7 @@
 // encoded with its start and end held to them. The arithmetic is the numpy reference's, in
 // float32 and in the same order (d = x - code; cost = best + d * d; first minimum on ties);
 // the trellis sources are built with -ffp-contract=off so that no fused multiply-add changes
-// a rounding. This file holds the driver and the portable step functions; trellis_avx2.cpp
+// a rounding. This file holds the driver and the portable step functions; trellis_encode_avx2.cpp
 // the AVX2 ones.
 #include <algorithm>
 #include <limits>

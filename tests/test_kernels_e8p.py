@@ -162,15 +162,16 @@ def test_grid_plan_refuses_e8p_style_buffers():
 
 def test_unknown_format_is_refused_by_name():
     layer = random_e8p_layer(64, 32, 2, seed=12)
-    layer.format = "trellis"  # a format these kernels do not run
-    with pytest.raises(UnsupportedFormatError, match="C\\+\\+ kernel backend runs the code format.*'trellis'"):
+    layer.format = "made-up"  # a format these kernels do not run
+    with pytest.raises(UnsupportedFormatError, match="C\\+\\+ kernel backend runs the code format.*'made-up'"):
         K.prepare(layer)
-    with pytest.raises(UnsupportedFormatError, match="'trellis'"):
+    with pytest.raises(UnsupportedFormatError, match="'made-up'"):
         K.KernelQuipLinear(layer, "cpu")
+    layer.format = "trellis"  # the CPU kernels run it, the CUDA ones do not (yet)
     with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend runs the code format.*'trellis'"):
         K.KernelQuipLinear(layer, "cuda")
-    with pytest.raises(ValueError, match="code formats grid, e8p; not 'trellis'"):
-        K._ext.Plan(**{**K._layer_args(random_e8p_layer(64, 32, 2, seed=12)), "format": "trellis"})
+    with pytest.raises(ValueError, match="code formats grid, e8p, trellis; not 'made-up'"):
+        K._ext.Plan(**{**K._layer_args(random_e8p_layer(64, 32, 2, seed=12)), "format": "made-up"})
 
 
 # --- model level: a tiny e8p artifact through quipc_runtime.load --------------------------

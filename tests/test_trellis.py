@@ -233,8 +233,8 @@ def test_onnx_layers_match_the_reference_decoder(bits):
 
 
 def test_onnx_export_computes_what_the_torch_path_computes(trellis_artifact, tmp_path):
-    """The whole tiny model exported; with the custom-op library built, OnnxLM runs the function
-    bodies by itself, and the library, asked to, refuses the format by name."""
+    """The whole tiny model exported, run by its function bodies and, when built, by the
+    custom-op library's kernels."""
     pytest.importorskip("onnxruntime")
     from quipc.backends.onnx import export_artifact
     from quipc_runtime import ort_custom_ops
@@ -244,26 +244,49 @@ def test_onnx_export_computes_what_the_torch_path_computes(trellis_artifact, tmp
     with torch.no_grad():
         want = quipc.load(trellis_artifact[1])(ids).logits
     out = export_artifact(trellis_artifact[1], tmp_path / "onnx", progress=False, accuracy_level=0)
-    assert ort_custom_ops.formats_in(out) == {"trellis"}
-    lm = OnnxLM(out, threads=1)
-    assert not lm.custom_ops
-    got = np.asarray(lm.logits(ids.numpy())).reshape(want.shape)
-    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
-    if ort_custom_ops.available():
-        with pytest.raises(ValueError, match="code format 'trellis'"):
-            OnnxLM(out, threads=1, custom_ops=True)
+    assert ort_custom_ops.formats_in(out) == {"trellis"} and ort_custom_ops.runs(out)
+    for custom in ([False, True] if ort_custom_ops.available() else [False]):
+        lm = OnnxLM(out, threads=1, custom_ops=custom)
+        got = np.asarray(lm.logits(ids.numpy())).reshape(want.shape)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
-def test_backends_without_a_trellis_lowering_refuse_it_by_name(trellis_artifact):
-    with pytest.raises(UnsupportedFormatError, match="stored as 'trellis'"):
-        quipc.load(trellis_artifact[1], backend="kernels")
+def test_cpp_code_table_is_the_python_one():
+    assert np.array_equal(kernels._ext.trellis_code_table(), TABLE)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("force_scalar", [False, True])
+def test_cpp_kernels_match_the_reference_decoder(bits, force_scalar):
+    """GEMV (batch <= 4) and decode-panel GEMM, AVX2 and scalar, against QuipLinearRef."""
+    from quipc_runtime.modules import QuipLinearRef
+
+    layer = random_trellis_layer(48, 80, bits, seed=bits)      # the last rows' loads stay in bounds
+    plan = kernels.prepare(layer)
+    for batch in (1, 3, 9):
+        x = np.random.default_rng(batch).standard_normal((batch, 80)).astype(np.float32)
+        want = QuipLinearRef(layer)(torch.from_numpy(x)).detach().numpy()
+        got = kernels.quip_linear(plan, x, threads=2, force_scalar=force_scalar)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
+def test_kernel_backend_runs_the_model_and_tvm_refuses_it_by_name(trellis_artifact):
     from quipc.backends.tvm.lowering import LOWERINGS
     from quipc_runtime.formats import require_format
 
+    ids = torch.randint(3, 17, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = quipc.load(trellis_artifact[1])(ids).logits
+        got = quipc.load(trellis_artifact[1], backend="kernels")(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     layer = next(iter(art.load_layers(trellis_artifact[1], art.read_manifest(trellis_artifact[1])).values()))
     with pytest.raises(UnsupportedFormatError, match="TVM backend.*'trellis'"):
         require_format(layer, tuple(LOWERINGS), "the TVM backend")
+    with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend.*'trellis'"):
+        require_format(layer, kernels.CUDA_FORMATS, "the CUDA kernel backend")
 
 
 def test_a_shape_the_format_cannot_tile_is_refused_by_name(tiny_model, tmp_path):

@@ -127,7 +127,7 @@ struct PartInputs {
 
 void read_weights(Reader& r, CodeFormat fmt, PartInputs& p) {
   p.codes = &r.take("codes", kOrtUint8, 2);
-  if (fmt == CodeFormat::kE8P) {
+  if (fmt != CodeFormat::kGrid) {   // e8p (m, stages), trellis (m, 1); no zero points
     p.scale = &r.take("scale", kOrtFloat16, 2);
   } else {
     p.scale = &r.take("scale", kOrtFloat16, 1);

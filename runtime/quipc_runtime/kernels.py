@@ -109,7 +109,7 @@ def _layer_args(layer: QuantizedLinear) -> dict:
 
 
 # Code formats the kernels run (runtime/quipc_runtime/formats); others are refused by name.
-CPU_FORMATS = ("grid", "e8p")
+CPU_FORMATS = ("grid", "e8p", "trellis")
 CUDA_FORMATS = ("grid", "e8p")
 
 
