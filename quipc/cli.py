@@ -26,8 +26,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None,
                    help="code format of the rotated weights: grid (per-row scalar grid) | "
                         "e8p (E8-lattice vector codes, residual stages at 3/4 bits; default) | "
-                        "trellis (tail-biting trellis codes on 16x16 tiles: lowest error; runs on the "
-                        "torch path and in ONNX, not yet in the C++/TVM kernels)")
+                        "trellis (tail-biting trellis codes on 16x16 tiles: lowest error; every backend "
+                        "but the CUDA kernels runs it)")
     p.add_argument("--finetune", default=None,
                    help="none | block | e2e | all. block: round each decoder block's linears input by "
                         "input, training in between what is still continuous (input and row scales, "

@@ -273,8 +273,7 @@ def test_cpp_kernels_match_the_reference_decoder(bits, force_scalar):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
-def test_kernel_backend_runs_the_model_and_tvm_refuses_it_by_name(trellis_artifact):
-    from quipc.backends.tvm.lowering import LOWERINGS
+def test_kernel_backend_runs_the_model_and_cuda_refuses_it_by_name(trellis_artifact):
     from quipc_runtime.formats import require_format
 
     ids = torch.randint(3, 17, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -283,10 +282,32 @@ def test_kernel_backend_runs_the_model_and_tvm_refuses_it_by_name(trellis_artifa
         got = quipc.load(trellis_artifact[1], backend="kernels")(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     layer = next(iter(art.load_layers(trellis_artifact[1], art.read_manifest(trellis_artifact[1])).values()))
-    with pytest.raises(UnsupportedFormatError, match="TVM backend.*'trellis'"):
-        require_format(layer, tuple(LOWERINGS), "the TVM backend")
     with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend.*'trellis'"):
         require_format(layer, kernels.CUDA_FORMATS, "the CUDA kernel backend")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tvm_kernels_match_the_reference_decoder(bits):
+    pytest.importorskip("tvm")
+    from quipc_runtime.modules import QuipLinearRef
+    from test_tvm_e8p import run_kernel
+
+    layer = random_trellis_layer(64, 96, bits, seed=bits)
+    for mode, rows in (("gemv", 1), ("gemv", 3), ("gemm", 16)):
+        x, y = run_kernel(layer, mode, rows)
+        want = QuipLinearRef(layer)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
+
+
+def test_tvm_build_of_the_model_matches_the_torch_path(trellis_artifact, tmp_path):
+    pytest.importorskip("tvm")
+    from quipc.backends.tvm import compile_artifact
+    from quipc_runtime.tvm_runtime import TvmLM
+    from test_tvm import assert_matches_torch_path
+
+    out = compile_artifact(trellis_artifact[1], tmp_path / "tvm", progress=False)
+    assert json.loads((out / "tvm_config.json").read_text())["formats"] == ["trellis"]
+    assert_matches_torch_path(quipc.load(trellis_artifact[1]), TvmLM(out, threads=2), new_tokens=6)
 
 
 def test_a_shape_the_format_cannot_tile_is_refused_by_name(tiny_model, tmp_path):

@@ -17,6 +17,7 @@ import importlib
 LOWERINGS = {
     "grid": "quipc.backends.tvm.tir_quip_linear",
     "e8p": "quipc.backends.tvm.tir_e8p_linear",
+    "trellis": "quipc.backends.tvm.tir_trellis_linear",
 }
 
 

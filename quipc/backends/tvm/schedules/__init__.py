@@ -11,10 +11,10 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 
-from . import e8p, elementwise, inline, kron, quip_gemm, quip_gemv, rowwise, tiled_gemm
+from . import e8p, elementwise, inline, kron, quip_gemm, quip_gemv, rowwise, tiled_gemm, trellis
 
 # order matters: inlining first (it removes blocks), then the specific rules, then fallbacks
-RULES = [inline, quip_gemv, quip_gemm, e8p, tiled_gemm, kron, rowwise, elementwise]
+RULES = [inline, quip_gemv, quip_gemm, e8p, trellis, tiled_gemm, kron, rowwise, elementwise]
 
 
 def op_of(sch: s_tir.Schedule, block) -> str | None:

@@ -1,0 +1,107 @@
+"""The "trellis" code format as a TE/TIR computation: states and code lookup fused into the matmul.
+
+W'[o, 16 C + c] = scale[o] * CODE[s], s the 12-bit window at bit k c of row o's 2k bytes of
+column tile C followed by the first 2 bytes of the tile's next row (row 0 after row 15;
+quipc_runtime.formats.trellis): the three bytes from byte (k c) / 8 make a 24-bit word, shifted
+right by 12 - (k c) % 8 and masked. CODE (4096 floats, shared by every layer, stored once per
+model) stays in L1. The codes are the artifact's bytes as they are.
+
+    gemv (decode):  part[b, o, c] = sum_C CODE[s(o, 16 C + c)] * z[b, 16 C + c]  (16 lanes = c)
+                    t[b, o] = scale[o] * sum_c part[b, o, c]
+    gemm (prefill): wdq[ot, k, oi] = scale[o] CODE[s(o, k)] one 16-row tile at a time, then
+                    acc = wdq . z (tiled_gemm)
+z = K_in (in_scale * x) and the output side are shared with the grid lowering (tir_quip_linear).
+"""
+from __future__ import annotations
+
+import numpy as np
+from quipc_runtime.formats import trellis as fmt
+from tvm import te, tirx
+
+from .tir_quip_linear import (LinearSpec, te_input_side, te_output_side, transform_names, transform_params,
+                              transform_shapes)
+
+TILE = fmt.TILE
+SHARED = ("trellis_code",)
+
+
+def param_names(spec: LinearSpec) -> list[str]:
+    return ["codes", "scale", "trellis_code"] + transform_names(spec)
+
+
+def param_shapes(spec: LinearSpec) -> dict[str, tuple]:
+    shapes = {"codes": (spec.m, spec.n * spec.bits // 8), "scale": (spec.m,),
+              "trellis_code": (1 << fmt.STATE_BITS,)}
+    return {**shapes, **transform_shapes(spec)}
+
+
+def placeholders(spec: LinearSpec, prefix: str = "") -> dict:
+    return {k: te.placeholder(shape, "uint8" if k == "codes" else "float32", name=prefix + k)
+            for k, shape in param_shapes(spec).items()}
+
+
+def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray]:
+    """The arrays the kernel takes (names of `param_names(spec)`); SHARED ones included."""
+    spec = spec or LinearSpec.of(layer)
+    if spec.format != "trellis":
+        raise ValueError(f"layer {layer.name} is stored as {spec.format!r}, not 'trellis'")
+    fmt.TRELLIS.check(spec.bits, spec.n, spec.m)
+    out = {"codes": np.ascontiguousarray(layer.codes),
+           "scale": np.ascontiguousarray(layer.scale.astype(np.float32).reshape(spec.m)),
+           "trellis_code": np.array(fmt.code_table())}
+    out.update(transform_params(layer, spec))
+    return out
+
+
+def _value(args: dict, k: int, o, tile, c):
+    """CODE[state] of W'[o, 16 tile + c] (unscaled)."""
+    codes = args["codes"]
+    bit = c * k
+    first = bit // 8
+    nxt = (o // TILE) * TILE + (o + 1) % TILE   # (o - o % TILE + ...: a TVM simplifier divides by 0)
+
+    def byte(d):
+        q = first + d
+        own = codes[o, tile * 2 * k + tirx.min(q, 2 * k - 1)]
+        spill = codes[nxt, tile * 2 * k + tirx.max(q - 2 * k, 0)]
+        return tirx.if_then_else(q < 2 * k, own, spill).astype("int32")
+
+    word = (byte(0) << 16) | (byte(1) << 8) | byte(2)
+    state = (word >> (24 - fmt.STATE_BITS - bit % 8)) & ((1 << fmt.STATE_BITS) - 1)
+    return args["trellis_code"][state]
+
+
+def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
+    """Build the TE graph. x: (L, n) float32; args: name -> te placeholder (see param_names).
+    mode "gemv" (decode, L small) or "gemm" (prefill, L a multiple of 16). Returns y (L, m)."""
+    rows = x.shape[0]
+    n, m, k = spec.n, spec.m, spec.bits
+    z = te_input_side(x, args, spec, n)
+    scale = args["scale"]
+    if mode == "gemv":
+        g = te.reduce_axis((0, n // TILE), name="g")
+        part = te.compute((rows, m, TILE),
+                          lambda b, o, c: te.sum(_value(args, k, o, g, c) * z[b, g * TILE + c], axis=g),
+                          name="trellis_gemv", attrs={"quipc.op": "trellis_gemv"})
+
+        def rowsum(b, o):
+            acc = part[b, o, 0]
+            for c in range(1, TILE):
+                acc = acc + part[b, o, c]
+            return scale[o] * acc
+        t = te.compute((rows, m), rowsum, name="trellis_rowsum", attrs={"quipc.op": "trellis_rowsum"})
+
+        def t_at(b, o):
+            return t[b, o]
+    else:
+        wdq = te.compute((m // TILE, n, TILE),
+                         lambda ot, kk, oi: scale[ot * TILE + oi] * _value(args, k, ot * TILE + oi, kk // TILE, kk % TILE),
+                         name="trellis_dequant_tile", attrs={"quipc.op": "trellis_dequant_tile"})
+        kk = te.reduce_axis((0, n), name="k")
+        acc = te.compute((rows, m // TILE, TILE),
+                         lambda b, ot, oi: te.sum(wdq[ot, kk, oi] * z[b, kk], axis=kk), name="trellis_gemm",
+                         attrs={"quipc.op": "trellis_gemm", "quipc.axes": "mtl", "quipc.order": "t_outer"})
+
+        def t_at(b, o):
+            return acc[b, o // TILE, o % TILE]
+    return te_output_side(t_at, rows, args, spec, residual)
