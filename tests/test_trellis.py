@@ -48,27 +48,31 @@ def test_code_table_is_the_gaussian_quantiles_in_hashed_order():
     assert abs(np.corrcoef(TABLE[:-1], TABLE[1:])[0, 1]) < 0.05
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
-def test_viterbi_reference_is_optimal_against_brute_force(k):
-    """On a small trellis (L = 2k, T = 5): the free pass finds the cheapest of all paths, the
+def _all_paths(L, k, T):
+    """Every state path of length T on the trellis (2^L * 2^(k (T - 1)) of them), (P, T)."""
+    S, K = 1 << L, 1 << k
+    symbols = np.array(list(itertools.product(range(K), repeat=T - 1)), np.int64)        # (K^(T-1), T-1)
+    paths = np.empty((S, len(symbols), T), np.int64)
+    paths[:, :, 0] = np.arange(S)[:, None]
+    for t in range(1, T):
+        paths[:, :, t] = ((paths[:, :, t - 1] << k) | symbols[None, :, t - 1]) & (S - 1)
+    return paths.reshape(-1, T)
+
+
+@pytest.mark.parametrize("k,T", [(2, 6), (3, 5), (4, 4)])
+def test_viterbi_reference_is_optimal_against_brute_force(k, T):
+    """On a small trellis (L = 2k): the free pass finds the cheapest of all paths, the
     constrained pass the cheapest closed path through the given start bits."""
-    L, T = 2 * k, 5
+    L = 2 * k
     table = np.random.default_rng(k).standard_normal(1 << L).astype(np.float32)
     x = np.random.default_rng(10 + k).standard_normal((3, T)).astype(np.float32)
     g = (1 << (L - k)) - 1
-    paths = []
-    for s0 in range(1 << L):
-        for bs in itertools.product(range(1 << k), repeat=T - 1):
-            path = [s0]
-            for b in bs:
-                path.append(((path[-1] << k) | b) & ((1 << L) - 1))
-            paths.append(path)
-    paths = np.array(paths)
+    paths = _all_paths(L, k, T)
     free = viterbi_reference(x, table, k)
     for i in range(3):
         costs = _cost(x[i], table, paths)
         assert _cost(x[i], table, free[i]) == pytest.approx(costs.min(), rel=1e-6)
-        start = i % (g + 1)
+        start = (5 * i + 1) % (g + 1)
         closed = ((paths[:, 0] >> k) == start) & ((paths[:, -1] & g) == start)
         constrained = viterbi_reference(x[i:i + 1], table, k, np.array([start]))
         assert _cost(x[i], table, constrained[0]) == pytest.approx(costs[closed].min(), rel=1e-6)
