@@ -30,8 +30,8 @@ from quipc_runtime.formats import e8p as fmt
 from quipc_runtime.formats.lattice import GROUP, e8_one_bit_table, e8p_source_parity, e8p_sources
 from tvm import te
 
-from .tir_quip_linear import (LinearSpec, _ceil_to, prefill_rows, te_input_side, te_output_side,
-                              transform_names, transform_params, transform_shapes)
+from .tir_quip_linear import (LinearSpec, _ceil_to, dequant_tile_gemm_te, prefill_rows, te_input_side,
+                              te_output_side, transform_names, transform_params, transform_shapes)
 
 ROWS = 16     # rows of one GEMV tile: 16 independent 8-lane accumulators (AVX-512 has 32 registers)
 TILE_O = 16   # rows of one prefill dequantized tile (the tiled_gemm lane width)
@@ -169,13 +169,5 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
                 term = scale[s, o] * _entry(kind, args, a, k % GROUP)
                 tot = term if tot is None else tot + term
             return tot
-        wdq = te.compute((op // TILE_O, n, TILE_O), wval, name="e8p_dequant_tile",
-                         attrs={"quipc.op": "e8p_dequant_tile"})
-        k = te.reduce_axis((0, n), name="k")
-        acc = te.compute((rows, op // TILE_O, TILE_O),
-                         lambda b, ot, oi: te.sum(wdq[ot, k, oi] * z[b, k], axis=k), name="e8p_gemm",
-                         attrs={"quipc.op": "e8p_gemm", "quipc.axes": "mtl", "quipc.order": "t_outer"})
-
-        def t_at(b, o):
-            return acc[b, o // TILE_O, o % TILE_O]
+        t_at = dequant_tile_gemm_te(wval, z, rows, op // TILE_O, n, TILE_O, "e8p")
     return te_output_side(t_at, rows, args, spec, residual)

@@ -316,6 +316,23 @@ def te_input_side(x, args: dict, spec: LinearSpec, width: int):
     return cur
 
 
+def dequant_tile_gemm_te(wval, z, rows, out_tiles: int, n: int, tile: int, fmt: str):
+    """The prefill product of a format whose weights decode per element: wdq[ot, k, oi] =
+    wval(ot, k, oi) (one `tile`-row tile of W', scales applied), acc = wdq . z with tiled_gemm's
+    axis roles; returns t_at(b, o) for te_output_side. Blocks are named <fmt>_dequant_tile and
+    <fmt>_gemm (the format's schedule rule finds them by those "quipc.op" names)."""
+    wdq = te.compute((out_tiles, n, tile), wval, name=f"{fmt}_dequant_tile",
+                     attrs={"quipc.op": f"{fmt}_dequant_tile"})
+    k = te.reduce_axis((0, n), name="k")
+    acc = te.compute((rows, out_tiles, tile),
+                     lambda b, ot, oi: te.sum(wdq[ot, k, oi] * z[b, k], axis=k), name=f"{fmt}_gemm",
+                     attrs={"quipc.op": f"{fmt}_gemm", "quipc.axes": "mtl", "quipc.order": "t_outer"})
+
+    def t_at(b, o):
+        return acc[b, o // tile, o % tile]
+    return t_at
+
+
 def te_output_side(t_at, rows, args: dict, spec: LinearSpec, residual=None):
     """y (L, m) = s_out * K_out^T t + bias (+ residual), t[b, o] = t_at(b, o) (inlined)."""
     m = spec.m

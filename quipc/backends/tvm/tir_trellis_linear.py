@@ -18,8 +18,8 @@ import numpy as np
 from quipc_runtime.formats import trellis as fmt
 from tvm import te, tirx
 
-from .tir_quip_linear import (LinearSpec, te_input_side, te_output_side, transform_names, transform_params,
-                              transform_shapes)
+from .tir_quip_linear import (LinearSpec, dequant_tile_gemm_te, te_input_side, te_output_side, transform_names,
+                              transform_params, transform_shapes)
 
 TILE = fmt.TILE
 SHARED = ("trellis_code",)
@@ -94,14 +94,7 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
         def t_at(b, o):
             return t[b, o]
     else:
-        wdq = te.compute((m // TILE, n, TILE),
-                         lambda ot, kk, oi: scale[ot * TILE + oi] * _value(args, k, ot * TILE + oi, kk // TILE, kk % TILE),
-                         name="trellis_dequant_tile", attrs={"quipc.op": "trellis_dequant_tile"})
-        kk = te.reduce_axis((0, n), name="k")
-        acc = te.compute((rows, m // TILE, TILE),
-                         lambda b, ot, oi: te.sum(wdq[ot, kk, oi] * z[b, kk], axis=kk), name="trellis_gemm",
-                         attrs={"quipc.op": "trellis_gemm", "quipc.axes": "mtl", "quipc.order": "t_outer"})
-
-        def t_at(b, o):
-            return acc[b, o // TILE, o % TILE]
+        def wval(ot, kk, oi):
+            return scale[ot * TILE + oi] * _value(args, k, ot * TILE + oi, kk // TILE, kk % TILE)
+        t_at = dequant_tile_gemm_te(wval, z, rows, m // TILE, n, TILE, "trellis")
     return te_output_side(t_at, rows, args, spec, residual)

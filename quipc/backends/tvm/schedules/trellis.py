@@ -6,7 +6,7 @@ over (b, o) in tiles of 8 rows; per row the reduction runs tile by tile (C) with
 columns of a tile as the vector lanes (c) in a local accumulator, then the row sum.
 
 GEMM (prefill): the register-tiled loop nest of tiled_gemm; its producer, one 16-row tile of W'
-(K x 16, local), is decoded per column tile of the product.
+(K x 16), is decoded per column tile of the product (tiled_gemm's producer handling).
 """
 from . import tiled_gemm
 
@@ -40,9 +40,4 @@ def _gemv(sch, rowsum) -> bool:
 
 
 def _gemm(sch, block) -> bool:
-    wdq = _producer(sch, block, "trellis_dequant_tile")
-    if not tiled_gemm.apply(sch, block):
-        return False
-    if wdq is not None:
-        sch.compute_at(wdq, sch.get_loops(block)[0])
-    return True
+    return tiled_gemm.apply(sch, block, producer=_producer(sch, block, "trellis_dequant_tile"))
