@@ -5,9 +5,9 @@
     python benchmarks/kernels.py --artifact DIR --fp32-model HF_DIR --json OUT.json  # decode
     python benchmarks/kernels.py --formats grid e8p --shapes 7b --batches 1 --json OUT.json
 
-Code formats (--formats, default grid and e8p): every format runs in the same interleaved
-rounds as the grid kernel at the same bits and fp32, so each e8p record also carries
-`vs_grid` (grid time / e8p time, > 1: e8p faster).
+Code formats (--formats, default grid, e8p and trellis): every format runs in the same
+interleaved rounds as the grid kernel at the same bits and fp32, so each e8p / trellis record
+also carries `vs_grid` (grid time / its time, > 1: faster than the grid).
 
 Shapes are written IN x OUT (in_features x out_features), e.g. 576x1536 is an up-projection.
 Every configuration is measured interleaved with its fp32 baseline (one repetition of each
@@ -73,8 +73,24 @@ def random_e8p_layer(n_in: int, n_out: int, bits: int, seed: int = 0) -> Quantiz
                            (rng.random(n_in) + 0.5).astype(np.float16), None, format="e8p")
 
 
+def random_trellis_layer(n_in: int, n_out: int, bits: int, seed: int = 0) -> QuantizedLinear:
+    """A trellis layer with random codes (any bitstream is a valid tail-biting path; both
+    sides multiples of 16)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (n_out, packed_row_bytes(n_in, bits)), dtype=np.uint8)
+    t_in = Transform.make("hadamard", n_in, seed + 1)
+    t_in.signs = None
+    return QuantizedLinear(f"bench_trellis{n_in}x{n_out}", n_out, n_in, bits, codes,
+                           (rng.random((n_out, 1)) * 0.01).astype(np.float16), None,
+                           t_in, Transform.make("hadamard", n_out, seed + 2),
+                           (rng.random(n_in) + 0.5).astype(np.float16), None, format="trellis")
+
+
+LAYER_MAKERS = {"grid": random_layer, "e8p": random_e8p_layer, "trellis": random_trellis_layer}
+
+
 def make_layer(fmt: str, n_in: int, n_out: int, bits: int) -> QuantizedLinear:
-    return random_e8p_layer(n_in, n_out, bits) if fmt == "e8p" else random_layer(n_in, n_out, bits)
+    return LAYER_MAKERS[fmt](n_in, n_out, bits)
 
 
 def weight_bytes(layer: QuantizedLinear) -> int:
@@ -302,7 +318,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 512])
     ap.add_argument("--shapes", nargs="+", default=["smol", "7b"], choices=["smol", "7b"])
-    ap.add_argument("--formats", nargs="+", default=["grid", "e8p"], choices=["grid", "e8p"],
+    ap.add_argument("--formats", nargs="+", default=["grid", "e8p", "trellis"], choices=sorted(LAYER_MAKERS),
                     help="code formats to measure; on the CPU grid is measured first")
     ap.add_argument("--gpu", action="store_true", help="CUDA kernels instead of the CPU ones")
     ap.add_argument("--artifact", type=Path, help="also measure decode tok/s of this artifact")

@@ -71,6 +71,9 @@ struct PyPlan {
   std::unique_ptr<QuipLinearPlan> plan;
 };
 
+// "grid" | "e8p" | "trellis" (a ValueError naming the format otherwise).
+CodeFormat parse_format(const std::string& format);
+
 PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::object& scale,
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                  const py::object& bias, const py::sequence& in_factors,

@@ -36,21 +36,20 @@ std::unique_ptr<cuda::CudaPlan> make_cuda_plan(int device, int m, int n, int bit
                                                const py::sequence& in_factors,
                                                const py::sequence& out_factors,
                                                const std::string& format) {
-  if (format != "grid" && format != "e8p")
-    throw py::value_error("the CUDA kernels run the code formats grid, e8p; not '" + format + "'");
   PyPlan cpu = make_plan(m, n, bits, codes, scale, zero, in_scale, out_scale, bias, in_factors,
                          out_factors, format);  // validates everything (and the format name)
   cuda::HostLayer L;
-  L.e8p = format == "e8p";
+  L.format = parse_format(format);  // the CUDA kernels run every format the CPU plan runs
   L.m = m;
   L.n = n;
   L.bits = bits;
   L.codes = static_cast<const uint8_t*>(cpu.codes.data());
   L.row_bytes = size_t((n + 7) / 8) * bits;
-  if (L.e8p) {
-    py::array sa = expect_array<float>(scale, "scale", {m, e8p_stages(bits)});
+  if (L.format != CodeFormat::kGrid) {
+    const int stages = L.format == CodeFormat::kE8P ? e8p_stages(bits) : 1;
+    py::array sa = expect_array<float>(scale, "scale", {m, stages});
     const float* sp = static_cast<const float*>(sa.data());
-    L.scale.assign(sp, sp + size_t(m) * e8p_stages(bits));
+    L.scale.assign(sp, sp + size_t(m) * stages);
   } else {
     L.scale = to_vector(scale, "scale", m);
     L.zero = to_vector(zero, "zero", m);

@@ -11,16 +11,12 @@
 namespace quipc {
 namespace bindings {
 
-namespace {
-
 CodeFormat parse_format(const std::string& format) {
   if (format == "grid") return CodeFormat::kGrid;
   if (format == "e8p") return CodeFormat::kE8P;
   if (format == "trellis") return CodeFormat::kTrellis;
   throw py::value_error("the C++ kernels run the code formats grid, e8p, trellis; not '" + format + "'");
 }
-
-}  // namespace
 
 PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::object& scale,
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,

@@ -5,12 +5,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "code_format.h"
 #include "kernels.h"
 #include "transform.h"
 
 namespace quipc {
-
-enum class CodeFormat { kGrid, kE8P, kTrellis };
 
 struct LayerData {
   CodeFormat format = CodeFormat::kGrid;

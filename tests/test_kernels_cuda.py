@@ -161,6 +161,33 @@ def test_cuda_e8p_bad_buffers():
     args = K._layer_args(random_e8p_layer(64, 32, 3, seed=9))
     K._ext.CudaPlan(device=0, **args)
     for key, value in [("scale", args["scale"][:, :1].copy()), ("zero", np.zeros(64, np.float32)),
-                       ("codes", args["codes"][:, :-1].copy()), ("format", "trellis")]:
+                       ("codes", args["codes"][:, :-1].copy()), ("format", "nonsense")]:
+        with pytest.raises(ValueError):
+            K._ext.CudaPlan(device=0, **{**args, key: value})
+
+
+# --- format "trellis" (cpp/cuda/trellis.cu) against the CPU trellis kernels --------------
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n", [(576, 576), (1536, 576), (576, 1536), (192, 576), (48, 80), (256, 4096)])
+def test_cuda_trellis_forward_matches_cpu(bits, m, n):
+    from test_trellis import random_trellis_layer
+
+    layer = random_trellis_layer(m, n, bits, seed=m + n + bits)
+    cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
+    rng = np.random.default_rng(0)
+    for batch in (1, 2, 3, 4, 5, 70):  # GEMV (1..4) and tiled GEMM (n = 80: a half K step)
+        x = rng.standard_normal((batch, n)).astype(np.float32)
+        want = cpu.forward(x, threads=2)
+        got = gpu.run_host("forward", x)
+        assert rel_err(got, want) < TOL, (batch, rel_err(got, want))
+
+
+def test_cuda_trellis_bad_buffers():
+    from test_trellis import random_trellis_layer
+
+    args = K._layer_args(random_trellis_layer(64, 32, 3, seed=9))
+    K._ext.CudaPlan(device=0, **args)
+    for key, value in [("scale", np.repeat(args["scale"], 2, axis=1)), ("zero", np.zeros(64, np.float32)),
+                       ("codes", args["codes"][:, :-1].copy()), ("m", 63)]:
         with pytest.raises(ValueError):
             K._ext.CudaPlan(device=0, **{**args, key: value})

@@ -39,6 +39,10 @@ void launch_qmatmul(const unsigned char* codes, size_t row_bytes, int bits, int 
 void launch_e8p_matmul(const unsigned char* codes, size_t row_bytes, int bits, int m, int n,
                        int npad, const float* z, int batch, const float* scale,
                        const float* tables, float* t, cudaStream_t stream);
+// Format "trellis" (trellis.cu): scale (m); code = the 2^12 code values, on the device.
+void launch_trellis_matmul(const unsigned char* codes, size_t row_bytes, int bits, int m, int n,
+                           int npad, const float* z, int batch, const float* scale,
+                           const float* code, float* t, cudaStream_t stream);
 void launch_fwht(int pre, int f, int post, int width, const float* src, int ld_src, float* dst,
                  int ld_out, const float* pre_scale, const float* post_scale, const float* bias,
                  int batch, cudaStream_t stream);

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "../code_format.h"
+
 namespace quipc {
 namespace cuda {
 
@@ -16,7 +18,8 @@ struct HostFactor {
 };
 
 struct HostLayer {
-  bool e8p = false;  // code format: grid (scale, zero per row) or e8p (scale (m, stages), no zero)
+  // grid: scale, zero per row; e8p: scale (m, stages), no zero; trellis: scale (m), no zero
+  CodeFormat format = CodeFormat::kGrid;
   int m = 0, n = 0, bits = 0;
   const uint8_t* codes = nullptr;  // m x row_bytes (host)
   size_t row_bytes = 0;
@@ -66,12 +69,12 @@ class CudaPlan {
   float* workspace(size_t floats);
   void release();
 
-  bool e8p_;
+  CodeFormat format_;
   int device_, m_, n_, bits_, npad_;
   size_t row_bytes_;
   uint8_t* codes_ = nullptr;
   float *scale_ = nullptr, *zero_ = nullptr, *in_vec_ = nullptr, *out_vec_ = nullptr,
-        *bias_ = nullptr, *e8p_tables_ = nullptr;
+        *bias_ = nullptr, *tables_ = nullptr;  // tables_: e8p / trellis codebooks
   std::vector<DevFactor> in_f_, out_f_;
   float* work_ = nullptr;
   size_t work_floats_ = 0;

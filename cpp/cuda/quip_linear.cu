@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../e8p.h"
+#include "../trellis.h"
 #include "common.cuh"
 #include "cuda_plan.h"
 
@@ -59,7 +60,7 @@ std::string device_name(int device) {
 }
 
 CudaPlan::CudaPlan(int device, const HostLayer& L)
-    : e8p_(L.e8p), device_(device), m_(L.m), n_(L.n), bits_(L.bits), npad_((L.n + 7) / 8 * 8),
+    : format_(L.format), device_(device), m_(L.m), n_(L.n), bits_(L.bits), npad_((L.n + 7) / 8 * 8),
       row_bytes_(L.row_bytes) {
   if (device < 0 || device >= device_count()) throw std::invalid_argument("no such CUDA device");
   DeviceGuard guard(device_);
@@ -67,7 +68,7 @@ CudaPlan::CudaPlan(int device, const HostLayer& L)
     codes_ = upload(L.codes, size_t(L.m) * L.row_bytes);
     scale_ = upload(L.scale.data(), L.scale.size());
     zero_ = upload(L.zero.data(), L.zero.size());
-    if (e8p_) {
+    if (format_ == CodeFormat::kE8P) {
       const E8PTables& T = e8p_tables();
       std::vector<float> tables(2 * 256 * 8);
       for (int i = 0; i < 256; ++i)
@@ -75,7 +76,9 @@ CudaPlan::CudaPlan(int device, const HostLayer& L)
           tables[i * 8 + j] = T.source[i][j];
           tables[256 * 8 + i * 8 + j] = T.one_bit[i][j];
         }
-      e8p_tables_ = upload(tables.data(), tables.size());
+      tables_ = upload(tables.data(), tables.size());
+    } else if (format_ == CodeFormat::kTrellis) {
+      tables_ = upload(trellis_code_table(), size_t(1) << kTrellisL);
     }
     std::vector<float> in_vec(L.in_scale), out_vec(L.out_scale);
     const float gin = float(fwht_gain(L.in_factors)), gout = float(fwht_gain(L.out_factors));
@@ -100,11 +103,11 @@ void CudaPlan::release() {
   cudaSetDevice(device_);
   for (void* p : {static_cast<void*>(codes_), static_cast<void*>(scale_), static_cast<void*>(zero_),
                   static_cast<void*>(in_vec_), static_cast<void*>(out_vec_), static_cast<void*>(bias_),
-                  static_cast<void*>(work_), static_cast<void*>(e8p_tables_)})
+                  static_cast<void*>(work_), static_cast<void*>(tables_)})
     if (p) cudaFree(p);
   for (auto& f : in_f_) if (f.mat) cudaFree(f.mat);
   for (auto& f : out_f_) if (f.mat) cudaFree(f.mat);
-  codes_ = nullptr; scale_ = zero_ = in_vec_ = out_vec_ = bias_ = work_ = e8p_tables_ = nullptr;
+  codes_ = nullptr; scale_ = zero_ = in_vec_ = out_vec_ = bias_ = work_ = tables_ = nullptr;
   in_f_.clear(); out_f_.clear();
   cudaSetDevice(prev);
 }
@@ -163,9 +166,12 @@ void CudaPlan::transform_in(const float* x, float* z, int batch, uintptr_t strea
 void CudaPlan::matmul(const float* z, float* t, int batch, uintptr_t stream) {
   if (batch <= 0) return;
   DeviceGuard guard(device_);
-  if (e8p_)
-    launch_e8p_matmul(codes_, row_bytes_, bits_, m_, n_, npad_, z, batch, scale_, e8p_tables_, t,
+  if (format_ == CodeFormat::kE8P)
+    launch_e8p_matmul(codes_, row_bytes_, bits_, m_, n_, npad_, z, batch, scale_, tables_, t,
                       reinterpret_cast<cudaStream_t>(stream));
+  else if (format_ == CodeFormat::kTrellis)
+    launch_trellis_matmul(codes_, row_bytes_, bits_, m_, n_, npad_, z, batch, scale_, tables_, t,
+                          reinterpret_cast<cudaStream_t>(stream));
   else
     launch_qmatmul(codes_, row_bytes_, bits_, m_, n_, npad_, z, batch, scale_, zero_, t,
                    reinterpret_cast<cudaStream_t>(stream));

@@ -110,7 +110,7 @@ def _layer_args(layer: QuantizedLinear) -> dict:
 
 # Code formats the kernels run (runtime/quipc_runtime/formats); others are refused by name.
 CPU_FORMATS = ("grid", "e8p", "trellis")
-CUDA_FORMATS = ("grid", "e8p")
+CUDA_FORMATS = ("grid", "e8p", "trellis")
 
 
 def prepare(layer: QuantizedLinear):
