@@ -12,8 +12,12 @@ EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 # both dense); chosen from measurements on SmolLM2-135M, see README.
 CLI_HEAD_BITS = 4
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
-# the best rows of benchmarks/quality.py (README), for every target (each backend lowers e8p).
-CLI_FORMAT = "e8p"
+# the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
+# format). Data-free: auto = trellis wherever a layer is whole 16x16 tiles (SmolLM2 w2 default:
+# 51.17 vs e8p's 60.92, agreement 0.340 vs 0.330, same bytes).
+CLI_FORMAT = "auto"
+CLI_FORMAT_CALIB = "e8p"      # with --calib: trellis w2 block + e2e on WikiText lost the chat turn
+                              # (agreement 0.042 vs 0.304)
 CLI_FINETUNE = "e2e"          # data-free: block + e2e gave 58.85 vs 60.92 but agreement 0.275 vs 0.330
 CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3 25.21 vs 25.62,
                               # w4 22.28 vs 22.02 but agreement 0.500 vs 0.458; w2 0.304 vs 0.154)
@@ -31,7 +35,8 @@ class QuantConfig:
     greedy_passes: int = 0        # coordinate-descent passes after LDLQ
     rescale: bool = False         # QuIP's diagonal rescaling before the rotations (see README)
     grid: str = "mse"             # per-row grid range: mse (clip search) | minmax
-    format: str = "grid"          # code format of W' (quipc_runtime.formats): grid | e8p
+    format: str = "grid"          # code format of W' (quipc_runtime.formats): grid | e8p | trellis,
+                                  # or auto: per layer the first of passes.encoders.AUTO_ORDER that fits
     finetune: str = "none"        # none | block | e2e | all (quipc.passes.finetune, block_finetune)
     finetune_epochs: int = 2
     quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
@@ -57,7 +62,10 @@ class QuantConfig:
             raise ValueError(f"unknown grid {self.grid!r}; expected mse or minmax")
         from quipc_runtime.formats import get_format
 
-        get_format(self.format).check_bits(self.bits)  # raises for an unknown format or width
+        from .passes.encoders import AUTO, AUTO_ORDER
+
+        for fmt in AUTO_ORDER if self.format == AUTO else (self.format,):
+            get_format(fmt).check_bits(self.bits)  # raises for an unknown format or width
         self.finetune_config().validate()
         if self.finetune != "none" and self.method == "rtn":
             raise ValueError("fine-tuning trains on the calibration text, which method rtn does not use")

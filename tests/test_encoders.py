@@ -70,3 +70,42 @@ def test_cli_format_flag(tiny_model, tmp_path, capsys):
     assert main(["compile", str(model), "-o", str(tmp_path / "b"), "--format", "nope",
                  "--no-progress"]) == 1
     assert "unknown code format 'nope'" in capsys.readouterr().err
+
+
+def test_auto_format_picks_per_layer_the_first_format_that_stores_it():
+    from quipc.passes.encoders import resolve_format
+
+    assert resolve_format("auto", 2, 576, 1536) == "trellis"
+    assert resolve_format("auto", 3, 48, 24) == "e8p"      # 24 rows: no whole 16x16 tiles
+    assert resolve_format("auto", 4, 20, 32) == "grid"     # 20 columns: no groups of 8
+    assert resolve_format("trellis", 2, 48, 24) == "trellis"  # an explicit format is kept (and refused later)
+    QuantConfig(bits=2, format="auto").validate()
+    with pytest.raises(ValueError, match="unknown code format 'automatic'"):
+        QuantConfig(bits=2, format="automatic").validate()
+
+
+def test_auto_format_mixes_formats_and_every_backend_runs_the_model(tiny_model, tmp_path):
+    """The tiny model's k/v projections (24 x 48) are not whole trellis tiles: auto stores them
+    as e8p, the rest as trellis; the torch path, the kernels and ONNX compute the same model."""
+    from quipc_runtime import kernels as K
+
+    model, text = tiny_model
+    out = tmp_path / "auto"
+    compile_model(str(model), out, QuantConfig(bits=2, format="auto", seed=1),
+                  CalibConfig(text=str(text), windows=8, length=32), progress=False)
+    man = json.loads((out / "manifest.json").read_text())
+    formats = {l["name"].rsplit(".", 1)[-1]: l["format"] for b in man["blocks"] for l in b["layers"]}
+    assert formats == {"q_proj": "trellis", "k_proj": "e8p", "v_proj": "e8p", "o_proj": "trellis",
+                       "gate_proj": "trellis", "up_proj": "trellis", "down_proj": "trellis"}
+    ids = torch.randint(3, 17, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = quipc.load(out)(ids).logits
+        if K.available():
+            torch.testing.assert_close(quipc.load(out, backend="kernels")(ids).logits, want, atol=1e-4, rtol=1e-4)
+    pytest.importorskip("onnx")
+    from quipc.backends.onnx import export_artifact
+    from quipc_runtime.onnx_runtime import OnnxLM
+
+    onnx_out = export_artifact(out, tmp_path / "onnx", progress=False, accuracy_level=0)
+    got = np.asarray(OnnxLM(onnx_out, threads=1).logits(ids.numpy())).reshape(want.shape)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)

@@ -15,7 +15,7 @@ from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.transforms import Transform, derive_seed
 
 from ..config import QuantConfig
-from .encoders import Encoded, encode
+from .encoders import Encoded, encode, resolve_format
 from .grid import fit_grid
 from .hessian import regularize
 from .incoherence import (mu_hessian, mu_of_eigenvectors, mu_rotated_eigenvectors, mu_weight, rescale_vector,
@@ -55,6 +55,8 @@ def quantize_linear(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
         raise ValueError(f"unknown method {cfg.method!r}")
     if cfg.method != "rtn" and inp.hessian is None:
         raise ValueError(f"{inp.name}: method {cfg.method} needs a calibration Hessian")
+    m, n = inp.weight.shape
+    cfg = replace(cfg, format=resolve_format(cfg.format, cfg.bits, n, m))  # "auto": this layer's format
     return METHODS[cfg.method](inp, cfg)
 
 

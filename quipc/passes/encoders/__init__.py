@@ -32,6 +32,27 @@ def register_encoder(name: str):
     return wrap
 
 
+# Format "auto" (quipc compile's default): per layer, the first of these that stores its
+# shape: trellis (lowest error; whole 16x16 tiles), else e8p (rows of groups of 8), else grid.
+AUTO = "auto"
+AUTO_ORDER = ("trellis", "e8p", "grid")
+
+
+def resolve_format(name: str, bits: int, n: int, m: int) -> str:
+    """The code format a layer of m rows x n columns is stored in under format `name`."""
+    if name != AUTO:
+        return name
+    from quipc_runtime.formats import get_format
+
+    for fmt in AUTO_ORDER:
+        try:
+            get_format(fmt).check(bits, n, m)
+        except ValueError:
+            continue
+        return fmt
+    raise ValueError(f"no code format stores a {m}x{n} layer at {bits} bits")
+
+
 def encode(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
     if fmt not in ENCODERS:
         raise ValueError(f"no encoder for code format {fmt!r}; known: {sorted(ENCODERS)}")
