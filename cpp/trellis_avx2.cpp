@@ -81,24 +81,37 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-}  // namespace
-
-void gemv(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nb, float* t, int ldt) {
+// NB activation vectors; two accumulators per vector (the two halves of a tile row), all in
+// registers (a runtime NB kept them in memory: a store-forwarding round trip per FMA).
+template <int NB>
+void gemv_nb(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, float* t, int ldt) {
   const float* code = trellis_code_table();
   const Windows& w = windows(c.bits);
   const int tiles = c.n / kTrellisTile;
   for (int i = i0; i < i1; ++i) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc0[NB], acc1[NB];
+    for (int b = 0; b < NB; ++b) acc0[b] = acc1[b] = _mm256_setzero_ps();
     for (int C = 0; C < tiles; ++C) {
       __m256 v0, v1;
       tile_row(c, w, code, i, C, &v0, &v1);
-      for (int b = 0; b < nb; ++b) {
+      for (int b = 0; b < NB; ++b) {
         const float* zb = z + size_t(b) * ldz + kTrellisTile * C;
-        acc[b] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(zb), acc[b]);
-        acc[b] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(zb + 8), acc[b]);
+        acc0[b] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(zb), acc0[b]);
+        acc1[b] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(zb + 8), acc1[b]);
       }
     }
-    for (int b = 0; b < nb; ++b) t[size_t(b) * ldt + i] = c.scale[i] * hsum(acc[b]);
+    for (int b = 0; b < NB; ++b) t[size_t(b) * ldt + i] = c.scale[i] * hsum(_mm256_add_ps(acc0[b], acc1[b]));
+  }
+}
+
+}  // namespace
+
+void gemv(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nb, float* t, int ldt) {
+  switch (nb) {
+    case 1: gemv_nb<1>(c, i0, i1, z, ldz, t, ldt); break;
+    case 2: gemv_nb<2>(c, i0, i1, z, ldz, t, ldt); break;
+    case 3: gemv_nb<3>(c, i0, i1, z, ldz, t, ldt); break;
+    default: gemv_nb<4>(c, i0, i1, z, ldz, t, ldt); break;
   }
 }
 

@@ -24,11 +24,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rescale", action="store_true", help="QuIP's diagonal rescaling (off by default)")
     p.add_argument("--grid", default=d.grid, help="per-row grid range: mse (default) | minmax")
     p.add_argument("--format", default=None,
-                   help="code format of the rotated weights: auto (default without --calib: trellis for "
-                        "every layer made of 16x16 tiles, else e8p, else grid) | trellis (tail-biting "
-                        "trellis codes on 16x16 tiles: lowest error, ~1.6x e8p's CPU decode time) | "
-                        "e8p (E8-lattice vector codes, residual stages at 3/4 bits; default with --calib) | "
-                        "grid (per-row scalar grid)")
+                   help="code format of the rotated weights: e8p (E8-lattice vector codes, residual "
+                        "stages at 3/4 bits; default) | trellis (tail-biting trellis codes on 16x16 tiles: "
+                        "lowest error, slower CPU decode) | auto (per layer: trellis where the shape is "
+                        "whole 16x16 tiles, else e8p, else grid) | grid (per-row scalar grid)")
     p.add_argument("--finetune", default=None,
                    help="none | block | e2e | all. block: round each decoder block's linears input by "
                         "input, training in between what is still continuous (input and row scales, "

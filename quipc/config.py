@@ -13,11 +13,12 @@ EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 CLI_HEAD_BITS = 4
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
-# format). Data-free: auto = trellis wherever a layer is whole 16x16 tiles (SmolLM2 w2 default:
-# 51.17 vs e8p's 60.92, agreement 0.340 vs 0.330, same bytes).
-CLI_FORMAT = "auto"
-CLI_FORMAT_CALIB = "e8p"      # with --calib: trellis w2 block + e2e on WikiText lost the chat turn
-                              # (agreement 0.042 vs 0.304)
+# format). e8p, not trellis / auto, although trellis wins on perplexity (data-free w2 default
+# configuration 51.17 vs 60.92, agreement 0.340 vs 0.330, same bytes): it decodes 1.5x / 2.5x /
+# 10x slower on the kernels runtime / ONNX / TVM (45 / 40 / 140 against 30 / 15.6 / 14 ms per
+# token), and with --calib at w2 its block + e2e model lost the chat turn (agreement 0.042).
+CLI_FORMAT = "e8p"
+CLI_FORMAT_CALIB = "e8p"
 CLI_FINETUNE = "e2e"          # data-free: block + e2e gave 58.85 vs 60.92 but agreement 0.275 vs 0.330
 CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3 25.21 vs 25.62,
                               # w4 22.28 vs 22.02 but agreement 0.500 vs 0.458; w2 0.304 vs 0.154)

@@ -106,15 +106,15 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["m", "-o", "x"], ("auto", "e2e")),
-    (["m", "-o", "x", "--target", "onnx"], ("auto", "e2e")),
-    (["m", "-o", "x", "--target", "tvm", "--finetune", "none"], ("auto", "none")),
-    (["m.onnx", "-o", "x"], ("auto", "none")),
-    (["m", "-o", "x", "--method", "rtn"], ("auto", "none")),
+    (["m", "-o", "x"], ("e8p", "e2e")),
+    (["m", "-o", "x", "--target", "onnx"], ("e8p", "e2e")),
+    (["m", "-o", "x", "--target", "tvm", "--finetune", "none"], ("e8p", "none")),
+    (["m.onnx", "-o", "x"], ("e8p", "none")),
+    (["m", "-o", "x", "--method", "rtn"], ("e8p", "none")),
     (["m", "-o", "x", "--format", "grid"], ("grid", "e2e")),
-    (["m", "-o", "x", "--workers", "2"], ("auto", "e2e")),
+    (["m", "-o", "x", "--workers", "2"], ("e8p", "e2e")),
     (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all")),
-    (["m", "-o", "x", "--calib", "t.txt", "--format", "trellis"], ("trellis", "all")),
+    (["m", "-o", "x", "--calib", "t.txt", "--format", "auto"], ("auto", "all")),
     (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e")),
     (["m.onnx", "-o", "x", "--calib", "t.txt"], ("e8p", "none")),
 ])
