@@ -71,6 +71,45 @@ def _value(args: dict, k: int, o, tile, c):
     return args["trellis_code"][state]
 
 
+def _words(args: dict, k: int, m: int, tiles: int):
+    """The bytes a tile row reads, big-endian in 64-bit words (the GEMV's per-row stage):
+    word0[o, C] = its 2k bytes then the next row's 2 (k = 2, 3: all of them, zero filled; k = 4:
+    the first 8), word1 = word0 << 16 | the 2 spill bytes (k = 4 only: weights 14 and 15)."""
+    codes = args["codes"]
+
+    def word0(o, tile):
+        nxt = (o // TILE) * TILE + (o + 1) % TILE
+        seq = [codes[o, tile * 2 * k + q] for q in range(2 * k)]
+        seq += [codes[nxt, tile * 2 * k + q] for q in range(2)]
+        acc = tirx.const(0, "uint64")
+        for j, byte in enumerate(seq[:8]):
+            acc = acc | (byte.astype("uint64") << tirx.const(56 - 8 * j, "uint64"))
+        return acc
+
+    w0 = te.compute((m, tiles), word0, name="trellis_word0", attrs={"quipc.op": "trellis_word"})
+    if k < 4:
+        return w0, None
+
+    def word1(o, tile):
+        nxt = (o // TILE) * TILE + (o + 1) % TILE
+        spill = (codes[nxt, tile * 2 * k].astype("uint64") << tirx.const(8, "uint64")) | \
+            codes[nxt, tile * 2 * k + 1].astype("uint64")
+        return (w0[o, tile] << tirx.const(16, "uint64")) | spill
+
+    return w0, te.compute((m, tiles), word1, name="trellis_word1", attrs={"quipc.op": "trellis_word"})
+
+
+def _value_from_words(args: dict, k: int, w0, w1, o, tile, c):
+    """CODE[state] of W'[o, 16 tile + c] from the tile row's words: the 12 bits at bit k c."""
+    # shifted left (positive lane strides: a vectorized ramp of shift counts stays unsigned)
+    drop = tirx.const(64 - fmt.STATE_BITS, "uint64")
+    state = (w0[o, tile] << (k * c).astype("uint64")) >> drop
+    if w1 is not None:   # k = 4: weights 14, 15 end past bit 64 of word0; word1 starts at bit 16
+        late = (w1[o, tile] << ((k * c + 48) % 64).astype("uint64")) >> drop
+        state = tirx.if_then_else(k * c + fmt.STATE_BITS <= 64, state, late)
+    return args["trellis_code"][state.astype("int32")]
+
+
 def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     """Build the TE graph. x: (L, n) float32; args: name -> te placeholder (see param_names).
     mode "gemv" (decode, L small) or "gemm" (prefill, L a multiple of 16). Returns y (L, m)."""
@@ -80,8 +119,10 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     scale = args["scale"]
     if mode == "gemv":
         g = te.reduce_axis((0, n // TILE), name="g")
+        w0, w1 = _words(args, k, m, n // TILE)
         part = te.compute((rows, m, TILE),
-                          lambda b, o, c: te.sum(_value(args, k, o, g, c) * z[b, g * TILE + c], axis=g),
+                          lambda b, o, c: te.sum(_value_from_words(args, k, w0, w1, o, g, c)
+                                                 * z[b, g * TILE + c], axis=g),
                           name="trellis_gemv", attrs={"quipc.op": "trellis_gemv"})
 
         def rowsum(b, o):
