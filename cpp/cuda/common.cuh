@@ -30,6 +30,19 @@ __device__ __forceinline__ unsigned load_group_bytes(const unsigned char* g, int
   return w;
 }
 
+// Blocks for a GEMV kernel that loops over its rows (rows_per_block each pass): every row
+// covered, at most `per_sm` blocks per SM (each block stages its codebook once).
+inline unsigned gemv_blocks(int m, int rows_per_block, int per_sm) {
+  static int sms = 0;
+  if (sms == 0) {
+    int dev = 0;
+    QUIPC_CUDA_CHECK(cudaGetDevice(&dev));
+    QUIPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  const unsigned blocks = unsigned((m + rows_per_block - 1) / rows_per_block);
+  return blocks < unsigned(per_sm * sms) ? blocks : unsigned(per_sm * sms);
+}
+
 // Launchers (qmatmul.cu, transforms.cu).
 void launch_qmatmul(const unsigned char* codes, size_t row_bytes, int bits, int m, int n, int npad,
                     const float* z, int batch, const float* scale, const float* zero, float* t,

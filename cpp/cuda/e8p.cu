@@ -123,7 +123,7 @@ e8p_gemv_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m
   }
 }
 
-constexpr int kTileM = gemm_tile::kM, kTileB = gemm_tile::kB, kTileK = gemm_tile::kK;
+constexpr int kTileM = gemm_tile::kM, kTileB = gemm_tile::kB;
 
 template <int BITS>
 __global__ void __launch_bounds__(256)
@@ -138,32 +138,19 @@ e8p_gemm_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m
   const int tid = threadIdx.x;
   const int i0 = blockIdx.x * kTileM, b0 = blockIdx.y * kTileB;
   const int groups = n / 8;
-  const int ti = tid % 16, tb = tid / 16;  // 4 rows x 4 batch per thread
   float acc[4][4] = {};
-  for (int k0 = 0; k0 < npad; k0 += kTileK) {
-    {  // decode one group per thread: row tid / 4, group tid % 4 of this K step
-      const int r = tid / 4, gq = tid % 4, g = k0 / 8 + gq;
-      float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (i0 + r < m && g < groups) {
-        const float* sc = scale + size_t(i0 + r) * S;
-        decode_group<BITS>(codes + size_t(i0 + r) * row_bytes, g, sh, sc[0], S == 2 ? sc[S - 1] : 0.f, w);
-      }
+  gemm_tile::run_steps(ws, zs, z, npad, batch, b0, tid, [&](int k0) {
+    // one group per thread: row tid / 4, group tid % 4 of this K step
+    const int r = tid / 4, gq = tid % 4, g = k0 / 8 + gq;
+    float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (i0 + r < m && g < groups) {
+      const float* sc = scale + size_t(i0 + r) * S;
+      decode_group<BITS>(codes + size_t(i0 + r) * row_bytes, g, sh, sc[0], S == 2 ? sc[S - 1] : 0.f, w);
+    }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) ws[gq * 8 + u][r] = w[u];
-    }
-    gemm_tile::stage_activations(zs, z, npad, batch, b0, k0, tid);
-    __syncthreads();
-    gemm_tile::accumulate(ws, zs, ti, tb, acc);
-    __syncthreads();
-  }
-  for (int y = 0; y < 4; ++y) {
-    const int b = b0 + tb * 4 + y;
-    if (b >= batch) continue;
-    for (int x = 0; x < 4; ++x) {
-      const int i = i0 + ti * 4 + x;
-      if (i < m) t[size_t(b) * m + i] = acc[x][y];
-    }
-  }
+    for (int u = 0; u < 8; ++u) ws[gq * 8 + u][r] = w[u];
+  }, acc);
+  gemm_tile::store(t, m, batch, i0, b0, tid, acc);
 }
 
 template <int BITS, bool VEC>
@@ -185,14 +172,7 @@ void launch_bits(const unsigned char* codes, size_t row_bytes, int m, int n, int
                  cudaStream_t stream) {
   if (batch <= 4) {
     // Each block stages the 16 KB of codebooks once: a few blocks per SM loop over the rows.
-    static int sms = 0;
-    if (sms == 0) {
-      int dev = 0;
-      QUIPC_CUDA_CHECK(cudaGetDevice(&dev));
-      QUIPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    }
-    const unsigned blocks = unsigned((m + kGemvWarps - 1) / kGemvWarps);
-    const unsigned grid = blocks < unsigned(4 * sms) ? blocks : unsigned(4 * sms);
+    const unsigned grid = gemv_blocks(m, kGemvWarps, 4);
     const bool vec = reinterpret_cast<uintptr_t>(z) % 16 == 0 && npad % 4 == 0;
     if (vec) gemv_batch<BITS, true>(grid, codes, row_bytes, m, n, npad, z, batch, scale, tables, t, stream);
     else gemv_batch<BITS, false>(grid, codes, row_bytes, m, n, npad, z, batch, scale, tables, t, stream);

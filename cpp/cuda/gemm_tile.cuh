@@ -35,6 +35,36 @@ __device__ __forceinline__ void accumulate(const WeightTile& ws, const Activatio
   }
 }
 
+// The whole K loop of a tile: per step of 32, decode(k0) fills `ws` (its own threads' part,
+// zeros past m / n), the activations are staged, and the product accumulated into acc.
+template <class Decode>
+__device__ __forceinline__ void run_steps(WeightTile& ws, ActivationTile& zs, const float* __restrict__ z,
+                                          int npad, int batch, int b0, int tid, Decode decode,
+                                          float (&acc)[4][4]) {
+  for (int k0 = 0; k0 < npad; k0 += kK) {
+    decode(k0);
+    stage_activations(zs, z, npad, batch, b0, k0, tid);
+    __syncthreads();
+    accumulate(ws, zs, tid % 16, tid / 16, acc);
+    __syncthreads();
+  }
+}
+
+// t[b][i] = acc of this thread's 4 rows x 4 vectors (rows i0 + 4 (tid % 16) + x, vectors
+// b0 + 4 (tid / 16) + y), within m and batch.
+__device__ __forceinline__ void store(float* __restrict__ t, int m, int batch, int i0, int b0, int tid,
+                                      const float (&acc)[4][4]) {
+  const int ti = tid % 16, tb = tid / 16;
+  for (int y = 0; y < 4; ++y) {
+    const int b = b0 + tb * 4 + y;
+    if (b >= batch) continue;
+    for (int x = 0; x < 4; ++x) {
+      const int i = i0 + ti * 4 + x;
+      if (i < m) t[size_t(b) * m + i] = acc[x][y];
+    }
+  }
+}
+
 }  // namespace gemm_tile
 }  // namespace cuda
 }  // namespace quipc

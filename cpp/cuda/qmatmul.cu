@@ -173,7 +173,7 @@ __global__ void qgemv_simple_kernel(const unsigned char* __restrict__ codes, siz
   }
 }
 
-constexpr int kTileM = gemm_tile::kM, kTileB = gemm_tile::kB, kTileK = gemm_tile::kK;
+constexpr int kTileM = gemm_tile::kM, kTileB = gemm_tile::kB;
 
 template <int BITS>
 __global__ void __launch_bounds__(256)
@@ -197,18 +197,13 @@ qgemm_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, int m, i
   const int groups = (n + 7) / 8;
   const int ti = tid % 16, tb = tid / 16;  // 4 rows x 4 batch per thread
   float acc[4][4] = {};
-  for (int k0 = 0; k0 < npad; k0 += kTileK) {
-    {  // decode one group (8 codes) per thread: row tid/4, group tid%4
-      const int r = tid / 4, gq = tid % 4, g = k0 / 8 + gq;
-      unsigned w = 0;
-      if (i0 + r < m && g < groups) w = load_group_bytes(codes + size_t(i0 + r) * row_bytes + size_t(g) * BITS, BITS);
-      for (int u = 0; u < 8; ++u) ws[gq * 8 + u][r] = code_to_float((w >> (BITS * u)) & ((1u << BITS) - 1u));
-    }
-    gemm_tile::stage_activations(zs, z, npad, batch, b0, k0, tid);
-    __syncthreads();
-    gemm_tile::accumulate(ws, zs, ti, tb, acc);
-    __syncthreads();
-  }
+  gemm_tile::run_steps(ws, zs, z, npad, batch, b0, tid, [&](int k0) {
+    // one group (8 codes) per thread: row tid/4, group tid%4
+    const int r = tid / 4, gq = tid % 4, g = k0 / 8 + gq;
+    unsigned w = 0;
+    if (i0 + r < m && g < groups) w = load_group_bytes(codes + size_t(i0 + r) * row_bytes + size_t(g) * BITS, BITS);
+    for (int u = 0; u < 8; ++u) ws[gq * 8 + u][r] = code_to_float((w >> (BITS * u)) & ((1u << BITS) - 1u));
+  }, acc);
   for (int y = 0; y < 4; ++y) {
     const int b = b0 + tb * 4 + y;
     if (b >= batch) continue;
@@ -231,14 +226,7 @@ void launch_bits(const unsigned char* codes, size_t row_bytes, int m, int n, int
   if (batch <= 4 && env != nullptr && std::strcmp(env, "simple") == 0) {
     qgemv_simple_kernel<BITS><<<unsigned((m + 7) / 8), 256, 0, stream>>>(codes, row_bytes, m, n, npad, z, batch, scale, zero, t);
   } else if (batch <= 4 && smem_per_vec * 2 <= 200 * 1024) {
-    static int sms = 0;
-    if (sms == 0) {
-      int dev = 0;
-      QUIPC_CUDA_CHECK(cudaGetDevice(&dev));
-      QUIPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    }
-    const int tiles = (m + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp);
-    const unsigned blocks = unsigned(tiles < 2 * sms ? tiles : 2 * sms);
+    const unsigned blocks = gemv_blocks(m, kWarps * kRowsPerWarp, 2);
     for (int b0 = 0; b0 < batch; b0 += 2) {  // activation pairs share one pass over the codes
       const float* zb = z + size_t(b0) * npad;
       float* tb = t + size_t(b0) * m;

@@ -92,35 +92,22 @@ trellis_gemm_kernel(const unsigned char* __restrict__ codes, size_t row_bytes, i
   const int tid = threadIdx.x;
   const int i0 = blockIdx.x * kTileM, b0 = blockIdx.y * kTileB;
   const int tiles = n / kTrellisTile;
-  const int ti = tid % 16, tb = tid / 16;  // 4 rows x 4 batch per thread
   float acc[4][4] = {};
-  for (int k0 = 0; k0 < npad; k0 += kTileK) {
-    {  // row tid / 4; weights 8 h .. 8 h + 7 of column tile k0 / 16 + q / 2, h = q % 2
-      const int r = tid / 4, q = tid % 4, C = k0 / kTrellisTile + q / 2, h = q % 2;
-      float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (i0 + r < m && C < tiles) {
-        unsigned char buf[2 * K + 2];
-        tile_row_bytes<K>(codes, row_bytes, i0 + r, C, buf);
-        const float s = scale[i0 + r];
+  gemm_tile::run_steps(ws, zs, z, npad, batch, b0, tid, [&](int k0) {
+    // row tid / 4; weights 8 h .. 8 h + 7 of column tile k0 / 16 + q / 2, h = q % 2
+    const int r = tid / 4, q = tid % 4, C = k0 / kTrellisTile + q / 2, h = q % 2;
+    float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (i0 + r < m && C < tiles) {
+      unsigned char buf[2 * K + 2];
+      tile_row_bytes<K>(codes, row_bytes, i0 + r, C, buf);
+      const float s = scale[i0 + r];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) w[u] = s * sh[state_at<K>(buf, 8 * h + u)];
-      }
+      for (int u = 0; u < 8; ++u) w[u] = s * sh[state_at<K>(buf, 8 * h + u)];
+    }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) ws[q * 8 + u][r] = w[u];
-    }
-    gemm_tile::stage_activations(zs, z, npad, batch, b0, k0, tid);
-    __syncthreads();
-    gemm_tile::accumulate(ws, zs, ti, tb, acc);
-    __syncthreads();
-  }
-  for (int y = 0; y < 4; ++y) {
-    const int b = b0 + tb * 4 + y;
-    if (b >= batch) continue;
-    for (int x = 0; x < 4; ++x) {
-      const int i = i0 + ti * 4 + x;
-      if (i < m) t[size_t(b) * m + i] = acc[x][y];
-    }
-  }
+    for (int u = 0; u < 8; ++u) ws[q * 8 + u][r] = w[u];
+  }, acc);
+  gemm_tile::store(t, m, batch, i0, b0, tid, acc);
 }
 
 template <int K>
@@ -129,14 +116,7 @@ void launch_bits(const unsigned char* codes, size_t row_bytes, int m, int n, int
                  cudaStream_t stream) {
   if (batch <= 4) {
     // Each block stages the 16 KiB table once: a few blocks per SM loop over the rows.
-    static int sms = 0;
-    if (sms == 0) {
-      int dev = 0;
-      QUIPC_CUDA_CHECK(cudaGetDevice(&dev));
-      QUIPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    }
-    const unsigned blocks = unsigned((m + kGemvWarps - 1) / kGemvWarps);
-    const unsigned grid = blocks < unsigned(4 * sms) ? blocks : unsigned(4 * sms);
+    const unsigned grid = gemv_blocks(m, kGemvWarps, 4);
     const unsigned threads = kGemvWarps * 32;
     switch (batch) {
       case 1: trellis_gemv_kernel<K, 1><<<grid, threads, 0, stream>>>(codes, row_bytes, m, n, npad, z, scale, code, t); break;
