@@ -86,7 +86,7 @@ def test_auto_format_picks_per_layer_the_first_format_that_stores_it():
 
 def test_auto_format_mixes_formats_and_every_backend_runs_the_model(tiny_model, tmp_path):
     """The tiny model's k/v projections (24 x 48) are not whole trellis tiles: auto stores them
-    as e8p, the rest as trellis; the torch path, the kernels and ONNX compute the same model."""
+    as e8p, the rest as trellis; the torch path, the kernels, ONNX and TVM compute the same model."""
     from quipc_runtime import kernels as K
 
     model, text = tiny_model
@@ -109,3 +109,11 @@ def test_auto_format_mixes_formats_and_every_backend_runs_the_model(tiny_model, 
     onnx_out = export_artifact(out, tmp_path / "onnx", progress=False, accuracy_level=0)
     got = np.asarray(OnnxLM(onnx_out, threads=1).logits(ids.numpy())).reshape(want.shape)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
+    pytest.importorskip("tvm")
+    from quipc.backends.tvm import compile_artifact
+    from quipc_runtime.tvm_runtime import TvmLM
+    from test_tvm import assert_matches_torch_path
+
+    tvm_out = compile_artifact(out, tmp_path / "tvm", progress=False)
+    assert json.loads((tvm_out / "tvm_config.json").read_text())["formats"] == ["e8p", "trellis"]
+    assert_matches_torch_path(quipc.load(out), TvmLM(tvm_out, threads=2), new_tokens=4)
