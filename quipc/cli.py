@@ -130,12 +130,11 @@ def _is_artifact(path: str) -> bool:
 
 def _format_and_finetune(args) -> tuple[str, str]:
     """--format / --finetune, or the defaults for this target (see quipc.config)."""
-    from .config import CLI_FINETUNE, CLI_FINETUNE_CALIB, CLI_FINETUNE_RANKS, CLI_FORMAT, CLI_FORMAT_CALIB
+    from .config import CLI_FINETUNE, CLI_FINETUNE_CALIB, CLI_FINETUNE_RANKS, CLI_FORMAT
     from .distributed import launched_by_torchrun
 
     onnx_input = args.model.endswith(".onnx")
-    # every backend lowers every format (quipc_runtime.formats)
-    fmt = args.format or (CLI_FORMAT_CALIB if getattr(args, "calib", None) else CLI_FORMAT)
+    fmt = args.format or CLI_FORMAT   # every backend lowers every format (quipc_runtime.formats)
     several_ranks = getattr(args, "workers", 1) > 1 or launched_by_torchrun()
     default = (CLI_FINETUNE_RANKS if several_ranks   # block fine-tuning runs in one process
                else CLI_FINETUNE_CALIB if getattr(args, "calib", None) else CLI_FINETUNE)

@@ -17,8 +17,7 @@ CLI_HEAD_BITS = 4
 # configuration 51.17 vs 60.92, agreement 0.340 vs 0.330, same bytes): it decodes 1.5x / 2.5x /
 # 10x slower on the kernels runtime / ONNX / TVM (45 / 40 / 140 against 30 / 15.6 / 14 ms per
 # token), and with --calib at w2 its block + e2e model lost the chat turn (agreement 0.042).
-CLI_FORMAT = "e8p"
-CLI_FORMAT_CALIB = "e8p"
+CLI_FORMAT = "e8p"            # with or without --calib
 CLI_FINETUNE = "e2e"          # data-free: block + e2e gave 58.85 vs 60.92 but agreement 0.275 vs 0.330
 CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3 25.21 vs 25.62,
                               # w4 22.28 vs 22.02 but agreement 0.500 vs 0.458; w2 0.304 vs 0.154)

@@ -53,12 +53,17 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
     return out
 
 
+def _next_row(o):
+    """The tile's next row after row o (row 0 after row 15), whose first 2 bytes a row spills into."""
+    return (o // TILE) * TILE + (o + 1) % TILE   # (o - o % TILE + ...: a TVM simplifier divides by 0)
+
+
 def _value(args: dict, k: int, o, tile, c):
     """CODE[state] of W'[o, 16 tile + c] (unscaled)."""
     codes = args["codes"]
     bit = c * k
     first = bit // 8
-    nxt = (o // TILE) * TILE + (o + 1) % TILE   # (o - o % TILE + ...: a TVM simplifier divides by 0)
+    nxt = _next_row(o)
 
     def byte(d):
         q = first + d
@@ -78,7 +83,7 @@ def _words(args: dict, k: int, m: int, tiles: int):
     codes = args["codes"]
 
     def word0(o, tile):
-        nxt = (o // TILE) * TILE + (o + 1) % TILE
+        nxt = _next_row(o)
         seq = [codes[o, tile * 2 * k + q] for q in range(2 * k)]
         seq += [codes[nxt, tile * 2 * k + q] for q in range(2)]
         acc = tirx.const(0, "uint64")
@@ -91,7 +96,7 @@ def _words(args: dict, k: int, m: int, tiles: int):
         return w0, None
 
     def word1(o, tile):
-        nxt = (o // TILE) * TILE + (o + 1) % TILE
+        nxt = _next_row(o)
         spill = (codes[nxt, tile * 2 * k].astype("uint64") << tirx.const(8, "uint64")) | \
             codes[nxt, tile * 2 * k + 1].astype("uint64")
         return (w0[o, tile] << tirx.const(16, "uint64")) | spill
