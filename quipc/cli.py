@@ -39,10 +39,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
-    from .config import CLI_EMBED_BITS, CLI_HEAD_BITS, EMBED_CHOICES
+    from .config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, EMBED_CHOICES
 
     p.add_argument("--head-bits", type=int, default=CLI_HEAD_BITS,
                    help=f"lm_head bits: 2, 3, 4, or 32 to keep it dense (default {CLI_HEAD_BITS})")
+    p.add_argument("--head-format", default=CLI_HEAD_FORMAT, choices=("grid", "e8p", "trellis", "auto"),
+                   help="lm_head's code format (and so the shared embedding's): grid decodes fastest, trellis "
+                        f"loses least (see README, 'Whole model'; default {CLI_HEAD_FORMAT})")
     p.add_argument("--embed-bits", default=CLI_EMBED_BITS, choices=EMBED_CHOICES,
                    help="embedding table: head (a tied model's one table: the lm_head's codes), 8 (per row) "
                         "or 4 (per group of 32) integer tables, 16 / 32 dense; auto (default): head for a "
@@ -152,7 +155,8 @@ def cmd_compile(args) -> int:
     cfg = QuantConfig(method=args.method, bits=args.bits, incoherence=args.incoherence, seed=args.seed,
                       damp=args.damp, greedy_passes=args.greedy_passes, rescale=args.rescale,
                       grid=args.grid, format=args.format, finetune=args.finetune,
-                      finetune_epochs=args.finetune_epochs, head_bits=args.head_bits, embed_bits=args.embed_bits).validate()
+                      finetune_epochs=args.finetune_epochs, head_bits=args.head_bits,
+                      head_format=args.head_format, embed_bits=args.embed_bits).validate()
     calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,
                         batch=args.calib_batch, chat=args.calib_chat)
     progress = not args.no_progress

@@ -11,6 +11,7 @@ EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 # `quipc compile`'s defaults for lm_head and the embedding (the library's QuantConfig keeps
 # both dense); chosen from measurements on SmolLM2-135M, see README.
 CLI_HEAD_BITS = 4
+CLI_HEAD_FORMAT = "grid"
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
 # format). e8p, not trellis / auto, although trellis wins on perplexity (data-free w2 default
@@ -41,6 +42,8 @@ class QuantConfig:
     finetune_epochs: int = 2
     quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
     head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py
+    head_format: str = "grid"     # HF path: lm_head's code format (grid | e8p | trellis | auto); a tied
+                                  # head's codes are the embedding table in every format
     embed_bits: int | str = "auto"  # HF path: "head" (the tied head's codes) | 4 | 8 (tables) | 16 | 32
                                     # (dense); auto: head when tied and the head is quantized, else
                                     # 8 with a quantized head, else 32
@@ -72,6 +75,9 @@ class QuantConfig:
         if self.head_bits not in SUPPORTED_BITS + (DENSE_BITS,):
             raise ValueError(f"unsupported head bits {self.head_bits}: expected one of "
                              f"{SUPPORTED_BITS + (DENSE_BITS,)} (32 keeps lm_head dense)")
+        if self.head_bits != DENSE_BITS:
+            for fmt in AUTO_ORDER if self.head_format == AUTO else (self.head_format,):
+                get_format(fmt).check_bits(self.head_bits)
         if str(self.embed_bits) not in EMBED_CHOICES:
             raise ValueError(f"unsupported embed bits {self.embed_bits!r}: expected one of "
                              f"{', '.join(EMBED_CHOICES)}")

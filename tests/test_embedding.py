@@ -12,7 +12,7 @@ from quipc_runtime.embedding import EmbeddingTable, QuantEmbedding, head_rows
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
 
 
-def coherent_table(rows=40, dim=48, seed=0):
+def coherent_table(rows=48, dim=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, dim, generator=g, dtype=torch.float64) * 0.1
     w[:, 3] *= 20  # an outlier column: what the input transform is for
@@ -52,16 +52,20 @@ def test_table_rejects_bad_input():
         t.validate()
 
 
+@pytest.mark.parametrize("fmt", ["grid", "e8p", "trellis"])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_shared_head_rows_are_its_effective_weight(bits):
+def test_shared_head_rows_are_its_effective_weight(bits, fmt):
     w, h = coherent_table()
-    layer = quantize_shared_head("lm_head", w, h, QuantConfig(bits=bits))
-    assert layer.t_out.kind == "identity" and layer.t_in.kind == "hadamard"
-    eff = layer.effective_weight()  # small: the identity output transform is 40 x 40 here
-    ids = np.array([0, 7, 7, 39])
+    layer = quantize_shared_head("lm_head", w, h, QuantConfig(bits=bits, format=fmt))
+    assert layer.t_out.kind == "identity" and layer.t_in.kind == "hadamard" and layer.format == fmt
+    eff = layer.effective_weight()  # small: the identity output transform is 48 x 48 here
+    ids = np.array([0, 7, 7, 39, 15, 16, 47])   # trellis: both ends of a 16-row tile
     np.testing.assert_allclose(head_rows(layer, ids), eff[ids], rtol=1e-5, atol=1e-6)
-    # the rounding was adaptive: better than nearest rounding in the proxy loss
-    assert layer.info["proxy_loss"] < layer.info["proxy_loss_rtn"]
+    # incoherence + adaptive rounding: better than nearest rounding in the same format
+    nearest = quantize_shared_head("lm_head", w, h, QuantConfig(method="rtn", bits=bits, format=fmt))
+    assert layer.info["proxy_loss"] < nearest.info["proxy_loss"]
+    if fmt == "grid":
+        assert layer.info["proxy_loss"] < layer.info["proxy_loss_rtn"]
 
 
 @pytest.mark.parametrize("method", ["rtn", "ldlq"])
@@ -69,13 +73,14 @@ def test_shared_head_other_methods(method):
     w, h = coherent_table()
     layer = quantize_shared_head("lm_head", w, h, QuantConfig(method=method, bits=3))
     assert layer.t_in.kind == "identity" and layer.in_scale is None
-    np.testing.assert_allclose(head_rows(layer, np.arange(40)), layer.effective_weight(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head_rows(layer, np.arange(48)), layer.effective_weight(), rtol=1e-5, atol=1e-6)
 
 
 @needs_kernels
-def test_embedding_module_backends_agree():
+@pytest.mark.parametrize("fmt", ["grid", "e8p", "trellis"])
+def test_embedding_module_backends_agree(fmt):
     w, h = coherent_table()
-    layer = quantize_shared_head("lm_head", w, h, QuantConfig(bits=3))
+    layer = quantize_shared_head("lm_head", w, h, QuantConfig(bits=3, format=fmt))
     ref, fast = QuantEmbedding(layer, "reference"), QuantEmbedding(layer, "kernels")
     ids = torch.tensor([[1, 2, 39], [0, 0, 5]])
     torch.testing.assert_close(fast(ids), ref(ids), rtol=1e-5, atol=1e-6)

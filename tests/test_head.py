@@ -235,25 +235,42 @@ def test_missing_head_file_is_refused(tied_w3, tmp_path):
         quipc.load(copy)
 
 
-def _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits):
+def _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format="grid"):
     """The shared w3 artifact for the default head setting, else a w2 one compiled here."""
-    if (head_bits, embed_bits) == (4, "auto"):
+    if (head_bits, embed_bits, head_format) == (4, "auto", "grid"):
         return tied_w3
     model, text = tiny_model
     artifact = tmp_path / "a"
-    compile_model(str(model), artifact, QuantConfig(bits=2, seed=2, head_bits=head_bits, embed_bits=embed_bits),
+    compile_model(str(model), artifact, QuantConfig(bits=2, seed=2, head_bits=head_bits, embed_bits=embed_bits,
+                                                    head_format=head_format),
                   CalibConfig(text=str(text), **CALIB), progress=False)
+    if head_bits != 32:
+        assert art.read_manifest(artifact)["head"]["layers"][0]["format"] == head_format
     return artifact
 
 
-@pytest.mark.parametrize("head_bits,embed_bits", [(4, "auto"), (3, "auto"), (2, "4"), (32, "8")])
-def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits):
+@pytest.mark.parametrize("head_format", ["e8p", "trellis"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernels", marks=needs_kernels)])
+def test_head_formats_compute_the_stored_tensors(tiny_model, tied_w3, tmp_path, head_format, backend):
+    """A tied head (and so the embedding) in a vector / trellis format, on the torch paths."""
+    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, 4, "auto", head_format)
+    ids = torch.randint(3, 17, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = reference_model(tiny_model[0], artifact)
+    torch.testing.assert_close(logits(quipc.load(artifact, backend=backend), ids), logits(ref, ids),
+                               atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_bits,embed_bits,head_format", [
+    (4, "auto", "grid"), (3, "auto", "grid"), (2, "4", "grid"), (32, "8", "grid"),
+    (4, "auto", "e8p"), (4, "auto", "trellis"), (2, "auto", "trellis")])
+def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits,
+                                                 head_format):
     """The ONNX export: lm_head as a QuipLinear node, the embedding as a gather of code rows +
     dequantize (+ inverse input transform): the torch path's logits."""
     from quipc.backends.onnx import export_artifact
     from quipc_runtime.onnx_runtime import OnnxLM
 
-    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits)
+    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format)
     out = export_artifact(artifact, tmp_path / "onnx", progress=False, accuracy_level=0)
     if embed_bits == "auto":  # the shared table is stored once: the lm_head node's initializers
         import onnx
@@ -265,14 +282,15 @@ def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, h
     np.testing.assert_allclose(got, logits(quipc.load(artifact), ids)[0].numpy(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("head_bits,embed_bits", [(4, "auto"), (32, "8")])
-def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits):
+@pytest.mark.parametrize("head_bits,embed_bits,head_format", [
+    (4, "auto", "grid"), (32, "8", "grid"), (4, "auto", "e8p"), (4, "auto", "trellis")])
+def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format):
     """TVM: the quantized lm_head as one more QuIP linear, the embedding dequantized at build."""
     pytest.importorskip("tvm")
     from quipc.backends.tvm import compile_artifact
     from quipc_runtime.tvm_runtime import TvmLM
 
-    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits)
+    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format)
     out = tmp_path / "tvm"
     compile_artifact(artifact, out, progress=False)
     ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -303,10 +321,14 @@ def test_interrupted_head_resumes_to_the_same_bytes(tiny_model, tied_w3, tmp_pat
 
 def test_cli_flags():
     from quipc.cli import build_parser
-    from quipc.config import CLI_EMBED_BITS, CLI_HEAD_BITS
+    from quipc.config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT
 
     args = build_parser().parse_args(["compile", "m", "-o", "x"])
-    assert (args.head_bits, args.embed_bits) == (CLI_HEAD_BITS, CLI_EMBED_BITS)
+    assert (args.head_bits, args.embed_bits, args.head_format) == (CLI_HEAD_BITS, CLI_EMBED_BITS, CLI_HEAD_FORMAT)
+    args = build_parser().parse_args(["compile", "m", "-o", "x", "--head-format", "trellis"])
+    assert QuantConfig(head_bits=args.head_bits, head_format=args.head_format).validate().head_format == "trellis"
+    with pytest.raises(ValueError, match="unknown code format"):
+        QuantConfig(head_bits=4, head_format="bogus").validate()
     args = build_parser().parse_args(["compile", "m", "-o", "x", "--head-bits", "32", "--embed-bits", "32"])
     assert QuantConfig(head_bits=args.head_bits, embed_bits=args.embed_bits).validate().head_bits == 32
     with pytest.raises(SystemExit):

@@ -16,20 +16,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from quipc_runtime.embedding import EmbeddingTable
 from quipc_runtime.layer import QuantizedLinear
-from quipc_runtime.packing import pack
 from quipc_runtime.transforms import Transform, derive_seed
 
 from ..config import DENSE_BITS, QuantConfig
+from .encoders import encode, resolve_format
 from .grid import fit_grid
 from .hessian import HessianAccumulator, regularize
 from .incoherence import apply_rows, mu_hessian, mu_weight, rotate_hessian
-from .ldlq import greedy_refine, ldlq, proxy_loss
+from .ldlq import proxy_loss
 
 TABLE_GROUP = {8: None, 4: 32}  # entries per fp16 scale/zero group (None: one per row)
 
@@ -136,7 +135,7 @@ def quantize_head(model: nn.Module, plan: HeadPlan, hessian: torch.Tensor | None
     lin = model.get_submodule(plan.head)
     w = lin.weight.detach().cpu()
     bias = None if lin.bias is None else lin.bias.detach().cpu()
-    hcfg = dataclasses.replace(cfg, bits=plan.head_bits)
+    hcfg = dataclasses.replace(cfg, bits=plan.head_bits, format=cfg.head_format)
     if plan.embed_mode != "head":
         from .methods import LayerInput, quantize_linear
 
@@ -147,19 +146,20 @@ def quantize_head(model: nn.Module, plan: HeadPlan, hessian: torch.Tensor | None
 def quantize_shared_head(name: str, weight: torch.Tensor, hessian: torch.Tensor | None,
                          cfg: QuantConfig) -> QuantizedLinear:
     """cfg.method on the head with an identity output transform (quip: input side rotated
-    only), so the codes decode row by row into the embedding."""
+    only), in cfg.format, so the codes decode row by row into the embedding."""
     w = weight.detach().to(torch.float64)
     m, n = w.shape
     if not torch.isfinite(w).all():
         raise ValueError(f"{name}: the weight holds NaN or Inf; refusing to quantize it")
+    fmt = resolve_format(cfg.format, cfg.bits, n, m)
+    cfg = dataclasses.replace(cfg, format=fmt)
     t_out = Transform("identity", m)
     info: dict = {"method": cfg.method, "mu_w": mu_weight(w), "output_transform": "identity (shared with embedding)"}
+    stored_in, in_scale, w_q, h_q = Transform("identity", n), None, w, None
     if cfg.method == "rtn":
-        grid = fit_grid(w, cfg.bits, "minmax")
-        codes = grid.codes(w)
-        stored_in, in_scale, w_q, h = Transform("identity", n), None, w, None
+        enc = encode(fmt, w, None, dataclasses.replace(cfg, grid="minmax"))
         if hessian is not None:
-            h = hessian.to(torch.float64)
+            h_q = hessian.to(torch.float64)
     else:
         if hessian is None:
             raise ValueError(f"{name}: method {cfg.method} needs a calibration Hessian")
@@ -168,32 +168,24 @@ def quantize_shared_head(name: str, weight: torch.Tensor, hessian: torch.Tensor 
         info["mu_h"] = mu_hessian(h_damped)
         if cfg.method == "quip":
             t_in = Transform.make(cfg.incoherence, n, derive_seed(cfg.seed, name, "in"))
-            in_scale = torch.from_numpy(t_in.sign_vector()).to(torch.float16)
+            in_scale = torch.from_numpy(t_in.sign_vector()).to(torch.float16).numpy()
             w_q = apply_rows(w, t_in)                  # W V^T: rows rotated, output side untouched
             h_q = rotate_hessian(h_damped, t_in)
             stored_in = Transform(t_in.kind, n, t_in.orders, t_in.seed)  # signs live in in_scale
             info.update(incoherence=t_in.kind, mu_w_after=mu_weight(w_q), mu_h_after=mu_hessian(h_q))
-            in_scale = in_scale.numpy()
         elif cfg.method == "ldlq":
-            stored_in, in_scale, w_q, h_q = Transform("identity", n), None, w, h_damped
+            h_q = h_damped
         else:
             raise ValueError(f"unknown method {cfg.method!r}")
-        wf = w_q.to(torch.float32)
-        grid = fit_grid(wf, cfg.bits, cfg.grid, torch.diagonal(h_q))
-        codes = ldlq(wf, h_q, grid)
-        if cfg.greedy_passes:
-            codes = greedy_refine(wf, h_q, grid, codes, cfg.greedy_passes)
-        h = h_q
-    if h is not None:  # relative proxy losses in the domain where the rounding ran (H' = V H V^T)
-        ref = max(proxy_loss(torch.zeros_like(w_q), w_q, h), 1e-30)
+        enc = encode(fmt, w_q, h_q, cfg)
+    if h_q is not None:  # relative proxy losses in the domain where the rounding ran (H' = V H V^T)
+        ref = max(proxy_loss(torch.zeros_like(w_q), w_q, h_q), 1e-30)
         rtn = fit_grid(w_q, cfg.bits, "minmax")
-        info["proxy_loss_rtn"] = proxy_loss(w_q, rtn.round(w_q), h) / ref
-        info["proxy_loss"] = proxy_loss(w_q, grid.values(codes).double(), h) / ref
+        info["proxy_loss_rtn"] = proxy_loss(w_q, rtn.round(w_q), h_q) / ref
+        info["proxy_loss"] = proxy_loss(w_q, enc.values.double(), h_q) / ref
     layer = QuantizedLinear(
-        name=name, out_features=m, in_features=n, bits=cfg.bits,
-        codes=pack(codes.cpu().numpy().astype(np.uint8), cfg.bits),
-        scale=grid.scale.cpu().numpy().astype(np.float16), zero=grid.zero.cpu().numpy().astype(np.float16),
-        t_in=stored_in, t_out=t_out, in_scale=in_scale, bias=None, info=info)
+        name=name, out_features=m, in_features=n, bits=cfg.bits, codes=enc.codes, scale=enc.scale,
+        zero=enc.zero, format=fmt, t_in=stored_in, t_out=t_out, in_scale=in_scale, bias=None, info=info)
     layer.validate()
     return layer
 

@@ -3,9 +3,10 @@
 Two stored forms (the manifest's "embedding" record, `kind`):
 - "head": a tied model's one table is the quantized lm_head. The head is stored with an
   identity output transform, so row i of its effective weight is
-      E[i] = (W'[i] @ K_in) * in_scale,   W'[i, j] = scale[i] * code[i, j] + zero[i]
+      E[i] = (W'[i] @ K_in) * in_scale,   W'[i] decoded by the head's code format
   (K_in the Kronecker part of the input transform, signs folded into in_scale): a lookup
-  gathers the code rows of the token ids, dequantizes them and applies K_in^T to each.
+  gathers the code rows of the token ids (for trellis the 16-row tiles they lie in), decodes
+  them and applies K_in^T to each.
 - "table": an integer table of its own: codes of `bits` (8 or 4) bits per entry, one fp16
   scale and zero per group of `group` consecutive entries of a row,
       E[i, j] = scale[i, j // group] * code[i, j] + zero[i, j // group].
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats import get_format
 from .layer import QuantizedLinear, tensors_checksum
-from .packing import unpack
 
 TABLE_BITS = (4, 8)
 
@@ -129,24 +130,22 @@ class EmbeddingTable:
 
 # --- rows of a quantized head -------------------------------------------------------------
 def check_shared_head(layer: QuantizedLinear) -> None:
-    """A head whose codes can serve as the embedding table: identity output transform,
-    no bias, the per-row grid form (codes, scale, zero)."""
+    """A head whose codes can serve as the embedding table: identity output transform (row i
+    of W' is row i of the head), no bias; any code format (its rows decode by row groups)."""
     if layer.t_out.kind != "identity" or layer.t_out.signs is not None:
         raise ValueError(f"layer {layer.name}: an embedding shared with the head needs the head's "
                          f"output transform to be the identity, not {layer.t_out.kind}")
     if layer.bias is not None:
         raise ValueError(f"layer {layer.name}: an embedding shared with the head needs a head without bias")
-    fmt = getattr(layer, "format", "grid")
-    if fmt not in (None, "grid"):
-        raise ValueError(f"layer {layer.name}: embedding rows are decoded from the per-row grid "
-                         f"format only, not {fmt!r}")
 
 
 def head_rotated_rows(layer: QuantizedLinear, ids: np.ndarray) -> np.ndarray:
-    """W'[ids] in float32, (k, n): the dequantized code rows, before the input transform."""
+    """W'[ids] in float32, (k, n): the decoded code rows (the format's reference decoder, only
+    the row groups of the ids), before the input transform."""
     ids = np.asarray(ids).reshape(-1)
-    codes = unpack(np.ascontiguousarray(layer.codes[ids]), layer.bits, layer.in_features).astype(np.float32)
-    return codes * layer.scale[ids].astype(np.float32)[:, None] + layer.zero[ids].astype(np.float32)[:, None]
+    fmt, (m, n) = get_format(layer.format), (layer.out_features, layer.in_features)
+    tensors = {key: getattr(layer, key) for key in fmt.tensor_specs(m, n, layer.bits)}
+    return fmt.decode_rows(tensors, layer.bits, n, ids)
 
 
 def head_rows(layer: QuantizedLinear, ids: np.ndarray) -> np.ndarray:

@@ -22,6 +22,18 @@ class CodeFormat:
     decode: Callable[[dict, int, int], np.ndarray]  # (tensors, bits, n) -> W' (m, n) float32
     check_shape: Callable[..., None]            # (n, m=None): ValueError for an unsupported shape
     describe: str
+    row_group: int = 1    # rows that decode only together (trellis: a tile's 16 rows share a stream)
+
+    def decode_rows(self, tensors: dict, bits: int, n: int, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (1-D) of W', float32 (len(ids), n), decoding only the row groups they lie in
+        (an embedding lookup from a head's codes)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        g = self.row_group
+        if g == 1:
+            return self.decode({k: v[ids] for k, v in tensors.items()}, bits, n)
+        first = (ids // g)[:, None] * g + np.arange(g)[None, :]        # (K, g): each id's whole group
+        rows = self.decode({k: v[first.reshape(-1)] for k, v in tensors.items()}, bits, n)
+        return rows.reshape(len(ids), g, n)[np.arange(len(ids)), ids % g]
 
     def check_bits(self, bits: int) -> None:
         if bits not in self.bits:

@@ -123,6 +123,6 @@ def _check_shape(n: int, m: int | None = None) -> None:
 
 
 TRELLIS = register_format(CodeFormat(
-    name="trellis", bits=BITS, tensor_specs=_specs, decode=_decode, check_shape=_check_shape,
+    name="trellis", bits=BITS, tensor_specs=_specs, decode=_decode, check_shape=_check_shape, row_group=TILE,
     describe=f"trellis-coded (tail-biting bitshift trellis, {STATE_BITS}-bit states, 16x16 tiles), "
              "computed Gaussian code, fp16 scale per row"))

@@ -21,6 +21,9 @@ class Lowering:
     plan: Callable
     # (b, v, z, weights by key, m, lit) -> W' z for the m rows (m: a 1-D int64 tensor name)
     weight_product: Callable
+    # (b, bits, weights by key, m, lit) -> W' (m, n) float32 with standard ops: the "unpack" mode's
+    # matrix, and the rows of a tied head that an embedding lookup decodes (backends/onnx/embedding.py)
+    dequantize: Callable
     ms_modes: tuple[str, ...] = ()  # modes whose body uses com.microsoft ops (MatMulNBits)
 
 

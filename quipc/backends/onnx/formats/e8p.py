@@ -110,19 +110,28 @@ def stage_codes(b: Builder, codes: str, bits: int, m: str) -> list[tuple[str, st
     return out
 
 
+def _stages_and_scales(b: Builder, bits: int, w: dict, m: str) -> tuple[list, list]:
+    scale_f = b.op("Cast", w["scale"], to=FLOAT)
+    stages = stage_codes(b, w["codes"], bits, m)
+    return stages, [b.op("Gather", scale_f, b.const(np.int64(s)), axis=1) for s in range(len(stages))]   # (m,)
+
+
+def dequantize(b: Builder, bits: int, w: dict, m: str, lit: dict) -> str:
+    """W' (m, n) float32: sum over stages of scale[:, s] * (0.5 q_s - 4 + offset)."""
+    wt = None
+    for (kind, q), s in zip(*_stages_and_scales(b, bits, w, m)):
+        val = b.op("Sub", b.op("Mul", b.op("Cast", q, to=FLOAT), b.const(np.float32(0.5))),
+                   b.const(np.float32(4 - OFFSET[kind])))
+        part = b.op("Mul", val, b.op("Unsqueeze", s, b.ints([1])))
+        wt = part if wt is None else b.op("Add", wt, part)
+    return wt
+
+
 def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
     """W' z for the m rows of codes / scale (m, stages)."""
-    scale_f = b.op("Cast", w["scale"], to=FLOAT)
-    stages = stage_codes(b, w["codes"], v.bits, m)
-    scales = [b.op("Gather", scale_f, b.const(np.int64(s)), axis=1) for s in range(len(stages))]   # (m,)
     if v.mode == "unpack":
-        wt = None
-        for (kind, q), s in zip(stages, scales):
-            val = b.op("Sub", b.op("Mul", b.op("Cast", q, to=FLOAT), b.const(np.float32(0.5))),
-                       b.const(np.float32(4 - OFFSET[kind])))
-            part = b.op("Mul", val, b.op("Unsqueeze", s, b.ints([1])))
-            wt = part if wt is None else b.op("Add", wt, part)
-        return b.op("MatMul", z, b.op("Transpose", wt, perm=[1, 0]))
+        return b.op("MatMul", z, b.op("Transpose", dequantize(b, v.bits, w, m, lit), perm=[1, 0]))
+    stages, scales = _stages_and_scales(b, v.bits, w, m)
     y, corr = None, None
     for (kind, q), s in zip(stages, scales):
         half = b.op("Mul", s, b.const(np.float32(0.5)))
@@ -134,4 +143,5 @@ def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
     return b.op("Add", y, times_row_sums(b, z, corr))
 
 
-E8P = register_lowering(Lowering("e8p", ("codes", "scale"), plan, weight_product, ms_modes=("repack4",)))
+E8P = register_lowering(Lowering("e8p", ("codes", "scale"), plan, weight_product, dequantize,
+                                 ms_modes=("repack4",)))

@@ -69,15 +69,19 @@ def _unpack_codes_int64(b: Builder, codes: str, bits: int, m: str, lit: dict) ->
     return b.op("Slice", vals, b.ints([0]), b.attr_int("in_features", lit.get("in_features")), b.ints([1]))
 
 
+def dequantize(b: Builder, bits: int, w: dict, m: str, lit: dict) -> str:
+    """W' (m, n) float32: scale * code + zero per row."""
+    vals = b.op("Cast", unpack_codes(b, w["codes"], bits, m, lit), to=FLOAT)
+    return b.op("Add", b.op("Mul", vals, b.op("Unsqueeze", b.op("Cast", w["scale"], to=FLOAT), b.ints([1]))),
+                b.op("Unsqueeze", b.op("Cast", w["zero"], to=FLOAT), b.ints([1])))
+
+
 def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
     """W' z for the m rows of codes/scale/zero (m: out_features, the total in a group)."""
+    if v.mode == "unpack":
+        return b.op("MatMul", z, b.op("Transpose", dequantize(b, v.bits, w, m, lit), perm=[1, 0]))
     scale_f = b.op("Cast", w["scale"], to=FLOAT)
     zero_f = b.op("Cast", w["zero"], to=FLOAT)
-    if v.mode == "unpack":
-        vals = b.op("Cast", unpack_codes(b, w["codes"], v.bits, m, lit), to=FLOAT)
-        wt = b.op("Add", b.op("Mul", vals, b.op("Unsqueeze", scale_f, b.ints([1]))),
-                  b.op("Unsqueeze", zero_f, b.ints([1])))
-        return b.op("MatMul", z, b.op("Transpose", wt, perm=[1, 0]))
     if v.mode == "nbits":   # the quipc layout is MatMulNBits' layout: only reshaped
         packed, kbits = blocks(b, w["codes"], m, lit, "bits"), "bits"
         half = b.op("Pow", b.const(np.float32(2)), b.op(
@@ -89,5 +93,5 @@ def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
     return b.op("Add", y, times_row_sums(b, z, b.op("Add", zero_f, b.op("Mul", scale_f, half))))
 
 
-GRID = register_lowering(Lowering("grid", ("codes", "scale", "zero"), plan, weight_product,
+GRID = register_lowering(Lowering("grid", ("codes", "scale", "zero"), plan, weight_product, dequantize,
                                   ms_modes=("nbits", "repack4")))

@@ -59,9 +59,8 @@ def _states(b: Builder, stream: str, k: int) -> str:
     return b.op("Mod", b.op("Div", word, b.const(np.int64(1) << shift)), b.ints([1 << L]))
 
 
-def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
-    """W' z for the m rows of codes / scale (m, 1)."""
-    k = v.bits
+def dequantize(b: Builder, k: int, w: dict, m: str, lit: dict) -> str:
+    """W' (m, n) float32 of whole tiles (m a multiple of 16): scale * CODE[state]."""
     ct = b.op("Div", b.attr_int("in_features", lit.get("in_features")), b.ints([TILE]))
     tiles = b.op("Reshape", w["codes"], b.op("Concat", b.ints([-1, TILE]), ct, b.ints([2 * k]), axis=0))
     stream = b.op("Reshape", b.op("Transpose", tiles, perm=[0, 2, 1, 3]),
@@ -70,8 +69,12 @@ def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
     values = b.op("Reshape", values, b.op("Concat", b.ints([-1]), ct, b.ints([TILE, TILE]), axis=0))
     rows = b.op("Reshape", b.op("Transpose", values, perm=[0, 2, 1, 3]),
                 b.op("Concat", m, b.ints([-1]), axis=0))                                # (m, n)
-    wt = b.op("Mul", rows, b.op("Cast", w["scale"], to=FLOAT))
-    return b.op("MatMul", z, b.op("Transpose", wt, perm=[1, 0]))
+    return b.op("Mul", rows, b.op("Cast", w["scale"], to=FLOAT))
 
 
-TRELLIS = register_lowering(Lowering("trellis", ("codes", "scale"), plan, weight_product))
+def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
+    """W' z for the m rows of codes / scale (m, 1)."""
+    return b.op("MatMul", z, b.op("Transpose", dequantize(b, v.bits, w, m, lit), perm=[1, 0]))
+
+
+TRELLIS = register_lowering(Lowering("trellis", ("codes", "scale"), plan, weight_product, dequantize))
