@@ -4,7 +4,11 @@
         --calib wiki.valid.tokens --text wiki.test.raw --windows 16 \\
         --variants 32/32,4/head,3/head,4/8,4/4 --json benchmarks/results/head_embed_w2.json
 
-Loads ARTIFACT's quantized blocks once (torch reference path), takes lm_head's Hessian from the
+A variant is HEAD/EMBED[@OPT]: OPT a damping (0.1), greedy passes (g2) or the head's code format
+(grid, e8p, trellis).
+
+Loads ARTIFACT's quantized blocks once (torch reference path; without --artifact the source
+model's fp32 blocks, so that a variant's cost is its head / embedding alone), takes lm_head's Hessian from the
 final norm's outputs on the calibration windows (the fp32 embedding in front, as `quipc compile`
 does), then for each HEAD/EMBED variant quantizes the head and the embedding as `quipc compile
 --head-bits HEAD --embed-bits EMBED` would (quipc.passes.head), swaps them in and measures PROTOCOL
@@ -26,7 +30,8 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--artifact", help="the quantized blocks to hold fixed (default: the source model's fp32 "
+                                         "blocks: the cost of the head / embedding alone)")
     ap.add_argument("--model", default="smollm2-135m", help="the artifact's source (fp32 head/embedding)")
     ap.add_argument("--calib", required=True)
     ap.add_argument("--text", required=True)
@@ -51,12 +56,17 @@ def main() -> None:
     from quipc_runtime.embedding import QuantEmbedding
     from quipc_runtime.modules import QuipLinearRef
 
-    folder = Path(args.artifact)
-    manifest = art.read_manifest(folder)
     src, tok = load_model(resolve(args.model))
-    model = quipc_runtime.load(folder)
-    base_cfg = QuantConfig(**{k: v for k, v in manifest["quant_config"].items()
-                              if k in {f.name for f in dataclasses.fields(QuantConfig)}})
+    if args.artifact:
+        folder = Path(args.artifact)
+        manifest = art.read_manifest(folder)
+        model = quipc_runtime.load(folder)
+        base_cfg = QuantConfig(**{k: v for k, v in manifest["quant_config"].items()
+                                  if k in {f.name for f in dataclasses.fields(QuantConfig)}})
+    else:   # fp32 blocks: a second copy of the source, whose head / embedding the variants replace
+        folder, manifest = None, None
+        model, _ = load_model(resolve(args.model))
+        base_cfg = QuantConfig(bits=2)
     e32, h32 = src.get_input_embeddings(), src.get_output_embeddings()
     model.set_submodule("model.embed_tokens", e32)
     model.set_submodule("lm_head", h32)
@@ -99,19 +109,26 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
     from quipc_runtime.embedding import QuantEmbedding
     from quipc_runtime.modules import QuipLinearRef
 
-    other = sum(art.safe_path(folder, r).stat().st_size for r in art.data_files(manifest)
-                if r not in ("head.safetensors", "embedding.safetensors", manifest["dense"]["file"]))
-    other += (folder / "manifest.json").stat().st_size  # the artifact's: within a few hundred bytes
-    dense_small = sum(t.numel() * t.element_size() for k, t in art.load_dense(folder, manifest).items()
-                      if "embed" not in k and "lm_head" not in k)
+    if folder is None:   # fp32 blocks: their bytes as fp32 tensors
+        other = 0
+        dense_small = sum(4 * t.numel() for k, t in src.state_dict().items() if "embed" not in k and "lm_head" not in k)
+    else:
+        other = sum(art.safe_path(folder, r).stat().st_size for r in art.data_files(manifest)
+                    if r not in ("head.safetensors", "embedding.safetensors", manifest["dense"]["file"]))
+        other += (folder / "manifest.json").stat().st_size  # the artifact's: within a few hundred bytes
+        dense_small = sum(t.numel() * t.element_size() for k, t in art.load_dense(folder, manifest).items()
+                          if "embed" not in k and "lm_head" not in k)
     params = int(sum(p.numel() for p in src.parameters()))
     eval_w = eval_windows(tok, args.text, args.ctx, args.windows)
     results = []
     for variant in args.variants.split(","):
         hb, eb = variant.split("/")
-        eb, _, opt = eb.partition("@")   # "4/head@0.1": damp 0.1; "4/head@g2": 2 greedy passes
+        # "4/head@0.1": damp 0.1; "4/head@g2": 2 greedy passes; "4/head@trellis": the head's code format
+        eb, _, opt = eb.partition("@")
         cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb).validate()
-        if opt.startswith("g"):
+        if opt in ("grid", "e8p", "trellis", "auto"):
+            cfg = dataclasses.replace(cfg, head_format=opt).validate()
+        elif opt.startswith("g"):
             cfg = dataclasses.replace(cfg, greedy_passes=int(opt[1:]))
         elif opt:
             cfg = dataclasses.replace(cfg, damp=float(opt))
@@ -139,7 +156,7 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
             nbytes += h32.weight.numel() * 4  # a tied model's dense head stored apart
         quant_s = time.time() - t1
         r = perplexity(torch_logits_fn(model), eval_w, progress=False)
-        rec = {"variant": variant, "head_bits": plan.head_bits, "embed": plan.embed_mode,
+        rec = {"variant": variant, "head_bits": plan.head_bits, "head_format": cfg.head_format, "embed": plan.embed_mode,
                "embed_bits": plan.embed_bits, "est_bytes": int(nbytes), "est_MB": nbytes / 1e6,
                "bits_per_param": 8 * nbytes / params, "ppl": r["ppl"], "windows": r["windows"],
                "quantize_s": quant_s, "eval_s": r["seconds"]}
@@ -148,7 +165,8 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
         results.append(rec)
         print(json.dumps(rec), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"artifact": str(folder.name), "quant_config": manifest["quant_config"],
+        Path(args.json).write_text(json.dumps({"artifact": folder.name if folder else "fp32 blocks",
+                                               "quant_config": manifest["quant_config"] if manifest else None,
                                                "windows": args.windows, "results": results}, indent=1))
 
 
