@@ -11,6 +11,9 @@ EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 # `quipc compile`'s defaults for lm_head and the embedding (the library's QuantConfig keeps
 # both dense); chosen from measurements on SmolLM2-135M, see README.
 CLI_HEAD_BITS = 4
+# the head's code format: grid. With fp32 blocks the trellis head costs least (+1.44 % vs grid's +3.19 %,
+# benchmarks/results/head_embed_formats_fp32blocks.json), but in the default pipeline it gave ppl 63.18 /
+# agreement 0.272 against the grid head's 60.92 / 0.330, and grid decodes fastest (README, 'Whole model')
 CLI_HEAD_FORMAT = "grid"
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
