@@ -57,7 +57,10 @@ def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:
     calib_d = asdict(calib)
     if not calib.chat:
         del calib_d["chat"]   # the key of a compile from before the option existed
-    blob = json.dumps({"source": source, "quant": cfg.to_dict(), "calib": calib_d}, sort_keys=True)
+    quant = cfg.to_dict()
+    if quant["head_format"] == "grid":
+        del quant["head_format"]   # likewise: a compile started before --head-format resumes
+    blob = json.dumps({"source": source, "quant": quant, "calib": calib_d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -333,3 +333,22 @@ def test_cli_flags():
     assert QuantConfig(head_bits=args.head_bits, embed_bits=args.embed_bits).validate().head_bits == 32
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compile", "m", "-o", "x", "--embed-bits", "3"])
+
+
+def test_resume_key_of_compiles_from_before_head_format():
+    """A compile started before --head-format existed (its key hashed no head_format) resumes
+    under the default grid head; another head format is another job."""
+    import hashlib
+    from dataclasses import asdict
+
+    from quipc.compile import _job_key
+
+    calib, source = CalibConfig(text="t.txt", **CALIB), {"spec": "m"}
+    old = QuantConfig(bits=2, head_bits=4).to_dict()
+    del old["head_format"]
+    calib_d = asdict(calib)
+    del calib_d["chat"]
+    blob = json.dumps({"source": source, "quant": old, "calib": calib_d}, sort_keys=True)
+    assert _job_key(source, QuantConfig(bits=2, head_bits=4), calib) == hashlib.sha256(blob.encode()).hexdigest()
+    assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_format="trellis"), calib) != \
+        _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
