@@ -103,6 +103,7 @@ def _head_hessian(args, model, src, tok, headpass, calibration, find_blocks):
 
 
 def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32):
+    from quipc.cli import head_format_choices
     from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
     from quipc.passes import head as headpass
     from quipc_runtime import artifact as art
@@ -126,7 +127,7 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
         # "4/head@0.1": damp 0.1; "4/head@g2": 2 greedy passes; "4/head@trellis": the head's code format
         eb, _, opt = eb.partition("@")
         cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb).validate()
-        if opt in ("grid", "e8p", "trellis", "auto"):
+        if opt in head_format_choices():
             cfg = dataclasses.replace(cfg, head_format=opt).validate()
         elif opt.startswith("g"):
             cfg = dataclasses.replace(cfg, greedy_passes=int(opt[1:]))

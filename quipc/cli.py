@@ -38,12 +38,21 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
 
 
+def head_format_choices() -> tuple[str, ...]:
+    """Every registered code format, and auto."""
+    from quipc_runtime.formats import FORMATS
+
+    from .passes.encoders import AUTO
+
+    return (*sorted(FORMATS), AUTO)
+
+
 def _add_head_args(p: argparse.ArgumentParser) -> None:
     from .config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, EMBED_CHOICES
 
     p.add_argument("--head-bits", type=int, default=CLI_HEAD_BITS,
                    help=f"lm_head bits: 2, 3, 4, or 32 to keep it dense (default {CLI_HEAD_BITS})")
-    p.add_argument("--head-format", default=CLI_HEAD_FORMAT, choices=("grid", "e8p", "trellis", "auto"),
+    p.add_argument("--head-format", default=CLI_HEAD_FORMAT, choices=head_format_choices(),
                    help="lm_head's code format (and so the shared embedding's): grid decodes fastest, trellis "
                         f"loses least (see README, 'Whole model'; default {CLI_HEAD_FORMAT})")
     p.add_argument("--embed-bits", default=CLI_EMBED_BITS, choices=EMBED_CHOICES,
