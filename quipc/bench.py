@@ -8,8 +8,10 @@ the KV cache (timed; decode_ms = their total / count). Reported: median over rep
 the spread (min, max). A backend that cannot run here is reported as skipped with the reason.
 
 Backends: torch-ref (quipc_runtime, reference modules), runtime (quipc_runtime C++ kernels),
-onnx (quipc ONNX export + onnxruntime), tvm (quipc TVM build, llvm); baselines (--baseline fp32):
-fp32-torch (transformers, the original fp32 model), fp32-onnx (its ONNX export, onnxruntime).
+onnx (quipc ONNX export + onnxruntime), tvm (quipc TVM build, llvm); baselines (--baseline
+fp32,llamacpp): fp32-torch (transformers, the original fp32 model), fp32-onnx (its ONNX export,
+onnxruntime); llamacpp-q4_0 / llamacpp-q8_0 (the source GGUF requantized by llama.cpp, run by
+llama-cpp-python where installed: bench_llamacpp.py).
 
 This module drives a run (arguments, repetitions, records); bench_backends.py names the
 backends and prepares them, bench_worker.py is the worker process, bench_report.py the table
@@ -26,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_backends import BASELINES, GRAPH_BACKENDS, QUIPC_BACKENDS, prepare
+from .bench_backends import BASELINE_BACKENDS, BASELINES, GRAPH_BACKENDS, QUIPC_BACKENDS, prepare
+from .bench_llamacpp import LLAMACPP_TYPES
 from .bench_backends import why_not as _why_not  # called through this name: tests patch it here
 from .bench_report import format_table, write_chart
 from .bench_worker import worker
@@ -41,8 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=",".join(QUIPC_BACKENDS),
                         help=f"comma-separated, from {', '.join(QUIPC_BACKENDS + tuple(GRAPH_BACKENDS))} "
                              f"(default: {', '.join(QUIPC_BACKENDS)})")
-    parser.add_argument("--baseline", default=None, choices=sorted(BASELINES),
-                        help="also measure the unquantized model: fp32 = transformers fp32 + onnxruntime fp32")
+    parser.add_argument("--baseline", default=None, type=_baselines,
+                        help="comma-separated: fp32 = the unquantized model in transformers and onnxruntime; "
+                             "llamacpp = the source GGUF requantized by llama.cpp to Q4_0 and Q8_0 "
+                             "(needs llama-cpp-python)")
+    parser.add_argument("--gguf", default=None,
+                        help="llamacpp baseline: the GGUF file to requantize (default: the artifact's source, "
+                             "when it was a .gguf file)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per repetition (default 32)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per backend (default 5)")
@@ -61,9 +69,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _baselines(text: str) -> list[str]:
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in names if b not in BASELINES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {bad or text!r}; expected some of "
+                                         f"{', '.join(sorted(BASELINES))}")
+    return names
+
+
 def _summary(samples: list[dict], key: str) -> tuple[float, list[float]]:
     vals = [s[key] for s in samples]
     return statistics.median(vals), [min(vals), max(vals)]
+
+
+def _bits_label(name: str, bits) -> str | int | None:
+    """What a record's bits column says: the artifact's bits, None for fp32, llama.cpp's type."""
+    if name.startswith("fp32"):
+        return None
+    return LLAMACPP_TYPES.get(name, bits)
 
 
 def run(args) -> int:
@@ -72,12 +96,12 @@ def run(args) -> int:
     artifact = Path(args.artifact)
     manifest = art.read_manifest(artifact)  # raises a clear error for a bad folder
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in QUIPC_BACKENDS and b not in GRAPH_BACKENDS]
+    known = QUIPC_BACKENDS + tuple(GRAPH_BACKENDS) + BASELINE_BACKENDS
+    unknown = [b for b in names if b not in known]
     if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; expected some of "
-                         f"{', '.join(QUIPC_BACKENDS + tuple(GRAPH_BACKENDS))}")
-    if args.baseline:
-        names += list(BASELINES[args.baseline])
+        raise ValueError(f"unknown backend(s) {unknown}; expected some of {', '.join(known)}")
+    for baseline in args.baseline or []:
+        names += [b for b in BASELINES[baseline] if b not in names]
     if args.reps < 1 or args.new_tokens < 1 or args.prompt_len < 1:
         raise ValueError("--reps, --new-tokens and --prompt-len must be >= 1")
     threads = args.threads or int(os.environ.get("QUIPC_NUM_THREADS", 0)) or os.cpu_count() or 1
@@ -90,6 +114,7 @@ def run(args) -> int:
     rng = random.Random(args.seed)
     prompt = [rng.randrange(min(vocab, 32000)) for _ in range(args.prompt_len)]
     base = {"artifact": str(artifact.resolve()), "source_spec": manifest.get("source", {}).get("spec"),
+            "source": manifest.get("source"), "threads": threads,
             "prompt": prompt, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "onnx_custom_ops": not args.no_onnx_custom_ops}
 
@@ -100,12 +125,15 @@ def run(args) -> int:
     records: dict[str, dict] = {}
     workers: dict[str, tuple] = {}
     build_s: dict[str, float] = {}
+    files: dict[str, dict] = {}
     ctx = mp.get_context("spawn")
     for name in names:
         spec = dict(base)
         reason = _why_not(name) or prepare(name, spec, args, work, log)
         if "build_s" in spec:
             build_s[name] = spec["build_s"]
+        if "file_mb" in spec:   # a llama.cpp baseline: the file it runs
+            files[name] = {"file": spec["file"], "file_mb": spec["file_mb"]}
         if reason is None and name.startswith("fp32") and not spec["source_spec"]:
             reason = "the artifact does not record its source model"
         if reason:
@@ -152,7 +180,7 @@ def run(args) -> int:
         pre, pre_sp = _summary(s, "prefill_ms")
         dec, dec_sp = _summary(s, "decode_ms")
         records[name] = {
-            "backend": name, "status": "ok", "bits": None if name.startswith("fp32") else bits,
+            "backend": name, "status": "ok", "bits": _bits_label(name, bits),
             "threads": threads, "prefill_ms": round(pre, 3), "decode_ms": round(dec, 3),
             "tok_s": round(1e3 / dec, 2), "peak_mb": round(max(x["peak_mb"] for x in s), 1),
             "reps": len(s), "spread": {"prefill_ms": [round(v, 3) for v in pre_sp],
@@ -162,6 +190,7 @@ def run(args) -> int:
         }
         if name in build_s:   # the ONNX export / TVM build made for this run
             records[name]["build_s"] = build_s[name]
+        records[name].update(files.get(name, {}))
     ordered = [records[n] for n in names if n in records]
     meta = {"artifact": str(artifact.resolve()), "threads": threads, "reps": args.reps,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(),

@@ -4,12 +4,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import bench_llamacpp
+
 QUIPC_BACKENDS = ("torch-ref", "runtime", "onnx", "tvm")
 # onnx / tvm lower with the artifact's default graph (backends/lower.py: hand-written for llama,
 # traced otherwise); these name the graph, to put both side by side (not in the default list)
 GRAPH_BACKENDS = {"onnx-traced": ("onnx", "traced"), "onnx-handwritten": ("onnx", "handwritten"),
                   "tvm-traced": ("tvm", "traced"), "tvm-handwritten": ("tvm", "handwritten")}
-BASELINES = {"fp32": ("fp32-torch", "fp32-onnx")}
+# --baseline NAME adds these backends: the unquantized model, or llama.cpp's own quantized files
+BASELINES = {"fp32": ("fp32-torch", "fp32-onnx"), "llamacpp": tuple(bench_llamacpp.LLAMACPP_TYPES)}
+BASELINE_BACKENDS = tuple(b for names in BASELINES.values() for b in names)
 
 
 def why_not(name: str) -> str | None:
@@ -23,6 +27,8 @@ def why_not(name: str) -> str | None:
             return "onnx is not installed"
     if (name == "tvm" or name.startswith("tvm-")) and importlib.util.find_spec("tvm") is None:
         return "apache-tvm is not installed"
+    if name in bench_llamacpp.LLAMACPP_TYPES:
+        return bench_llamacpp.why_not()
     if name == "runtime":
         try:
             from quipc_runtime import kernels
@@ -34,7 +40,7 @@ def why_not(name: str) -> str | None:
 
 
 def prepare(name: str, spec: dict, args, work: Path, log) -> str | None:
-    """Build what a backend needs (ONNX export, TVM compile), cached in `work`."""
+    """Build what a backend needs (ONNX export, TVM compile, llama.cpp requantization), cached in `work`."""
     art = Path(spec["artifact"])
     try:
         if name in ("onnx", "tvm") or name in GRAPH_BACKENDS:
@@ -50,6 +56,12 @@ def prepare(name: str, spec: dict, args, work: Path, log) -> str | None:
                 lower_artifact(art, path, target=target, graph=graph, onnx_ops="quip", progress=False)
                 spec["build_s"] = round(time.time() - t0, 1)
             spec["onnx_path" if target == "onnx" else "tvm_path"] = str(path)
+        elif name in bench_llamacpp.LLAMACPP_TYPES:
+            src = bench_llamacpp.source_gguf(spec["source"], args.gguf)
+            ftype = bench_llamacpp.LLAMACPP_TYPES[name]
+            log(f"{name}: {src.name} requantized to {ftype} by llama.cpp")
+            path = bench_llamacpp.requantize(src, ftype, work, spec["threads"])
+            spec.update(gguf_path=str(path), file=src.name, file_mb=round(path.stat().st_size / 1e6, 2))
         elif name == "fp32-onnx":
             path = work / "onnx-fp32"
             if not (path / "model.onnx").is_file():
