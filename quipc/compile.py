@@ -182,6 +182,7 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     if cfg.method != "rtn":
         windows, calib_info = group.broadcast_object(
             _on_main(group, lambda: _calibration(stream, tokenizer, calib, cfg.seed, device, progress), None))
+        _on_main(group, lambda: _same_calibration(out, manifest, calib_info), None)
     dense, _ = _dense_tensors(model, prefix)
     dense = plan.dense_tensors(dense, model)
     if group.broadcast_object(manifest is None if group.is_main else None):   # a new folder
@@ -291,7 +292,28 @@ def _generated(stream, device, total: int, desc: str, progress, write):
     return windows
 
 
+def _same_calibration(out: Path, manifest: dict | None, info: dict) -> None:
+    """A resumed compile must round its remaining blocks on the tokens the interrupted run used:
+    text the model generates from a seed can come out different on another CPU or library
+    version (sampling follows float logits), and blocks rounded on two calibrations would mix."""
+    was = (manifest or {}).get("calibration", {}).get("tokens_sha256")
+    if was and was != info.get("tokens_sha256"):
+        raise ValueError(f"{out}: the calibration tokens made now (sha256 {info.get('tokens_sha256', '?')[:12]}) "
+                         f"differ from those the interrupted run used ({was[:12]}): generated text can differ "
+                         "between CPUs or library versions; compile again without --resume, into a new folder")
+
+
+def _tokens_sha256(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def _calibration(stream, tokenizer, calib: CalibConfig, seed: int, device, progress):
+    windows, info = _calibration_windows(stream, tokenizer, calib, seed, device, progress)
+    # what the blocks were rounded on, to the token: names a generated text across machines
+    return windows, {**info, "tokens_sha256": _tokens_sha256(windows)}
+
+
+def _calibration_windows(stream, tokenizer, calib: CalibConfig, seed: int, device, progress):
     if calib.text is not None:
         n_chat = calibration.chat_window_count(tokenizer, calib.windows, calib.chat)
         windows = calibration.text_windows(tokenizer, calib.text, calib.windows - n_chat, calib.length)

@@ -118,6 +118,15 @@ def test_interrupted_compile_resumes(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other settings"):
         compile_model(str(model), tmp_path / "cut", QuantConfig(bits=2), calib, resume=True, progress=False)
 
+    # resumed on other calibration tokens (e.g. text generated on another CPU): refused, folder kept
+    assert len(man["calibration"]["tokens_sha256"]) == 64
+    bad = {**man, "calibration": {**man["calibration"], "tokens_sha256": "0" * 64}}
+    (tmp_path / "cut" / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="calibration tokens made now .* differ"):
+        compile_model(str(model), tmp_path / "cut", cfg, calib, resume=True, progress=False)
+    assert [b["index"] for b in json.loads((tmp_path / "cut" / "manifest.json").read_text())["blocks"]] == [0]
+    (tmp_path / "cut" / "manifest.json").write_text(json.dumps(man))
+
     calls["n"] = 0
     monkeypatch.setattr("quipc.passes.sequential.quantize_linear", lambda inp, c: (calls.__setitem__("n", calls["n"] + 1), real(inp, c))[1])
     compile_model(str(model), tmp_path / "cut", cfg, calib, resume=True, progress=False)
