@@ -7,14 +7,14 @@ from pathlib import Path
 def format_table(records: list[dict], meta: dict) -> str:
     lines = [f"threads={meta['threads']}  reps={meta['reps']} (median, [min-max])  "
              f"prompt={meta['prompt_len']} tokens  decode={meta['new_tokens']} tokens",
-             f"{'backend':<11} {'bits':>4} {'prefill ms':>22} {'decode ms/token':>22} {'tok/s':>7} {'peak MiB':>9}"]
+             f"{'backend':<14} {'bits':>4} {'prefill ms':>22} {'decode ms/token':>22} {'tok/s':>7} {'peak MiB':>9}"]
     for r in records:
         if r["status"] != "ok":
-            lines.append(f"{r['backend']:<11} {r['status']}: {r['reason']}")
+            lines.append(f"{r['backend']:<14} {r['status']}: {r['reason']}")
             continue
         p, d = r["spread"]["prefill_ms"], r["spread"]["decode_ms"]
-        lines.append(f"{r['backend']:<11} {str(r['bits'] or 'fp32'):>4} "
-                     f"{r['prefill_ms']:>8.1f} [{p[0]:.1f}-{p[1]:.1f}]".ljust(40)
+        lines.append(f"{r['backend']:<14} {str(r['bits'] or 'fp32'):>4} "
+                     f"{r['prefill_ms']:>8.1f} [{p[0]:.1f}-{p[1]:.1f}]".ljust(43)
                      + f"{r['decode_ms']:>8.2f} [{d[0]:.2f}-{d[1]:.2f}]".rjust(23)
                      + f" {r['tok_s']:>7.1f} {r['peak_mb']:>9.0f}")
     return "\n".join(lines)
@@ -38,7 +38,8 @@ def write_chart(records: list[dict], meta: dict, path: Path) -> str | None:
         vals = [r[key] for r in ok]
         lo = [r[key] - r["spread"][key][0] for r in ok]
         hi = [r["spread"][key][1] - r[key] for r in ok]
-        colors = ["#999999" if n.startswith("fp32") else "#3366aa" for n in names]
+        colors = ["#999999" if n.startswith("fp32") else "#cc7733" if n.startswith("llamacpp") else "#3366aa"
+                  for n in names]
         ax.bar(names, vals, yerr=[lo, hi], capsize=4, color=colors)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
