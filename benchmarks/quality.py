@@ -161,10 +161,11 @@ def markdown(records: list[dict]) -> str:
     for r in sorted(records, key=lambda r: (-r["bits"], r["method"], str(r["incoherence"]), str(r["calib"]),
                                             r.get("format", "grid"), r.get("finetune", "none"))):
         agree = f"{r['agreement']:.3f}" if "agreement" in r else "-"
+        secs = "-" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.0f}"
         rows.append(f"| {r['method']} | {r['incoherence'] or '-'} | {r['calib'] or '-'} | "
                     f"{r.get('format', 'grid') if r['method'] != 'fp32' else '-'} | {r.get('finetune', 'none')} | "
                     f"{r.get('head_bits', 32)} | "
-                    f"{r['bits']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {agree} | {r['compile_seconds']:.0f} |")
+                    f"{r['bits']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {agree} | {secs} |")
     return "\n".join(rows)
 
 
