@@ -49,8 +49,9 @@ def llamacpp_logits_fn(path: Path, threads: int, ctx: int):
 def measure(src: Path, ftype: str, args, windows, work: Path) -> dict:
     from quipc.bench_llamacpp import requantize
     from quipc.eval.perplexity import perplexity
+    from quipc.frontend.models import file_sha256
 
-    path = src if ftype == "source" else requantize(src, ftype, work, args.threads)
+    path = src if ftype == "source" else requantize(src, file_sha256(src), ftype, work, args.threads)
     t0 = time.time()
     res = perplexity(llamacpp_logits_fn(path, args.threads, int(windows.shape[1])), windows, progress=True)
     size = path.stat().st_size

@@ -42,7 +42,7 @@ SETTLE_S = 0.2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="a quipc artifact folder")
     parser.add_argument("--backends", default=",".join(QUIPC_BACKENDS),
-                        help=f"comma-separated, from {', '.join(QUIPC_BACKENDS + tuple(GRAPH_BACKENDS))} "
+                        help=f"comma-separated, from {', '.join(QUIPC_BACKENDS + tuple(GRAPH_BACKENDS) + BASELINE_BACKENDS)} "
                              f"(default: {', '.join(QUIPC_BACKENDS)})")
     parser.add_argument("--baseline", default=None, type=_baselines,
                         help="comma-separated: fp32 = the unquantized model in transformers and onnxruntime; "

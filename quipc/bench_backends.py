@@ -57,10 +57,10 @@ def prepare(name: str, spec: dict, args, work: Path, log) -> str | None:
                 spec["build_s"] = round(time.time() - t0, 1)
             spec["onnx_path" if target == "onnx" else "tvm_path"] = str(path)
         elif name in bench_llamacpp.LLAMACPP_TYPES:
-            src = bench_llamacpp.source_gguf(spec["source"], args.gguf)
+            src, digest = bench_llamacpp.source_gguf(spec["source"], args.gguf)
             ftype = bench_llamacpp.LLAMACPP_TYPES[name]
             log(f"{name}: {src.name} requantized to {ftype} by llama.cpp")
-            path = bench_llamacpp.requantize(src, ftype, work, spec["threads"])
+            path = bench_llamacpp.requantize(src, digest, ftype, work, spec["threads"])
             spec.update(gguf_path=str(path), file=src.name, file_mb=round(path.stat().st_size / 1e6, 2))
         elif name == "fp32-onnx":
             path = work / "onnx-fp32"

@@ -23,10 +23,10 @@ def why_not() -> str | None:
     return None
 
 
-def source_gguf(source: dict | None, given: str | None) -> Path:
-    """The GGUF file llama.cpp requantizes: `given` (--gguf), else the artifact's own source when
-    that was a .gguf file whose sha256 is the one the manifest records."""
-    from quipc.frontend.models import _file_sha256, resolve
+def source_gguf(source: dict | None, given: str | None) -> tuple[Path, str]:
+    """(path, sha256) of the GGUF file llama.cpp requantizes: `given` (--gguf), else the artifact's
+    own source when that was a .gguf file whose sha256 is the one the manifest records."""
+    from quipc.frontend.models import file_sha256, resolve
 
     if given:
         path = Path(given)
@@ -40,23 +40,22 @@ def source_gguf(source: dict | None, given: str | None) -> Path:
             raise ValueError(f"the artifact's source {source['spec']!r} is a Hugging Face folder, not a GGUF "
                              "file; pass --gguf FILE")
         path = src.folder / src.gguf_file
-        if source.get("sha256") and _file_sha256(path) != source["sha256"]:
-            raise ValueError(f"{path} is not the file the artifact was compiled from (sha256 differs from "
-                             "the manifest's source); pass --gguf FILE")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (bad magic number)")
-    return path
+    digest = file_sha256(path)
+    if not given and source.get("sha256") and digest != source["sha256"]:
+        raise ValueError(f"{path} is not the file the artifact was compiled from (sha256 differs from "
+                         "the manifest's source); pass --gguf FILE")
+    return path, digest
 
 
-def requantize(src: Path, ftype: str, work: Path, threads: int) -> Path:
-    """`src` requantized to `ftype` by llama.cpp (cached in `work`, keyed by the source's sha256;
-    written to a temporary name and renamed, so an interrupted run leaves no half file)."""
+def requantize(src: Path, digest: str, ftype: str, work: Path, threads: int) -> Path:
+    """`src` (whose sha256 is `digest`) requantized to `ftype` by llama.cpp, cached in `work` under
+    that digest; written to a temporary name and renamed, so an interrupted run leaves no half file."""
     import llama_cpp
 
-    from quipc.frontend.models import _file_sha256
-
-    dst = work / f"llamacpp-{_file_sha256(src)[:12]}-{ftype}.gguf"
+    dst = work / f"llamacpp-{digest[:12]}-{ftype}.gguf"
     if dst.is_file():
         return dst
     params = llama_cpp.llama_model_quantize_default_params()

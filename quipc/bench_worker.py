@@ -11,6 +11,8 @@ import os
 import time
 import traceback
 
+from .bench_llamacpp import LLAMACPP_TYPES
+
 
 # --- drivers: prefill(ids) -> (token, state), decode(token, pos, state) -> (token, state) ---
 class TorchLM:
@@ -95,8 +97,8 @@ def _load_backend(name: str, spec: dict, threads: int):
         from quipc_runtime.tvm_runtime import TvmLM
 
         return TvmDriver(TvmLM(spec["tvm_path"], threads=threads), spec["prompt_len"] + spec["new_tokens"] + 1)
-    if name.startswith("llamacpp-"):
-        from quipc.bench_llamacpp import LlamaCppDriver
+    if name in LLAMACPP_TYPES:
+        from .bench_llamacpp import LlamaCppDriver
 
         total = spec["prompt_len"] + spec["new_tokens"] + 1
         return LlamaCppDriver(spec["gguf_path"], threads, n_ctx=-(-total // 256) * 256, n_batch=spec["prompt_len"])
@@ -130,7 +132,7 @@ def worker(name: str, spec: dict, threads: int, conn) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ["TVM_NUM_THREADS"] = os.environ["QUIPC_NUM_THREADS"] = str(threads)
     try:
-        if not name.startswith("llamacpp-"):   # llama.cpp's peak memory is its own, torch not loaded
+        if name not in LLAMACPP_TYPES:   # llama.cpp's peak memory is its own, torch not loaded
             import torch
 
             torch.set_num_threads(threads)

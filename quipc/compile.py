@@ -19,7 +19,7 @@ from quipc_runtime.layer import QuantizedLinear
 from .config import QuantConfig
 from .frontend import calibration
 from .distributed import Group, join
-from .frontend.models import _file_sha256, resolve
+from .frontend.models import file_sha256, resolve
 from .frontend.streaming import open_streamed
 from .frontend.trace import find_blocks
 from .passes import head as headpass
@@ -318,7 +318,7 @@ def _calibration_windows(stream, tokenizer, calib: CalibConfig, seed: int, devic
         n_chat = calibration.chat_window_count(tokenizer, calib.windows, calib.chat)
         windows = calibration.text_windows(tokenizer, calib.text, calib.windows - n_chat, calib.length)
         # named by file name and content, not by where it sat on the compiling machine
-        info = {"source": Path(calib.text).name, "sha256": _file_sha256(Path(calib.text)),
+        info = {"source": Path(calib.text).name, "sha256": file_sha256(Path(calib.text)),
                 "windows": int(windows.shape[0]), "length": calib.length}
         if n_chat == 0:
             return windows, info

@@ -38,7 +38,7 @@ def test_source_gguf_is_the_artifacts_own_file(tiny_gguf, monkeypatch, tmp_path)
     path, folder = tiny_gguf
     monkeypatch.chdir(path.parent)
     source = resolve(path.name).describe()            # what a compile of tiny.gguf records
-    assert source_gguf(source, None) == path.parent.resolve() / path.name
+    assert source_gguf(source, None)[0] == path.parent.resolve() / path.name
     with pytest.raises(ValueError, match="sha256 differs"):
         source_gguf({**source, "sha256": "0" * 64}, None)
     with pytest.raises(ValueError, match="does not record its source"):
@@ -47,7 +47,7 @@ def test_source_gguf_is_the_artifacts_own_file(tiny_gguf, monkeypatch, tmp_path)
     with pytest.raises(ValueError, match="Hugging Face folder, not a GGUF file; pass --gguf"):
         source_gguf(resolve(folder.name).describe(), None)
     # --gguf: taken as given (a GGUF converted from the compiled folder has another sha256)
-    assert source_gguf({**source, "sha256": "0" * 64}, str(path)) == path
+    assert source_gguf({**source, "sha256": "0" * 64}, str(path))[0] == path
     with pytest.raises(FileNotFoundError, match="no such file"):
         source_gguf(source, str(tmp_path / "missing.gguf"))
     (tmp_path / "fake.gguf").write_bytes(b"ONNX" + bytes(64))
@@ -77,11 +77,12 @@ def test_baseline_names_and_skip_reason(tiny_artifact, tmp_path, monkeypatch):
 def test_llamacpp_requantizes_and_decodes(tiny_gguf, tiny_artifact, tmp_path):
     pytest.importorskip("llama_cpp")
     from quipc import bench
-    from quipc.bench_llamacpp import LlamaCppDriver, requantize
+    from quipc.bench_llamacpp import LlamaCppDriver, requantize, source_gguf
 
     path, _ = tiny_gguf
-    q8 = requantize(path, "Q8_0", tmp_path, threads=1)
-    assert q8.read_bytes()[:4] == b"GGUF" and requantize(path, "Q8_0", tmp_path, threads=1) == q8   # cached
+    digest = source_gguf(None, str(path))[1]
+    q8 = requantize(path, digest, "Q8_0", tmp_path, threads=1)
+    assert q8.read_bytes()[:4] == b"GGUF" and requantize(path, digest, "Q8_0", tmp_path, threads=1) == q8   # cached
     assert not list(tmp_path.glob("*.partial"))
     # greedy through the driver = greedy through llama.cpp's own sampler
     drv = LlamaCppDriver(str(q8), threads=1, n_ctx=64, n_batch=8)

@@ -23,14 +23,14 @@ class ModelSource:
         its files' names and contents, sorted, sub-folders included)."""
         spec = self.spec if self.spec in ALIASES else Path(self.spec).name
         if self.gguf_file:
-            return {"spec": spec, "file": self.gguf_file, "sha256": _file_sha256(self.folder / self.gguf_file)}
+            return {"spec": spec, "file": self.gguf_file, "sha256": file_sha256(self.folder / self.gguf_file)}
         h = hashlib.sha256()
         for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
-            h.update(f"{path.relative_to(self.folder).as_posix()}|{_file_sha256(path)}|".encode())
+            h.update(f"{path.relative_to(self.folder).as_posix()}|{file_sha256(path)}|".encode())
         return {"spec": spec, "file": self.folder.name, "sha256": h.hexdigest()}
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
