@@ -88,14 +88,15 @@ def test_codes_repack_roundtrip():
         assert not back[20:].any() and not back[:, 40:].any()
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,cache,pos", [
-    (4, 2, 16, 32, 12),    # the tiny hidden-64 Llama of the tests: head_dim 16
-    (9, 3, 64, 48, 16),    # SmolLM2's heads, one past a 16-position tile
+@pytest.mark.parametrize("heads,kv_heads,head_dim,cache,pos,span", [
+    (4, 2, 16, 32, 12, 32),    # the tiny hidden-64 Llama of the tests: head_dim 16
+    (9, 3, 64, 48, 16, 48),    # SmolLM2's heads, one past a 16-position tile, the whole cache
+    (9, 3, 64, 48, 16, 32),    # the same over the span decode is given (pos + 1 rounded up to 16)
 ])
-def test_decode_attention_ignores_unwritten_cache(heads, kv_heads, head_dim, cache, pos):
-    """Decode attention runs over the whole cache, masking positions past pos; a cache
-    allocated uninitialized can hold NaN there, and a zero softmax weight times NaN is NaN
-    (the hand-written build's decode returned NaN in some runs): they must never reach the output."""
+def test_decode_attention_ignores_unwritten_cache(heads, kv_heads, head_dim, cache, pos, span):
+    """Decode attention runs over [0, span), masking positions past pos; a cache allocated
+    uninitialized can hold NaN there, and a zero softmax weight times NaN is NaN (the
+    hand-written build's decode returned NaN in some runs): they must never reach the output."""
     from tvm import te
 
     from quipc.backends.tvm.build import resolve_target
@@ -108,7 +109,7 @@ def test_decode_attention_ignores_unwritten_cache(heads, kv_heads, head_dim, cac
     cv = te.placeholder((2, kv_heads, cache, head_dim), "float32", name="cache_v")
     p_pos = te.placeholder((1,), "int64", name="pos")
     p_layer = te.placeholder((1,), "int64", name="layer")
-    out = te_attention(q, ck, cv, p_pos, p_layer, cache, sp)
+    out = te_attention(q, ck, cv, p_pos, p_layer, span, sp)
     func = schedule_func(te.create_prim_func([q, ck, cv, p_pos, p_layer, out]))
     lib = tvm.compile(func.with_attr("global_symbol", "main"), target=resolve_target("llvm"))
     rng = np.random.default_rng(0)
@@ -144,6 +145,24 @@ def test_whole_model_logits_and_generation(tiny_artifact, tvm_build):
     from quipc_runtime.tvm_runtime import TvmLM
 
     assert_matches_torch_path(quipc_runtime.load(tiny_artifact), TvmLM(tvm_build, threads=2), new_tokens=10)
+
+
+def test_decode_logits_do_not_depend_on_cache_capacity(tvm_build):
+    """Decode attends to the span of positions written so far (rounded up to 16), however
+    large the cache: the same tokens give the same logits in a 32- and a 128-position cache, across
+    the first tile boundary."""
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    lm = TvmLM(tvm_build, threads=1)
+    assert lm.decode_span
+    ids = np.arange(3, 15)
+    runs = []
+    for capacity in (32, 128):
+        cache = lm.new_cache(capacity)
+        steps = [lm.prefill(ids, cache)]
+        steps += [lm.decode(5 + i, ids.size + i, cache) for i in range(6)]   # positions 12..17
+        runs.append(np.stack(steps))
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-5 * np.abs(runs[1]).max())
 
 
 def assert_matches_torch_path(model, lm, new_tokens: int) -> None:

@@ -136,6 +136,8 @@ class TvmLM:
         self.row_multiple = int(self.cfg.get("row_multiple", 16))
         self.cache_multiple = int(self.cfg.get("cache_multiple", 16))
         self.eos_token_id = self.cfg.get("eos_token_id")
+        # builds from before decode took its attended extent attend to the whole cache
+        self.decode_span = bool(self.cfg.get("decode_span", False))
         self._f = {name: self.vm[name] for name in self.cfg["functions"]}
 
     # --- helpers ------------------------------------------------------------------------
@@ -183,8 +185,10 @@ class TvmLM:
         """One token at position `pos` (cache holds [0, pos)); returns its logits (V,)."""
         if not 0 <= pos < int(cache[0].shape[3]):
             raise ValueError(f"position {pos} is outside the cache ({cache[0].shape[3]} positions)")
-        out = self._f["decode"](self._t(np.array([token], np.int32)), self._t(np.array([pos], np.int64)),
-                                cache[0], cache[1], self.params)
+        args = [self._t(np.array([token], np.int32)), self._t(np.array([pos], np.int64))]
+        if self.decode_span:
+            args.append(self.tvm.runtime.ShapeTuple([_ceil_to(pos + 1, self.cache_multiple)]))
+        out = self._f["decode"](*args, cache[0], cache[1], self.params)
         cache[0], cache[1] = out[1], out[2]
         return out[0].numpy()[0]
 

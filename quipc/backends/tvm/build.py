@@ -107,6 +107,7 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
                   "head_dim": sp.head_dim, "vocab": sp.vocab, "max_pos": sp.max_pos,
                   "hidden": sp.hidden},
         "row_multiple": 16, "cache_multiple": 16,
+        "decode_span": True,   # decode takes the attended extent as a shape argument
         "bits": sorted({s.bits for s in builder.linear_specs.values()}),
         "formats": sorted({s.format for s in builder.linear_specs.values()}),
         "eos_token_id": manifest["model_config"].get("eos_token_id"),

@@ -3,11 +3,12 @@
 Functions (all take the parameter tuple last; caches are updated in place and returned):
     prefill_all(ids (L,), cache_k, cache_v, params) -> (logits (L, V), cache_k, cache_v)
     prefill(ids (L,), last (1,), cache_k, cache_v, params) -> (logits (1, V) of row `last`, ...)
-    decode(ids (1,), pos (1,), cache_k, cache_v, params) -> (logits (1, V), ...)
+    decode(ids (1,), pos (1,), span (shape [S]), cache_k, cache_v, params) -> (logits (1, V), ...)
 with cache_k (layers, kv_heads, head_dim, C) (keys transposed: attention vectorizes over
 positions), cache_v (layers, kv_heads, C, head_dim). Contract with the caller (the runtime):
 L and C are multiples of 16 (prompts padded at the end; causal attention keeps padding out of
-real rows), prefill writes positions [0, L), decode writes `pos` and attends to [0, pos]; cache
+real rows), prefill writes positions [0, L), decode writes `pos` and attends to [0, pos] (its loops
+run over [0, S), S = pos + 1 rounded up to 16: decode time grows with the position, not with C); cache
 positions not written yet (past `pos`) may hold anything, NaN included (the runtime allocates
 caches uninitialized): attention reads them but they never reach a result.
 
@@ -289,9 +290,13 @@ class ModelBuilder:
         if fname == "prefill":
             last = relax.Var("last", relax.TensorType((1,), "int64"))
             args.append(last)
+        span = None
         if fname == "decode":
             pos = relax.Var("pos", relax.TensorType((1,), "int64"))
-            args.append(pos)
+            # the attended extent: pos + 1 rounded up to 16 (a multiple of 16, <= C), a shape
+            # argument so that the attention loops run to it and not to the cache's capacity
+            span = tirx.Var("span", "int64")
+            args += [pos, relax.Var("span", relax.ShapeType([span]))]
         ck = relax.Var("cache_k", relax.TensorType((sp.layers, sp.kv_heads, sp.head_dim, C), "float32"))
         cv = relax.Var("cache_v", relax.TensorType((sp.layers, sp.kv_heads, C, sp.head_dim), "float32"))
         params = relax.Var("params", relax.TupleType(self.param_types()))
@@ -317,9 +322,10 @@ class ModelBuilder:
             def rope_k(x, c, s_, p_):
                 return te_rope(x, c, s_, p_, sp.kv_heads, sp.head_dim, False)
 
-            def attn(q_, k_, v_, p_, l_):
-                # emit_te gives each PrimFunc its own shape variables: take the extent from them
-                ext = k_.shape[3] if fname == "decode" else q_.shape[1]
+            def attn(q_, k_, v_, p_, l_, *span_):
+                # emit_te gives each PrimFunc its own shape variables: prefill attends to the
+                # prompt's rows (q's), decode to the span it is passed (a PrimFunc argument)
+                ext = span_[0] if span_ else q_.shape[1]
                 return te_attention(q_, k_, v_, p_, l_, ext, sp)
             for i in range(sp.layers):
                 p = f"{self.prefix}.{i}"
@@ -337,7 +343,8 @@ class ModelBuilder:
                      relax.TensorType((sp.layers, sp.kv_heads, C, sp.head_dim), "float32")]))
                 ck = bb.emit(relax.TupleGetItem(kv, 0))
                 cv = bb.emit(relax.TupleGetItem(kv, 1))
-                a = bb.emit_te(attn, qr, ck, cv, pos, layer_c, primfunc_name_hint="attention")
+                a = bb.emit_te(attn, qr, ck, cv, pos, layer_c, *([span] if span is not None else []),
+                               primfunc_name_hint="attention")
                 h = self._linear(bb, P, f"{p}.self_attn.o_proj", a, mode, residual=h)
                 xn = bb.emit_te(rms, h, P(f"{p}.post_attention_layernorm"), primfunc_name_hint="rmsnorm")
                 g = self._linear(bb, P, f"{p}.mlp.gate_proj", xn, mode)
