@@ -2,6 +2,7 @@
 (Relax + KV cache, loaded by the TVM runtime alone) against the torch path."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,21 @@ def test_decode_logits_do_not_depend_on_cache_capacity(tvm_build):
         steps += [lm.decode(5 + i, ids.size + i, cache) for i in range(6)]   # positions 12..17
         runs.append(np.stack(steps))
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-5 * np.abs(runs[1]).max())
+
+
+def test_decode_profile_sees_every_call(tvm_build):
+    """benchmarks/tvm_profile.py: one decode step's calls, each layer's kernels once per token."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from tvm_profile import profile
+    finally:
+        sys.path.pop(0)
+    res = profile(str(tvm_build), cache_positions=32, pos=8, threads=1, steps=2, repeat=1)
+    calls = {r["function"]: r["calls_per_token"] for r in res["functions"]}
+    layers = json.loads((tvm_build / "tvm_config.json").read_text())["model"]["layers"]
+    assert calls["kv_write"] == layers
+    assert sum(c for f, c in calls.items() if f.startswith("attention")) == layers
+    assert res["plain_ms_per_token"] > 0 and res["sum_ms_per_token"] > 0
 
 
 def assert_matches_torch_path(model, lm, new_tokens: int) -> None:
