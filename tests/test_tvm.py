@@ -220,3 +220,27 @@ def test_bad_inputs(tmp_path, tiny_artifact):
 
     with pytest.raises(FileNotFoundError):
         TvmLM(tmp_path)
+
+
+def test_params_of_other_shapes_refused_at_load(tvm_build, tmp_path):
+    """The VM takes the parameter tuple unchecked on each call (a check per call cost 0.5 ms a
+    token), so the runtime checks it once at load: a params.bin whose tensor has another shape
+    or dtype is refused with an error naming it, before any kernel reads it."""
+    import shutil
+
+    from tvm.runtime import load_param_dict_from_file, save_param_dict_to_file
+
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    cfg = json.loads((tvm_build / "tvm_config.json").read_text())
+    assert len(cfg["param_types"]) == len(cfg["params"])
+    for change in ("shape", "dtype"):
+        bad = tmp_path / change
+        shutil.copytree(tvm_build, bad)
+        params = {k: v.numpy() for k, v in load_param_dict_from_file(str(bad / "params.bin")).items()}
+        name = cfg["params"][-1]
+        a = params[name]
+        params[name] = a.reshape(-1)[:-1] if change == "shape" else a.astype(np.float64)
+        save_param_dict_to_file({k: tvm.runtime.tensor(v) for k, v in params.items()}, str(bad / "params.bin"))
+        with pytest.raises(ValueError, match=f"{name} is .*the build expects"):
+            TvmLM(bad, threads=1)

@@ -95,6 +95,21 @@ def import_tvm(threads: int | None):
     return tvm
 
 
+def check_param_types(arrays, cfg: dict, folder) -> None:
+    """The parameters' shapes and dtypes against the build's config. Builds that record them
+    (param_types) take the tuple unchecked on every call, so a params.bin of other shapes must
+    stop here, with an error, and not reach a kernel."""
+    want = cfg.get("param_types")
+    if want is None:
+        return   # older builds: the VM checks the tuple on each call
+    if len(want) != len(arrays):
+        raise ValueError(f"{folder}: {len(arrays)} parameters, the build expects {len(want)}")
+    for name, a, (shape, dtype) in zip(cfg["params"], arrays, want):
+        if list(a.shape) != list(shape) or str(a.dtype) != dtype:
+            raise ValueError(f"{folder}/params.bin: {name} is {str(a.dtype)}{list(a.shape)}, "
+                             f"the build expects {dtype}{list(shape)}")
+
+
 class TvmLM:
     def __new__(cls, folder, threads: int | None = None):
         """A traced build (`--graph traced`) is run by tvm_traced.TracedTvmLM, same interface."""
@@ -127,6 +142,7 @@ class TvmLM:
         if missing:
             raise ValueError(f"{folder}/params.bin lacks parameters {missing[:3]}")
         arrays = [loaded[n] for n in self.cfg["params"]]
+        check_param_types(arrays, self.cfg, folder)
         if self.cfg["device"] == "cuda":
             arrays = [a.copyto(self.dev) for a in arrays]
         self.params = tvm.runtime.convert(arrays)

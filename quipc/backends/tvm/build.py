@@ -103,6 +103,7 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
         "functions": ["prefill_all", "prefill", "decode"],
         "params": [f"p{i:05d}" for i in range(len(builder.arrays))],
         "param_names": builder.names,
+        "param_types": [[list(a.shape), str(a.dtype)] for a in builder.arrays],
         "model": {"layers": sp.layers, "heads": sp.heads, "kv_heads": sp.kv_heads,
                   "head_dim": sp.head_dim, "vocab": sp.vocab, "max_pos": sp.max_pos,
                   "hidden": sp.hidden},
