@@ -1,0 +1,65 @@
+"""Decode time of several TVM builds of one model, interleaved in one process.
+
+    python benchmarks/tvm_builds.py BUILD_A BUILD_B [...] [--prompt-len 128] [--new-tokens 32]
+        [--reps 9] [--threads 2] [--json F]
+
+For comparing two builds of the same artifact (before and after a change to the TVM backend):
+each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
+in turn, in a cache of prompt + new tokens; the figure is ms per decoded token, median over the
+repetitions (one warm-up generation per build first). The paired ratio per repetition is what
+to read on a noisy host.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def decode_ms(lm, prompt: np.ndarray, new_tokens: int) -> float:
+    cache = lm.new_cache(prompt.size + new_tokens)
+    logits = lm.prefill(prompt, cache)
+    t0 = time.perf_counter()
+    for i in range(new_tokens):
+        logits = lm.decode(int(np.argmax(logits)), prompt.size + i, cache)
+    return (time.perf_counter() - t0) / new_tokens * 1e3
+
+
+def main() -> None:
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("builds", nargs="+", help="TVM build folders of the same model")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the records here")
+    a = ap.parse_args()
+    lms = [TvmLM(b, threads=a.threads) for b in a.builds]
+    prompt = (np.arange(a.prompt_len) * 7 + 200) % min(lm.vocab for lm in lms)
+    for lm in lms:
+        decode_ms(lm, prompt, 4)
+    times = {b: [] for b in a.builds}
+    for _ in range(a.reps):
+        for b, lm in zip(a.builds, lms):
+            times[b].append(decode_ms(lm, prompt, a.new_tokens))
+    first = np.array(times[a.builds[0]])
+    records = []
+    for b in a.builds:
+        t = np.array(times[b])
+        rec = {"build": b, "decode_ms": float(np.median(t)), "decode_ms_each": [round(x, 3) for x in t],
+               "paired_ratio_to_first": float(np.median(t / first)), "prompt_len": a.prompt_len,
+               "new_tokens": a.new_tokens, "threads": a.threads, "reps": a.reps}
+        records.append(rec)
+        print(f"{b}: {rec['decode_ms']:.2f} ms/token (median of {a.reps}), paired ratio to the first "
+              f"{rec['paired_ratio_to_first']:.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
