@@ -313,3 +313,30 @@ def test_a_shape_the_format_cannot_tile_is_refused_by_name(tiny_model, tmp_path)
     with pytest.raises(ValueError, match="format 'trellis'.*multiple of 16"):
         compile_model(str(tiny_model[0]), tmp_path / "x", QuantConfig(bits=2, format="trellis"),
                       CalibConfig(text=str(tiny_model[1]), windows=4, length=16), progress=False)
+
+
+def test_one_mad_code_of_the_quality_benchmark(monkeypatch):
+    """benchmarks/trellis_code.py: QTIP's 1MAD value of a state from its formula, unit mean
+    square over the 4096 states, and --code 1mad swapping the table of both the encoder and the
+    reference decoder (what its records measure)."""
+    import sys
+    from pathlib import Path
+
+    import quipc.passes.encoders.trellis as encoder
+    import quipc_runtime.formats.trellis as fmt
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import trellis_code
+
+    t = trellis_code.one_mad_table()
+    assert t.shape == (4096,) and abs(float(np.mean(t.astype(np.float64) ** 2)) - 1) < 1e-6
+    ratio = []
+    for s in (0, 1, 4095):
+        x = (34038481 * s + 76625530) % 2 ** 32
+        ratio.append(t[s] / (sum((x >> (8 * i)) & 255 for i in range(4)) - 510))
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-6)
+    monkeypatch.setattr(fmt, "code_table", fmt.code_table)
+    monkeypatch.setattr(encoder, "code_table", encoder.code_table)
+    trellis_code.use_code("1mad")
+    assert fmt.code_table() is encoder.code_table() and np.array_equal(fmt.code_table(), t)
+    assert "trellis_code" in sys.modules
