@@ -101,7 +101,8 @@ def test_decode_attention_ignores_unwritten_cache(heads, kv_heads, head_dim, cac
     from tvm import te
 
     from quipc.backends.tvm.build import resolve_target
-    from quipc.backends.tvm.relax_model import LlamaSpec, te_attention
+    from quipc.backends.tvm.attention import te_attention
+    from quipc.backends.tvm.relax_model import LlamaSpec
     from quipc.backends.tvm.schedules import schedule_func
 
     sp = LlamaSpec(heads * head_dim, 4 * heads * head_dim, 2, heads, kv_heads, head_dim, 32, 1e-6, cache, True)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from tvm import relax, te, tirx
-from tvm.script import tirx as T
 
 from . import tir_quip_linear as Q
+from .attention import kv_write_func, te_attention
 from .lowering import lowering
 
 LANES = 16
@@ -100,48 +100,6 @@ def te_rope(x, cos, sin, pos, heads: int, hd: int, head_major: bool):
                       attrs={"quipc.op": "elementwise"})
 
 
-def te_attention(q, cache_k, cache_v, pos, layer, extent, spec: LlamaSpec):
-    """Causal attention of q (H, L, D) (row i at position pos[0] + i) over cache positions
-    [0, extent): returns (L, H*D). Positions past pos[0] + i are masked out of both the scores
-    and the value sum by a select, never by a zero weight: in decode, extent is the whole cache
-    and the positions not written yet hold whatever the allocation held (0 * NaN = NaN)."""
-    H, D, grp = spec.heads, spec.head_dim, spec.heads // spec.kv_heads
-    L = q.shape[1]
-    nt = extent // LANES
-    scale = float(D) ** -0.5
-    d = te.reduce_axis((0, D), name="d")
-    s = te.compute((H, L, nt, LANES),
-                   lambda h, i, jt, ji: te.sum(q[h, i, d] * cache_k[layer[0], h // grp, d, jt * LANES + ji], axis=d),
-                   name="attn_scores", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
-
-    def visible(i, jt, ji):
-        return jt * LANES + ji <= pos[0] + i
-
-    def masked(h, i, jt, ji):
-        return tirx.if_then_else(visible(i, jt, ji), s[h, i, jt, ji] * scale, tirx.min_value("float32"))
-    rt = te.reduce_axis((0, nt), name="rt")
-    rl = te.reduce_axis((0, LANES), name="rl")
-    mx = te.compute((H, L), lambda h, i: te.max(masked(h, i, rt, rl), axis=[rt, rl]), name="attn_max",
-                    attrs={"quipc.op": "rowmax"})
-    e = te.compute((H, L, nt, LANES), lambda h, i, jt, ji: tirx.exp(masked(h, i, jt, ji) - mx[h, i]),
-                   name="attn_exp", attrs={"quipc.op": "elementwise"})
-    rt2 = te.reduce_axis((0, nt), name="rt2")
-    rl2 = te.reduce_axis((0, LANES), name="rl2")
-    sm = te.compute((H, L), lambda h, i: te.sum(e[h, i, rt2, rl2], axis=[rt2, rl2]), name="attn_sum",
-                    attrs={"quipc.op": "rowsum"})
-    dl = LANES if D % LANES == 0 else D
-    jt = te.reduce_axis((0, nt), name="jt")
-    ji = te.reduce_axis((0, LANES), name="ji")
-    o = te.compute((H, L, D // dl, dl),
-                   lambda h, i, dt, di: te.sum(tirx.if_then_else(
-                       visible(i, jt, ji),
-                       e[h, i, jt, ji] * cache_v[layer[0], h // grp, jt * LANES + ji, dt * dl + di], 0.0),
-                       axis=[jt, ji]),
-                   name="attn_pv", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
-    return te.compute((L, H * D), lambda i, c: o[c // D, i, (c % D) // dl, c % dl] / sm[c // D, i],
-                      name="attn_out", attrs={"quipc.op": "elementwise"})
-
-
 def te_silu_mul(g, u):
     return te.compute(g.shape, lambda b, j: g[b, j] * tirx.sigmoid(g[b, j]) * u[b, j], name="silu_mul",
                       attrs={"quipc.op": "elementwise"})
@@ -158,30 +116,6 @@ def te_lm_head(x, w):
 def te_take_row(x, idx):
     return te.compute((1, x.shape[1]), lambda b, k: x[idx[0], k], name="take_row",
                       attrs={"quipc.op": "elementwise"})
-
-
-def kv_write_func(spec: LlamaSpec):
-    """In-place: cache_k[layer, g, d, pos + l] = k[l, g*D + d]; cache_v[layer, g, pos + l, d] = v[...]."""
-    G, D, NL = spec.kv_heads, spec.head_dim, spec.layers
-
-    @T.prim_func(s_tir=True)
-    def kv_write(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.handle,
-                 var_pos: T.handle, var_layer: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        C = T.int64()
-        L = T.int64()
-        ck = T.match_buffer(var_ck, (T.int64(NL), T.int64(G), T.int64(D), C))
-        cv = T.match_buffer(var_cv, (T.int64(NL), T.int64(G), C, T.int64(D)))
-        k = T.match_buffer(var_k, (L, T.int64(G * D)))
-        v = T.match_buffer(var_v, (L, T.int64(G * D)))
-        pos = T.match_buffer(var_pos, (T.int64(1),), "int64")
-        layer = T.match_buffer(var_layer, (T.int64(1),), "int64")
-        for l, g, d in T.grid(L, T.int64(G), T.int64(D)):
-            with T.sblock("kv_write"):
-                vl, vg, vd = T.axis.remap("SSS", [l, g, d])
-                ck[layer[0], vg, vd, pos[0] + vl] = k[vl, vg * T.int64(D) + vd]
-                cv[layer[0], vg, pos[0] + vl, vd] = v[vl, vg * T.int64(D) + vd]
-    return kv_write
 
 
 # --- parameters ------------------------------------------------------------------------
