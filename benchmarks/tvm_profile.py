@@ -7,9 +7,9 @@ every VM call): before each call the function is run once to warm it, then `--re
 under a timer, and the VM then runs it as usual. The table lists, per function (PrimFuncs and
 VM builtins), the milliseconds it takes per decoded token, its calls per token and the time per
 call. Repeated calls read their weights from a warm cache, so the sum is a lower bound of the
-work; "plain" is the same decode steps without the hook (Python's per-call cost of the timer is
-in the builtins' figures, not in plain's). A decode step at `--pos` in a cache of `--cache`
-positions (a prompt of `--pos` tokens first).
+work; "plain" is the time of `--steps` decode steps just before, without the hook (Python's
+per-call cost of the timer is in the builtins' figures, not in plain's). A prompt of `--pos`
+tokens first, in a cache of `--cache` positions.
 """
 from __future__ import annotations
 
