@@ -24,24 +24,35 @@ def te_attention(q, cache_k, cache_v, pos, layer, extent, spec):
     nt = extent // TILE
     scale = float(D) ** -0.5
     d = te.reduce_axis((0, D), name="d")
+    # the score and value tiles' leading axes (a, b): (kv head, query head of its group) for one
+    # row with grouped-query heads, else (head, row); head_row maps (a, b) to (h, i), tile_of back
     grouped = grp > 1 and isinstance(L, tirx.IntImm) and int(L) == 1
     if grouped:
-        rows = {"quipc.op": "tiled_gemm", "quipc.axes": "bmtl", "quipc.rows": grp}
-        sg = te.compute((spec.kv_heads, grp, nt, TILE),
-                        lambda g, r, jt, ji: te.sum(q[g * grp + r, 0, d] * cache_k[layer[0], g, d, jt * TILE + ji],
-                                                    axis=d),
-                        name="attn_scores", attrs={**rows, "quipc.order": "t_outer"})
+        lead, kv = (spec.kv_heads, grp), (lambda a: a)
+        tiled = {"quipc.op": "tiled_gemm", "quipc.axes": "bmtl", "quipc.rows": grp}
 
-        def score(h, i, jt, ji):
-            return sg[h // grp, h % grp, jt, ji]
+        def head_row(a, b):
+            return a * grp + b, 0
+
+        def tile_of(h, i):
+            return h // grp, h % grp
     else:
-        s = te.compute((H, L, nt, TILE),
-                       lambda h, i, jt, ji: te.sum(q[h, i, d] * cache_k[layer[0], h // grp, d, jt * TILE + ji],
-                                                   axis=d),
-                       name="attn_scores", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
+        lead, kv = (H, L), (lambda a: a // grp)
+        tiled = {"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"}
 
-        def score(h, i, jt, ji):
-            return s[h, i, jt, ji]
+        def head_row(a, b):
+            return a, b
+
+        def tile_of(h, i):
+            return h, i
+    scores_attrs = {**tiled, "quipc.order": "t_outer"} if grouped else tiled
+    s = te.compute((*lead, nt, TILE),
+                   lambda a, b, jt, ji: te.sum(q[(*head_row(a, b), d)] * cache_k[layer[0], kv(a), d, jt * TILE + ji],
+                                               axis=d),
+                   name="attn_scores", attrs=scores_attrs)
+
+    def score(h, i, jt, ji):
+        return s[(*tile_of(h, i), jt, ji)]
 
     def visible(i, jt, ji):
         return jt * TILE + ji <= pos[0] + i
@@ -61,26 +72,16 @@ def te_attention(q, cache_k, cache_v, pos, layer, extent, spec):
     dl = TILE if D % TILE == 0 else D
     jt = te.reduce_axis((0, nt), name="jt")
     ji = te.reduce_axis((0, TILE), name="ji")
-    if grouped:
-        og = te.compute((spec.kv_heads, grp, D // dl, dl),
-                        lambda g, r, dt, di: te.sum(tirx.if_then_else(
-                            visible(0, jt, ji),
-                            e[g * grp + r, 0, jt, ji] * cache_v[layer[0], g, jt * TILE + ji, dt * dl + di], 0.0),
-                            axis=[jt, ji]),
-                        name="attn_pv", attrs=rows)
 
-        def pv(h, i, dt, di):
-            return og[h // grp, h % grp, dt, di]
-    else:
-        o = te.compute((H, L, D // dl, dl),
-                       lambda h, i, dt, di: te.sum(tirx.if_then_else(
-                           visible(i, jt, ji),
-                           e[h, i, jt, ji] * cache_v[layer[0], h // grp, jt * TILE + ji, dt * dl + di], 0.0),
-                           axis=[jt, ji]),
-                       name="attn_pv", attrs={"quipc.op": "tiled_gemm", "quipc.axes": "bmtl"})
+    def pv_term(a, b, dt, di):
+        h, i = head_row(a, b)
+        return tirx.if_then_else(visible(i, jt, ji),
+                                 e[h, i, jt, ji] * cache_v[layer[0], kv(a), jt * TILE + ji, dt * dl + di], 0.0)
+    o = te.compute((*lead, D // dl, dl), lambda a, b, dt, di: te.sum(pv_term(a, b, dt, di), axis=[jt, ji]),
+                   name="attn_pv", attrs=tiled)
 
-        def pv(h, i, dt, di):
-            return o[h, i, dt, di]
+    def pv(h, i, dt, di):
+        return o[(*tile_of(h, i), dt, di)]
     return te.compute((L, H * D), lambda i, c: pv(c // D, i, (c % D) // dl, c % dl) / sm[c // D, i],
                       name="attn_out", attrs={"quipc.op": "elementwise"})
 
