@@ -34,3 +34,29 @@ def test_answers_stop_at_end_of_sequence(tiny_model):
     for a in answers:
         assert len(a) <= 5 and tok.eos_token_id not in a
     assert answers == chat_answers(model, tok, prompts=["hi", "yes"], max_new_tokens=5)  # greedy
+
+
+def test_answers_of_a_lowered_model_cut_at_any_stop_token(tiny_model):
+    """A lowered LM (OnnxLM returns a flat array, TvmLM a (1, L) one) answers through its own
+    generate(); the answer is cut at the first of the tokenizer's stop tokens."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from quipc.eval.chat import answer_ids, prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model[0])
+    prompt = prompt_ids(tok, "hi")[0].tolist()
+    eos = tok.eos_token_id
+
+    class Lowered:
+        def __init__(self, shape):
+            self.shape, self.calls = shape, []
+
+        def generate(self, ids, max_new_tokens, eos_token_id=None):
+            self.calls.append((np.asarray(ids).tolist(), max_new_tokens, eos_token_id))
+            return np.array(prompt + [5, 7, eos, 9], np.int64).reshape(self.shape)
+
+    for shape in ((-1,), (1, -1)):
+        lm = Lowered(shape)
+        assert answer_ids(lm, tok, "hi", 4) == [5, 7]
+        assert lm.calls == [([prompt], 4, eos)]

@@ -88,10 +88,14 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path):
     out = tmp_path / "a"
     compile_model(str(model), out, QuantConfig(bits=4), CalibConfig(text=str(text), windows=4, length=32),
                   progress=False)
-    code, stdout, _ = run(capsys, "chat", out, "the", "--max-new-tokens", 6)
+    code, stdout, _ = run(capsys, "chat", out, "the", "--max-new-tokens", 6)   # backend auto: the kernels
     tok = load_tokenizer(out)
-    expect = answer_ids(quipc.load(out), tok, "the", 6)
+    expect = answer_ids(quipc.load(out), tok, "the", 6)                          # the reference path
     assert code == 0 and len(expect) > 0 and stdout.rstrip("\n") == tok.decode(expect)
+    code, _, _ = run(capsys, "compile", out, "--target", "onnx", "-o", tmp_path / "onnx", "--no-progress")
+    assert code == 0
+    code, stdout, _ = run(capsys, "chat", tmp_path / "onnx", "the", "--max-new-tokens", 6)
+    assert code == 0 and stdout.rstrip("\n") == tok.decode(expect)
     code, _, err = run(capsys, "chat", out, "the", "--max-new-tokens", 0)
     assert_clean_error(code, err, "max-new-tokens")
 

@@ -2,6 +2,7 @@
 the answer-agreement metric (quipc.eval.agreement) compares. Greedy, so it is reproducible."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -20,14 +21,21 @@ def stop_ids(tokenizer) -> set[int]:
 
 
 def answer_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    """Greedy answer as token ids, cut at the first end-of-sequence token."""
+    """Greedy answer as token ids, cut at the first end-of-sequence token. `model` is a
+    transformers causal LM (an artifact loaded by quipc_runtime, or the unquantized model) or
+    a lowered one with a numpy `generate(ids, max_new_tokens, eos_token_id)` (OnnxLM, TvmLM)."""
     ids = prompt_ids(tokenizer, prompt)
     stops = stop_ids(tokenizer)
-    with torch.no_grad():
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=next(iter(stops), 0))
+    if isinstance(model, torch.nn.Module):
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=next(iter(stops), 0))
+        gen = gen[0].tolist()
+    else:   # stops at its own eos; any other stop token is cut below
+        gen = model.generate(ids.numpy(), max_new_tokens, eos_token_id=min(stops) if stops else None)
+        gen = [int(t) for t in np.asarray(gen).reshape(-1)]
     out = []
-    for t in gen[0, ids.shape[1]:].tolist():
+    for t in gen[ids.shape[1]:]:
         if t in stops:
             break
         out.append(t)
