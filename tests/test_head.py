@@ -285,7 +285,8 @@ def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, h
 @pytest.mark.parametrize("head_bits,embed_bits,head_format", [
     (4, "auto", "grid"), (32, "8", "grid"), (4, "auto", "e8p"), (4, "auto", "trellis")])
 def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format):
-    """TVM: the quantized lm_head as one more QuIP linear, the embedding dequantized at build."""
+    """TVM: the quantized lm_head as one more QuIP linear; the embedding decoded from the grid
+    head's own params (no dense table in the build), else dequantized at build."""
     pytest.importorskip("tvm")
     from quipc.backends.tvm import compile_artifact
     from quipc_runtime.tvm_runtime import TvmLM
@@ -293,6 +294,9 @@ def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, he
     artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format)
     out = tmp_path / "tvm"
     compile_artifact(artifact, out, progress=False)
+    names = json.loads((out / "tvm_config.json").read_text())["param_names"]
+    from_head = embed_bits == "auto" and head_format == "grid"
+    assert ("embed" not in names) == from_head and any(n.startswith("embed_k") for n in names) == from_head
     ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
     got = np.asarray(TvmLM(out, threads=1).logits(ids.numpy())).reshape(20, -1)
     np.testing.assert_allclose(got, logits(quipc.load(artifact), ids)[0].numpy(), atol=1e-4, rtol=1e-4)

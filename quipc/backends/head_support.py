@@ -33,9 +33,12 @@ def require_dense_head(manifest: dict, backend: str) -> None:
                          "on the torch path (quipc.load, backend='reference' or 'kernels')")
 
 
-def head_and_dense_embedding(artifact, manifest: dict, layers: dict, dense: dict) -> None:
+def head_and_dense_embedding(artifact, manifest: dict, layers: dict, dense: dict,
+                             head_decodes=lambda head: False) -> bool:
     """Add the quantized lm_head to `layers` (under its module name) and a quantized embedding,
-    dequantized to float32, to `dense` (in place)."""
+    dequantized to float32, to `dense` (in place). An embedding that shares the head's codes is
+    left out where `head_decodes(head)` says the lowering decodes it from the head's own
+    arrays; returns whether it did."""
     import torch
 
     from quipc_runtime import artifact as art
@@ -51,18 +54,21 @@ def head_and_dense_embedding(artifact, manifest: dict, layers: dict, dense: dict
     emb = manifest.get("embedding") or {}
     kind = emb.get("kind")
     if kind in (None, "dense"):
-        return
+        return False
     if emb.get("module") != "model.embed_tokens":
         raise ValueError(f"unexpected embedding module {emb.get('module')!r}")
     if kind == "head":
         if head is None:
             raise ValueError("the embedding shares the head's codes, but the artifact has no head")
+        if head_decodes(head):
+            return True
         table = head_rows(head, np.arange(head.out_features))
     elif kind == "table":
         table = EmbeddingTable.from_storage(emb, art.load_tensors(artifact, emb)).dequantize()
     else:
         require_dense_head(manifest, "TVM")
     dense["model.embed_tokens.weight"] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
+    return False
 
 
 def model_config_for_dense(manifest: dict, dense: dict, layers: dict | None = None) -> dict:

@@ -87,9 +87,11 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
     log(f"loading {artifact}")
     layers = art.load_layers(artifact, manifest)
     dense = art.load_dense(artifact, manifest)
-    head_and_dense_embedding(artifact, manifest, layers, dense)
+    from .embedding import shares_head
+    embed_from_head = head_and_dense_embedding(artifact, manifest, layers, dense,
+                                               head_decodes=shares_head if tgt.kind.name == "llvm" else lambda h: False)
     builder = ModelBuilder(model_config_for_dense(manifest, dense, layers), layers, dense,
-                           manifest.get("blocks_prefix", "model.layers"))
+                           manifest.get("blocks_prefix", "model.layers"), embed_from_head=embed_from_head)
     mod = builder.build()
     log(f"relax module: {sum(1 for _ in mod.functions)} functions, {len(builder.arrays)} parameters; "
         f"scheduling for {tgt}")

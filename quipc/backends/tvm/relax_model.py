@@ -27,6 +27,7 @@ from tvm import relax, te, tirx
 
 from . import tir_quip_linear as Q
 from .attention import kv_write_func, te_attention
+from .embedding import embed_param_names, embed_params, te_head_embed
 from .lowering import lowering
 
 LANES = 16
@@ -150,9 +151,13 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 class ModelBuilder:
     """Collects parameters (name -> array) and builds the Relax functions over them."""
 
-    def __init__(self, cfg: dict, layers: dict, dense: dict, prefix: str = "model.layers"):
+    def __init__(self, cfg: dict, layers: dict, dense: dict, prefix: str = "model.layers",
+                 embed_from_head: bool = False):
+        """embed_from_head: the embedding decodes from the quantized lm_head's params
+        (embedding.py) instead of a dense table in `dense`."""
         self.cfg, self.spec = cfg, LlamaSpec.from_config(cfg)
         self.layers, self.dense, self.prefix = layers, dense, prefix
+        self.embed_from_head = embed_from_head
         self.names: list[str] = []
         self.arrays: list[np.ndarray] = []
         self.index: dict[str, int] = {}
@@ -171,9 +176,13 @@ class ModelBuilder:
 
     def _collect(self) -> None:
         sp = self.spec
-        self._add("embed", tile_rows(self._dense("model.embed_tokens.weight")))
+        if not self.embed_from_head:  # else the head's codes are the table (embedding.py)
+            self._add("embed", tile_rows(self._dense("model.embed_tokens.weight")))
         if "lm_head" in self.layers:  # quantized lm_head: one more QuIP linear (vocab x hidden)
             self._add_linear("lm_head", self.layers["lm_head"])
+            if self.embed_from_head:
+                for key, arr in embed_params(self.layers["lm_head"], self.linear_specs["lm_head"]).items():
+                    self._add(key, arr)
         elif not sp.tied:
             self._add("lm_head", tile_rows(self._dense("lm_head.weight")))
         cos, sin = rope_tables(self.cfg, sp)
@@ -252,7 +261,7 @@ class ModelBuilder:
                 return got[name]
             if pos is None:
                 pos = bb.emit(relax.const(np.zeros(1, np.int64), "int64"))
-            h = bb.emit_te(te_embed, ids, P("embed"), primfunc_name_hint="embed")
+            h = self._embed(bb, P, ids)
 
             def rms(x, w):
                 return te_rmsnorm(x, w, sp.eps)
@@ -306,6 +315,18 @@ class ModelBuilder:
                 if sp.vocab_pad != sp.vocab:
                     lg = bb.emit(relax.op.strided_slice(lg, axes=[1], begin=[0], end=[sp.vocab]))
             bb.emit_func_output(relax.Tuple([lg, ck, cv]))
+
+    def _embed(self, bb, P, ids):
+        if not self.embed_from_head:
+            return bb.emit_te(te_embed, ids, P("embed"), primfunc_name_hint="embed")
+        spec = self.linear_specs["lm_head"]
+        low = lowering(spec.format)
+        names = low.param_names(spec) + embed_param_names(spec)
+
+        def fn(ids, *arrays):
+            return te_head_embed(ids, dict(zip(names, arrays)), spec)
+        arrays = [P(self._param_name(low, "lm_head", k) if k in low.param_names(spec) else k) for k in names]
+        return bb.emit_te(fn, ids, *arrays, primfunc_name_hint="embed")
 
     def _linear(self, bb, P, name: str, x, mode: str, residual=None):
         spec = self.linear_specs[name]

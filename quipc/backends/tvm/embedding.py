@@ -1,0 +1,54 @@
+"""The token embedding of a build whose embedding shares the quantized lm_head's codes.
+
+The default artifact stores one table: the lm_head's codes (a 4-bit grid head), from which
+the embedding rows decode (quipc_runtime.embedding.head_rows):
+
+    E[i] = (W'[i] @ K_in) * in_scale,   W'[i, k] = scale[i] * code[i, k] + zero[i]
+
+Here the gathered rows are decoded from the head's own params (the planes, scales and zeros of
+its GEMV, the same arrays in the params tuple), multiplied by K_in^T one Kronecker stage at a
+time (the output side's stage form of the input factors, a few small matrices: `embed_k{i}`)
+and by in_scale. The build then holds no dense fp32 table (113 MB for SmolLM2). Only the grid
+head is decoded here; builds of other head formats keep the dense table.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import te
+
+from . import tir_quip_linear as Q
+
+
+def shares_head(layer) -> bool:
+    """Whether the embedding can decode from this head's TVM params (grid format)."""
+    return layer is not None and layer.format == "grid"
+
+
+def embed_params(layer, spec) -> dict[str, np.ndarray]:
+    """The K_in^T stage matrices (the head's other arrays are its linear's own params)."""
+    mats = Q.factor_matrices(layer.t_in)
+    return {f"embed_k{i}": Q.stage_matrix(mats[i], q, True) for i, q in Q._stages(spec.in_orders)}
+
+
+def embed_param_names(spec) -> list[str]:
+    return [f"embed_k{i}" for i, _ in Q._stages(spec.in_orders)]
+
+
+def te_head_embed(ids, args: dict, spec):
+    """x[b, :] = E[ids[b]] (rows, n); args: the head's params by their lowering names plus
+    embed_k{i}."""
+    rows, n = ids.shape[0], spec.n
+    planes = [args[f"plane{i}"] for i in range(len(Q.PLANES[spec.bits]))]
+    scale, zero = args["scale"], args["zero"]
+
+    def row(b, k):
+        i = ids[b]
+        code = Q._code(planes, spec, i // Q.TILE_O, i % Q.TILE_O, k // Q.K_GROUP, k % Q.K_GROUP)
+        return scale[i] * code.astype("float32") + zero[i]
+    cur = te.compute((rows, n), row, name="embed_rows", attrs={"quipc.op": "elementwise"})
+    for i, q in Q._stages(spec.in_orders):
+        cur = Q._kron_stage(cur, args[f"embed_k{i}"], spec.in_orders[i], q, n, f"embed_k{i}")
+    if not spec.in_scale:
+        return cur
+    s, out = args["in_scale"], cur
+    return te.compute((rows, n), lambda b, k: out[b, k] * s[k], name="embed", attrs={"quipc.op": "elementwise"})
