@@ -10,8 +10,9 @@ concatenated, (1, kv_heads, past_seq, head_dim) per layer and kind):
         any seq; the linears run the GEMM kernel on rows padded to a multiple of 16
     decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
         the GEMV kernels
-The quantized parameters are constants of the module (no params.bin). The quantized embedding is
-dequantized to fp32 at build time, as in the hand-written build. Run it with
+The quantized parameters are constants of the module (no params.bin). An embedding that shares a
+grid lm_head's codes decodes from that head's constants (embedding.py), as in the hand-written
+build; other quantized embeddings are dequantized to fp32 at build time. Run it with
 `quipc_runtime.tvm_runtime.TvmLM` (which hands a traced build to tvm_traced.TracedTvmLM).
 """
 from __future__ import annotations
@@ -31,8 +32,11 @@ class QuipConverters:
     """custom_convert_map for from_exported_program: quip_linear -> call_tir of the layer's TIR
     kernel (one PrimFunc per distinct spec and mode), quip_embedding -> take from the table."""
 
-    def __init__(self, layers: dict, tables: dict, prefix: str, llvm: bool):
+    def __init__(self, layers: dict, tables: dict, prefix: str, llvm: bool, shared_head=None):
+        """shared_head: the grid lm_head whose codes are the embedding table (embedding.py),
+        decoded in the graph; other quantized embeddings come as dense `tables`."""
         self.layers, self.tables, self.prefix, self.llvm = layers, tables, prefix, llvm
+        self.shared_head = shared_head
         self.funcs: dict = {}
         self.consts: dict = {}
 
@@ -103,12 +107,49 @@ class QuipConverters:
         from quipc_runtime.torch_ops import layer_name
 
         name = layer_name(node.args[1])
+        if self.shared_head is not None and name == "model.embed_tokens":
+            return self._head_embedding(node, importer)
         if name not in self.tables:
             raise ValueError(f"the traced graph embeds with {name}, which the artifact does not store quantized")
         if name not in self.consts:
             self.consts[name] = relax.const(self.tables[name])
         ids = importer.env[node.args[0]]
         return importer.block_builder.emit(relax.op.take(self.consts[name], ids, axis=0))
+
+
+    def _head_embedding(self, node, importer):
+        from tvm import relax
+
+        from .embedding import embed_params, te_head_embed
+        from .lowering import lowering
+        from .tir_quip_linear import LinearSpec
+
+        bb, head = importer.block_builder, self.shared_head
+        spec = LinearSpec.of(head)
+        low = lowering(spec.format)
+        arrays = _ordered(low, head, spec) + list(embed_params(head, spec).items())
+        names = [k for k, _ in arrays]
+        consts = [self._const(low, "lm_head", k, v) for k, v in arrays]
+        ids = importer.env[node.args[0]]
+        shape = list(ids.ty.shape)
+        count = 1
+        for d in shape:
+            count = count * d
+        flat = bb.emit(relax.op.reshape(ids, [count]))
+
+        def fn(ids, *arrs):
+            return te_head_embed(ids, dict(zip(names, arrs)), spec)
+        rows = bb.emit_te(fn, flat, *consts, primfunc_name_hint=f"{self.prefix}embed")
+        return bb.emit(relax.op.reshape(rows, shape + [spec.n]))
+
+
+def _shared_grid_head(manifest: dict, layers: dict):
+    """The lm_head layer when the embedding shares its codes and the graph can decode them."""
+    from .embedding import shares_head
+
+    head = layers.get("lm_head")
+    kind = (manifest.get("embedding") or {}).get("kind")
+    return head if kind == "head" and shares_head(head) else None
 
 
 def _ordered(low, layer, spec) -> list:
@@ -151,12 +192,13 @@ def build_module(artifact: Path, llvm: bool = True):
     if traceable.manifest.get("head"):
         (head,) = art.load_block(Path(artifact), traceable.manifest["head"])
         layers[traceable.manifest["head"]["module"]] = head
-    tables = _dense_tables(traceable)
+    shared = _shared_grid_head(traceable.manifest, layers)
+    tables = {} if shared is not None else _dense_tables(traceable)
     mod = tvm.IRModule()
     # forward: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
     for fname, batch, seq in (("forward", None, None), ("decode", 1, 1)):
         captured = traceable.capture(batch=batch, seq=seq)
-        part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm))
+        part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm, shared))
         for gv, func in part.functions.items():
             if gv.name_hint == "main":
                 mod[fname] = func.with_attr("global_symbol", fname)
