@@ -49,8 +49,11 @@ class CalibConfig:
         return self
 
 
-# Keys of a transformers config that describe how it was loaded, not the architecture.
-_CONFIG_DROP = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")
+# Keys of a transformers config that describe how it was loaded, not the architecture
+# (use_cache: the frontend turns the KV cache off for the calibration forwards; a deployed model
+# wants it, and the loader turns it on).
+_CONFIG_DROP = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                "use_cache")
 
 
 def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:

@@ -27,6 +27,7 @@ def run_finetune(out: Path, manifest: dict, teacher: torch.nn.Module, windows: t
     ft = cfg.finetune_config()
     art.write_manifest(out, manifest)           # every layer is written: the student loads from it
     student = load_artifact(out, allow_incomplete=True)
+    student.config.use_cache = False            # whole-window forwards, as before: no KV cache
     names = [meta["name"] for rec in manifest["blocks"] for meta in rec["layers"]]
     head = manifest.get("head")
     tied = None

@@ -69,3 +69,23 @@ def test_missing_file(copy):
     (copy / "blocks" / "block_0000.safetensors").unlink()
     with pytest.raises(ArtifactError, match="missing"):
         quipc.load(copy)
+
+
+def test_loaded_artifact_generates_with_the_kv_cache(tiny_artifact, copy):
+    """A compile stores no use_cache (the frontend turns it off for calibration); the loader turns
+    it on, also for artifacts that stored use_cache=False (written before): each generate() step
+    after the prompt feeds one token, not the whole sequence."""
+    import torch
+
+    assert "use_cache" not in read_manifest(tiny_artifact)["model_config"]
+    edit_manifest(copy, lambda m: m["model_config"].update(use_cache=False))   # as stored before
+    for folder in (tiny_artifact, copy):
+        model = quipc.load(folder)
+        lengths = []
+        model.model.register_forward_pre_hook(lambda mod, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                              with_kwargs=True)
+        ids = torch.tensor([[3, 4, 5, 6]])
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                           do_sample=False, pad_token_id=0)
+        assert lengths == [4, 1, 1, 1]

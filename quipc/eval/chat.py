@@ -28,8 +28,10 @@ def answer_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     stops = stop_ids(tokenizer)
     if isinstance(model, torch.nn.Module):
         with torch.no_grad():
+            # use_cache: the compile frontend's models carry use_cache=False (calibration forwards);
+            # without the cache every step would recompute the whole sequence
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=next(iter(stops), 0))
+                                 do_sample=False, pad_token_id=next(iter(stops), 0), use_cache=True)
         gen = gen[0].tolist()
     else:   # stops at its own eos; any other stop token is cut below
         gen = model.generate(ids.numpy(), max_new_tokens, eos_token_id=min(stops) if stops else None)
