@@ -285,14 +285,14 @@ def cmd_chat(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    lowered = None if _is_artifact(args.target) else _lowered_model(args.target)
+    lowered = None
     if _is_artifact(args.target):
         import quipc_runtime
         from quipc_runtime.loader import load_tokenizer
 
         model = quipc_runtime.load(args.target, backend=_chat_backend(args.backend))
         tokenizer = load_tokenizer(args.target)
-    elif lowered is not None:
+    elif (lowered := _lowered_model(args.target)) is not None:
         model, tokenizer, _ = lowered
     else:
         from .frontend.hf import load_model

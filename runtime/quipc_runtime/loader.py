@@ -19,7 +19,7 @@ def _empty_model(manifest: dict):
     model_type = cfg.pop("model_type", None)
     if model_type is None:
         raise art.ArtifactError("manifest has no model_type in model_config")
-    # generation with the KV cache: artifacts written before stop 28 stored the compile's
+    # generation with the KV cache: artifacts of earlier versions stored the compile's
     # use_cache=False, with which every generate() step recomputed the whole sequence
     cfg["use_cache"] = True
     config = AutoConfig.for_model(model_type, **cfg)

@@ -88,8 +88,10 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
     layers = art.load_layers(artifact, manifest)
     dense = art.load_dense(artifact, manifest)
     from .embedding import shares_head
-    embed_from_head = head_and_dense_embedding(artifact, manifest, layers, dense,
-                                               head_decodes=shares_head if tgt.kind.name == "llvm" else lambda h: False)
+
+    # CPU builds decode a shared grid head's rows in the graph; CUDA builds keep the dense table
+    decodes = shares_head if tgt.kind.name == "llvm" else (lambda head: False)
+    embed_from_head = head_and_dense_embedding(artifact, manifest, layers, dense, head_decodes=decodes)
     builder = ModelBuilder(model_config_for_dense(manifest, dense, layers), layers, dense,
                            manifest.get("blocks_prefix", "model.layers"), embed_from_head=embed_from_head)
     mod = builder.build()

@@ -321,11 +321,11 @@ class ModelBuilder:
             return bb.emit_te(te_embed, ids, P("embed"), primfunc_name_hint="embed")
         spec = self.linear_specs["lm_head"]
         low = lowering(spec.format)
-        names = low.param_names(spec) + embed_param_names(spec)
+        head_names, extra = low.param_names(spec), embed_param_names(spec)
 
         def fn(ids, *arrays):
-            return te_head_embed(ids, dict(zip(names, arrays)), spec)
-        arrays = [P(self._param_name(low, "lm_head", k) if k in low.param_names(spec) else k) for k in names]
+            return te_head_embed(ids, dict(zip(head_names + extra, arrays)), spec)
+        arrays = [P(self._param_name(low, "lm_head", k)) for k in head_names] + [P(k) for k in extra]
         return bb.emit_te(fn, ids, *arrays, primfunc_name_hint="embed")
 
     def _linear(self, bb, P, name: str, x, mode: str, residual=None):

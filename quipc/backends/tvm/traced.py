@@ -116,7 +116,6 @@ class QuipConverters:
         ids = importer.env[node.args[0]]
         return importer.block_builder.emit(relax.op.take(self.consts[name], ids, axis=0))
 
-
     def _head_embedding(self, node, importer):
         from tvm import relax
 
