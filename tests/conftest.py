@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny.py
 
-torch.set_num_threads(2)
+# 2 threads, or the cores shared among pytest-xdist's worker processes (scripts/test.sh)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")

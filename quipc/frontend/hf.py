@@ -29,9 +29,11 @@ def load_config(source: ModelSource):
     raises what AutoConfig raises (callers name the source)."""
     from transformers import AutoConfig
 
+    from . import gguf_file
+
     if not source.gguf_file:
         return AutoConfig.from_pretrained(source.folder)
-    config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    config = gguf_file.config(source.folder, source.gguf_file)
     _complete_gguf_config(config, source.folder / source.gguf_file)
     return config
 
@@ -43,9 +45,10 @@ def _complete_gguf_config(config, path) -> None:
     whatever the file holds, and its q/k/v/o weights do not fit."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import read_field
-    from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    from . import gguf_file
+
+    reader = gguf_file.reader(path)
     arch = read_field(reader, "general.architecture")[0]
     key_length = read_field(reader, f"{arch}.attention.key_length")
     if key_length and "attention.key_length" not in GGUF_CONFIG_MAPPING.get(arch, {}) \

@@ -50,16 +50,15 @@ class GGUFSource:
     """Tensors of a GGUF file: looked up in its memory map, dequantized one at a time."""
 
     def __init__(self, path: Path, skeleton: torch.nn.Module):
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                              get_gguf_hf_weights_map, load_gguf_checkpoint,
-                                                              read_field)
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
-        self._reader = GGUFReader(str(path))
+        from . import gguf_file
+
+        self._reader = gguf_file.reader(path)
         arch = read_field(self._reader, "general.architecture")[0]
-        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
-        self._to_hf = get_gguf_hf_weights_map(skeleton, self._processor)
+        # the processors read the head counts under transformers' names: the skeleton's config has them
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
+        self._to_hf = gguf_file.weights_map(skeleton, self._processor)
         self._tensors = {t.name: t for t in self._reader.tensors if t.name in self._to_hf}
         self._by_hf = {self._to_hf[n]: n for n in self._tensors}
 
