@@ -286,7 +286,7 @@ def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, h
     (4, "auto", "grid"), (32, "8", "grid"), (4, "auto", "e8p"), (4, "auto", "trellis")])
 def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format):
     """TVM: the quantized lm_head as one more QuIP linear; the embedding decoded from the grid
-    head's own params (no dense table in the build), else dequantized at build."""
+    or e8p head's own params (no dense table in the build), else dequantized at build."""
     pytest.importorskip("tvm")
     from quipc.backends.tvm import compile_artifact
     from quipc_runtime.tvm_runtime import TvmLM
@@ -295,7 +295,7 @@ def test_tvm_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, he
     out = tmp_path / "tvm"
     compile_artifact(artifact, out, progress=False)
     names = json.loads((out / "tvm_config.json").read_text())["param_names"]
-    from_head = embed_bits == "auto" and head_format == "grid"
+    from_head = embed_bits == "auto" and head_format in ("grid", "e8p")
     assert ("embed" not in names) == from_head and any(n.startswith("embed_k") for n in names) == from_head
     ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
     got = np.asarray(TvmLM(out, threads=1).logits(ids.numpy())).reshape(20, -1)

@@ -89,7 +89,7 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
     dense = art.load_dense(artifact, manifest)
     from .embedding import shares_head
 
-    # CPU builds decode a shared grid head's rows in the graph; CUDA builds keep the dense table
+    # CPU builds decode a shared grid or e8p head's rows in the graph; CUDA builds keep the dense table
     decodes = shares_head if tgt.kind.name == "llvm" else (lambda head: False)
     embed_from_head = head_and_dense_embedding(artifact, manifest, layers, dense, head_decodes=decodes)
     builder = ModelBuilder(model_config_for_dense(manifest, dense, layers), layers, dense,

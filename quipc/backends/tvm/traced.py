@@ -11,7 +11,7 @@ concatenated, (1, kv_heads, past_seq, head_dim) per layer and kind):
     decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
         the GEMV kernels
 The quantized parameters are constants of the module (no params.bin). An embedding that shares a
-grid lm_head's codes decodes from that head's constants (embedding.py), as in the hand-written
+grid or e8p lm_head's codes decodes from that head's constants (embedding.py), as in the hand-written
 build; other quantized embeddings are dequantized to fp32 at build time. Run it with
 `quipc_runtime.tvm_runtime.TvmLM` (which hands a traced build to tvm_traced.TracedTvmLM).
 """
@@ -33,7 +33,7 @@ class QuipConverters:
     kernel (one PrimFunc per distinct spec and mode), quip_embedding -> take from the table."""
 
     def __init__(self, layers: dict, tables: dict, prefix: str, llvm: bool, shared_head=None):
-        """shared_head: the grid lm_head whose codes are the embedding table (embedding.py),
+        """shared_head: the grid or e8p lm_head whose codes are the embedding table (embedding.py),
         decoded in the graph; other quantized embeddings come as dense `tables`."""
         self.layers, self.tables, self.prefix, self.llvm = layers, tables, prefix, llvm
         self.shared_head = shared_head
@@ -142,7 +142,7 @@ class QuipConverters:
         return bb.emit(relax.op.reshape(rows, shape + [spec.n]))
 
 
-def _shared_grid_head(manifest: dict, layers: dict):
+def _shared_head(manifest: dict, layers: dict):
     """The lm_head layer when the embedding shares its codes and the graph can decode them."""
     from .embedding import shares_head
 
@@ -191,7 +191,7 @@ def build_module(artifact: Path, llvm: bool = True):
     if traceable.manifest.get("head"):
         (head,) = art.load_block(Path(artifact), traceable.manifest["head"])
         layers[traceable.manifest["head"]["module"]] = head
-    shared = _shared_grid_head(traceable.manifest, layers)
+    shared = _shared_head(traceable.manifest, layers)
     tables = {} if shared is not None else _dense_tables(traceable)
     mod = tvm.IRModule()
     # forward: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
