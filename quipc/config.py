@@ -13,7 +13,8 @@ EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 CLI_HEAD_BITS = 4
 # the head's code format: grid. With fp32 blocks the trellis head costs least (+1.44 % vs grid's +3.19 %,
 # benchmarks/results/head_embed_formats_fp32blocks.json), but in the default pipeline it gave ppl 63.18 /
-# agreement 0.272 against the grid head's 60.92 / 0.330, and grid decodes fastest (README, 'Whole model')
+# agreement 0.272 against the grid head's 60.92 / 0.330, and grid decodes fastest (README, 'Whole model').
+# The e8p head on one host: 63.57 against grid's 64.28 (dense 61.29), but 1.15x the TVM decode time.
 CLI_HEAD_FORMAT = "grid"
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
