@@ -16,7 +16,7 @@ def test_lcs_and_rouge_l():
 
 def test_agreement_summary_and_mismatch():
     result = agreement([[1, 2], [3]], [[1, 2], [4]])
-    assert result == {"rouge_l": 0.5, "identical": 1, "prompts": 2}
+    assert result == {"rouge_l": 0.5, "identical": 1, "prompts": 2, "per_prompt": [1.0, 0.0]}
     with pytest.raises(ValueError):
         agreement([[1]], [[1], [2]])
     assert len(PROMPTS) >= 20 and len(set(PROMPTS)) == len(PROMPTS)

@@ -71,7 +71,7 @@ def agreement(answers: list[list[int]], reference: list[list[int]]) -> dict:
         raise ValueError(f"{len(answers)} answers against {len(reference)} reference answers")
     scores = [rouge_l_f1(a, r) for a, r in zip(answers, reference)]
     return {"rouge_l": sum(scores) / len(scores), "identical": sum(a == r for a, r in zip(answers, reference)),
-            "prompts": len(scores)}
+            "prompts": len(scores), "per_prompt": scores}
 
 
 def timed_answers(model, tokenizer) -> tuple[list[list[int]], float]:
