@@ -4,8 +4,8 @@
         --calib wiki.valid.tokens --text wiki.test.raw --windows 16 \\
         --variants 32/32,4/head,3/head,4/8,4/4 --json benchmarks/results/head_embed_w2.json
 
-A variant is HEAD/EMBED[@OPT]: OPT a damping (0.1), greedy passes (g2) or the head's code format
-(grid, e8p, trellis).
+A variant is HEAD/EMBED[@OPT[@OPT]]: OPT a damping (0.1), greedy passes (g2), the head's code format
+(grid, e8p, trellis) or its rows kept at 8 bits (r4096: the most frequent calibration tokens').
 
 Loads ARTIFACT's quantized blocks once (torch reference path; without --artifact the source
 model's fp32 blocks, so that a variant's cost is its head / embedding alone), takes lm_head's Hessian from the
@@ -105,6 +105,7 @@ def _head_hessian(args, model, src, tok, headpass, calibration, find_blocks):
 def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32):
     from quipc.cli import head_format_choices
     from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
+    from quipc.frontend import calibration
     from quipc.passes import head as headpass
     from quipc_runtime import artifact as art
     from quipc_runtime.embedding import QuantEmbedding
@@ -121,23 +122,27 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
                           if "embed" not in k and "lm_head" not in k)
     params = int(sum(p.numel() for p in src.parameters()))
     eval_w = eval_windows(tok, args.text, args.ctx, args.windows)
+    calib_tokens = calibration.text_windows(tok, args.calib, args.calib_windows, args.calib_len)
     results = []
     for variant in args.variants.split(","):
         hb, eb = variant.split("/")
         # "4/head@0.1": damp 0.1; "4/head@g2": 2 greedy passes; "4/head@trellis": the head's code format
-        eb, _, opt = eb.partition("@")
-        cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb).validate()
-        if opt in head_format_choices():
-            cfg = dataclasses.replace(cfg, head_format=opt).validate()
-        elif opt.startswith("g"):
-            cfg = dataclasses.replace(cfg, greedy_passes=int(opt[1:]))
-        elif opt:
-            cfg = dataclasses.replace(cfg, damp=float(opt))
+        eb, *opts = eb.split("@")
+        cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb, head_int8_rows=0).validate()
+        for opt in opts:
+            if opt in head_format_choices():
+                cfg = dataclasses.replace(cfg, head_format=opt).validate()
+            elif opt.startswith("g"):
+                cfg = dataclasses.replace(cfg, greedy_passes=int(opt[1:]))
+            elif opt.startswith("r"):
+                cfg = dataclasses.replace(cfg, head_int8_rows=int(opt[1:])).validate()
+            elif opt:
+                cfg = dataclasses.replace(cfg, damp=float(opt))
         plan = headpass.plan_for(src, cfg)
         t1 = time.time()
         nbytes = other + dense_small
         if plan.head_quantized:
-            layer = headpass.quantize_head(src, plan, hess, cfg)
+            layer = headpass.quantize_head(src, plan, hess, cfg, tokens=calib_tokens)
             model.set_submodule("lm_head", QuipLinearRef(layer))
             nbytes += layer.storage_bits() // 8
         else:
@@ -157,7 +162,8 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
             nbytes += h32.weight.numel() * 4  # a tied model's dense head stored apart
         quant_s = time.time() - t1
         r = perplexity(torch_logits_fn(model), eval_w, progress=False)
-        rec = {"variant": variant, "head_bits": plan.head_bits, "head_format": cfg.head_format, "embed": plan.embed_mode,
+        rec = {"variant": variant, "head_bits": plan.head_bits, "head_format": cfg.head_format,
+               "head_int8_rows": cfg.head_int8_rows, "embed": plan.embed_mode,
                "embed_bits": plan.embed_bits, "est_bytes": int(nbytes), "est_MB": nbytes / 1e6,
                "bits_per_param": 8 * nbytes / params, "ppl": r["ppl"], "windows": r["windows"],
                "quantize_s": quant_s, "eval_s": r["seconds"]}

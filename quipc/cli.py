@@ -48,13 +48,16 @@ def head_format_choices() -> tuple[str, ...]:
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
-    from .config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, EMBED_CHOICES
+    from .config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, CLI_HEAD_INT8_ROWS, EMBED_CHOICES
 
     p.add_argument("--head-bits", type=int, default=CLI_HEAD_BITS,
                    help=f"lm_head bits: 2, 3, 4, or 32 to keep it dense (default {CLI_HEAD_BITS})")
     p.add_argument("--head-format", default=CLI_HEAD_FORMAT, choices=head_format_choices(),
                    help="lm_head's code format (and so the shared embedding's): grid decodes fastest, trellis "
                         f"loses least (see README, 'Whole model'; default {CLI_HEAD_FORMAT})")
+    p.add_argument("--head-int8-rows", type=int, default=CLI_HEAD_INT8_ROWS,
+                   help="lm_head rows of the most frequent calibration tokens kept at 8 bits, e.g. 4096 "
+                        f"(at most a vocabulary's eighth; 0: none; default {CLI_HEAD_INT8_ROWS}; see README)")
     p.add_argument("--embed-bits", default=CLI_EMBED_BITS, choices=EMBED_CHOICES,
                    help="embedding table: head (a tied model's one table: the lm_head's codes), 8 (per row) "
                         "or 4 (per group of 32) integer tables, 16 / 32 dense; auto (default): head for a "
@@ -168,7 +171,8 @@ def cmd_compile(args) -> int:
                       damp=args.damp, greedy_passes=args.greedy_passes, rescale=args.rescale,
                       grid=args.grid, format=args.format, finetune=args.finetune,
                       finetune_epochs=args.finetune_epochs, head_bits=args.head_bits,
-                      head_format=args.head_format, embed_bits=args.embed_bits).validate()
+                      head_format=args.head_format, head_int8_rows=args.head_int8_rows,
+                      embed_bits=args.embed_bits).validate()
     calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,
                         batch=args.calib_batch, chat=args.calib_chat)
     progress = not args.no_progress

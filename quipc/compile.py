@@ -63,6 +63,8 @@ def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:
     quant = cfg.to_dict()
     if quant["head_format"] == "grid":
         del quant["head_format"]   # likewise: a compile started before --head-format resumes
+    if quant["head_int8_rows"] == 0:
+        del quant["head_int8_rows"]     # and one before --head-int8-rows
     blob = json.dumps({"source": source, "quant": quant, "calib": calib_d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -218,7 +220,7 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     if not group.is_main:
         return None   # rank 0 finishes alone: the head, the fine-tuning (not split: see README)
     if plan.head_quantized:
-        layer = headpass.quantize_head(model, plan, head_h.get("h"), cfg)
+        layer = headpass.quantize_head(model, plan, head_h.get("h"), cfg, tokens=windows)
         rec = art.write_layers(out, HEAD_FILE, [layer])
         rec["layers"][0]["storage_bits"] = layer.storage_bits()
         manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}

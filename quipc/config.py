@@ -28,6 +28,10 @@ CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3
                               # w4 22.28 vs 22.02 but agreement 0.500 vs 0.458; w2 0.304 vs 0.154)
 CLI_FINETUNE_RANKS = "e2e"    # with --workers / under torchrun: block fine-tuning runs in one process
 CLI_EMBED_BITS = "auto"
+# rows of the head kept at 8 bits (the most frequent calibration tokens), off: in the default pipeline
+# 4096 rows gave ppl 63.98 against 64.28 for +2.39 MB (44.34 MB), one pair, rows chosen by count on
+# the model's own text, which covers 63 % of WikiText's tokens (README, 'Whole model')
+CLI_HEAD_INT8_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class QuantConfig:
     head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py
     head_format: str = "grid"     # HF path: lm_head's code format (grid | e8p | trellis | auto); a tied
                                   # head's codes are the embedding table in every format
+    head_int8_rows: int = 0       # HF path: lm_head rows of the most frequent calibration tokens kept at
+                                  # 8 bits (at most vocab / 8; 0 = none), see passes/head.py
     embed_bits: int | str = "auto"  # HF path: "head" (the tied head's codes) | 4 | 8 (tables) | 16 | 32
                                     # (dense); auto: head when tied and the head is quantized, else
                                     # 8 with a quantized head, else 32
@@ -82,6 +88,8 @@ class QuantConfig:
         if self.head_bits != DENSE_BITS:
             for fmt in AUTO_ORDER if self.head_format == AUTO else (self.head_format,):
                 get_format(fmt).check_bits(self.head_bits)
+        if self.head_int8_rows < 0:
+            raise ValueError(f"head int8 rows must be >= 0, got {self.head_int8_rows}")
         if str(self.embed_bits) not in EMBED_CHOICES:
             raise ValueError(f"unsupported embed bits {self.embed_bits!r}: expected one of "
                              f"{', '.join(EMBED_CHOICES)}")

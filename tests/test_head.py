@@ -325,10 +325,15 @@ def test_interrupted_head_resumes_to_the_same_bytes(tiny_model, tied_w3, tmp_pat
 
 def test_cli_flags():
     from quipc.cli import build_parser
-    from quipc.config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT
+    from quipc.config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, CLI_HEAD_INT8_ROWS
 
     args = build_parser().parse_args(["compile", "m", "-o", "x"])
-    assert (args.head_bits, args.embed_bits, args.head_format) == (CLI_HEAD_BITS, CLI_EMBED_BITS, CLI_HEAD_FORMAT)
+    assert (args.head_bits, args.embed_bits, args.head_format, args.head_int8_rows) == \
+        (CLI_HEAD_BITS, CLI_EMBED_BITS, CLI_HEAD_FORMAT, CLI_HEAD_INT8_ROWS)
+    args = build_parser().parse_args(["compile", "m", "-o", "x", "--head-int8-rows", "4096"])
+    assert QuantConfig(head_bits=4, head_int8_rows=args.head_int8_rows).validate().head_int8_rows == 4096
+    with pytest.raises(ValueError, match="head int8 rows"):
+        QuantConfig(head_bits=4, head_int8_rows=-1).validate()
     args = build_parser().parse_args(["compile", "m", "-o", "x", "--head-format", "trellis"])
     assert QuantConfig(head_bits=args.head_bits, head_format=args.head_format).validate().head_format == "trellis"
     with pytest.raises(ValueError, match="unknown code format"):
@@ -340,8 +345,9 @@ def test_cli_flags():
 
 
 def test_resume_key_of_compiles_from_before_head_format():
-    """A compile started before --head-format existed (its key hashed no head_format) resumes
-    under the default grid head; another head format is another job."""
+    """A compile started before --head-format / --head-int8-rows existed (its key hashed neither)
+    resumes under the default grid head without 8-bit rows; another head format, or rows kept
+    at 8 bits, is another job."""
     import hashlib
     from dataclasses import asdict
 
@@ -349,10 +355,12 @@ def test_resume_key_of_compiles_from_before_head_format():
 
     calib, source = CalibConfig(text="t.txt", **CALIB), {"spec": "m"}
     old = QuantConfig(bits=2, head_bits=4).to_dict()
-    del old["head_format"]
+    del old["head_format"], old["head_int8_rows"]
     calib_d = asdict(calib)
     del calib_d["chat"]
     blob = json.dumps({"source": source, "quant": old, "calib": calib_d}, sort_keys=True)
     assert _job_key(source, QuantConfig(bits=2, head_bits=4), calib) == hashlib.sha256(blob.encode()).hexdigest()
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_format="trellis"), calib) != \
+        _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
+    assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_int8_rows=4096), calib) != \
         _job_key(source, QuantConfig(bits=2, head_bits=4), calib)

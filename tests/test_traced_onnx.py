@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from quipc.backends.onnx.traced import export_traced
+from quipc_runtime import artifact as art
 from traced_families import DECODE_STEPS, FAMILY_CONFIGS, PROMPT_LEN, family_artifact, prompt, rel, \
     torch_reference
 
@@ -74,6 +75,8 @@ def test_quantized_head_and_embedding():
     """e8p blocks, 4-bit lm_head whose codes are the embedding (the CLI defaults): the embedding
     is a Gather of code rows, never a dense table."""
     artifact = family_artifact("qwen2", head=True)
+    (head,) = art.load_block(artifact, art.read_manifest(artifact)["head"])
+    assert head.has_row_patch and len(head.row_ids) == 256 // 8   # its frequent rows at 8 bits
     path = family_onnx("qwen2", head=True)
     check_against_torch(artifact, path)
     model = onnx.load(path, load_external_data=False)
@@ -99,7 +102,6 @@ def test_scaled_embedding_keeps_its_scale():
 
 
 def test_quantized_linears_are_quipc_nodes():
-    from quipc_runtime import artifact as art
 
     artifact = family_artifact("llama")
     model = onnx.load(family_onnx("llama"), load_external_data=False)
@@ -160,7 +162,6 @@ def test_untranslatable_op_is_named(monkeypatch):
     from quipc.backends.traced import FAMILIES
     from quipc_runtime.modules import QuipLinearRef
     from quipc_runtime.torch_ops import QuipOpLinear
-    from quipc_runtime import artifact as art
 
     artifact = family_artifact("llama")
     layer = art.load_layers(artifact, art.read_manifest(artifact))["model.layers.0.mlp.up_proj"]

@@ -9,6 +9,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from quipc_runtime import artifact as art  # noqa: E402
 from traced_families import DECODE_STEPS, PROMPT_LEN, family_artifact, prompt, rel, torch_reference  # noqa: E402
 
 TOL = 1e-4
@@ -63,6 +64,7 @@ def test_head_and_shared_embedding(tmp_path, monkeypatch):
         return built["mod"], traceable
     monkeypatch.setattr(traced, "build_module", keep)
     artifact = family_artifact("qwen2", head=True)   # the traced ONNX tests' artifact (cached)
+    assert art.load_block(artifact, art.read_manifest(artifact)["head"])[0].has_row_patch  # 8-bit rows too
     check_against_torch(artifact, traced.compile_traced(artifact, tmp_path / "tvm", progress=False), "TracedTvmLM")
     for fname in ("forward", "decode"):
         shapes = {tuple(c.value.shape) for c in _constants(built["mod"][fname])}
@@ -71,7 +73,6 @@ def test_head_and_shared_embedding(tmp_path, monkeypatch):
 
 def test_quantized_linears_are_call_tir():
     from quipc.backends.tvm.traced import build_module
-    from quipc_runtime import artifact as art
 
     artifact = family_artifact("qwen2")
     mod, _ = build_module(artifact)

@@ -61,7 +61,8 @@ def make_family_model(folder: Path, family: str, seed: int = 0, **overrides) -> 
 
 def family_artifact(family: str, head: bool = False, kron: bool = False) -> Path:
     """A 2-bit QuIP artifact of the family's tiny model; head=True: e8p blocks with a 4-bit
-    lm_head whose codes are the embedding too (the CLI's defaults, without fine-tuning);
+    lm_head whose codes are the embedding too (the CLI's defaults, without fine-tuning), its
+    frequent rows at 8 bits (--head-int8-rows 4096);
     kron=True: the model in KRON_SIZES."""
     return _compiled(family, bool(head), bool(kron))
 
@@ -75,7 +76,8 @@ def _compiled(family: str, head: bool, kron: bool = False) -> Path:
     folder = root / "hf" if (root / "hf").is_dir() else \
         make_family_model(root / "hf", family, **(KRON_SIZES if kron else {}))
     text = root / "calib.txt" if (root / "calib.txt").is_file() else write_text(root / "calib.txt")
-    cfg = QuantConfig(bits=2, format="e8p", head_bits=4, embed_bits="head") if head else QuantConfig(bits=2)
+    cfg = QuantConfig(bits=2, format="e8p", head_bits=4, embed_bits="head", head_int8_rows=4096) if head \
+        else QuantConfig(bits=2)
     out = root / ("art-head" if head else "art")
     compile_model(str(folder), out, cfg, CalibConfig(text=str(text), windows=8, length=32), progress=False)
     return out
@@ -87,7 +89,8 @@ def prompt(seed: int = 1) -> torch.Tensor:
 
 def torch_reference(artifact: Path, backend: str = "reference"):
     """(prefill logits (L, V), [logits of each greedy decode step], tokens) on the torch path,
-    through transformers' own generate and cache."""
+    through transformers' own generate and cache, past an end-of-sequence token (as OnnxLM and
+    the TVM runtimes are run here)."""
     import quipc_runtime
 
     model = quipc_runtime.load(artifact, backend=backend)
@@ -95,7 +98,7 @@ def torch_reference(artifact: Path, backend: str = "reference"):
     with torch.no_grad():
         full = model(ids).logits[0].numpy()
         gen = model.generate(ids, max_new_tokens=DECODE_STEPS, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
     return full, [s[0].numpy() for s in gen.logits], gen.sequences[0].tolist()
 
 

@@ -118,7 +118,14 @@ def prepare(layer: QuantizedLinear):
     _require()
     if isinstance(layer, QuantizedLinear):
         require_format(layer, CPU_FORMATS, "the C++ kernel backend")
+        _require_no_patch(layer)
     return _ext.Plan(**_layer_args(layer))
+
+
+def _require_no_patch(layer: QuantizedLinear) -> None:
+    if layer.has_row_patch:
+        raise ValueError(f"layer {layer.name} keeps {len(layer.row_ids)} rows at 8 bits, which a plan "
+                         "(the codes alone) does not compute: use KernelQuipLinear")
 
 
 def quip_linear(plan, x: np.ndarray, threads: int | None = None, force_scalar: bool = False,
@@ -158,6 +165,7 @@ def prepare_cuda(layer: QuantizedLinear, device: int = 0):
         raise RuntimeError("CUDA kernels unavailable: build with QUIPC_CUDA=ON on a machine "
                            "with the CUDA toolkit, and run where a GPU is visible")
     require_format(layer, CUDA_FORMATS, "the CUDA kernel backend")
+    _require_no_patch(layer)
     return _ext.CudaPlan(device=device, **_layer_args(layer))
 
 
@@ -196,6 +204,8 @@ def cuda_quip_linear(plan, x, out, stream: int = 0) -> None:
 try:
     import torch
     from torch import nn
+
+    from .modules import apply_row_patch
 except ImportError:  # numpy-only deployments
     torch = None
 
@@ -226,6 +236,11 @@ if torch is not None:
                 self._plan = _ext.CudaPlan(device=index, **args)
             else:
                 raise ValueError(f"unsupported device {device!r}: use 'cpu' or 'cuda'")
+            self.row_ids = self.row_weight = None   # rows kept at 8 bits: a dense matmul after the kernel
+            if layer.has_row_patch:
+                ids, rows = layer.row_patch_f32()
+                self.row_ids, self.row_weight = (torch.from_numpy(ids).to(self.device),
+                                                 torch.from_numpy(rows).to(self.device))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not isinstance(x, torch.Tensor):
@@ -244,6 +259,7 @@ if torch is not None:
                 if x2.shape[0]:
                     self._plan.forward_ptr(x2.data_ptr(), y.data_ptr(), x2.shape[0],
                                            torch.cuda.current_stream(self.device).cuda_stream)
+            y = apply_row_patch(y, x2, self.row_ids, self.row_weight)
             return y.reshape(*lead, self.out_features).to(dtype)
 
         def extra_repr(self) -> str:

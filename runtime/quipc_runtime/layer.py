@@ -7,6 +7,12 @@ quipc_runtime.formats: "grid" is W'[i, j] = scale[i] * code[i, j] + zero[i], "e8
 E8-lattice vector codes), K_in / K_out the Kronecker parts of the input / output
 transforms, in_scale folds the diagonal rescaling and the input signs (fp16), s_out the
 output signs (stored as bits).
+
+A layer may keep some output rows at 8 bits ("row patch": row_ids, row_values, row_scale):
+y[..., row_ids[k]] = row_scale[k] * (row_values[k] @ x), replacing what the codes give for
+those rows, in the original domain (no transform). quipc keeps the lm_head's most frequent
+tokens this way (passes/head.py); the codes of those rows stay stored, and a tied embedding
+keeps decoding them.
 """
 from __future__ import annotations
 
@@ -35,6 +41,13 @@ class QuantizedLinear:
     bias: np.ndarray | None = None       # (m,) float32
     info: dict = field(default_factory=dict)  # method, proxy losses, incoherence stats
     format: str = DEFAULT_FORMAT
+    row_ids: np.ndarray | None = None      # (k,) int32, ascending, the rows kept at 8 bits
+    row_values: np.ndarray | None = None   # (k, n) int8
+    row_scale: np.ndarray | None = None    # (k,) float16
+
+    @property
+    def has_row_patch(self) -> bool:
+        return self.row_ids is not None
 
     def validate(self) -> None:
         m, n = self.out_features, self.in_features
@@ -58,12 +71,36 @@ class QuantizedLinear:
             if arr.shape != shape or arr.dtype != dtype:
                 raise ValueError(f"layer {self.name}: {key} has shape {arr.shape} {arr.dtype}, "
                                  f"expected {shape} {np.dtype(dtype)}")
+        self._validate_row_patch()
         if self.t_in.n != n or self.t_out.n != m:
             raise ValueError(f"layer {self.name}: transform sizes do not match its shape {m}x{n}")
         for key in ("scale", "zero", "in_scale", "bias"):
             arr = getattr(self, key)
             if arr is not None and not np.isfinite(arr).all():
                 raise ValueError(f"layer {self.name}: {key} holds NaN or Inf")
+
+    def _validate_row_patch(self) -> None:
+        parts = (self.row_ids, self.row_values, self.row_scale)
+        if all(p is None for p in parts):
+            return
+        if any(p is None for p in parts):
+            raise ValueError(f"layer {self.name}: a row patch needs row_ids, row_values and row_scale together")
+        k, m, n = len(self.row_ids), self.out_features, self.in_features
+        for key, arr, shape, dtype in (("row_ids", self.row_ids, (k,), np.int32),
+                                       ("row_values", self.row_values, (k, n), np.int8),
+                                       ("row_scale", self.row_scale, (k,), np.float16)):
+            if arr.shape != shape or arr.dtype != dtype:
+                raise ValueError(f"layer {self.name}: {key} has shape {arr.shape} {arr.dtype}, "
+                                 f"expected {shape} {np.dtype(dtype)}")
+        if k == 0 or (k > 1 and not (np.diff(self.row_ids) > 0).all()) or self.row_ids[0] < 0 or self.row_ids[-1] >= m:
+            raise ValueError(f"layer {self.name}: row_ids must be 1 or more distinct ascending rows in [0, {m})")
+        if self.bias is not None:
+            raise ValueError(f"layer {self.name}: a row patch on a layer with bias is not supported")
+
+    def row_patch_f32(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row_ids int64, (k, n) float32 rows): the patched rows' weights."""
+        return (self.row_ids.astype(np.int64),
+                self.row_values.astype(np.float32) * self.row_scale.astype(np.float32)[:, None])
 
     # --- numerics -------------------------------------------------------------------
     def rotated_weight(self) -> np.ndarray:
@@ -80,7 +117,11 @@ class QuantizedLinear:
         k_in = self.t_in.dense() / self.t_in.sign_vector()[None, :]   # Kronecker part only
         k_out = self.t_out.dense() / self.t_out.sign_vector()[None, :]
         w = k_out.T @ self.rotated_weight().astype(np.float64) @ k_in
-        return self.t_out.sign_vector()[:, None] * w * self.in_scale_f32()[None, :]
+        w = self.t_out.sign_vector()[:, None] * w * self.in_scale_f32()[None, :]
+        if self.has_row_patch:
+            ids, rows = self.row_patch_f32()
+            w[ids] = rows
+        return w
 
     # --- storage --------------------------------------------------------------------
     def tensors(self) -> dict[str, np.ndarray]:
@@ -93,6 +134,8 @@ class QuantizedLinear:
             out["out_signs"] = self.t_out.sign_bits()
         if self.bias is not None:
             out["bias"] = self.bias
+        if self.has_row_patch:
+            out.update(row_ids=self.row_ids, row_values=self.row_values, row_scale=self.row_scale)
         return out
 
     def meta(self) -> dict:
@@ -121,7 +164,8 @@ class QuantizedLinear:
             codes=tensors["codes"], scale=tensors["scale"], zero=tensors.get("zero"), format=fmt,
             t_in=Transform.from_meta(meta["in_transform"]),
             t_out=Transform.from_meta(meta["out_transform"], tensors.get("out_signs")),
-            in_scale=tensors.get("in_scale"), bias=tensors.get("bias"),
+            in_scale=tensors.get("in_scale"), bias=tensors.get("bias"), row_ids=tensors.get("row_ids"),
+            row_values=tensors.get("row_values"), row_scale=tensors.get("row_scale"),
             info={k: v for k, v in meta.items()
                   if k not in ("name", "shape", "bits", "format", "in_transform", "out_transform")})
         if layer.t_out.kind == "hadamard" and layer.t_out.signs is None:

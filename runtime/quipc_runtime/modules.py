@@ -20,6 +20,14 @@ def kron_apply(x: torch.Tensor, mats: list[torch.Tensor], transpose: bool = Fals
     return y.reshape(shape)
 
 
+def apply_row_patch(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor | None,
+                    rows: torch.Tensor | None) -> torch.Tensor:
+    """y with its columns `ids` (the layer's patched output rows) recomputed as x @ rows^T."""
+    if ids is None:
+        return y
+    return y.index_copy(-1, ids, torch.nn.functional.linear(x.to(rows.dtype), rows).to(y.dtype))
+
+
 class QuipLinearRef(nn.Module):
     """y = s_out * K_out^T (W' (K_in (in_scale * x))) + b with W' dequantized once, densely."""
 
@@ -35,6 +43,9 @@ class QuipLinearRef(nn.Module):
             self.register_buffer(f"factor{i}", torch.from_numpy(mat.copy()), persistent=False)
         bias = None if layer.bias is None else torch.from_numpy(layer.bias)
         self.register_buffer("bias", bias, persistent=False)
+        ids, rows = layer.row_patch_f32() if layer.has_row_patch else (None, None)
+        self.register_buffer("row_ids", None if ids is None else torch.from_numpy(ids), persistent=False)
+        self.register_buffer("row_weight", None if rows is None else torch.from_numpy(rows), persistent=False)
 
     def _factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         mats = [b for name, b in self.named_buffers() if name.startswith("factor")]
@@ -54,6 +65,7 @@ class QuipLinearRef(nn.Module):
         if row_gain is not None:
             t = t * row_gain
         y = kron_apply(t, f_out, transpose=True) * self.out_signs
+        y = apply_row_patch(y, x, self.row_ids, self.row_weight)
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)

@@ -123,6 +123,26 @@ class QuipLinearEmitter:
 
     def emit(self, x: str, layer: QuantizedLinear, out_name: str | None = None, rank: int | None = None) -> str:
         """y = layer(x); rank: x's rank when known (3 gives a body without shape ops)."""
+        if layer.has_row_patch:
+            return self._row_patch(x, self._emit_codes(x, layer, None, rank), layer, out_name)
+        return self._emit_codes(x, layer, out_name, rank)
+
+    def _row_patch(self, x: str, y: str, layer: QuantizedLinear, out_name: str | None) -> str:
+        """y with its columns row_ids replaced by x @ rows^T, the rows kept at 8 bits: stored as
+        int8 + fp16 scales, dequantized by nodes of initializers only (onnxruntime folds them
+        once at session start), one MatMul, one ScatterElements."""
+        b, name = self.b, layer.name
+        f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+        vals = b.op("Cast", b.initializer(f"{name}.row_values", layer.row_values), to=f32)
+        scale = b.op("Cast", b.initializer(f"{name}.row_scale", layer.row_scale), to=f32)
+        w = b.op("Mul", vals, b.op("Unsqueeze", scale, b.ints([1])))           # (k, n)
+        patch = b.op("MatMul", x, b.op("Transpose", w, perm=[1, 0]))            # (..., k)
+        ids = b.op("Cast", b.initializer(f"{name}.row_ids", layer.row_ids), to=i64)
+        idx = b.op("Expand", ids, b.op("Shape", patch))
+        return b.op("ScatterElements", y, idx, patch, axis=-1, out_name=out_name or b.name(f"{name}.out"))
+
+    def _emit_codes(self, x: str, layer: QuantizedLinear, out_name: str | None, rank: int | None) -> str:
+        """layer(x) from its codes alone."""
         v, lit, named = self._plan(layer, rank)
         ins = [x] + [named[k] for k in v.input_names()[1:]]
         if self.ops == "std":
@@ -137,7 +157,8 @@ class QuipLinearEmitter:
         return out
 
     def can_group(self, layers: list[QuantizedLinear]) -> bool:
-        return len(layers) > 1 and all(_same_input_side(layers[0], la) for la in layers[1:])
+        return (len(layers) > 1 and not any(la.has_row_patch for la in layers)
+                and all(_same_input_side(layers[0], la) for la in layers[1:]))
 
     def emit_group(self, x: str, layers: list[QuantizedLinear], out_names: list[str | None] | None = None,
                    rank: int | None = None) -> list[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import relax, te, tirx
 
+from . import row_patch
 from . import tir_quip_linear as Q
 from .attention import kv_write_func, te_attention
 from .embedding import embed_param_names, embed_params, te_head_embed
@@ -207,6 +208,9 @@ class ModelBuilder:
             gname = self._param_name(low, name, key)
             if gname not in self.index:  # a SHARED array (codebook table) is stored once
                 self._add(gname, arr)
+        if layer.has_row_patch:
+            for key, arr in row_patch.params(layer, name).items():
+                self._add(key, arr)
 
     @staticmethod
     def _param_name(low, name: str, key: str) -> str:
@@ -340,5 +344,10 @@ class ModelBuilder:
         extra = [residual] if residual is not None else []
         fmt = "" if spec.format == "grid" else f"{spec.format}_"
         hint = f"quip_{fmt}{mode}_{spec.m}x{spec.n}_b{spec.bits}"
-        return bb.emit_te(fn, x, *[P(self._param_name(low, name, k)) for k in pnames], *extra,
-                          primfunc_name_hint=hint)
+        y = bb.emit_te(fn, x, *[P(self._param_name(low, name, k)) for k in pnames], *extra,
+                       primfunc_name_hint=hint)
+        if self.layers[name].has_row_patch:
+            if residual is not None:
+                raise ValueError(f"{name}: a row patch on a layer with a fused residual is not supported")
+            y = row_patch.emit(bb, x, y, *(P(f"{name}.{k}") for k in ("row_tiles", "row_scale", "row_slot")))
+        return y

@@ -71,6 +71,7 @@ class QuipConverters:
 
         from quipc_runtime.torch_ops import layer_name
 
+        from . import row_patch
         from .lowering import lowering
         from .tir_quip_linear import LinearSpec
 
@@ -99,7 +100,17 @@ class QuipConverters:
             yp = bb.emit(relax.call_tir(self._kernel(bb, spec, "gemm"), [xp, *params],
                                         relax.TensorType([padded, spec.m], "float32")))
             y = bb.emit(relax.op.strided_slice(yp, axes=[0], begin=[0], end=[rows]))
+        if layer.has_row_patch:
+            arrays = [self._patch_const(name, k, v) for k, v in row_patch.params(layer, name).items()]
+            y = row_patch.emit(bb, x2, y, *arrays, prefix=self.prefix)
         return bb.emit(relax.op.reshape(y, shape[:-1] + [spec.m]))
+
+    def _patch_const(self, name: str, key: str, arr: np.ndarray):
+        from tvm import relax
+
+        if key not in self.consts:
+            self.consts[key] = relax.const(np.ascontiguousarray(arr))
+        return self.consts[key]
 
     def embedding(self, node, importer):
         from tvm import relax
