@@ -183,7 +183,7 @@ def cmd_compile(args) -> int:
         from .frontend.onnx_model import compile_onnx
 
         # the ONNX frontend keeps lm_head and the embedding as they are (QuantConfig.quantize_lm_head)
-        cfg = dataclasses.replace(cfg, head_bits=32, embed_bits="auto")
+        cfg = dataclasses.replace(cfg, head_bits=32, head_int8_rows=0, embed_bits="auto")
         summary = compile_onnx(Path(args.model), out, cfg, calib, tokenizer=args.tokenizer,
                                ops=args.onnx_ops, progress=progress, accuracy_level=args.onnx_accuracy_level,
                                threads=_threads(), calibration=args.onnx_calibration)

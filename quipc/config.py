@@ -90,6 +90,8 @@ class QuantConfig:
                 get_format(fmt).check_bits(self.head_bits)
         if self.head_int8_rows < 0:
             raise ValueError(f"head int8 rows must be >= 0, got {self.head_int8_rows}")
+        if self.head_int8_rows and self.head_bits == DENSE_BITS:
+            raise ValueError("head int8 rows keep rows of a quantized lm_head at 8 bits: use --head-bits 2, 3 or 4")
         if str(self.embed_bits) not in EMBED_CHOICES:
             raise ValueError(f"unsupported embed bits {self.embed_bits!r}: expected one of "
                              f"{', '.join(EMBED_CHOICES)}")

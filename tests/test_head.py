@@ -334,6 +334,8 @@ def test_cli_flags():
     assert QuantConfig(head_bits=4, head_int8_rows=args.head_int8_rows).validate().head_int8_rows == 4096
     with pytest.raises(ValueError, match="head int8 rows"):
         QuantConfig(head_bits=4, head_int8_rows=-1).validate()
+    with pytest.raises(ValueError, match="head int8 rows keep rows of a quantized lm_head"):
+        QuantConfig(head_bits=32, head_int8_rows=4096).validate()
     args = build_parser().parse_args(["compile", "m", "-o", "x", "--head-format", "trellis"])
     assert QuantConfig(head_bits=args.head_bits, head_format=args.head_format).validate().head_format == "trellis"
     with pytest.raises(ValueError, match="unknown code format"):

@@ -153,7 +153,10 @@ def quantize_head(model: nn.Module, plan: HeadPlan, hessian: torch.Tensor | None
     else:
         layer = quantize_shared_head(plan.head, w, hessian, hcfg)
     k = patch_rows(cfg.head_int8_rows, w.shape[0])
-    if k and bias is None:
+    if k and bias is not None:
+        raise ValueError(f"{plan.head} has a bias: keeping its rows at 8 bits is not supported "
+                         "(use --head-int8-rows 0)")
+    if k:
         ids = frequent_rows(tokens, w.shape[0], k)
         layer = with_row_patch(layer, ids, w[torch.from_numpy(ids).long()].float().numpy())
     return layer
