@@ -183,7 +183,8 @@ def with_row_patch(layer: QuantizedLinear, ids: np.ndarray, rows: np.ndarray) ->
     (symmetric, one fp16 scale per row)."""
     rows = rows.astype(np.float32)
     scale = (np.abs(rows).max(axis=1) / 127.0).astype(np.float16)
-    safe = np.where(scale.astype(np.float32) > 0, scale.astype(np.float32), 1.0)
+    step = scale.astype(np.float32)
+    safe = np.where(step > 0, step, 1.0)
     values = np.clip(np.rint(rows / safe[:, None]), -127, 127).astype(np.int8)
     out = dataclasses.replace(layer, row_ids=np.ascontiguousarray(ids, np.int32), row_values=values,
                               row_scale=scale, info={**layer.info, "rows_8bit": int(len(ids))})

@@ -59,9 +59,12 @@ class QuipConverters:
         return self.funcs[key]
 
     def _const(self, low, name: str, key: str, arr: np.ndarray):
+        return self._named_const(f"{low.__name__}.{key}" if key in low.SHARED else f"{name}.{key}", arr)
+
+    def _named_const(self, cname: str, arr: np.ndarray):
+        """One relax constant per name (a SHARED codebook, a layer's array) in the module."""
         from tvm import relax
 
-        cname = f"{low.__name__}.{key}" if key in low.SHARED else f"{name}.{key}"
         if cname not in self.consts:
             self.consts[cname] = relax.const(np.ascontiguousarray(arr))
         return self.consts[cname]
@@ -101,16 +104,9 @@ class QuipConverters:
                                         relax.TensorType([padded, spec.m], "float32")))
             y = bb.emit(relax.op.strided_slice(yp, axes=[0], begin=[0], end=[rows]))
         if layer.has_row_patch:
-            arrays = [self._patch_const(name, k, v) for k, v in row_patch.params(layer, name).items()]
+            arrays = [self._named_const(k, v) for k, v in row_patch.params(layer, name).items()]
             y = row_patch.emit(bb, x2, y, *arrays, prefix=self.prefix)
         return bb.emit(relax.op.reshape(y, shape[:-1] + [spec.m]))
-
-    def _patch_const(self, name: str, key: str, arr: np.ndarray):
-        from tvm import relax
-
-        if key not in self.consts:
-            self.consts[key] = relax.const(np.ascontiguousarray(arr))
-        return self.consts[key]
 
     def embedding(self, node, importer):
         from tvm import relax
