@@ -7,7 +7,8 @@ Hessian accumulators build it) and a random (rows, n) weight go through quantize
 VmHWM (/proc/self/status) above the resident memory just before the call (the high-water mark is
 reset through /proc/self/clear_refs, so building H does not count), as MB and as multiples of
 n*n*8 bytes, and the peak and seconds of each stage (regularize, eigh, rotate_hessian, encode,
-proxy losses). The caller's H is not counted (it lives before the call, as in a compile).
+proxy losses). The caller's H is not counted (it lives before the call, as in a compile, which
+hands it over: it is damped, rotated and factored in its own memory).
 --save FILE writes codes / scales / in_scale (.npz) to compare two versions bit for bit.
 """
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main() -> None:
     methods.rotate_hessian = st.wrap("rotate_hessian", methods.rotate_hessian)
     methods.mu_hessian = st.wrap("mu_hessian (eigh)", methods.mu_hessian)
     methods._relative_losses = st.wrap("proxy losses", methods._relative_losses)
+    if hasattr(methods, "_spent_losses_before"):
+        methods._spent_losses_before = st.wrap("proxy losses", methods._spent_losses_before)
     methods.encode = st.wrap("encode", methods.encode)
     eigh = torch.linalg.eigh
     torch.linalg.eigh = st.wrap("eigh", eigh)
@@ -105,8 +108,10 @@ def main() -> None:
 
     base = st.start()
     t0 = time.perf_counter()
-    # a group of one linear (as down_proj): its cache may go once it is rounded (where supported)
-    last = {"last_reader": True} if "last_reader" in methods.LayerInput.__dataclass_fields__ else {}
+    # a group of one linear (as down_proj): its cache may go once it is rounded, and H is spent
+    # (damped, rotated and factored in its own memory) as a compile spends it (where supported)
+    fields = methods.LayerInput.__dataclass_fields__
+    last = {k: True for k in ("last_reader", "spend_hessian") if k in fields}
     layer = methods.quantize_linear(methods.LayerInput("probe", w, None, h, **last), cfg)
     seconds = time.perf_counter() - t0
     peak = st.finish()

@@ -136,3 +136,104 @@ def test_staged_quantizer_index_table_matches_the_dict():
         for k in range(8):
             assert torch.equal(a.round(w[:, 8 * k:8 * k + 8], keep=k), b.round(w[:, 8 * k:8 * k + 8], keep=k))
         assert (a.codes(bits, 8) == b.codes(bits, 8)).all()
+
+
+def _dense_rotation(w, t_in, t_out, inverse=False):
+    f = incoherence.apply_rows_transposed if inverse else apply_rows
+    return f(f(w, t_in).t(), t_out).t()
+
+
+@pytest.mark.parametrize("m,n,chunk", [(48, 96, 7), (200, 64, 64), (24, 40, 512)])
+def test_weight_rotations_are_the_dense_expressions(monkeypatch, m, n, chunk):
+    monkeypatch.setattr(incoherence, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    t_in, t_out = Transform.make("kron", n, 1), Transform.make("kron", m, 2)
+    for fn, inverse in ((incoherence.rotate_weight, False), (incoherence.unrotate_weight, True)):
+        ref = _dense_rotation(w, t_in, t_out, inverse)
+        got = fn(w, t_in, t_out)
+        assert _same(got, ref) and got.stride() == ref.stride()
+
+
+def test_in_place_hessian_steps_are_the_copying_ones(monkeypatch):
+    monkeypatch.setattr(incoherence, "CHUNK", 16)
+    monkeypatch.setattr(ldlq, "STEP", 10)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    raw = x.t() @ x / 300
+    ref, ref_info = regularize(raw, 0.01)
+    spent = raw.clone()
+    got, info = regularize(spent, 0.01, in_place=True)
+    assert got.data_ptr() == spent.data_ptr() and _same(got, ref) and info == ref_info
+    t = Transform.make("hadamard", 64, 3)
+    rotated = rotate_hessian(ref, t)
+    in_place = rotate_hessian(got, t, in_place=True)
+    assert in_place.data_ptr() == spent.data_ptr() and _same(in_place, rotated)
+    assert in_place.stride() == rotated.stride()
+    for h in (rotated, rotated.t().contiguous(), rotated.contiguous()):   # H^T or H contiguous
+        for got_f, ref_f in zip(ldlq.ldl_unit_upper(h.clone(), overwrite=True), ldlq.ldl_unit_upper(h)):
+            assert _same(got_f, ref_f)
+    with pytest.raises(ValueError, match="contiguous"):
+        ldlq.ldl_unit_upper(rotated.clone()[::2, ::2], overwrite=True)
+
+
+@pytest.mark.parametrize("g", [8, 16])
+def test_block_ldlq_consuming_rounds_alike_and_reports_the_loss(g):
+    from quipc.passes.block_ldlq import block_ldlq, block_ldlq_consuming
+    from quipc.passes.encoders.e8p import StagedQuantizer, fit_scales
+
+    h = _hessian(64, seed=g)
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(g))
+    quant = StagedQuantizer(2, fit_scales(w, 2), w.dtype)
+
+    def rnd(k, x):
+        return quant.round(x[:, :8]).repeat(1, g // 8) if g > 8 else quant.round(x)
+
+    ref = block_ldlq(w, h, g, rnd)
+    spent = h.clone()
+    got, loss = block_ldlq_consuming(w, spent, g, rnd)
+    assert _same(got, ref) and not torch.equal(spent, h)
+    assert loss == pytest.approx(ldlq.proxy_loss(w.double(), ref.double(), h), rel=1e-5)
+
+
+def _layer_group(fmt, rescale, hessian, spend):
+    g = torch.Generator().manual_seed(7)
+    cfg = QuantConfig(method="quip", bits=2, format=fmt, rescale=rescale)
+    cache, out = {}, []
+    for i in range(3):   # three linears reading one input (q, k, v), the last frees the group
+        w = torch.randn(32, 64, generator=g)
+        out.append(quantize_linear(LayerInput(f"blk.{i}", w, None, hessian, cache, last_reader=i == 2,
+                                              spend_hessian=spend), cfg))
+    assert cache.keys() <= {"leader", "t_in", "hinfo", "mu_h", "mu_h_after"}
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["e8p", "trellis", "grid"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_a_spent_hessian_gives_the_same_layers(fmt, rescale):
+    """encode_block's path (the caller's H damped, rotated and factored in its own memory,
+    losses from the rotated H) stores what the copying path stores, with its proxy losses."""
+    h = _hessian_raw(64)
+    plain = _layer_group(fmt, rescale, h.clone(), spend=False)
+    spent_h = h.clone()
+    spent = _layer_group(fmt, rescale, spent_h, spend=True)
+    assert not torch.equal(spent_h, h)       # spent in place
+    for a, b in zip(plain, spent):
+        assert (a.codes == b.codes).all() and (a.scale == b.scale).all() and (a.in_scale == b.in_scale).all()
+        for key in ("proxy_loss", "proxy_loss_rtn"):
+            assert b.info[key] == pytest.approx(a.info[key], rel=1e-4), key
+        assert {k: v for k, v in a.info.items() if not k.startswith("proxy")} == \
+               {k: v for k, v in b.info.items() if not k.startswith("proxy")}
+
+
+def _hessian_raw(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3 * n, n, generator=g, dtype=torch.float32)
+    x *= 1 + 3 * torch.rand(n, generator=g)
+    x[:, 5] = 0    # a dead input
+    return (x.t() @ x).double() / (3 * n)
+
+
+def test_a_spent_zero_hessian_reports_its_fallback():
+    layers = _layer_group("e8p", False, torch.zeros(64, 64, dtype=torch.float64), spend=True)
+    assert all("fallback" in l.info["hessian"] and "proxy_loss_hessian" in l.info for l in layers)

@@ -51,3 +51,27 @@ def test_bad_meta():
         Transform.from_meta({"kind": "kron", "n": 10, "orders": [3, 3], "seed": 1})
     with pytest.raises(ValueError, match="unknown"):
         Transform.make("butterfly", 8, 0)
+
+
+@pytest.mark.parametrize("kind,n", [("hadamard", 96), ("kron", 200), ("kron", 13), ("identity", 10)])
+def test_kron_right_is_the_dense_product(kind, n):
+    t = Transform.make(kind, n, 3)
+    x = np.random.default_rng(n).standard_normal((37, n)).astype(np.float32)
+    got = t.kron_right(x, step=8)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, x.astype(np.float64) @ t.kron_product(), rtol=0, atol=1e-12)
+
+
+def test_effective_weight_is_the_dense_formula():
+    """s_out * K_out^T W' K_in * in_scale, here with dense matrices."""
+    from quipc.config import QuantConfig
+    from quipc.passes.methods import LayerInput, quantize_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 96, generator=g)
+    layer = quantize_linear(LayerInput("l", torch.randn(40, 96, generator=g), None, (x.t() @ x).double() / 400),
+                            QuantConfig(method="quip", bits=2, format="e8p", rescale=True))
+    k_in, k_out = layer.t_in.kron_product(), layer.t_out.kron_product()
+    ref = (layer.t_out.sign_vector()[:, None] * (k_out.T @ layer.rotated_weight().astype(np.float64) @ k_in)
+           * layer.in_scale_f32()[None, :])
+    np.testing.assert_allclose(layer.effective_weight(), ref, rtol=0, atol=1e-12)

@@ -9,12 +9,12 @@ are those `from_pretrained(..., dtype=float32)` gives (checked by tests/test_str
 """
 from __future__ import annotations
 
-import ctypes
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..memory import return_freed_memory
 from .hf import _one_line, load_config, load_tokenizer
 from .models import ModelSource
 from .tensor_sources import GGUFSource, SafetensorsSource
@@ -72,7 +72,7 @@ class StreamedModel:
             for name in self._streamed[index]:
                 self._set(name, None)
             self.loaded.discard(index)
-            _return_freed_memory()
+            return_freed_memory()
 
     @contextmanager
     def fully_loaded(self):
@@ -89,22 +89,6 @@ class StreamedModel:
                     self.release_block(i)
 
 
-def _return_freed_memory() -> None:
-    """Hand the freed block back to the system: glibc's malloc keeps freed large chunks in
-    its heap (its mmap threshold rises after the first big free), so without a trim the
-    resident memory grew by about a block per block (measured). No-op without glibc."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def _tied_names(model: nn.Module) -> list[str]:

@@ -35,6 +35,16 @@ class RowGrid:
     def round(self, w: torch.Tensor) -> torch.Tensor:
         return self.values(self.codes(w))
 
+    def rows(self, r0: int, r1: int) -> "RowGrid":
+        return RowGrid(self.scale[r0:r1], self.zero[r0:r1], self.bits)
+
+    def round_error(self, w: torch.Tensor, step: int = 1024) -> torch.Tensor:
+        """round(w) - w, `step` rows at a time (the same floats, temporaries ~ step x n)."""
+        out = torch.empty_like(w)
+        for r0 in range(0, w.shape[0], step):
+            out[r0:r0 + step] = self.rows(r0, r0 + step).round(w[r0:r0 + step]).sub_(w[r0:r0 + step])
+        return out
+
 
 def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> RowGrid:
     maxq = (1 << bits) - 1

@@ -5,29 +5,40 @@ import torch
 
 
 class HessianAccumulator:
-    """Running sum of x x^T over calibration tokens, in float64."""
+    """Running sum of x x^T over calibration tokens, in float64. The first batch's x^T x
+    becomes the sum itself (0 + x == x + 0.0, the sign of zeros included): no zero matrix
+    beside it."""
 
     def __init__(self, n: int, device: torch.device | str = "cpu"):
-        self.sum = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.n, self.device = n, device
+        self.sum: torch.Tensor | None = None
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         # float32 product per batch (fast), float64 running sum (no drift over many batches)
-        self.sum += (x.t() @ x).double()
-        self.count += x.shape[0]
+        self.add_partial((x.t() @ x).double(), x.shape[0])
 
     def add_partial(self, total: torch.Tensor, count: int) -> None:
-        """One batch's x^T x (float64) and its row count, summed in by the caller in batch order."""
-        self.sum += total
+        """One batch's x^T x (float64) and its row count, summed in by the caller in batch order
+        (the first batch's tensor is taken over as the sum)."""
+        if self.sum is None:
+            self.sum = total.add_(0.0)
+        else:
+            self.sum += total
         self.count += count
 
+    def _total(self) -> torch.Tensor:
+        if self.sum is None:
+            self.sum = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
+        return self.sum
+
     def mean(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return self._total() / max(self.count, 1)
 
     def mean_(self) -> torch.Tensor:
         """mean() computed in the running sum's memory (the accumulator is spent)."""
-        return self.sum.div_(max(self.count, 1))
+        return self._total().div_(max(self.count, 1))
 
 
 def batch_partial(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -50,21 +61,22 @@ def reduce_in_batch_order(group, n_batches: int, partials_of, dims: list[int], d
                 if owner == group.rank:
                     total, count = mine[g]
                 else:
-                    total, count = torch.empty_like(acc.sum), 0
-                counted = torch.tensor([count], dtype=torch.int64, device=acc.sum.device)
+                    total, count = torch.empty(acc.n, acc.n, dtype=torch.float64, device=acc.device), 0
+                counted = torch.tensor([count], dtype=torch.int64, device=acc.device)
                 group.broadcast_(total, owner)
                 group.broadcast_(counted, owner)
                 acc.add_partial(total, int(counted.item()))
     return accs
 
 
-def regularize(h: torch.Tensor, damp: float, name: str = "layer") -> tuple[torch.Tensor, dict]:
+def regularize(h: torch.Tensor, damp: float, name: str = "layer", in_place: bool = False) -> tuple[torch.Tensor, dict]:
     """Damped, positive definite H. Dead inputs (zero diagonal) and an all-zero H are
-    not errors (too little calibration): they get damping, or H = I as a last resort."""
-    if not torch.isfinite(h).all():
+    not errors (too little calibration): they get damping, or H = I as a last resort.
+    in_place: a float64 H is damped in its own memory (the caller is done with it)."""
+    if not all(torch.isfinite(h[r0:r0 + 1024]).all() for r0 in range(0, h.shape[0], 1024)):
         raise ValueError(f"{name}: the calibration Hessian holds NaN or Inf "
                          "(the model produced non-finite activations)")
-    h = h.to(torch.float64, copy=True)
+    h = h.to(torch.float64, copy=not in_place)
     n = h.shape[0]
     diag = torch.diagonal(h)
     info = {"damp": damp, "dead_inputs": int((diag <= 0).sum())}

@@ -24,35 +24,47 @@ def apply_rows_transposed(x: torch.Tensor, t: Transform) -> torch.Tensor:
     return kron_apply(x, _mats(t, x.dtype, x.device), transpose=True) * signs
 
 
-def rotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform) -> torch.Tensor:
-    """U W V^T."""
-    return apply_rows(apply_rows(w, t_in).t(), t_out).t()
-
-
-def unrotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform) -> torch.Tensor:
-    """U^T W V, the inverse of rotate_weight."""
-    return apply_rows_transposed(apply_rows_transposed(w, t_in).t(), t_out).t()
-
-
-# Rows (or columns) per step when a transform is applied to an n x n matrix piecewise: each row
+# Rows (or columns) per step when a transform is applied to a matrix piecewise: each row
 # goes through the same products as in one call on the whole matrix (the same floats), and a
 # step's temporaries stay ~ CHUNK x n.
 CHUNK = 512
 
 
-def rotate_hessian(h: torch.Tensor, t_in: Transform) -> torch.Tensor:
+def _two_sided(w: torch.Tensor, first, second, out: torch.Tensor | None = None) -> torch.Tensor:
+    """second(first(W)^T)^T for row-wise maps first, second (apply_rows or its inverse), in
+    one output buffer, rows then columns in steps of CHUNK; laid out as the whole-matrix
+    expression lays it out (a transposed view). out: that buffer (may be w itself)."""
+    m, n = w.shape
+    if out is None:
+        out = torch.empty(n, m, dtype=w.dtype, device=w.device).t()
+    for r0 in range(0, m, CHUNK):
+        out[r0:r0 + CHUNK] = first(w[r0:r0 + CHUNK])
+    for c0 in range(0, n, CHUNK):
+        out[:, c0:c0 + CHUNK] = second(out[:, c0:c0 + CHUNK].t()).t()
+    return out
+
+
+def rotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform, out: torch.Tensor | None = None) -> torch.Tensor:
+    """U W V^T (the floats of apply_rows(apply_rows(W, V)^T, U)^T, in one new matrix, or in
+    `out`, which may be w itself)."""
+    return _two_sided(w, lambda x: apply_rows(x, t_in), lambda x: apply_rows(x, t_out), out)
+
+
+def unrotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform) -> torch.Tensor:
+    """U^T W V, the inverse of rotate_weight (in one new matrix)."""
+    return _two_sided(w, lambda x: apply_rows_transposed(x, t_in), lambda x: apply_rows_transposed(x, t_out))
+
+
+def rotate_hessian(h: torch.Tensor, t_in: Transform, in_place: bool = False) -> torch.Tensor:
     """V H V^T, symmetrized: (K + K^T) / 2 for K = apply_rows(apply_rows(H)^T)^T.
 
-    Built in one n x n buffer, rows then columns in steps of CHUNK, and symmetrized in
-    place: the floats of the whole-matrix expression, without its ~5 n x n temporaries.
-    Returned as the expression returned it (a transposed view; symmetric, so the same values)."""
+    Built in one n x n buffer (in_place: H's own, H destroyed), rows then columns in steps
+    of CHUNK, and symmetrized in place: the floats of the whole-matrix expression, without
+    its ~5 n x n temporaries. Returned as the expression returned it (a transposed view;
+    symmetric, so the same values)."""
     n = h.shape[0]
-    out = torch.empty(n, n, dtype=h.dtype, device=h.device)
-    for r0 in range(0, n, CHUNK):
-        out[r0:r0 + CHUNK] = apply_rows(h[r0:r0 + CHUNK], t_in)
-    # K = apply_rows(out^T)^T: column block c of K is the transform of column block c of out
-    for c0 in range(0, n, CHUNK):
-        out[:, c0:c0 + CHUNK] = apply_rows(out[:, c0:c0 + CHUNK].t(), t_in).t()
+    out = h if in_place else torch.empty(n, n, dtype=h.dtype, device=h.device)
+    out = _two_sided(h, lambda x: apply_rows(x, t_in), lambda x: apply_rows(x, t_in), out)
     # (K + K^T) / 2, block pair by block pair (both halves of a pair get the same sums)
     for i0 in range(0, n, CHUNK):
         for j0 in range(i0, n, CHUNK):
@@ -85,7 +97,8 @@ def mu_weight(w: torch.Tensor) -> float:
     """max |W_ij| sqrt(mn) / ||W||_F: 1 for a flat matrix, sqrt(mn) for a single spike."""
     w = w.to(torch.float64)
     norm = float(w.norm())
-    return 0.0 if norm == 0 else float(w.abs().max()) * (w.numel() ** 0.5) / norm
+    lo, hi = w.aminmax()    # max |W| without an |W| copy
+    return 0.0 if norm == 0 else max(-float(lo), float(hi)) * (w.numel() ** 0.5) / norm
 
 
 def mu_of_eigenvectors(q: torch.Tensor) -> float:

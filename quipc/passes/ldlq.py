@@ -40,20 +40,41 @@ def _anti_transpose_(s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def ldl_unit_upper(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _flip_both_(s: torch.Tensor) -> torch.Tensor:
+    """S[i, j] <- S[n-1-i, n-1-j] in place (a square, contiguous S), row pair by row pair."""
+    n = s.shape[0]
+    for i in range(n // 2):
+        keep = s[i].flip(0)
+        s[i] = s[n - 1 - i].flip(0)
+        s[n - 1 - i] = keep
+    if n % 2:
+        s[n // 2] = s[n // 2].flip(0)
+    return s
+
+
+def ldl_unit_upper(h: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """H = A D A^T with A unit upper triangular; returns (A, diag(D)), A in a new n x n matrix
-    (H is not changed; A is the only n x n matrix this allocates).
+    (H is not changed; A is the only n x n matrix this allocates). overwrite: A is built in H's
+    own memory instead (H, or its transpose, must be contiguous; H is destroyed), no n x n
+    matrix is allocated, and A holds the same floats.
 
     Reversing rows and columns turns the upper-unit factor into a lower one (standard LDL):
     A = P L P for the unit lower Cholesky factor L of P H P (P the reversal). P H P is written
     transposed into the buffer so that it is Fortran-ordered, the Cholesky factorization runs
     in it in place, and the reversals are done in place."""
     n = h.shape[0]
-    buf = torch.empty(n, n, dtype=h.dtype, device=h.device)
     # buf[a, b] = (P H P)[b, a] = H[n-1-b, n-1-a]: its transpose (F-ordered) holds P H P
-    for a0 in range(0, n, STEP):
-        a1 = min(a0 + STEP, n)
-        buf[a0:a1] = h[:, n - a1:n - a0].t().flip(0, 1)
+    if overwrite and h.is_contiguous():
+        buf = _anti_transpose_(h)
+    elif overwrite and h.t().is_contiguous():
+        buf = _flip_both_(h.t())     # h = S^T: H[n-1-b, n-1-a] = S[n-1-a, n-1-b]
+    elif overwrite:
+        raise ValueError("ldl_unit_upper(overwrite=True) needs a contiguous H or H^T")
+    else:
+        buf = torch.empty(n, n, dtype=h.dtype, device=h.device)
+        for a0 in range(0, n, STEP):
+            a1 = min(a0 + STEP, n)
+            buf[a0:a1] = h[:, n - a1:n - a0].t().flip(0, 1)
     chol = buf.t()
     torch.linalg.cholesky_ex(chol, check_errors=True, out=(chol, torch.empty((), dtype=torch.int32, device=h.device)))
     diag = torch.diagonal(chol).clone()
@@ -124,7 +145,15 @@ def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     return error_loss(w_hat - w, h)
 
 
+# rows of E per step of error_loss: its temporaries stay ~ LOSS_ROWS x n
+LOSS_ROWS = 1024
+
+
 def error_loss(e: torch.Tensor, h: torch.Tensor) -> float:
-    """tr(E H E^T), as sum((E H) * E) with the product taken in place."""
-    e = e.to(h.dtype)
-    return float(torch.sum((e @ h).mul_(e)))
+    """tr(E H E^T), as sum((E H) * E) with the product taken in place, LOSS_ROWS rows of E
+    at a time (summed in float64)."""
+    total = 0.0
+    for r0 in range(0, e.shape[0], LOSS_ROWS):
+        part = e[r0:r0 + LOSS_ROWS].to(h.dtype)
+        total += float(torch.sum((part @ h).mul_(part), dtype=torch.float64))
+    return total

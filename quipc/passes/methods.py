@@ -31,6 +31,9 @@ class LayerInput:
     hessian: torch.Tensor | None = None  # E[x x^T] of the layer's input, undamped
     cache: dict = field(default_factory=dict)  # stats shared by layers with the same input
     last_reader: bool = False  # no later linear uses `cache`: its matrices are freed once this one is rounded
+    # the caller is done with `hessian` (passes/spread.encode_block's are consumed): method quip damps and
+    # rotates it in its own memory, and takes the proxy losses from the rotated, damped H (see _spent_losses)
+    spend_hessian: bool = False
 
 
 # The diagnostics mu_h / mu_h_after need every eigenvector of the n x n Hessian (torch.linalg.eigh:
@@ -131,18 +134,25 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
     Memory, in n x n float64 matrices (n the input width, the caller's H not counted): the
     group keeps H' only (H too with rescale, each layer needing its own H'), until its last
     reader is encoded; damping needs 2 (H and its Cholesky check), the diagnostic
-    eigendecomposition 4 (n <= MU_EIGH_MAX_N only, before H' exists), rotating 2, encoding
-    2.5 (H', the BlockLDLQ factor and its float32 copy). benchmarks/quip_memory.py measures it."""
-    w = inp.weight.detach().to(torch.float64)
-    m, n = w.shape
+    eigendecomposition 4 (n <= MU_EIGH_MAX_N only, before H' exists), rotating 1 (in place),
+    encoding 1 (the BlockLDLQ factor), 0 for the group's last reader (the factor overwrites
+    H'). With spend_hessian the caller's H is that memory: damped and rotated in place.
+    benchmarks/quip_memory.py measures it."""
+    m, n = inp.weight.shape
     group = inp.cache
     if "t_in" not in group:
-        group["h"], group["hinfo"] = regularize(inp.hessian, cfg.damp, inp.name)
+        if inp.spend_hessian:
+            diag0 = torch.diagonal(inp.hessian).to(torch.float64, copy=True)
+        group["h"], group["hinfo"] = regularize(inp.hessian, cfg.damp, inp.name, in_place=inp.spend_hessian)
+        if inp.spend_hessian:   # H_d - H: on the diagonal only (dead inputs' rows are zero in both)
+            group["h_excess"] = None if "fallback" in group["hinfo"] else torch.diagonal(group["h"]) - diag0
+            del diag0
         # seeded by the group's first linear, whichever linear (or rank, passes/spread.py) gets here first
         leader = group.get("leader", inp.name)
         group["t_in"] = Transform.make(cfg.incoherence, n, derive_seed(cfg.seed, leader, "in"))
     t_in = group["t_in"]
     t_out = Transform.make(cfg.incoherence, m, derive_seed(cfg.seed, inp.name, "out"))
+    w = inp.weight.detach().to(torch.float64)    # after damping: not beside its Cholesky test
     h = group.get("h")    # None once H' is built and no rescaling needs H again
     d = rescale_vector(w, h) if cfg.rescale else torch.ones(n, dtype=torch.float64)
     # The stored in_scale = signs / d is fp16: rescale by exactly the stored value.
@@ -157,31 +167,79 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
         # H_r = H / d_i / d_j; without rescaling d == 1 and x / 1 == x: H itself, no copy
         h_r = h if unit else _rescaled(h, d)
         _mu_diagnostics(group, h, h_r, t_in, cfg.rescale)
-        group["h_rot"] = rotate_hessian(h_r, t_in)
+        # in place unless H_r is the H that later layers (rescale) still read
+        group["h_rot"] = rotate_hessian(h_r, t_in, in_place=h_r is not h or not cfg.rescale)
         del h_r
         if not cfg.rescale:
-            del group["h"]           # the group's later layers read H' only
+            del group["h"]           # the group's later layers read H' only (rotated in its memory)
         h = None
     h_rot = group["h_rot"]
-    enc = encode(cfg.format, w_rot, h_rot, cfg)
-    del h_rot
-    if inp.last_reader:
+    mu_w_after = mu_weight(w_rot)
+    spent = "h_excess" in group
+    losses = _spent_losses_before(inp, cfg, group["h_excess"], h_rot, w_rot, d, t_in, t_out) if spent else {}
+    # H' read by no later linear (the group's last, or its own with rescale): the encoder may factor it in place
+    consume = inp.last_reader or cfg.rescale
+    enc = encode(cfg.format, w_rot, h_rot, cfg, consume=consume)
+    if consume:
         group.pop("h_rot")
+    if inp.last_reader:
         group.pop("h", None)
-    err = unrotate_weight(enc.values.double() - w_rot, t_in, t_out)
+    e_rot = enc.values.double().sub_(w_rot)
+    enc.values = None     # read no more (the stored tensors are enc's codes and scales)
+    del w_rot
+    err = unrotate_weight(e_rot, t_in, t_out)
     if not unit:
         err.div_(d[None, :])
-    mu_w_after = mu_weight(w_rot)
-    del w_rot
-    w = inp.weight.detach().to(torch.float64)
+    if spent:   # the encoder's own tr(E' H' E'^T) where it overwrote H', else from H'
+        loss = enc.proxy_loss if enc.proxy_loss is not None else error_loss(e_rot, h_rot)
+        losses["proxy_loss"] = _minus_excess(loss, err, group["h_excess"]) / losses.pop("ref")
+    del h_rot, e_rot
+    if not spent:
+        losses = _relative_losses(inp.weight.detach().to(torch.float64), err, inp.hessian, cfg.bits)
     info = {"method": "quip", "incoherence": t_in.kind if t_in.kind == t_out.kind
             else f"{t_in.kind}/{t_out.kind}", "hessian": group["hinfo"],
             "mu_w": mu_w, "mu_w_after": mu_w_after,
             "mu_h": group["mu_h"], "mu_h_after": group["mu_h_after"],
             **({"mu_h_skipped": group["mu_h_skipped"]} if "mu_h_skipped" in group else {}),
-            **_relative_losses(w, err, inp.hessian, cfg.bits)}
+            **losses}
+    if inp.last_reader:
+        group.pop("h_excess", None)
     stored_in = Transform(t_in.kind, n, t_in.orders, t_in.seed)  # signs live in in_scale
     return _store(inp, cfg, enc, stored_in, t_out, in_scale.numpy(), info)
+
+
+def _minus_excess(loss: float, e: torch.Tensor, excess: torch.Tensor | None) -> float:
+    """tr(E H E^T) from tr(E H_d E^T) for H_d = H + diag(excess) (None: regularize fell back
+    to another matrix, whose loss is reported as it is)."""
+    if excess is None:
+        return loss
+    return loss - float((_column_squares(e) * excess).sum())
+
+
+def _column_squares(e: torch.Tensor, step: int = 1024) -> torch.Tensor:
+    """||E_:i||^2 for every column i (float64), `step` rows at a time."""
+    out = torch.zeros(e.shape[1], dtype=torch.float64)
+    for r0 in range(0, e.shape[0], step):
+        out += e[r0:r0 + step].to(torch.float64).pow(2).sum(0)
+    return out
+
+
+def _spent_losses_before(inp: LayerInput, cfg: QuantConfig, excess, h_rot: torch.Tensor, w_rot: torch.Tensor,
+                         d: torch.Tensor, t_in: Transform, t_out: Transform) -> dict:
+    """_relative_losses' RTN loss and reference tr(W H W^T) when the caller's H was spent:
+    tr(E H_d E^T) = tr(E' H' E'^T) for E' = U E D V^T (the rotation of the weight), less the
+    damping (_minus_excess). Computed before encoding (which may overwrite H'); `ref` is
+    popped by the caller once the rounding's own loss is known."""
+    w = inp.weight.detach().to(torch.float64)
+    ref = max(_minus_excess(error_loss(w_rot, h_rot), w, excess), 1e-30)
+    rtn_err = fit_grid(w, cfg.bits, "minmax").round_error(w)
+    del w
+    damping = 0.0 if excess is None else float((_column_squares(rtn_err) * excess).sum())
+    rtn_rot = rotate_weight(rtn_err.mul_(d[None, :]), t_in, t_out, out=rtn_err)   # in its own memory
+    out = {"proxy_loss_rtn": (error_loss(rtn_rot, h_rot) - damping) / ref, "ref": ref}
+    if excess is None:
+        out["proxy_loss_hessian"] = "the fallback Hessian of regularize (see hessian)"
+    return out
 
 
 def _rescaled(h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

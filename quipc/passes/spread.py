@@ -14,6 +14,7 @@ from quipc_runtime.layer import QuantizedLinear
 
 from ..config import QuantConfig
 from ..distributed import SINGLE, Group
+from ..memory import return_freed_memory
 from .methods import LayerInput, quantize_linear
 
 SETUP_COST = 4   # a Hessian group's own work on a rank (damping, eigh, rotation) ~ 4 n^3
@@ -60,12 +61,15 @@ def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names:
         # rounding runs on the CPU in float64/32 whatever the calibration device
         bias = lin.bias.data.cpu() if lin.bias is not None else None
         cache = caches.setdefault(g, {"leader": full_names[names[groups.index(g)]]})
+        # `hessians` is consumed: the group's H is damped and rotated in its own memory (spend_hessian)
         mine[i] = quantize(LayerInput(full_names[n], lin.weight.data.cpu(), bias,
-                                      None if h is None else h.cpu(), cache, last_reader=last[g] == i), cfg)
+                                      None if h is None else h.cpu(), cache, last_reader=last[g] == i,
+                                      spend_hessian=h is not None), cfg)
         if last[g] == i:   # free the group's Hessian and its rotated copies
             del cache, h
             caches.pop(g)
             for j in (j for j, gj in enumerate(groups) if gj == g):
                 hessians.pop(names[j], None)
+        return_freed_memory()
     # every rank rounds its share first, then the results go round (one broadcast each)
     return [group.broadcast_object(mine.get(i), src=owner[i]) for i in range(len(names))]

@@ -113,11 +113,12 @@ class QuantizedLinear:
         return self.in_scale.astype(np.float32)
 
     def effective_weight(self) -> np.ndarray:
-        """The m x n matrix this layer computes, in the original domain (float64)."""
-        k_in = self.t_in.dense() / self.t_in.sign_vector()[None, :]   # Kronecker part only
-        k_out = self.t_out.dense() / self.t_out.sign_vector()[None, :]
-        w = k_out.T @ self.rotated_weight().astype(np.float64) @ k_in
-        w = self.t_out.sign_vector()[:, None] * w * self.in_scale_f32()[None, :]
+        """The m x n matrix this layer computes, in the original domain (float64):
+        s_out * K_out^T W' K_in * in_scale, the Kronecker parts applied factor by factor."""
+        w = self.t_in.kron_right(self.rotated_weight())         # W' K_in
+        w = self.t_out.kron_right(w.T).T                         # K_out^T (W' K_in) = ((W' K_in)^T K_out)^T
+        w *= self.t_out.sign_vector()[:, None]
+        w *= self.in_scale_f32()[None, :]
         if self.has_row_patch:
             ids, rows = self.row_patch_f32()
             w[ids] = rows

@@ -98,6 +98,20 @@ class Transform:
             k = np.kron(k, mat.astype(np.float64))
         return k
 
+    def kron_right(self, x: np.ndarray, step: int = 1024) -> np.ndarray:
+        """x @ K in float64 for the rows of x (K the Kronecker product, signs not included),
+        one factor at a time and `step` rows at a time: no n x n matrix."""
+        if self.kind == "identity":
+            return x.astype(np.float64)
+        mats = [m.astype(np.float64) for m in self.matrices()]
+        out = np.empty(x.shape, np.float64)
+        for r0 in range(0, x.shape[0], step):
+            y = x[r0:r0 + step].astype(np.float64).reshape(-1, *self.orders)
+            for axis, mat in enumerate(mats, start=1):   # (v K)[i] = sum_j v[j] K[j, i], factor by factor
+                y = np.moveaxis(np.tensordot(y, mat, axes=([axis], [0])), -1, axis)
+            out[r0:r0 + step] = y.reshape(-1, self.n)
+        return out
+
     def dense(self) -> np.ndarray:
         """The n x n matrix (tests and small layers only)."""
         return self.kron_product() * self.sign_vector()[None, :]

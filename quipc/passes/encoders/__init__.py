@@ -20,14 +20,18 @@ class Encoded:
     scale: np.ndarray            # float16, the format's shape
     zero: np.ndarray | None      # float16 or None
     values: torch.Tensor         # (m, n) what the stored tensors decode to
+    proxy_loss: float | None = None  # tr(E H E^T), E = values - W, where the encoder overwrote H (consume)
 
 
 ENCODERS: dict[str, Callable] = {}
+CONSUMERS: set[str] = set()   # encoders that may factor H in its own memory: fn(w, h, cfg, consume=...)
 
 
-def register_encoder(name: str):
+def register_encoder(name: str, consumes_hessian: bool = False):
     def wrap(fn):
         ENCODERS[name] = fn
+        if consumes_hessian:
+            CONSUMERS.add(name)
         return fn
     return wrap
 
@@ -53,9 +57,13 @@ def resolve_format(name: str, bits: int, n: int, m: int) -> str:
     raise ValueError(f"no code format stores a {m}x{n} layer at {bits} bits")
 
 
-def encode(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
+def encode(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg, consume: bool = False) -> Encoded:
+    """consume: the caller reads h no more; an encoder that can factors it in its own memory
+    (h destroyed) and then reports the proxy loss itself (Encoded.proxy_loss)."""
     if fmt not in ENCODERS:
         raise ValueError(f"no encoder for code format {fmt!r}; known: {sorted(ENCODERS)}")
+    if consume and h is not None and fmt in CONSUMERS:
+        return ENCODERS[fmt](w, h, cfg, consume=True)
     return ENCODERS[fmt](w, h, cfg)
 
 

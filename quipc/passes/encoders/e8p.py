@@ -14,7 +14,7 @@ import torch
 from quipc_runtime.formats.e8p import STAGES, join_indices
 from quipc_runtime.formats.lattice import GROUP
 
-from ..block_ldlq import block_ldlq
+from ..block_ldlq import block_ldlq, block_ldlq_consuming
 from . import Encoded, register_encoder
 from .e8p_search import stage_search
 
@@ -65,8 +65,8 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(6.1e-5, 65504).to(torch.float16).to(t.dtype)
 
 
-@register_encoder("e8p")
-def encode_e8p(w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
+@register_encoder("e8p", consumes_hessian=True)
+def encode_e8p(w: torch.Tensor, h: torch.Tensor | None, cfg, consume: bool = False) -> Encoded:
     m, n = w.shape
     if n % GROUP:
         raise ValueError(f"format 'e8p' needs rows that are a multiple of {GROUP} wide, got {n}; "
@@ -74,10 +74,13 @@ def encode_e8p(w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
     w = w.to(torch.float32)
     scale = fit_scales(w, cfg.bits)
     quant = StagedQuantizer(cfg.bits, scale, w.dtype, n // GROUP)
+    loss = None
     if h is None:
         values = torch.cat([quant.round(w[:, k * GROUP:(k + 1) * GROUP], keep=k)
                             for k in range(n // GROUP)], dim=1)
+    elif consume:
+        values, loss = block_ldlq_consuming(w, h, GROUP, lambda k, x: quant.round(x, keep=k))
     else:
         values = block_ldlq(w, h, GROUP, lambda k, x: quant.round(x, keep=k))
     return Encoded(codes=quant.codes(cfg.bits, n // GROUP), scale=scale.cpu().numpy().astype(np.float16),
-                   zero=None, values=values)
+                   zero=None, values=values, proxy_loss=loss)

@@ -13,7 +13,7 @@ import torch
 
 from quipc_runtime.formats.trellis import SEQ, TILE, TRELLIS, code_table, states_to_codes
 
-from ..block_ldlq import block_ldlq
+from ..block_ldlq import block_ldlq, block_ldlq_consuming
 from . import Encoded, register_encoder
 from .trellis_viterbi import encode_sequences
 
@@ -26,8 +26,8 @@ def fit_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (rms * ROW_SCALE[bits]).clamp(6.1e-5, 65504).to(torch.float16).to(w.dtype)
 
 
-@register_encoder("trellis")
-def encode_trellis(w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
+@register_encoder("trellis", consumes_hessian=True)
+def encode_trellis(w: torch.Tensor, h: torch.Tensor | None, cfg, consume: bool = False) -> Encoded:
     m, n = w.shape
     TRELLIS.check(cfg.bits, n, m)
     w = w.to(torch.float32)
@@ -40,9 +40,12 @@ def encode_trellis(w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
         states[:, k] = encode_sequences(seqs.numpy(), table, cfg.bits)
         return torch.from_numpy(table[states[:, k]]).reshape(m, TILE) * scale
 
+    loss = None
     if h is None:
         values = torch.cat([quantize(k, w[:, k * TILE:(k + 1) * TILE]) for k in range(n // TILE)], dim=1)
+    elif consume:
+        values, loss = block_ldlq_consuming(w, h, TILE, quantize)
     else:
         values = block_ldlq(w, h, TILE, quantize)
     return Encoded(codes=states_to_codes(states, cfg.bits), scale=scale.numpy().astype(np.float16),
-                   zero=None, values=values)
+                   zero=None, values=values, proxy_loss=loss)
