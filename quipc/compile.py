@@ -214,9 +214,10 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     try:
         teacher_hidden = quantize_model(model, windows, cfg, device=device, batch=calib.batch, done=done,
                                         on_block=save_block, progress=bar, on_final=head_hessian,
-                                        stream=stream, group=group, teacher=finetune)
+                                        stream=stream, group=group, teacher=finetune, spill_dir=out / SPILL_DIR)
     finally:
         bar.close()
+        shutil.rmtree(out / SPILL_DIR, ignore_errors=True)
     if not group.is_main:
         return None   # rank 0 finishes alone: the head, the fine-tuning (not split: see README)
     if plan.head_quantized:
@@ -269,6 +270,7 @@ def _head_hessian(model, blocks, inputs, group: Group) -> torch.Tensor:
 
 
 HEAD_FILE = "head.safetensors"
+SPILL_DIR = ".hessians"   # large Hessians waiting for their turn within a block (passes/spread.py)
 EMBED_FILE = "embedding.safetensors"
 
 

@@ -126,3 +126,30 @@ def test_a_killed_rank_leaves_a_resumable_folder(tiny_model, one_rank, tmp_path)
     assert not man["complete"] and [b["index"] for b in man["blocks"]] == [0]
     assert _launch(2, tiny_model[0], out, tmp_path / "again", resume=True) == ["ok", "ok"]
     assert digest(out) == digest(one_rank)
+
+
+def test_spilled_hessians_write_the_same_bytes(tiny_model, one_rank, tmp_path, monkeypatch):
+    """Large Hessians wait on disk for their group's turn (here every group's but the first):
+    the same artifact, and no spill folder left behind."""
+    from quipc.passes import spread
+
+    monkeypatch.setattr(spread, "SPILL_BYTES", 0)
+    spilled = []
+    real = spread._spill
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        spilled.append(len(out))
+        return out
+
+    monkeypatch.setattr(spread, "_spill", counting)
+    out = tmp_path / "spill"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compile_model(str(tiny_model[0]), out, CFG, CALIB, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert spilled and all(k == 3 for k in spilled)   # o, gate/up and down of every block
+    assert digest(out) == digest(one_rank)
+    assert not (out / ".hessians").exists()

@@ -167,7 +167,8 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
                    on_block: Callable[[int, list[QuantizedLinear]], None] | None = None,
                    progress=None,
                    on_final: Callable[[BlockInputs | None], None] | None = None,
-                   stream=None, group: Group = SINGLE, teacher: bool = False) -> dict[int, torch.Tensor] | None:
+                   stream=None, group: Group = SINGLE, teacher: bool = False,
+                   spill_dir=None) -> dict[int, torch.Tensor] | None:
     """Quantize every decoder block's linears; `done` holds blocks finished by an earlier,
     interrupted run (they are installed, not recomputed; read on rank 0 only); on_block saves
     each new block (rank 0); on_final gets the last (quantized) block's outputs of this rank's
@@ -176,7 +177,8 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
     stream (frontend/streaming.StreamedModel): block i is read from the checkpoint before its
     turn and freed after it. group: the ranks of a distributed compile (distributed.py), which
     share the calibration batches and the rounding. teacher: also carry the fp hidden states of
-    every window (passes/teacher.py); returns them on rank 0 ({window: hidden}), else None."""
+    every window (passes/teacher.py); returns them on rank 0 ({window: hidden}), else None.
+    spill_dir: where a block's large Hessians wait for their turn (passes/spread.SPILL_BYTES)."""
     done = done or {}
     prefix, blocks = find_blocks(model)
     needs_h = cfg.method != "rtn"
@@ -195,7 +197,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
         if index in done_indices:
             layers = group.broadcast_object(done[index] if group.is_main else None)
         else:
-            layers = _round_block(block, inputs, names, full, cfg, group, needs_h)
+            layers = _round_block(block, inputs, names, full, cfg, group, needs_h, spill_dir)
             if on_block is not None and group.is_main:
                 on_block(index, layers)
         install_quantized(block, {layer.name[len(f"{prefix}.{index}."):]: layer for layer in layers})
@@ -216,11 +218,11 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
 
 
 def _round_block(block: nn.Module, inputs: BlockInputs | None, names: list[str], full: dict[str, str],
-                 cfg: QuantConfig, group: Group, needs_h: bool) -> list[QuantizedLinear]:
+                 cfg: QuantConfig, group: Group, needs_h: bool, spill_dir=None) -> list[QuantizedLinear]:
     """The block's linears rounded: all from one calibration, or (block fine-tuning) round by
     round with tuning in between (passes/block_finetune.py)."""
     def encode(blk, rnames, hess):
-        return encode_block(blk, rnames, hess, full, cfg, group, quantize=quantize_linear)
+        return encode_block(blk, rnames, hess, full, cfg, group, quantize=quantize_linear, spill_dir=spill_dir)
 
     if not (needs_h and cfg.finetune_config().block):
         return encode(block, names, calibrate_block(block, inputs, names, group) if needs_h else {})

@@ -8,6 +8,11 @@ them, so a rank holding only the group's later linears computes the same values.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from quipc_runtime.layer import QuantizedLinear
@@ -18,6 +23,9 @@ from ..memory import return_freed_memory
 from .methods import LayerInput, quantize_linear
 
 SETUP_COST = 4   # a Hessian group's own work on a rank (damping, eigh, rotation) ~ 4 n^3
+# With a spill folder, a Hessian this large waits on disk until its group's turn (all but the
+# first group's): one large n x n matrix resident at a time (a 7B down_proj's is 969 MB).
+SPILL_BYTES = 256 * 2**20
 
 
 def assign(shapes: list[tuple[int, int]], groups: list[int], world: int) -> list[int]:
@@ -41,21 +49,68 @@ def assign(shapes: list[tuple[int, int]], groups: list[int], world: int) -> list
 
 
 def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names: dict[str, str],
-                 cfg: QuantConfig, group: Group = SINGLE, quantize=quantize_linear) -> list[QuantizedLinear]:
+                 cfg: QuantConfig, group: Group = SINGLE, quantize=quantize_linear,
+                 spill_dir: str | Path | None = None) -> list[QuantizedLinear]:
     """The block's linears (in `names` order) rounded; with several ranks each rounds its
     share and the results are broadcast. quantize: methods.quantize_linear or a stand-in.
-    `hessians` is consumed: a group's entries are dropped once its linears are rounded."""
+    `hessians` is consumed: a group's entries are dropped once its linears are rounded.
+    spill_dir: large Hessians wait there until their group's turn (SPILL_BYTES)."""
     modules = dict(block.named_modules())
     group_id: dict[int, int] = {}
     groups = [group_id.setdefault(id(hessians.get(n, n)), len(group_id)) for n in names]
     shapes = [tuple(modules[n].weight.shape) for n in names]
     owner = assign(shapes, groups, group.world) if group.world > 1 else [0] * len(names)
     last = {g: i for i, g in enumerate(groups) if owner[i] == group.rank}   # a group's last linear here
+    for n, g in zip(names, groups):
+        if g not in last:          # rounded by other ranks: this rank's copy is not needed
+            hessians.pop(n, None)
+    spilled = _spill(hessians, names, groups, last, spill_dir) if spill_dir is not None else {}
+    try:
+        mine = _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize)
+    finally:
+        for path in spilled.values():
+            path.unlink(missing_ok=True)
+    # every rank rounds its share first, then the results go round (one broadcast each)
+    return [group.broadcast_object(mine.get(i), src=owner[i]) for i in range(len(names))]
+
+
+def _spill(hessians: dict, names: list[str], groups: list[int], last: dict[int, int],
+           spill_dir: str | Path) -> dict[int, Path]:
+    """Every large Hessian of this rank's groups but the first one's, written to spill_dir
+    and dropped from `hessians`: {group: file}."""
+    spilled: dict[int, Path] = {}
+    order = sorted(last, key=lambda g: groups.index(g))
+    for g in order[1:]:
+        h = hessians.get(names[groups.index(g)])
+        if h is None or h.numel() * h.element_size() < SPILL_BYTES:
+            continue
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="hessian-", suffix=".pt", dir=spill_dir)
+        os.close(fd)
+        spilled[g] = Path(path)
+        torch.save(h, spilled[g])
+        for n, gn in zip(names, groups):
+            if gn == g:
+                hessians.pop(n, None)
+        del h
+    return spilled
+
+
+def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize) -> dict:
+    """This rank's linears rounded, in order: {index: QuantizedLinear}."""
     caches: dict[int, dict] = {}
     mine = {}
     for i, (n, g) in enumerate(zip(names, groups)):
         if owner[i] != group.rank:
             continue
+        if g in spilled:    # the group's turn: its Hessian back from disk
+            path = spilled.pop(g)
+            loaded = torch.load(path, weights_only=True)
+            path.unlink()
+            for nj, gj in zip(names, groups):
+                if gj == g:
+                    hessians[nj] = loaded
+            del loaded
         h = hessians.get(n)
         lin = modules[n]
         # rounding runs on the CPU in float64/32 whatever the calibration device
@@ -71,5 +126,4 @@ def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names:
             for j in (j for j, gj in enumerate(groups) if gj == g):
                 hessians.pop(names[j], None)
         return_freed_memory()
-    # every rank rounds its share first, then the results go round (one broadcast each)
-    return [group.broadcast_object(mine.get(i), src=owner[i]) for i in range(len(names))]
+    return mine
