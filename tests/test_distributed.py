@@ -87,15 +87,20 @@ def _launch(world: int, model, out, report, die_in_block=None, resume=False) -> 
             for r, p in enumerate(procs)]
 
 
-@pytest.fixture(scope="module")
-def one_rank(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "art"
+def _compile_one_thread(model, out) -> None:
+    """One process at one thread (as each rank runs in the tests here)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        compile_model(str(tiny_model[0]), out, CFG, CALIB, progress=False)
+        compile_model(str(model), out, CFG, CALIB, progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "art"
+    _compile_one_thread(tiny_model[0], out)
     return out
 
 
@@ -144,12 +149,7 @@ def test_spilled_hessians_write_the_same_bytes(tiny_model, one_rank, tmp_path, m
 
     monkeypatch.setattr(spread, "_spill", counting)
     out = tmp_path / "spill"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        compile_model(str(tiny_model[0]), out, CFG, CALIB, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    _compile_one_thread(tiny_model[0], out)
     assert spilled and all(k == 3 for k in spilled)   # o, gate/up and down of every block
     assert digest(out) == digest(one_rank)
     assert not (out / ".hessians").exists()

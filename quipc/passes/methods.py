@@ -32,7 +32,7 @@ class LayerInput:
     cache: dict = field(default_factory=dict)  # stats shared by layers with the same input
     last_reader: bool = False  # no later linear uses `cache`: its matrices are freed once this one is rounded
     # the caller is done with `hessian` (passes/spread.encode_block's are consumed): method quip damps and
-    # rotates it in its own memory, and takes the proxy losses from the rotated, damped H (see _spent_losses)
+    # rotates it in its own memory, and takes the proxy losses from the rotated, damped H (_spent_losses_before)
     spend_hessian: bool = False
 
 
@@ -211,9 +211,12 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
 def _minus_excess(loss: float, e: torch.Tensor, excess: torch.Tensor | None) -> float:
     """tr(E H E^T) from tr(E H_d E^T) for H_d = H + diag(excess) (None: regularize fell back
     to another matrix, whose loss is reported as it is)."""
-    if excess is None:
-        return loss
-    return loss - float((_column_squares(e) * excess).sum())
+    return loss - _excess_term(e, excess)
+
+
+def _excess_term(e: torch.Tensor, excess: torch.Tensor | None) -> float:
+    """tr(E diag(excess) E^T) (0 without excess)."""
+    return 0.0 if excess is None else float((_column_squares(e) * excess).sum())
 
 
 def _column_squares(e: torch.Tensor, step: int = 1024) -> torch.Tensor:
@@ -234,7 +237,7 @@ def _spent_losses_before(inp: LayerInput, cfg: QuantConfig, excess, h_rot: torch
     ref = max(_minus_excess(error_loss(w_rot, h_rot), w, excess), 1e-30)
     rtn_err = fit_grid(w, cfg.bits, "minmax").round_error(w)
     del w
-    damping = 0.0 if excess is None else float((_column_squares(rtn_err) * excess).sum())
+    damping = _excess_term(rtn_err, excess)    # before rtn_err's memory holds its rotation
     rtn_rot = rotate_weight(rtn_err.mul_(d[None, :]), t_in, t_out, out=rtn_err)   # in its own memory
     out = {"proxy_loss_rtn": (error_loss(rtn_rot, h_rot) - damping) / ref, "ref": ref}
     if excess is None:
