@@ -153,9 +153,7 @@ def head_rows(layer: QuantizedLinear, ids: np.ndarray) -> np.ndarray:
     check_shared_head(layer)
     ids = np.asarray(ids)
     check_ids(ids, layer.out_features, layer.name)
-    rot = head_rotated_rows(layer, ids).astype(np.float64)
-    k_in = layer.t_in.kron_product()
-    out = (rot @ k_in) * layer.in_scale_f32()[None, :]
+    out = layer.t_in.kron_right(head_rotated_rows(layer, ids)) * layer.in_scale_f32()[None, :]   # W'[ids] K_in
     return out.astype(np.float32).reshape(*ids.shape, layer.in_features)
 
 
