@@ -6,9 +6,11 @@ A random positive definite H = X^T X / r (X: r x n Gaussian, float32 product, fl
 Hessian accumulators build it) and a random (rows, n) weight go through quantize_linear; reported:
 VmHWM (/proc/self/status) above the resident memory just before the call (the high-water mark is
 reset through /proc/self/clear_refs, so building H does not count), as MB and as multiples of
-n*n*8 bytes, and the peak and seconds of each stage (regularize, eigh, rotate_hessian, encode,
-proxy losses). The caller's H is not counted (it lives before the call, as in a compile, which
-hands it over: it is damped, rotated and factored in its own memory).
+n*n*8 bytes, and the peak and seconds of each stage (regularize, eigh, rotate_hessian,
+rotate_weight, proxy losses, encode; a stage's peak covers the time since the previous one
+ended). The caller's H and W are not counted (they live before the call, as in a compile,
+which hands H over: it is damped, tested (on disk, --scratch), rotated and factored in its
+own memory; W comes as float16, --weight-dtype, as a float16 checkpoint's block holds it).
 --save FILE writes codes / scales / in_scale (.npz) to compare two versions bit for bit.
 """
 from __future__ import annotations
@@ -76,6 +78,10 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--rescale", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight-dtype", default="float16", choices=["float16", "float32"],
+                    help="the weight as a compile hands it over (float16: a float16 checkpoint, quipc/memory.py)")
+    ap.add_argument("--scratch", default=".", help="folder for the damping test's copy of H on disk "
+                    "(as a compile's OUT/.hessians); '' tests in memory")
     ap.add_argument("--save", help="write codes / scale / in_scale to this .npz")
     ap.add_argument("--json", help="append the record to this JSON list")
     args = ap.parse_args()
@@ -89,7 +95,7 @@ def main() -> None:
     x = torch.randn(args.calib, n, generator=gen) * (1 + torch.rand(n, generator=gen) * 3)
     h = (x.t() @ x).double() / args.calib
     del x
-    w = torch.randn(args.rows, n, generator=gen) * 0.02
+    w = (torch.randn(args.rows, n, generator=gen) * 0.02).to(getattr(torch, args.weight_dtype))
     cfg = QuantConfig(method="quip", bits=args.bits, format=args.format, rescale=args.rescale).validate()
 
     st = Stages()
@@ -97,8 +103,11 @@ def main() -> None:
     methods.rotate_hessian = st.wrap("rotate_hessian", methods.rotate_hessian)
     methods.mu_hessian = st.wrap("mu_hessian (eigh)", methods.mu_hessian)
     methods._relative_losses = st.wrap("proxy losses", methods._relative_losses)
-    if hasattr(methods, "_spent_losses_before"):
-        methods._spent_losses_before = st.wrap("proxy losses", methods._spent_losses_before)
+    for name in ("_spent_losses_before", "_spent_rtn_loss"):
+        if hasattr(methods, name):
+            setattr(methods, name, st.wrap("proxy losses", getattr(methods, name)))
+    if hasattr(methods, "rotate_weight"):
+        methods.rotate_weight = st.wrap("rotate_weight", methods.rotate_weight)
     methods.encode = st.wrap("encode", methods.encode)
     eigh = torch.linalg.eigh
     torch.linalg.eigh = st.wrap("eigh", eigh)
@@ -112,6 +121,8 @@ def main() -> None:
     # (damped, rotated and factored in its own memory) as a compile spends it (where supported)
     fields = methods.LayerInput.__dataclass_fields__
     last = {k: True for k in ("last_reader", "spend_hessian") if k in fields}
+    if "scratch_dir" in fields and args.scratch:
+        last["scratch_dir"] = args.scratch
     layer = methods.quantize_linear(methods.LayerInput("probe", w, None, h, **last), cfg)
     seconds = time.perf_counter() - t0
     peak = st.finish()
@@ -119,6 +130,7 @@ def main() -> None:
 
     unit = n * n * 8
     rec = {"n": n, "rows": args.rows, "format": args.format, "bits": args.bits, "rescale": args.rescale,
+           "weight_dtype": args.weight_dtype, "scratch": bool(args.scratch),
            "threads": torch.get_num_threads(), "baseline_mb": base / 2**20,
            "peak_above_baseline_mb": (peak - base) / 2**20, "peak_nn_units": (peak - base) / unit,
            "seconds": seconds,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from quipc.config import QuantConfig
+from quipc.passes import hessian as hessian_mod
 from quipc.passes import incoherence, ldlq, methods
 from quipc.passes.block_ldlq import block_ldl_upper
 from quipc.passes.hessian import regularize
@@ -82,6 +83,48 @@ def test_regularize_retries_on_the_undamped_diagonal():
     ref = h.clone()
     ref.diagonal().add_(info["damp"] * float(h.diagonal().clamp_min(0).mean()))
     assert _same(got, ref)
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_large_hessian_is_tested_in_its_own_memory(monkeypatch, tmp_path, indefinite, transposed):
+    """With a scratch folder the Cholesky test runs in H's memory (H on disk meanwhile): the same
+    damping and the same floats as the test on a copy, retries included, and no file left."""
+    monkeypatch.setattr(hessian_mod, "SCRATCH_TEST_BYTES", 0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    h = x.t() @ x / 40
+    if indefinite:
+        h -= 0.5 * h.diagonal().mean() * torch.eye(24, dtype=torch.float64)
+    h[:, 4] = h[4, :] = 0    # a dead input
+    ref, ref_info = regularize(h, 0.001)
+    spent = h.t().contiguous().t() if transposed else h.clone()
+    got, info = regularize(spent, 0.001, in_place=True, scratch_dir=tmp_path)
+    assert got.data_ptr() == spent.data_ptr() and _same(got, ref) and info == ref_info
+    assert (info["damp"] > 0.001) == indefinite
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("m,n,chunk", [(48, 96, 7), (24, 40, 512)])
+def test_a_narrow_weight_is_read_in_float64_chunks(monkeypatch, m, n, chunk):
+    """rotate_weight(dtype=float64, col_scale=d), round_error(dtype=float64), minmax_grid and
+    mu_weight on a float16 weight: the floats of the float64 copy's whole-matrix expressions."""
+    from quipc.passes.grid import fit_grid, minmax_grid
+
+    monkeypatch.setattr(incoherence, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(n)
+    w16 = torch.randn(m, n, generator=g).to(torch.float16)
+    w = w16.double()
+    d = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+    t_in, t_out = Transform.make("kron", n, 1), Transform.make("kron", m, 2)
+    assert _same(incoherence.rotate_weight(w16, t_in, t_out, col_scale=d, dtype=torch.float64),
+                 _dense_rotation(w * d[None, :], t_in, t_out))
+    grid = fit_grid(w, 2, "minmax")
+    got = minmax_grid(w16, 2)
+    assert _same(got.scale, grid.scale) and _same(got.zero, grid.zero)
+    assert _same(got.round_error(w16, step=chunk, dtype=torch.float64), grid.round(w) - w)
+    assert incoherence.mu_weight(w16) == pytest.approx(float(w.abs().max()) * (m * n) ** 0.5 / float(w.norm()),
+                                                       rel=1e-12)
 
 
 def test_mu_diagnostics_skipped_above_the_width_limit(monkeypatch):
@@ -196,28 +239,31 @@ def test_block_ldlq_consuming_rounds_alike_and_reports_the_loss(g):
     assert loss == pytest.approx(ldlq.proxy_loss(w.double(), ref.double(), h), rel=1e-5)
 
 
-def _layer_group(fmt, rescale, hessian, spend):
+def _layer_group(fmt, rescale, hessian, spend, scratch_dir=None, weight_dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
     cfg = QuantConfig(method="quip", bits=2, format=fmt, rescale=rescale)
     cache, out = {}, []
     for i in range(3):   # three linears reading one input (q, k, v), the last frees the group
-        w = torch.randn(32, 64, generator=g)
+        w = torch.randn(32, 64, generator=g).to(torch.float16).to(weight_dtype)
         out.append(quantize_linear(LayerInput(f"blk.{i}", w, None, hessian, cache, last_reader=i == 2,
-                                              spend_hessian=spend), cfg))
+                                              spend_hessian=spend, scratch_dir=scratch_dir), cfg))
     assert cache.keys() <= {"leader", "t_in", "hinfo", "mu_h", "mu_h_after"}
     return out
 
 
 @pytest.mark.parametrize("fmt", ["e8p", "trellis", "grid"])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_a_spent_hessian_gives_the_same_layers(fmt, rescale):
-    """encode_block's path (the caller's H damped, rotated and factored in its own memory,
-    losses from the rotated H) stores what the copying path stores, with its proxy losses."""
+def test_a_spent_hessian_gives_the_same_layers(fmt, rescale, monkeypatch, tmp_path):
+    """encode_block's path (the caller's H damped, tested, rotated and factored in its own
+    memory, losses from the rotated H, a float16 weight read as it is) stores what the
+    copying path stores for the float32 weight, with its proxy losses."""
+    monkeypatch.setattr(hessian_mod, "SCRATCH_TEST_BYTES", 0)    # every H tested in its own memory
     h = _hessian_raw(64)
     plain = _layer_group(fmt, rescale, h.clone(), spend=False)
     spent_h = h.clone()
-    spent = _layer_group(fmt, rescale, spent_h, spend=True)
+    spent = _layer_group(fmt, rescale, spent_h, spend=True, scratch_dir=str(tmp_path), weight_dtype=torch.float16)
     assert not torch.equal(spent_h, h)       # spent in place
+    assert list(tmp_path.iterdir()) == []    # the test's copy of H on disk is gone
     for a, b in zip(plain, spent):
         assert (a.codes == b.codes).all() and (a.scale == b.scale).all() and (a.in_scale == b.in_scale).all()
         for key in ("proxy_loss", "proxy_loss_rtn"):

@@ -60,6 +60,12 @@ def test_kron_right_is_the_dense_product(kind, n):
     got = t.kron_right(x, step=8)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, x.astype(np.float64) @ t.kron_product(), rtol=0, atol=1e-12)
+    # in place, also through a transposed view (as effective_weight applies K_out)
+    y = x.astype(np.float64)
+    assert t.kron_right(y, step=8, out=y) is y and np.array_equal(y, got)
+    z = np.ascontiguousarray(x.astype(np.float64).T).T
+    t.kron_right(z, step=8, out=z)
+    assert np.array_equal(z, got)
 
 
 def test_effective_weight_is_the_dense_formula():

@@ -130,6 +130,18 @@ def test_codes_round_trip_and_decode_to_the_encoded_values(bits):
     assert matrix_to_tiles(tiles)[1, 2, 17] == tiles[16 + 1, 32 + 1]   # t = 16 r + c
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codes_packed_in_steps_are_the_whole_packing(monkeypatch, bits):
+    """states_to_codes a few tile rows at a time (and from uint16 states, as the encoder keeps
+    them) packs what one step packs."""
+    import quipc_runtime.formats.trellis as trellis_fmt
+
+    states = np.random.default_rng(bits).integers(0, 1 << STATE_BITS, (5, 3, TILE * TILE)).astype(np.int32)
+    whole = states_to_codes(states, bits)
+    monkeypatch.setattr(trellis_fmt, "STATES_STEP", 2 * 3 * TILE * TILE)     # 2 tile rows a step
+    assert np.array_equal(states_to_codes(states.astype(np.uint16), bits), whole)
+
+
 def test_shapes_the_format_refuses():
     fmt = get_format("trellis")
     with pytest.raises(ValueError, match="row width of 40 is not a multiple of 16"):

@@ -64,27 +64,31 @@ def block_ldlq_consuming(w: torch.Tensor, h: torch.Tensor, g: int,
 def _round(w: torch.Tensor, u: torch.Tensor, d_b: torch.Tensor | None, g: int, quantize, lazy: int):
     """The BlockLDLQ loop over the float64 factor U, each span of its rows cast to w's dtype
     where it is used (the floats of casting U whole, without its copy). With d_b, also the
-    loss sum_k tr(eta_k D_k eta_k^T) of the rounding errors eta_k (float64)."""
+    loss sum_k tr(eta_k D_k eta_k^T) of the rounding errors eta_k (float64).
+
+    One (m, n) buffer besides w: column j holds the feedback gathered for it until it is
+    rounded, then its rounded value (the returned W^); the errors W - W^ are kept for the
+    current span only (the feedback to later spans is one product per span)."""
     m, n = w.shape
     lazy = max(g, lazy // g * g)
-    acc = torch.zeros_like(w)
-    w_hat = torch.empty_like(w)
-    err = torch.empty_like(w)
+    out = torch.zeros_like(w)
     loss = 0.0
     for s0 in range(0, n, lazy):
         s1 = min(s0 + lazy, n)
         u_span = u[s0:s1, s0:].to(w.dtype)          # rows s0..s1 of U from column s0 on
+        err = torch.empty(m, s1 - s0, dtype=w.dtype, device=w.device)
         for k in range(s0, s1, g):
-            x = w[:, k:k + g] + acc[:, k:k + g]
+            x = w[:, k:k + g] + out[:, k:k + g]
             q = quantize(k // g, x)
-            w_hat[:, k:k + g] = q
-            err[:, k:k + g] = w[:, k:k + g] - q
+            out[:, k:k + g] = q
+            e = err[:, k - s0:k - s0 + g]
+            e.copy_(w[:, k:k + g] - q)
             if d_b is not None:
                 eta = (x - q).to(torch.float64)
                 loss += float(((eta @ d_b[k // g]) * eta).sum())
             if k + g < s1:
-                acc[:, k + g:s1] += err[:, k:k + g] @ u_span[k - s0:k - s0 + g, k + g - s0:s1 - s0]
-        if s1 < n:
-            acc[:, s1:] += err[:, s0:s1] @ u_span[:, s1 - s0:]
-        del u_span
-    return w_hat, loss
+                out[:, k + g:s1] += e @ u_span[k - s0:k - s0 + g, k + g - s0:s1 - s0]
+        if s1 < n:     # into the buffer itself (no (m, n - s1) product beside it)
+            out[:, s1:].addmm_(err, u_span[:, s1 - s0:])
+        del u_span, err
+    return out, loss

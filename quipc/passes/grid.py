@@ -38,11 +38,13 @@ class RowGrid:
     def rows(self, r0: int, r1: int) -> "RowGrid":
         return RowGrid(self.scale[r0:r1], self.zero[r0:r1], self.bits)
 
-    def round_error(self, w: torch.Tensor, step: int = 1024) -> torch.Tensor:
-        """round(w) - w, `step` rows at a time (the same floats, temporaries ~ step x n)."""
-        out = torch.empty_like(w)
+    def round_error(self, w: torch.Tensor, step: int = 256, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """round(w) - w, `step` rows at a time (the same floats, temporaries ~ step x n), in
+        `dtype` (w's by default; each step's rows converted where they are read)."""
+        out = torch.empty(w.shape, dtype=dtype or w.dtype, device=w.device)
         for r0 in range(0, w.shape[0], step):
-            out[r0:r0 + step] = self.rows(r0, r0 + step).round(w[r0:r0 + step]).sub_(w[r0:r0 + step])
+            rows = w[r0:r0 + step].to(out.dtype)
+            out[r0:r0 + step] = self.rows(r0, r0 + step).round(rows).sub_(rows)
         return out
 
 
@@ -54,6 +56,12 @@ def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> RowGrid:
     scale = torch.where(scale > 0, scale, torch.full_like(scale, 6.1e-5))
     zero = lo.to(torch.float16).to(dtype)
     return RowGrid(scale, zero, bits)
+
+
+def minmax_grid(w: torch.Tensor, bits: int, dtype: torch.dtype = torch.float64) -> RowGrid:
+    """fit_grid(w.to(dtype), bits, "minmax") without w's copy in dtype (min and max are exact in any)."""
+    lo, hi = w.aminmax(dim=1)
+    return _grid_from_range(lo.to(dtype), hi.to(dtype), bits)
 
 
 def fit_grid(w: torch.Tensor, bits: int, mode: str = "minmax",

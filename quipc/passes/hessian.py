@@ -1,6 +1,9 @@
 """Proxy Hessians H = E[x x^T] of linear-layer inputs, and making them usable."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
 
@@ -69,10 +72,51 @@ def reduce_in_batch_order(group, n_batches: int, partials_of, dims: list[int], d
     return accs
 
 
-def regularize(h: torch.Tensor, damp: float, name: str = "layer", in_place: bool = False) -> tuple[torch.Tensor, dict]:
+# From this size on, an in-place regularize with a scratch folder tests positive definiteness
+# in H's own memory (H kept on disk meanwhile) rather than in an n x n copy (a 7B down_proj's
+# H is 969 MB).
+SCRATCH_TEST_BYTES = 256 * 2**20
+
+
+class _PositiveDefiniteTest:
+    """Whether H (symmetric, float64) is positive definite, by a Cholesky factorization: of a
+    copy, or (`scratch_dir`, H at least SCRATCH_TEST_BYTES) in H's own memory, H written to an
+    unlinked file in scratch_dir once and read back after each test (the same decisions, no
+    n x n matrix besides H)."""
+
+    def __init__(self, h: torch.Tensor, scratch_dir=None):
+        self.h = h
+        self.saved = None
+        big = h.numel() * h.element_size() >= SCRATCH_TEST_BYTES
+        if scratch_dir is not None and big and h.device.type == "cpu":
+            self.square = h if h.is_contiguous() else h.t()    # H or H^T (the same matrix)
+            if not self.square.is_contiguous():
+                return
+            Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+            self.saved = tempfile.TemporaryFile(dir=scratch_dir, prefix="hessian-test-")
+            self.saved.write(memoryview(self.square.numpy()).cast("B"))
+
+    def __call__(self) -> bool:
+        if self.saved is None:
+            return torch.linalg.cholesky_ex(self.h).info == 0
+        a = self.square.t()       # Fortran-ordered: LAPACK factors it where it lies
+        ok = torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32))).info == 0
+        self.saved.seek(0)
+        if self.saved.readinto(memoryview(self.square.numpy()).cast("B")) != self.square.numel() * 8:
+            raise OSError("could not read the Hessian back from its scratch file")
+        return ok
+
+    def close(self) -> None:
+        if self.saved is not None:
+            self.saved.close()
+
+
+def regularize(h: torch.Tensor, damp: float, name: str = "layer", in_place: bool = False,
+               scratch_dir=None) -> tuple[torch.Tensor, dict]:
     """Damped, positive definite H. Dead inputs (zero diagonal) and an all-zero H are
     not errors (too little calibration): they get damping, or H = I as a last resort.
-    in_place: a float64 H is damped in its own memory (the caller is done with it)."""
+    in_place: a float64 H is damped in its own memory (the caller is done with it); with
+    scratch_dir too, a large H is also tested there (_PositiveDefiniteTest)."""
     if not all(torch.isfinite(h[r0:r0 + 1024]).all() for r0 in range(0, h.shape[0], 1024)):
         raise ValueError(f"{name}: the calibration Hessian holds NaN or Inf "
                          "(the model produced non-finite activations)")
@@ -89,12 +133,17 @@ def regularize(h: torch.Tensor, damp: float, name: str = "layer", in_place: bool
     h[:, dead] = 0
     h[dead, dead] = mean
     diag0 = torch.diagonal(h).clone()
-    for attempt in range(6):
-        lam = damp * (10 ** attempt) if damp > 0 else (0 if attempt == 0 else 1e-6 * 10 ** attempt)
-        # H + lam * mean * I in H's own memory (the undamped diagonal restored between attempts)
-        torch.diagonal(h).copy_(diag0).add_(lam * mean)
-        if torch.linalg.cholesky_ex(h).info == 0:
-            info["damp"] = lam
-            return h, info
+    test = _PositiveDefiniteTest(h, scratch_dir if in_place else None)
+    try:
+        for attempt in range(6):
+            lam = damp * (10 ** attempt) if damp > 0 else (0 if attempt == 0 else 1e-6 * 10 ** attempt)
+            # H + lam * mean * I in H's own memory (the undamped diagonal restored between attempts)
+            torch.diagonal(h).copy_(diag0).add_(lam * mean)
+            if test():
+                torch.diagonal(h).copy_(diag0).add_(lam * mean)   # (read back from disk: undamped)
+                info["damp"] = lam
+                return h, info
+    finally:
+        test.close()
     info["fallback"] = "not positive definite after damping: identity used"
     return mean * torch.eye(n, dtype=torch.float64, device=h.device), info

@@ -27,16 +27,18 @@ def apply_rows_transposed(x: torch.Tensor, t: Transform) -> torch.Tensor:
 # Rows (or columns) per step when a transform is applied to a matrix piecewise: each row
 # goes through the same products as in one call on the whole matrix (the same floats), and a
 # step's temporaries stay ~ CHUNK x n.
-CHUNK = 512
+CHUNK = 256
 
 
-def _two_sided(w: torch.Tensor, first, second, out: torch.Tensor | None = None) -> torch.Tensor:
+def _two_sided(w: torch.Tensor, first, second, out: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """second(first(W)^T)^T for row-wise maps first, second (apply_rows or its inverse), in
     one output buffer, rows then columns in steps of CHUNK; laid out as the whole-matrix
-    expression lays it out (a transposed view). out: that buffer (may be w itself)."""
+    expression lays it out (a transposed view). out: that buffer (may be w itself), else a
+    new one of `dtype` (w's by default)."""
     m, n = w.shape
     if out is None:
-        out = torch.empty(n, m, dtype=w.dtype, device=w.device).t()
+        out = torch.empty(n, m, dtype=dtype or w.dtype, device=w.device).t()
     for r0 in range(0, m, CHUNK):
         out[r0:r0 + CHUNK] = first(w[r0:r0 + CHUNK])
     for c0 in range(0, n, CHUNK):
@@ -44,15 +46,23 @@ def _two_sided(w: torch.Tensor, first, second, out: torch.Tensor | None = None) 
     return out
 
 
-def rotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform, out: torch.Tensor | None = None) -> torch.Tensor:
-    """U W V^T (the floats of apply_rows(apply_rows(W, V)^T, U)^T, in one new matrix, or in
-    `out`, which may be w itself)."""
-    return _two_sided(w, lambda x: apply_rows(x, t_in), lambda x: apply_rows(x, t_out), out)
+def rotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform, out: torch.Tensor | None = None,
+                  col_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """U (W diag(col_scale)) V^T (the floats of apply_rows(apply_rows(W D, V)^T, U)^T, in one new
+    matrix, or in `out`, which may be w itself). dtype: W's rows are read CHUNK at a time in
+    it (e.g. a float16 weight rotated in float64 without its float64 copy); w's by default."""
+    dtype = dtype or w.dtype
+
+    def first(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype)
+        return apply_rows(x if col_scale is None else x * col_scale[None, :], t_in)
+
+    return _two_sided(w, first, lambda x: apply_rows(x, t_out), out, dtype)
 
 
-def unrotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform) -> torch.Tensor:
-    """U^T W V, the inverse of rotate_weight (in one new matrix)."""
-    return _two_sided(w, lambda x: apply_rows_transposed(x, t_in), lambda x: apply_rows_transposed(x, t_out))
+def unrotate_weight(w: torch.Tensor, t_in: Transform, t_out: Transform, out: torch.Tensor | None = None) -> torch.Tensor:
+    """U^T W V, the inverse of rotate_weight (in one new matrix, or in `out`, which may be w itself)."""
+    return _two_sided(w, lambda x: apply_rows_transposed(x, t_in), lambda x: apply_rows_transposed(x, t_out), out)
 
 
 def rotate_hessian(h: torch.Tensor, t_in: Transform, in_place: bool = False) -> torch.Tensor:
@@ -94,11 +104,19 @@ def rescale_vector(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def mu_weight(w: torch.Tensor) -> float:
-    """max |W_ij| sqrt(mn) / ||W||_F: 1 for a flat matrix, sqrt(mn) for a single spike."""
-    w = w.to(torch.float64)
-    norm = float(w.norm())
-    lo, hi = w.aminmax()    # max |W| without an |W| copy
-    return 0.0 if norm == 0 else max(-float(lo), float(hi)) * (w.numel() ** 0.5) / norm
+    """max |W_ij| sqrt(mn) / ||W||_F: 1 for a flat matrix, sqrt(mn) for a single spike.
+    In float64, CHUNK rows of W (or of W^T, where that is the contiguous one) at a time: no
+    float64 or contiguous copy of W, no |W| copy."""
+    if not w.is_contiguous() and w.t().is_contiguous():
+        w = w.t()          # the same entries
+    squares, top = 0.0, 0.0
+    for r0 in range(0, w.shape[0], CHUNK):
+        part = w[r0:r0 + CHUNK]
+        squares += float(part.to(torch.float64).pow(2).sum())
+        lo, hi = part.aminmax()       # exact in any dtype
+        top = max(top, -float(lo), float(hi))
+    norm = squares ** 0.5
+    return 0.0 if norm == 0 else top * (w.numel() ** 0.5) / norm
 
 
 def mu_of_eigenvectors(q: torch.Tensor) -> float:

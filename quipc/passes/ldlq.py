@@ -146,7 +146,7 @@ def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
 
 
 # rows of E per step of error_loss: its temporaries stay ~ LOSS_ROWS x n
-LOSS_ROWS = 1024
+LOSS_ROWS = 256
 
 
 def error_loss(e: torch.Tensor, h: torch.Tensor) -> float:

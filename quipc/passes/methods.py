@@ -16,7 +16,7 @@ from quipc_runtime.transforms import Transform, derive_seed
 
 from ..config import QuantConfig
 from .encoders import Encoded, encode, resolve_format
-from .grid import fit_grid
+from .grid import fit_grid, minmax_grid
 from .hessian import regularize
 from .incoherence import (mu_hessian, mu_of_eigenvectors, mu_rotated_eigenvectors, mu_weight, rescale_vector,
                           rotate_hessian, rotate_weight, unrotate_weight)
@@ -32,8 +32,11 @@ class LayerInput:
     cache: dict = field(default_factory=dict)  # stats shared by layers with the same input
     last_reader: bool = False  # no later linear uses `cache`: its matrices are freed once this one is rounded
     # the caller is done with `hessian` (passes/spread.encode_block's are consumed): method quip damps and
-    # rotates it in its own memory, and takes the proxy losses from the rotated, damped H (_spent_losses_before)
+    # rotates it in its own memory, and takes the proxy losses from the rotated, damped H (_spent_rtn_loss)
     spend_hessian: bool = False
+    # where a large spent H waits on disk while its positive definiteness is tested in its own memory
+    # (hessian.regularize); None: tested in a copy
+    scratch_dir: str | None = None
 
 
 # The diagnostics mu_h / mu_h_after need every eigenvector of the n x n Hessian (torch.linalg.eigh:
@@ -136,14 +139,19 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
     reader is encoded; damping needs 2 (H and its Cholesky check), the diagnostic
     eigendecomposition 4 (n <= MU_EIGH_MAX_N only, before H' exists), rotating 1 (in place),
     encoding 1 (the BlockLDLQ factor), 0 for the group's last reader (the factor overwrites
-    H'). With spend_hessian the caller's H is that memory: damped and rotated in place.
+    H'). With spend_hessian the caller's H is that memory: damped and rotated in place (and,
+    with scratch_dir, tested there). In (m, n) float64 matrices: W is read in row chunks (any
+    float dtype, no float64 copy of it); RTN's error 1 (spent path, freed before W' exists);
+    W' 1, handed to the encoder as float32 (0.5: encoders round in float32), whose output
+    adds 0.5 and then holds the error matrices.
     benchmarks/quip_memory.py measures it."""
     m, n = inp.weight.shape
     group = inp.cache
     if "t_in" not in group:
         if inp.spend_hessian:
             diag0 = torch.diagonal(inp.hessian).to(torch.float64, copy=True)
-        group["h"], group["hinfo"] = regularize(inp.hessian, cfg.damp, inp.name, in_place=inp.spend_hessian)
+        group["h"], group["hinfo"] = regularize(inp.hessian, cfg.damp, inp.name, in_place=inp.spend_hessian,
+                                                scratch_dir=inp.scratch_dir)
         if inp.spend_hessian:   # H_d - H: on the diagonal only (dead inputs' rows are zero in both)
             group["h_excess"] = None if "fallback" in group["hinfo"] else torch.diagonal(group["h"]) - diag0
             del diag0
@@ -152,16 +160,14 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
         group["t_in"] = Transform.make(cfg.incoherence, n, derive_seed(cfg.seed, leader, "in"))
     t_in = group["t_in"]
     t_out = Transform.make(cfg.incoherence, m, derive_seed(cfg.seed, inp.name, "out"))
-    w = inp.weight.detach().to(torch.float64)    # after damping: not beside its Cholesky test
+    weight = inp.weight.detach()   # any float dtype, read in float64 a row chunk at a time: no float64 copy
     h = group.get("h")    # None once H' is built and no rescaling needs H again
-    d = rescale_vector(w, h) if cfg.rescale else torch.ones(n, dtype=torch.float64)
+    d = rescale_vector(weight, h) if cfg.rescale else torch.ones(n, dtype=torch.float64)
     # The stored in_scale = signs / d is fp16: rescale by exactly the stored value.
     in_scale = (torch.from_numpy(t_in.sign_vector()).double() / d).to(torch.float16)
     d = torch.from_numpy(t_in.sign_vector()).double() / in_scale.double()
     unit = bool((d == 1).all())   # x * 1 == x / 1 == x: no scaled copies
-    w_rot = rotate_weight(w if unit else w * d[None, :], t_in, t_out)
-    mu_w = mu_weight(w)
-    del w     # read again below (the same floats): one (m, n) float64 less while encoding
+    mu_w = mu_weight(weight)
     if cfg.rescale or "h_rot" not in group:
         group.pop("h_rot", None)    # the previous layer's (rescale), freed before this one is built
         # H_r = H / d_i / d_j; without rescaling d == 1 and x / 1 == x: H itself, no copy
@@ -174,27 +180,38 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
             del group["h"]           # the group's later layers read H' only (rotated in its memory)
         h = None
     h_rot = group["h_rot"]
-    mu_w_after = mu_weight(w_rot)
     spent = "h_excess" in group
-    losses = _spent_losses_before(inp, cfg, group["h_excess"], h_rot, w_rot, d, t_in, t_out) if spent else {}
+    # RTN's loss before W' exists (its error rotated in its own memory and freed)
+    losses = _spent_rtn_loss(weight, cfg, group["h_excess"], h_rot, d, t_in, t_out) if spent else {}
+    w_rot = rotate_weight(weight, t_in, t_out, col_scale=None if unit else d, dtype=torch.float64)
+    mu_w_after = mu_weight(w_rot)
+    if spent:    # tr(W H W^T) = tr(W' H' W'^T) less the damping
+        losses["ref"] = max(_minus_excess(error_loss(w_rot, h_rot), weight, group["h_excess"]), 1e-30)
+        losses["proxy_loss_rtn"] /= losses["ref"]
+    w_rot = w_rot.to(torch.float32)    # what every encoder rounds (its float64 freed here)
     # H' read by no later linear (the group's last, or its own with rescale): the encoder may factor it in place
     consume = inp.last_reader or cfg.rescale
     enc = encode(cfg.format, w_rot, h_rot, cfg, consume=consume)
     if consume:
         group.pop("h_rot")
+        if enc.proxy_loss is not None:
+            h_rot = None     # overwritten by the factor: its memory goes now, before the error matrices
     if inp.last_reader:
         group.pop("h", None)
-    e_rot = enc.values.double().sub_(w_rot)
+    # E' = W^' - W' in the decoded values' own float32 memory (for the diagnostic losses only)
+    e_rot = enc.values.sub_(w_rot)
     enc.values = None     # read no more (the stored tensors are enc's codes and scales)
     del w_rot
-    err = unrotate_weight(e_rot, t_in, t_out)
-    if not unit:
-        err.div_(d[None, :])
     if spent:   # the encoder's own tr(E' H' E'^T) where it overwrote H', else from H'
         loss = enc.proxy_loss if enc.proxy_loss is not None else error_loss(e_rot, h_rot)
+    del h_rot
+    err = unrotate_weight(e_rot, t_in, t_out, out=e_rot)    # E' read no more: E in its memory
+    del e_rot
+    if not unit:
+        err.div_(d.to(err.dtype)[None, :])
+    if spent:
         losses["proxy_loss"] = _minus_excess(loss, err, group["h_excess"]) / losses.pop("ref")
-    del h_rot, e_rot
-    if not spent:
+    else:
         losses = _relative_losses(inp.weight.detach().to(torch.float64), err, inp.hessian, cfg.bits)
     info = {"method": "quip", "incoherence": t_in.kind if t_in.kind == t_out.kind
             else f"{t_in.kind}/{t_out.kind}", "hessian": group["hinfo"],
@@ -219,7 +236,7 @@ def _excess_term(e: torch.Tensor, excess: torch.Tensor | None) -> float:
     return 0.0 if excess is None else float((_column_squares(e) * excess).sum())
 
 
-def _column_squares(e: torch.Tensor, step: int = 1024) -> torch.Tensor:
+def _column_squares(e: torch.Tensor, step: int = 256) -> torch.Tensor:
     """||E_:i||^2 for every column i (float64), `step` rows at a time."""
     out = torch.zeros(e.shape[1], dtype=torch.float64)
     for r0 in range(0, e.shape[0], step):
@@ -227,19 +244,16 @@ def _column_squares(e: torch.Tensor, step: int = 1024) -> torch.Tensor:
     return out
 
 
-def _spent_losses_before(inp: LayerInput, cfg: QuantConfig, excess, h_rot: torch.Tensor, w_rot: torch.Tensor,
-                         d: torch.Tensor, t_in: Transform, t_out: Transform) -> dict:
-    """_relative_losses' RTN loss and reference tr(W H W^T) when the caller's H was spent:
-    tr(E H_d E^T) = tr(E' H' E'^T) for E' = U E D V^T (the rotation of the weight), less the
-    damping (_minus_excess). Computed before encoding (which may overwrite H'); `ref` is
-    popped by the caller once the rounding's own loss is known."""
-    w = inp.weight.detach().to(torch.float64)
-    ref = max(_minus_excess(error_loss(w_rot, h_rot), w, excess), 1e-30)
-    rtn_err = fit_grid(w, cfg.bits, "minmax").round_error(w)
-    del w
+def _spent_rtn_loss(weight: torch.Tensor, cfg: QuantConfig, excess, h_rot: torch.Tensor, d: torch.Tensor,
+                    t_in: Transform, t_out: Transform) -> dict:
+    """_relative_losses' RTN loss when the caller's H was spent, not yet divided by the
+    reference tr(W H W^T) (the caller's `ref`): tr(E H_d E^T) = tr(E' H' E'^T) for
+    E' = U E D V^T (the rotation of the weight), less the damping (_minus_excess). Computed
+    before encoding (which may overwrite H'); W read in row chunks (minmax_grid, round_error)."""
+    rtn_err = minmax_grid(weight, cfg.bits).round_error(weight, dtype=torch.float64)
     damping = _excess_term(rtn_err, excess)    # before rtn_err's memory holds its rotation
     rtn_rot = rotate_weight(rtn_err.mul_(d[None, :]), t_in, t_out, out=rtn_err)   # in its own memory
-    out = {"proxy_loss_rtn": (error_loss(rtn_rot, h_rot) - damping) / ref, "ref": ref}
+    out = {"proxy_loss_rtn": error_loss(rtn_rot, h_rot) - damping}
     if excess is None:
         out["proxy_loss_hessian"] = "the fallback Hessian of regularize (see hessian)"
     return out

@@ -17,6 +17,7 @@ from quipc_runtime.layer import QuantizedLinear
 from ..config import QuantConfig
 from ..distributed import SINGLE, Group
 from ..frontend.trace import find_blocks, linears_in_order
+from ..memory import compact_linear_weights, return_freed_memory
 from .hessian import batch_partial, reduce_in_batch_order
 from .methods import quantize_linear
 from .spread import encode_block
@@ -153,13 +154,18 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, names: list[str],
     return {name: means[g] for name, g in hooks.group_of.items()}
 
 
-def install_quantized(block: nn.Module, layers: dict[str, QuantizedLinear]) -> None:
-    """Make the block compute what the stored layers compute (their effective weights)."""
+def install_quantized(block: nn.Module, layers: dict[str, QuantizedLinear], narrowed: set = frozenset()) -> None:
+    """Make the block compute what the stored layers compute (their effective weights), each
+    weight replaced by a new tensor of its dtype (float32 for the modules `narrowed`, held in a
+    16-bit type by memory.compact_linear_weights), one layer at a time."""
     modules = dict(block.named_modules())
     for name, layer in layers.items():
         mod = modules[name]
-        w = torch.from_numpy(layer.effective_weight()).to(mod.weight.dtype)
-        mod.weight.data.copy_(w.to(mod.weight.device))
+        w = torch.from_numpy(layer.effective_weight())
+        dtype = torch.float32 if mod in narrowed else mod.weight.dtype
+        mod.weight.data = w.to(device=mod.weight.device, dtype=dtype)
+        del w
+        return_freed_memory()
 
 
 def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantConfig, *,
@@ -194,14 +200,17 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
             fp_states.step(block)
         names = group.broadcast_object(_block_linears(block, inputs) if group.is_main else None)
         full = {n: f"{prefix}.{index}.{n}" for n in names}
-        if index in done_indices:
-            layers = group.broadcast_object(done[index] if group.is_main else None)
-        else:
-            layers = _round_block(block, inputs, names, full, cfg, group, needs_h, spill_dir)
-            if on_block is not None and group.is_main:
-                on_block(index, layers)
-        install_quantized(block, {layer.name[len(f"{prefix}.{index}."):]: layer for layer in layers})
-        del layers
+        # the block's weights in their checkpoint's 16-bit type beside its Hessians (quipc/memory.py),
+        # each replaced by its float32 effective weight when installed (block fine-tuning trains them: float32)
+        with compact_linear_weights(block, enabled=not (needs_h and cfg.finetune_config().block)) as narrowed:
+            if index in done_indices:
+                layers = group.broadcast_object(done[index] if group.is_main else None)
+            else:
+                layers = _round_block(block, inputs, names, full, cfg, group, needs_h, spill_dir)
+                if on_block is not None and group.is_main:
+                    on_block(index, layers)
+            install_quantized(block, {layer.name[len(f"{prefix}.{index}."):]: layer for layer in layers}, narrowed)
+            del layers
         if needs_h:
             inputs.hidden = run_block(block, inputs)
         block.to(cpu)

@@ -66,7 +66,8 @@ def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names:
             hessians.pop(n, None)
     spilled = _spill(hessians, names, groups, last, spill_dir) if spill_dir is not None else {}
     try:
-        mine = _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize)
+        mine = _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize,
+                            spill_dir)
     finally:
         for path in spilled.values():
             path.unlink(missing_ok=True)
@@ -96,8 +97,10 @@ def _spill(hessians: dict, names: list[str], groups: list[int], last: dict[int, 
     return spilled
 
 
-def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize) -> dict:
-    """This rank's linears rounded, in order: {index: QuantizedLinear}."""
+def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize,
+                 scratch_dir=None) -> dict:
+    """This rank's linears rounded, in order: {index: QuantizedLinear}. scratch_dir: where a large
+    Hessian waits while its damping is tested in its own memory (methods.LayerInput)."""
     caches: dict[int, dict] = {}
     mine = {}
     for i, (n, g) in enumerate(zip(names, groups)):
@@ -119,7 +122,8 @@ def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_na
         # `hessians` is consumed: the group's H is damped and rotated in its own memory (spend_hessian)
         mine[i] = quantize(LayerInput(full_names[n], lin.weight.data.cpu(), bias,
                                       None if h is None else h.cpu(), cache, last_reader=last[g] == i,
-                                      spend_hessian=h is not None), cfg)
+                                      spend_hessian=h is not None,
+                                      scratch_dir=None if scratch_dir is None else str(scratch_dir)), cfg)
         if last[g] == i:   # free the group's Hessian and its rotated copies
             del cache, h
             caches.pop(g)

@@ -116,7 +116,7 @@ class QuantizedLinear:
         """The m x n matrix this layer computes, in the original domain (float64):
         s_out * K_out^T W' K_in * in_scale, the Kronecker parts applied factor by factor."""
         w = self.t_in.kron_right(self.rotated_weight())         # W' K_in
-        w = self.t_out.kron_right(w.T).T                         # K_out^T (W' K_in) = ((W' K_in)^T K_out)^T
+        self.t_out.kron_right(w.T, out=w.T)                      # K_out^T (W' K_in) = ((W' K_in)^T K_out)^T, in place
         w *= self.t_out.sign_vector()[:, None]
         w *= self.in_scale_f32()[None, :]
         if self.has_row_patch:

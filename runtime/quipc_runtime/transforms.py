@@ -98,13 +98,16 @@ class Transform:
             k = np.kron(k, mat.astype(np.float64))
         return k
 
-    def kron_right(self, x: np.ndarray, step: int = 1024) -> np.ndarray:
+    def kron_right(self, x: np.ndarray, step: int = 1024, out: np.ndarray | None = None) -> np.ndarray:
         """x @ K in float64 for the rows of x (K the Kronecker product, signs not included),
-        one factor at a time and `step` rows at a time: no n x n matrix."""
+        one factor at a time and `step` rows at a time: no n x n matrix. out: a float64 array
+        of x's shape to write it to (x itself allowed: each step reads its rows before writing)."""
+        if out is None:
+            out = np.empty(x.shape, np.float64)
         if self.kind == "identity":
-            return x.astype(np.float64)
+            out[...] = x
+            return out
         mats = [m.astype(np.float64) for m in self.matrices()]
-        out = np.empty(x.shape, np.float64)
         for r0 in range(0, x.shape[0], step):
             y = x[r0:r0 + step].astype(np.float64).reshape(-1, *self.orders)
             for axis, mat in enumerate(mats, start=1):   # (v K)[i] = sum_j v[j] K[j, i], factor by factor

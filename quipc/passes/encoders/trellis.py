@@ -11,13 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quipc_runtime.formats.trellis import SEQ, TILE, TRELLIS, code_table, states_to_codes
+from quipc_runtime.formats.trellis import SEQ, STATE_BITS, TILE, TRELLIS, code_table, states_to_codes
 
 from ..block_ldlq import block_ldlq, block_ldlq_consuming
 from . import Encoded, register_encoder
 from .trellis_viterbi import encode_sequences
 
 ROW_SCALE = {2: 1.05, 3: 1.05, 4: 1.05}
+STATE_DTYPE = np.uint16 if STATE_BITS <= 16 else np.int32    # one state per weight until the codes are packed
 
 
 def fit_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def encode_trellis(w: torch.Tensor, h: torch.Tensor | None, cfg, consume: bool =
     w = w.to(torch.float32)
     scale = fit_scale(w, cfg.bits)
     table = code_table()
-    states = np.empty((m // TILE, n // TILE, SEQ), np.int32)
+    states = np.empty((m // TILE, n // TILE, SEQ), STATE_DTYPE)
 
     def quantize(k: int, x: torch.Tensor) -> torch.Tensor:
         seqs = (x / scale).reshape(m // TILE, SEQ)       # tile rows, row-major within the tile

@@ -66,15 +66,23 @@ def _tiles(m: int, n: int) -> tuple[int, int]:
     return m // TILE, n // TILE
 
 
+STATES_STEP = 1 << 20   # states per step of states_to_codes (its temporaries ~ 10 bytes a state)
+
+
 def states_to_codes(states: np.ndarray, bits: int, L: int = STATE_BITS) -> np.ndarray:
     """(m/16, n/16, 256) states of valid tail-biting paths -> codes (m, n bits / 8) uint8.
     Symbol t of a tile's stream is the top k bits of s_t."""
     rt, ct, _ = states.shape
-    symbols = (np.asarray(states, dtype=np.int64) >> (L - bits)).astype(np.uint8)
-    stream = np.unpackbits(symbols[..., None], axis=-1)[..., 8 - bits:]   # (rt, ct, 256, k)
-    packed = np.packbits(stream.reshape(rt, ct, SEQ * bits), axis=-1)      # (rt, ct, 32 k)
-    rows = packed.reshape(rt, ct, TILE, 2 * bits).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(rows.reshape(rt * TILE, ct * 2 * bits))
+    out = np.empty((rt * TILE, ct * 2 * bits), np.uint8)
+    step = max(1, STATES_STEP // max(ct * SEQ, 1))    # tile rows per step: the bit stream is 8 bytes a weight
+    for r0 in range(0, rt, step):
+        part = states[r0:r0 + step]
+        symbols = np.right_shift(part, L - bits).astype(np.uint8)
+        stream = np.unpackbits(symbols[..., None], axis=-1)[..., 8 - bits:]   # (rows, ct, 256, k)
+        packed = np.packbits(stream.reshape(part.shape[0], ct, SEQ * bits), axis=-1)   # (rows, ct, 32 k)
+        out[r0 * TILE:(r0 + part.shape[0]) * TILE] = \
+            packed.reshape(part.shape[0], ct, TILE, 2 * bits).transpose(0, 2, 1, 3).reshape(-1, ct * 2 * bits)
+    return out
 
 
 def codes_to_states(codes: np.ndarray, bits: int, n: int, L: int = STATE_BITS) -> np.ndarray:
