@@ -105,6 +105,16 @@ def test_a_large_hessian_is_tested_in_its_own_memory(monkeypatch, tmp_path, inde
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_hessian_without_room_on_disk_is_tested_in_a_copy(monkeypatch, tmp_path):
+    monkeypatch.setattr(hessian_mod, "SCRATCH_TEST_BYTES", 0)
+    blocked = tmp_path / "file"
+    blocked.write_text("")      # the scratch folder cannot be created under a file
+    h = _hessian_raw(24)
+    ref, ref_info = regularize(h, 0.01)
+    got, info = regularize(h.clone(), 0.01, in_place=True, scratch_dir=blocked / "sub")
+    assert _same(got, ref) and info == ref_info
+
+
 @pytest.mark.parametrize("m,n,chunk", [(48, 96, 7), (24, 40, 512)])
 def test_a_narrow_weight_is_read_in_float64_chunks(monkeypatch, m, n, chunk):
     """rotate_weight(dtype=float64, col_scale=d), round_error(dtype=float64), minmax_grid and
