@@ -84,7 +84,7 @@ class _PositiveDefiniteTest:
     unlinked file in scratch_dir once and read back after each test (the same decisions, no
     n x n matrix besides H)."""
 
-    def __init__(self, h: torch.Tensor, scratch_dir=None):
+    def __init__(self, h: torch.Tensor, scratch_dir: str | Path | None = None):
         self.h = h
         self.saved = None
         big = h.numel() * h.element_size() >= SCRATCH_TEST_BYTES
@@ -117,7 +117,7 @@ class _PositiveDefiniteTest:
 
 
 def regularize(h: torch.Tensor, damp: float, name: str = "layer", in_place: bool = False,
-               scratch_dir=None) -> tuple[torch.Tensor, dict]:
+               scratch_dir: str | Path | None = None) -> tuple[torch.Tensor, dict]:
     """Damped, positive definite H. Dead inputs (zero diagonal) and an all-zero H are
     not errors (too little calibration): they get damping, or H = I as a last resort.
     in_place: a float64 H is damped in its own memory (the caller is done with it); with

@@ -6,6 +6,7 @@ the stored format; adding a method is adding one registered function.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,7 +37,7 @@ class LayerInput:
     spend_hessian: bool = False
     # where a large spent H waits on disk while its positive definiteness is tested in its own memory
     # (hessian.regularize); None: tested in a copy
-    scratch_dir: str | None = None
+    scratch_dir: str | Path | None = None
 
 
 # The diagnostics mu_h / mu_h_after need every eigenvector of the n x n Hessian (torch.linalg.eigh:

@@ -123,7 +123,7 @@ def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_na
         mine[i] = quantize(LayerInput(full_names[n], lin.weight.data.cpu(), bias,
                                       None if h is None else h.cpu(), cache, last_reader=last[g] == i,
                                       spend_hessian=h is not None,
-                                      scratch_dir=None if scratch_dir is None else str(scratch_dir)), cfg)
+                                      scratch_dir=scratch_dir), cfg)
         if last[g] == i:   # free the group's Hessian and its rotated copies
             del cache, h
             caches.pop(g)
