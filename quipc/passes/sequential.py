@@ -201,8 +201,10 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
         names = group.broadcast_object(_block_linears(block, inputs) if group.is_main else None)
         full = {n: f"{prefix}.{index}.{n}" for n in names}
         # the block's weights in their checkpoint's 16-bit type beside its Hessians (quipc/memory.py),
-        # each replaced by its float32 effective weight when installed (block fine-tuning trains them: float32)
-        with compact_linear_weights(block, enabled=not (needs_h and cfg.finetune_config().block)) as narrowed:
+        # each replaced by its float32 effective weight when installed (block fine-tuning trains them: float32;
+        # a block resumed from disk is only installed: nothing to hold narrow)
+        compact = index not in done_indices and not (needs_h and cfg.finetune_config().block)
+        with compact_linear_weights(block, enabled=compact) as narrowed:
             if index in done_indices:
                 layers = group.broadcast_object(done[index] if group.is_main else None)
             else:
