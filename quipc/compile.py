@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 from quipc_runtime import artifact as art
 from quipc_runtime.layer import QuantizedLinear
 
+from .calibration_stage import calibration_windows, same_calibration
 from .config import QuantConfig
-from .frontend import calibration
 from .distributed import Group, join
-from .frontend.models import file_sha256, resolve
+from .frontend.models import resolve
 from .frontend.streaming import open_streamed
 from .frontend.trace import find_blocks
 from .passes import head as headpass
@@ -185,9 +185,8 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     model_params = int(sum(p.numel() for p in model.parameters()))  # tied tensors once
     windows, calib_info = None, {"source": "none (rtn needs no calibration)"}
     if cfg.method != "rtn":
-        windows, calib_info = group.broadcast_object(
-            _on_main(group, lambda: _calibration(stream, tokenizer, calib, cfg.seed, device, progress), None))
-        _on_main(group, lambda: _same_calibration(out, manifest, calib_info), None)
+        windows, calib_info = calibration_windows(stream, tokenizer, calib, cfg.seed, device, progress, group)
+        _on_main(group, lambda: same_calibration(out, manifest, calib_info), None)
     dense, _ = _dense_tensors(model, prefix)
     dense = plan.dense_tensors(dense, model)
     if group.broadcast_object(manifest is None if group.is_main else None):   # a new folder
@@ -283,62 +282,6 @@ def _embedding_record(folder: Path, model, plan) -> dict:
     table = headpass.embedding_table(model, plan)
     return {**rec, **table.meta(), **art.write_tensors(folder, EMBED_FILE, table.tensors()),
             "bpw": table.storage_bits() / (table.rows * table.dim)}
-
-
-def _generated(stream, device, total: int, desc: str, progress, write):
-    """`write(model, bar)` with the model held whole on `device` while it writes text (then
-    freed): generation needs every block at once."""
-    bar = tqdm(total=total, desc=desc, unit="window", disable=not progress)
-    try:
-        with stream.fully_loaded() as model:
-            model.to(device)
-            windows = write(model, bar)
-            model.to("cpu")
-    finally:
-        bar.close()
-    return windows
-
-
-def _same_calibration(out: Path, manifest: dict | None, info: dict) -> None:
-    """A resumed compile must round its remaining blocks on the tokens the interrupted run used:
-    text the model generates from a seed can come out different on another CPU or library
-    version (sampling follows float logits), and blocks rounded on two calibrations would mix."""
-    was = (manifest or {}).get("calibration", {}).get("tokens_sha256")
-    if was and was != info.get("tokens_sha256"):
-        raise ValueError(f"{out}: the calibration tokens made now (sha256 {info.get('tokens_sha256', '?')[:12]}) "
-                         f"differ from those the interrupted run used ({was[:12]}): generated text can differ "
-                         "between CPUs or library versions; compile again without --resume, into a new folder")
-
-
-def _tokens_sha256(windows: torch.Tensor) -> str:
-    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-
-
-def _calibration(stream, tokenizer, calib: CalibConfig, seed: int, device, progress):
-    windows, info = _calibration_windows(stream, tokenizer, calib, seed, device, progress)
-    # what the blocks were rounded on, to the token: names a generated text across machines
-    return windows, {**info, "tokens_sha256": _tokens_sha256(windows)}
-
-
-def _calibration_windows(stream, tokenizer, calib: CalibConfig, seed: int, device, progress):
-    if calib.text is not None:
-        n_chat = calibration.chat_window_count(tokenizer, calib.windows, calib.chat)
-        windows = calibration.text_windows(tokenizer, calib.text, calib.windows - n_chat, calib.length)
-        # named by file name and content, not by where it sat on the compiling machine
-        info = {"source": Path(calib.text).name, "sha256": file_sha256(Path(calib.text)),
-                "windows": int(windows.shape[0]), "length": calib.length}
-        if n_chat == 0:
-            return windows, info
-        chat = _generated(stream, device, n_chat, "generate chat calibration", progress, lambda model, bar:
-                          calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed, progress=bar))
-        windows = calibration.interleave(windows, chat)
-        return windows, {**info, "windows": int(windows.shape[0]), "chat_windows": n_chat, "seed": seed}
-    # data-free: the model writes the text
-    windows = _generated(stream, device, calib.windows, "generate calibration text", progress, lambda model, bar:
-                         calibration.generated_windows(model, tokenizer, calib.windows, calib.length, seed,
-                                                       progress=bar))
-    return windows, {"source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length,
-                     "chat_windows": calibration.chat_window_count(tokenizer, calib.windows)}
 
 
 def _new_artifact(out: Path, model, tokenizer, source, cfg: QuantConfig, calib_info: dict,

@@ -70,6 +70,16 @@ class Group:
         self._call(dist.gather_object, obj, out, dst=0)
         return out
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        self._call(dist.all_gather_object, out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

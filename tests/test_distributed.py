@@ -153,3 +153,68 @@ def test_spilled_hessians_write_the_same_bytes(tiny_model, one_rank, tmp_path, m
     assert spilled and all(k == 3 for k in spilled)   # o, gate/up and down of every block
     assert digest(out) == digest(one_rank)
     assert not (out / ".hessians").exists()
+
+
+def _calibration_rank(rank: int, world: int, port: int, model: str, text: str | None, report: str):
+    """One rank writing the calibration windows (its parts), as compile_model does."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from quipc.distributed import join, leave
+    from quipc.frontend import chat_calibration
+
+    chat_calibration.ANSWER_TOKENS = 8   # as the test sets it in its own process
+    try:
+        torch.save(_calibration_windows(model, text, join()), f"{report}.{rank}")
+    finally:
+        leave()
+
+
+def _calibration_windows(model: str, text: str | None, group=None):
+    from quipc.calibration_stage import calibration_windows
+    from quipc.frontend.models import resolve
+    from quipc.frontend.streaming import open_streamed
+
+    stream, tokenizer = open_streamed(resolve(model))
+    calib = CalibConfig(text=text, windows=6, length=24, chat=0.5 if text else 0.0)
+    kwargs = {} if group is None else {"group": group}
+    return calibration_windows(stream, tokenizer, calib, 3, "cpu", False, **kwargs)
+
+
+@pytest.mark.parametrize("with_text", [False, True], ids=["data-free", "text+chat"])
+def test_two_ranks_write_the_calibration_text_of_one(tiny_model, tmp_path, with_text, monkeypatch):
+    """The calibration's parts (free text or the file's windows, and conversations) are written
+    by different ranks at once: every rank gets the windows one process writes."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from quipc.frontend import chat_calibration
+    from test_chat_calibration import TEMPLATE
+
+    monkeypatch.setattr(chat_calibration, "ANSWER_TOKENS", 8)
+    chat_model = tmp_path / "chat-model"
+    shutil.copytree(tiny_model[0], chat_model)
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(chat_model)
+    text = str(tiny_model[1]) if with_text else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, info = _calibration_windows(str(chat_model), text)
+    finally:
+        torch.set_num_threads(threads)
+    assert info["chat_windows"] == 3 and one.shape == (6, 24)
+    ctx = mp.get_context("spawn")
+    port, report = _free_port(), tmp_path / "calib"
+    procs = [ctx.Process(target=_calibration_rank, args=(r, 2, port, str(chat_model), text, str(report)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    for r in range(2):
+        windows, rank_info = torch.load(f"{report}.{r}", weights_only=False)
+        assert torch.equal(windows, one) and rank_info == info

@@ -143,11 +143,17 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, names: list[str],
         return [part[g] for g in range(len(hooks.dims))]
 
     try:
-        first = partials_of(0) if group.is_main else None   # batch 0 (rank 0's) fixes the layout
+        # every rank runs its first batch at once; rank 0's (batch 0's) layout is the one used
+        # (a rank without batches takes it; one that traced another stops the compile)
+        own = inputs.batch_ids[0] if inputs.batch_ids else None
+        first = partials_of(own) if own is not None else None
         layout = group.broadcast_object((hooks.group_of, hooks.dims) if group.is_main else None)
+        if own is not None and (hooks.group_of, hooks.dims) != layout:
+            raise RuntimeError(f"rank {group.rank}: the block's linears read other inputs here than on rank 0 "
+                               f"({hooks.dims} vs {layout[1]})")
         hooks.group_of, hooks.dims = layout
         accs = reduce_in_batch_order(group, inputs.n_batches,
-                                     lambda b: first if b == 0 else partials_of(b), hooks.dims, device)
+                                     lambda b: first if b == own else partials_of(b), hooks.dims, device)
     finally:
         hooks.remove()
     means = [acc.mean_() for acc in accs]

@@ -1,0 +1,111 @@
+"""The compile's calibration windows: read from a text file and/or written by the model itself
+(data-free), and what the manifest records of them.
+
+The windows come in independent parts, each from its own seed (free text, conversations, the
+text file), so a distributed compile writes them at once: part k on rank k % world (a rank
+holds the whole model while it writes), and every rank joins the parts in the same order. The
+tokens are those one process writes.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import SINGLE, Group
+from .frontend import calibration
+from .frontend.models import file_sha256
+
+
+@dataclass(frozen=True)
+class Part:
+    windows: int
+    desc: str                                   # the progress bar's, for a part the model writes
+    write: Callable                             # (model or None, bar) -> (windows, length) ids
+    needs_model: bool = True
+
+
+def calibration_windows(stream, tokenizer, calib, seed: int, device, progress: bool,
+                        group: Group = SINGLE) -> tuple[torch.Tensor, dict]:
+    """(windows, info) on every rank; info names the tokens by sha256 (a generated text can come
+    out different on another CPU or library version)."""
+    parts, info = _parts(tokenizer, calib, seed)
+    mine = [k for k in range(len(parts)) if group.owner(k) == group.rank]
+    written, error = {}, None
+    try:
+        for k in mine:
+            written[k] = _write(stream, device, parts[k], progress and group.is_main)
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        error = err
+    shares = group.all_gather_object(written if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, share in enumerate(shares):
+        if isinstance(share, str):
+            raise RuntimeError(f"rank {rank} stopped while writing the calibration text: {share}")
+    done = {k: w for share in shares for k, w in share.items()}
+    windows = done[0] if len(parts) == 1 else calibration.interleave(done[0], done[1])
+    return windows, {**info, "tokens_sha256": tokens_sha256(windows)}
+
+
+def _parts(tokenizer, calib, seed: int) -> tuple[list[Part], dict]:
+    if calib.text is not None:
+        n_chat = calibration.chat_window_count(tokenizer, calib.windows, calib.chat)
+        n_text = calib.windows - n_chat
+        # named by file name and content, not by where it sat on the compiling machine
+        info = {"source": Path(calib.text).name, "sha256": file_sha256(Path(calib.text)),
+                "windows": n_text, "length": calib.length}
+        parts = [Part(n_text, "read calibration text", needs_model=False, write=lambda _model, _bar:
+                      calibration.text_windows(tokenizer, calib.text, n_text, calib.length))]
+        if n_chat:
+            parts.append(Part(n_chat, "generate chat calibration", lambda model, bar:
+                              calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed,
+                                                              progress=bar)))
+            info = {**info, "windows": calib.windows, "chat_windows": n_chat, "seed": seed}
+        return parts, info
+    # data-free: the model writes the text (calibration.generated_windows, in parts)
+    n_chat = calibration.chat_window_count(tokenizer, calib.windows)
+    n_free = calib.windows - n_chat
+    parts = [Part(n_free, "generate calibration text", lambda model, bar:
+                  calibration.free_windows(model, tokenizer, n_free, calib.length, seed, progress=bar))]
+    if n_chat:
+        parts.append(Part(n_chat, "generate chat calibration", lambda model, bar:
+                          calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed,
+                                                          progress=bar)))
+    return parts, {"source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length,
+                   "chat_windows": n_chat}
+
+
+def _write(stream, device, part: Part, progress: bool) -> torch.Tensor:
+    """part.write(model, bar), with the model held whole on `device` while it writes (then freed):
+    generation needs every block at once."""
+    if not part.needs_model:
+        return part.write(None, None)
+    bar = tqdm(total=part.windows, desc=part.desc, unit="window", disable=not progress)
+    try:
+        with stream.fully_loaded() as model:
+            model.to(device)
+            windows = part.write(model, bar)
+            model.to("cpu")
+    finally:
+        bar.close()
+    return windows
+
+
+def same_calibration(out: Path, manifest: dict | None, info: dict) -> None:
+    """A resumed compile must round its remaining blocks on the tokens the interrupted run used:
+    text the model generates from a seed can come out different on another CPU or library
+    version (sampling follows float logits), and blocks rounded on two calibrations would mix."""
+    was = (manifest or {}).get("calibration", {}).get("tokens_sha256")
+    if was and was != info.get("tokens_sha256"):
+        raise ValueError(f"{out}: the calibration tokens made now (sha256 {info.get('tokens_sha256', '?')[:12]}) "
+                         f"differ from those the interrupted run used ({was[:12]}): generated text can differ "
+                         "between CPUs or library versions; compile again without --resume, into a new folder")
+
+
+def tokens_sha256(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
