@@ -11,7 +11,7 @@ EXIT_USAGE, EXIT_FAIL = 2, 1
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from .config import QuantConfig
+    from .config import CLI_FINETUNE_STEP_WINDOWS, QuantConfig
 
     d = QuantConfig()
     p.add_argument("--method", default=d.method, help="rtn | ldlq | quip (default)")
@@ -36,6 +36,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "on the calibration text; all: both (default: all with --calib, e2e data-free or with "
                         "several ranks, none for rtn and .onnx inputs)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    p.add_argument("--finetune-step-windows", type=int, default=CLI_FINETUNE_STEP_WINDOWS,
+                   help="e2e fine-tuning: calibration windows per Adam step, their gradients summed "
+                        f"(several ranks share a step's windows; default {CLI_FINETUNE_STEP_WINDOWS})")
 
 
 def head_format_choices() -> tuple[str, ...]:
@@ -170,7 +173,9 @@ def cmd_compile(args) -> int:
     cfg = QuantConfig(method=args.method, bits=args.bits, incoherence=args.incoherence, seed=args.seed,
                       damp=args.damp, greedy_passes=args.greedy_passes, rescale=args.rescale,
                       grid=args.grid, format=args.format, finetune=args.finetune,
-                      finetune_epochs=args.finetune_epochs, head_bits=args.head_bits,
+                      finetune_epochs=args.finetune_epochs,
+                      finetune_step_windows=args.finetune_step_windows,
+                      head_bits=args.head_bits,
                       head_format=args.head_format, head_int8_rows=args.head_int8_rows,
                       embed_bits=args.embed_bits).validate()
     calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,

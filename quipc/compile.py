@@ -18,7 +18,7 @@ from quipc_runtime.layer import QuantizedLinear
 
 from .calibration_stage import calibration_windows, same_calibration
 from .config import QuantConfig
-from .distributed import Group, join
+from .distributed import Group, join, on_main
 from .frontend.models import resolve
 from .frontend.streaming import open_streamed
 from .frontend.trace import find_blocks
@@ -65,6 +65,8 @@ def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:
         del quant["head_format"]   # likewise: a compile started before --head-format resumes
     if quant["head_int8_rows"] == 0:
         del quant["head_int8_rows"]     # and one before --head-int8-rows
+    if quant["finetune_step_windows"] == 1:
+        del quant["finetune_step_windows"]   # and one before --finetune-step-windows
     blob = json.dumps({"source": source, "quant": quant, "calib": calib_d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -175,7 +177,7 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     out = Path(out)
     source = resolve(model_spec)
     key = _job_key(source.to_dict(), cfg, calib)
-    manifest, done = _on_main(group, lambda: _start_or_resume(out, resume, key), (None, {}))
+    manifest, done = on_main(group, lambda: _start_or_resume(out, resume, key), (None, {}))
     if group.broadcast_object(manifest is not None and manifest.get("complete", False) if group.is_main else None):
         return manifest if group.is_main else None
     t0 = time.time()
@@ -186,11 +188,11 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     windows, calib_info = None, {"source": "none (rtn needs no calibration)"}
     if cfg.method != "rtn":
         windows, calib_info = calibration_windows(stream, tokenizer, calib, cfg.seed, device, progress, group)
-        _on_main(group, lambda: same_calibration(out, manifest, calib_info), None)
+        on_main(group, lambda: same_calibration(out, manifest, calib_info), None)
     dense, _ = _dense_tensors(model, prefix)
     dense = plan.dense_tensors(dense, model)
     if group.broadcast_object(manifest is None if group.is_main else None):   # a new folder
-        manifest = _on_main(group, lambda: _new_artifact(out, model, tokenizer, source, cfg, calib_info, key,
+        manifest = on_main(group, lambda: _new_artifact(out, model, tokenizer, source, cfg, calib_info, key,
                                                           prefix, dense, plan), None)
 
     def save_block(index: int, layers: list[QuantizedLinear]) -> None:
@@ -217,20 +219,17 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     finally:
         bar.close()
         shutil.rmtree(out / SPILL_DIR, ignore_errors=True)
-    if not group.is_main:
-        return None   # rank 0 finishes alone: the head, the fine-tuning (not split: see README)
-    if plan.head_quantized:
-        layer = headpass.quantize_head(model, plan, head_h.get("h"), cfg, tokens=windows)
-        rec = art.write_layers(out, HEAD_FILE, [layer])
-        rec["layers"][0]["storage_bits"] = layer.storage_bits()
-        manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}
-    if finetune:
+    if plan.head_quantized:   # rank 0 alone (see README)
+        on_main(group, lambda: _write_head(out, manifest, model, plan, head_h.get("h"), cfg, windows), None)
+    if finetune:   # every rank: the windows of each step are spread over them
         from .finetune_stage import run_finetune
         from .passes.teacher import TeacherLogits
 
         teacher = TeacherLogits(headpass.final_norm(model, blocks), model.get_output_embeddings(),
                                 windows, teacher_hidden)
-        manifest = run_finetune(out, manifest, teacher, windows, cfg, dense, progress)
+        manifest = run_finetune(out, manifest, teacher, windows, cfg, dense, progress, group)
+    if not group.is_main:
+        return None
     manifest["summary"] = _summary(manifest, dense, model_params)
     manifest["compile_seconds"] = manifest.get("compile_seconds", 0.0) + time.time() - t0
     manifest["complete"] = True
@@ -239,20 +238,11 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     return manifest
 
 
-def _on_main(group: Group, fn, other):
-    """fn() on rank 0; its error, if any, raised on every rank (so none waits for the others)."""
-    result, error = (other, None)
-    if group.is_main:
-        try:
-            result = fn()
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-            error = err
-    failed = group.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise RuntimeError(f"rank 0 stopped: {failed}")
-    return result
+def _write_head(out: Path, manifest: dict, model, plan, h, cfg: QuantConfig, windows) -> None:
+    layer = headpass.quantize_head(model, plan, h, cfg, tokens=windows)
+    rec = art.write_layers(out, HEAD_FILE, [layer])
+    rec["layers"][0]["storage_bits"] = layer.storage_bits()
+    manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}
 
 
 def _head_hessian(model, blocks, inputs, group: Group) -> torch.Tensor:

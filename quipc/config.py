@@ -27,6 +27,7 @@ CLI_FINETUNE = "e2e"          # data-free: block + e2e gave 58.85 vs 60.92 but a
 CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3 25.21 vs 25.62,
                               # w4 22.28 vs 22.02 but agreement 0.500 vs 0.458; w2 0.304 vs 0.154)
 CLI_FINETUNE_RANKS = "e2e"    # with --workers / under torchrun: block fine-tuning runs in one process
+CLI_FINETUNE_STEP_WINDOWS = 1  # e2e: windows per Adam step (2 lets two ranks share each step)
 CLI_EMBED_BITS = "auto"
 # rows of the head kept at 8 bits (the most frequent calibration tokens), off: in the default pipeline
 # 4096 rows gave ppl 63.98 against 64.28 for +2.39 MB (44.34 MB), one pair, rows chosen by count on
@@ -48,6 +49,7 @@ class QuantConfig:
                                   # or auto: per layer the first of passes.encoders.AUTO_ORDER that fits
     finetune: str = "none"        # none | block | e2e | all (quipc.passes.finetune, block_finetune)
     finetune_epochs: int = 2
+    finetune_step_windows: int = 1  # e2e: calibration windows per Adam step (spread over the ranks)
     quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
     head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py
     head_format: str = "grid"     # HF path: lm_head's code format (grid | e8p | trellis | auto); a tied
@@ -100,7 +102,8 @@ class QuantConfig:
     def finetune_config(self):
         from .passes.finetune import FinetuneConfig
 
-        return FinetuneConfig(mode=self.finetune, epochs=self.finetune_epochs, seed=self.seed)
+        return FinetuneConfig(mode=self.finetune, epochs=self.finetune_epochs, seed=self.seed,
+                              step_windows=self.finetune_step_windows)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -90,6 +90,22 @@ class Group:
 SINGLE = Group()
 
 
+def on_main(group: Group, fn, other):
+    """fn() on rank 0; its error, if any, raised on every rank (so none waits for the others)."""
+    result, error = (other, None)
+    if group.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    failed = group.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 stopped: {failed}")
+    return result
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 

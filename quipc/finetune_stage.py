@@ -7,6 +7,7 @@ finishes: before the switch the rounded files are intact, after it the fine-tune
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,34 +16,50 @@ from tqdm.auto import tqdm
 from quipc_runtime import artifact as art
 from quipc_runtime.loader import load_model as load_artifact
 
+from .distributed import SINGLE, Group, on_main
 from .passes.finetune import finetune_e2e, held_out_windows
 
 FT_SUFFIX = "_ft"
 
 
-def run_finetune(out: Path, manifest: dict, teacher: torch.nn.Module, windows: torch.Tensor, cfg, dense: dict,
-                 progress: bool = True) -> dict:
+def run_finetune(out: Path, manifest: dict | None, teacher: torch.nn.Module, windows: torch.Tensor, cfg,
+                 dense: dict, progress: bool = True, group: Group = SINGLE) -> dict | None:
     """teacher: the unquantized model, or what gives its logits on the calibration windows
-    (passes/teacher.TeacherLogits)."""
+    (passes/teacher.TeacherLogits). With several ranks every rank trains the same student on
+    its share of each step's windows (passes/finetune._WindowSteps); rank 0, which holds the
+    manifest and the folder, writes the result, the others return None."""
     ft = cfg.finetune_config()
-    art.write_manifest(out, manifest)           # every layer is written: the student loads from it
-    student = load_artifact(out, allow_incomplete=True)
+    # every layer is written: the student loads from the folder (the other ranks from a copy)
+    on_main(group, lambda: art.write_manifest(out, manifest), None)
+    with tempfile.TemporaryDirectory(prefix="quipc-student-") as tmp:
+        folder = out if group.is_main else Path(tmp)
+        if group.world > 1:
+            files = group.broadcast_object(on_main(group, lambda: _student_files(out), None))
+            for rel, data in files.items() if not group.is_main else ():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / rel).write_bytes(data)
+            del files
+        student = load_artifact(folder, allow_incomplete=True)
     student.config.use_cache = False            # whole-window forwards, as before: no KV cache
-    names = [meta["name"] for rec in manifest["blocks"] for meta in rec["layers"]]
-    head = manifest.get("head")
+    loaded = student.quipc_manifest             # rank 0's manifest, on every rank
+    names = [meta["name"] for rec in loaded["blocks"] for meta in rec["layers"]]
+    head = loaded.get("head")
     tied = None
     if head:
         names.append(head["layers"][0]["name"])
-        emb = manifest.get("embedding") or {}
+        emb = loaded.get("embedding") or {}
         if emb.get("kind") == "head":
             tied = (emb["module"], names[-1])
     train_windows = windows.shape[0] - held_out_windows(ft, windows.shape[0])
     bar = tqdm(total=ft.epochs * max(train_windows, 0), desc="fine-tune (e2e)", unit="window",
-               disable=not progress)
+               disable=not progress or not group.is_main)
     try:
-        result = finetune_e2e(student, teacher, names, windows, ft, progress=bar, tied_embedding=tied)
+        result = finetune_e2e(student, teacher, names, windows, ft, progress=bar, tied_embedding=tied,
+                              group=group)
     finally:
         bar.close()
+    if not group.is_main:
+        return None
     tunables = result["tunables"]
     old_files = [rec["file"] for rec in manifest["blocks"]] + [manifest["dense"]["file"]]
     if head:
@@ -73,3 +90,9 @@ def run_finetune(out: Path, manifest: dict, teacher: torch.nn.Module, windows: t
         if rel not in {b["file"] for b in blocks} | {manifest["dense"]["file"], (manifest.get("head") or {}).get("file")}:
             (out / rel).unlink(missing_ok=True)
     return manifest
+
+
+def _student_files(out: Path) -> dict[str, bytes]:
+    """What loading the student reads from the folder (all but the tokenizer), as bytes."""
+    return {f.relative_to(out).as_posix(): f.read_bytes() for f in sorted(out.rglob("*"))
+            if f.is_file() and f.relative_to(out).parts[0] not in ("tokenizer",) and not f.name.startswith(".")}

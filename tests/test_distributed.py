@@ -15,8 +15,10 @@ from quipc.compile import CalibConfig, compile_model
 from quipc.config import QuantConfig
 
 # the CLI's defaults (e8p codes, 4-bit tied head = embedding, e2e fine-tuning), data-free:
-# windows 10 in batches of 4 = 3 batches, so the ranks hold unequal shares
-CFG = QuantConfig(bits=2, format="e8p", finetune="e2e", finetune_epochs=1, head_bits=4, seed=3)
+# windows 10 in batches of 4 = 3 batches, so the ranks hold unequal shares; fine-tuning steps of
+# 3 windows (9 trained, 1 held out): 2 on rank 0 and 1 on rank 1
+CFG = QuantConfig(bits=2, format="e8p", finetune="e2e", finetune_epochs=1, head_bits=4, seed=3,
+                  finetune_step_windows=3)
 CALIB = CalibConfig(windows=10, length=16, batch=4)
 
 
@@ -111,6 +113,7 @@ def test_two_ranks_write_the_same_bytes_as_one(tiny_model, one_rank, tmp_path):
 
     cmd = [sys.executable, "-m", "quipc", "--threads", "1", "compile", str(tiny_model[0]), "-o", str(tmp_path / "two"),
            "--workers", "2", "--bits", "2", "--seed", str(CFG.seed), "--finetune-epochs", str(CFG.finetune_epochs),
+           "--finetune-step-windows", str(CFG.finetune_step_windows),
            "--calib-windows", str(CALIB.windows), "--calib-len", str(CALIB.length),
            "--calib-batch", str(CALIB.batch), "--no-progress"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240)

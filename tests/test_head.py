@@ -357,7 +357,7 @@ def test_resume_key_of_compiles_from_before_head_format():
 
     calib, source = CalibConfig(text="t.txt", **CALIB), {"spec": "m"}
     old = QuantConfig(bits=2, head_bits=4).to_dict()
-    del old["head_format"], old["head_int8_rows"]
+    del old["head_format"], old["head_int8_rows"], old["finetune_step_windows"]
     calib_d = asdict(calib)
     del calib_d["chat"]
     blob = json.dumps({"source": source, "quant": old, "calib": calib_d}, sort_keys=True)
@@ -365,4 +365,6 @@ def test_resume_key_of_compiles_from_before_head_format():
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_format="trellis"), calib) != \
         _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_int8_rows=4096), calib) != \
+        _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
+    assert _job_key(source, QuantConfig(bits=2, head_bits=4, finetune_step_windows=2), calib) != \
         _job_key(source, QuantConfig(bits=2, head_bits=4), calib)

@@ -25,6 +25,8 @@ from torch import nn
 from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.modules import QuipLinearRef, kron_apply
 
+from ..distributed import SINGLE, Group
+
 MODES = ("none", "block", "e2e", "all")   # all = block, then e2e
 SCHEDULES = ("constant", "cosine")
 
@@ -40,6 +42,8 @@ class FinetuneConfig:
     block_steps: int = 8   # block stage: Adam steps (one calibration batch each) after each round
     block_lr: float = 1e-3  # block stage: in_scale / row gains; an unrounded weight gets lr * its rms
     block_last_round: bool = True   # block stage: also tune after the block's last round
+    step_windows: int = 1  # e2e: windows per Adam step (their gradients summed in window order: the
+                           # ranks of a distributed compile each take some, the same floats as one process)
 
     @property
     def block(self) -> bool:
@@ -54,6 +58,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown fine-tuning mode {self.mode!r}; expected one of {MODES}")
         if self.epochs < 1 or self.lr <= 0 or self.holdout < 1:
             raise ValueError("fine-tuning needs epochs >= 1, lr > 0 and holdout >= 1")
+        if self.step_windows < 1:
+            raise ValueError(f"fine-tuning needs at least 1 window per step, not {self.step_windows}")
         if self.block_steps < 0 or self.block_lr <= 0:
             raise ValueError("block fine-tuning needs block_steps >= 0 and block_lr > 0")
         if self.schedule not in SCHEDULES:
@@ -123,11 +129,14 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 
 
 def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str], windows: torch.Tensor,
-                 cfg: FinetuneConfig, progress=None, tied_embedding: tuple[str, str] | None = None) -> dict:
+                 cfg: FinetuneConfig, progress=None, tied_embedding: tuple[str, str] | None = None,
+                 group: Group = SINGLE) -> dict:
     """Train `student` in place (its QuipLinearRef modules named in layer_names become
     TunableQuipLinear); returns {name: TunableQuipLinear}, the trained norm parameters and a
     record of the losses. tied_embedding = (embedding module, head layer name): that
-    embedding is decoded from the head's codes and follows the head's trained values."""
+    embedding is decoded from the head's codes and follows the head's trained values.
+    group: the ranks of a distributed compile, each holding the same student: the windows of a
+    step (and the held-out ones) are spread over them (_WindowSteps), all take the same steps."""
     cfg = cfg.validate()
     if windows.shape[0] < 2:
         raise ValueError("fine-tuning needs at least 2 calibration windows (one is held out); "
@@ -153,39 +162,32 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
         p.requires_grad_(True)
     params = [p for t in tunables.values() for p in t.parameters() if p.requires_grad] + list(norms.values())
     train, held = windows[:-holdout], windows[-holdout:]
-
-    def holdout_kl() -> float:
-        with torch.no_grad():
-            return float(np.mean([_kl(teacher(input_ids=w[None]).logits, student(input_ids=w[None]).logits)
-                                  for w in held]))
+    steps = _WindowSteps(student, teacher, params, group)
 
     def state() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = cfg.epochs * int(train.shape[0])
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if cfg.schedule == "cosine"
+    n_steps = cfg.epochs * -(-int(train.shape[0]) // cfg.step_windows)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps) if cfg.schedule == "cosine"
              else None)
-    history = [holdout_kl()]
+    history = [steps.holdout_kl(held)]
     best, best_state = history[0], state()
     order = torch.Generator().manual_seed(cfg.seed)
     student.train(False)
     for _epoch in range(cfg.epochs):
         train_loss = []
-        for i in torch.randperm(train.shape[0], generator=order).tolist():
-            ids = train[i][None]
-            with torch.no_grad():
-                target = teacher(input_ids=ids).logits
-            loss = _kl(target, student(input_ids=ids).logits)
+        perm = torch.randperm(train.shape[0], generator=order).tolist()
+        for start in range(0, len(perm), cfg.step_windows):
+            step = [train[i] for i in perm[start:start + cfg.step_windows]]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            train_loss += steps.gradient(step)
             opt.step()
             if sched is not None:
                 sched.step()
-            train_loss.append(float(loss.detach()))
             if progress is not None:
-                progress.update(1)
-        history.append(holdout_kl())
+                progress.update(len(step))
+        history.append(steps.holdout_kl(held))
         if history[-1] < best:
             best, best_state = history[-1], state()
         else:
@@ -201,3 +203,51 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
               "last_epoch_train_kl": float(np.mean(train_loss)) if train_loss else None}
     return {"tunables": tunables, "norms": {k: v.detach().clone() for k, v in norms.items()},
             "record": record}
+
+
+class _WindowSteps:
+    """One step's gradient: the KL of each of its windows differentiated alone (window j of a
+    step on rank j % world), the gradients summed in window order and divided by their count,
+    so one process and any number of ranks compute the same floats (a one-window step is that
+    window's gradient exactly)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, params: list[nn.Parameter], group: Group):
+        self.student, self.teacher, self.params, self.group = student, teacher, params, group
+
+    def _kl_of(self, window: torch.Tensor) -> torch.Tensor:
+        ids = window[None]
+        with torch.no_grad():
+            target = self.teacher(input_ids=ids).logits
+        return _kl(target, self.student(input_ids=ids).logits)
+
+    def _spread(self, count: int, work) -> list:
+        """work(j) for the j < count of this rank, every rank's results in j order."""
+        mine = {j: work(j) for j in range(count) if self.group.owner(j) == self.group.rank}
+        done = {j: r for share in self.group.all_gather_object(mine) for j, r in share.items()}
+        return [done[j] for j in range(count)]
+
+    def gradient(self, step: list[torch.Tensor]) -> list[float]:
+        """p.grad of every parameter set to the step's mean gradient; returns each window's loss."""
+        def one(j: int):
+            for p in self.params:
+                p.grad = None
+            loss = self._kl_of(step[j])
+            loss.backward()
+            grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+            return float(loss.detach()), grads
+
+        results = self._spread(len(step), one)
+        for i, p in enumerate(self.params):
+            parts = [grads[i] for _, grads in results if grads[i] is not None]
+            if not parts:
+                p.grad = None     # unused by every window: Adam leaves it as a one-window step would
+                continue
+            total = parts[0]
+            for g in parts[1:]:
+                total = total + g
+            p.grad = total / len(step) if len(step) > 1 else total
+        return [loss for loss, _ in results]
+
+    def holdout_kl(self, held: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(np.mean(self._spread(int(held.shape[0]), lambda j: self._kl_of(held[j]))))

@@ -189,7 +189,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
     stream (frontend/streaming.StreamedModel): block i is read from the checkpoint before its
     turn and freed after it. group: the ranks of a distributed compile (distributed.py), which
     share the calibration batches and the rounding. teacher: also carry the fp hidden states of
-    every window (passes/teacher.py); returns them on rank 0 ({window: hidden}), else None.
+    every window (passes/teacher.py); returns them on every rank ({window: hidden}), else None.
     spill_dir: where a block's large Hessians wait for their turn (passes/spread.SPILL_BYTES)."""
     done = done or {}
     prefix, blocks = find_blocks(model)

@@ -4,7 +4,7 @@ While the sequential pass holds block i in floating point (before rounding it), 
 calibration windows' fp hidden states go through it too, one window per forward as a plain
 `model(input_ids=window[None])` runs them; after the last block, the final norm and lm_head
 turn them into exactly the logits that forward gives (tests/test_streaming.py). Each rank
-carries its own windows (window w on rank group.owner(w)); rank 0 gathers them at the end.
+carries its own windows (window w on rank group.owner(w)); all ranks gather them at the end.
 """
 from __future__ import annotations
 
@@ -30,13 +30,11 @@ class TeacherStates:
 
         self.inputs.hidden = run_block(fp_block, self.inputs)
 
-    def gather(self, group: Group) -> dict[int, torch.Tensor] | None:
-        """{window index: final hidden state (before the last norm)} on rank 0, None elsewhere."""
+    def gather(self, group: Group) -> dict[int, torch.Tensor]:
+        """{window index: final hidden state (before the last norm)} on every rank (each fine-tunes
+        on some of the windows)."""
         mine = {w: h.cpu() for w, h in zip(self.inputs.batch_ids, self.inputs.hidden)}
-        parts = group.gather_to_main(mine)
-        if parts is None:
-            return None
-        return {w: h for part in parts for w, h in part.items()}
+        return {w: h for part in group.all_gather_object(mine) for w, h in part.items()}
 
 
 class TeacherLogits(nn.Module):
