@@ -221,3 +221,24 @@ def test_two_ranks_write_the_calibration_text_of_one(tiny_model, tmp_path, with_
     for r in range(2):
         windows, rank_info = torch.load(f"{report}.{r}", weights_only=False)
         assert torch.equal(windows, one) and rank_info == info
+
+
+# SmolLM2's block: q, k, v (one input), o, gate, up (one input), down; e8p seconds per linear at
+# one thread, measured (passes/spread.py)
+SMOLLM2_BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+SMOLLM2_GROUPS = [0, 0, 0, 1, 2, 2, 3]
+SMOLLM2_SECONDS = [0.44, 0.14, 0.11, 0.35, 1.03, 0.86, 1.98]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_rounding_is_spread_evenly(world):
+    """Every linear has one owner, every rank some work, and the busiest rank's measured seconds
+    are within 15 % of an even share plus the largest linear's."""
+    from quipc.passes.spread import assign
+
+    owner = assign(SMOLLM2_BLOCK, SMOLLM2_GROUPS, world)
+    assert sorted(set(owner)) == list(range(world))
+    busiest = max(sum(s for s, o in zip(SMOLLM2_SECONDS, owner) if o == r) for r in range(world))
+    bound = max(sum(SMOLLM2_SECONDS) / world, max(SMOLLM2_SECONDS))
+    assert busiest <= 1.15 * bound, (owner, busiest)
+    assert assign(SMOLLM2_BLOCK, SMOLLM2_GROUPS, 1) == [0] * len(SMOLLM2_BLOCK)

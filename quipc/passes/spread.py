@@ -22,7 +22,13 @@ from ..distributed import SINGLE, Group
 from ..memory import return_freed_memory
 from .methods import LayerInput, quantize_linear
 
-SETUP_COST = 4   # a Hessian group's own work on a rank (damping, eigh, rotation) ~ 4 n^3
+# The cost of rounding a linear of m rows x n columns ~ m n (n + SEARCH_COST): the feedback (m n^2)
+# and the code search (e8p: ~ m n); plus SETUP_COST n^3 for its Hessian group's own work on a rank
+# (damping, eigenvectors, LDL). Fitted to e8p's seconds on SmolLM2's shapes (1 thread: q 0.44,
+# k 0.14, o 0.35, gate 1.03, up 0.86, down 1.98 s), which the former m n^2 + 4 n^3 split as
+# down alone against the other six (1.98 / 2.93 s); this one as down + o / the rest (2.33 / 2.58 s).
+SEARCH_COST = 2800
+SETUP_COST = 0.7
 # With a spill folder, a Hessian this large waits on disk until its group's turn (all but the
 # first group's): one large n x n matrix resident at a time (a 7B down_proj's is 969 MB).
 SPILL_BYTES = 256 * 2**20
@@ -30,16 +36,17 @@ SPILL_BYTES = 256 * 2**20
 
 def assign(shapes: list[tuple[int, int]], groups: list[int], world: int) -> list[int]:
     """Owner rank of each linear: longest first onto the least loaded rank, where a rank pays
-    its Hessian group's setup once (m n^2 per linear, SETUP_COST n^3 per group per rank)."""
+    its Hessian group's setup once (m n (n + SEARCH_COST) per linear, SETUP_COST n^3 per group
+    per rank)."""
     load = [0.0] * world
     owned: list[set[int]] = [set() for _ in range(world)]
     owner = [0] * len(shapes)
-    order = sorted(range(len(shapes)), key=lambda i: (-shapes[i][0] * shapes[i][1] ** 2, i))
+    order = sorted(range(len(shapes)), key=lambda i: (-shapes[i][0] * shapes[i][1] * (shapes[i][1] + SEARCH_COST), i))
     for i in order:
         m, n = shapes[i]
 
         def cost(r: int) -> float:
-            return m * n * n + (0 if groups[i] in owned[r] else SETUP_COST * n ** 3)
+            return m * n * (n + SEARCH_COST) + (0 if groups[i] in owned[r] else SETUP_COST * n ** 3)
 
         r = min(range(world), key=lambda r: (load[r] + cost(r), r))
         load[r] += cost(r)
@@ -103,6 +110,7 @@ def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_na
     Hessian waits while its damping is tested in its own memory (methods.LayerInput)."""
     caches: dict[int, dict] = {}
     mine = {}
+    final = {g: i for i, g in enumerate(groups)}   # a group's last linear over all ranks
     for i, (n, g) in enumerate(zip(names, groups)):
         if owner[i] != group.rank:
             continue
@@ -119,9 +127,11 @@ def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_na
         # rounding runs on the CPU in float64/32 whatever the calibration device
         bias = lin.bias.data.cpu() if lin.bias is not None else None
         cache = caches.setdefault(g, {"leader": full_names[names[groups.index(g)]]})
-        # `hessians` is consumed: the group's H is damped and rotated in its own memory (spend_hessian)
+        # `hessians` is consumed: the group's H is damped and rotated in its own memory (spend_hessian);
+        # H' is factored in place for the group's last linear only, as in one process (the proxy loss
+        # recorded is computed the same way whichever rank rounds it); a rank's own last frees the rest
         mine[i] = quantize(LayerInput(full_names[n], lin.weight.data.cpu(), bias,
-                                      None if h is None else h.cpu(), cache, last_reader=last[g] == i,
+                                      None if h is None else h.cpu(), cache, last_reader=final[g] == i,
                                       spend_hessian=h is not None,
                                       scratch_dir=scratch_dir), cfg)
         if last[g] == i:   # free the group's Hessian and its rotated copies
