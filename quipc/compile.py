@@ -219,8 +219,9 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     finally:
         bar.close()
         shutil.rmtree(out / SPILL_DIR, ignore_errors=True)
-    if plan.head_quantized:   # rank 0 alone (see README)
-        on_main(group, lambda: _write_head(out, manifest, model, plan, head_h.get("h"), cfg, windows), None)
+    if plan.head_quantized:   # its rows shared among the ranks (passes/spread.encode_rows); rank 0 writes it
+        head = headpass.quantize_head(model, plan, head_h.get("h"), cfg, tokens=windows, group=group)
+        on_main(group, lambda: _write_head(out, manifest, plan, head), None)
     if finetune:   # every rank: the windows of each step are spread over them
         from .finetune_stage import run_finetune
         from .passes.teacher import TeacherLogits
@@ -238,8 +239,7 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     return manifest
 
 
-def _write_head(out: Path, manifest: dict, model, plan, h, cfg: QuantConfig, windows) -> None:
-    layer = headpass.quantize_head(model, plan, h, cfg, tokens=windows)
+def _write_head(out: Path, manifest: dict, plan, layer: QuantizedLinear) -> None:
     rec = art.write_layers(out, HEAD_FILE, [layer])
     rec["layers"][0]["storage_bits"] = layer.storage_bits()
     manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}

@@ -117,3 +117,28 @@ def test_auto_format_mixes_formats_and_every_backend_runs_the_model(tiny_model, 
     tvm_out = compile_artifact(out, tmp_path / "tvm", progress=False)
     assert json.loads((tvm_out / "tvm_config.json").read_text())["formats"] == ["e8p", "trellis"]
     assert_matches_torch_path(quipc.load(out), TvmLM(tvm_out, threads=2), new_tokens=4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_row_separable_encoders_round_a_run_of_rows_as_the_whole(bits):
+    """What lets ranks share a layer's rows (passes/spread.encode_rows): for every encoder
+    registered row-separable, rows [a, b) encoded alone give the floats they get in the whole."""
+    from quipc.passes.encoders import ROW_SEPARABLE, encode
+
+    assert {"grid", "e8p"} <= ROW_SEPARABLE
+    g = torch.Generator().manual_seed(bits)
+    n, m = 64, 300
+    x = torch.randn(512, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / 512 + 0.01 * torch.eye(n, dtype=torch.float64)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64) * 0.05
+    for fmt in sorted(ROW_SEPARABLE):
+        cfg = QuantConfig(bits=bits, format=fmt)
+        for hess in (h, None):
+            whole = encode(fmt, w, hess, cfg)
+            parts = [encode(fmt, w[a:b], hess, cfg) for a, b in ((0, 128), (128, 256), (256, m))]
+            for field in ("codes", "scale", "zero"):
+                if getattr(whole, field) is None:
+                    assert all(getattr(p, field) is None for p in parts)
+                else:
+                    assert np.array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(whole, field))
+            assert torch.equal(torch.cat([p.values for p in parts]), whole.values), (fmt, hess is None)

@@ -32,11 +32,13 @@ from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.transforms import Transform, derive_seed
 
 from ..config import DENSE_BITS, QuantConfig
+from ..distributed import SINGLE, Group
 from .encoders import encode, resolve_format
 from .grid import fit_grid
 from .hessian import HessianAccumulator, regularize
 from .incoherence import apply_rows, mu_hessian, mu_weight, rotate_hessian
 from .ldlq import proxy_loss
+from .spread import encode_rows
 
 TABLE_GROUP = {8: None, 4: 32}  # entries per fp16 scale/zero group (None: one per row)
 
@@ -139,9 +141,10 @@ def head_hessian(model: nn.Module, blocks: nn.ModuleList, hidden: list[torch.Ten
 
 # --- quantizing the head --------------------------------------------------------------------
 def quantize_head(model: nn.Module, plan: HeadPlan, hessian: torch.Tensor | None,
-                  cfg: QuantConfig, tokens: torch.Tensor | None = None) -> QuantizedLinear:
+                  cfg: QuantConfig, tokens: torch.Tensor | None = None, group: Group = SINGLE) -> QuantizedLinear:
     """The quantized lm_head; with cfg.head_int8_rows, its rows of the most frequent of `tokens`
-    (the calibration windows' ids) kept at 8 bits."""
+    (the calibration windows' ids) kept at 8 bits. group: the ranks of a distributed compile,
+    which share a shared head's rows (passes/spread.encode_rows); every rank returns the layer."""
     lin = model.get_submodule(plan.head)
     w = lin.weight.detach().cpu()
     bias = None if lin.bias is None else lin.bias.detach().cpu()
@@ -151,7 +154,7 @@ def quantize_head(model: nn.Module, plan: HeadPlan, hessian: torch.Tensor | None
 
         layer = quantize_linear(LayerInput(plan.head, w, bias, hessian), hcfg)
     else:
-        layer = quantize_shared_head(plan.head, w, hessian, hcfg)
+        layer = quantize_shared_head(plan.head, w, hessian, hcfg, group)
     k = patch_rows(cfg.head_int8_rows, w.shape[0])
     if k and bias is not None:
         raise ValueError(f"{plan.head} has a bias: keeping its rows at 8 bits is not supported "
@@ -193,7 +196,7 @@ def with_row_patch(layer: QuantizedLinear, ids: np.ndarray, rows: np.ndarray) ->
 
 
 def quantize_shared_head(name: str, weight: torch.Tensor, hessian: torch.Tensor | None,
-                         cfg: QuantConfig) -> QuantizedLinear:
+                         cfg: QuantConfig, group: Group = SINGLE) -> QuantizedLinear:
     """cfg.method on the head with an identity output transform (quip: input side rotated
     only), in cfg.format, so the codes decode row by row into the embedding."""
     w = weight.detach().to(torch.float64)
@@ -226,7 +229,7 @@ def quantize_shared_head(name: str, weight: torch.Tensor, hessian: torch.Tensor 
             h_q = h_damped
         else:
             raise ValueError(f"unknown method {cfg.method!r}")
-        enc = encode(fmt, w_q, h_q, cfg)
+        enc = encode_rows(fmt, w_q, h_q, cfg, group)
     if h_q is not None:  # relative proxy losses in the domain where the rounding ran (H' = V H V^T)
         ref = max(proxy_loss(torch.zeros_like(w_q), w_q, h_q), 1e-30)
         rtn = fit_grid(w_q, cfg.bits, "minmax")

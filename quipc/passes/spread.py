@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +21,7 @@ from quipc_runtime.layer import QuantizedLinear
 from ..config import QuantConfig
 from ..distributed import SINGLE, Group
 from ..memory import return_freed_memory
+from .encoders import ROW_SEPARABLE, Encoded, encode
 from .methods import LayerInput, quantize_linear
 
 # The cost of rounding a linear of m rows x n columns ~ m n (n + SEARCH_COST): the feedback (m n^2)
@@ -53,6 +55,29 @@ def assign(shapes: list[tuple[int, int]], groups: list[int], world: int) -> list
         owned[r].add(groups[i])
         owner[i] = r
     return owner
+
+
+ROW_STEP = 128   # a rank's share of encode_rows' rows: a multiple of this
+
+
+def encode_rows(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg: QuantConfig,
+                group: Group = SINGLE) -> Encoded:
+    """encode(fmt, w, h, cfg) on every rank, the rows shared among the ranks (a contiguous run
+    each) when the format's encoder is row-separable (encoders.ROW_SEPARABLE): the floats of one
+    call, at 1/world of its time (a large lm_head)."""
+    if group.world == 1 or fmt not in ROW_SEPARABLE:
+        return encode(fmt, w, h, cfg)
+    m = w.shape[0]
+    cuts = [min(m, round(m * r / group.world / ROW_STEP) * ROW_STEP) for r in range(group.world)] + [m]
+    r0, r1 = cuts[group.rank], cuts[group.rank + 1]
+    parts = [p for p in group.all_gather_object(encode(fmt, w[r0:r1], h, cfg) if r1 > r0 else None)
+             if p is not None]
+
+    def stacked(field):
+        return None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])
+
+    return Encoded(codes=stacked("codes"), scale=stacked("scale"), zero=stacked("zero"),
+                   values=torch.cat([p.values for p in parts]))
 
 
 def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names: dict[str, str],

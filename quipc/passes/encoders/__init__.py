@@ -25,13 +25,19 @@ class Encoded:
 
 ENCODERS: dict[str, Callable] = {}
 CONSUMERS: set[str] = set()   # encoders that may factor H in its own memory: fn(w, h, cfg, consume=...)
+# encoders whose rows are rounded independently (per-row scales, feedback along the columns): any
+# run of whole rows encodes to the same floats alone as within the whole matrix (Encoded fields
+# stacked on their first axis), so ranks may share the rows (passes/spread.encode_rows)
+ROW_SEPARABLE: set[str] = set()
 
 
-def register_encoder(name: str, consumes_hessian: bool = False):
+def register_encoder(name: str, consumes_hessian: bool = False, row_separable: bool = False):
     def wrap(fn):
         ENCODERS[name] = fn
         if consumes_hessian:
             CONSUMERS.add(name)
+        if row_separable:
+            ROW_SEPARABLE.add(name)
         return fn
     return wrap
 

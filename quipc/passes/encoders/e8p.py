@@ -65,7 +65,7 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(6.1e-5, 65504).to(torch.float16).to(t.dtype)
 
 
-@register_encoder("e8p", consumes_hessian=True)
+@register_encoder("e8p", consumes_hessian=True, row_separable=True)
 def encode_e8p(w: torch.Tensor, h: torch.Tensor | None, cfg, consume: bool = False) -> Encoded:
     m, n = w.shape
     if n % GROUP:

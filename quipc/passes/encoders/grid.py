@@ -11,7 +11,7 @@ from ..ldlq import greedy_refine, ldlq
 from . import Encoded, register_encoder
 
 
-@register_encoder("grid")
+@register_encoder("grid", row_separable=True)
 def encode_grid(w: torch.Tensor, h: torch.Tensor | None, cfg) -> Encoded:
     if h is None:
         grid = fit_grid(w, cfg.bits, cfg.grid)
