@@ -94,5 +94,6 @@ def run_finetune(out: Path, manifest: dict | None, teacher: torch.nn.Module, win
 
 def _student_files(out: Path) -> dict[str, bytes]:
     """What loading the student reads from the folder (all but the tokenizer), as bytes."""
-    return {f.relative_to(out).as_posix(): f.read_bytes() for f in sorted(out.rglob("*"))
-            if f.is_file() and f.relative_to(out).parts[0] not in ("tokenizer",) and not f.name.startswith(".")}
+    files = (f for f in sorted(out.rglob("*")) if f.is_file())
+    return {rel.as_posix(): f.read_bytes() for f in files
+            if (rel := f.relative_to(out)).parts[0] != "tokenizer" and not any(p.startswith(".") for p in rel.parts)}
