@@ -9,8 +9,9 @@ per block, written block by block and deleted afterwards) compiled at 2 bits wit
 calibration, and SmolLM2-135M beside them; for each, the compiling process's peak resident
 memory (VmHWM from /proc/self/status) and its wall time; from the two depths, the seconds per
 4096-wide block. e2e fine-tuning is off here (it holds the quantized student whole).
-timing: `quipc compile smollm2-135m --bits 2` (the defaults: data-free calibration, e8p,
-fine-tuning) with 1 rank x 1 thread, 2 ranks x 1 thread (--workers 2) and 1 rank x 2 threads,
+timing: `quipc compile smollm2-135m --bits 2` (the defaults: data-free calibration, e8p, e2e
+fine-tuning, here 2 windows per step in every run: --workers' default) with 1 rank x 1 thread,
+2 ranks x 1 thread (--workers 2) and 1 rank x 2 threads,
 wall time of each, and whether 2 ranks wrote the bytes of 1. Run it on an idle machine.
 Records already in OUT are kept; a part's records are replaced when it is rerun.
 """
@@ -165,7 +166,9 @@ def part_rss(args, work: Path, keep) -> list[dict]:
 
 
 def part_timing(args, work: Path, keep) -> list[dict]:
-    calib = ["--calib-windows", str(args.timing_windows), "--calib-len", str(args.timing_len)]
+    # every run the same configuration (one process's default is 1 window per e2e step, --workers' 2)
+    calib = ["--calib-windows", str(args.timing_windows), "--calib-len", str(args.timing_len),
+             "--finetune-step-windows", str(args.timing_step_windows)]
     runs = {"1x1": ["--threads", "1"], "2x1": ["--threads", "1", "--workers", "2"], "1x2": ["--threads", "2"]}
     records, outs = [], {}
     for name, extra in runs.items():
@@ -177,7 +180,8 @@ def part_timing(args, work: Path, keep) -> list[dict]:
         subprocess.run([sys.executable, "-m", "quipc", *argv], check=True)
         records.append({"part": "timing", "run": name, "ranks": 2 if "--workers" in extra else 1,
                         "threads_per_rank": int(extra[1]), "wall_seconds": time.time() - t0,
-                        "calib_windows": args.timing_windows, "calib_len": args.timing_len})
+                        "calib_windows": args.timing_windows, "calib_len": args.timing_len,
+                        "finetune_step_windows": args.timing_step_windows})
         keep(records)
     t = {r["run"]: r["wall_seconds"] for r in records}
     records.append({"part": "timing", "summary": True, "speedup_2x1_over_1x1": t["1x1"] / t["2x1"],
@@ -208,6 +212,8 @@ def main() -> int:
     p.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="rss part: skip SmolLM2")
     p.add_argument("--timing-windows", type=int, default=64, help="timing part: calibration windows")
     p.add_argument("--timing-len", type=int, default=512, help="timing part: tokens per window")
+    p.add_argument("--timing-step-windows", type=int, default=2,
+                   help="timing part: e2e windows per Adam step, for every run (--workers' default)")
     args = p.parse_args()
     args.blocks = [int(b) for b in args.blocks.split(",") if b]
     parts = args.parts.split(",")

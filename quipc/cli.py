@@ -11,7 +11,7 @@ EXIT_USAGE, EXIT_FAIL = 2, 1
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from .config import CLI_FINETUNE_STEP_WINDOWS, QuantConfig
+    from .config import CLI_FINETUNE_STEP_WINDOWS, CLI_FINETUNE_STEP_WINDOWS_RANKS, QuantConfig
 
     d = QuantConfig()
     p.add_argument("--method", default=d.method, help="rtn | ldlq | quip (default)")
@@ -36,9 +36,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "on the calibration text; all: both (default: all with --calib, e2e data-free or with "
                         "several ranks, none for rtn and .onnx inputs)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
-    p.add_argument("--finetune-step-windows", type=int, default=CLI_FINETUNE_STEP_WINDOWS,
+    p.add_argument("--finetune-step-windows", type=int, default=None,
                    help="e2e fine-tuning: calibration windows per Adam step, their gradients summed "
-                        f"(several ranks share a step's windows; default {CLI_FINETUNE_STEP_WINDOWS})")
+                        f"(several ranks share a step's windows; default {CLI_FINETUNE_STEP_WINDOWS}, "
+                        f"{CLI_FINETUNE_STEP_WINDOWS_RANKS} with --workers / under torchrun)")
 
 
 def head_format_choices() -> tuple[str, ...]:
@@ -149,9 +150,11 @@ def _is_artifact(path: str) -> bool:
     return Path(path, "manifest.json").is_file()
 
 
-def _format_and_finetune(args) -> tuple[str, str]:
-    """--format / --finetune, or the defaults for this target (see quipc.config)."""
-    from .config import CLI_FINETUNE, CLI_FINETUNE_CALIB, CLI_FINETUNE_RANKS, CLI_FORMAT
+def _format_and_finetune(args) -> tuple[str, str, int]:
+    """--format / --finetune / --finetune-step-windows, or the defaults for this target (see
+    quipc.config)."""
+    from .config import (CLI_FINETUNE, CLI_FINETUNE_CALIB, CLI_FINETUNE_RANKS, CLI_FINETUNE_STEP_WINDOWS,
+                         CLI_FINETUNE_STEP_WINDOWS_RANKS, CLI_FORMAT)
     from .distributed import launched_by_torchrun
 
     onnx_input = args.model.endswith(".onnx")
@@ -162,14 +165,16 @@ def _format_and_finetune(args) -> tuple[str, str]:
     finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else default)
     if onnx_input and finetune != "none":
         raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")
-    return fmt, finetune
+    step = args.finetune_step_windows or (CLI_FINETUNE_STEP_WINDOWS_RANKS if several_ranks
+                                          else CLI_FINETUNE_STEP_WINDOWS)
+    return fmt, finetune, step
 
 
 def cmd_compile(args) -> int:
     from .compile import CalibConfig, compile_model
     from .config import QuantConfig
 
-    args.format, args.finetune = _format_and_finetune(args)
+    args.format, args.finetune, args.finetune_step_windows = _format_and_finetune(args)
     cfg = QuantConfig(method=args.method, bits=args.bits, incoherence=args.incoherence, seed=args.seed,
                       damp=args.damp, greedy_passes=args.greedy_passes, rescale=args.rescale,
                       grid=args.grid, format=args.format, finetune=args.finetune,

@@ -110,22 +110,25 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["m", "-o", "x"], ("e8p", "e2e")),
-    (["m", "-o", "x", "--target", "onnx"], ("e8p", "e2e")),
-    (["m", "-o", "x", "--target", "tvm", "--finetune", "none"], ("e8p", "none")),
-    (["m.onnx", "-o", "x"], ("e8p", "none")),
-    (["m", "-o", "x", "--method", "rtn"], ("e8p", "none")),
-    (["m", "-o", "x", "--format", "grid"], ("grid", "e2e")),
-    (["m", "-o", "x", "--workers", "2"], ("e8p", "e2e")),
-    (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all")),
-    (["m", "-o", "x", "--calib", "t.txt", "--format", "auto"], ("auto", "all")),
-    (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e")),
-    (["m.onnx", "-o", "x", "--calib", "t.txt"], ("e8p", "none")),
+    (["m", "-o", "x"], ("e8p", "e2e", 1)),
+    (["m", "-o", "x", "--target", "onnx"], ("e8p", "e2e", 1)),
+    (["m", "-o", "x", "--target", "tvm", "--finetune", "none"], ("e8p", "none", 1)),
+    (["m.onnx", "-o", "x"], ("e8p", "none", 1)),
+    (["m", "-o", "x", "--method", "rtn"], ("e8p", "none", 1)),
+    (["m", "-o", "x", "--format", "grid"], ("grid", "e2e", 1)),
+    (["m", "-o", "x", "--workers", "2"], ("e8p", "e2e", 2)),
+    (["m", "-o", "x", "--workers", "2", "--finetune-step-windows", "1"], ("e8p", "e2e", 1)),
+    (["m", "-o", "x", "--finetune-step-windows", "3"], ("e8p", "e2e", 3)),
+    (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all", 1)),
+    (["m", "-o", "x", "--calib", "t.txt", "--format", "auto"], ("auto", "all", 1)),
+    (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e", 2)),
+    (["m.onnx", "-o", "x", "--calib", "t.txt"], ("e8p", "none", 1)),
 ])
 def test_compile_defaults_per_target(argv, expect):
     """Without flags every target gets the benchmark's best format and fine-tuning, data-free
     or with --calib (an .onnx input is not fine-tuned: its frontend has no teacher to match;
-    several ranks skip the block stage, which runs in one process)."""
+    several ranks skip the block stage, which runs in one process, and share each e2e step's
+    two windows)."""
     from quipc.cli import _format_and_finetune, build_parser
 
     assert _format_and_finetune(build_parser().parse_args(["compile", *argv])) == expect
