@@ -165,8 +165,9 @@ def _format_and_finetune(args) -> tuple[str, str, int]:
     finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else default)
     if onnx_input and finetune != "none":
         raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")
-    step = args.finetune_step_windows or (CLI_FINETUNE_STEP_WINDOWS_RANKS if several_ranks
-                                          else CLI_FINETUNE_STEP_WINDOWS)
+    step = args.finetune_step_windows   # an explicit 0 or less is refused by QuantConfig.validate
+    if step is None:
+        step = CLI_FINETUNE_STEP_WINDOWS_RANKS if several_ranks else CLI_FINETUNE_STEP_WINDOWS
     return fmt, finetune, step
 
 

@@ -119,6 +119,7 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     (["m", "-o", "x", "--workers", "2"], ("e8p", "e2e", 2)),
     (["m", "-o", "x", "--workers", "2", "--finetune-step-windows", "1"], ("e8p", "e2e", 1)),
     (["m", "-o", "x", "--finetune-step-windows", "3"], ("e8p", "e2e", 3)),
+    (["m", "-o", "x", "--workers", "2", "--finetune-step-windows", "0"], ("e8p", "e2e", 0)),   # refused later
     (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--format", "auto"], ("auto", "all", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e", 2)),
@@ -138,4 +139,10 @@ def test_unknown_format_is_refused_before_any_work(capsys, tmp_path):
     code, _, err = run(capsys, "compile", tmp_path / "nope", "-o", tmp_path / "out", "--target", "onnx",
                        "--format", "e9q")
     assert_clean_error(code, err, "unknown code format 'e9q'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_windows_per_step_is_refused_before_any_work(capsys, tmp_path):
+    code, _, err = run(capsys, "compile", tmp_path / "nope", "-o", tmp_path / "out", "--finetune-step-windows", "0")
+    assert_clean_error(code, err, "at least 1 window per step")
     assert not (tmp_path / "out").exists()
