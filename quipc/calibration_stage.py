@@ -9,24 +9,15 @@ tokens are those one process writes.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .distributed import SINGLE, Group
 from .frontend import calibration
+from .frontend.calibration import Part
 from .frontend.models import file_sha256
-
-
-@dataclass(frozen=True)
-class Part:
-    windows: int
-    desc: str                                   # the progress bar's, for a part the model writes
-    write: Callable                             # (model or None, bar) -> (windows, length) ids
-    needs_model: bool = True
 
 
 def calibration_windows(stream, tokenizer, calib, seed: int, device, progress: bool,
@@ -48,7 +39,7 @@ def calibration_windows(stream, tokenizer, calib, seed: int, device, progress: b
         if isinstance(share, str):
             raise RuntimeError(f"rank {rank} stopped while writing the calibration text: {share}")
     done = {k: w for share in shares for k, w in share.items()}
-    windows = done[0] if len(parts) == 1 else calibration.interleave(done[0], done[1])
+    windows = calibration.join_parts([done[k] for k in range(len(parts))])
     return windows, {**info, "tokens_sha256": tokens_sha256(windows)}
 
 
@@ -62,22 +53,13 @@ def _parts(tokenizer, calib, seed: int) -> tuple[list[Part], dict]:
         parts = [Part(n_text, "read calibration text", needs_model=False, write=lambda _model, _bar:
                       calibration.text_windows(tokenizer, calib.text, n_text, calib.length))]
         if n_chat:
-            parts.append(Part(n_chat, "generate chat calibration", lambda model, bar:
-                              calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed,
-                                                              progress=bar)))
+            parts.append(calibration.chat_part(tokenizer, n_chat, calib.length, seed))
             info = {**info, "windows": calib.windows, "chat_windows": n_chat, "seed": seed}
         return parts, info
-    # data-free: the model writes the text (calibration.generated_windows, in parts)
-    n_chat = calibration.chat_window_count(tokenizer, calib.windows)
-    n_free = calib.windows - n_chat
-    parts = [Part(n_free, "generate calibration text", lambda model, bar:
-                  calibration.free_windows(model, tokenizer, n_free, calib.length, seed, progress=bar))]
-    if n_chat:
-        parts.append(Part(n_chat, "generate chat calibration", lambda model, bar:
-                          calibration.seeded_chat_windows(model, tokenizer, n_chat, calib.length, seed,
-                                                          progress=bar)))
-    return parts, {"source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length,
-                   "chat_windows": n_chat}
+    # data-free: the model writes the text
+    return calibration.generated_parts(tokenizer, calib.windows, calib.length, seed), {
+        "source": "generated", "seed": seed, "windows": calib.windows, "length": calib.length,
+        "chat_windows": calibration.chat_window_count(tokenizer, calib.windows)}
 
 
 def _write(stream, device, part: Part, progress: bool) -> torch.Tensor:

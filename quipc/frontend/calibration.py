@@ -2,7 +2,9 @@
 itself from a fixed seed (data-free), so that compiling needs no data set."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,16 +45,42 @@ def chat_window_count(tokenizer, n_windows: int, share: float = CHAT_SHARE) -> i
     return int(n_windows * share) if has_chat_template(tokenizer) and n_windows > 1 else 0
 
 
+@dataclass(frozen=True)
+class Part:
+    """An independently seeded part of the calibration windows: the ranks of a distributed
+    compile write parts at once (quipc/calibration_stage.py), one process one after another."""
+    windows: int
+    desc: str                  # its progress bar's
+    write: Callable            # (model or None, progress bar or None) -> (windows, length) ids
+    needs_model: bool = True
+
+
+def chat_part(tokenizer, n_windows: int, length: int, seed: int, batch: int = 16) -> Part:
+    return Part(n_windows, "generate chat calibration", lambda model, bar:
+                seeded_chat_windows(model, tokenizer, n_windows, length, seed, batch, bar))
+
+
+def generated_parts(tokenizer, n_windows: int, length: int, seed: int, batch: int = 16) -> list[Part]:
+    """Data-free calibration, all from one seed: free text, and for a model with a chat template
+    conversations it writes through its template (chat_calibration.py), half the windows."""
+    n_chat = chat_window_count(tokenizer, n_windows)
+    n_free = n_windows - n_chat
+    parts = [Part(n_free, "generate calibration text", lambda model, bar:
+                  free_windows(model, tokenizer, n_free, length, seed, batch, bar))]
+    return parts + ([chat_part(tokenizer, n_chat, length, seed, batch)] if n_chat else [])
+
+
+def join_parts(written: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' windows in one tensor: a second part (conversations) alternates with the first,
+    so a held-out tail holds both kinds."""
+    return written[0] if len(written) == 1 else interleave(written[0], written[1])
+
+
 def generated_windows(model, tokenizer, n_windows: int, length: int, seed: int,
                       batch: int = 16, progress=None) -> torch.Tensor:
-    """Data-free calibration, all from one seed: for a model with a chat template, half the
-    windows are conversations it writes through its template (chat_calibration.py) and
-    the others free text; the two kinds alternate, so a held-out tail holds both."""
-    n_chat = chat_window_count(tokenizer, n_windows)
-    free = free_windows(model, tokenizer, n_windows - n_chat, length, seed, batch, progress)
-    if n_chat == 0:
-        return free
-    return interleave(free, seeded_chat_windows(model, tokenizer, n_chat, length, seed, batch, progress))
+    """Data-free calibration windows (generated_parts), written one part after another."""
+    return join_parts([part.write(model, progress)
+                       for part in generated_parts(tokenizer, n_windows, length, seed, batch)])
 
 
 def seeded_chat_windows(model, tokenizer, n_windows: int, length: int, seed: int,
