@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import SINGLE, Group
+from .distributed import SINGLE, Group, spread
 from .frontend import calibration
 from .frontend.calibration import Part
 from .frontend.models import file_sha256
@@ -25,21 +25,8 @@ def calibration_windows(stream, tokenizer, calib, seed: int, device, progress: b
     """(windows, info) on every rank; info names the tokens by sha256 (a generated text can come
     out different on another CPU or library version)."""
     parts, info = _parts(tokenizer, calib, seed)
-    mine = [k for k in range(len(parts)) if group.owner(k) == group.rank]
-    written, error = {}, None
-    try:
-        for k in mine:
-            written[k] = _write(stream, device, parts[k], progress and group.is_main)
-    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-        error = err
-    shares = group.all_gather_object(written if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    for rank, share in enumerate(shares):
-        if isinstance(share, str):
-            raise RuntimeError(f"rank {rank} stopped while writing the calibration text: {share}")
-    done = {k: w for share in shares for k, w in share.items()}
-    windows = calibration.join_parts([done[k] for k in range(len(parts))])
+    windows = calibration.join_parts(spread(group, len(parts), lambda k:
+                                            _write(stream, device, parts[k], progress and group.is_main)))
     return windows, {**info, "tokens_sha256": tokens_sha256(windows)}
 
 

@@ -106,6 +106,26 @@ def on_main(group: Group, fn, other):
     return result
 
 
+def spread(group: Group, count: int, work) -> list:
+    """work(j) for each j < count on rank group.owner(j); every rank gets all the results, in j
+    order. An error on any rank is raised on every rank (so none waits for the others)."""
+    mine, error = {}, None
+    try:
+        for j in range(count):
+            if group.owner(j) == group.rank:
+                mine[j] = work(j)
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        error = err
+    shares = group.all_gather_object(mine if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, share in enumerate(shares):
+        if isinstance(share, str):
+            raise RuntimeError(f"rank {rank} stopped: {share}")
+    done = {j: r for share in shares for j, r in share.items()}
+    return [done[j] for j in range(count)]
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 

@@ -31,15 +31,7 @@ def run_finetune(out: Path, manifest: dict | None, teacher: torch.nn.Module, win
     ft = cfg.finetune_config()
     # every layer is written: the student loads from the folder (the other ranks from a copy)
     on_main(group, lambda: art.write_manifest(out, manifest), None)
-    with tempfile.TemporaryDirectory(prefix="quipc-student-") as tmp:
-        folder = out if group.is_main else Path(tmp)
-        if group.world > 1:
-            files = group.broadcast_object(on_main(group, lambda: _student_files(out), None))
-            for rel, data in files.items() if not group.is_main else ():
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                (folder / rel).write_bytes(data)
-            del files
-        student = load_artifact(folder, allow_incomplete=True)
+    student = _load_student(out, group)
     student.config.use_cache = False            # whole-window forwards, as before: no KV cache
     loaded = student.quipc_manifest             # rank 0's manifest, on every rank
     names = [meta["name"] for rec in loaded["blocks"] for meta in rec["layers"]]
@@ -90,6 +82,20 @@ def run_finetune(out: Path, manifest: dict | None, teacher: torch.nn.Module, win
         if rel not in {b["file"] for b in blocks} | {manifest["dense"]["file"], (manifest.get("head") or {}).get("file")}:
             (out / rel).unlink(missing_ok=True)
     return manifest
+
+
+def _load_student(out: Path, group: Group):
+    """The rounded artifact as a torch model on every rank: rank 0 reads its folder, the others
+    a copy of it (rank 0 broadcasts the files: the ranks may not share a file system)."""
+    files = group.broadcast_object(on_main(group, lambda: _student_files(out), None)) if group.world > 1 else None
+    if group.is_main:
+        return load_artifact(out, allow_incomplete=True)
+    with tempfile.TemporaryDirectory(prefix="quipc-student-") as tmp:
+        for rel, data in files.items():
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / rel).write_bytes(data)
+        del files
+        return load_artifact(tmp, allow_incomplete=True)
 
 
 def _student_files(out: Path) -> dict[str, bytes]:

@@ -25,7 +25,7 @@ from torch import nn
 from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.modules import QuipLinearRef, kron_apply
 
-from ..distributed import SINGLE, Group
+from ..distributed import SINGLE, Group, spread
 
 MODES = ("none", "block", "e2e", "all")   # all = block, then e2e
 SCHEDULES = ("constant", "cosine")
@@ -220,12 +220,6 @@ class _WindowSteps:
             target = self.teacher(input_ids=ids).logits
         return _kl(target, self.student(input_ids=ids).logits)
 
-    def _spread(self, count: int, work) -> list:
-        """work(j) for the j < count of this rank, every rank's results in j order."""
-        mine = {j: work(j) for j in range(count) if self.group.owner(j) == self.group.rank}
-        done = {j: r for share in self.group.all_gather_object(mine) for j, r in share.items()}
-        return [done[j] for j in range(count)]
-
     def gradient(self, step: list[torch.Tensor]) -> list[float]:
         """p.grad of every parameter set to the step's mean gradient; returns each window's loss."""
         def one(j: int):
@@ -236,7 +230,7 @@ class _WindowSteps:
             grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
             return float(loss.detach()), grads
 
-        results = self._spread(len(step), one)
+        results = spread(self.group, len(step), one)
         for i, p in enumerate(self.params):
             parts = [grads[i] for _, grads in results if grads[i] is not None]
             if not parts:
@@ -245,9 +239,9 @@ class _WindowSteps:
             total = parts[0]
             for g in parts[1:]:
                 total = total + g
-            p.grad = total / len(step) if len(step) > 1 else total
+            p.grad = total / len(step)     # / 1 is exact: a one-window step is that window's gradient
         return [loss for loss, _ in results]
 
     def holdout_kl(self, held: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(np.mean(self._spread(int(held.shape[0]), lambda j: self._kl_of(held[j]))))
+            return float(np.mean(spread(self.group, int(held.shape[0]), lambda j: self._kl_of(held[j]))))
