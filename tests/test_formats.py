@@ -125,3 +125,22 @@ def test_layer_without_format_field_is_grid_and_tampered_format_is_refused():
     grid_tensors = {**tensors, "codes": np.zeros((16, 32 // 8 * 2), np.uint8),
                     "scale": np.ones(16, np.float16), "zero": np.zeros(16, np.float16)}
     assert QuantizedLinear.from_storage(old, grid_tensors).format == "grid"
+
+
+@pytest.mark.parametrize("fmt,bits", [("grid", 3), ("e8p", 2), ("e8p", 4), ("trellis", 2)])
+def test_effective_weight_decoded_in_row_steps_is_the_whole_expression(fmt, bits):
+    """QuantizedLinear.effective_weight decodes W' a row step at a time into its result: the
+    floats of K_out^T W' K_in on the whole decoded W' (a last step shorter than the others)."""
+    from quipc.config import QuantConfig
+    from quipc.passes.methods import LayerInput, quantize_linear
+
+    g = torch.Generator().manual_seed(bits)
+    m, n = 304, 96
+    x = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    layer = quantize_linear(LayerInput("blk.0.proj", torch.randn(m, n, generator=g), hessian=x.t() @ x),
+                            QuantConfig(bits=bits, format=fmt))
+    w = layer.t_in.kron_right(layer.rotated_weight())
+    layer.t_out.kron_right(w.T, out=w.T)
+    w *= layer.t_out.sign_vector()[:, None] * layer.in_scale_f32()[None, :]
+    for step in (256, 64):
+        assert np.array_equal(layer.effective_weight(step=step), w)

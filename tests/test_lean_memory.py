@@ -293,3 +293,11 @@ def _hessian_raw(n: int) -> torch.Tensor:
 def test_a_spent_zero_hessian_reports_its_fallback():
     layers = _layer_group("e8p", False, torch.zeros(64, 64, dtype=torch.float64), spend=True)
     assert all("fallback" in l.info["hessian"] and "proxy_loss_hessian" in l.info for l in layers)
+
+
+@pytest.mark.parametrize("rows,n", [(7, 1), (5, 3), (40, 65), (9, 257), (0, 4), (3, 0)])
+def test_gram_widened_in_place_is_the_float32_product_in_float64(rows, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(rows, n + 2, generator=g)[:, 1:n + 1]       # a strided view, as a hook may get
+    x[:, :1] = -0.0
+    assert _same(hessian_mod.gram_float64(x), (x.t() @ x).double())

@@ -20,7 +20,7 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         # float32 product per batch (fast), float64 running sum (no drift over many batches)
-        self.add_partial((x.t() @ x).double(), x.shape[0])
+        self.add_partial(gram_float64(x), x.shape[0])
 
     def add_partial(self, total: torch.Tensor, count: int) -> None:
         """One batch's x^T x (float64) and its row count, summed in by the caller in batch order
@@ -47,7 +47,28 @@ class HessianAccumulator:
 def batch_partial(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x^T x of one batch, as HessianAccumulator.add computes it (float32 product, float64)."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
-    return (x.t() @ x).double(), x.shape[0]
+    return gram_float64(x), x.shape[0]
+
+
+def gram_float64(x: torch.Tensor) -> torch.Tensor:
+    """(x^T x).double() for a 2-D float32 x without the float32 product beside its float64
+    copy (a 7B down_proj's are 485 + 969 MB): the product is written into the first half of
+    the float64 result's memory and widened in place from the end, in segments [a, b), b <= 2a,
+    whose float64 slots lie past every float32 value still to be read. The same floats."""
+    n = x.shape[1]
+    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
+    if out.numel() == 0:
+        return out
+    wide = out.view(-1)
+    narrow = wide.view(torch.float32)[:n * n]
+    torch.mm(x.t(), x, out=narrow.view(n, n))
+    end = n * n
+    while end > 1:
+        start = (end + 1) // 2
+        wide[start:end].copy_(narrow[start:end])
+        end = start
+    wide[0] = narrow[0].item()
+    return out
 
 
 def reduce_in_batch_order(group, n_batches: int, partials_of, dims: list[int], device) -> list[HessianAccumulator]:

@@ -16,6 +16,7 @@ from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.transforms import Transform, derive_seed
 
 from ..config import QuantConfig
+from ..memory import return_freed_memory
 from .encoders import Encoded, encode, resolve_format
 from .grid import fit_grid, minmax_grid
 from .hessian import regularize
@@ -184,6 +185,7 @@ def quantize_quip(inp: LayerInput, cfg: QuantConfig) -> QuantizedLinear:
     spent = "h_excess" in group
     # RTN's loss before W' exists (its error rotated in its own memory and freed)
     losses = _spent_rtn_loss(weight, cfg, group["h_excess"], h_rot, d, t_in, t_out) if spent else {}
+    return_freed_memory()   # its row-chunk temporaries, before W' and its rotation's
     w_rot = rotate_weight(weight, t_in, t_out, col_scale=None if unit else d, dtype=torch.float64)
     mu_w_after = mu_weight(w_rot)
     if spent:    # tr(W H W^T) = tr(W' H' W'^T) less the damping

@@ -17,7 +17,7 @@ from quipc_runtime.layer import QuantizedLinear
 from ..config import QuantConfig
 from ..distributed import SINGLE, Group
 from ..frontend.trace import find_blocks, linears_in_order
-from ..memory import compact_linear_weights, return_freed_memory
+from ..memory import NarrowedWeights, compact_linear_weights, return_freed_memory
 from .hessian import batch_partial, reduce_in_batch_order
 from .methods import quantize_linear
 from .spread import encode_block
@@ -160,16 +160,20 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, names: list[str],
     return {name: means[g] for name, g in hooks.group_of.items()}
 
 
-def install_quantized(block: nn.Module, layers: dict[str, QuantizedLinear], narrowed: set = frozenset()) -> None:
+def install_quantized(block: nn.Module, layers: dict[str, QuantizedLinear],
+                      narrowed: NarrowedWeights | None = None) -> None:
     """Make the block compute what the stored layers compute (their effective weights), each
     weight replaced by a new tensor of its dtype (float32 for the modules `narrowed`, held in a
-    16-bit type by memory.compact_linear_weights), one layer at a time."""
+    16-bit type by memory.compact_linear_weights, whose narrow originals go as they are
+    replaced), one layer at a time."""
     modules = dict(block.named_modules())
     for name, layer in layers.items():
         mod = modules[name]
         w = torch.from_numpy(layer.effective_weight())
-        dtype = torch.float32 if mod in narrowed else mod.weight.dtype
-        mod.weight.data = w.to(device=mod.weight.device, dtype=dtype)
+        if narrowed is not None and mod in narrowed:
+            narrowed.replace(mod, w.to(device=mod.weight.device, dtype=torch.float32))
+        else:
+            mod.weight.data = w.to(device=mod.weight.device, dtype=mod.weight.dtype)
         del w
         return_freed_memory()
 
@@ -214,7 +218,9 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
             if index in done_indices:
                 layers = group.broadcast_object(done[index] if group.is_main else None)
             else:
-                layers = _round_block(block, inputs, names, full, cfg, group, needs_h, spill_dir)
+                modules = dict(block.named_modules())
+                layers = _round_block(block, inputs, names, full, cfg, group, needs_h, spill_dir,
+                                      weight_done=lambda name: narrowed.drop(modules[name]))
                 if on_block is not None and group.is_main:
                     on_block(index, layers)
             install_quantized(block, {layer.name[len(f"{prefix}.{index}."):]: layer for layer in layers}, narrowed)
@@ -235,14 +241,17 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
 
 
 def _round_block(block: nn.Module, inputs: BlockInputs | None, names: list[str], full: dict[str, str],
-                 cfg: QuantConfig, group: Group, needs_h: bool, spill_dir=None) -> list[QuantizedLinear]:
+                 cfg: QuantConfig, group: Group, needs_h: bool, spill_dir=None,
+                 weight_done=None) -> list[QuantizedLinear]:
     """The block's linears rounded: all from one calibration, or (block fine-tuning) round by
-    round with tuning in between (passes/block_finetune.py)."""
-    def encode(blk, rnames, hess):
-        return encode_block(blk, rnames, hess, full, cfg, group, quantize=quantize_linear, spill_dir=spill_dir)
+    round with tuning in between (passes/block_finetune.py). weight_done: as in
+    spread.encode_block (one calibration only: block fine-tuning reads the weights again)."""
+    def encode(blk, rnames, hess, weight_done=None):
+        return encode_block(blk, rnames, hess, full, cfg, group, quantize=quantize_linear, spill_dir=spill_dir,
+                            weight_done=weight_done)
 
     if not (needs_h and cfg.finetune_config().block):
-        return encode(block, names, calibrate_block(block, inputs, names, group) if needs_h else {})
+        return encode(block, names, calibrate_block(block, inputs, names, group) if needs_h else {}, weight_done)
     from .block_finetune import round_block_tuned
 
     layers, record = round_block_tuned(block, inputs, names, full, cfg, encode,

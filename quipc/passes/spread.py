@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,11 +83,14 @@ def encode_rows(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg: QuantCon
 
 def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names: dict[str, str],
                  cfg: QuantConfig, group: Group = SINGLE, quantize=quantize_linear,
-                 spill_dir: str | Path | None = None) -> list[QuantizedLinear]:
+                 spill_dir: str | Path | None = None,
+                 weight_done: Callable[[str], None] | None = None) -> list[QuantizedLinear]:
     """The block's linears (in `names` order) rounded; with several ranks each rounds its
     share and the results are broadcast. quantize: methods.quantize_linear or a stand-in.
     `hessians` is consumed: a group's entries are dropped once its linears are rounded.
-    spill_dir: large Hessians wait there until their group's turn (SPILL_BYTES)."""
+    spill_dir: large Hessians wait there until their group's turn (SPILL_BYTES).
+    weight_done(name): told when this rank reads a linear's weight no more (rounded here, or
+    rounded by another rank), so that the caller may free it (sequential.quantize_model)."""
     modules = dict(block.named_modules())
     group_id: dict[int, int] = {}
     groups = [group_id.setdefault(id(hessians.get(n, n)), len(group_id)) for n in names]
@@ -96,10 +100,14 @@ def encode_block(block: nn.Module, names: list[str], hessians: dict, full_names:
     for n, g in zip(names, groups):
         if g not in last:          # rounded by other ranks: this rank's copy is not needed
             hessians.pop(n, None)
+    weight_done = weight_done or (lambda name: None)
+    for i, n in enumerate(names):
+        if owner[i] != group.rank:
+            weight_done(n)
     spilled = _spill(hessians, names, groups, last, spill_dir) if spill_dir is not None else {}
     try:
         mine = _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize,
-                            spill_dir)
+                            spill_dir, weight_done)
     finally:
         for path in spilled.values():
             path.unlink(missing_ok=True)
@@ -130,7 +138,7 @@ def _spill(hessians: dict, names: list[str], groups: list[int], last: dict[int, 
 
 
 def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize,
-                 scratch_dir=None) -> dict:
+                 scratch_dir=None, weight_done=lambda name: None) -> dict:
     """This rank's linears rounded, in order: {index: QuantizedLinear}. scratch_dir: where a large
     Hessian waits while its damping is tested in its own memory (methods.LayerInput)."""
     caches: dict[int, dict] = {}
@@ -159,6 +167,8 @@ def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_na
                                       None if h is None else h.cpu(), cache, last_reader=final[g] == i,
                                       spend_hessian=h is not None,
                                       scratch_dir=scratch_dir), cfg)
+        del lin, bias
+        weight_done(n)
         if last[g] == i:   # free the group's Hessian and its rotated copies
             del cache, h
             caches.pop(g)

@@ -112,10 +112,17 @@ class QuantizedLinear:
             return np.ones(self.in_features, np.float32)
         return self.in_scale.astype(np.float32)
 
-    def effective_weight(self) -> np.ndarray:
+    def effective_weight(self, step: int = 256) -> np.ndarray:
         """The m x n matrix this layer computes, in the original domain (float64):
-        s_out * K_out^T W' K_in * in_scale, the Kronecker parts applied factor by factor."""
-        w = self.t_in.kron_right(self.rotated_weight())         # W' K_in
+        s_out * K_out^T W' K_in * in_scale, the Kronecker parts applied factor by factor.
+        W' is decoded `step` rows at a time into the result (no float32 W' beside it; the
+        floats of Transform.kron_right on the whole W' for its default step)."""
+        fmt, (m, n) = get_format(self.format), (self.out_features, self.in_features)
+        tensors = {key: getattr(self, key) for key in fmt.tensor_specs(m, n, self.bits)}
+        w = np.empty((m, n), np.float64)
+        for r0 in range(0, m, step):                               # W' K_in
+            rows = fmt.decode_rows(tensors, self.bits, n, np.arange(r0, min(r0 + step, m)))
+            self.t_in.kron_right(rows, step=step, out=w[r0:r0 + step])
         self.t_out.kron_right(w.T, out=w.T)                      # K_out^T (W' K_in) = ((W' K_in)^T K_out)^T, in place
         w *= self.t_out.sign_vector()[:, None]
         w *= self.in_scale_f32()[None, :]

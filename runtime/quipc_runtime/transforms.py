@@ -98,7 +98,7 @@ class Transform:
             k = np.kron(k, mat.astype(np.float64))
         return k
 
-    def kron_right(self, x: np.ndarray, step: int = 1024, out: np.ndarray | None = None) -> np.ndarray:
+    def kron_right(self, x: np.ndarray, step: int = 256, out: np.ndarray | None = None) -> np.ndarray:
         """x @ K in float64 for the rows of x (K the Kronecker product, signs not included),
         one factor at a time and `step` rows at a time: no n x n matrix. out: a float64 array
         of x's shape to write it to (x itself allowed: each step reads its rows before writing)."""
