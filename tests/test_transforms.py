@@ -53,7 +53,7 @@ def test_bad_meta():
         Transform.make("butterfly", 8, 0)
 
 
-@pytest.mark.parametrize("kind,n", [("hadamard", 96), ("kron", 200), ("kron", 13), ("identity", 10)])
+@pytest.mark.parametrize("kind,n", [("hadamard", 96), ("hadamard", 3 * 1024), ("kron", 200), ("kron", 13), ("identity", 10)])
 def test_kron_right_is_the_dense_product(kind, n):
     t = Transform.make(kind, n, 3)
     x = np.random.default_rng(n).standard_normal((37, n)).astype(np.float32)
@@ -81,3 +81,23 @@ def test_effective_weight_is_the_dense_formula():
     ref = (layer.t_out.sign_vector()[:, None] * (k_out.T @ layer.rotated_weight().astype(np.float64) @ k_in)
            * layer.in_scale_f32()[None, :])
     np.testing.assert_allclose(layer.effective_weight(), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [4096, 3 * 1024, 512, 11008, 1536])
+def test_large_power_of_two_factors_are_applied_as_sylvester_pairs(n):
+    """applied_matrices: the same Kronecker product as matrices() (H_ab = H_a x H_b), a power-of-two
+    factor above SYLVESTER_SPLIT in two; the compile's rotation (apply_rows) is the dense transform."""
+    from quipc.passes.incoherence import apply_rows
+    from quipc_runtime.transforms import SYLVESTER_SPLIT
+
+    t = Transform.make("hadamard", n, 7)
+    applied = t.applied_matrices()
+    assert all(m.shape[0] <= max(SYLVESTER_SPLIT, 128) for m in applied)
+    assert len(applied) == len(t.orders) + sum(o > SYLVESTER_SPLIT and o & (o - 1) == 0 for o in t.orders)
+    prod = np.ones((1, 1))
+    for m in applied:
+        prod = np.kron(prod, m.astype(np.float64))
+    assert np.array_equal(prod, t.kron_product())
+    x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    dense = (x * torch.from_numpy(t.sign_vector()).double()) @ torch.from_numpy(t.kron_product()).t()
+    torch.testing.assert_close(apply_rows(x, t), dense, rtol=1e-12, atol=1e-12)

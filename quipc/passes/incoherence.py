@@ -9,7 +9,7 @@ from quipc_runtime.transforms import Transform
 
 
 def _mats(t: Transform, dtype: torch.dtype, device) -> list[torch.Tensor]:
-    return [torch.from_numpy(m).to(dtype=dtype, device=device) for m in t.matrices()]
+    return [torch.from_numpy(m).to(dtype=dtype, device=device) for m in t.applied_matrices()]
 
 
 def apply_rows(x: torch.Tensor, t: Transform) -> torch.Tensor:

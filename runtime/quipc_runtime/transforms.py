@@ -19,6 +19,10 @@ from .hadamard import hadamard, split_order
 
 KINDS = ("identity", "hadamard", "kron")
 
+# Power-of-two Hadamard factors above this order are applied as two Sylvester factors
+# (Transform.applied_matrices); up to it, as one dense matrix.
+SYLVESTER_SPLIT = 256
+
 
 def derive_seed(seed: int, *labels: str) -> int:
     """A stable 63-bit seed for one (layer, side) from the global seed."""
@@ -56,6 +60,7 @@ class Transform:
     seed: int | None = None
     signs: np.ndarray | None = None  # int8 +-1 of length n (hadamard only)
     _mats: list | None = field(default=None, repr=False, compare=False)
+    _applied: list | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def make(kind: str, n: int, seed: int) -> "Transform":
@@ -86,6 +91,22 @@ class Transform:
                               for i, o in enumerate(self.orders)]
         return self._mats
 
+    def applied_matrices(self) -> list[np.ndarray]:
+        """The factors as the compile applies them (kron_right, passes/incoherence): matrices(),
+        each power-of-two Hadamard factor of order above SYLVESTER_SPLIT split in two Sylvester
+        factors (H_ab = H_a x H_b for powers of two a, b: the same product, so the same
+        transform up to rounding; a 4096 factor costs two 64-wide products per row instead of
+        one 4096-wide one, and no 4096 x 4096 matrix). Cached."""
+        if self._applied is None:
+            self._applied = []
+            for order, mat in zip(map(int, self.orders), self.matrices()):
+                if self.kind == "hadamard" and order > SYLVESTER_SPLIT and order & (order - 1) == 0:
+                    a = 1 << ((order.bit_length() - 1) // 2)
+                    self._applied += [(hadamard(o) / np.sqrt(o)).astype(np.float32) for o in (a, order // a)]
+                else:
+                    self._applied.append(mat)
+        return self._applied
+
     def sign_vector(self) -> np.ndarray:
         return np.ones(self.n, np.float32) if self.signs is None else self.signs.astype(np.float32)
 
@@ -107,9 +128,10 @@ class Transform:
         if self.kind == "identity":
             out[...] = x
             return out
-        mats = [m.astype(np.float64) for m in self.matrices()]
+        mats = [m.astype(np.float64) for m in self.applied_matrices()]
+        orders = [m.shape[0] for m in mats]
         for r0 in range(0, x.shape[0], step):
-            y = x[r0:r0 + step].astype(np.float64).reshape(-1, *self.orders)
+            y = x[r0:r0 + step].astype(np.float64).reshape(-1, *orders)
             for axis, mat in enumerate(mats, start=1):   # (v K)[i] = sum_j v[j] K[j, i], factor by factor
                 y = np.moveaxis(np.tensordot(y, mat, axes=([axis], [0])), -1, axis)
             out[r0:r0 + step] = y.reshape(-1, self.n)
