@@ -218,6 +218,8 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: QuantCon
             if index in done_indices:
                 layers = group.broadcast_object(done[index] if group.is_main else None)
             else:
+                # each original freed once its linear is rounded (a rounding that fails leaves those
+                # empty: the compile stops, and a resumed one reads the checkpoint again)
                 modules = dict(block.named_modules())
                 layers = _round_block(block, inputs, names, full, cfg, group, needs_h, spill_dir,
                                       weight_done=lambda name: narrowed.drop(modules[name]))
