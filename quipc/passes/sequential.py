@@ -248,9 +248,9 @@ def _round_block(block: nn.Module, inputs: BlockInputs | None, names: list[str],
     """The block's linears rounded: all from one calibration, or (block fine-tuning) round by
     round with tuning in between (passes/block_finetune.py). weight_done: as in
     spread.encode_block (one calibration only: block fine-tuning reads the weights again)."""
-    def encode(blk, rnames, hess, weight_done=None):
+    def encode(blk, rnames, hess, done=None):
         return encode_block(blk, rnames, hess, full, cfg, group, quantize=quantize_linear, spill_dir=spill_dir,
-                            weight_done=weight_done)
+                            weight_done=done)
 
     if not (needs_h and cfg.finetune_config().block):
         return encode(block, names, calibrate_block(block, inputs, names, group) if needs_h else {}, weight_done)

@@ -138,7 +138,7 @@ def _spill(hessians: dict, names: list[str], groups: list[int], last: dict[int, 
 
 
 def _encode_mine(names, groups, owner, last, modules, hessians, spilled, full_names, cfg, group, quantize,
-                 scratch_dir=None, weight_done=lambda name: None) -> dict:
+                 scratch_dir, weight_done) -> dict:
     """This rank's linears rounded, in order: {index: QuantizedLinear}. scratch_dir: where a large
     Hessian waits while its damping is tested in its own memory (methods.LayerInput)."""
     caches: dict[int, dict] = {}
