@@ -3,6 +3,7 @@ as a single node instead of tracing its arithmetic.
 
     torch.ops.quipc.quip_linear(x, key, out_features) -> y      (..., out_features)
     torch.ops.quipc.quip_embedding(ids, key, dim) -> rows       (..., dim)
+    torch.ops.quipc.attention(q, k, v, mask, scaling, softcap) -> (batch, seq, heads, head_dim)
 
 `key` names the module that computes the op (its name in the model, behind a tag of the model
 it belongs to: "<tag>/<name>"); the eager kernels look the module up in a registry, the fake
@@ -55,6 +56,62 @@ def quip_embedding(ids: torch.Tensor, key: str, dim: int) -> torch.Tensor:
 @quip_embedding.register_fake
 def _quip_embedding_fake(ids: torch.Tensor, key: str, dim: int) -> torch.Tensor:
     return torch.empty((*ids.shape, dim), dtype=torch.float32, device=ids.device)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scaling: float, softcap: float) -> torch.Tensor:
+    """softmax(soft-cap(q k^T * scaling) + mask) v over grouped-query heads, the arithmetic of
+    transformers' eager attention: q (B, H, S, D), k / v (B, KV, L, D) with KV dividing H (query
+    head h reads kv head h // (H / KV)), mask additive and broadcastable to (B, H, S, L) or None,
+    softcap 0 for none -> (B, S, H, D)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous()
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, mask, scaling, softcap):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
+
+
+def attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        softcap=None, **kwargs):
+    """transformers' attention interface ("quipc", registered by `register_attention`): the
+    family's query / key / value, mask and soft-capping handed to torch.ops.quipc.attention."""
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attention sinks (s_aux) are not supported by quipc's attention op")
+    if dropout and module.training:
+        raise ValueError("quipc's attention op runs inference only (dropout > 0 in training mode)")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} kv heads")
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    out = torch.ops.quipc.attention(query, key, value, mask, scale, float(softcap or 0.0))
+    return out, None
+
+
+ATTENTION = "quipc"
+
+
+def register_attention() -> str:
+    """Register `attention_interface` (and transformers' eager mask) under the name "quipc", for
+    `model.set_attn_implementation("quipc")`; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION, attention_interface)
+    AttentionMaskInterface.register(ATTENTION, eager_mask)
+    return ATTENTION
 
 
 class QuipOpLinear(nn.Module):

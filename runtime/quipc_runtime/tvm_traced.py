@@ -9,6 +9,12 @@ The build's functions (tvm_config.json, "graph": "traced"):
 past / present: per layer its key then its value, (1, kv_heads, positions, head_dim) float32.
 A cache here is a list holding those arrays, replaced on each call.
 This module imports neither quipc nor torch.
+
+Memory: each call's present arrays are one position longer than any before, and TVM's pooled
+allocator keeps every freed block for a later request of the same (page-rounded) size, which
+never comes: measured on SmolLM2, 400 decode steps held 2.7 GB (0.6 GB after 32) and the held
+memory grows with the square of the steps. So every CLEAR_EVERY calls the pool's free blocks are
+released (`vm.builtin.memory_manager.clear`; blocks in use stay): 400 steps then hold 0.68 GB.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import numpy as np
 
 from .tvm_runtime import CONFIG, greedy, import_tvm
 
+CLEAR_EVERY = 16   # calls between releases of the allocator's free blocks
 
 
 class TracedTvmLM:
@@ -37,6 +44,8 @@ class TracedTvmLM:
         self.kv_heads, self.head_dims = m["kv_heads"], m["head_dims"]
         self.eos_token_id = self.cfg.get("eos_token_id")
         self._forward, self._decode = self.vm["forward"], self.vm["decode"]
+        self._release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
+        self.calls = 0
 
     def _t(self, arr: np.ndarray):
         return self.tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev)
@@ -49,7 +58,12 @@ class TracedTvmLM:
     def _run(self, fn, ids: np.ndarray, cache: list) -> np.ndarray:
         out = fn(self._t(ids.astype(np.int64)), *cache)
         cache[:] = [out[1 + i] for i in range(2 * self.layers)]
-        return out[0].numpy()[0]
+        logits = out[0].numpy()[0]
+        del out
+        self.calls += 1
+        if self._release is not None and self.calls % CLEAR_EVERY == 0:
+            self._release()
+        return logits
 
     @staticmethod
     def _ids(ids) -> np.ndarray:

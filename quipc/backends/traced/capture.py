@@ -89,14 +89,23 @@ class Captured:
     seconds: float
 
 
-def load_traceable(artifact: Path):
-    """(model with op modules and eager attention, manifest, {layer name: kind})."""
-    import quipc_runtime
-    from quipc_runtime.torch_ops import with_ops
+ATTENTIONS = ("eager", "op")
 
+
+def load_traceable(artifact: Path, attention: str = "eager"):
+    """(model with op modules, manifest, {layer name: kind}). attention: "eager" traces
+    transformers' eager attention (its matmuls, repeated kv heads and softmax as separate
+    nodes); "op" makes each layer's attention one torch.ops.quipc.attention node (the same
+    arithmetic, with the family's mask and soft-capping as its inputs)."""
+    import quipc_runtime
+    from quipc_runtime.torch_ops import register_attention, with_ops
+
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     model = quipc_runtime.load(artifact, backend="reference")
     family_for(model.config)
-    model.set_attn_implementation("eager")   # soft-capping and every mask variant live there
+    # eager: soft-capping and every mask variant live there; the op takes the same inputs
+    model.set_attn_implementation("eager" if attention == "eager" else register_attention())
     swapped = with_ops(model)
     if not any(kind == "linear" for kind in swapped.values()):
         raise ValueError(f"{artifact} holds no quantized linear the traced lowering could place")
@@ -144,8 +153,8 @@ class Traceable:
     layout: CacheLayout
 
     @staticmethod
-    def load(artifact: Path) -> "Traceable":
-        model, manifest, swapped = load_traceable(Path(artifact))
+    def load(artifact: Path, attention: str = "eager") -> "Traceable":
+        model, manifest, swapped = load_traceable(Path(artifact), attention)
         return Traceable(model, manifest, swapped, family_for(model.config), cache_layout(model))
 
     def capture(self, batch: int | None = None, seq: int | None = None) -> Captured:

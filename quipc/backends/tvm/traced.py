@@ -1,8 +1,9 @@
 """`quipc compile MODEL --target tvm --graph traced`: the artifact's transformers model captured by
 torch.export (backends/traced) and imported with Relax's `from_exported_program`, each
 quantized linear one `call_tir` of the same TIR kernel the hand-written build uses
-(lowering.linear_prim_func, scheduled by schedules/), for every family in
-backends/traced/families.py.
+(lowering.linear_prim_func, scheduled by schedules/), and each layer's attention one `call_tir`
+of traced_attention.py (the model captured with torch.ops.quipc.attention in place of
+transformers' eager attention), for every family in backends/traced/families.py.
 
 Two Relax functions (batch 1, the cache as in the ONNX graph: `past` in, `present` out,
 concatenated, (1, kv_heads, past_seq, head_dim) per layer and kind):
@@ -41,7 +42,8 @@ class QuipConverters:
         self.consts: dict = {}
 
     def convert_map(self) -> dict:
-        return {"quip_linear.default": self.linear, "quip_embedding.default": self.embedding}
+        return {"quip_linear.default": self.linear, "quip_embedding.default": self.embedding,
+                "attention.default": self.attention}
 
     def _kernel(self, bb, spec, mode: str):
         from .lowering import linear_prim_func
@@ -107,6 +109,15 @@ class QuipConverters:
             arrays = [self._named_const(k, v) for k, v in row_patch.params(layer, name).items()]
             y = row_patch.emit(bb, x2, y, *arrays, prefix=self.prefix)
         return bb.emit(relax.op.reshape(y, shape[:-1] + [spec.m]))
+
+    def attention(self, node, importer):
+        from . import traced_attention
+
+        env = importer.env
+        q, k, v, mask = (None if a is None else env[a] for a in node.args[:4])
+        scaling, softcap = float(node.args[4]), float(node.args[5])
+        return traced_attention.emit(importer.block_builder, q, k, v, mask, scaling, softcap,
+                                     f"{self.prefix}attention")
 
     def embedding(self, node, importer):
         from tvm import relax
@@ -187,13 +198,12 @@ def _import(captured, converters: QuipConverters):
 def build_module(artifact: Path, llvm: bool = True):
     """(IRModule with `forward` and `decode`, Traceable, seconds spent capturing)."""
     import tvm
-    from tvm import relax
 
     from quipc_runtime import artifact as art
 
     from ..traced import Traceable
 
-    traceable = Traceable.load(Path(artifact))
+    traceable = Traceable.load(Path(artifact), attention="op")
     layers = art.load_layers(Path(artifact), traceable.manifest)
     if traceable.manifest.get("head"):
         (head,) = art.load_block(Path(artifact), traceable.manifest["head"])
