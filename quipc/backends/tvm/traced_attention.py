@@ -92,8 +92,8 @@ def _vector(sch: s_tir.Schedule, loop) -> None:
 
 
 def emit(bb, q, k, v, mask, scaling: float, softcap: float, name: str):
-    """The attention of one layer: a call_tir of the scheduled PrimFunc (layers of the same
-    shapes and constants share one: the block builder deduplicates equal PrimFuncs)."""
+    """The attention of one layer: a call_tir of its PrimFunc, scheduled here (emit_te gives each
+    layer a PrimFunc of its own; one handed back again, already scheduled, is left as it is)."""
     args = [q, k, v] + ([mask] if mask is not None else [])
 
     def fn(q_, k_, v_, *m):
