@@ -28,6 +28,8 @@ def tvm_steps(path):
     full = lm.logits(ids)
     tokens = lm.generate(ids, DECODE_STEPS, stop_at_eos=False)[0].tolist()
     cache = lm.new_cache(PROMPT_LEN + DECODE_STEPS)
+    if type(lm).__name__ == "TracedTvmLM":   # the build's own prefill (last row's logits only)
+        assert lm._prefill is not None
     last = lm.prefill(ids, cache)
     steps = []
     for k in range(DECODE_STEPS):
@@ -83,7 +85,7 @@ def test_quantized_linears_and_attention_are_call_tir():
     artifact = family_artifact("qwen2")
     mod, traceable = build_module(artifact)
     n_layers = len(art.load_layers(artifact, art.read_manifest(artifact)))
-    for fname, kernel in (("forward", "quip_gemm"), ("decode", "quip_gemv")):
+    for fname, kernel in (("forward", "quip_gemm"), ("prefill", "quip_gemm"), ("decode", "quip_gemv")):
         text = mod[fname].script()
         assert text.count(f"{fname}_quip_") == n_layers      # one call_tir per quantized linear
         assert kernel in text

@@ -5,6 +5,8 @@ these for a traced build.
 
 The build's functions (tvm_config.json, "graph": "traced"):
     forward(input_ids (1, seq) int64, past...) -> (logits (1, seq, vocab), present...)
+    prefill(input_ids (1, seq) int64, past...) -> (logits (1, 1, vocab) of the last row, present...)
+        (builds made before it have no `prefill`: the last row of `forward` stands in)
     decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
 past / present: per layer its key then its value, (1, kv_heads, positions, head_dim) float32.
 A cache here is a list holding those arrays, replaced on each call.
@@ -44,6 +46,7 @@ class TracedTvmLM:
         self.kv_heads, self.head_dims = m["kv_heads"], m["head_dims"]
         self.eos_token_id = self.cfg.get("eos_token_id")
         self._forward, self._decode = self.vm["forward"], self.vm["decode"]
+        self._prefill = self.vm["prefill"] if "prefill" in self.cfg.get("functions", ()) else None
         self._release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
         self.calls = 0
 
@@ -78,7 +81,9 @@ class TracedTvmLM:
 
     def prefill(self, ids, cache: list) -> np.ndarray:
         """Run the prompt into an empty `cache`; returns the last row's logits (V,)."""
-        return self.prefill_all(ids, cache)[-1]
+        if self._prefill is None:
+            return self.prefill_all(ids, cache)[-1]
+        return self._run(self._prefill, self._ids(ids), cache)[-1]
 
     def prefill_all(self, ids, cache: list) -> np.ndarray:
         return self._run(self._forward, self._ids(ids), cache)

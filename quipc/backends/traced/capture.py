@@ -33,17 +33,23 @@ class CacheLayout:
 
 
 class CachedLM(nn.Module):
-    def __init__(self, model: nn.Module, layers: int):
+    """last_only: logits of the last position only (batch, 1, vocab): a prompt's prefill, which
+    needs no other row's logits, skips the lm_head on the rest (transformers' logits_to_keep)."""
+
+    def __init__(self, model: nn.Module, layers: int, last_only: bool = False):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.last_only = model, layers, last_only
 
     def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
         for tensor in past[1:]:   # one past length for every layer (one symbol in the program)
             torch._check(tensor.shape[2] == past[0].shape[2])
         cache = _cache_of(past, self.layers)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device) + past[0].shape[2]
+        # the last row by index, not by slice: a slice of a dynamic length has a length Relax
+        # cannot prove to be 1
+        keep = torch.full((1,), input_ids.shape[1] - 1, dtype=torch.long) if self.last_only else 0
         out = self.model(input_ids=input_ids, position_ids=pos[None], cache_position=pos, use_cache=True,
-                         **{_cache_kwarg(self.model): cache})
+                         logits_to_keep=keep, **{_cache_kwarg(self.model): cache})
         present = []
         for i in range(self.layers):
             present += [cache.layers[i].keys, cache.layers[i].values]
@@ -157,10 +163,11 @@ class Traceable:
         model, manifest, swapped = load_traceable(Path(artifact), attention)
         return Traceable(model, manifest, swapped, family_for(model.config), cache_layout(model))
 
-    def capture(self, batch: int | None = None, seq: int | None = None) -> Captured:
-        """torch.export of CachedLM; batch / seq: static sizes (None: dynamic)."""
+    def capture(self, batch: int | None = None, seq: int | None = None, last_only: bool = False) -> Captured:
+        """torch.export of CachedLM; batch / seq: static sizes (None: dynamic); last_only: the
+        last position's logits only."""
         t0 = time.time()
-        wrapper = CachedLM(self.model, self.layout.layers).eval()
+        wrapper = CachedLM(self.model, self.layout.layers, last_only).eval()
         example = example_inputs(self.layout, int(self.model.config.vocab_size), batch=batch or 2, seq=seq or 5)
         try:
             with torch.no_grad():

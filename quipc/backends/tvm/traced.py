@@ -9,6 +9,8 @@ Two Relax functions (batch 1, the cache as in the ONNX graph: `past` in, `presen
 concatenated, (1, kv_heads, past_seq, head_dim) per layer and kind):
     forward(input_ids (1, seq) int64, past...) -> (logits (1, seq, vocab), present...)
         any seq; the linears run the GEMM kernel on rows padded to a multiple of 16
+    prefill(input_ids (1, seq) int64, past...) -> (logits (1, 1, vocab) of the last row, present...)
+        the same, the lm_head on the last row only (a prompt needs no other row's logits)
     decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
         the GEMV kernels
 The quantized parameters are constants of the module (no params.bin). An embedding that shares a
@@ -25,7 +27,7 @@ import numpy as np
 
 from .build import CONFIG, FORMAT_VERSION, LIB, resolve_target, write_build
 
-FUNCTIONS = ("forward", "decode")
+FUNCTIONS = ("forward", "prefill", "decode")
 ROW_MULTIPLE = 16    # the GEMM schedules split rows without a bounds predicate
 
 
@@ -211,9 +213,10 @@ def build_module(artifact: Path, llvm: bool = True):
     shared = _shared_head(traceable.manifest, layers)
     tables = {} if shared is not None else _dense_tables(traceable)
     mod = tvm.IRModule()
-    # forward: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
-    for fname, batch, seq in (("forward", None, None), ("decode", 1, 1)):
-        captured = traceable.capture(batch=batch, seq=seq)
+    # forward / prefill: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
+    for fname, batch, seq, last_only in (("forward", None, None, False), ("prefill", None, None, True),
+                                         ("decode", 1, 1, False)):
+        captured = traceable.capture(batch=batch, seq=seq, last_only=last_only)
         part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm, shared))
         for gv, func in part.functions.items():
             if gv.name_hint == "main":
