@@ -45,11 +45,12 @@ class CachedLM(nn.Module):
             torch._check(tensor.shape[2] == past[0].shape[2])
         cache = _cache_of(past, self.layers)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device) + past[0].shape[2]
-        # the last row by index, not by slice: a slice of a dynamic length has a length Relax
-        # cannot prove to be 1
-        keep = torch.full((1,), input_ids.shape[1] - 1, dtype=torch.long) if self.last_only else 0
+        kwargs = {_cache_kwarg(self.model): cache}
+        if self.last_only:   # the last row by index, not by slice: a slice of a dynamic length
+            # has a length Relax cannot prove to be 1
+            kwargs["logits_to_keep"] = torch.full((1,), input_ids.shape[1] - 1, dtype=torch.long)
         out = self.model(input_ids=input_ids, position_ids=pos[None], cache_position=pos, use_cache=True,
-                         logits_to_keep=keep, **{_cache_kwarg(self.model): cache})
+                         **kwargs)
         present = []
         for i in range(self.layers):
             present += [cache.layers[i].keys, cache.layers[i].values]

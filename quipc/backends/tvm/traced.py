@@ -5,7 +5,7 @@ quantized linear one `call_tir` of the same TIR kernel the hand-written build us
 of traced_attention.py (the model captured with torch.ops.quipc.attention in place of
 transformers' eager attention), for every family in backends/traced/families.py.
 
-Two Relax functions (batch 1, the cache as in the ONNX graph: `past` in, `present` out,
+Three Relax functions (batch 1, the cache as in the ONNX graph: `past` in, `present` out,
 concatenated, (1, kv_heads, past_seq, head_dim) per layer and kind):
     forward(input_ids (1, seq) int64, past...) -> (logits (1, seq, vocab), present...)
         any seq; the linears run the GEMM kernel on rows padded to a multiple of 16
