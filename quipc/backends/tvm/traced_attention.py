@@ -5,8 +5,8 @@ times per token (kv heads repeated for the query heads, keys transposed, both ma
 before two unscheduled matmuls. Here each query row reads the cache in place (query head h
 reads kv head h // group) and is computed start to end in one parallel loop over (batch,
 head, row): scores as 8-lane partial dot products (contiguous key loads, vectorized), the
-scaling, soft-capping and additive mask, a max, exp and sum, and the value sum streaming rows of
-V into a vectorized head_dim accumulator.
+logits (scaling, soft-capping, additive mask: computed once per score), a max, exp and sum,
+and the value sum streaming rows of V into a vectorized head_dim accumulator.
 
     q (B, H, S, D), k / v (B, KV, L, D), mask broadcastable to (B, H, S, L) or absent
         -> (B, S, H, D)
@@ -17,7 +17,7 @@ from tvm import s_tir, te, tirx
 
 from .schedules.util import LANES, extent
 
-BLOCKS = ("attn_qk_part", "attn_qk", "attn_max", "attn_exp", "attn_sum", "attn_pv")
+BLOCKS = ("attn_qk_part", "attn_qk", "attn_logit", "attn_max", "attn_exp", "attn_sum", "attn_pv")
 
 
 def _index(dim, i):
@@ -46,9 +46,10 @@ def te_attention(q, k, v, mask, scaling: float, softcap: float):
             mb, mh, ms, _ = mask.shape
             x = x + mask[_index(mb, b), _index(mh, h), _index(ms, s), j]
         return x
+    lg = te.compute((B, H, S, L), logit, name="attn_logit")   # once: the max and the exp read it
     jm = te.reduce_axis((0, L), name="jm")
-    mx = te.compute((B, H, S), lambda b, h, s: te.max(logit(b, h, s, jm), axis=jm), name="attn_max")
-    e = te.compute((B, H, S, L), lambda b, h, s, j: tirx.exp(logit(b, h, s, j) - mx[b, h, s]), name="attn_exp")
+    mx = te.compute((B, H, S), lambda b, h, s: te.max(lg[b, h, s, jm], axis=jm), name="attn_max")
+    e = te.compute((B, H, S, L), lambda b, h, s, j: tirx.exp(lg[b, h, s, j] - mx[b, h, s]), name="attn_exp")
     js = te.reduce_axis((0, L), name="js")
     sm = te.compute((B, H, S), lambda b, h, s: te.sum(e[b, h, s, js], axis=js), name="attn_sum")
     jv = te.reduce_axis((0, L), name="jv")
@@ -79,6 +80,7 @@ def schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.reorder(jv, dv)
     _vector(sch, dv)
     sch.decompose_reduction(pv, jv)
+    _vector(sch, sch.get_loops(sch.get_sblock("attn_logit"))[-1])
     _vector(sch, sch.get_loops(sch.get_sblock("attn_exp"))[-1])
     return sch.mod["main"]
 
