@@ -48,15 +48,78 @@ def check_against_torch(artifact, path, runtime: str):
 
 
 @pytest.mark.parametrize("family", TVM_FAMILIES)
-def test_family_traced_tvm_matches_torch(family, tmp_path, monkeypatch):
-    """Also with the allocator's free blocks released after every call (TracedTvmLM releases
-    them every CLEAR_EVERY calls): the cache arrays in use stay valid."""
+def test_family_traced_tvm_matches_torch(family, tmp_path):
+    from quipc.backends.tvm.traced import compile_traced
+
+    artifact = family_artifact(family)
+    check_against_torch(artifact, compile_traced(artifact, tmp_path / "tvm", progress=False), "TracedTvmLM")
+
+
+@pytest.fixture(scope="module")
+def traced_llama(tmp_path_factory):
+    from quipc.backends.tvm.traced import compile_traced
+
+    artifact = family_artifact("llama")
+    return artifact, compile_traced(artifact, tmp_path_factory.mktemp("traced") / "tvm", progress=False)
+
+
+def test_capacity_cache_written_in_place(traced_llama):
+    """The build's cache is updated in place: the arrays handed in hold the prompt's keys after
+    prefill, and positions never written (NaN here) are never read."""
+    import numpy as np
+
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    artifact, path = traced_llama
+    _, want_steps, want_tokens = torch_reference(artifact)
+    lm = TvmLM(path, threads=2)
+    assert lm.capacity_cache
+    cache = lm.new_cache(PROMPT_LEN + DECODE_STEPS + 5)
+    cache[:] = [lm._t(np.full(tuple(int(d) for d in c.shape), np.nan, np.float32)) for c in cache]
+    handed_in = list(cache)
+    last = lm.prefill(prompt().numpy(), cache)
+    keys = handed_in[0].numpy()
+    assert np.isfinite(keys[:, :, :PROMPT_LEN]).all() and np.isnan(keys[:, :, PROMPT_LEN:]).all()
+    for k in range(DECODE_STEPS):
+        assert rel(last, want_steps[k]) < TOL
+        last = lm.decode(want_tokens[PROMPT_LEN + k], PROMPT_LEN + k, cache)
+    assert cache.held == PROMPT_LEN + DECODE_STEPS
+    assert np.isfinite(handed_in[-1].numpy()[:, :, :cache.held]).all()
+
+
+def test_capacity_cache_one_token_prompt_and_overflow(traced_llama):
+    """A one-token prompt (one attended position) and its decode against the torch path's
+    logits of the same rows; a decode past the cache's capacity is refused."""
+    from quipc_runtime.tvm_runtime import TvmLM
+
+    artifact, path = traced_llama
+    want_full, _, _ = torch_reference(artifact)
+    ids = prompt().numpy()
+    lm = TvmLM(path, threads=2)
+    assert rel(lm.logits(ids[:, :1])[0], want_full[0]) < TOL
+    cache = lm.new_cache(2)
+    assert rel(lm.prefill(ids[:, :1], cache), want_full[0]) < TOL
+    assert rel(lm.decode(int(ids[0, 1]), 1, cache), want_full[1]) < TOL
+    with pytest.raises(ValueError, match="do not fit a cache of 2 positions"):
+        lm.decode(int(ids[0, 2]), 2, cache)
+    with pytest.raises(ValueError, match="cache holds 2 positions"):
+        lm.decode(int(ids[0, 2]), 1, cache)
+
+
+def test_concatenated_cache_build_still_runs(tmp_path, monkeypatch):
+    """Builds made before the capacity cache (`past` in, `present` out, concatenated) run as
+    before, also with the allocator's free blocks released after every call (TracedTvmLM
+    releases them every CLEAR_EVERY calls): the cache arrays in use stay valid."""
+    import json
+
     from quipc.backends.tvm.traced import compile_traced
     from quipc_runtime import tvm_traced
 
     monkeypatch.setattr(tvm_traced, "CLEAR_EVERY", 1)
-    artifact = family_artifact(family)
-    check_against_torch(artifact, compile_traced(artifact, tmp_path / "tvm", progress=False), "TracedTvmLM")
+    artifact = family_artifact("llama")
+    path = compile_traced(artifact, tmp_path / "tvm", progress=False, cache="concat")
+    assert "cache" not in json.loads((path / "tvm_config.json").read_text())
+    check_against_torch(artifact, path, "TracedTvmLM")
 
 
 def test_head_and_shared_embedding(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ as a single node instead of tracing its arithmetic.
     torch.ops.quipc.quip_linear(x, key, out_features) -> y      (..., out_features)
     torch.ops.quipc.quip_embedding(ids, key, dim) -> rows       (..., dim)
     torch.ops.quipc.attention(q, k, v, mask, scaling, softcap) -> (batch, seq, heads, head_dim)
+    torch.ops.quipc.kv_write(cache, new, span) -> cache's first len(span) positions, new last
 
 `key` names the module that computes the op (its name in the model, behind a tag of the model
 it belongs to: "<tag>/<name>"); the eager kernels look the module up in a registry, the fake
@@ -80,6 +81,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 @attention.register_fake
 def _attention_fake(q, k, v, mask, scaling, softcap):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::kv_write", mutates_args=())
+def kv_write(cache: torch.Tensor, new: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """A KV cache of fixed capacity with `new` written at its end: cache (B, KV, C, D), new
+    (B, KV, T, D), span any tensor of S = past + T elements (only its length is read) ->
+    (B, KV, S, D): positions [0, S - T) of `cache`, then `new`. Functional here (the cache is
+    not written); the traced TVM build lowers it to a write into the cache in place, so that a
+    decode step copies one position per layer and kind instead of the whole cache."""
+    past = span.shape[0] - new.shape[2]
+    if past < 0 or span.shape[0] > cache.shape[2]:
+        raise ValueError(f"kv_write: {new.shape[2]} new positions ending at {span.shape[0]} do not fit "
+                         f"a cache of {cache.shape[2]}")
+    return torch.cat([cache[:, :, :past], new], dim=2)
+
+
+@kv_write.register_fake
+def _kv_write_fake(cache, new, span):
+    torch._check(span.shape[0] >= new.shape[2])
+    torch._check(span.shape[0] <= cache.shape[2])
+    return cache.new_empty((cache.shape[0], cache.shape[1], span.shape[0], cache.shape[3]))
 
 
 def attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

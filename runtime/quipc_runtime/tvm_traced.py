@@ -3,20 +3,25 @@ alone, through TvmLM's interface (`logits`, `new_cache`, `prefill`, `decode`, `g
 `quipc eval` and `quipc bench` run it unchanged; `tvm_runtime.TvmLM(folder)` returns one of
 these for a traced build.
 
-The build's functions (tvm_config.json, "graph": "traced"):
-    forward(input_ids (1, seq) int64, past...) -> (logits (1, seq, vocab), present...)
-    prefill(input_ids (1, seq) int64, past...) -> (logits (1, 1, vocab) of the last row, present...)
-        (builds made before it have no `prefill`: the last row of `forward` stands in)
-    decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
-past / present: per layer its key then its value, (1, kv_heads, positions, head_dim) float32.
-A cache here is a list holding those arrays, replaced on each call.
+The build's functions (tvm_config.json, "graph": "traced"), with "cache": "capacity":
+    forward(input_ids (1, seq) int64, span (S,) int64, caches...) -> (logits (1, seq, vocab), caches...)
+    prefill(input_ids (1, seq) int64, span, caches...) -> (logits (1, 1, vocab) of the last row, caches...)
+    decode(input_ids (1, 1) int64, span, caches...)    -> (logits (1, 1, vocab), caches...)
+caches: per layer its key then its value, (1, kv_heads, capacity, head_dim) float32, written in
+place at positions [S - seq, S) (S = the span's length: positions held after the call).
+Builds made before it (no "cache" in the config) take the cache concatenated:
+    forward / prefill / decode(input_ids, past...) -> (logits, present...)
+past / present (1, kv_heads, positions, head_dim), present one call longer, replaced on each
+call; builds older still have no `prefill` (the last row of `forward` stands in).
+A cache here is a TracedCache: the list of those arrays and the positions it holds.
 This module imports neither quipc nor torch.
 
-Memory: each call's present arrays are one position longer than any before, and TVM's pooled
-allocator keeps every freed block for a later request of the same (page-rounded) size, which
-never comes: measured on SmolLM2, 400 decode steps held 2.7 GB (0.6 GB after 32) and the held
-memory grows with the square of the steps. So every CLEAR_EVERY calls the pool's free blocks are
-released (`vm.builtin.memory_manager.clear`; blocks in use stay): 400 steps then hold 0.68 GB.
+Memory (concatenated builds): each call's present arrays are one position longer than any
+before, and TVM's pooled allocator keeps every freed block for a later request of the same
+(page-rounded) size, which never comes: measured on SmolLM2, 400 decode steps held 2.7 GB (0.6
+GB after 32) and the held memory grows with the square of the steps. So every CLEAR_EVERY calls
+the pool's free blocks are released (`vm.builtin.memory_manager.clear`; blocks in use stay):
+400 steps then hold 0.68 GB. A capacity cache allocates nothing that grows.
 """
 from __future__ import annotations
 
@@ -27,7 +32,16 @@ import numpy as np
 
 from .tvm_runtime import CONFIG, greedy, import_tvm
 
-CLEAR_EVERY = 16   # calls between releases of the allocator's free blocks
+CLEAR_EVERY = 16   # calls between releases of the allocator's free blocks (concatenated builds)
+
+
+class TracedCache(list):
+    """The cache arrays (per layer: key, value) and `held`, the positions written so far;
+    `capacity` the positions the arrays hold (None: a concatenated cache, which grows)."""
+
+    def __init__(self, arrays, capacity: int | None):
+        super().__init__(arrays)
+        self.held, self.capacity = 0, capacity
 
 
 class TracedTvmLM:
@@ -47,24 +61,39 @@ class TracedTvmLM:
         self.eos_token_id = self.cfg.get("eos_token_id")
         self._forward, self._decode = self.vm["forward"], self.vm["decode"]
         self._prefill = self.vm["prefill"] if "prefill" in self.cfg.get("functions", ()) else None
+        self.capacity_cache = self.cfg.get("cache") == "capacity"
         self._release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
         self.calls = 0
 
     def _t(self, arr: np.ndarray):
         return self.tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev)
 
-    def new_cache(self, capacity: int = 0) -> list:
-        """An empty cache (capacity is not needed: the cache grows with each call)."""
-        return [self._t(np.zeros((1, self.kv_heads[i // 2], 0, self.head_dims[i // 2]), np.float32))
-                for i in range(2 * self.layers)]
+    def new_cache(self, capacity: int = 0) -> TracedCache:
+        """An empty cache for `capacity` positions (a concatenated build's grows: capacity unused)."""
+        if not self.capacity_cache:
+            return TracedCache([self._t(np.zeros((1, self.kv_heads[i // 2], 0, self.head_dims[i // 2]), np.float32))
+                                for i in range(2 * self.layers)], None)
+        if capacity > self.max_pos:
+            raise ValueError(f"a cache of {capacity} positions exceeds the model's {self.max_pos}")
+        cap = max(int(capacity), 2)   # the build's capacity dimension starts at 2
+        return TracedCache([self._t(np.zeros((1, self.kv_heads[i // 2], cap, self.head_dims[i // 2]), np.float32))
+                            for i in range(2 * self.layers)], cap)
 
-    def _run(self, fn, ids: np.ndarray, cache: list) -> np.ndarray:
-        out = fn(self._t(ids.astype(np.int64)), *cache)
+    def _run(self, fn, ids: np.ndarray, cache: TracedCache) -> np.ndarray:
+        total = cache.held + ids.shape[1]
+        if cache.capacity is None:
+            out = fn(self._t(ids.astype(np.int64)), *cache)
+        else:
+            if total > cache.capacity:
+                raise ValueError(f"{ids.shape[1]} tokens after {cache.held} do not fit a cache of "
+                                 f"{cache.capacity} positions")
+            out = fn(self._t(ids.astype(np.int64)), self._t(np.zeros(total, np.int64)), *cache)
         cache[:] = [out[1 + i] for i in range(2 * self.layers)]
+        cache.held = total
         logits = out[0].numpy()[0]
         del out
         self.calls += 1
-        if self._release is not None and self.calls % CLEAR_EVERY == 0:
+        if cache.capacity is None and self._release is not None and self.calls % CLEAR_EVERY == 0:
             self._release()
         return logits
 
@@ -77,7 +106,8 @@ class TracedTvmLM:
 
     def logits(self, ids) -> np.ndarray:
         """(L, vocab) logits of one sequence."""
-        return self._run(self._forward, self._ids(ids), self.new_cache())
+        ids = self._ids(ids)
+        return self._run(self._forward, ids, self.new_cache(ids.shape[1]))
 
     def prefill(self, ids, cache: list) -> np.ndarray:
         """Run the prompt into an empty `cache`; returns the last row's logits (V,)."""
@@ -88,11 +118,10 @@ class TracedTvmLM:
     def prefill_all(self, ids, cache: list) -> np.ndarray:
         return self._run(self._forward, self._ids(ids), cache)
 
-    def decode(self, token: int, pos: int, cache: list) -> np.ndarray:
+    def decode(self, token: int, pos: int, cache: TracedCache) -> np.ndarray:
         """One token at position `pos` (the cache holds [0, pos)); returns its logits (V,)."""
-        held = int(cache[0].shape[2])
-        if held != pos:
-            raise ValueError(f"decode at position {pos}, but the cache holds {held} positions")
+        if cache.held != pos:
+            raise ValueError(f"decode at position {pos}, but the cache holds {cache.held} positions")
         return self._run(self._decode, np.array([[token]], np.int64), cache)[0]
 
     def generate(self, ids, max_new_tokens: int, eos_token_id: int | None = None,
@@ -100,4 +129,5 @@ class TracedTvmLM:
         """Greedy generation: prompt + new tokens as an int64 array (1, L + n)."""
         prompt = self._ids(ids)[0]
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        return greedy(self, prompt, self.new_cache(), max_new_tokens, eos if stop_at_eos else None)
+        cache = self.new_cache(prompt.size + max(max_new_tokens - 1, 0))
+        return greedy(self, prompt, cache, max_new_tokens, eos if stop_at_eos else None)

@@ -12,6 +12,13 @@ serves prefill and decode, the interface of the hand-written graphs:
 Positions are past_seq .. past_seq + seq - 1 (no padding). The cache is a plain
 transformers DynamicCache rebuilt from `past` (no sliding-window cropping: sliding layers see
 their window through the attention mask, so every layer's cache holds every position).
+
+`CapacityCachedLM` (`capture(cache="capacity")`, the traced TVM build's) takes the cache at a
+fixed capacity instead, which the backend updates in place:
+
+    CapacityCachedLM(input_ids (batch, seq), span (S,) (any values: its length S = past + seq
+                     is the attended length), caches (2 * layers tensors (batch, kv_heads, C, head_dim)))
+        -> logits, present (each layer's torch.ops.quipc.kv_write: (batch, kv_heads, S, head_dim))
 """
 from __future__ import annotations
 
@@ -57,6 +64,62 @@ class CachedLM(nn.Module):
         return out.logits, present
 
 
+class CapacityCachedLM(nn.Module):
+    """CachedLM over a cache of fixed capacity: positions S - seq .. S - 1 are written (by the
+    kv_write op, in place in the TVM build) and attended with the S - seq before them."""
+
+    def __init__(self, model: nn.Module, layers: int, last_only: bool = False):
+        super().__init__()
+        self.model, self.layers, self.last_only = model, layers, last_only
+
+    def forward(self, input_ids: torch.Tensor, span: torch.Tensor, caches: list[torch.Tensor]):
+        seq, total = input_ids.shape[1], span.shape[0]
+        torch._check(total >= seq)
+        for tensor in caches:   # one capacity for every layer, at least the attended span
+            torch._check(tensor.shape[2] == caches[0].shape[2])
+            torch._check(tensor.shape[2] >= total)
+        cache = _capacity_cache(caches, span, total - seq)
+        pos = torch.arange(seq, device=input_ids.device) + (total - seq)
+        kwargs = {_cache_kwarg(self.model): cache}
+        if self.last_only:
+            kwargs["logits_to_keep"] = torch.full((1,), seq - 1, dtype=torch.long)
+        out = self.model(input_ids=input_ids, position_ids=pos[None], cache_position=pos, use_cache=True,
+                         **kwargs)
+        present = []
+        for layer in cache.layers:
+            if not layer.written:
+                raise ValueError(f"{type(self.model).__name__}: a layer's attention did not update its cache "
+                                 "(shared or skipped layers are not supported by the capacity cache)")
+            present += [layer.keys, layer.values]
+        return out.logits, present
+
+
+def _capacity_cache(caches: list[torch.Tensor], span: torch.Tensor, past):
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class CapacityLayer(DynamicLayer):
+        """A layer whose update is torch.ops.quipc.kv_write into its fixed-capacity buffers."""
+
+        def __init__(self, keys, values):
+            super().__init__()
+            self.buffers, self.length, self.written = (keys, values), past, False
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.keys = torch.ops.quipc.kv_write(self.buffers[0], key_states, span)
+            self.values = torch.ops.quipc.kv_write(self.buffers[1], value_states, span)
+            self.length, self.written = span.shape[0], True
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    cache = DynamicCache()
+    cache.layers = [CapacityLayer(caches[2 * i], caches[2 * i + 1]) for i in range(len(caches) // 2)]
+    return cache
+
+
 def _cache_of(past: list[torch.Tensor], layers: int):
     """A DynamicCache holding `past` (its layers set directly: DynamicLayer.update would concatenate
     onto an empty 1-D tensor, which Relax's importer refuses)."""
@@ -97,6 +160,7 @@ class Captured:
 
 
 ATTENTIONS = ("eager", "op")
+CACHES = ("concat", "capacity")
 
 
 def load_traceable(artifact: Path, attention: str = "eager"):
@@ -140,6 +204,23 @@ def example_inputs(layout: CacheLayout, vocab: int, batch: int = 2, seq: int = 5
     return ids, kv
 
 
+def capacity_example(layout: CacheLayout, vocab: int, batch: int = 2, seq: int = 5, past: int = 3,
+                     capacity: int = 12) -> tuple:
+    """Inputs for the capacity-cache capture."""
+    ids, kv = example_inputs(layout, vocab, batch, seq, capacity)
+    return ids, torch.zeros(past + seq, dtype=torch.long), kv
+
+
+def capacity_shapes(layout: CacheLayout, batch: int | None, seq: int | None) -> tuple:
+    """Dims of (input_ids, span, caches): batch and seq dynamic unless given, span and capacity always."""
+    b = torch.export.Dim("batch") if batch is None else None
+    t = torch.export.Dim("seq") if seq is None else None
+    ids = {k: d for k, d in ((0, b), (1, t)) if d is not None}
+    cap = torch.export.Dim("capacity", min=2)
+    return (ids or None, {0: torch.export.Dim("span", min=2)},
+            [{**({0: b} if b is not None else {}), 2: cap} for _ in range(2 * layout.layers)])
+
+
 def dynamic_shapes(layout: CacheLayout, batch: int | None, seq: int | None) -> tuple:
     """Dims of (input_ids, past): batch and seq dynamic unless given, past_seq always."""
     b = torch.export.Dim("batch") if batch is None else None
@@ -164,16 +245,25 @@ class Traceable:
         model, manifest, swapped = load_traceable(Path(artifact), attention)
         return Traceable(model, manifest, swapped, family_for(model.config), cache_layout(model))
 
-    def capture(self, batch: int | None = None, seq: int | None = None, last_only: bool = False) -> Captured:
-        """torch.export of CachedLM; batch / seq: static sizes (None: dynamic); last_only: the
-        last position's logits only."""
+    def capture(self, batch: int | None = None, seq: int | None = None, last_only: bool = False,
+                cache: str = "concat") -> Captured:
+        """torch.export of CachedLM (cache="concat") or CapacityCachedLM (cache="capacity");
+        batch / seq: static sizes (None: dynamic); last_only: the last position's logits only."""
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         t0 = time.time()
-        wrapper = CachedLM(self.model, self.layout.layers, last_only).eval()
-        example = example_inputs(self.layout, int(self.model.config.vocab_size), batch=batch or 2, seq=seq or 5)
+        vocab = int(self.model.config.vocab_size)
+        if cache == "concat":
+            wrapper = CachedLM(self.model, self.layout.layers, last_only).eval()
+            example = example_inputs(self.layout, vocab, batch=batch or 2, seq=seq or 5)
+            shapes = dynamic_shapes(self.layout, batch, seq)
+        else:
+            wrapper = CapacityCachedLM(self.model, self.layout.layers, last_only).eval()
+            example = capacity_example(self.layout, vocab, batch=batch or 2, seq=seq or 5)
+            shapes = capacity_shapes(self.layout, batch, seq)
         try:
             with torch.no_grad():
-                ep = torch.export.export(wrapper, example, strict=False,
-                                         dynamic_shapes=dynamic_shapes(self.layout, batch, seq))
+                ep = torch.export.export(wrapper, example, strict=False, dynamic_shapes=shapes)
         except Exception as e:
             raise ValueError(f"{self.family.name}: torch.export could not capture the model with its KV cache: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e

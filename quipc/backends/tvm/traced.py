@@ -5,14 +5,17 @@ quantized linear one `call_tir` of the same TIR kernel the hand-written build us
 of traced_attention.py (the model captured with torch.ops.quipc.attention in place of
 transformers' eager attention), for every family in backends/traced/families.py.
 
-Three Relax functions (batch 1, the cache as in the ONNX graph: `past` in, `present` out,
-concatenated, (1, kv_heads, past_seq, head_dim) per layer and kind):
-    forward(input_ids (1, seq) int64, past...) -> (logits (1, seq, vocab), present...)
+Three Relax functions over a cache of fixed capacity C, updated in place (traced_cache.py;
+per layer and kind (1, kv_heads, C, head_dim), handed back as it came; `span` is an int64
+tensor whose length S = past + seq is the number of positions held after the call):
+    forward(input_ids (1, seq) int64, span (S,), caches...) -> (logits (1, seq, vocab), caches...)
         any seq; the linears run the GEMM kernel on rows padded to a multiple of 16
-    prefill(input_ids (1, seq) int64, past...) -> (logits (1, 1, vocab) of the last row, present...)
+    prefill(input_ids (1, seq) int64, span, caches...) -> (logits (1, 1, vocab) of the last row, caches...)
         the same, the lm_head on the last row only (a prompt needs no other row's logits)
-    decode(input_ids (1, 1) int64, past...)    -> (logits (1, 1, vocab), present...)
+    decode(input_ids (1, 1) int64, span, caches...)    -> (logits (1, 1, vocab), caches...)
         the GEMV kernels
+(Builds made before the capacity cache, config without "cache", took and returned the cache
+concatenated, `past` in and `present` one position longer out; tvm_traced.py runs both.)
 The quantized parameters are constants of the module (no params.bin). An embedding that shares a
 grid or e8p lm_head's codes decodes from that head's constants (embedding.py), as in the hand-written
 build; other quantized embeddings are dequantized to fp32 at build time. Run it with
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .build import CONFIG, FORMAT_VERSION, LIB, resolve_target, write_build
+from .traced_cache import CapacityCache
 
 FUNCTIONS = ("forward", "prefill", "decode")
 ROW_MULTIPLE = 16    # the GEMM schedules split rows without a bounds predicate
@@ -42,10 +46,11 @@ class QuipConverters:
         self.shared_head = shared_head
         self.funcs: dict = {}
         self.consts: dict = {}
+        self.cache = CapacityCache(prefix)
 
     def convert_map(self) -> dict:
         return {"quip_linear.default": self.linear, "quip_embedding.default": self.embedding,
-                "attention.default": self.attention}
+                "attention.default": self.attention, "kv_write.default": self.kv_write}
 
     def _kernel(self, bb, spec, mode: str):
         from .lowering import linear_prim_func
@@ -118,8 +123,15 @@ class QuipConverters:
         env = importer.env
         q, k, v, mask = (None if a is None else env[a] for a in node.args[:4])
         scaling, softcap = float(node.args[4]), float(node.args[5])
+        span = self.cache.span_of(k)
+        if (span is None) != (self.cache.span_of(v) is None):
+            raise ValueError("the traced attention reads keys and values of different caches")
         return traced_attention.emit(importer.block_builder, q, k, v, mask, scaling, softcap,
-                                     f"{self.prefix}attention")
+                                     f"{self.prefix}attention", span)
+
+    def kv_write(self, node, importer):
+        env = importer.env
+        return self.cache.emit(importer.block_builder, *(env[a] for a in node.args[:3]))
 
     def embedding(self, node, importer):
         from tvm import relax
@@ -197,8 +209,9 @@ def _import(captured, converters: QuipConverters):
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def build_module(artifact: Path, llvm: bool = True):
-    """(IRModule with `forward` and `decode`, Traceable, seconds spent capturing)."""
+def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity"):
+    """(IRModule with FUNCTIONS, Traceable). cache: "capacity" (updated in place) or "concat"
+    (what builds before the capacity cache were; kept so that their runtime path stays tested)."""
     import tvm
 
     from quipc_runtime import artifact as art
@@ -216,7 +229,7 @@ def build_module(artifact: Path, llvm: bool = True):
     # forward / prefill: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
     for fname, batch, seq, last_only in (("forward", None, None, False), ("prefill", None, None, True),
                                          ("decode", 1, 1, False)):
-        captured = traceable.capture(batch=batch, seq=seq, last_only=last_only)
+        captured = traceable.capture(batch=batch, seq=seq, last_only=last_only, cache=cache)
         part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm, shared))
         for gv, func in part.functions.items():
             if gv.name_hint == "main":
@@ -226,7 +239,8 @@ def build_module(artifact: Path, llvm: bool = True):
     return mod, traceable
 
 
-def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True) -> Path:
+def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True,
+                   cache: str = "capacity") -> Path:
     """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config)."""
     import tvm
 
@@ -243,7 +257,7 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
     log = (lambda msg: print(f"[quipc tvm traced] {msg}", flush=True)) if progress else (lambda msg: None)
     t0 = time.time()
     log(f"tracing {artifact}")
-    mod, traceable = build_module(artifact)
+    mod, traceable = build_module(artifact, cache=cache)
     log(f"compiling for {tgt}")
     ex = tvm.compile(mod, target=tgt)
     lay = traceable.layout
@@ -255,6 +269,8 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
                      "max_pos": int(traceable.model.config.max_position_embeddings)},
            "eos_token_id": traceable.manifest["model_config"].get("eos_token_id"),
            "source_artifact": str(artifact.resolve()), "compile_seconds": None}
+    if cache == "capacity":
+        cfg["cache"] = "capacity"
     write_build(out, artifact, traceable.manifest, cfg, t0, lambda tmp: ex.export_library(str(tmp / LIB)))
     log(f"wrote {out} in {time.time() - t0:.0f} s")
     return out

@@ -10,6 +10,8 @@ and the value sum streaming rows of V into a vectorized head_dim accumulator.
 
     q (B, H, S, D), k / v (B, KV, L, D), mask broadcastable to (B, H, S, L) or absent
         -> (B, S, H, D)
+With a `span` (the capacity cache of traced_cache.py), k / v are (B, KV, C, D) buffers of
+which the first L = len(span) positions are attended.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ def _index(dim, i):
     return 0 if isinstance(dim, (int, tirx.IntImm)) and int(dim) == 1 else i
 
 
-def te_attention(q, k, v, mask, scaling: float, softcap: float):
+def te_attention(q, k, v, mask, scaling: float, softcap: float, span=None):
     B, H, S, D = q.shape
-    KV, L, Dv = k.shape[1], k.shape[2], v.shape[3]
+    KV, Dv = k.shape[1], v.shape[3]
+    L = k.shape[2] if span is None else span.shape[0]
     group = int(H) // int(KV)
     lanes = LANES if int(D) % LANES == 0 else 1
     dt = te.reduce_axis((0, int(D) // lanes), name="dt")
@@ -93,13 +96,17 @@ def _vector(sch: s_tir.Schedule, loop) -> None:
         sch.vectorize(loop)
 
 
-def emit(bb, q, k, v, mask, scaling: float, softcap: float, name: str):
+def emit(bb, q, k, v, mask, scaling: float, softcap: float, name: str, span=None):
     """The attention of one layer: a call_tir of its PrimFunc, scheduled here (emit_te gives each
-    layer a PrimFunc of its own; one handed back again, already scheduled, is left as it is)."""
-    args = [q, k, v] + ([mask] if mask is not None else [])
+    layer a PrimFunc of its own; one handed back again, already scheduled, is left as it is).
+    span: k / v are capacity buffers of which len(span) positions are attended."""
+    args = [q, k, v] + ([mask] if mask is not None else []) + ([span] if span is not None else [])
+    has_mask = mask is not None
 
-    def fn(q_, k_, v_, *m):
-        return te_attention(q_, k_, v_, m[0] if m else None, scaling, softcap)
+    def fn(q_, k_, v_, *rest):
+        m = rest[0] if has_mask else None
+        s = rest[-1] if span is not None else None
+        return te_attention(q_, k_, v_, m, scaling, softcap, s)
     out = bb.emit_te(fn, *args, primfunc_name_hint=name)
     call = bb.lookup_binding(out)
     gv = call.args[0]
