@@ -22,20 +22,25 @@ def test_kv_write_is_the_cache_head_then_the_new_positions():
         torch.ops.quipc.kv_write(cache, new, torch.zeros(1, dtype=torch.long))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_capacity_capture_matches_the_model(family):
-    """Prefill of 5 rows after 3 cached ones, the cache of capacity 12 (its tail garbage): the
-    program's logits and present equal the model's own forward with a DynamicCache of the 3."""
+@pytest.mark.parametrize("family,row_multiple", [("llama", 1), ("gemma2", 1), ("llama", 16)])
+def test_capacity_capture_matches_the_model(family, row_multiple):
+    """Prefill of the example's rows after 3 cached ones, the cache's tail garbage: the
+    program's logits and present equal the model's own forward with a DynamicCache of the 3.
+    row_multiple 16: ids as (batch, tiles, 16), and the logits of the row `last` only."""
     from transformers import DynamicCache
 
     from quipc.backends.traced import Traceable
 
     tr = Traceable.load(family_artifact(family), attention="op")
-    captured = tr.capture(cache="capacity")
-    ids, span, caches = captured.example
+    last_only = row_multiple > 1
+    captured = tr.capture(cache="capacity", row_multiple=row_multiple, last_only=last_only)
+    ids, span, caches, *last = captured.example
+    if row_multiple > 1:
+        assert ids.shape[2] == row_multiple
+        ids = ids.reshape(ids.shape[0], -1)
     past = span.shape[0] - ids.shape[1]
     assert past > 0 and caches[0].shape[2] > span.shape[0]
-    logits, present = captured.program.module()(ids, span, caches)
+    logits, present = captured.program.module()(*captured.example)
 
     cache = DynamicCache()
     for i in range(tr.layout.layers):
@@ -44,7 +49,7 @@ def test_capacity_capture_matches_the_model(family):
     with torch.no_grad():
         want = tr.model(input_ids=ids, position_ids=pos[None].expand(ids.shape[0], -1), cache_position=pos,
                         past_key_values=cache, use_cache=True)
-    torch.testing.assert_close(logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, want.logits[:, last[0]] if last else want.logits, rtol=1e-5, atol=1e-5)
     for i in range(tr.layout.layers):
         torch.testing.assert_close(present[2 * i], cache.layers[i].keys)
         torch.testing.assert_close(present[2 * i + 1], cache.layers[i].values)

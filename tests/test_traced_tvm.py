@@ -65,7 +65,8 @@ def traced_llama(tmp_path_factory):
 
 def test_capacity_cache_written_in_place(traced_llama):
     """The build's cache is updated in place: the arrays handed in hold the prompt's keys after
-    prefill, and positions never written (NaN here) are never read."""
+    prefill (its padding's too, overwritten by the decode steps), and positions never written
+    (NaN here) are never read."""
     import numpy as np
 
     from quipc_runtime.tvm_runtime import TvmLM
@@ -79,7 +80,9 @@ def test_capacity_cache_written_in_place(traced_llama):
     handed_in = list(cache)
     last = lm.prefill(prompt().numpy(), cache)
     keys = handed_in[0].numpy()
-    assert np.isfinite(keys[:, :, :PROMPT_LEN]).all() and np.isnan(keys[:, :, PROMPT_LEN:]).all()
+    padded = -(-PROMPT_LEN // lm.row_multiple) * lm.row_multiple   # the prompt's rows padded at the end
+    assert lm.row_multiple == 16 and padded > PROMPT_LEN
+    assert np.isfinite(keys[:, :, :padded]).all() and np.isnan(keys[:, :, padded:]).all()
     for k in range(DECODE_STEPS):
         assert rel(last, want_steps[k]) < TOL
         last = lm.decode(want_tokens[PROMPT_LEN + k], PROMPT_LEN + k, cache)
@@ -157,6 +160,29 @@ def test_quantized_linears_and_attention_are_call_tir():
         assert "R.nn.softmax" not in text
         shapes = {tuple(c.value.shape) for c in _constants(mod[fname])}
         assert not shapes & {(128, 64), (64, 128)}            # no dense gate/up/down weight
+        # prompts come padded to 16 rows: no linear pads its rows (zeros + concat) for its kernel
+        assert text.count("R.zeros(") < n_layers // 2
+    _check_prompt_ops_scheduled(mod)
+
+
+def _check_prompt_ops_scheduled(mod):
+    """schedules/legalized.py: TVM's own ops that only forward / prefill call run in parallel
+    (SiLU vectorized too); decode's keep the default serial loop nest."""
+    import tvm
+    from tvm import relax, tirx
+
+    from quipc.backends.tvm.schedules.legalized import _called, schedule_prompt_ops
+
+    with tvm.target.Target("llvm"):
+        mod = schedule_prompt_ops(relax.transform.LegalizeOps()(mod))
+    calls = {gv.name_hint: {g.name_hint for g in _called(f)} for gv, f in mod.functions.items()
+             if not isinstance(f, tirx.PrimFunc)}
+    silu = mod["prefill_silu"].script()
+    assert "T.parallel" in silu and "T.vectorized" in silu
+    assert silu.count("T.sblock(") - silu.count('T.sblock("root")') == 1   # fast_exp's stages inlined
+    decode_only = calls["decode"] - calls["forward"] - calls["prefill"]
+    legal = [n for n in decode_only if not n.startswith("decode_")]   # TVM's legalized ops
+    assert legal and not any("T.parallel" in mod[n].script() for n in legal)
 
 
 def _constants(func):

@@ -5,10 +5,14 @@ these for a traced build.
 
 The build's functions (tvm_config.json, "graph": "traced"), with "cache": "capacity":
     forward(input_ids (1, seq) int64, span (S,) int64, caches...) -> (logits (1, seq, vocab), caches...)
-    prefill(input_ids (1, seq) int64, span, caches...) -> (logits (1, 1, vocab) of the last row, caches...)
+    prefill(input_ids (1, seq) int64, span, caches..., last (1,) int64)
+        -> (logits (1, 1, vocab) of row `last`, caches...)
     decode(input_ids (1, 1) int64, span, caches...)    -> (logits (1, 1, vocab), caches...)
 caches: per layer its key then its value, (1, kv_heads, capacity, head_dim) float32, written in
-place at positions [S - seq, S) (S = the span's length: positions held after the call).
+place at positions [S - seq, S) (S = the span's length). Prompts (forward, prefill) are padded
+at the end to a multiple of the config's row_multiple R and passed as (1, seq / R, R): the
+padding's positions are written too, and overwritten by the next call (held counts the real
+positions only).
 Builds made before it (no "cache" in the config) take the cache concatenated:
     forward / prefill / decode(input_ids, past...) -> (logits, present...)
 past / present (1, kv_heads, positions, head_dim), present one call longer, replaced on each
@@ -37,7 +41,8 @@ CLEAR_EVERY = 16   # calls between releases of the allocator's free blocks (conc
 
 class TracedCache(list):
     """The cache arrays (per layer: key, value) and `held`, the positions written so far;
-    `capacity` the positions the arrays hold (None: a concatenated cache, which grows)."""
+    `capacity` the positions it may hold (None: a concatenated cache, which grows); the arrays
+    of a capacity cache have room for a padded prompt's tail beyond it."""
 
     def __init__(self, arrays, capacity: int | None):
         super().__init__(arrays)
@@ -62,6 +67,7 @@ class TracedTvmLM:
         self._forward, self._decode = self.vm["forward"], self.vm["decode"]
         self._prefill = self.vm["prefill"] if "prefill" in self.cfg.get("functions", ()) else None
         self.capacity_cache = self.cfg.get("cache") == "capacity"
+        self.row_multiple = int(self.cfg.get("row_multiple", 1))
         self._release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
         self.calls = 0
 
@@ -69,33 +75,43 @@ class TracedTvmLM:
         return self.tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev)
 
     def new_cache(self, capacity: int = 0) -> TracedCache:
-        """An empty cache for `capacity` positions (a concatenated build's grows: capacity unused)."""
+        """An empty cache for `capacity` positions (a concatenated build's grows: capacity unused).
+        A capacity cache holds row_multiple - 1 positions more, rounded up to a multiple of it,
+        for the padding of a prompt that ends near the capacity."""
         if not self.capacity_cache:
             return TracedCache([self._t(np.zeros((1, self.kv_heads[i // 2], 0, self.head_dims[i // 2]), np.float32))
                                 for i in range(2 * self.layers)], None)
         if capacity > self.max_pos:
             raise ValueError(f"a cache of {capacity} positions exceeds the model's {self.max_pos}")
-        cap = max(int(capacity), 2)   # the build's capacity dimension starts at 2
+        r = self.row_multiple
+        cap = max(-(-(int(capacity) + r - 1) // r) * r, 2)   # the build's capacity dimension starts at 2
         return TracedCache([self._t(np.zeros((1, self.kv_heads[i // 2], cap, self.head_dims[i // 2]), np.float32))
-                            for i in range(2 * self.layers)], cap)
+                            for i in range(2 * self.layers)], max(int(capacity), 1))
 
-    def _run(self, fn, ids: np.ndarray, cache: TracedCache) -> np.ndarray:
-        total = cache.held + ids.shape[1]
+    def _run(self, fn, ids: np.ndarray, cache: TracedCache, prompt: bool = False, last: bool = False) -> np.ndarray:
+        """prompt: fn takes rows padded to row_multiple (capacity builds); last: fn takes the
+        last real row's index and returns its logits only."""
+        n = ids.shape[1]
         if cache.capacity is None:
             out = fn(self._t(ids.astype(np.int64)), *cache)
         else:
-            if total > cache.capacity:
-                raise ValueError(f"{ids.shape[1]} tokens after {cache.held} do not fit a cache of "
-                                 f"{cache.capacity} positions")
-            out = fn(self._t(ids.astype(np.int64)), self._t(np.zeros(total, np.int64)), *cache)
+            if cache.held + n > cache.capacity:
+                raise ValueError(f"{n} tokens after {cache.held} do not fit a cache of {cache.capacity} positions")
+            rows = -(-n // self.row_multiple) * self.row_multiple if prompt else n
+            padded = np.zeros((1, rows), np.int64)
+            padded[:, :n] = ids
+            if prompt and self.row_multiple > 1:   # the prompt functions take (1, tiles, row_multiple)
+                padded = padded.reshape(1, -1, self.row_multiple)
+            extra = [self._t(np.array([n - 1], np.int64))] if last else []
+            out = fn(self._t(padded), self._t(np.zeros(cache.held + rows, np.int64)), *cache, *extra)
         cache[:] = [out[1 + i] for i in range(2 * self.layers)]
-        cache.held = total
+        cache.held += n
         logits = out[0].numpy()[0]
         del out
         self.calls += 1
         if cache.capacity is None and self._release is not None and self.calls % CLEAR_EVERY == 0:
             self._release()
-        return logits
+        return logits if last else logits[:n]
 
     @staticmethod
     def _ids(ids) -> np.ndarray:
@@ -107,16 +123,16 @@ class TracedTvmLM:
     def logits(self, ids) -> np.ndarray:
         """(L, vocab) logits of one sequence."""
         ids = self._ids(ids)
-        return self._run(self._forward, ids, self.new_cache(ids.shape[1]))
+        return self._run(self._forward, ids, self.new_cache(ids.shape[1]), prompt=True)
 
     def prefill(self, ids, cache: list) -> np.ndarray:
-        """Run the prompt into an empty `cache`; returns the last row's logits (V,)."""
+        """Run the prompt into `cache`; returns the last row's logits (V,)."""
         if self._prefill is None:
             return self.prefill_all(ids, cache)[-1]
-        return self._run(self._prefill, self._ids(ids), cache)[-1]
+        return self._run(self._prefill, self._ids(ids), cache, prompt=True, last=self.capacity_cache)[-1]
 
     def prefill_all(self, ids, cache: list) -> np.ndarray:
-        return self._run(self._forward, self._ids(ids), cache)
+        return self._run(self._forward, self._ids(ids), cache, prompt=True)
 
     def decode(self, token: int, pos: int, cache: TracedCache) -> np.ndarray:
         """One token at position `pos` (the cache holds [0, pos)); returns its logits (V,)."""

@@ -17,8 +17,14 @@ their window through the attention mask, so every layer's cache holds every posi
 fixed capacity instead, which the backend updates in place:
 
     CapacityCachedLM(input_ids (batch, seq), span (S,) (any values: its length S = past + seq
-                     is the attended length), caches (2 * layers tensors (batch, kv_heads, C, head_dim)))
+                     is the attended length), caches (2 * layers tensors (batch, kv_heads, C, head_dim))
+                     [, last (1,) int64: the row whose logits a last_only capture returns])
         -> logits, present (each layer's torch.ops.quipc.kv_write: (batch, kv_heads, S, head_dim))
+
+With `row_multiple` R > 1 input_ids comes as (batch, tiles, R), seq = tiles * R: the backend
+pads prompts at the end to a multiple of R (causal attention keeps the padding out of the real
+rows; its cache positions are overwritten by the next call), and its kernels know the row
+count's factor (an input of shape (batch, R * tiles) would not give the backend `tiles` itself).
 """
 from __future__ import annotations
 
@@ -72,7 +78,10 @@ class CapacityCachedLM(nn.Module):
         super().__init__()
         self.model, self.layers, self.last_only = model, layers, last_only
 
-    def forward(self, input_ids: torch.Tensor, span: torch.Tensor, caches: list[torch.Tensor]):
+    def forward(self, input_ids: torch.Tensor, span: torch.Tensor, caches: list[torch.Tensor],
+                last: torch.Tensor | None = None):
+        if input_ids.dim() == 3:   # (batch, tiles, row_multiple)
+            input_ids = input_ids.reshape(input_ids.shape[0], input_ids.shape[1] * input_ids.shape[2])
         seq, total = input_ids.shape[1], span.shape[0]
         torch._check(total >= seq)
         for tensor in caches:   # one capacity for every layer, at least the attended span
@@ -81,8 +90,8 @@ class CapacityCachedLM(nn.Module):
         cache = _capacity_cache(caches, span, total - seq)
         pos = torch.arange(seq, device=input_ids.device) + (total - seq)
         kwargs = {_cache_kwarg(self.model): cache}
-        if self.last_only:
-            kwargs["logits_to_keep"] = torch.full((1,), seq - 1, dtype=torch.long)
+        if self.last_only:   # the last real row: prompts may be padded
+            kwargs["logits_to_keep"] = last
         out = self.model(input_ids=input_ids, position_ids=pos[None], cache_position=pos, use_cache=True,
                          **kwargs)
         present = []
@@ -205,20 +214,27 @@ def example_inputs(layout: CacheLayout, vocab: int, batch: int = 2, seq: int = 5
 
 
 def capacity_example(layout: CacheLayout, vocab: int, batch: int = 2, seq: int = 5, past: int = 3,
-                     capacity: int = 12) -> tuple:
-    """Inputs for the capacity-cache capture."""
-    ids, kv = example_inputs(layout, vocab, batch, seq, capacity)
-    return ids, torch.zeros(past + seq, dtype=torch.long), kv
+                     last_only: bool = False) -> tuple:
+    """Inputs for the capacity-cache capture (capacity past + seq + 4)."""
+    ids, kv = example_inputs(layout, vocab, batch, seq, past + seq + 4)
+    span = torch.zeros(past + seq, dtype=torch.long)
+    return (ids, span, kv) + ((torch.full((1,), seq - 2, dtype=torch.long),) if last_only else ())
 
 
-def capacity_shapes(layout: CacheLayout, batch: int | None, seq: int | None) -> tuple:
-    """Dims of (input_ids, span, caches): batch and seq dynamic unless given, span and capacity always."""
+def capacity_shapes(layout: CacheLayout, batch: int | None, seq: int | None, last_only: bool = False,
+                    row_multiple: int = 1) -> tuple:
+    """Dims of (input_ids, span, caches[, last]): batch and seq dynamic unless given (with
+    row_multiple > 1 input_ids is (batch, tiles, row_multiple): tiles dynamic), span and capacity
+    always."""
     b = torch.export.Dim("batch") if batch is None else None
-    t = torch.export.Dim("seq") if seq is None else None
+    t = None if seq is not None else torch.export.Dim("seq" if row_multiple == 1 else "row_tiles")
     ids = {k: d for k, d in ((0, b), (1, t)) if d is not None}
-    cap = torch.export.Dim("capacity", min=2)
-    return (ids or None, {0: torch.export.Dim("span", min=2)},
-            [{**({0: b} if b is not None else {}), 2: cap} for _ in range(2 * layout.layers)])
+    # export assumes a dynamic size >= 2, so 2 tiles of rows at least (the backend runs 1 as well)
+    least = 2 * row_multiple if seq is None else 2
+    cap = torch.export.Dim("capacity", min=least)
+    return (ids or None, {0: torch.export.Dim("span", min=least)},
+            [{**({0: b} if b is not None else {}), 2: cap} for _ in range(2 * layout.layers)]) + \
+        ((None,) if last_only else ())
 
 
 def dynamic_shapes(layout: CacheLayout, batch: int | None, seq: int | None) -> tuple:
@@ -246,9 +262,13 @@ class Traceable:
         return Traceable(model, manifest, swapped, family_for(model.config), cache_layout(model))
 
     def capture(self, batch: int | None = None, seq: int | None = None, last_only: bool = False,
-                cache: str = "concat") -> Captured:
+                cache: str = "concat", row_multiple: int = 1) -> Captured:
         """torch.export of CachedLM (cache="concat") or CapacityCachedLM (cache="capacity");
-        batch / seq: static sizes (None: dynamic); last_only: the last position's logits only."""
+        batch / seq: static sizes (None: dynamic); last_only: the last position's logits only
+        (of the row `last`, an input, with the capacity cache); row_multiple: a dynamic seq is
+        a multiple of it (capacity cache only)."""
+        if row_multiple != 1 and cache != "capacity":
+            raise ValueError("row_multiple needs the capacity cache (padded prompts)")
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         t0 = time.time()
@@ -259,8 +279,11 @@ class Traceable:
             shapes = dynamic_shapes(self.layout, batch, seq)
         else:
             wrapper = CapacityCachedLM(self.model, self.layout.layers, last_only).eval()
-            example = capacity_example(self.layout, vocab, batch=batch or 2, seq=seq or 5)
-            shapes = capacity_shapes(self.layout, batch, seq)
+            rows = seq or (5 if row_multiple == 1 else 2 * row_multiple)   # a dynamic size above 1
+            example = capacity_example(self.layout, vocab, batch=batch or 2, seq=rows, last_only=last_only)
+            if row_multiple != 1:
+                example = (example[0].reshape(example[0].shape[0], -1, row_multiple),) + example[1:]
+            shapes = capacity_shapes(self.layout, batch, seq, last_only, row_multiple)
         try:
             with torch.no_grad():
                 ep = torch.export.export(wrapper, example, strict=False, dynamic_shapes=shapes)

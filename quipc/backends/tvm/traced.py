@@ -8,10 +8,12 @@ transformers' eager attention), for every family in backends/traced/families.py.
 Three Relax functions over a cache of fixed capacity C, updated in place (traced_cache.py;
 per layer and kind (1, kv_heads, C, head_dim), handed back as it came; `span` is an int64
 tensor whose length S = past + seq is the number of positions held after the call):
-    forward(input_ids (1, seq) int64, span (S,), caches...) -> (logits (1, seq, vocab), caches...)
-        any seq; the linears run the GEMM kernel on rows padded to a multiple of 16
-    prefill(input_ids (1, seq) int64, span, caches...) -> (logits (1, 1, vocab) of the last row, caches...)
-        the same, the lm_head on the last row only (a prompt needs no other row's logits)
+    forward(input_ids (1, seq / 16, 16) int64, span (S,), caches...) -> (logits (1, seq, vocab), caches...)
+        seq a multiple of 16 (ROW_MULTIPLE: the runtime pads prompts at the end; the GEMM
+        kernels take the rows as they are)
+    prefill(input_ids (1, seq / 16, 16) int64, span, caches..., last (1,) int64)
+            -> (logits (1, 1, vocab) of row `last`, caches...)
+        the same, the lm_head on the last real row only (a prompt needs no other row's logits)
     decode(input_ids (1, 1) int64, span, caches...)    -> (logits (1, 1, vocab), caches...)
         the GEMV kernels
 (Builds made before the capacity cache, config without "cache", took and returned the cache
@@ -50,7 +52,8 @@ class QuipConverters:
 
     def convert_map(self) -> dict:
         return {"quip_linear.default": self.linear, "quip_embedding.default": self.embedding,
-                "attention.default": self.attention, "kv_write.default": self.kv_write}
+                "attention.default": self.attention, "kv_write.default": self.kv_write,
+                "silu.default": self.silu}
 
     def _kernel(self, bb, spec, mode: str):
         from .lowering import linear_prim_func
@@ -105,6 +108,9 @@ class QuipConverters:
         if static_one:
             y = bb.emit(relax.call_tir(self._kernel(bb, spec, "gemv"), [x2, *params],
                                        relax.TensorType([1, spec.m], "float32")))
+        elif _multiple_of(rows, ROW_MULTIPLE):   # a padded prompt's rows: the kernel takes them as they are
+            y = bb.emit(relax.call_tir(self._kernel(bb, spec, "gemm"), [x2, *params],
+                                       relax.TensorType([rows, spec.m], "float32")))
         else:
             padded = (rows + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE
             pad = bb.emit(relax.op.zeros(relax.ShapeExpr([padded - rows, spec.n]), "float32"))
@@ -128,6 +134,18 @@ class QuipConverters:
             raise ValueError("the traced attention reads keys and values of different caches")
         return traced_attention.emit(importer.block_builder, q, k, v, mask, scaling, softcap,
                                      f"{self.prefix}attention", span)
+
+    def silu(self, node, importer):
+        """x * sigmoid(x) with TVM's vectorizable fast_exp (relative error ~1e-6) in place of
+        the default lowering's scalar expf per element (the prompt's costliest op after the
+        linears and attention)."""
+        from tvm import te, tirx, topi
+
+        def fn(x):
+            e = topi.fast_exp(topi.negative(x))
+            return te.compute(x.shape, lambda *i: x(*i) / (e(*i) + tirx.const(1.0, "float32")), name="silu")
+        return importer.block_builder.emit_te(fn, importer.env[node.args[0]],
+                                               primfunc_name_hint=f"{self.prefix}silu")
 
     def kv_write(self, node, importer):
         env = importer.env
@@ -174,6 +192,12 @@ class QuipConverters:
         return bb.emit(relax.op.reshape(rows, shape + [spec.n]))
 
 
+def _multiple_of(rows, k: int) -> bool:
+    from tvm import sym, tirx
+
+    return bool(sym.Analyzer().can_prove(tirx.floormod(rows, k) == 0))
+
+
 def _shared_head(manifest: dict, layers: dict):
     """The lm_head layer when the embedding shares its codes and the graph can decode them."""
     from .embedding import shares_head
@@ -202,8 +226,14 @@ def _dense_tables(traceable) -> dict:
 def _import(captured, converters: QuipConverters):
     from tvm.relax.frontend.torch import from_exported_program
 
+    import torch
+
+    table = torch.export.default_decompositions()
+    del table[torch.ops.aten.silu.default]   # converted whole (QuipConverters.silu)
     try:
-        return from_exported_program(captured.program, custom_convert_map=converters.convert_map())
+        program = captured.program.run_decompositions(table)
+        return from_exported_program(program, custom_convert_map=converters.convert_map(),
+                                     run_ep_decomposition=False)
     except Exception as e:
         raise ValueError(f"{captured.family.name}: Relax cannot import the traced graph: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -229,7 +259,8 @@ def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity"):
     # forward / prefill: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
     for fname, batch, seq, last_only in (("forward", None, None, False), ("prefill", None, None, True),
                                          ("decode", 1, 1, False)):
-        captured = traceable.capture(batch=batch, seq=seq, last_only=last_only, cache=cache)
+        rows = ROW_MULTIPLE if cache == "capacity" and seq is None else 1   # prompts padded by the runtime
+        captured = traceable.capture(batch=batch, seq=seq, last_only=last_only, cache=cache, row_multiple=rows)
         part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm, shared))
         for gv, func in part.functions.items():
             if gv.name_hint == "main":
@@ -243,6 +274,9 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
                    cache: str = "capacity") -> Path:
     """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config)."""
     import tvm
+    from tvm import relax
+
+    from .schedules.legalized import schedule_prompt_ops
 
     from .build import _tvm_or_explain
 
@@ -259,6 +293,8 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
     log(f"tracing {artifact}")
     mod, traceable = build_module(artifact, cache=cache)
     log(f"compiling for {tgt}")
+    with tgt:
+        mod = schedule_prompt_ops(relax.transform.LegalizeOps()(mod))
     ex = tvm.compile(mod, target=tgt)
     lay = traceable.layout
     cfg = {"format": "quipc-tvm", "format_version": FORMAT_VERSION, "graph": "traced",
@@ -270,7 +306,7 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
            "eos_token_id": traceable.manifest["model_config"].get("eos_token_id"),
            "source_artifact": str(artifact.resolve()), "compile_seconds": None}
     if cache == "capacity":
-        cfg["cache"] = "capacity"
+        cfg["cache"], cfg["row_multiple"] = "capacity", ROW_MULTIPLE
     write_build(out, artifact, traceable.manifest, cfg, t0, lambda tmp: ex.export_library(str(tmp / LIB)))
     log(f"wrote {out} in {time.time() - t0:.0f} s")
     return out
