@@ -143,7 +143,10 @@ def test_graph_choice_and_errors():
     from quipc.backends.traced import family_for
 
     assert choose_graph(family_artifact("llama")) == "handwritten"
+    assert choose_graph(family_artifact("llama"), target="tvm") == "traced"
+    assert choose_graph(family_artifact("llama"), target="tvm", tvm_target="cuda") == "handwritten"
     assert choose_graph(family_artifact("qwen2")) == "traced"
+    assert choose_graph(family_artifact("qwen2"), target="tvm") == "traced"
     with pytest.raises(ValueError, match="hand-written graphs cover llama.*'qwen2'.*--graph traced"):
         choose_graph(family_artifact("qwen2"), "handwritten")
     with pytest.raises(ValueError, match="no family for model_type 'gpt_neox'"):

@@ -69,6 +69,8 @@ def schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         loops = sch.get_loops(block)
         if not loops or len(loops) != len(iters):
             return None
+        if any(extent(sch, loop) == 0 for loop in loops):   # an empty tensor (phi3's split of a
+            continue                                          # fused projection): nothing to run
         spatial = [iv.iter_type == tirx.IterVar.DataPar for iv in iters]
         if all(spatial):
             _injective(sch, loops)
