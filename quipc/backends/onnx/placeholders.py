@@ -49,7 +49,32 @@ def translations() -> dict:
     def quip_embedding(ids, key: str, dim: int):
         return embed_op(ids, key=key, dim=dim)
     return {torch.ops.quipc.quip_linear.default: quip_linear,
-            torch.ops.quipc.quip_embedding.default: quip_embedding}
+            torch.ops.quipc.quip_embedding.default: quip_embedding,
+            torch.ops.quipc.attention.default: grouped_attention}
+
+
+def grouped_attention(q, k, v, mask, scaling: float, softcap: float):
+    """torch.ops.quipc.attention in standard ONNX ops, as the hand-written graph computes it:
+    the query heads of each kv head stacked as rows, (B, KV, rep * T, D), so the cache is read
+    as it is (no kv head repeated, unlike transformers' eager attention), scores scaled,
+    soft-capped, masked (the family's mask (B, 1, T, S), broadcast over the heads), softmax,
+    the value product, and back to (B, T, H, D)."""
+    from onnxscript import opset18 as op
+
+    b, h, t, d = (op.Shape(q, start=i, end=i + 1) for i in range(4))
+    kv, s = op.Shape(k, start=1, end=2), op.Shape(k, start=2, end=3)
+    rep = op.Div(h, kv)
+    stacked = op.Reshape(q, op.Concat(b, kv, op.Constant(value_ints=[-1]), d, axis=0))
+    scores = op.Mul(op.MatMul(stacked, op.Transpose(k, perm=[0, 1, 3, 2])), op.Constant(value_float=scaling))
+    if softcap:
+        cap = op.Constant(value_float=softcap)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    if mask is not None:   # (B, KV, rep, T, S) + (B, 1, 1, T, S)
+        scores = op.Add(op.Reshape(scores, op.Concat(b, kv, rep, t, s, axis=0)),
+                        op.Unsqueeze(mask, op.Constant(value_ints=[2])))
+    probs = op.Reshape(op.Softmax(scores, axis=-1), op.Concat(b, kv, op.Constant(value_ints=[-1]), s, axis=0))
+    out = op.Reshape(op.MatMul(probs, v), op.Concat(b, h, t, d, axis=0))
+    return op.Transpose(out, perm=[0, 2, 1, 3])
 
 
 def _attr(node: onnx.NodeProto, name: str):

@@ -1,6 +1,7 @@
 """`quipc compile MODEL --target onnx --graph traced`: the artifact's transformers model captured
 by torch.export (backends/traced) and translated by the dynamo ONNX exporter, each quantized
-linear one quipc node (placeholders.py), for every family in backends/traced/families.py.
+linear one quipc node and each layer's attention (torch.ops.quipc.attention) the hand-written
+graph's grouped-query arithmetic (placeholders.py), for every family in backends/traced/families.py.
 
 The file has the hand-written graph's interface (export.io_convention): inputs `input_ids`
 and `past_key_values.{i}.key/.value`, outputs `logits` and `present.{i}.key/.value`, so
@@ -97,7 +98,7 @@ def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: boo
     t0 = time.time()
     if progress:
         print(f"tracing {artifact}")
-    captured = capture(artifact)
+    captured = capture(artifact, attention="op")   # placeholders.grouped_attention
     manifest = captured.manifest
     model = _to_onnx(captured)
     layers = art.load_layers(artifact, manifest)

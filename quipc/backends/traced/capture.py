@@ -294,6 +294,6 @@ class Traceable:
                         time.time() - t0)
 
 
-def capture(artifact: Path) -> Captured:
+def capture(artifact: Path, attention: str = "eager") -> Captured:
     """torch.export of CachedLM over the artifact's model (dynamic batch, seq and past_seq)."""
-    return Traceable.load(artifact).capture()
+    return Traceable.load(artifact, attention).capture()
