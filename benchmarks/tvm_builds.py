@@ -1,7 +1,10 @@
-"""Decode time of several TVM builds of one model, interleaved in one process.
+"""Decode time of several TVM builds (or ONNX exports) of one model, interleaved in one process.
 
     python benchmarks/tvm_builds.py BUILD_A BUILD_B [...] [--prompt-len 128] [--new-tokens 32]
         [--reps 9] [--threads 2] [--json F]
+
+A BUILD is a TVM build folder or an ONNX export (a folder holding model.onnx, or the .onnx
+file), e.g. the hand-written and the traced graph of one artifact.
 
 For comparing two builds of the same artifact (before and after a change to the TVM backend):
 each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
@@ -27,9 +30,39 @@ def decode_ms(lm, prompt: np.ndarray, new_tokens: int) -> float:
     return (time.perf_counter() - t0) / new_tokens * 1e3
 
 
-def main() -> None:
+class OnnxBuild:
+    """OnnxLM through TvmLM's new_cache / prefill / decode (the cache: past arrays and length)."""
+
+    def __init__(self, path, threads: int):
+        from quipc_runtime.onnx_runtime import OnnxLM
+
+        self.lm = OnnxLM(path, threads=threads)
+        self.vocab = int(self.lm.logits(np.zeros(1, np.int64)).shape[-1])
+
+    def new_cache(self, capacity: int) -> dict:
+        return {}
+
+    def prefill(self, prompt: np.ndarray, cache: dict) -> np.ndarray:
+        logits, cache["past"] = self.lm.prefill(prompt)
+        return logits
+
+    def decode(self, token: int, pos: int, cache: dict) -> np.ndarray:
+        logits, cache["past"] = self.lm.decode(token, cache["past"], pos)
+        return logits
+
+
+def load(build: str, threads: int):
+    from pathlib import Path
+
     from quipc_runtime.tvm_runtime import TvmLM
 
+    path = Path(build)
+    if path.suffix == ".onnx" or (path / "model.onnx").is_file():
+        return OnnxBuild(path, threads)
+    return TvmLM(path, threads=threads)
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("builds", nargs="+", help="TVM build folders of the same model")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -38,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the records here")
     a = ap.parse_args()
-    lms = [TvmLM(b, threads=a.threads) for b in a.builds]
+    lms = [load(b, a.threads) for b in a.builds]
     prompt = (np.arange(a.prompt_len) * 7 + 200) % min(lm.vocab for lm in lms)
     for lm in lms:
         decode_ms(lm, prompt, 4)
