@@ -12,13 +12,12 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from quipc_runtime import artifact as art  # noqa: E402
-from traced_families import DECODE_STEPS, PROMPT_LEN, family_artifact, prompt, rel, torch_reference  # noqa: E402
+from traced_families import (DECODE_STEPS, FAMILY_CONFIGS, PROMPT_LEN, family_artifact, prompt, rel,  # noqa: E402
+                             torch_reference)
 
 TOL = 1e-4
-# the families whose graphs differ most (biases; sliding window + soft-capping; fused projections,
-# whose split gave the prompt-op schedules an empty loop): every family in FAMILY_CONFIGS builds
-# the same way, these keep the test time down
-TVM_FAMILIES = ("llama", "qwen2", "gemma2", "phi3")
+# every family (phi3's split of its fused projections gave the prompt-op schedules an empty loop)
+TVM_FAMILIES = tuple(FAMILY_CONFIGS)
 
 
 def tvm_steps(path):
