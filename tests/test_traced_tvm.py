@@ -167,15 +167,20 @@ def test_quantized_linears_and_attention_are_call_tir():
 
 def _check_prompt_ops_scheduled(mod):
     """schedules/legalized.py: TVM's own ops that only forward / prefill call run in parallel
-    (SiLU vectorized too); decode's keep the default serial loop nest."""
+    (SiLU vectorized too); decode's keep the default serial loop nest, fused (decode_fusion.py)."""
     import tvm
     from tvm import relax, tirx
 
-    from quipc.backends.tvm.schedules.legalized import _called, schedule_prompt_ops
+    from quipc.backends.tvm.build import resolve_target
+    from quipc.backends.tvm.schedules.legalized import called_by
+    from quipc.backends.tvm.traced import lower_operators
 
+    # quipc's kernels (SiLU's converter aside: TVM ops, fused like the legalized ones)
+    ours = {g.name_hint for g in called_by(mod["decode"]) if "silu" not in g.name_hint}
     with tvm.target.Target("llvm"):
-        mod = schedule_prompt_ops(relax.transform.LegalizeOps()(mod))
-    calls = {gv.name_hint: {g.name_hint for g in _called(f)} for gv, f in mod.functions.items()
+        unfused = relax.transform.LegalizeOps()(mod)["decode"].script().count("R.call_tir")
+    mod = lower_operators(mod, resolve_target("llvm"))
+    calls = {gv.name_hint: {g.name_hint for g in called_by(f)} for gv, f in mod.functions.items()
              if not isinstance(f, tirx.PrimFunc)}
     silu = mod["prefill_silu"].script()
     assert "T.parallel" in silu and "T.vectorized" in silu
@@ -183,6 +188,11 @@ def _check_prompt_ops_scheduled(mod):
     decode_only = calls["decode"] - calls["forward"] - calls["prefill"]
     legal = [n for n in decode_only if not n.startswith("decode_")]   # TVM's legalized ops
     assert legal and not any("T.parallel" in mod[n].script() for n in legal)
+    # decode's norms, rotary embeddings and activations fused; quipc's kernels called as built
+    fused = [n for n in legal if n.startswith("fused_")]
+    assert any("mean" in n and "rsqrt" in n for n in fused)         # an RMSNorm, one function
+    assert mod["decode"].script().count("R.call_tir") < 0.6 * unfused
+    assert ours and ours <= calls["decode"]
 
 
 def _constants(func):

@@ -270,13 +270,22 @@ def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity"):
     return mod, traceable
 
 
+def lower_operators(mod, tgt):
+    """TVM's operators of the traced module legalized to PrimFuncs, decode's fused
+    (decode_fusion.py), the prompt functions' scheduled (schedules/legalized.py)."""
+    from tvm import relax
+
+    from .decode_fusion import fuse_decode_ops
+    from .schedules.legalized import schedule_prompt_ops
+
+    with tgt:
+        return schedule_prompt_ops(fuse_decode_ops(relax.transform.LegalizeOps()(mod)))
+
+
 def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True,
                    cache: str = "capacity") -> Path:
     """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config)."""
     import tvm
-    from tvm import relax
-
-    from .schedules.legalized import schedule_prompt_ops
 
     from .build import _tvm_or_explain
 
@@ -293,9 +302,7 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
     log(f"tracing {artifact}")
     mod, traceable = build_module(artifact, cache=cache)
     log(f"compiling for {tgt}")
-    with tgt:
-        mod = schedule_prompt_ops(relax.transform.LegalizeOps()(mod))
-    ex = tvm.compile(mod, target=tgt)
+    ex = tvm.compile(lower_operators(mod, tgt), target=tgt)
     lay = traceable.layout
     cfg = {"format": "quipc-tvm", "format_version": FORMAT_VERSION, "graph": "traced",
            "family": traceable.family.name, "model_type": traceable.model.config.model_type,

@@ -28,7 +28,7 @@ def schedule_prompt_ops(mod, prompt_functions=PROMPT_FUNCTIONS):
     prompt, others = set(), set()
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
-            (prompt if gv.name_hint in prompt_functions else others).update(_called(func))
+            (prompt if gv.name_hint in prompt_functions else others).update(called_by(func))
     for gv in sorted(prompt - others, key=lambda g: g.name_hint):
         func = mod[gv]
         if func.attrs is not None and func.attrs.get("tir.is_scheduled", False):
@@ -39,7 +39,8 @@ def schedule_prompt_ops(mod, prompt_functions=PROMPT_FUNCTIONS):
     return mod
 
 
-def _called(func) -> set:
+def called_by(func) -> set:
+    """The GlobalVars (PrimFuncs, functions) that `func` calls."""
     from tvm import ir, relax
 
     found = set()
