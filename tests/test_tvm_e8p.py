@@ -59,13 +59,14 @@ def test_kernel_kron_identity_and_residual():
 
 
 def test_tables_reproduce_every_e8p_index():
-    """The kernel's decode (three small tables) equals the format's E8P codebook on all 2^16 indices."""
-    from quipc.backends.tvm.tir_e8p_linear import GROUP, e8p_tables
+    """The kernel's decode (source table, sign bits flipped, the shift of bit 15) equals the
+    format's E8P codebook on all 2^16 indices."""
+    from quipc.backends.tvm.tir_e8p_linear import e8p_tables
 
     t = e8p_tables()
     a = np.arange(1 << 16)
-    hi = a >> 8
-    got = t["e8p_src"][a & 255] * t["e8p_sign"][hi, :GROUP] + t["e8p_sign"][hi, GROUP:]
+    signed = (t["e8p_src"][a & 255].view(np.uint32) ^ t["e8p_signbits"][a >> 8]).view(np.float32)
+    got = signed + np.where(a >= 1 << 15, -0.25, 0.25)[:, None].astype(np.float32)
     np.testing.assert_array_equal(got, e8p_table())
 
 

@@ -1,19 +1,24 @@
 """The "e8p" code format as a TE/TIR computation: codebook lookup fused into the matmul.
 
 W'[i, 8g:8g+8] = scale[i, 0] * E8P[a] (+ scale[i, 1] * T2[b]), a, b the group's stage indices
-(quipc_runtime.formats.e8p). E8P[a] is decoded in the loop from three small tables that stay
-in L1 (shared by every layer, stored once per model):
-    e8p_src   (256, 8)  the source vectors, coordinate 7 already negated where the source's
-                        coordinate sum is odd (so the implied sign needs only the 7 sign bits)
-    e8p_sign  (256, 16) for the high byte h = a >> 8: +-1 per coordinate (bits 0-6 of h,
-                        coordinate 7 their parity), then the shift (+-1/4, bit 7) 8 times
-    e8_1bit   (256, 8)  the one-bit E8 stage (3 bits)
-    E8P[a][c] = e8p_src[a & 255, c] * e8p_sign[a >> 8, c] + e8p_sign[a >> 8, 8 + c]
-One 8-vector of W' is three vector loads and an FMA, from two byte extractions: the 8 lanes
-are the 8 weights of a group. Per stage s the kernel computes
+(quipc_runtime.formats.e8p). E8P[a] is decoded in the loop from small tables that stay in L1
+(shared by every layer, stored once per model):
+    e8p_src      (256, 8) float32  the source vectors, coordinate 7 already negated where the
+                                   source's coordinate sum is odd (so the implied sign needs
+                                   only the 7 sign bits)
+    e8p_signbits (256, 8) uint32   for the high byte h = a >> 8: the float sign bit (0x80000000)
+                                   of each negated coordinate (bits 0-6 of h, coordinate 7
+                                   their parity)
+    e8_1bit      (256, 8) float32  the one-bit E8 stage (3 bits)
+    E8P[a][c] = (e8p_src[a & 255, c] XOR e8p_signbits[a >> 8, c]) + shift(a),
+    shift(a) = -1/4 if bit 15 of a is set, else +1/4 (the same for the 8 coordinates)
+Per stage s the kernel computes
 
-    gemv (decode):  part_s[b, o, c] = sum_g E_s(idx_s[o, g])[c] * z[b, 8g + c]   (8 lanes = c)
-                    t[b, o] = sum_s scale[s, o] * sum_c part_s[b, o, c]
+    gemv (decode):  part_s[b, o, c] = sum_g (src XOR signbits)(idx_s[o, g])[c] * z[b, 8g + c]
+                    shift_s[b, o]   = sum_g shift(idx_s[o, g]) * zsum[b, g]   (zsum: the group's
+                                      sum of z; 16 rows at once, one vector lane per row)
+                    t[b, o] = sum_s scale[s, o] * (sum_c part_s[b, o, c] + shift_s[b, o])
+                    so a weight costs one FMA: the sign is a bit flip, the shift a term per row
     gemm (prefill): wdq[ot, k, oi] = sum_s scale[s, o] E_s(idx_s[o, k / 8])[k % 8], one 16-row
                     tile at a time (never the whole matrix), then acc = wdq . z (tiled_gemm)
 
@@ -28,14 +33,14 @@ from __future__ import annotations
 import numpy as np
 from quipc_runtime.formats import e8p as fmt
 from quipc_runtime.formats.lattice import GROUP, e8_one_bit_table, e8p_source_parity, e8p_sources
-from tvm import te
+from tvm import te, tirx
 
 from .tir_quip_linear import (LinearSpec, _ceil_to, dequant_tile_gemm_te, prefill_rows, te_input_side,
                               te_output_side, transform_names, transform_params, transform_shapes)
 
 ROWS = 16     # rows of one GEMV tile: 16 independent 8-lane accumulators (AVX-512 has 32 registers)
 TILE_O = 16   # rows of one prefill dequantized tile (the tiled_gemm lane width)
-SHARED = ("e8p_src", "e8p_sign", "e8_1bit")
+SHARED = ("e8p_src", "e8p_signbits", "e8_1bit")
 _DTYPE = {"e8p": "uint16", "e8_1bit": "uint8"}
 
 
@@ -48,21 +53,20 @@ def stages(spec: LinearSpec) -> tuple[str, ...]:
 
 
 def e8p_tables() -> dict[str, np.ndarray]:
-    """The three codebook tables (see the module docstring), float32."""
+    """The codebook tables (see the module docstring)."""
     src = e8p_sources().copy()
     src[:, 7] *= np.where(e8p_source_parity() == 1, -1.0, 1.0).astype(np.float32)
     hi = np.arange(256)
     bits = (hi[:, None] >> np.arange(7)[None, :]) & 1                         # (256, 7)
     neg = np.concatenate([bits, (bits.sum(1) & 1)[:, None]], axis=1)
-    shift = np.where(hi >= 128, -0.25, 0.25)[:, None] * np.ones((1, GROUP))
-    sign = np.concatenate([1.0 - 2.0 * neg, shift], axis=1).astype(np.float32)  # (256, 16)
-    return {"e8p_src": np.ascontiguousarray(src, np.float32), "e8p_sign": sign,
+    return {"e8p_src": np.ascontiguousarray(src, np.float32),
+            "e8p_signbits": (neg.astype(np.uint32) << np.uint32(31)).astype(np.uint32),
             "e8_1bit": np.ascontiguousarray(e8_one_bit_table(), np.float32)}
 
 
 def _tables_for(spec: LinearSpec) -> list[str]:
     kinds = stages(spec)
-    return (["e8p_src", "e8p_sign"] if "e8p" in kinds else []) + (["e8_1bit"] if "e8_1bit" in kinds else [])
+    return (["e8p_src", "e8p_signbits"] if "e8p" in kinds else []) + (["e8_1bit"] if "e8_1bit" in kinds else [])
 
 
 def repack_indices(idx: np.ndarray, rows_pad: int, dtype: str) -> np.ndarray:
@@ -82,13 +86,13 @@ def param_shapes(spec: LinearSpec) -> dict[str, tuple]:
     op, groups = o_pad(spec), spec.n // GROUP
     shapes = {f"idx{s}": (op // ROWS, groups, ROWS) for s in range(len(stages(spec)))}
     shapes["scale"] = (len(stages(spec)), op)
-    tables = {"e8p_src": (256, GROUP), "e8p_sign": (256, 2 * GROUP), "e8_1bit": (256, GROUP)}
+    tables = {"e8p_src": (256, GROUP), "e8p_signbits": (256, GROUP), "e8_1bit": (256, GROUP)}
     shapes.update({k: tables[k] for k in _tables_for(spec)})
     return {**shapes, **transform_shapes(spec)}
 
 
 def _dtypes(spec: LinearSpec) -> dict[str, str]:
-    return {f"idx{s}": _DTYPE[kind] for s, kind in enumerate(stages(spec))}
+    return {**{f"idx{s}": _DTYPE[kind] for s, kind in enumerate(stages(spec))}, "e8p_signbits": "uint32"}
 
 
 def placeholders(spec: LinearSpec, prefix: str = "") -> dict:
@@ -117,21 +121,48 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
     return out
 
 
+def _signed_source(args: dict, a, c):
+    """Coordinate c of E8P[a] without its shift: the source coordinate, its sign bit flipped."""
+    bits = tirx.reinterpret("uint32", args["e8p_src"][a & 255, c]) ^ args["e8p_signbits"][a >> 8, c]
+    return tirx.reinterpret("float32", bits)
+
+
+def _shift(a, value):
+    """shift(a) * value: -value where bit 15 of the E8P index a is set, else value."""
+    return tirx.Select(a >= 32768, -value, value)
+
+
 def _entry(kind: str, args: dict, a, c):
     """Coordinate c of the stage-table entry of index a (int32)."""
     if kind == "e8_1bit":
         return args["e8_1bit"][a, c]
-    hi = a >> 8
-    return args["e8p_src"][a & 255, c] * args["e8p_sign"][hi, c] + args["e8p_sign"][hi, c + GROUP]
+    return _signed_source(args, a, c) + _shift(a, tirx.const(0.25, "float32"))
 
 
 def _gemv_stage(z, idx, kind: str, args: dict, rows, op: int, name: str):
     g = te.reduce_axis((0, z.shape[1] // GROUP), name="g")
+    entry = (lambda a, c: args["e8_1bit"][a, c]) if kind == "e8_1bit" else \
+        (lambda a, c: _signed_source(args, a, c))
 
     def body(b, ot, r, c):
         a = idx[ot, g, r].astype("int32")
-        return te.sum(_entry(kind, args, a, c) * z[b, g * GROUP + c], axis=g)
+        return te.sum(entry(a, c) * z[b, g * GROUP + c], axis=g)
     return te.compute((rows, op // ROWS, ROWS, GROUP), body, name=name, attrs={"quipc.op": "e8p_gemv"})
+
+
+def _shift_stage(zsum, idx, rows, op: int, name: str):
+    g = te.reduce_axis((0, zsum.shape[1]), name="g")
+    return te.compute((rows, op // ROWS, ROWS),
+                      lambda b, ot, r: te.sum(_shift(idx[ot, g, r].astype("int32"), zsum[b, g]), axis=g),
+                      name=name, attrs={"quipc.op": "e8p_shift"})
+
+
+def _group_sums(z, rows):
+    """zsum[b, g] = sum of the group's 8 inputs / 4 (the E8P shift's magnitude folded in)."""
+    c = te.reduce_axis((0, GROUP), name="c")
+    return te.compute((rows, z.shape[1] // GROUP),
+                      lambda b, g: te.sum(z[b, g * GROUP + c] * tirx.const(0.25, "float32"), axis=c),
+                      name="e8p_zsum", attrs={"quipc.op": "e8p_zsum"})
 
 
 def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
@@ -145,6 +176,9 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     idx = [args[f"idx{s}"] for s in range(len(kinds))]
     if mode == "gemv":
         parts = [_gemv_stage(z, idx[s], kind, args, rows, op, f"e8p_gemv{s}") for s, kind in enumerate(kinds)]
+        zsum = _group_sums(z, rows) if "e8p" in kinds else None
+        shifts = [_shift_stage(zsum, idx[s], rows, op, f"e8p_shift{s}") if kind == "e8p" else None
+                  for s, kind in enumerate(kinds)]
 
         def rowsum(b, ot, r):
             tot = None
@@ -152,6 +186,8 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
                 acc = part[b, ot, r, 0]
                 for c in range(1, GROUP):
                     acc = acc + part[b, ot, r, c]
+                if shifts[s] is not None:
+                    acc = acc + shifts[s][b, ot, r]
                 term = scale[s, ot * ROWS + r] * acc
                 tot = term if tot is None else tot + term
             return tot

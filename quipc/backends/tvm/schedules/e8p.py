@@ -28,6 +28,7 @@ def _producers(sch, block, op: str) -> list:
 
 def _gemv(sch, rowsum) -> bool:
     stages = sorted(_producers(sch, rowsum, "e8p_gemv"), key=lambda p: sch.get(p).name_hint)
+    shifts = sorted(_producers(sch, rowsum, "e8p_shift"), key=lambda p: sch.get(p).name_hint)
     if not stages:
         return False
     b, ot, r = sch.get_loops(rowsum)
@@ -42,6 +43,13 @@ def _gemv(sch, rowsum) -> bool:
         sch.vectorize(c)
         sch.set_scope(stage, 0, "local")
         sch.decompose_reduction(stage, g)
+    for shift in shifts:   # the ROWS rows of a tile as the vector lanes
+        sch.compute_at(shift, outer)
+        r, g = sch.get_loops(shift)[1:]
+        sch.reorder(g, r)
+        sch.vectorize(r)
+        sch.set_scope(shift, 0, "local")
+        sch.decompose_reduction(shift, g)
     return True
 
 
