@@ -69,6 +69,7 @@ class TracedTvmLM:
         self.capacity_cache = self.cfg.get("cache") == "capacity"
         self.row_multiple = int(self.cfg.get("row_multiple", 1))
         self._release = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
+        self._token = self._t(np.zeros((1, 1), np.int64))
         self.calls = 0
 
     def _t(self, arr: np.ndarray):
@@ -97,16 +98,22 @@ class TracedTvmLM:
         else:
             if cache.held + n > cache.capacity:
                 raise ValueError(f"{n} tokens after {cache.held} do not fit a cache of {cache.capacity} positions")
-            rows = -(-n // self.row_multiple) * self.row_multiple if prompt else n
-            padded = np.zeros((1, rows), np.int64)
-            padded[:, :n] = ids
-            if prompt and self.row_multiple > 1:   # the prompt functions take (1, tiles, row_multiple)
-                padded = padded.reshape(1, -1, self.row_multiple)
+            if prompt:
+                rows = -(-n // self.row_multiple) * self.row_multiple
+                padded = np.zeros((1, rows), np.int64)
+                padded[:, :n] = ids
+                if self.row_multiple > 1:   # the prompt functions take (1, tiles, row_multiple)
+                    padded = padded.reshape(1, -1, self.row_multiple)
+                tokens = self._t(padded)
+            else:   # decode: one token, into the (1, 1) input kept for it
+                rows, tokens = n, self._token
+                tokens.copyfrom(ids.astype(np.int64))
             extra = [self._t(np.array([n - 1], np.int64))] if last else []
-            out = fn(self._t(padded), self._t(np.zeros(cache.held + rows, np.int64)), *cache, *extra)
-        cache[:] = [out[1 + i] for i in range(2 * self.layers)]
+            out = fn(tokens, self._t(np.zeros(cache.held + rows, np.int64)), *cache, *extra)
+        if cache.capacity is None:   # a capacity cache's arrays come back as they went in, written
+            cache[:] = [out[1 + i] for i in range(2 * self.layers)]   # in place
         cache.held += n
-        logits = out[0].numpy()[0]
+        logits = np.from_dlpack(out[0])[0].copy()   # Tensor.numpy() took 5x as long (0.18 ms)
         del out
         self.calls += 1
         if cache.capacity is None and self._release is not None and self.calls % CLEAR_EVERY == 0:
