@@ -35,7 +35,7 @@ from quipc_runtime.formats import e8p as fmt
 from quipc_runtime.formats.lattice import GROUP, e8_one_bit_table, e8p_source_parity, e8p_sources
 from tvm import te, tirx
 
-from .tir_quip_linear import (LinearSpec, _ceil_to, dequant_tile_gemm_te, prefill_rows, te_input_side,
+from .tir_quip_linear import (LinearSpec, _ceil_to, dequant_tile_gemm_te, te_input_side,
                               te_output_side, transform_names, transform_params, transform_shapes)
 
 ROWS = 16     # rows of one GEMV tile: 16 independent 8-lane accumulators (AVX-512 has 32 registers)
