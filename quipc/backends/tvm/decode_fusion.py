@@ -20,7 +20,7 @@ launch per op costs more than it saves).
 """
 from __future__ import annotations
 
-from .schedules.legalized import PROMPT_FUNCTIONS, called_by
+from .schedules.legalized import PROMPT_FUNCTIONS, callees
 
 OPAQUE = 8   # relax's OpPatternKind.kOpaque: FuseOps never groups the function with another
 
@@ -30,10 +30,7 @@ def fuse_decode_ops(mod, prompt_functions=PROMPT_FUNCTIONS):
     from tvm import relax, tirx
 
     mod = relax.transform.AnnotateTIROpPattern()(mod)
-    prompt = set()
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function) and gv.name_hint in prompt_functions:
-            prompt |= called_by(func)
+    prompt = callees(mod, lambda name: name in prompt_functions)
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tirx.PrimFunc):
             continue

@@ -25,10 +25,8 @@ PROMPT_FUNCTIONS = ("forward", "prefill")
 def schedule_prompt_ops(mod, prompt_functions=PROMPT_FUNCTIONS):
     """mod after LegalizeOps -> mod with every unscheduled PrimFunc that only the prompt
     functions call scheduled here."""
-    prompt, others = set(), set()
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc):
-            (prompt if gv.name_hint in prompt_functions else others).update(called_by(func))
+    prompt = callees(mod, lambda name: name in prompt_functions)
+    others = callees(mod, lambda name: name not in prompt_functions)
     for gv in sorted(prompt - others, key=lambda g: g.name_hint):
         func = mod[gv]
         if func.attrs is not None and func.attrs.get("tir.is_scheduled", False):
@@ -37,6 +35,12 @@ def schedule_prompt_ops(mod, prompt_functions=PROMPT_FUNCTIONS):
         if scheduled is not None:
             mod[gv] = scheduled.with_attr("tir.is_scheduled", True)
     return mod
+
+
+def callees(mod, chosen) -> set:
+    """The GlobalVars that the module's Relax functions whose names `chosen` accepts call."""
+    return set().union(*(called_by(f) for gv, f in mod.functions.items()
+                         if not isinstance(f, tirx.PrimFunc) and chosen(gv.name_hint)))
 
 
 def called_by(func) -> set:
