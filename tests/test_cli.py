@@ -43,17 +43,35 @@ def test_unsupported_bits(capsys, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_nan_weights(capsys, tiny_model, tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "quip"])
+def test_nan_weights(capsys, tiny_model, tmp_path, method):
+    """The tensor that holds the NaN is named, also where calibration and block fine-tuning
+    (quip's defaults) would otherwise have spread it to the block's other layers first."""
     from tiny import make_tokenizer
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model[0])
     with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan")
     make_tokenizer().save_pretrained(tmp_path / "nan")
-    code, _, err = run(capsys, "compile", tmp_path / "nan", "--method", "rtn", "-o", tmp_path / "out")
-    assert_clean_error(code, err, "up_proj: the weight holds NaN")
+    calib = ["--calib", tiny_model[1], "--calib-windows", 2, "--calib-len", 32, "--no-progress"]
+    code, _, err = run(capsys, "compile", tmp_path / "nan", "--method", method, *(calib if method == "quip" else []),
+                       "-o", tmp_path / "out")
+    assert_clean_error(code, err, "model.layers.1.mlp.up_proj.weight: the weight holds NaN or Inf (1 of")
+    assert (tmp_path / "out" / "blocks").is_dir()   # block 0, done before, is kept for --resume
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.9])
+def test_truncated_safetensors(capsys, tiny_model, tmp_path, keep):
+    import shutil
+
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_model[0], folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:int(len(data) * keep)])
+    code, _, err = run(capsys, "compile", folder, "--method", "rtn", "-o", tmp_path / "out")
+    assert_clean_error(code, err, "model.safetensors is not a readable safetensors file")
 
 
 def test_compile_inspect_eval(capsys, tiny_model, tmp_path):

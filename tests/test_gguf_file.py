@@ -45,3 +45,19 @@ def test_reader_and_config_are_shared_and_follow_the_file(tmp_path):
     st = os.stat(copy)
     os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the file rewritten in place
     assert gguf_file.reader(copy) is not first
+
+
+@pytest.mark.parametrize("keep", [0.02, 0.6])
+def test_truncated_file_is_named(tmp_path, keep):
+    """A GGUF cut short (in its metadata or in its tensors) is refused with one clear error
+    naming the file, from the reader and from the config path that transformers parses."""
+    from quipc.frontend import gguf_file
+
+    _, path = gguf_case("llama")
+    cut = tmp_path / path.name
+    data = path.read_bytes()
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(ValueError, match=f"{cut.name} (is not a readable GGUF file|is truncated)"):
+        gguf_file.reader(cut)
+    with pytest.raises(ValueError, match=f"{cut.name} (is not a readable GGUF file|is truncated)"):
+        gguf_file.config(tmp_path, cut.name)

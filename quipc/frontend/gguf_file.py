@@ -30,12 +30,22 @@ def reader(path):
 def _reader(path: str, size: int, mtime_ns: int):
     from gguf import GGUFReader
 
-    return GGUFReader(path)
+    try:
+        parsed = GGUFReader(path)
+    except Exception as e:   # gguf-py raises whatever its parse meets (struct, numpy, index errors)
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): truncated or "
+                         "corrupted?") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in parsed.tensors), default=0)
+    if end > size:
+        raise ValueError(f"{path} is truncated: its tensors end at byte {end:,}, the file has {size:,} bytes")
+    return parsed
 
 
 def config(folder, gguf_file: str):
     """transformers' config of a GGUF file (AutoConfig's own parse, once per file; a fresh copy
-    each call, as callers change their config)."""
+    each call, as callers change their config). The file is parsed by `reader` first, which
+    names a truncated or corrupted file (transformers' parse would fail somewhere inside)."""
+    reader(Path(folder) / gguf_file)
     return copy.deepcopy(_config(str(Path(folder)), gguf_file, *_identity(Path(folder) / gguf_file)))
 
 

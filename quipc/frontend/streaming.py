@@ -53,6 +53,10 @@ class StreamedModel:
                              f"expects {tuple(old.shape)}")
         else:
             value = value.to(self._dtype)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(f"{name}: the weight holds NaN or Inf ({bad} of {value.numel()} values) in "
+                                 "the checkpoint; refusing to quantize it")
         if isinstance(old, nn.Parameter):
             module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
         else:

@@ -4,6 +4,7 @@ memory map (dequantized by the `gguf` package, names and layout mapped by transf
 own GGUF helpers). Names are the transformers model's parameter names."""
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 from pathlib import Path
@@ -32,7 +33,7 @@ class SafetensorsSource:
                              f"{SAFETENSORS_INDEX}): the streaming loader reads safetensors only")
         self._where = {}
         for f in files:
-            with safe_open(str(folder / f), framework="pt") as handle:
+            with _readable(folder / f) as path, safe_open(path, framework="pt") as handle:
                 self._where.update({name: folder / f for name in handle.keys()})
 
     def names(self) -> set[str]:
@@ -42,8 +43,20 @@ class SafetensorsSource:
         from safetensors import safe_open
 
         # opened per read: a file kept open keeps every page read from it mapped (resident)
-        with safe_open(str(self._where[name]), framework="pt") as handle:
+        with _readable(self._where[name]) as path, safe_open(path, framework="pt") as handle:
             return handle.get_tensor(name)
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """Yields str(path); safetensors' own errors (a truncated or foreign file) become a
+    ValueError that names the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield str(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): truncated or corrupted?") from None
 
 
 class GGUFSource:
