@@ -62,6 +62,21 @@ def test_nan_weights(capsys, tiny_model, tmp_path, method):
     assert (tmp_path / "out" / "blocks").is_dir()   # block 0, done before, is kept for --resume
 
 
+def test_model_without_linear_layers(capsys, tmp_path):
+    """GPT-2 keeps its projections in Conv1D modules: refused, naming the family and what its
+    blocks hold."""
+    from tiny import make_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    make_tokenizer().save_pretrained(tmp_path / "gpt2")
+    code, _, err = run(capsys, "compile", tmp_path / "gpt2", "--method", "rtn", "-o", tmp_path / "out")
+    assert_clean_error(code, err, "in GPT2LMHeadModel (model_type 'gpt2'); its blocks (transformer.h) hold no "
+                                  "torch.nn.Linear, only Conv1D")
+
+
 @pytest.mark.parametrize("keep", [0.01, 0.9])
 def test_truncated_safetensors(capsys, tiny_model, tmp_path, keep):
     import shutil

@@ -19,8 +19,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if size > best_size:
                 best, best_size = (name, mod), size
     if best is None or not any(isinstance(m, nn.Linear) for m in best[1].modules()):
-        raise ValueError("could not find the decoder blocks (a ModuleList of blocks with "
-                         "linear layers) in this model")
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        what = f"{type(model).__name__}" + (f" (model_type {kind!r})" if kind else "")
+        found = "" if best is None else (f"; its blocks ({best[0]}) hold no torch.nn.Linear, only "
+                                         + ", ".join(sorted({type(m).__name__ for m in best[1][0].modules()
+                                                             if not list(m.children())})))
+        raise ValueError(f"could not find the decoder blocks (a ModuleList of blocks with "
+                         f"torch.nn.Linear layers) in {what}{found}: quipc quantizes nn.Linear layers")
     return best
 
 
