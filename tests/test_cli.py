@@ -131,6 +131,10 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path):
     assert code == 0 and stdout.rstrip("\n") == tok.decode(expect)
     code, _, err = run(capsys, "chat", out, "the", "--max-new-tokens", 0)
     assert_clean_error(code, err, "max-new-tokens")
+    code, _, err = run(capsys, "chat", out, "")
+    assert_clean_error(code, err, "the prompt is empty")
+    code, _, err = run(capsys, "eval", out, "--text", tmp_path / "nope.txt")
+    assert_clean_error(code, err, "text file")
 
 
 def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):

@@ -25,6 +25,8 @@ def answer_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     transformers causal LM (an artifact loaded by quipc_runtime, or the unquantized model) or
     a lowered one with a numpy `generate(ids, max_new_tokens, eos_token_id)` (OnnxLM, TvmLM)."""
     ids = prompt_ids(tokenizer, prompt)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty (no tokens, and the tokenizer has no chat template to wrap it)")
     stops = stop_ids(tokenizer)
     if isinstance(model, torch.nn.Module):
         with torch.no_grad():

@@ -10,10 +10,11 @@ import torch
 
 
 def tokenize_file(tokenizer, path: str | Path) -> torch.Tensor:
-    """The whole file tokenized once, no special tokens ("\\r\\n" read as "\\n")."""
+    """The whole file tokenized once, no special tokens ("\\r\\n" read as "\\n"): calibration
+    or evaluation text."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"calibration text {path} not found")
+        raise FileNotFoundError(f"text file {path} not found")
     try:
         text = path.read_bytes().decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError:
