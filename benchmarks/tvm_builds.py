@@ -8,9 +8,9 @@ file), e.g. the hand-written and the traced graph of one artifact.
 
 For comparing two builds of the same artifact (before and after a change to the TVM backend):
 each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
-in turn, in a cache of prompt + new tokens; the figure is ms per decoded token, median over the
-repetitions (one warm-up generation per build first). The paired ratio per repetition is what
-to read on a noisy host.
+in turn, in a cache of prompt + new tokens; the figures are ms per decoded token and ms of the
+prompt's prefill, medians over the repetitions (one warm-up generation per build first). The
+paired ratios per repetition are what to read on a noisy host.
 """
 from __future__ import annotations
 
@@ -21,13 +21,15 @@ import time
 import numpy as np
 
 
-def decode_ms(lm, prompt: np.ndarray, new_tokens: int) -> float:
+def generate_ms(lm, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill ms, decode ms per token) of one greedy generation."""
     cache = lm.new_cache(prompt.size + new_tokens)
-    logits = lm.prefill(prompt, cache)
     t0 = time.perf_counter()
+    logits = lm.prefill(prompt, cache)
+    t1 = time.perf_counter()
     for i in range(new_tokens):
         logits = lm.decode(int(np.argmax(logits)), prompt.size + i, cache)
-    return (time.perf_counter() - t0) / new_tokens * 1e3
+    return (t1 - t0) * 1e3, (time.perf_counter() - t1) / new_tokens * 1e3
 
 
 class OnnxBuild:
@@ -74,21 +76,24 @@ def main() -> None:
     lms = [load(b, a.threads) for b in a.builds]
     prompt = (np.arange(a.prompt_len) * 7 + 200) % min(lm.vocab for lm in lms)
     for lm in lms:
-        decode_ms(lm, prompt, 4)
+        generate_ms(lm, prompt, 4)
     times = {b: [] for b in a.builds}
     for _ in range(a.reps):
         for b, lm in zip(a.builds, lms):
-            times[b].append(decode_ms(lm, prompt, a.new_tokens))
+            times[b].append(generate_ms(lm, prompt, a.new_tokens))
     first = np.array(times[a.builds[0]])
     records = []
     for b in a.builds:
-        t = np.array(times[b])
-        rec = {"build": b, "decode_ms": float(np.median(t)), "decode_ms_each": [round(x, 3) for x in t],
-               "paired_ratio_to_first": float(np.median(t / first)), "prompt_len": a.prompt_len,
-               "new_tokens": a.new_tokens, "threads": a.threads, "reps": a.reps}
+        t = np.array(times[b])   # (reps, 2): prefill ms, decode ms per token
+        rec = {"build": b, "decode_ms": float(np.median(t[:, 1])), "decode_ms_each": [round(x, 3) for x in t[:, 1]],
+               "paired_ratio_to_first": float(np.median(t[:, 1] / first[:, 1])),
+               "prefill_ms": float(np.median(t[:, 0])), "prefill_ms_each": [round(x, 2) for x in t[:, 0]],
+               "prefill_paired_ratio_to_first": float(np.median(t[:, 0] / first[:, 0])),
+               "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "threads": a.threads, "reps": a.reps}
         records.append(rec)
         print(f"{b}: {rec['decode_ms']:.2f} ms/token (median of {a.reps}), paired ratio to the first "
-              f"{rec['paired_ratio_to_first']:.3f}")
+              f"{rec['paired_ratio_to_first']:.3f}; prefill {rec['prefill_ms']:.1f} ms, paired "
+              f"{rec['prefill_paired_ratio_to_first']:.3f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(records, f, indent=1)

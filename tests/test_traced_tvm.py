@@ -125,9 +125,13 @@ def test_concatenated_cache_build_still_runs(tmp_path, monkeypatch):
     check_against_torch(artifact, path, "TracedTvmLM")
 
 
-def test_head_and_shared_embedding(tmp_path, monkeypatch):
+@pytest.mark.parametrize("e8p_kernel", ["grid4", "codebook"])
+def test_head_and_shared_embedding(tmp_path, monkeypatch, e8p_kernel):
     """The CLI's defaults (e8p blocks, a 4-bit grid lm_head whose codes are the embedding): the
-    embedding decodes from the head's constants, no dense (vocab, hidden) table in the module."""
+    embedding decodes from the head's constants, no dense (vocab, hidden) table in the module;
+    the 2-bit e8p blocks run by the 4-bit grid kernel (grid4, the default) or the e8p kernel."""
+    import json
+
     from quipc.backends.tvm import traced
 
     built = {}
@@ -139,10 +143,14 @@ def test_head_and_shared_embedding(tmp_path, monkeypatch):
     monkeypatch.setattr(traced, "build_module", keep)
     artifact = family_artifact("qwen2", head=True)   # the traced ONNX tests' artifact (cached)
     assert art.load_block(artifact, art.read_manifest(artifact)["head"])[0].has_row_patch  # 8-bit rows too
-    check_against_torch(artifact, traced.compile_traced(artifact, tmp_path / "tvm", progress=False), "TracedTvmLM")
+    path = traced.compile_traced(artifact, tmp_path / "tvm", progress=False, e8p_kernel=e8p_kernel)
+    check_against_torch(artifact, path, "TracedTvmLM")
+    assert json.loads((path / "tvm_config.json").read_text())["e8p_kernel"] == e8p_kernel
     for fname in ("forward", "decode"):
         shapes = {tuple(c.value.shape) for c in _constants(built["mod"][fname])}
         assert (256, 64) not in shapes
+        text = built["mod"][fname].script()
+        assert ("_quip_e8p_" in text) == (e8p_kernel == "codebook")
 
 
 def test_quantized_linears_and_attention_are_call_tir():

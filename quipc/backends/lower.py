@@ -46,7 +46,8 @@ def _gpu_target(tvm_target: str) -> bool:
 
 
 def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto", onnx_ops: str = "quip",
-                   accuracy_level: int = 4, tvm_target: str = "llvm", progress: bool = True) -> Path:
+                   accuracy_level: int = 4, tvm_target: str = "llvm", progress: bool = True,
+                   tvm_e8p: str = "grid4") -> Path:
     """artifact -> OUT (an ONNX folder or a TVM build) with the chosen graph."""
     chosen = choose_graph(artifact, graph, target, tvm_target)
     if target == "onnx":
@@ -61,7 +62,7 @@ def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto
         if chosen == "traced":
             from .tvm.traced import compile_traced
 
-            return compile_traced(artifact, out, target=tvm_target, progress=progress)
+            return compile_traced(artifact, out, target=tvm_target, progress=progress, e8p_kernel=tvm_e8p)
         from .tvm import compile_artifact
 
         return compile_artifact(artifact, out, target=tvm_target, progress=progress)

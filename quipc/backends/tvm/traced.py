@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import e8p_as_grid
 from .build import CONFIG, FORMAT_VERSION, LIB, resolve_target, write_build
 from .traced_cache import CapacityCache
 
@@ -239,9 +240,11 @@ def _import(captured, converters: QuipConverters):
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity"):
+def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p_kernel: str = "grid4"):
     """(IRModule with FUNCTIONS, Traceable). cache: "capacity" (updated in place) or "concat"
-    (what builds before the capacity cache were; kept so that their runtime path stays tested)."""
+    (what builds before the capacity cache were; kept so that their runtime path stays tested).
+    e8p_kernel: "grid4" runs 2-bit e8p layers by the 4-bit grid kernel (e8p_as_grid), "codebook"
+    by the e8p kernel (half the bytes, slower)."""
     import tvm
 
     from quipc_runtime import artifact as art
@@ -255,6 +258,10 @@ def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity"):
         layers[traceable.manifest["head"]["module"]] = head
     shared = _shared_head(traceable.manifest, layers)
     tables = {} if shared is not None else _dense_tables(traceable)
+    if e8p_kernel not in e8p_as_grid.KERNELS:
+        raise ValueError(f"unknown e8p kernel {e8p_kernel!r}: expected one of {', '.join(e8p_as_grid.KERNELS)}")
+    if e8p_kernel == "grid4":
+        layers = e8p_as_grid.kernel_layers(layers, keep=shared)
     mod = tvm.IRModule()
     # forward / prefill: batch stays dynamic (a static 1 there trips a stride guard); decode: one row, GEMV
     for fname, batch, seq, last_only in (("forward", None, None, False), ("prefill", None, None, True),
@@ -283,7 +290,7 @@ def lower_operators(mod, tgt):
 
 
 def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True,
-                   cache: str = "capacity") -> Path:
+                   cache: str = "capacity", e8p_kernel: str = "grid4") -> Path:
     """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config)."""
     import tvm
 
@@ -300,7 +307,7 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
     log = (lambda msg: print(f"[quipc tvm traced] {msg}", flush=True)) if progress else (lambda msg: None)
     t0 = time.time()
     log(f"tracing {artifact}")
-    mod, traceable = build_module(artifact, cache=cache)
+    mod, traceable = build_module(artifact, cache=cache, e8p_kernel=e8p_kernel)
     log(f"compiling for {tgt}")
     ex = tvm.compile(lower_operators(mod, tgt), target=tgt)
     lay = traceable.layout
@@ -311,7 +318,7 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
                      "vocab": int(traceable.model.config.vocab_size),
                      "max_pos": int(traceable.model.config.max_position_embeddings)},
            "eos_token_id": traceable.manifest["model_config"].get("eos_token_id"),
-           "source_artifact": str(artifact.resolve()), "compile_seconds": None}
+           "source_artifact": str(artifact.resolve()), "e8p_kernel": e8p_kernel, "compile_seconds": None}
     if cache == "capacity":
         cfg["cache"], cfg["row_multiple"] = "capacity", ROW_MULTIPLE
     write_build(out, artifact, traceable.manifest, cfg, t0, lambda tmp: ex.export_library(str(tmp / LIB)))
