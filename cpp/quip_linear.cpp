@@ -1,6 +1,7 @@
 #include "quip_linear.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -65,6 +66,34 @@ void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
   });
 }
 
+// LayerData::e8p_as_grid4: the 2-bit e8p layer's codes as 4-bit grid codes (packing.pack's
+// layout: a group's 8 nibbles little-endian, code j at bits 4j), scale / 2 and zero -15/4 scale.
+void e8p2_as_grid4(const LayerData& d, std::vector<uint8_t>* codes, std::vector<float>* scale,
+                   std::vector<float>* zero) {
+  const E8PTables& T = e8p_tables();
+  const int groups = d.n / 8;
+  const size_t row_bytes = size_t(groups) * 4;
+  std::vector<uint8_t>& own = *codes;
+  own.assign(size_t(d.m) * row_bytes, 0);
+  for (int i = 0; i < d.m; ++i) {
+    const uint8_t* row = d.codes + size_t(i) * d.row_bytes;
+    uint8_t* out = own.data() + size_t(i) * row_bytes;
+    for (int g = 0; g < groups; ++g) {
+      float v[8];
+      e8p_point(T, e8p_first(row, 2, g), v);
+      uint32_t word = 0;
+      for (int j = 0; j < 8; ++j) word |= uint32_t(std::lround(2.f * v[j] + 7.5f)) << (4 * j);
+      for (int k = 0; k < 4; ++k) out[size_t(g) * 4 + k] = uint8_t(word >> (8 * k));
+    }
+  }
+  scale->resize(size_t(d.m));
+  zero->resize(size_t(d.m));
+  for (int i = 0; i < d.m; ++i) {
+    (*scale)[size_t(i)] = 0.5f * d.scale[size_t(i)];
+    (*zero)[size_t(i)] = -3.75f * d.scale[size_t(i)];
+  }
+}
+
 }  // namespace
 
 QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform t_out)
@@ -82,6 +111,7 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
       d_.out_scale.size() != size_t(d_.m) || d_.in_scale.size() != size_t(d_.n) ||
       (!d_.bias.empty() && d_.bias.size() != size_t(d_.m)))
     throw std::invalid_argument("layer vectors do not match the layer shape");
+  if (e8p && d_.bits == 2 && d_.e8p_as_grid4) e8p2_as_grid4(d_, &grid4_.codes, &grid4_.scale, &grid4_.zero);
   if (t_in_.n() != d_.n && !t_in_.identity()) throw std::invalid_argument("input transform size");
   if (t_out_.n() != d_.m && !t_out_.identity()) throw std::invalid_argument("output transform size");
   npad_ = (d_.n + 7) / 8 * 8;
@@ -114,11 +144,14 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
 
 void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
                             float* t, int threads) const {
-  if (d_.format == CodeFormat::kE8P) return matmul_e8p(k, z, batch, t, threads);
-  if (d_.format == CodeFormat::kTrellis) return matmul_trellis(k, z, batch, t, threads);
-  const Codes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
-  const RowAffine aff{d_.scale.data(), d_.zero.data()};
   const bool gemv = batch <= kGemvMaxBatch;
+  const bool grid4 = gemv && gemv_as_grid4();
+  if (d_.format == CodeFormat::kE8P && !grid4) return matmul_e8p(k, z, batch, t, threads);
+  if (d_.format == CodeFormat::kTrellis) return matmul_trellis(k, z, batch, t, threads);
+  const Codes codes = grid4 ? Codes{grid4_.codes.data(), size_t(d_.n / 8) * 4, 4, d_.m, d_.n}
+                            : Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
+  const RowAffine aff = grid4 ? RowAffine{grid4_.scale.data(), grid4_.zero.data()}
+                              : RowAffine{d_.scale.data(), d_.zero.data()};
   over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
     if (gemv) {
       k.qgemv(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m);

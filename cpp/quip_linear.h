@@ -20,6 +20,11 @@ struct LayerData {
   std::vector<float> in_scale;     // (n): input signs and diagonal rescaling
   std::vector<float> out_scale;    // (m): output signs
   std::vector<float> bias;         // (m) or empty
+  // A 2-bit e8p layer's GEMV (batch <= kGemvMaxBatch) run by the 4-bit grid kernel: every E8P
+  // coordinate is q/2 - 15/4 with q a nibble, so W' = (scale/2) q - 15/4 scale exactly. The plan
+  // then also owns the nibble codes (twice the e8p bytes); their GEMV takes ~0.7x the e8p
+  // kernel's time (SmolLM2 shapes, batch 1), while the e8p GEMM stays the faster prefill.
+  bool e8p_as_grid4 = false;
 };
 
 class QuipLinearPlan {
@@ -27,8 +32,12 @@ class QuipLinearPlan {
   // t_out must hold the TRANSPOSED output factors (K_out^T is applied on the output side).
   QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform t_out);
 
+
   int m() const { return d_.m; }
   int n() const { return d_.n; }
+  CodeFormat format() const { return d_.format; }
+  int bits() const { return d_.bits; }
+  bool gemv_as_grid4() const { return !grid4_.codes.empty(); }  // LayerData::e8p_as_grid4 taken
   int padded_n() const { return npad_; }
 
   // The fused layer: x (B x n) -> y (B x m), row-major.
@@ -48,6 +57,10 @@ class QuipLinearPlan {
   void matmul_trellis(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
 
   LayerData d_;
+  struct Grid4 {  // LayerData::e8p_as_grid4: the 2-bit e8p codes as 4-bit grid rows
+    std::vector<uint8_t> codes;
+    std::vector<float> scale, zero;
+  } grid4_;
   KronTransform t_in_, t_out_;
   int npad_;
   std::vector<float> in_vec_, out_vec_;  // in_scale / out_scale with the FWHT gains folded in

@@ -40,8 +40,21 @@ def test_codebooks_equal_the_python_tables():
     np.testing.assert_array_equal(one_bit, e8_one_bit_table())
 
 
+def _plan(layer, kernel: str):
+    """The layer's CPU plan on the e8p kernels, or (2 bits) with its GEMV on the 4-bit grid kernel."""
+    if kernel == "grid4" and layer.bits != 2:
+        pytest.skip("only 2-bit e8p layers run as the 4-bit grid")
+    plan = K.prepare(layer, e8p_as_grid4=kernel == "grid4")
+    assert plan.gemv_as_grid4 == (kernel == "grid4")   # batch <= 4; the GEMM stays e8p's
+    return plan
+
+
+KERNELS = ["e8p", "grid4"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_every_index_decodes_as_the_reference(bits):
+def test_every_index_decodes_as_the_reference(bits, kernel):
     """64 rows x 1024 groups: each stage's 65536 (or 256) indices all occur, each in a
     different place. A wrong decode of any one of them moves t by far more than TOL."""
     m, n = 64, 8192
@@ -52,7 +65,7 @@ def test_every_index_decodes_as_the_reference(bits):
         indices.append(idx.reshape(m, n // 8))
     layer = random_e8p_layer(m, n, bits, seed=bits, indices=indices)
     w = layer.rotated_weight().astype(np.float64)
-    plan = K.prepare(layer)
+    plan = _plan(layer, kernel)
     z = np.random.default_rng(5).standard_normal((33, n)).astype(np.float32)
     zsum = z.sum(1).astype(np.float32)
     for force_scalar in (False, True):
@@ -69,11 +82,12 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (640, 192), (96, 409
           (7, 40), (1, 8), (3, 24)]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n", SHAPES)
-def test_quip_linear_matches_reference(bits, m, n):
+def test_quip_linear_matches_reference(bits, m, n, kernel):
     layer = random_e8p_layer(m, n, bits, seed=m + n + bits)
-    plan = K.prepare(layer)
+    plan = _plan(layer, kernel)
     x = np.random.default_rng(1).standard_normal((33, n)).astype(np.float32)
     ref = reference(layer, x)
     # GEMV kernels (<= 4 vectors per pass; in passes up to e8p_gemv_max_batch: 8 at 2 bits,
@@ -85,10 +99,11 @@ def test_quip_linear_matches_reference(bits, m, n):
         np.testing.assert_array_equal(y1, y2)  # same arithmetic whatever the thread split
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_scalar_fallback_matches(bits, monkeypatch):
+def test_scalar_fallback_matches(bits, monkeypatch, kernel):
     layer = random_e8p_layer(192, 576, bits, seed=7)
-    plan = K.prepare(layer)
+    plan = _plan(layer, kernel)
     x = np.random.default_rng(2).standard_normal((33, 576)).astype(np.float32)
     ref = reference(layer, x)
     for batch in (1, 2, 4, 7, 33):

@@ -113,13 +113,16 @@ CPU_FORMATS = ("grid", "e8p", "trellis")
 CUDA_FORMATS = ("grid", "e8p", "trellis")
 
 
-def prepare(layer: QuantizedLinear):
-    """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out."""
+def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True):
+    """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out.
+    e8p_as_grid4: a 2-bit e8p layer's GEMV (batch <= 4) runs by the 4-bit grid kernel (the same
+    weights, its codes also widened to nibbles in the plan: ~0.7x the time at batch 1); False
+    keeps the e8p kernels for every batch."""
     _require()
     if isinstance(layer, QuantizedLinear):
         require_format(layer, CPU_FORMATS, "the C++ kernel backend")
         _require_no_patch(layer)
-    return _ext.Plan(**_layer_args(layer))
+    return _ext.Plan(**_layer_args(layer), e8p_as_grid4=e8p_as_grid4)
 
 
 def _require_no_patch(layer: QuantizedLinear) -> None:
