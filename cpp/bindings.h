@@ -77,7 +77,8 @@ CodeFormat parse_format(const std::string& format);
 PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::object& scale,
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                  const py::object& bias, const py::sequence& in_factors,
-                 const py::sequence& out_factors, const std::string& format, bool e8p_as_grid4 = false);
+                 const py::sequence& out_factors, const std::string& format,
+                 bool e8p_as_grid4 = false);  // the Python Plan's default is true (bindings_plan.cpp)
 
 // The CPU plan class Plan (bindings_plan.cpp).
 void register_plan(py::module_& mod);

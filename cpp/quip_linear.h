@@ -32,11 +32,8 @@ class QuipLinearPlan {
   // t_out must hold the TRANSPOSED output factors (K_out^T is applied on the output side).
   QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform t_out);
 
-
   int m() const { return d_.m; }
   int n() const { return d_.n; }
-  CodeFormat format() const { return d_.format; }
-  int bits() const { return d_.bits; }
   bool gemv_as_grid4() const { return !grid4_.codes.empty(); }  // LayerData::e8p_as_grid4 taken
   int padded_n() const { return npad_; }
 
