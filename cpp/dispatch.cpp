@@ -6,6 +6,7 @@
 #include "e8p.h"
 #include "kernels.h"
 #include "trellis.h"
+#include "ukernel_avx512.h"
 
 namespace quipc {
 
@@ -13,6 +14,18 @@ bool cpu_has_avx2_fma() {
 #if defined(QUIPC_HAVE_AVX2) && defined(__GNUC__)
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("bmi2");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512f() {
+#if defined(QUIPC_HAVE_AVX2) && defined(__GNUC__)
+  static const bool ok = [] {
+    const char* off = std::getenv("QUIPC_NO_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0);
+  }();
   return ok;
 #else
   return false;
