@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "already-quantized earlier layers) or one-pass (every Hessian from the fp32 model)")
     c.add_argument("--tvm-target", default="llvm")
     c.add_argument("--tvm-e8p", default="grid4", choices=["grid4", "codebook"],
-                   help="tvm (traced, CPU): run 2-bit e8p layers by the 4-bit grid kernel (grid4, default: "
-                        "the same weights, 0.67-0.69x the decode time, the build 76 instead of 50 MB for "
-                        "SmolLM2) or by the e8p codebook kernel (codebook: the smaller build)")
+                   help="tvm (traced, CPU): run e8p layers by 4-bit grid kernels (grid4, default: a 2-bit "
+                        "layer as one 4-bit grid, a 4-bit one as two; the same weights, ~0.69x the decode "
+                        "time, the build larger: SmolLM2 w2 76 instead of 50 MB, w4 128 instead of 76) or "
+                        "by the e8p codebook kernels (codebook: the smaller build)")
     c.add_argument("--graph", default="auto", choices=["auto", "traced", "handwritten"],
                    help="onnx / tvm: the traced transformers model (every family) or the hand-written "
                         "Llama graph; auto (default): traced, except hand-written for a llama model to ONNX "

@@ -31,3 +31,23 @@ def test_other_layers_are_refused():
     assert not applies(layer)
     with pytest.raises(ValueError, match="only 2-bit e8p layers"):
         as_grid4(layer)
+
+
+@pytest.mark.parametrize("shape,mode,rows", [((576, 576), "gemv", 1), ((576, 576), "gemm", 32),
+                                             ((40, 72), "gemv", 3), ((40, 72), "gemm", 16)])
+def test_grid4x2_kernel_matches_the_e8p_layer(shape, mode, rows):
+    """A 4-bit e8p layer run as two 4-bit grid stages (tir_e8p4_grid) computes the e8p layer."""
+    pytest.importorskip("tvm")
+    import torch
+    from quipc_runtime.modules import QuipLinearRef
+    from test_tvm_e8p import run_kernel
+
+    from quipc.backends.tvm.e8p_as_grid import as_grid4x2, kernel_layers
+
+    layer = random_e8p_layer(*shape, 4, seed=4)
+    x, y = run_kernel(as_grid4x2(layer), mode, rows)
+    ref = QuipLinearRef(layer)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+    two, three = random_e8p_layer(16, 32, 2), random_e8p_layer(16, 32, 3)
+    mapped = kernel_layers({"a": layer, "b": two, "c": three, "d": two}, keep=two)
+    assert mapped["a"].format == "grid4x2" and mapped["b"] is two and mapped["c"] is three

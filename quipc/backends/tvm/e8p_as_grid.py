@@ -7,7 +7,9 @@ code q, scale[i] / 2, zero -15/4 * scale[i] (kept in fp32 here, where the grid f
 fp16, so the weights are the e8p layer's to the bit). The grid GEMV decodes a weight with a
 shift and a mask from a nibble plane and spends one FMA on it, where the e8p GEMV spends two
 table lookups per group of 8; the build stores 4 bits per weight of these layers instead of 2.
-3- and 4-bit e8p layers (a second, differently scaled stage) keep their own kernel.
+A 4-bit e8p layer (two E8P stages, each with its own scale) runs as two 4-bit grid stages
+(tir_e8p4_grid, format "grid4x2": 8 bits per weight in the build); 3-bit layers (an E8 one-bit
+second stage, not on the grid) keep the e8p kernel.
 """
 from __future__ import annotations
 
@@ -40,7 +42,22 @@ def as_grid4(layer):
                                scale=scale * np.float32(0.5), zero=scale * np.float32(-3.75))
 
 
+def as_grid4x2(layer):
+    """A 4-bit e8p layer (two E8P stages) relabelled "grid4x2", the TVM-only format that
+    tir_e8p4_grid lowers as two 4-bit grid stages (its codes and scales stay the e8p ones)."""
+    if not (layer.format == "e8p" and layer.bits == 4):
+        raise ValueError(f"layer {layer.name}: only 4-bit e8p layers map onto two 4-bit grid stages")
+    return dataclasses.replace(layer, format="grid4x2")
+
+
+def _kernel_layer(layer):
+    if applies(layer):
+        return as_grid4(layer)
+    return as_grid4x2(layer) if layer.format == "e8p" and layer.bits == 4 else layer
+
+
 def kernel_layers(layers: dict, keep=None) -> dict:
-    """name -> the layer the TVM build lowers: 2-bit e8p layers as the 4-bit grid, except `keep`
-    (a head whose codes the embedding decodes keeps its format, so they are stored once)."""
-    return {k: as_grid4(v) if applies(v) and v is not keep else v for k, v in layers.items()}
+    """name -> the layer the TVM build lowers: 2-bit e8p layers as the 4-bit grid, 4-bit ones as
+    two 4-bit grid stages, except `keep` (a head whose codes the embedding decodes keeps its
+    format, so they are stored once)."""
+    return {k: v if v is keep else _kernel_layer(v) for k, v in layers.items()}

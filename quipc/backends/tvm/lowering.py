@@ -18,6 +18,7 @@ LOWERINGS = {
     "grid": "quipc.backends.tvm.tir_quip_linear",
     "e8p": "quipc.backends.tvm.tir_e8p_linear",
     "trellis": "quipc.backends.tvm.tir_trellis_linear",
+    "grid4x2": "quipc.backends.tvm.tir_e8p4_grid",   # TVM-only: a 4-bit e8p layer (e8p_as_grid)
 }
 
 

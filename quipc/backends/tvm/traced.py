@@ -243,8 +243,8 @@ def _import(captured, converters: QuipConverters):
 def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p_kernel: str = "grid4"):
     """(IRModule with FUNCTIONS, Traceable). cache: "capacity" (updated in place) or "concat"
     (what builds before the capacity cache were; kept so that their runtime path stays tested).
-    e8p_kernel: "grid4" runs 2-bit e8p layers by the 4-bit grid kernel (e8p_as_grid), "codebook"
-    by the e8p kernel (half the bytes, slower)."""
+    e8p_kernel: "grid4" runs 2- and 4-bit e8p layers by 4-bit grid kernels (e8p_as_grid),
+    "codebook" by the e8p kernel (half the bytes, slower)."""
     import tvm
 
     from quipc_runtime import artifact as art
