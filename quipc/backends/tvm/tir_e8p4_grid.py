@@ -75,8 +75,8 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     scale, zero = args["scale"], args["zero"]
     n_ot, n_kw = spec.o_pad // TILE_O, spec.k_pad // K_GROUP
     planes = [args["plane0"], args["plane1"]]
+    z = te_input_side(x, args, spec, spec.k_pad)
     if mode == "gemv":
-        z = te_input_side(x, args, spec, spec.k_pad)
         kz = te.reduce_axis((0, spec.n), name="kz")
         zsum = te.compute((rows,), lambda b: te.sum(z[b, kz], axis=kz), name="quip_zsum",
                           attrs={"quipc.op": "rowsum"})
@@ -92,8 +92,6 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
                 tot = tot + scale[s, o] * acc
             return tot
     else:
-        z = te_input_side(x, args, spec, spec.k_pad)
-
         def wval(ot, k, oi):
             o = ot * TILE_O + oi
             qa, qb = (_code([p], _NIBBLES, ot, oi, k // K_GROUP, k % K_GROUP).astype("float32") for p in planes)
