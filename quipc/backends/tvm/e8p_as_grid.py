@@ -24,6 +24,11 @@ from quipc_runtime.packing import pack
 KERNELS = ("grid4", "codebook")   # --tvm-e8p: this module's lowering, or the e8p kernel (tir_e8p_linear)
 
 
+def nibbles(idx: np.ndarray, m: int, n: int) -> np.ndarray:
+    """(m, n) uint8 grid codes q of one E8P stage's (m, n/8) indices: E8P = q/2 - 15/4, exact."""
+    return (e8p_table()[idx].reshape(m, n) * np.float32(2) + np.float32(7.5)).astype(np.uint8)
+
+
 def applies(layer) -> bool:
     return layer.format == "e8p" and layer.bits == 2
 
@@ -34,11 +39,9 @@ def as_grid4(layer):
     if not applies(layer):
         raise ValueError(f"layer {layer.name}: only 2-bit e8p layers map onto the 4-bit grid "
                          f"(got {layer.bits}-bit {layer.format!r})")
-    m, n = layer.out_features, layer.in_features
-    idx = split_indices(layer.codes, 2)[0]
-    q = e8p_table()[idx].reshape(m, n) * np.float32(2) + np.float32(7.5)   # exact: q/2 - 15/4
+    q = nibbles(split_indices(layer.codes, 2)[0], layer.out_features, layer.in_features)
     scale = layer.scale[:, 0].astype(np.float32)
-    return dataclasses.replace(layer, format="grid", bits=4, codes=pack(q.astype(np.uint8), 4),
+    return dataclasses.replace(layer, format="grid", bits=4, codes=pack(q, 4),
                                scale=scale * np.float32(0.5), zero=scale * np.float32(-3.75))
 
 

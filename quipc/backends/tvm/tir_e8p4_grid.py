@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 from quipc_runtime.formats.e8p import split_indices
-from quipc_runtime.formats.lattice import e8p_table
 from tvm import te
 
-from .tir_quip_linear import (K_GROUP, PARTS, TILE_O, LinearSpec, _code, dequant_tile_gemm_te, repack_codes,
-                              te_input_side, te_output_side, transform_names, transform_params,
+from .e8p_as_grid import nibbles
+from .tir_quip_linear import (K_GROUP, TILE_O, LinearSpec, _code, dequant_tile_gemm_te, gemv_te, repack_codes,
+                              row_sums, te_input_side, te_output_side, transform_names, transform_params,
                               transform_shapes)
 
 SHARED = ()
-_NIBBLES = LinearSpec(m=1, n=1, bits=4)   # _code reads one 4-bit plane
 
 
 def param_names(spec: LinearSpec) -> list[str]:
@@ -49,8 +48,7 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
     m, n = layer.out_features, layer.in_features
     out = {}
     for s, idx in enumerate(split_indices(layer.codes, 4)):
-        q = (e8p_table()[idx].reshape(m, n) * np.float32(2) + np.float32(7.5)).astype(np.uint32)
-        (out[f"plane{s}"],) = repack_codes(q, 4)
+        (out[f"plane{s}"],) = repack_codes(nibbles(idx, m, n).astype(np.uint32), 4)
     s = layer.scale.astype(np.float32)                       # (m, 2)
     pad = spec.o_pad - m
     out["scale"] = np.pad(s.T * np.float32(0.5), ((0, 0), (0, pad)))
@@ -59,42 +57,24 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
     return out
 
 
-def _stage_gemv(z, plane, rows, n_ot: int, n_kw: int, name: str):
-    """part[b, ot, q, oi]: one stage's grid GEMV (schedules/quip_gemv.py takes it)."""
-    kw = te.reduce_axis((0, n_kw), name="kw")
-    kj = te.reduce_axis((0, K_GROUP // PARTS), name="kj")
-    return te.compute(
-        (rows, n_ot, PARTS, TILE_O),
-        lambda b, ot, q, oi: te.sum(_code([plane], _NIBBLES, ot, oi, kw, kj * PARTS + q).astype("float32")
-                                    * z[b, kw * K_GROUP + kj * PARTS + q], axis=[kw, kj]),
-        name=name, attrs={"quipc.op": "quip_gemv"})
-
-
 def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     rows = x.shape[0]
     scale, zero = args["scale"], args["zero"]
-    n_ot, n_kw = spec.o_pad // TILE_O, spec.k_pad // K_GROUP
+    n_ot = spec.o_pad // TILE_O
     planes = [args["plane0"], args["plane1"]]
     z = te_input_side(x, args, spec, spec.k_pad)
     if mode == "gemv":
-        kz = te.reduce_axis((0, spec.n), name="kz")
-        zsum = te.compute((rows,), lambda b: te.sum(z[b, kz], axis=kz), name="quip_zsum",
-                          attrs={"quipc.op": "rowsum"})
-        parts = [_stage_gemv(z, plane, rows, n_ot, n_kw, f"quip_gemv{s}") for s, plane in enumerate(planes)]
+        zsum = row_sums(z, rows, spec.n)
+        # the grid GEMV once per stage, each on one 4-bit plane
+        accs = [gemv_te(z, [plane], spec, rows, f"quip_gemv{s}")
+                for s, plane in enumerate(planes)]
 
         def t_at(b, o):
-            ot, oi = o // TILE_O, o % TILE_O
-            tot = zero[o] * zsum[b]
-            for s, part in enumerate(parts):
-                acc = part[b, ot, 0, oi]
-                for q in range(1, PARTS):
-                    acc = acc + part[b, ot, q, oi]
-                tot = tot + scale[s, o] * acc
-            return tot
+            return zero[o] * zsum[b] + scale[0, o] * accs[0](b, o) + scale[1, o] * accs[1](b, o)
     else:
         def wval(ot, k, oi):
             o = ot * TILE_O + oi
-            qa, qb = (_code([p], _NIBBLES, ot, oi, k // K_GROUP, k % K_GROUP).astype("float32") for p in planes)
+            qa, qb = (_code([p], spec, ot, oi, k // K_GROUP, k % K_GROUP).astype("float32") for p in planes)
             return scale[0, o] * qa + scale[1, o] * qb + zero[o]
         # the e8p prefill's stage names, so that its schedule rule (schedules/e8p.py) takes it
         t_at = dequant_tile_gemm_te(wval, z, rows, n_ot, spec.k_pad, TILE_O, "e8p")

@@ -254,31 +254,12 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     """Build the TE graph. x: (L, n) float32; args: name -> te placeholder (see param_names).
     mode "gemv" (decode, L small) or "gemm" (prefill). Returns y (L, m)."""
     rows = x.shape[0]
-    n = spec.n
     z = te_input_side(x, args, spec, spec.k_pad)
-    kz = te.reduce_axis((0, n), name="kz")
-    zsum = te.compute((rows,), lambda b: te.sum(z[b, kz], axis=kz), name="quip_zsum",
-                      attrs={"quipc.op": "rowsum"})
+    zsum = row_sums(z, rows, spec.n)
     planes = [args[f"plane{i}"] for i in range(len(PLANES[spec.bits]))]
-    n_ot, n_kw = spec.o_pad // TILE_O, spec.k_pad // K_GROUP
+    n_ot = spec.o_pad // TILE_O
     if mode == "gemv":
-        # PARTS independent partial sums (codes kj = j*PARTS + q go to sum q) so that the
-        # FMA chains do not serialize on one accumulator
-        kw = te.reduce_axis((0, n_kw), name="kw")
-        kj = te.reduce_axis((0, K_GROUP // PARTS), name="kj")
-        part = te.compute(
-            (rows, n_ot, PARTS, TILE_O),
-            lambda b, ot, q, oi: te.sum(
-                _code(planes, spec, ot, oi, kw, kj * PARTS + q).astype("float32")
-                * z[b, kw * K_GROUP + kj * PARTS + q], axis=[kw, kj]),
-            name="quip_gemv", attrs={"quipc.op": "quip_gemv"})
-
-        def acc_at(b, o):
-            ot, oi = o // TILE_O, o % TILE_O
-            tot = part[b, ot, 0, oi]
-            for q in range(1, PARTS):
-                tot = tot + part[b, ot, q, oi]
-            return tot
+        acc_at = gemv_te(z, planes, spec, rows, "quip_gemv")
     else:
         wdq = te.compute(
             (n_ot, spec.k_pad, TILE_O),
@@ -294,6 +275,36 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     scale, zero = args["scale"], args["zero"]
     return te_output_side(lambda b, o: scale[o] * acc_at(b, o) + zero[o] * zsum[b], rows, args, spec,
                           residual)
+
+
+def row_sums(z, rows, n: int):
+    """zsum[b] = sum of z's first n columns (the zero points' term)."""
+    kz = te.reduce_axis((0, n), name="kz")
+    return te.compute((rows,), lambda b: te.sum(z[b, kz], axis=kz), name="quip_zsum",
+                      attrs={"quipc.op": "rowsum"})
+
+
+def gemv_te(z, planes, spec: LinearSpec, rows, name: str):
+    """The decode GEMV of codes in `planes` (spec.bits' layout) with z: returns acc_at(b, o) =
+    code[o] . z[b]. PARTS independent partial sums (codes kj = j*PARTS + q go to sum q) so that
+    the FMA chains do not serialize on one accumulator (schedules/quip_gemv.py)."""
+    n_ot, n_kw = spec.o_pad // TILE_O, spec.k_pad // K_GROUP
+    kw = te.reduce_axis((0, n_kw), name="kw")
+    kj = te.reduce_axis((0, K_GROUP // PARTS), name="kj")
+    part = te.compute(
+        (rows, n_ot, PARTS, TILE_O),
+        lambda b, ot, q, oi: te.sum(
+            _code(planes, spec, ot, oi, kw, kj * PARTS + q).astype("float32")
+            * z[b, kw * K_GROUP + kj * PARTS + q], axis=[kw, kj]),
+        name=name, attrs={"quipc.op": "quip_gemv"})
+
+    def acc_at(b, o):
+        ot, oi = o // TILE_O, o % TILE_O
+        tot = part[b, ot, 0, oi]
+        for q in range(1, PARTS):
+            tot = tot + part[b, ot, q, oi]
+        return tot
+    return acc_at
 
 
 def te_input_side(x, args: dict, spec: LinearSpec, width: int):
