@@ -78,7 +78,8 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                  const py::object& bias, const py::sequence& in_factors,
                  const py::sequence& out_factors, const std::string& format,
-                 bool e8p_as_grid4 = false);  // the Python Plan's default is true (bindings_plan.cpp)
+                 bool e8p_as_grid4 = false,  // the Python Plan's default is true (bindings_plan.cpp)
+                 bool int8_activations = false);
 
 // The CPU plan class Plan (bindings_plan.cpp).
 void register_plan(py::module_& mod);

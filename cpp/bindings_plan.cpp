@@ -21,7 +21,8 @@ CodeFormat parse_format(const std::string& format) {
 PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::object& scale,
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                  const py::object& bias, const py::sequence& in_factors,
-                 const py::sequence& out_factors, const std::string& format, bool e8p_as_grid4) {
+                 const py::sequence& out_factors, const std::string& format, bool e8p_as_grid4,
+                 bool int8_activations) {
   if (bits < 2 || bits > 4) throw py::value_error("bits must be 2, 3 or 4, got " + std::to_string(bits));
   if (m < 1 || n < 1) throw py::value_error("layer shape must be positive");
   const CodeFormat fmt = parse_format(format);
@@ -42,6 +43,7 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
   d.codes = static_cast<const uint8_t*>(p.codes.data());
   d.row_bytes = size_t(row_bytes);
   d.e8p_as_grid4 = e8p_as_grid4;
+  d.int8_activations = int8_activations;
   if (fmt != CodeFormat::kGrid) {
     const py::ssize_t stages = fmt == CodeFormat::kE8P ? e8p_stages(bits) : 1;
     py::array sa = expect_array<float>(scale, "scale", {m, stages});
@@ -70,18 +72,21 @@ void register_plan(py::module_& mod) {
       .def(py::init([](int m, int n, int bits, const py::object& codes, const py::object& scale,
                        const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                        const py::object& bias, const py::sequence& in_factors, const py::sequence& out_factors,
-                       const std::string& format, bool e8p_as_grid4) {
+                       const std::string& format, bool e8p_as_grid4, bool int8_activations) {
              return make_plan(m, n, bits, codes, scale, zero, in_scale, out_scale, bias, in_factors,
-                              out_factors, format, e8p_as_grid4);
+                              out_factors, format, e8p_as_grid4, int8_activations);
            }),
            py::arg("m"), py::arg("n"), py::arg("bits"), py::arg("codes"),
            py::arg("scale"), py::arg("zero"), py::arg("in_scale"), py::arg("out_scale"),
            py::arg("bias"), py::arg("in_factors"), py::arg("out_factors"),
-           py::arg("format") = "grid", py::arg("e8p_as_grid4") = true)
+           py::arg("format") = "grid", py::arg("e8p_as_grid4") = true,
+           py::arg("int8_activations") = false)
       .def_property_readonly("m", [](const PyPlan& p) { return p.plan->m(); })
       .def_property_readonly("n", [](const PyPlan& p) { return p.plan->n(); })
       .def_property_readonly("gemv_as_grid4",   // a 2-bit e8p layer's GEMV on the 4-bit grid kernel
                              [](const PyPlan& p) { return p.plan->gemv_as_grid4(); })
+      .def_property_readonly("gemv_int8",   // the 4-bit GEMV on int8 activations (int8_activations taken)
+                             [](const PyPlan& p) { return p.plan->gemv_int8(); })
       .def(
           "forward",
           [](const PyPlan& p, const py::object& x, const py::object& out, int threads,

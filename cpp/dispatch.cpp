@@ -34,7 +34,7 @@ bool cpu_has_avx512f() {
 
 #ifdef QUIPC_HAVE_AVX2
 const KernelTable& avx2_kernels() {
-  static const KernelTable table{"avx2",         avx2::qgemv,    avx2::qgemm,
+  static const KernelTable table{"avx2",         avx2::qgemv,    avx2::quantize_acts, avx2::qgemv4_i8, avx2::qgemm,
                                  avx2::fwht,     avx2::gemm_f32, e8p_avx2::gemv,
                                  e8p_avx2::gemm, trellis_avx2::gemv,
                                  trellis_avx2::gemm};

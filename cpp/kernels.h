@@ -21,6 +21,19 @@ struct RowAffine {
   const float* zero;    // (m)
 };
 
+// Activations quantized to int8 for the 4-bit GEMV (LayerData::int8_activations), as
+// llama.cpp's Q8_0 and onnxruntime's accuracy_level 4: per batch row, blocks of kActBlock
+// values, each block one float step d (max |z| / 127) and its values round(z / d), stored as
+// the block's 16 even positions then its 16 odd ones (the order of a 4-bit code row's low and
+// high nibbles, so a block's 16 code bytes meet their activations without a shuffle).
+constexpr int kActBlock = 32;
+struct Int8Acts {
+  const int8_t* q;  // (nb, blocks * kActBlock)
+  const float* d;   // (nb, blocks)
+  int blocks;       // ceil(n / kActBlock); values past n are zero
+};
+inline int act_blocks(int n) { return (n + kActBlock - 1) / kActBlock; }
+
 struct E8PCodes;      // e8p.h
 struct TrellisCodes;  // trellis.h
 
@@ -29,6 +42,13 @@ struct KernelTable {
   // t[b*ldt + i] for i in [i0, i1), b < nb (nb <= 4): one pass over the codes.
   void (*qgemv)(const Codes&, const RowAffine&, int i0, int i1, const float* z, int ldz,
                 const float* zsum, int nb, float* t, int ldt);
+  // One row of activations z (n values) -> its int8 blocks q (act_blocks(n) * kActBlock) and steps d.
+  void (*quantize_acts)(const float* z, int n, int8_t* q, float* d);
+  // qgemv for 4-bit codes on int8 activations (nb <= 4): per block an exact integer dot
+  // product of codes and q, scaled by the block's step; zsum: the row sums of the quantized
+  // activations (sum over blocks of d * sum q), so that the zero-point term cancels exactly.
+  void (*qgemv4_i8)(const Codes&, const RowAffine&, int i0, int i1, const Int8Acts& a,
+                    const float* zsum, int nb, float* t, int ldt);
   // Same for any batch: panels of codes dequantized into an fp32 tile (work holds
   // qgemm_work_floats(nbatch) floats, 32-byte aligned) and multiplied by a register-blocked micro-kernel.
   void (*qgemm)(const Codes&, const RowAffine&, int i0, int i1, const float* z, int ldz,

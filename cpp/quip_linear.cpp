@@ -36,7 +36,7 @@ float* scratch(int slot, size_t count) {
     Buffer buf;
     size_t size = 0;
   };
-  thread_local Slot slots[5];
+  thread_local Slot slots[6];
   Slot& s = slots[slot];
   if (s.size < count) {
     s.buf = alloc_floats(count);
@@ -142,6 +142,10 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
   });
 }
 
+bool QuipLinearPlan::gemv_int8() const {
+  return d_.int8_activations && (gemv_as_grid4() || (d_.format == CodeFormat::kGrid && d_.bits == 4));
+}
+
 void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
                             float* t, int threads) const {
   const bool gemv = batch <= kGemvMaxBatch;
@@ -152,6 +156,32 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
                             : Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
   const RowAffine aff = grid4 ? RowAffine{grid4_.scale.data(), grid4_.zero.data()}
                               : RowAffine{d_.scale.data(), d_.zero.data()};
+  if (gemv && gemv_int8()) {  // quantized once by the caller's thread, read by every pool thread
+    const int blocks = act_blocks(d_.n);
+    int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 4) / 4 + 1)));
+    float* steps = reinterpret_cast<float*>(q + size_t(batch) * blocks * kActBlock);
+    float* qsum = steps + size_t(batch) * blocks;
+    for (int b = 0; b < batch; ++b) {
+      int8_t* qb = q + size_t(b) * blocks * kActBlock;
+      float* db = steps + size_t(b) * blocks;
+      k.quantize_acts(z + size_t(b) * npad_, d_.n, qb, db);
+      // The zero-point term takes the sum of the quantized activations, not of z: the codes'
+      // mean (7.5) times the rounding errors' sum then cancels as it does in exact arithmetic,
+      // and only the centred codes meet the rounding error (2-bit e8p w2 decode ppl +3 % -> ~0).
+      double s = 0.0;
+      for (int blk = 0; blk < blocks; ++blk) {
+        int32_t part = 0;
+        for (int j = 0; j < kActBlock; ++j) part += qb[blk * kActBlock + j];
+        s += double(db[blk]) * part;
+      }
+      qsum[b] = float(s);
+    }
+    const Int8Acts acts{q, steps, blocks};
+    over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) {
+      k.qgemv4_i8(codes, aff, i0, i1, acts, qsum, batch, t, d_.m);
+    });
+    return;
+  }
   over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
     if (gemv) {
       k.qgemv(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m);
@@ -230,7 +260,7 @@ void QuipLinearPlan::forward(const float* x, int batch, float* y, int threads,
                              bool force_scalar) const {
   if (batch <= 0) return;
   const KernelTable& k = select_kernels(force_scalar);
-  // The caller's thread owns slots 0-2 and 4 for the whole call; pool threads use slot 3 only.
+  // The caller's thread owns slots 0-2, 4 and 5 for the whole call; pool threads use slot 3 only.
   float* z = scratch(0, size_t(batch) * npad_);
   float* zsum = scratch(1, size_t(batch));
   float* t = scratch(2, size_t(batch) * d_.m);

@@ -125,6 +125,26 @@ def test_kernel_matches_quipc_runtime_kernels():
         np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_accuracy_level_4_takes_int8_activations():
+    """A node's accuracy_level 4 (MatMulNBits' int8 compute) gives its 4-bit GEMVs int8 activations
+    (quipc_runtime.kernels.prepare(int8_activations=True)); 0 keeps them fp32. Prefill-size batches
+    run the fp32 GEMM either way."""
+    from quipc_runtime import kernels
+
+    for layer in (make_layer(320, 48, 4), random_e8p_layer(192, 576, 2, bias=False)):
+        x = np.random.default_rng(8).standard_normal((4, layer.in_features)).astype(np.float32)
+        fp32, int8 = (session(build([layer], rank=None, accuracy_level=a), True) for a in (0, 4))
+        want = kernels.prepare(layer, int8_activations=True).forward(x)
+        exact = kernels.prepare(layer).forward(x)
+        got = int8.run(None, {"x": x[None]})[0][0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert not np.allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+        np.testing.assert_allclose(fp32.run(None, {"x": x[None]})[0][0], exact, rtol=1e-5,
+                                   atol=1e-5 * np.abs(exact).max())
+        rows = np.random.default_rng(9).standard_normal((1, 9, layer.in_features)).astype(np.float32)
+        np.testing.assert_array_equal(int8.run(None, {"x": rows})[0], fp32.run(None, {"x": rows})[0])
+
+
 # --- a tiny Llama, both formats: prefill and decode with the KV cache --------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

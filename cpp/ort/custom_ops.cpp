@@ -63,6 +63,7 @@ NodeSpec read_spec(const ort::Api& api, const OrtKernelInfo* info, bool group) {
   s.format = parse_format(api.has_attr_string(info, "format") ? api.attr_string(info, "format") : "grid", s.name);
   s.bits = int(api.attr_int(info, "bits"));
   s.n = int(api.attr_int(info, "in_features"));
+  s.accuracy_level = int(api.attr_int_or(info, "accuracy_level", 0));
   const int64_t m = api.attr_int(info, "out_features");
   if (group) {
     int64_t total = 0;

@@ -110,6 +110,12 @@ int64_t Api::attr_int(const OrtKernelInfo* info, const char* name) const {
   return v;
 }
 
+int64_t Api::attr_int_or(const OrtKernelInfo* info, const char* name, int64_t fallback) const {
+  int64_t v = 0;
+  return ok(fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(kKernelInfoGetAttributeInt64)(
+             info, name, &v)) ? v : fallback;
+}
+
 std::vector<int64_t> Api::attr_ints(const OrtKernelInfo* info, const char* name) const {
   auto get = fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*, size_t*)>(
       kKernelInfoGetAttributeArrayInt64);

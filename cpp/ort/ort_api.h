@@ -48,6 +48,7 @@ class Api {
   bool has_attr_string(const OrtKernelInfo* info, const char* name) const;
   std::string attr_string(const OrtKernelInfo* info, const char* name) const;
   int64_t attr_int(const OrtKernelInfo* info, const char* name) const;
+  int64_t attr_int_or(const OrtKernelInfo* info, const char* name, int64_t fallback) const;  // absent: fallback
   std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name) const;
   std::string node_name(const OrtKernelInfo* info) const;
   // The input's value when it is a constant initializer, else nullptr.

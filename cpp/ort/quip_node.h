@@ -21,6 +21,7 @@ struct NodeSpec {
   int n = 0;                     // in_features
   std::vector<int> out_split;    // out_features per part (one part for QuipLinear)
   bool in_identity = false;      // QuipLinear: in_transform == "identity" (no input factors)
+  int accuracy_level = 0;        // >= 4: int8 activations in the 4-bit GEMVs (as MatMulNBits')
   std::string name;              // node name, for errors
 };
 

@@ -113,16 +113,19 @@ CPU_FORMATS = ("grid", "e8p", "trellis")
 CUDA_FORMATS = ("grid", "e8p", "trellis")
 
 
-def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True):
+def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations: bool = False):
     """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out.
     e8p_as_grid4: a 2-bit e8p layer's GEMV (batch <= 4) runs by the 4-bit grid kernel (the same
     weights, its codes also widened to nibbles in the plan: ~0.7x the time at batch 1); False
-    keeps the e8p kernels for every batch."""
+    keeps the e8p kernels for every batch.
+    int8_activations: the GEMV of 4-bit codes (4-bit grid layers and those e8p_as_grid4 layers)
+    takes its activations quantized to int8 per block of 32, as llama.cpp's Q8_0 and
+    onnxruntime's accuracy_level 4 (`plan.gemv_int8` says whether the layer has such a GEMV)."""
     _require()
     if isinstance(layer, QuantizedLinear):
         require_format(layer, CPU_FORMATS, "the C++ kernel backend")
         _require_no_patch(layer)
-    return _ext.Plan(**_layer_args(layer), e8p_as_grid4=e8p_as_grid4)
+    return _ext.Plan(**_layer_args(layer), e8p_as_grid4=e8p_as_grid4, int8_activations=int8_activations)
 
 
 def _require_no_patch(layer: QuantizedLinear) -> None:
@@ -217,7 +220,8 @@ if torch is not None:
     class KernelQuipLinear(nn.Module):
         """QuipLinearRef's semantics on the fast kernels (CPU or CUDA), inference only."""
 
-        def __init__(self, layer: QuantizedLinear, device: str = "cpu", threads: int | None = None):
+        def __init__(self, layer: QuantizedLinear, device: str = "cpu", threads: int | None = None,
+                     int8_activations: bool = False):
             super().__init__()
             _require()
             self.device = torch.device(device)
@@ -229,7 +233,7 @@ if torch is not None:
             self.threads = threads
             args = _layer_args(layer)
             if self.device.type == "cpu":
-                self._plan = _ext.Plan(**args)
+                self._plan = _ext.Plan(**args, int8_activations=int8_activations)
             elif self.device.type == "cuda":
                 if not cuda_available():
                     raise RuntimeError("KernelQuipLinear(device='cuda'): the extension was built "
