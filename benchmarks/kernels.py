@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --gpu --json OUT.json                       # CUDA (H100 ...)
     python benchmarks/kernels.py --artifact DIR --fp32-model HF_DIR --json OUT.json  # decode
     python benchmarks/kernels.py --formats grid e8p --shapes 7b --batches 1 --json OUT.json
+    python benchmarks/kernels.py --int8-activations ...   # the 4-bit GEMVs on int8 activations
 
 Code formats (--formats, default grid, e8p and trellis): every format runs in the same
 interleaved rounds as the grid kernel at the same bits and fp32, so each e8p / trellis record
@@ -137,7 +138,7 @@ def cpu_bench(args) -> list[dict]:
         w = torch.randn(n_out, n_in)
         configs = [(f, b) for b in args.bits for f in formats]  # (format, bits)
         layers = {c: make_layer(c[0], n_in, n_out, c[1]) for c in configs}
-        plans = {c: K.prepare(layers[c]) for c in configs}
+        plans = {c: K.prepare(layers[c], int8_activations=args.int8_activations) for c in configs}
         key = {c: f"q{c[1]}" if c[0] == "grid" else f"{c[0]}{c[1]}" for c in configs}
         for batch in args.batches:
             x = torch.randn(batch, n_in)
@@ -158,7 +159,8 @@ def cpu_bench(args) -> list[dict]:
                 q = med[key[c]]
                 rec = {"kind": "layer", "device": "cpu", "shape": f"{n_in}x{n_out}", "in": n_in,
                        "out": n_out, "bits": b, "format": fmt, "batch": batch, "threads": args.threads,
-                       "kernels": K.kernel_name(), "quipc_ms": q * 1e3,
+                       "kernels": K.kernel_name(), "int8_activations": args.int8_activations,
+                       "gemv_int8": bool(plans[c].gemv_int8) and batch <= 4, "quipc_ms": q * 1e3,
                        "fp32_ms": med["fp32"] * 1e3, "speedup": med["fp32"] / q,
                        "quipc_weight_GBps": weight_bytes(layers[c]) / q / 1e9,
                        "fp32_weight_GBps": 4 * n_in * n_out / med["fp32"] / 1e9}
@@ -321,6 +323,8 @@ def main(argv=None) -> None:
     ap.add_argument("--formats", nargs="+", default=["grid", "e8p", "trellis"], choices=sorted(LAYER_MAKERS),
                     help="code formats to measure; on the CPU grid is measured first")
     ap.add_argument("--gpu", action="store_true", help="CUDA kernels instead of the CPU ones")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="CPU plans whose 4-bit GEMVs (4-bit grid, e8p as nibbles) take int8 activations")
     ap.add_argument("--artifact", type=Path, help="also measure decode tok/s of this artifact")
     ap.add_argument("--fp32-model", help="fp32 baseline for --artifact: alias (smollm2-135m), HF dir or .gguf")
     ap.add_argument("--decode-only", action="store_true", help="with --artifact: skip the layer benchmark")

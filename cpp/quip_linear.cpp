@@ -36,7 +36,7 @@ float* scratch(int slot, size_t count) {
     Buffer buf;
     size_t size = 0;
   };
-  thread_local Slot slots[6];
+  thread_local Slot slots[7];
   Slot& s = slots[slot];
   if (s.size < count) {
     s.buf = alloc_floats(count);
@@ -66,31 +66,38 @@ void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
   });
 }
 
-// LayerData::e8p_as_grid4: the 2-bit e8p layer's codes as 4-bit grid codes (packing.pack's
-// layout: a group's 8 nibbles little-endian, code j at bits 4j), scale / 2 and zero -15/4 scale.
-void e8p2_as_grid4(const LayerData& d, std::vector<uint8_t>* codes, std::vector<float>* scale,
-                   std::vector<float>* zero) {
+// LayerData::e8p_as_grid4: stage `stage` of an e8p layer as 4-bit grid codes (packing.pack's
+// layout: a group's 8 nibbles little-endian, code j at bits 4j). An E8P coordinate is an odd
+// multiple of 1/4 within +-11/4, i.e. q/2 - 15/4 (q = 2..13); an E8_1bit coordinate (the 3-bit
+// format's second stage) a multiple of 1/2 within +-2, i.e. q/2 - 2 (q = 0..8). So the stage is
+// exactly the grid row scale/2 * q + zero, zero = -15/4 or -2 times the stage's scale.
+void e8p_stage_as_grid4(const LayerData& d, int stage, std::vector<uint8_t>* codes,
+                        std::vector<float>* scale, std::vector<float>* zero) {
   const E8PTables& T = e8p_tables();
-  const int groups = d.n / 8;
+  const bool one_bit = stage == 1 && d.bits == 3;
+  const float offset = one_bit ? 4.f : 7.5f;
+  const int groups = d.n / 8, stages = e8p_stages(d.bits);
   const size_t row_bytes = size_t(groups) * 4;
-  std::vector<uint8_t>& own = *codes;
-  own.assign(size_t(d.m) * row_bytes, 0);
+  codes->assign(size_t(d.m) * row_bytes, 0);
   for (int i = 0; i < d.m; ++i) {
     const uint8_t* row = d.codes + size_t(i) * d.row_bytes;
-    uint8_t* out = own.data() + size_t(i) * row_bytes;
+    uint8_t* out = codes->data() + size_t(i) * row_bytes;
     for (int g = 0; g < groups; ++g) {
       float v[8];
-      e8p_point(T, e8p_first(row, 2, g), v);
+      if (stage == 0) e8p_point(T, e8p_first(row, d.bits, g), v);
+      else if (one_bit) std::memcpy(v, T.one_bit[e8p_second(row, d.bits, g)], sizeof v);
+      else e8p_point(T, e8p_second(row, d.bits, g), v);
       uint32_t word = 0;
-      for (int j = 0; j < 8; ++j) word |= uint32_t(std::lround(2.f * v[j] + 7.5f)) << (4 * j);
+      for (int j = 0; j < 8; ++j) word |= uint32_t(std::lround(2.f * v[j] + offset)) << (4 * j);
       for (int k = 0; k < 4; ++k) out[size_t(g) * 4 + k] = uint8_t(word >> (8 * k));
     }
   }
   scale->resize(size_t(d.m));
   zero->resize(size_t(d.m));
   for (int i = 0; i < d.m; ++i) {
-    (*scale)[size_t(i)] = 0.5f * d.scale[size_t(i)];
-    (*zero)[size_t(i)] = -3.75f * d.scale[size_t(i)];
+    const float s = d.scale[size_t(i) * stages + stage];
+    (*scale)[size_t(i)] = 0.5f * s;
+    (*zero)[size_t(i)] = -0.5f * offset * s;
   }
 }
 
@@ -111,7 +118,12 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
       d_.out_scale.size() != size_t(d_.m) || d_.in_scale.size() != size_t(d_.n) ||
       (!d_.bias.empty() && d_.bias.size() != size_t(d_.m)))
     throw std::invalid_argument("layer vectors do not match the layer shape");
-  if (e8p && d_.bits == 2 && d_.e8p_as_grid4) e8p2_as_grid4(d_, &grid4_.codes, &grid4_.scale, &grid4_.zero);
+  // 3 bits: two fp32 nibble passes take 1.2x the e8p GEMV's time, on int8 activations 0.6-0.7x
+  if (e8p && d_.e8p_as_grid4 && (d_.bits != 3 || d_.int8_activations)) {
+    grid4_.resize(size_t(e8p_stages(d_.bits)));
+    for (size_t st = 0; st < grid4_.size(); ++st)
+      e8p_stage_as_grid4(d_, int(st), &grid4_[st].codes, &grid4_[st].scale, &grid4_[st].zero);
+  }
   if (t_in_.n() != d_.n && !t_in_.identity()) throw std::invalid_argument("input transform size");
   if (t_out_.n() != d_.m && !t_out_.identity()) throw std::invalid_argument("output transform size");
   npad_ = (d_.n + 7) / 8 * 8;
@@ -152,11 +164,31 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
   const bool grid4 = gemv && gemv_as_grid4();
   if (d_.format == CodeFormat::kE8P && !grid4) return matmul_e8p(k, z, batch, t, threads);
   if (d_.format == CodeFormat::kTrellis) return matmul_trellis(k, z, batch, t, threads);
-  const Codes codes = grid4 ? Codes{grid4_.codes.data(), size_t(d_.n / 8) * 4, 4, d_.m, d_.n}
-                            : Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
-  const RowAffine aff = grid4 ? RowAffine{grid4_.scale.data(), grid4_.zero.data()}
-                              : RowAffine{d_.scale.data(), d_.zero.data()};
-  if (gemv && gemv_int8()) {  // quantized once by the caller's thread, read by every pool thread
+  if (!gemv) {
+    over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
+      Buffer work = alloc_floats(qgemm_work_floats(batch));
+      k.qgemm(Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n}, RowAffine{d_.scale.data(), d_.zero.data()},
+              i0, i1, z, npad_, zsum, batch, t, d_.m, work.get());
+    });
+    return;
+  }
+  // The GEMV: the layer's grid codes, or its e8p stages as 4-bit grid codes, summed (stage 1
+  // into `extra`, added row by row by the thread that computed both)
+  const int stages = grid4 ? int(grid4_.size()) : 1;
+  auto codes_of = [&](int st) {
+    return grid4 ? Codes{grid4_[size_t(st)].codes.data(), size_t(d_.n / 8) * 4, 4, d_.m, d_.n}
+                 : Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
+  };
+  auto affine_of = [&](int st) {
+    return grid4 ? RowAffine{grid4_[size_t(st)].scale.data(), grid4_[size_t(st)].zero.data()}
+                 : RowAffine{d_.scale.data(), d_.zero.data()};
+  };
+  float* extra = stages > 1 ? scratch(6, size_t(batch) * d_.m) : nullptr;
+  auto add_extra = [&](int i0, int i1) {
+    for (int b = 0; b < batch && extra != nullptr; ++b)
+      for (int i = i0; i < i1; ++i) t[size_t(b) * d_.m + i] += extra[size_t(b) * d_.m + i];
+  };
+  if (gemv_int8()) {  // quantized once by the caller's thread, read by every pool thread
     const int blocks = act_blocks(d_.n);
     int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 4) / 4 + 1)));
     float* steps = reinterpret_cast<float*>(q + size_t(batch) * blocks * kActBlock);
@@ -178,17 +210,16 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
     }
     const Int8Acts acts{q, steps, blocks};
     over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) {
-      k.qgemv4_i8(codes, aff, i0, i1, acts, qsum, batch, t, d_.m);
+      for (int st = 0; st < stages; ++st)
+        k.qgemv4_i8(codes_of(st), affine_of(st), i0, i1, acts, qsum, batch, st ? extra : t, d_.m);
+      add_extra(i0, i1);
     });
     return;
   }
-  over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
-    if (gemv) {
-      k.qgemv(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m);
-    } else {
-      Buffer work = alloc_floats(qgemm_work_floats(batch));
-      k.qgemm(codes, aff, i0, i1, z, npad_, zsum, batch, t, d_.m, work.get());
-    }
+  over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) {
+    for (int st = 0; st < stages; ++st)
+      k.qgemv(codes_of(st), affine_of(st), i0, i1, z, npad_, zsum, batch, st ? extra : t, d_.m);
+    add_extra(i0, i1);
   });
 }
 
@@ -260,7 +291,7 @@ void QuipLinearPlan::forward(const float* x, int batch, float* y, int threads,
                              bool force_scalar) const {
   if (batch <= 0) return;
   const KernelTable& k = select_kernels(force_scalar);
-  // The caller's thread owns slots 0-2, 4 and 5 for the whole call; pool threads use slot 3 only.
+  // The caller's thread owns slots 0-2 and 4-6 for the whole call; pool threads use slot 3 only.
   float* z = scratch(0, size_t(batch) * npad_);
   float* zsum = scratch(1, size_t(batch));
   float* t = scratch(2, size_t(batch) * d_.m);

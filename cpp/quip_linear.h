@@ -20,10 +20,12 @@ struct LayerData {
   std::vector<float> in_scale;     // (n): input signs and diagonal rescaling
   std::vector<float> out_scale;    // (m): output signs
   std::vector<float> bias;         // (m) or empty
-  // A 2-bit e8p layer's GEMV (batch <= kGemvMaxBatch) run by the 4-bit grid kernel: every E8P
-  // coordinate is q/2 - 15/4 with q a nibble, so W' = (scale/2) q - 15/4 scale exactly. The plan
-  // then also owns the nibble codes (twice the e8p bytes); their GEMV takes ~0.7x the e8p
-  // kernel's time (SmolLM2 shapes, batch 1), while the e8p GEMM stays the faster prefill.
+  // An e8p layer's GEMV (batch <= kGemvMaxBatch) run by the 4-bit grid kernel, one pass per
+  // stage: every E8P coordinate is q/2 - 15/4 and every E8_1bit one q/2 - 2 with q a nibble, so
+  // a stage is exactly the grid row (scale/2) q + zero. The plan then also owns the nibble codes
+  // (4 bits a weight per stage); their GEMV takes ~0.7x the e8p kernel's time at 2 bits
+  // (SmolLM2 shapes, batch 1), while the e8p GEMM stays the faster prefill. At 3 bits only
+  // with int8_activations (two fp32 passes take 1.2x the e8p GEMV's time).
   bool e8p_as_grid4 = false;
   // The GEMV of 4-bit codes (a 4-bit grid layer, or the e8p_as_grid4 codes) on activations
   // quantized to int8 per block of 32 (kernels.h: Int8Acts): ~2x the fp32 GEMV's speed, at a
@@ -38,7 +40,7 @@ class QuipLinearPlan {
 
   int m() const { return d_.m; }
   int n() const { return d_.n; }
-  bool gemv_as_grid4() const { return !grid4_.codes.empty(); }  // LayerData::e8p_as_grid4 taken
+  bool gemv_as_grid4() const { return !grid4_.empty(); }  // LayerData::e8p_as_grid4 taken
   int padded_n() const { return npad_; }
   // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit)
   bool gemv_int8() const;
@@ -60,10 +62,11 @@ class QuipLinearPlan {
   void matmul_trellis(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
 
   LayerData d_;
-  struct Grid4 {  // LayerData::e8p_as_grid4: the 2-bit e8p codes as 4-bit grid rows
+  struct Grid4 {  // LayerData::e8p_as_grid4: one e8p stage's codes as 4-bit grid rows
     std::vector<uint8_t> codes;
     std::vector<float> scale, zero;
-  } grid4_;
+  };
+  std::vector<Grid4> grid4_;  // one per stage; empty: the e8p (or grid) kernels
   KronTransform t_in_, t_out_;
   int npad_;
   std::vector<float> in_vec_, out_vec_;  // in_scale / out_scale with the FWHT gains folded in

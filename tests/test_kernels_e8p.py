@@ -41,9 +41,10 @@ def test_codebooks_equal_the_python_tables():
 
 
 def _plan(layer, kernel: str):
-    """The layer's CPU plan on the e8p kernels, or (2 bits) with its GEMV on the 4-bit grid kernel."""
-    if kernel == "grid4" and layer.bits != 2:
-        pytest.skip("only 2-bit e8p layers run as the 4-bit grid")
+    """The layer's CPU plan on the e8p kernels, or with its GEMV on the 4-bit grid kernel (one
+    pass per stage; at 3 bits only on int8 activations, tests/test_kernels_int8.py)."""
+    if kernel == "grid4" and layer.bits == 3:
+        pytest.skip("3-bit e8p layers take the grid4 GEMV on int8 activations only")
     plan = K.prepare(layer, e8p_as_grid4=kernel == "grid4")
     assert plan.gemv_as_grid4 == (kernel == "grid4")   # batch <= 4; the GEMM stays e8p's
     return plan

@@ -78,10 +78,11 @@ def test_avx2_and_scalar_agree():
         assert rel_err(fast, slow) < 1e-6
 
 
-def test_e8p_layers_take_it_through_their_nibbles():
-    """A 2-bit e8p layer's GEMV on the grid4 codes, on int8 activations; 3/4-bit e8p layers and
-    2/3-bit grid layers keep their fp32 kernels (the flag is ignored there)."""
-    layer = random_e8p_layer(192, 576, 2, seed=1)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8p_layers_take_it_through_their_nibbles(bits):
+    """An e8p layer's GEMV runs on each stage's grid4 codes, on int8 activations; without
+    e8p_as_grid4 (the e8p kernels) the flag is ignored."""
+    layer = random_e8p_layer(192, 576, bits, seed=bits)
     plan = K.prepare(layer, int8_activations=True)
     assert plan.gemv_as_grid4 and plan.gemv_int8
     x = np.random.default_rng(6).standard_normal((2, 576)).astype(np.float32)
@@ -89,11 +90,15 @@ def test_e8p_layers_take_it_through_their_nibbles():
     y = K.quip_linear(plan, x)
     assert 1e-7 < rel_err(y, exact) < 2e-2
     assert not K.prepare(layer, e8p_as_grid4=False, int8_activations=True).gemv_int8
-    for other in (random_e8p_layer(192, 576, 3, seed=2), make_layer(64, 96, 2), make_layer(64, 96, 3)):
-        p = K.prepare(other, int8_activations=True)
-        assert not p.gemv_int8
-        xo = np.random.default_rng(7).standard_normal((1, other.in_features)).astype(np.float32)
-        np.testing.assert_array_equal(K.quip_linear(p, xo), K.quip_linear(K.prepare(other), xo))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_narrow_grid_layers_keep_the_fp32_gemv(bits):
+    layer = make_layer(64, 96, bits)
+    plan = K.prepare(layer, int8_activations=True)
+    assert not plan.gemv_int8
+    x = np.random.default_rng(7).standard_normal((1, 96)).astype(np.float32)
+    np.testing.assert_array_equal(K.quip_linear(plan, x), K.quip_linear(K.prepare(layer), x))
 
 
 def test_prefill_batches_stay_fp32():
