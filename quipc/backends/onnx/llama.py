@@ -60,15 +60,16 @@ def dense_linear(dense: dict[str, np.ndarray]) -> LinearFn:
 
 
 def _rms_norm(b: Builder, x: str, weight: str, eps: float) -> str:
-    var = b.op("ReduceMean", b.op("Mul", x, x), b.ints([-1]), keepdims=1)
-    inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(np.float32(eps)))))
-    return b.op("Mul", b.op("Mul", x, inv), weight)
+    """x / sqrt(mean(x^2) + eps) * weight, written as the pattern onnxruntime's optimizer fuses
+    into one SimplifiedLayerNormalization node (Pow 2, ReduceMean, Add, Sqrt, Div, Mul)."""
+    var = b.op("ReduceMean", b.op("Pow", x, b.const(np.float32(2.0))), b.ints([-1]), keepdims=1)
+    return b.op("Mul", b.op("Div", x, b.op("Sqrt", b.op("Add", var, b.const(np.float32(eps))))), weight)
 
 
-def _rotate(b: Builder, x: str, cos: str, sin: str, half: int) -> str:
-    x1, x2 = b.op("Split", x, b.ints([half, half]), axis=-1, outputs=2)
-    rot = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
-    return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rot, sin))
+def _rotate(b: Builder, x: str, cos: str, signed_sin: str, swap: str) -> str:
+    """x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1): the halves swapped by one Gather
+    and the sign carried by the table (signed_sin = (-sin1, sin2)), 4 nodes instead of 6."""
+    return b.op("Add", b.op("Mul", x, cos), b.op("Mul", b.op("Gather", x, swap, axis=-1), signed_sin))
 
 
 def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Builder,
@@ -88,8 +89,11 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     eps = float(config.rms_norm_eps)
     max_positions = max_positions or int(config.max_position_embeddings)
     cos_t, sin_t = rotary_tables(config, max_positions)
+    half = head_dim // 2
     cos_tab = b.initializer("rotary.cos", cos_t)
-    sin_tab = b.initializer("rotary.sin", sin_t)
+    sign = np.concatenate([-np.ones(half, np.float32), np.ones(head_dim - half, np.float32)])
+    sin_tab = b.initializer("rotary.signed_sin", (sin_t * sign).astype(np.float32))
+    swap = b.initializer("rotary.swap", np.concatenate([np.arange(half, head_dim), np.arange(half)]).astype(np.int64))
     embed = None if embed_fn is not None else \
         b.initializer("model.embed_tokens.weight", dense["model.embed_tokens.weight"].astype(np.float32))
 
@@ -113,9 +117,9 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     kpos = b.op("Range", b.const(np.int64(0)), total_s, one)        # (S,)
     future = b.op("Less", b.op("Unsqueeze", qpos, b.ints([1])), b.op("Unsqueeze", kpos, b.ints([0])))  # (T, S)
     neg = b.const(np.float32(np.finfo(np.float32).min))
-    cos = b.op("Unsqueeze", b.op("Gather", cos_tab, qpos, axis=0), b.ints([0, 1]))   # (1, 1, T, D)
-    sin = b.op("Unsqueeze", b.op("Gather", sin_tab, qpos, axis=0), b.ints([0, 1]))
-    scaling = b.const(np.float32(head_dim ** -0.5))
+    cos = b.op("Unsqueeze", b.op("Gather", cos_tab, qpos, axis=0), b.ints([0, 2]))   # (1, T, 1, D)
+    sin = b.op("Unsqueeze", b.op("Gather", sin_tab, qpos, axis=0), b.ints([0, 2]))
+    scaling = b.const(np.float32(head_dim ** -0.5))   # onnxruntime fuses it into the scores' MatMul
 
     x = embed_fn(b, "input_ids") if embed_fn is not None else \
         b.op("Gather", embed, "input_ids", axis=0)                  # (B, T, hidden)
@@ -126,11 +130,11 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
         h = _rms_norm(b, x, b.initializer(f"{p}.input_layernorm.weight",
                                           dense[f"{p}.input_layernorm.weight"].astype(np.float32)), eps)
         q, k, v = _linears(linear, b, h, [f"{p}.self_attn.{n}_proj" for n in "qkv"])
-        q = b.op("Transpose", b.op("Reshape", q, heads_shape(heads)), perm=[0, 2, 1, 3])      # (B, H, T, D)
-        k = b.op("Transpose", b.op("Reshape", k, heads_shape(kv_heads)), perm=[0, 2, 1, 3])   # (B, KV, T, D)
+        # rotated as (B, T, heads, D), then (B, heads, T, D)
+        q = b.op("Transpose", _rotate(b, b.op("Reshape", q, heads_shape(heads)), cos, sin, swap), perm=[0, 2, 1, 3])
+        k = b.op("Transpose", _rotate(b, b.op("Reshape", k, heads_shape(kv_heads)), cos, sin, swap),
+                 perm=[0, 2, 1, 3])
         v = b.op("Transpose", b.op("Reshape", v, heads_shape(kv_heads)), perm=[0, 2, 1, 3])
-        q = _rotate(b, q, cos, sin, head_dim // 2)
-        k = _rotate(b, k, cos, sin, head_dim // 2)
         k_all = b.op("Concat", f"past_key_values.{i}.key", k, axis=2, out_name=f"present.{i}.key")
         v_all = b.op("Concat", f"past_key_values.{i}.value", v, axis=2, out_name=f"present.{i}.value")
         # grouped queries: head h uses kv head h // rep; (B, H, T, D) -> (B, KV, rep*T, D)
