@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from . import fusable
 from .builder import OPSET
 from .export import IR_VERSION, MODEL_FILE, save_model
 from .placeholders import lower_placeholders, translations
@@ -104,6 +105,7 @@ def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: boo
     layers = art.load_layers(artifact, manifest)
     embeddings = _quantized_embeddings(artifact, manifest, layers)
     lower_placeholders(model, layers, embeddings, ops=ops, accuracy_level=accuracy_level)
+    rewrites = fusable.rewrite(model)   # RMSNorm and rotate_half in onnxruntime's fusable forms
     ins, outs = io_names(captured.cache.layers)
     mapping = dict(zip([v.name for v in model.graph.input], ins))
     mapping.update(zip([v.name for v in model.graph.output], outs))
@@ -115,7 +117,7 @@ def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: boo
     del model.metadata_props[:]
     meta = {"format": "quipc-onnx", "version": 1, "graph": "traced", "family": captured.family.name,
             "model_type": captured.config.model_type, "source_artifact": str(artifact.resolve()),
-            "ops": ops, "accuracy_level": accuracy_level,
+            "ops": ops, "accuracy_level": accuracy_level, "rewrites": rewrites,
             "bits": manifest.get("quant_config", {}).get("bits"),
             "code_format": sorted({la.format for la in layers.values()}),
             "bpw": manifest.get("summary", {}).get("bpw"), "quantized_layers": len(layers),
