@@ -21,17 +21,11 @@
 #include "e8p.h"
 #include "gemm_driver.h"
 #include "ukernel_avx2.h"
+#include "avx2_util.h"
 
 namespace quipc {
 namespace e8p_avx2 {
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline uint32_t u16_at(const uint8_t* p) {
   uint16_t v;

@@ -8,6 +8,7 @@
 
 #include "avx2.h"
 #include "unpack.h"
+#include "avx2_util.h"
 
 namespace quipc {
 namespace avx2 {
@@ -18,13 +19,6 @@ inline uint32_t load_word(const uint8_t* g) {  // may read past the group for 2/
   uint32_t w;
   std::memcpy(&w, g, 4);
   return w;
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 template <int BITS>

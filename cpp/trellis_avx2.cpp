@@ -11,6 +11,7 @@
 #include "gemm_driver.h"
 #include "trellis.h"
 #include "ukernel_avx2.h"
+#include "avx2_util.h"
 
 namespace quipc {
 namespace trellis_avx2 {
@@ -72,13 +73,6 @@ inline void tile_row(const TrellisCodes& c, const Windows& w, const float* code,
   const __m256i s1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, w.shuffle[1]), w.shift[1]), mask);
   *v0 = _mm256_i32gather_ps(code, s0, 4);
   *v1 = _mm256_i32gather_ps(code, s1, 4);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // NB activation vectors; two accumulators per vector (the two halves of a tile row), all in

@@ -115,9 +115,9 @@ CUDA_FORMATS = ("grid", "e8p", "trellis")
 
 def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations: bool = False):
     """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out.
-    e8p_as_grid4: a 2-bit e8p layer's GEMV (batch <= 4) runs by the 4-bit grid kernel (the same
-    weights, its codes also widened to nibbles in the plan: ~0.7x the time at batch 1); False
-    keeps the e8p kernels for every batch.
+    e8p_as_grid4: an e8p layer's GEMV (batch <= 4) runs by the 4-bit grid kernel, one pass per
+    stage (the same weights, its codes also widened to nibbles in the plan: at 2 bits ~0.7x the
+    time at batch 1; at 3 bits only with int8_activations); False keeps the e8p kernels.
     int8_activations: the GEMV of 4-bit codes (4-bit grid layers and those e8p_as_grid4 layers)
     takes its activations quantized to int8 per block of 32, as llama.cpp's Q8_0 and
     onnxruntime's accuracy_level 4 (`plan.gemv_int8` says whether the layer has such a GEMV)."""
