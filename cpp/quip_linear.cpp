@@ -101,6 +101,32 @@ void e8p_stage_as_grid4(const LayerData& d, int stage, std::vector<uint8_t>* cod
   }
 }
 
+// The batch's rows of z (ldz apart, n values each) as int8 blocks in scratch slot 5, and in
+// *qsum the row sums of the quantized activations. The zero-point term takes those, not the
+// sums of z: the codes' mean (7.5) times the rounding errors' sum then cancels as it does in
+// exact arithmetic, and only the centred codes meet the rounding error (with the sums of z,
+// SmolLM2 w2's decode perplexity rose 3 %).
+Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int batch, float** qsum) {
+  const int blocks = act_blocks(n);
+  int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 4) / 4 + 1)));
+  float* steps = reinterpret_cast<float*>(q + size_t(batch) * blocks * kActBlock);
+  float* sums = steps + size_t(batch) * blocks;
+  for (int b = 0; b < batch; ++b) {
+    int8_t* qb = q + size_t(b) * blocks * kActBlock;
+    float* db = steps + size_t(b) * blocks;
+    k.quantize_acts(z + size_t(b) * ldz, n, qb, db);
+    double s = 0.0;
+    for (int blk = 0; blk < blocks; ++blk) {
+      int32_t part = 0;
+      for (int j = 0; j < kActBlock; ++j) part += qb[blk * kActBlock + j];
+      s += double(db[blk]) * part;
+    }
+    sums[b] = float(s);
+  }
+  *qsum = sums;
+  return Int8Acts{q, steps, blocks};
+}
+
 }  // namespace
 
 QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform t_out)
@@ -185,30 +211,13 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
   };
   float* extra = stages > 1 ? scratch(6, size_t(batch) * d_.m) : nullptr;
   auto add_extra = [&](int i0, int i1) {
-    for (int b = 0; b < batch && extra != nullptr; ++b)
+    if (extra == nullptr) return;
+    for (int b = 0; b < batch; ++b)
       for (int i = i0; i < i1; ++i) t[size_t(b) * d_.m + i] += extra[size_t(b) * d_.m + i];
   };
   if (gemv_int8()) {  // quantized once by the caller's thread, read by every pool thread
-    const int blocks = act_blocks(d_.n);
-    int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 4) / 4 + 1)));
-    float* steps = reinterpret_cast<float*>(q + size_t(batch) * blocks * kActBlock);
-    float* qsum = steps + size_t(batch) * blocks;
-    for (int b = 0; b < batch; ++b) {
-      int8_t* qb = q + size_t(b) * blocks * kActBlock;
-      float* db = steps + size_t(b) * blocks;
-      k.quantize_acts(z + size_t(b) * npad_, d_.n, qb, db);
-      // The zero-point term takes the sum of the quantized activations, not of z: the codes'
-      // mean (7.5) times the rounding errors' sum then cancels as it does in exact arithmetic,
-      // and only the centred codes meet the rounding error (2-bit e8p w2 decode ppl +3 % -> ~0).
-      double s = 0.0;
-      for (int blk = 0; blk < blocks; ++blk) {
-        int32_t part = 0;
-        for (int j = 0; j < kActBlock; ++j) part += qb[blk * kActBlock + j];
-        s += double(db[blk]) * part;
-      }
-      qsum[b] = float(s);
-    }
-    const Int8Acts acts{q, steps, blocks};
+    float* qsum = nullptr;
+    const Int8Acts acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum);
     over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) {
       for (int st = 0; st < stages; ++st)
         k.qgemv4_i8(codes_of(st), affine_of(st), i0, i1, acts, qsum, batch, st ? extra : t, d_.m);

@@ -19,6 +19,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 
+def rotary_swap(half: int) -> np.ndarray:
+    """Gather indices on the last axis that swap its two halves: (x1, x2) -> (x2, x1)."""
+    return np.concatenate([np.arange(half, 2 * half), np.arange(half)]).astype(np.int64)
+
+
+def rotary_sign(half: int) -> np.ndarray:
+    """The sign rotate_half puts on the swapped halves: (-1 x half, +1 x half)."""
+    return np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
+
+
 class _Graph:
     """A GraphProto's top-level nodes (held in a list, so that they keep their identity), their
     producers and consumers, and constant values."""
@@ -142,8 +152,8 @@ def rotate_half_gathers(model: onnx.ModelProto) -> int:
                 continue
             x, sin = high[0], node.input[1 - side]
             swap, sign = f"quipc.rotary_swap_{h}", f"quipc.rotary_sign_{h}"
-            consts.setdefault(swap, np.concatenate([np.arange(h, 2 * h), np.arange(h)]).astype(np.int64))
-            consts.setdefault(sign, np.concatenate([-np.ones(h), np.ones(h)]).astype(np.float32))
+            consts.setdefault(swap, rotary_swap(h))
+            consts.setdefault(sign, rotary_sign(h))
             ahead = []
             if (sin, h) not in signed:   # once per sin tensor: every layer shares it
                 signed[(sin, h)] = f"{sin}.quipc_signed_{h}"

@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto
 
 from .builder import Builder
+from .fusable import rotary_sign, rotary_swap
 
 SUPPORTED = ("llama",)
 FLOAT = TensorProto.FLOAT
@@ -91,9 +92,8 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     cos_t, sin_t = rotary_tables(config, max_positions)
     half = head_dim // 2
     cos_tab = b.initializer("rotary.cos", cos_t)
-    sign = np.concatenate([-np.ones(half, np.float32), np.ones(head_dim - half, np.float32)])
-    sin_tab = b.initializer("rotary.signed_sin", (sin_t * sign).astype(np.float32))
-    swap = b.initializer("rotary.swap", np.concatenate([np.arange(half, head_dim), np.arange(half)]).astype(np.int64))
+    sin_tab = b.initializer("rotary.signed_sin", (sin_t * rotary_sign(half)).astype(np.float32))
+    swap = b.initializer("rotary.swap", rotary_swap(half))
     embed = None if embed_fn is not None else \
         b.initializer("model.embed_tokens.weight", dense["model.embed_tokens.weight"].astype(np.float32))
 
