@@ -2,7 +2,7 @@
 
     python benchmarks/backends.py bench  [--bits 2 3 4]   # `quipc bench` per artifact -> results/backends_w*.json|png
     python benchmarks/backends.py ppl    [--bits 2]       # TVM vs torch-path perplexity (PROTOCOL quick)
-    python benchmarks/backends.py kernel                  # TIR dequant-matmul vs the C++ kernel, 4096x4096
+    python benchmarks/backends.py kernel                  # TIR dequant-matmul (fp32 / int8 activations) vs the C++ kernel
     python benchmarks/backends.py gpu-prepare DIR         # CUDA builds + inputs for a GPU machine
     python benchmarks/backends.py gpu-check DIR           # run there (TVM runtime only) -> JSON
 
@@ -122,16 +122,29 @@ def random_layer(m, n, bits, seed=0, kind="hadamard"):
                            Transform.make(kind, m, seed + 2))
 
 
+def _tvm_gemv(spec, number: int):
+    """(the compiled decode kernel of `spec` as a callable module, its time_evaluator)."""
+    import tvm
+
+    from quipc.backends.tvm.build import resolve_target
+    from quipc.backends.tvm.lowering import linear_prim_func
+    from quipc.backends.tvm.schedules import schedule_func
+
+    lib = tvm.compile(schedule_func(linear_prim_func(spec, "gemv")).with_attr("global_symbol", "main"),
+                      target=resolve_target("llvm"))
+    f = lib.jit() if hasattr(lib, "jit") else lib
+    return f, f.time_evaluator("main", tvm.cpu(), number=number, repeat=1)
+
+
 def cmd_kernel(args) -> None:
     import statistics
 
     import numpy as np
     import tvm
 
+    from quipc.backends.tvm import gemv_i8
     from quipc.backends.tvm import tir_quip_linear as Q
-    from quipc.backends.tvm.lowering import linear_prim_func
     from quipc.backends.tvm.build import resolve_target
-    from quipc.backends.tvm.schedules import schedule_func
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     records = []
@@ -139,14 +152,14 @@ def cmd_kernel(args) -> None:
         for bits in args.kbits:
             layer = random_layer(m, n, bits)
             spec = Q.LinearSpec.of(layer)
-            lib = tvm.compile(schedule_func(linear_prim_func(spec, "gemv")).with_attr("global_symbol", "main"),
-                              target=resolve_target("llvm"))
             x = np.random.default_rng(1).normal(size=(1, n)).astype(np.float32)
             p = Q.linear_params(layer, spec)
             targs = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(p[k]) for k in Q.param_names(spec)]
             y = tvm.runtime.empty((1, m), "float32", tvm.cpu())
-            f = lib.jit() if hasattr(lib, "jit") else lib
-            ev = f.time_evaluator("main", tvm.cpu(), number=args.number, repeat=1)
+            f, ev = _tvm_gemv(spec, args.number)
+            # the same layer's GEMV on int8 activations (gemv_i8), where the CPU and the bits allow
+            int8 = gemv_i8.for_decode(spec, gemv_i8.supported(resolve_target("llvm")))
+            f8, ev8 = _tvm_gemv(int8, args.number) if int8.int8_acts else (None, None)
             rec = {"shape": [m, n], "bits": bits, "batch": 1, "threads": args.threads,
                    "transform": "hadamard " + str(spec.in_orders)}
             cpp = None
@@ -161,9 +174,11 @@ def cmd_kernel(args) -> None:
                     rec["cpp"] = f"skipped: {kernels._IMPORT_ERROR}"
             except ImportError as e:
                 rec["cpp"] = f"skipped: {e}"
-            tvm_ms, cpp_ms = [], []
+            tvm_ms, cpp_ms, i8_ms = [], [], []
             for _ in range(args.reps):  # interleaved
                 tvm_ms.append(ev(*targs, y).mean * 1e3)
+                if ev8 is not None:
+                    i8_ms.append(ev8(*targs, y).mean * 1e3)
                 if cpp is not None:
                     t0 = time.perf_counter()
                     for _ in range(args.number):
@@ -173,10 +188,16 @@ def cmd_kernel(args) -> None:
             import torch
 
             ref = QuipLinearRef(layer)(torch.from_numpy(x)).numpy()
+            if f8 is not None:
+                f8(*targs, y)
+                rec["tvm_int8_rel_err_vs_ref"] = float(np.abs(y.numpy() - ref).max() / np.abs(ref).max())
+                rec["tvm_int8_ms"] = statistics.median(i8_ms)
             f(*targs, y)
             rec["max_abs_err_vs_ref"] = float(np.abs(y.numpy() - ref).max())
             rec["tvm_ms"] = statistics.median(tvm_ms)
             rec["tvm_spread"] = [min(tvm_ms), max(tvm_ms)]
+            if i8_ms:
+                rec["tvm_fp32_over_int8"] = rec["tvm_ms"] / rec["tvm_int8_ms"]
             if cpp_ms:
                 rec["cpp_ms"] = statistics.median(cpp_ms)
                 rec["cpp_spread"] = [min(cpp_ms), max(cpp_ms)]

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer as one 4-bit grid, a 4-bit one as two; the same weights, ~0.69x the decode "
                         "time, the build larger: SmolLM2 w2 76 instead of 50 MB, w4 128 instead of 76) or "
                         "by the e8p codebook kernels (codebook: the smaller build)")
+    c.add_argument("--tvm-activations", default="int8", choices=["int8", "fp32"],
+                   help="tvm (CPU): decode's 4-bit GEMVs (grid, e8p as grid, the 4-bit head) on int8 "
+                        "activations, one step per row (int8, default, x86 CPUs with AVX2; elsewhere "
+                        "fp32) or on the fp32 activations (exactly the torch path's sums)")
     c.add_argument("--graph", default="auto", choices=["auto", "traced", "handwritten"],
                    help="onnx / tvm: the traced transformers model (every family) or the hand-written "
                         "Llama graph; auto (default): traced, except hand-written for a llama model to ONNX "
@@ -229,7 +233,7 @@ def cmd_compile(args) -> int:
 
     path = lower_artifact(artifact, out, target=args.target, graph=args.graph, onnx_ops=args.onnx_ops,
                           accuracy_level=args.onnx_accuracy_level, tvm_target=args.tvm_target,
-                          progress=progress, tvm_e8p=args.tvm_e8p)
+                          progress=progress, tvm_e8p=args.tvm_e8p, tvm_activations=args.tvm_activations)
     print(f"wrote {path}")
     return 0
 

@@ -32,16 +32,19 @@ def random_layer(m, n, bits, kind="hadamard", seed=0, bias=True, in_scale=True):
         bias=rng.normal(0, 1, m).astype(np.float32) if bias else None)
 
 
-def run_kernel(layer, mode, rows, residual=None):
+def run_kernel(layer, mode, rows, residual=None, x=None, int8_acts=False):
+    import dataclasses
+
     from quipc.backends.tvm import tir_quip_linear as Q
     from quipc.backends.tvm.lowering import linear_prim_func
     from quipc.backends.tvm.build import resolve_target
     from quipc.backends.tvm.schedules import schedule_func
 
-    spec = Q.LinearSpec.of(layer)
+    spec = dataclasses.replace(Q.LinearSpec.of(layer), int8_acts=int8_acts)
     func = schedule_func(linear_prim_func(spec, mode, residual=residual is not None))
     lib = tvm.compile(func.with_attr("global_symbol", "main"), target=resolve_target("llvm"))
-    x = np.random.default_rng(7).normal(size=(rows, layer.in_features)).astype(np.float32)
+    if x is None:
+        x = np.random.default_rng(7).normal(size=(rows, layer.in_features)).astype(np.float32)
     params = Q.linear_params(layer, spec)
     args = [x] + [params[k] for k in Q.param_names(spec)] + ([residual] if residual is not None else [])
     y = tvm.runtime.empty((rows, layer.out_features), "float32", tvm.cpu())
@@ -82,8 +85,9 @@ def test_codes_repack_roundtrip():
         for plane, (shift, width) in zip(planes, PLANES[bits]):
             cpw = 32 // width
             words = plane.view(np.uint32).transpose(0, 2, 1).reshape(32, -1).astype(np.int64)
-            for j in range(cpw):
-                back[:, j::cpw] |= ((words >> (width * j)) & ((1 << width) - 1)) << shift
+            for j in range(cpw):   # 4 bits: byte j % 4 of the word, its high nibble for j >= 4
+                at = 8 * (j % 4) + 4 * (j // 4) if width == 4 else width * j
+                back[:, j::cpw] |= ((words >> at) & ((1 << width) - 1)) << shift
         assert TILE_O == 16 and K_GROUP == 32
         np.testing.assert_array_equal(back[:20, :40], codes)
         assert not back[20:].any() and not back[:, 40:].any()

@@ -14,18 +14,21 @@ from e8p_layers import random_e8p_layer  # noqa: E402
 from test_tvm import assert_matches_torch_path  # noqa: E402
 
 
-def run_kernel(layer, mode, rows, residual=None):
+def run_kernel(layer, mode, rows, residual=None, int8_acts=False, x=None):
+    import dataclasses
+
     from quipc.backends.tvm.build import resolve_target
     from quipc.backends.tvm.lowering import linear_prim_func, lowering
     from quipc.backends.tvm.schedules import schedule_func
     from quipc.backends.tvm.tir_quip_linear import LinearSpec
 
-    spec = LinearSpec.of(layer)
+    spec = dataclasses.replace(LinearSpec.of(layer), int8_acts=int8_acts)
     low = lowering(spec.format)
     func = linear_prim_func(spec, mode, rows=rows if mode == "gemv" else None,
                                 residual=residual is not None)
     lib = tvm.compile(schedule_func(func).with_attr("global_symbol", "main"), target=resolve_target("llvm"))
-    x = np.random.default_rng(7).normal(size=(rows, layer.in_features)).astype(np.float32)
+    if x is None:
+        x = np.random.default_rng(7).normal(size=(rows, layer.in_features)).astype(np.float32)
     params = low.linear_params(layer, spec)
     args = [x] + [params[k] for k in low.param_names(spec)] + ([residual] if residual is not None else [])
     y = tvm.runtime.empty((rows, layer.out_features), "float32", tvm.cpu())

@@ -47,8 +47,9 @@ def _gpu_target(tvm_target: str) -> bool:
 
 def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto", onnx_ops: str = "quip",
                    accuracy_level: int = 4, tvm_target: str = "llvm", progress: bool = True,
-                   tvm_e8p: str = "grid4") -> Path:
-    """artifact -> OUT (an ONNX folder or a TVM build) with the chosen graph."""
+                   tvm_e8p: str = "grid4", tvm_activations: str = "int8") -> Path:
+    """artifact -> OUT (an ONNX folder or a TVM build) with the chosen graph. tvm_activations:
+    "int8" (the CLI's default; gemv_i8) or "fp32", for CPU TVM builds."""
     chosen = choose_graph(artifact, graph, target, tvm_target)
     if target == "onnx":
         if chosen == "traced":
@@ -62,8 +63,9 @@ def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto
         if chosen == "traced":
             from .tvm.traced import compile_traced
 
-            return compile_traced(artifact, out, target=tvm_target, progress=progress, e8p_kernel=tvm_e8p)
+            return compile_traced(artifact, out, target=tvm_target, progress=progress, e8p_kernel=tvm_e8p,
+                                  activations=tvm_activations)
         from .tvm import compile_artifact
 
-        return compile_artifact(artifact, out, target=tvm_target, progress=progress)
+        return compile_artifact(artifact, out, target=tvm_target, progress=progress, activations=tvm_activations)
     raise ValueError(f"unknown lowering target {target!r}: expected onnx or tvm")

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True) -> Path:
+def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True,
+                     activations: str = "fp32") -> Path:
     from .build import compile_artifact as _compile
 
-    return _compile(Path(artifact), Path(out), target=target, progress=progress)
+    return _compile(Path(artifact), Path(out), target=target, progress=progress, activations=activations)
 
 
 __all__ = ["compile_artifact"]

@@ -63,7 +63,8 @@ def _tvm_or_explain():
         raise ValueError(f"the TVM backend needs apache-tvm (pip install apache-tvm): {e}") from None
 
 
-def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True) -> Path:
+def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True,
+                     activations: str = "fp32") -> Path:
     _tvm_or_explain()
     import tvm
     from tvm.runtime import save_param_dict_to_file
@@ -92,8 +93,12 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
     # CPU builds decode a shared grid or e8p head's rows in the graph; CUDA builds keep the dense table
     decodes = shares_head if tgt.kind.name == "llvm" else (lambda head: False)
     embed_from_head = head_and_dense_embedding(artifact, manifest, layers, dense, head_decodes=decodes)
+    from .gemv_i8 import use_int8
+
+    int8 = use_int8(activations, tgt)
     builder = ModelBuilder(model_config_for_dense(manifest, dense, layers), layers, dense,
-                           manifest.get("blocks_prefix", "model.layers"), embed_from_head=embed_from_head)
+                           manifest.get("blocks_prefix", "model.layers"), embed_from_head=embed_from_head,
+                           int8_activations=int8)
     mod = builder.build()
     log(f"relax module: {sum(1 for _ in mod.functions)} functions, {len(builder.arrays)} parameters; "
         f"scheduling for {tgt}")
@@ -115,6 +120,7 @@ def compile_artifact(artifact: Path, out: Path, *, target: str = "llvm", progres
         "decode_span": True,   # decode takes the attended extent as a shape argument
         "bits": sorted({s.bits for s in builder.linear_specs.values()}),
         "formats": sorted({s.format for s in builder.linear_specs.values()}),
+        "activations": "int8" if int8 else "fp32",
         "eos_token_id": manifest["model_config"].get("eos_token_id"),
         "source_artifact": str(artifact.resolve()),
         "compile_seconds": None,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import relax, te, tirx
 
-from . import row_patch
+from . import gemv_i8, row_patch
 from . import tir_quip_linear as Q
 from .attention import kv_write_func, te_attention
 from .embedding import embed_param_names, embed_params, te_head_embed
@@ -153,10 +153,12 @@ class ModelBuilder:
     """Collects parameters (name -> array) and builds the Relax functions over them."""
 
     def __init__(self, cfg: dict, layers: dict, dense: dict, prefix: str = "model.layers",
-                 embed_from_head: bool = False):
+                 embed_from_head: bool = False, int8_activations: bool = False):
         """embed_from_head: the embedding decodes from the quantized lm_head's params
-        (embedding.py) instead of a dense table in `dense`."""
+        (embedding.py) instead of a dense table in `dense`. int8_activations: decode's 4-bit
+        GEMVs on int8 activations (gemv_i8.py; the caller checks the target)."""
         self.cfg, self.spec = cfg, LlamaSpec.from_config(cfg)
+        self.int8 = int8_activations
         self.layers, self.dense, self.prefix = layers, dense, prefix
         self.embed_from_head = embed_from_head
         self.names: list[str] = []
@@ -334,6 +336,8 @@ class ModelBuilder:
 
     def _linear(self, bb, P, name: str, x, mode: str, residual=None):
         spec = self.linear_specs[name]
+        if mode == "gemv":
+            spec = gemv_i8.for_decode(spec, self.int8)
         low = lowering(spec.format)
         pnames = low.param_names(spec)
 

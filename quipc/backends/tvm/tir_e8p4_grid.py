@@ -17,6 +17,7 @@ import numpy as np
 from quipc_runtime.formats.e8p import split_indices
 from tvm import te
 
+from . import gemv_i8
 from .e8p_as_grid import nibbles
 from .tir_quip_linear import (K_GROUP, TILE_O, LinearSpec, _code, dequant_tile_gemm_te, gemv_te, repack_codes,
                               row_sums, te_input_side, te_output_side, transform_names, transform_params,
@@ -63,7 +64,12 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     n_ot = spec.o_pad // TILE_O
     planes = [args["plane0"], args["plane1"]]
     z = te_input_side(x, args, spec, spec.k_pad)
-    if mode == "gemv":
+    if mode == "gemv" and spec.int8_acts:
+        acc, zsum_at = gemv_i8.gemv_te(z, planes, spec, rows, "quip_gemv_i8")
+
+        def t_at(b, o):
+            return zero[o] * zsum_at(b) + scale[0, o] * acc(0, b, o) + scale[1, o] * acc(1, b, o)
+    elif mode == "gemv":
         zsum = row_sums(z, rows, spec.n)
         # the grid GEMV once per stage, each on one 4-bit plane
         accs = [gemv_te(z, [plane], spec, rows, f"quip_gemv{s}")

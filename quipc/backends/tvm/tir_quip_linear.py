@@ -14,7 +14,9 @@ dequantizes one 16-row tile of codes at a time into a small local buffer.
 Code layout used by the TVM backend (repacked at compile time from the artifact's layout, same
 number of bits per weight): rows are padded to a multiple of TILE_O and interleaved in tiles
 of TILE_O rows, columns padded to a multiple of K_GROUP. A "plane" of width w holds w bits of
-every code, 32 / w codes per int32 word, code j of a word at bits [w*j, w*j + w):
+every code, 32 / w codes per int32 word, code j of a word at bits [w*j, w*j + w) (width 4:
+at 8 (j % 4) + 4 (j // 4), so that a word's bytes are 4 columns' low and 4 columns' high
+nibbles, the order the int8 GEMV of gemv_i8.py reads):
     plane[o // TILE_O, k // (32 / w), o % TILE_O]
 2 and 4 bits use one plane; 3 bits use two (the low 2 bits and the high bit), so the codes of
 one word line up with the vector lanes (16 rows) and unpack with a shift and a mask.
@@ -26,6 +28,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from quipc_runtime.formats import require_format
 from tvm import te, tirx
+
+from . import gemv_i8
 
 TILE_O = 16
 K_GROUP = 32
@@ -50,6 +54,7 @@ class LinearSpec:
     out_sign: bool = False
     bias: bool = False
     format: str = "grid"  # the layer's code format: which lowering (module) builds its kernel
+    int8_acts: bool = False  # decode GEMV on int8 activations (gemv_i8; 4-bit planes, AVX2 targets)
 
     @property
     def o_pad(self) -> int:
@@ -126,7 +131,8 @@ def repack_codes(codes: np.ndarray, bits: int) -> list[np.ndarray]:
         cpw = 32 // width
         part = (full >> np.uint32(shift)) & np.uint32((1 << width) - 1)
         part = part.reshape(o_pad, k_pad // cpw, cpw)
-        words = np.bitwise_or.reduce(part << (np.arange(cpw, dtype=np.uint32) * np.uint32(width)), axis=-1)
+        at = np.array([_bit_of(width, j) for j in range(cpw)], dtype=np.uint32)
+        words = np.bitwise_or.reduce(part << at, axis=-1)
         words = words.reshape(o_pad // TILE_O, TILE_O, k_pad // cpw).transpose(0, 2, 1)
         out.append(np.ascontiguousarray(words).view(np.int32))
     return out
@@ -237,13 +243,18 @@ def _kron_stage(inp, mat, f: int, q: int, n: int, name: str):
     return te.compute((rows, n), body, name=name, attrs={"quipc.op": "kron", "quipc.vec": vec})
 
 
+def _bit_of(width: int, j):
+    """Bit offset of code j of a plane word of `width`-bit codes (module docstring)."""
+    return gemv_i8.nibble_shift(j) if width == 4 else width * j
+
+
 def _code(planes, spec: LinearSpec, ot, oi, kw, kj):
     """The integer code of row ot*TILE_O+oi, column kw*K_GROUP+kj, as int32."""
     val = None
     for plane, (shift, width) in zip(planes, PLANES[spec.bits]):
         cpw = 32 // width
         word = plane[ot, kw * (K_GROUP // cpw) + kj // cpw, oi]
-        part = (word >> (width * (kj % cpw))) & ((1 << width) - 1)
+        part = (word >> _bit_of(width, kj % cpw)) & ((1 << width) - 1)
         if shift:
             part = part << shift
         val = part if val is None else val | part
@@ -255,9 +266,14 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
     mode "gemv" (decode, L small) or "gemm" (prefill). Returns y (L, m)."""
     rows = x.shape[0]
     z = te_input_side(x, args, spec, spec.k_pad)
-    zsum = row_sums(z, rows, spec.n)
     planes = [args[f"plane{i}"] for i in range(len(PLANES[spec.bits]))]
     n_ot = spec.o_pad // TILE_O
+    scale, zero = args["scale"], args["zero"]
+    if mode == "gemv" and spec.int8_acts:
+        acc_s, zsum_at = gemv_i8.gemv_te(z, planes, spec, rows, "quip_gemv_i8")
+        return te_output_side(lambda b, o: scale[o] * acc_s(0, b, o) + zero[o] * zsum_at(b), rows, args,
+                              spec, residual)
+    zsum = row_sums(z, rows, spec.n)
     if mode == "gemv":
         acc_at = gemv_te(z, planes, spec, rows, "quip_gemv")
     else:
@@ -272,7 +288,6 @@ def quip_linear_te(x, args: dict, spec: LinearSpec, mode: str, residual=None):
 
         def acc_at(b, o):
             return acc[b, o // TILE_O, o % TILE_O]
-    scale, zero = args["scale"], args["zero"]
     return te_output_side(lambda b, o: scale[o] * acc_at(b, o) + zero[o] * zsum[b], rows, args, spec,
                           residual)
 

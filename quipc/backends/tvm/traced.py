@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import e8p_as_grid
+from . import e8p_as_grid, gemv_i8
 from .build import CONFIG, FORMAT_VERSION, LIB, resolve_target, write_build
 from .traced_cache import CapacityCache
 
@@ -42,10 +42,12 @@ class QuipConverters:
     """custom_convert_map for from_exported_program: quip_linear -> call_tir of the layer's TIR
     kernel (one PrimFunc per distinct spec and mode), quip_embedding -> take from the table."""
 
-    def __init__(self, layers: dict, tables: dict, prefix: str, llvm: bool, shared_head=None):
+    def __init__(self, layers: dict, tables: dict, prefix: str, llvm: bool, shared_head=None, int8: bool = False):
         """shared_head: the grid or e8p lm_head whose codes are the embedding table (embedding.py),
-        decoded in the graph; other quantized embeddings come as dense `tables`."""
+        decoded in the graph; other quantized embeddings come as dense `tables`. int8: the 4-bit
+        GEMVs on int8 activations (gemv_i8.py; the caller checks the target)."""
         self.layers, self.tables, self.prefix, self.llvm = layers, tables, prefix, llvm
+        self.int8 = int8
         self.shared_head = shared_head
         self.funcs: dict = {}
         self.consts: dict = {}
@@ -60,6 +62,8 @@ class QuipConverters:
         from .lowering import linear_prim_func
         from .schedules import schedule_func
 
+        if mode == "gemv":
+            spec = gemv_i8.for_decode(spec, self.int8)
         key = (spec, mode)
         if key not in self.funcs:
             func = linear_prim_func(spec, mode)
@@ -240,11 +244,13 @@ def _import(captured, converters: QuipConverters):
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p_kernel: str = "grid4"):
+def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p_kernel: str = "grid4",
+                 int8: bool = False):
     """(IRModule with FUNCTIONS, Traceable). cache: "capacity" (updated in place) or "concat"
     (what builds before the capacity cache were; kept so that their runtime path stays tested).
     e8p_kernel: "grid4" runs 2- and 4-bit e8p layers by 4-bit grid kernels (e8p_as_grid),
-    "codebook" by the e8p kernel (half the bytes, slower)."""
+    "codebook" by the e8p kernel (half the bytes, slower). int8: decode's 4-bit GEMVs on int8
+    activations (gemv_i8; only for targets where gemv_i8.supported)."""
     import tvm
 
     from quipc_runtime import artifact as art
@@ -268,7 +274,7 @@ def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p
                                          ("decode", 1, 1, False)):
         rows = ROW_MULTIPLE if cache == "capacity" and seq is None else 1   # prompts padded by the runtime
         captured = traceable.capture(batch=batch, seq=seq, last_only=last_only, cache=cache, row_multiple=rows)
-        part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm, shared))
+        part = _import(captured, QuipConverters(layers, tables, f"{fname}_", llvm, shared, int8=int8))
         for gv, func in part.functions.items():
             if gv.name_hint == "main":
                 mod[fname] = func.with_attr("global_symbol", fname)
@@ -290,8 +296,10 @@ def lower_operators(mod, tgt):
 
 
 def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True,
-                   cache: str = "capacity", e8p_kernel: str = "grid4") -> Path:
-    """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config)."""
+                   cache: str = "capacity", e8p_kernel: str = "grid4", activations: str = "fp32") -> Path:
+    """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config).
+    activations: "fp32" (the torch path's sums, this function's default) or "int8" (decode's 4-bit
+    GEMVs on int8 activations where the CPU has AVX2: what `quipc compile --target tvm` builds)."""
     import tvm
 
     from .build import _tvm_or_explain
@@ -307,8 +315,9 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
     log = (lambda msg: print(f"[quipc tvm traced] {msg}", flush=True)) if progress else (lambda msg: None)
     t0 = time.time()
     log(f"tracing {artifact}")
-    mod, traceable = build_module(artifact, cache=cache, e8p_kernel=e8p_kernel)
-    log(f"compiling for {tgt}")
+    int8 = gemv_i8.use_int8(activations, tgt)
+    mod, traceable = build_module(artifact, cache=cache, e8p_kernel=e8p_kernel, int8=int8)
+    log(f"compiling for {tgt}{' (4-bit GEMVs on int8 activations)' if int8 else ''}")
     ex = tvm.compile(lower_operators(mod, tgt), target=tgt)
     lay = traceable.layout
     cfg = {"format": "quipc-tvm", "format_version": FORMAT_VERSION, "graph": "traced",
@@ -318,7 +327,8 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
                      "vocab": int(traceable.model.config.vocab_size),
                      "max_pos": int(traceable.model.config.max_position_embeddings)},
            "eos_token_id": traceable.manifest["model_config"].get("eos_token_id"),
-           "source_artifact": str(artifact.resolve()), "e8p_kernel": e8p_kernel, "compile_seconds": None}
+           "source_artifact": str(artifact.resolve()), "e8p_kernel": e8p_kernel,
+           "activations": "int8" if int8 else "fp32", "compile_seconds": None}
     if cache == "capacity":
         cfg["cache"], cfg["row_multiple"] = "capacity", ROW_MULTIPLE
     write_build(out, artifact, traceable.manifest, cfg, t0, lambda tmp: ex.export_library(str(tmp / LIB)))
