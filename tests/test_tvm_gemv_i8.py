@@ -91,19 +91,22 @@ def test_e8p_layers_on_the_grid(bits, shape, rows):
         assert 0 < err < 0.02, (r, err)
 
 
-def test_int8_build_of_a_tiny_model(tmp_path):
-    """compile_traced(..., activations="int8"): the config says which GEMVs the build runs; on
-    an AVX2 CPU its decode steps stay close to the torch path and the fp32 build's (the fp32
-    build itself is held to 1e-4 by test_traced_tvm) and it greedily writes the same tokens."""
+@pytest.mark.parametrize("graph", ["traced", "handwritten"])
+def test_int8_build_of_a_tiny_model(graph, tmp_path):
+    """A build with activations="int8" (traced and hand-written graphs): the config says which
+    GEMVs the build runs; on an AVX2 CPU its decode steps stay close to the torch path (the fp32
+    builds are held to 1e-4 by test_traced_tvm) and it greedily writes the same tokens."""
     import json
 
     from traced_families import family_artifact, rel, torch_reference
     from test_traced_tvm import tvm_steps
 
+    from quipc.backends.tvm import compile_artifact
     from quipc.backends.tvm.traced import compile_traced
 
+    build = compile_traced if graph == "traced" else compile_artifact
     artifact = family_artifact("llama")
-    path = compile_traced(artifact, tmp_path / "tvm", progress=False, activations="int8")
+    path = build(artifact, tmp_path / "tvm", progress=False, activations="int8")
     cfg = json.loads((path / "tvm_config.json").read_text())
     assert cfg["activations"] == ("int8" if _avx2() else "fp32")
     _, want_steps, want_tokens = torch_reference(artifact)
@@ -114,4 +117,4 @@ def test_int8_build_of_a_tiny_model(tmp_path):
         assert worst > 1e-6      # the int8 GEMVs did run
     assert tokens == want_tokens
     with pytest.raises(ValueError, match="activation type"):
-        compile_traced(artifact, tmp_path / "bad", progress=False, activations="int4")
+        build(artifact, tmp_path / "bad", progress=False, activations="int4")
