@@ -56,7 +56,7 @@ class QuipConverters:
     def convert_map(self) -> dict:
         return {"quip_linear.default": self.linear, "quip_embedding.default": self.embedding,
                 "attention.default": self.attention, "kv_write.default": self.kv_write,
-                "silu.default": self.silu}
+                "silu.default": self.silu, "linear.default": self.dense_linear}
 
     def _kernel(self, bb, spec, mode: str):
         from .lowering import linear_prim_func
@@ -127,6 +127,34 @@ class QuipConverters:
             arrays = [self._named_const(k, v) for k, v in row_patch.params(layer, name).items()]
             y = row_patch.emit(bb, x2, y, *arrays, prefix=self.prefix)
         return bb.emit(relax.op.reshape(y, shape[:-1] + [spec.m]))
+
+    def dense_linear(self, node, importer):
+        """A linear the artifact keeps dense: decode's one row by dense_gemv (W read as stored),
+        prompts by Relax's linear (legalized and scheduled with the prompt's operators)."""
+        from tvm import relax, tirx
+
+        from . import dense_gemv
+
+        bb, env = importer.block_builder, importer.env
+        x, w = env[node.args[0]], env[node.args[1]]
+        bias = env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
+        shape = list(x.ty.shape)
+        n, m = int(shape[-1]), int(w.ty.shape[0])
+        rows = 1
+        for d in shape[:-1]:
+            rows = rows * d
+        rows = int(rows) if isinstance(rows, (int, tirx.IntImm)) else rows
+        if not dense_gemv.applies(rows, n) or str(x.ty.dtype) != "float32":
+            return bb.emit(relax.op.linear(x, w, bias))
+        key = ("dense", n, m, bias is not None)
+        if key not in self.funcs:
+            hint = f"{self.prefix}dense_gemv_{m}x{n}"
+            func = dense_gemv.prim_func(n, m, bias is not None).with_attr("tir.is_scheduled", True)
+            self.funcs[key] = bb.add_func(func.with_attr("global_symbol", hint), hint)
+        x2 = bb.emit(relax.op.reshape(x, [1, n]))
+        y = bb.emit(relax.call_tir(self.funcs[key], [x2, w] + ([bias] if bias is not None else []),
+                                   relax.TensorType([1, m], "float32")))
+        return bb.emit(relax.op.reshape(y, shape[:-1] + [m]))
 
     def attention(self, node, importer):
         from . import traced_attention
@@ -235,6 +263,7 @@ def _import(captured, converters: QuipConverters):
 
     table = torch.export.default_decompositions()
     del table[torch.ops.aten.silu.default]   # converted whole (QuipConverters.silu)
+    del table[torch.ops.aten.linear.default]   # dense linears: QuipConverters.dense_linear
     try:
         program = captured.program.run_decompositions(table)
         return from_exported_program(program, custom_convert_map=converters.convert_map(),
