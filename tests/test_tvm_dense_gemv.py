@@ -27,10 +27,14 @@ def test_kernel_matches_numpy(m, n, bias):
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_only_one_row_of_a_multiple_of_8():
+def test_only_one_row_per_sequence_of_a_multiple_of_8():
+    from tvm import tirx
+
     from quipc.backends.tvm.dense_gemv import applies
 
-    assert applies(1, 576) and not applies(2, 576) and not applies(1, 60)
+    batch, seq = tirx.Var("b", "int64"), tirx.Var("s", "int64")
+    assert applies([1, 1, 576], 576) and applies([batch, 1, 576], 576)
+    assert not applies([1, seq, 576], 576) and not applies([1, 2, 576], 576) and not applies([1, 1, 60], 60)
 
 
 def test_dense_head_decodes_through_it():
@@ -42,6 +46,7 @@ def test_dense_head_decodes_through_it():
 
     mod, _ = build_module(family_artifact("llama"))
     names = [gv.name_hint for gv in mod.functions]
-    dense = [n for n in names if n.startswith("decode_dense_gemv")]
-    assert dense, names
-    assert "dense_gemv" in mod["decode"].script()
+    for fn in ("decode", "prefill"):   # prefill: the last row's logits only
+        assert any(n.startswith(f"{fn}_dense_gemv") for n in names), names
+        assert "dense_gemv" in mod[fn].script()
+    assert "dense_gemv" not in mod["forward"].script()   # every row: the GEMM

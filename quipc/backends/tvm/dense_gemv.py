@@ -5,7 +5,8 @@ A linear the artifact keeps dense (an lm_head at `--head-bits 32`, a family's un
 projection) came through torch.export's decomposition as a transpose of W and a matmul, which
 the decode function ran with TVM's default loop nests: SmolLM2's 49152 x 576 head copied its
 113 MB table into a transposed one and multiplied element by element, 190 of 199 ms a token.
-Here each output is a dot product over W's contiguous row, in 8 lanes:
+Here each output is a dot product over W's contiguous row, in 8 lanes (decode's row, and the
+last row per sequence that a prefill computes logits for):
     part[b, o, q] = sum_kk x[b, kk*8 + q] W[o, kk*8 + q]     (outputs in parallel, q vectorized)
     y[b, o]       = sum_q part[b, o, q] (+ bias[o])
 """
@@ -16,12 +17,15 @@ from tvm import s_tir, te
 LANES = 8
 
 
-def applies(rows, n: int) -> bool:
-    return isinstance(rows, int) and rows == 1 and n % LANES == 0
+def applies(shape: list, n: int) -> bool:
+    """x of `shape` (..., n) is one row per sequence (decode, or a prefill's last row): every
+    dimension between the batch and the features a static 1."""
+    ones = all(isinstance(d, int) and d == 1 for d in shape[1:-1])
+    return ones and len(shape) >= 2 and n % LANES == 0
 
 
 def dense_gemv_te(x, w, bias=None):
-    """x (1, n), w (m, n) [, bias (m,)] -> y (1, m)."""
+    """x (rows, n), w (m, n) [, bias (m,)] -> y (rows, m)."""
     rows, n = x.shape
     m = w.shape[0]
     kk = te.reduce_axis((0, n // LANES), name="kk")
@@ -34,9 +38,9 @@ def dense_gemv_te(x, w, bias=None):
     return te.compute((rows, m), lambda b, o: acc[b, o] + bias[o], name="dense_out")
 
 
-def prim_func(n: int, m: int, bias: bool):
-    """The scheduled PrimFunc (x, w[, bias], y)."""
-    x = te.placeholder((1, n), "float32", name="x")
+def prim_func(n: int, m: int, bias: bool, rows=1):
+    """The scheduled PrimFunc (x, w[, bias], y); rows: 1 or a symbolic batch size."""
+    x = te.placeholder((rows, n), "float32", name="x")
     w = te.placeholder((m, n), "float32", name="w")
     b = te.placeholder((m,), "float32", name="bias") if bias else None
     y = dense_gemv_te(x, w, b)

@@ -129,8 +129,9 @@ class QuipConverters:
         return bb.emit(relax.op.reshape(y, shape[:-1] + [spec.m]))
 
     def dense_linear(self, node, importer):
-        """A linear the artifact keeps dense: decode's one row by dense_gemv (W read as stored),
-        prompts by Relax's linear (legalized and scheduled with the prompt's operators)."""
+        """A linear the artifact keeps dense: one row per sequence (decode, a prefill's last row)
+        by dense_gemv (W read as stored), whole prompts by Relax's linear (legalized and
+        scheduled with the prompt's operators)."""
         from tvm import relax, tirx
 
         from . import dense_gemv
@@ -138,22 +139,21 @@ class QuipConverters:
         bb, env = importer.block_builder, importer.env
         x, w = env[node.args[0]], env[node.args[1]]
         bias = env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
-        shape = list(x.ty.shape)
+        shape = [int(d) if isinstance(d, (int, tirx.IntImm)) else d for d in x.ty.shape]
         n, m = int(shape[-1]), int(w.ty.shape[0])
-        rows = 1
-        for d in shape[:-1]:
-            rows = rows * d
-        rows = int(rows) if isinstance(rows, (int, tirx.IntImm)) else rows
-        if not dense_gemv.applies(rows, n) or str(x.ty.dtype) != "float32":
+        if not dense_gemv.applies(shape, n) or str(x.ty.dtype) != "float32":
             return bb.emit(relax.op.linear(x, w, bias))
-        key = ("dense", n, m, bias is not None)
+        rows = shape[0]
+        static = isinstance(rows, int)
+        key = ("dense", n, m, bias is not None, rows if static else "batch")
         if key not in self.funcs:
             hint = f"{self.prefix}dense_gemv_{m}x{n}"
-            func = dense_gemv.prim_func(n, m, bias is not None).with_attr("tir.is_scheduled", True)
+            func = dense_gemv.prim_func(n, m, bias is not None, rows if static else tirx.Var("rows", "int64"))
+            func = func.with_attr("tir.is_scheduled", True)
             self.funcs[key] = bb.add_func(func.with_attr("global_symbol", hint), hint)
-        x2 = bb.emit(relax.op.reshape(x, [1, n]))
+        x2 = bb.emit(relax.op.reshape(x, [rows, n]))
         y = bb.emit(relax.call_tir(self.funcs[key], [x2, w] + ([bias] if bias is not None else []),
-                                   relax.TensorType([1, m], "float32")))
+                                   relax.TensorType([rows, m], "float32")))
         return bb.emit(relax.op.reshape(y, shape[:-1] + [m]))
 
     def attention(self, node, importer):
