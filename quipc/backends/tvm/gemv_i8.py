@@ -24,11 +24,12 @@ targets with AVX2 (`supported`).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import te, tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-TILE_O = 16        # rows per plane tile (tir_quip_linear.TILE_O)
 WORD = 8           # codes per int32 word of a 4-bit plane
 VEC = 8            # fp32 / int32 lanes of one AVX2 register
 FORMATS = ("grid", "grid4x2")
@@ -83,9 +84,13 @@ def _quantize_row(z, b, zq, aux, k_pad: int):
     amax = vmax[0]
     for i in range(1, VEC):
         amax = tirx.max(amax, vmax[i])
-    inv = tirx.Select(amax > 0, tirx.const(127.0, "float32") / amax, tirx.const(0.0, "float32"))
+    scalars = T.alloc_buffer((2,), "float32", scope="local")   # max|z|, 127 / max|z|: once per row
+    T.buffer_store(scalars, amax, [0])
+    amax = scalars[0]
+    T.buffer_store(scalars, tirx.Select(amax > 0, tirx.const(127.0, "float32") / amax,
+                                        tirx.const(0.0, "float32")), [1])
     with T.serial(0, k_pad // VEC) as kv:
-        q = tirx.nearbyint(z.vload([b, kv * VEC], f8) * tirx.Broadcast(inv, VEC)).astype(i8)
+        q = tirx.nearbyint(z.vload([b, kv * VEC], f8) * tirx.Broadcast(scalars[1], VEC)).astype(i8)
         T.buffer_store(zq, q.astype("int8x8"), [tirx.Ramp(kv * VEC, 1, VEC)])
         T.buffer_store(vsum, vsum.vload([0], i8) + q, [lanes])
     total = vsum[0]
@@ -96,31 +101,32 @@ def _quantize_row(z, b, zq, aux, k_pad: int):
     T.buffer_store(aux, step * total.astype("float32"), [b, 1])
 
 
-def _gemv_tile(plane_u8, zq, acc, s: int, b, ot, k_pad: int):
-    """acc[s, b, ot*16 : ot*16+16] = codes of the 16 rows . zq (int32)."""
-    half = VEC  # 8 rows per register
-    sums = T.alloc_buffer((TILE_O,), "int32", scope="local")
-    for r in range(0, TILE_O, half):
+def _gemv_tile(plane_u8, zq, acc, s: int, b, ot, k_pad: int, tile: int):
+    """acc[s, b, ot*tile : (ot+1)*tile] = codes of the tile's rows . zq (int32), 8 rows a register."""
+    sums = T.alloc_buffer((tile,), "int32", scope="local")
+    for r in range(0, tile, VEC):
         T.buffer_store(sums, tirx.Broadcast(tirx.const(0, "int32"), VEC), [tirx.Ramp(r, 1, VEC)])
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
     low = tirx.Broadcast(tirx.const(15, "uint8"), 32)
     four = tirx.Broadcast(tirx.const(4, "uint8"), 32)
     with T.serial(0, k_pad // WORD) as kw:
         a_lo, a_hi = _bcast4(zq, [kw * WORD]), _bcast4(zq, [kw * WORD + 4])
-        for r in range(0, TILE_O, half):
+        for r in range(0, tile, VEC):
             w = plane_u8.vload([ot, kw, r, 0], "uint8x32")
             dot = _pmaddubsw(w & low, a_lo) + _pmaddubsw(w >> four, a_hi)
             T.buffer_store(sums, sums.vload([r], "int32x8") + _pmaddwd(dot, ones), [tirx.Ramp(r, 1, VEC)])
-    for r in range(0, TILE_O, half):
-        T.buffer_store(acc, sums.vload([r], "int32x8"), [s, b, tirx.Ramp(ot * TILE_O + r, 1, VEC)])
+    for r in range(0, tile, VEC):
+        T.buffer_store(acc, sums.vload([r], "int32x8"), [s, b, tirx.Ramp(ot * tile + r, 1, VEC)])
 
 
 def gemv_te(z, planes, spec, rows, name: str):
     """(acc_at(s, b, o) -> step * code_s[o] . zq as float32, zsum_at(b) -> step * sum(zq)).
-    z: (rows, k_pad) float32, zero beyond n; planes: the 4-bit planes (int32) of each stage."""
-    n_ot, k_pad = spec.o_pad // TILE_O, spec.k_pad
-    if k_pad % WORD or spec.o_pad % TILE_O:
-        raise ValueError(f"int8 GEMV: padded shape {spec.o_pad}x{k_pad} is not a multiple of {TILE_O}x{WORD}")
+    z: (rows, k_pad) float32, zero beyond n; planes: the 4-bit planes (int32) of each stage,
+    (row tiles, k_pad / 8, rows per tile) as tir_quip_linear lays them out."""
+    n_ot, n_kw, tile = (int(d) for d in planes[0].shape)
+    k_pad = n_kw * WORD
+    if tile % VEC:
+        raise ValueError(f"int8 GEMV: row tiles of {tile} are not a multiple of {VEC}")
 
     def stmt(ins, outs):
         zb, *pl = ins
@@ -131,8 +137,8 @@ def gemv_te(z, planes, spec, rows, name: str):
                 _quantize_row(zb, b, zq, aux, k_pad)
                 with T.parallel(0, n_ot) as ot:
                     for s, p in enumerate(pl):
-                        u8 = T.decl_buffer((n_ot, k_pad // WORD, TILE_O, 4), "uint8", data=p.data)
-                        _gemv_tile(u8, zq, acc, s, b, ot, k_pad)
+                        u8 = T.decl_buffer((n_ot, n_kw, tile, 4), "uint8", data=p.data)
+                        _gemv_tile(u8, zq, acc, s, b, ot, k_pad, tile)
         return ib.get()
 
     acc, aux = te.extern([(len(planes), rows, spec.o_pad), (rows, 2)], [z, *planes], stmt,
@@ -159,6 +165,4 @@ def use_int8(activations: str, target) -> bool:
 
 def for_decode(spec, int8: bool):
     """The spec of the decode (GEMV) kernel of a layer: on int8 activations where it applies."""
-    import dataclasses
-
     return dataclasses.replace(spec, int8_acts=True) if int8 and applies(spec) else spec
