@@ -10,7 +10,7 @@ One run, one machine, onnxruntime CPU with --threads (default 2) intra-op thread
 - quipc from the ONNX input (quipc.frontend.onnx_model.compile_onnx) at 4, 3, 2 bits,
   calibrated per PROTOCOL (first 64 windows of 512 tokens of wiki.valid.tokens).
 - optionally (--artifacts) quipc artifacts compiled by the torch path, exported with
-  export_artifact, with the artifact's own torch-path perplexity beside them (--torch-ppl);
+  lower_artifact (--graph auto: the traced graph), with the artifact's own torch-path perplexity beside them (--torch-ppl);
   --agreement adds their accuracy_level-0 exports (fp32 activations, the torch path's math).
 - every quipc model twice: through its ONNX function bodies (stock onnxruntime, the plain
   rows) and with quipc's custom-op library registered (rows `..._lib`: one fused C++ kernel per
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from quipc.backends.onnx import export_artifact, export_hf_model
+    from quipc.backends.lower import lower_artifact
+    from quipc.backends.onnx import export_hf_model
     from quipc.compile import CalibConfig
     from quipc.config import QuantConfig
     from quipc.eval.perplexity import eval_windows, perplexity
@@ -277,8 +278,8 @@ def main(argv=None) -> int:
                 out = work / s["name"]
                 if not (out / "model.onnx").is_file():
                     log(f"export artifact {s['artifact']}")
-                    export_artifact(s["artifact"], out, progress=False,
-                                    accuracy_level=s.get("accuracy_level", 4))
+                    lower_artifact(s["artifact"], out, target="onnx", progress=False,
+                                   accuracy_level=s.get("accuracy_level", 4))
                 meta = json.loads((out / "quipc_onnx.json").read_text())
                 rec["bpw"] = meta["bpw"]
                 s["path"] = out / "model.onnx"

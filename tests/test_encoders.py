@@ -54,10 +54,10 @@ def test_every_backend_runs_an_e8p_artifact(e8p_artifact, tmp_path):
             got = quipc.load(e8p_artifact, backend="kernels")(ids).logits
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     pytest.importorskip("onnx")
-    from quipc.backends.onnx import export_artifact
+    from quipc.backends.lower import lower_artifact   # --graph auto: what a user gets
     from quipc_runtime.onnx_runtime import OnnxLM
 
-    out = export_artifact(e8p_artifact, tmp_path / "onnx", progress=False, accuracy_level=0)
+    out = lower_artifact(e8p_artifact, tmp_path / "onnx", target="onnx", progress=False, accuracy_level=0)
     got = np.asarray(OnnxLM(out, threads=1).logits(ids.numpy())).reshape(want.shape)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
 
@@ -103,10 +103,10 @@ def test_auto_format_mixes_formats_and_every_backend_runs_the_model(tiny_model, 
         if K.available():
             torch.testing.assert_close(quipc.load(out, backend="kernels")(ids).logits, want, atol=1e-4, rtol=1e-4)
     pytest.importorskip("onnx")
-    from quipc.backends.onnx import export_artifact
+    from quipc.backends.lower import lower_artifact   # --graph auto: what a user gets
     from quipc_runtime.onnx_runtime import OnnxLM
 
-    onnx_out = export_artifact(out, tmp_path / "onnx", progress=False, accuracy_level=0)
+    onnx_out = lower_artifact(out, tmp_path / "onnx", target="onnx", progress=False, accuracy_level=0)
     got = np.asarray(OnnxLM(onnx_out, threads=1).logits(ids.numpy())).reshape(want.shape)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
     pytest.importorskip("tvm")

@@ -267,11 +267,11 @@ def test_onnx_runs_quantized_head_and_embedding(tiny_model, tied_w3, tmp_path, h
                                                  head_format):
     """The ONNX export: lm_head as a QuipLinear node, the embedding as a gather of code rows +
     dequantize (+ inverse input transform): the torch path's logits."""
-    from quipc.backends.onnx import export_artifact
+    from quipc.backends.lower import lower_artifact   # --graph auto: what a user gets
     from quipc_runtime.onnx_runtime import OnnxLM
 
     artifact = _artifact_for(tiny_model, tied_w3, tmp_path, head_bits, embed_bits, head_format)
-    out = export_artifact(artifact, tmp_path / "onnx", progress=False, accuracy_level=0)
+    out = lower_artifact(artifact, tmp_path / "onnx", target="onnx", progress=False, accuracy_level=0)
     if embed_bits == "auto":  # the shared table is stored once: the lm_head node's initializers
         import onnx
 

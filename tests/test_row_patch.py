@@ -81,14 +81,14 @@ def test_torch_backends_compute_the_patch(patched, backend):
 
 
 def test_onnx_and_tvm_compute_the_patch(patched, tmp_path):
-    from quipc.backends.onnx import export_artifact
+    from quipc.backends.lower import lower_artifact   # --graph auto: what a user gets
     from quipc_runtime.onnx_runtime import OnnxLM
 
     out, _ = patched
     ids = torch.randint(3, 17, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = quipc.load(out)(ids).logits[0].numpy()
-    onnx_path = export_artifact(out, tmp_path / "onnx", progress=False, accuracy_level=0)
+    onnx_path = lower_artifact(out, tmp_path / "onnx", target="onnx", progress=False, accuracy_level=0)
     got = np.asarray(OnnxLM(onnx_path, threads=1).logits(ids.numpy())).reshape(20, -1)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     tvm = pytest.importorskip("tvm")  # noqa: F841

@@ -142,7 +142,8 @@ def test_graph_choice_and_errors():
     from quipc.backends.lower import choose_graph
     from quipc.backends.traced import family_for
 
-    assert choose_graph(family_artifact("llama")) == "handwritten"
+    assert choose_graph(family_artifact("llama")) == "traced"
+    assert choose_graph(family_artifact("llama"), "handwritten") == "handwritten"
     assert choose_graph(family_artifact("llama"), target="tvm") == "traced"
     assert choose_graph(family_artifact("llama"), target="tvm", tvm_target="cuda") == "handwritten"
     assert choose_graph(family_artifact("qwen2")) == "traced"

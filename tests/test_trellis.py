@@ -252,14 +252,14 @@ def test_onnx_export_computes_what_the_torch_path_computes(trellis_artifact, tmp
     """The whole tiny model exported, run by its function bodies and, when built, by the
     custom-op library's kernels."""
     pytest.importorskip("onnxruntime")
-    from quipc.backends.onnx import export_artifact
+    from quipc.backends.lower import lower_artifact   # --graph auto: what a user gets
     from quipc_runtime import ort_custom_ops
     from quipc_runtime.onnx_runtime import OnnxLM
 
     ids = torch.randint(3, 17, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = quipc.load(trellis_artifact[1])(ids).logits
-    out = export_artifact(trellis_artifact[1], tmp_path / "onnx", progress=False, accuracy_level=0)
+    out = lower_artifact(trellis_artifact[1], tmp_path / "onnx", target="onnx", progress=False, accuracy_level=0)
     assert ort_custom_ops.formats_in(out) == {"trellis"} and ort_custom_ops.runs(out)
     for custom in ([False, True] if ort_custom_ops.available() else [False]):
         lm = OnnxLM(out, threads=1, custom_ops=custom)
