@@ -4,7 +4,9 @@
         [--reps 9] [--threads 2] [--json F]
 
 A BUILD is a TVM build folder or an ONNX export (a folder holding model.onnx, or the .onnx
-file), e.g. the hand-written and the traced graph of one artifact.
+file), e.g. the hand-written and the traced graph of one artifact. An ONNX export runs with
+quipc's custom-op library where it is built; `EXPORT#bodies` runs the same file through its
+function bodies (stock onnxruntime), so `EXPORT#bodies EXPORT` is issue 13's comparison.
 
 For comparing two builds of the same artifact (before and after a change to the TVM backend):
 each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
@@ -35,10 +37,10 @@ def generate_ms(lm, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
 class OnnxBuild:
     """OnnxLM through TvmLM's new_cache / prefill / decode (the cache: past arrays and length)."""
 
-    def __init__(self, path, threads: int):
+    def __init__(self, path, threads: int, custom_ops: bool | None = None):
         from quipc_runtime.onnx_runtime import OnnxLM
 
-        self.lm = OnnxLM(path, threads=threads)
+        self.lm = OnnxLM(path, threads=threads, custom_ops=custom_ops)
         self.vocab = int(self.lm.logits(np.zeros(1, np.int64)).shape[-1])
 
     def new_cache(self, capacity: int) -> dict:
@@ -58,9 +60,12 @@ def load(build: str, threads: int):
 
     from quipc_runtime.tvm_runtime import TvmLM
 
-    path = Path(build)
+    bodies = build.endswith("#bodies")
+    path = Path(build.removesuffix("#bodies"))
     if path.suffix == ".onnx" or (path / "model.onnx").is_file():
-        return OnnxBuild(path, threads)
+        return OnnxBuild(path, threads, custom_ops=False if bodies else None)
+    if bodies:
+        raise ValueError(f"{build}: #bodies applies to ONNX exports only")
     return TvmLM(path, threads=threads)
 
 

@@ -9,8 +9,8 @@ from . import bench_llamacpp
 QUIPC_BACKENDS = ("torch-ref", "runtime", "onnx", "tvm")
 # onnx / tvm lower with the artifact's default graph (backends/lower.py: hand-written for llama,
 # traced otherwise); these name the graph, to put both side by side (not in the default list)
-GRAPH_BACKENDS = {"onnx-traced": ("onnx", "traced"), "onnx-handwritten": ("onnx", "handwritten"),
-                  "tvm-traced": ("tvm", "traced"), "tvm-handwritten": ("tvm", "handwritten")}
+GRAPH_BACKENDS = {"onnx-traced": ("onnx", "traced"), "tvm-traced": ("tvm", "traced"),
+                  "tvm-handwritten": ("tvm", "handwritten")}
 # --baseline NAME adds these backends: the unquantized model, or llama.cpp's own quantized files
 BASELINES = {"fp32": ("fp32-torch", "fp32-onnx"), "llamacpp": tuple(bench_llamacpp.LLAMACPP_TYPES)}
 BASELINE_BACKENDS = tuple(b for names in BASELINES.values() for b in names)

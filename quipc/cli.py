@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "activations, one step per row (int8, default, x86 CPUs with AVX2; elsewhere "
                         "fp32) or on the fp32 activations (exactly the torch path's sums)")
     c.add_argument("--graph", default="auto", choices=["auto", "traced", "handwritten"],
-                   help="onnx / tvm: the traced transformers model (every family) or the hand-written "
-                        "Llama graph; auto (default): traced, except hand-written for a llama model to TVM "
-                        "on a GPU target")
+                   help="onnx / tvm: the traced transformers model (every family) or, for TVM, the "
+                        "hand-written Llama graph; auto (default): traced, except hand-written for a llama "
+                        "model to TVM on a GPU target")
     c.add_argument("--tokenizer", help="tokenizer for an .onnx input (folder, .gguf or alias)")
     c.add_argument("--device", default="cpu", help="calibration device (cpu, cuda, cuda:1, ...)")
     c.add_argument("--resume", action="store_true", help="finish an interrupted compile in --out")

@@ -47,15 +47,6 @@ def test_kernels_runtime_matches_torch(kron_artifact):
     assert tokens == want_tokens
 
 
-def test_handwritten_onnx_matches_torch():
-    """The hand-written Llama graph (what `--target onnx` picks for llama) with kron transforms."""
-    from quipc.backends.onnx import export_artifact
-
-    artifact = family_artifact("llama", kron=True)
-    path = export_artifact(artifact, artifact.parent / "onnx-handwritten", progress=False, accuracy_level=0)
-    check_against_torch(artifact, path)
-
-
 def test_traced_tvm_matches_torch(tmp_path):
     """The traced TVM build (one family: a build takes ~15 s), kron stages as TIR kernels."""
     pytest.importorskip("tvm")

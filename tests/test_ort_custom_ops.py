@@ -145,10 +145,9 @@ def test_accuracy_level_4_takes_int8_activations():
         np.testing.assert_array_equal(int8.run(None, {"x": rows})[0], fp32.run(None, {"x": rows})[0])
 
 
-# --- a tiny Llama, both formats, both graphs: prefill and decode with the KV cache -------------
+# --- a tiny Llama, both formats: prefill and decode with the KV cache --------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """fmt -> the traced file (what --graph auto writes), (fmt, "handwritten") -> the other graph."""
     root = tmp_path_factory.mktemp("ortlib")
     folder, text = make_tiny_llama(root / "hf"), write_text(root / "calib.txt")
     outs = {}
@@ -156,10 +155,8 @@ def tiny(tmp_path_factory):
         art = root / f"art_{fmt}{bits}"
         compile_model(str(folder), art, QuantConfig(bits=bits, format=fmt),
                       CalibConfig(text=str(text), windows=8, length=32), progress=False)
-        for graph in ("traced", "handwritten"):
-            outs[fmt if graph == "traced" else (fmt, graph)] = lower_artifact(
-                art, root / f"onnx_{fmt}{bits}_{graph}", target="onnx", graph=graph, progress=False,
-                accuracy_level=0)
+        outs[fmt] = lower_artifact(art, root / f"onnx_{fmt}{bits}", target="onnx", progress=False,
+                                   accuracy_level=0)
     return outs
 
 
@@ -168,10 +165,9 @@ def empty_past(sess, batch):
             for i in sess.get_inputs() if i.name.startswith("past")}
 
 
-@pytest.mark.parametrize("graph", ["traced", "handwritten"])
 @pytest.mark.parametrize("fmt", ["e8p", "grid"])
-def test_tiny_llama_prefill_and_decode_match_function_bodies(tiny, fmt, graph, tmp_path):
-    path = tiny[fmt] if graph == "traced" else tiny[(fmt, graph)]
+def test_tiny_llama_prefill_and_decode_match_function_bodies(tiny, fmt, tmp_path):
+    path = tiny[fmt]
     with_lib, without = session(path, True), session(path, False)
     ids = np.random.default_rng(3).integers(3, 17, (2, 9)).astype(np.int64)
     names = [o.name for o in with_lib.get_outputs()]

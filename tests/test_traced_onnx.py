@@ -143,13 +143,15 @@ def test_graph_choice_and_errors():
     from quipc.backends.traced import family_for
 
     assert choose_graph(family_artifact("llama")) == "traced"
-    assert choose_graph(family_artifact("llama"), "handwritten") == "handwritten"
+    assert choose_graph(family_artifact("llama"), "handwritten", target="tvm") == "handwritten"
+    with pytest.raises(ValueError, match="hand-written ONNX graph no longer lowers artifacts.*--graph traced"):
+        choose_graph(family_artifact("llama"), "handwritten", target="onnx")
     assert choose_graph(family_artifact("llama"), target="tvm") == "traced"
     assert choose_graph(family_artifact("llama"), target="tvm", tvm_target="cuda") == "handwritten"
     assert choose_graph(family_artifact("qwen2")) == "traced"
     assert choose_graph(family_artifact("qwen2"), target="tvm") == "traced"
     with pytest.raises(ValueError, match="hand-written graphs cover llama.*'qwen2'.*--graph traced"):
-        choose_graph(family_artifact("qwen2"), "handwritten")
+        choose_graph(family_artifact("qwen2"), "handwritten", target="tvm")
     with pytest.raises(ValueError, match="no family for model_type 'gpt_neox'"):
         family_for(AutoConfig.for_model("gpt_neox"))
     cfg = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})

@@ -1,8 +1,10 @@
 """Which graph a quipc artifact is lowered with, and the lowering itself (`quipc compile
 --target onnx|tvm --graph ...`, `quipc bench`).
 
-    handwritten  the Llama graphs written node by node (onnx/llama.py, tvm/relax_model.py);
-                 llama-architecture artifacts only
+    handwritten  the Llama graph written node by node for TVM (tvm/relax_model.py);
+                 llama-architecture artifacts only. The hand-written ONNX lowering is retired
+                 (stop 41: the traced file decoded as fast; onnx/llama.py remains only as the
+                 fp32 reference export).
     traced       the artifact's transformers model captured by torch.export (backends/traced),
                  every family in traced/families.py
     auto         traced, except for llama artifacts lowered to TVM on a GPU target, which keep
@@ -11,7 +13,7 @@
                  decodes at 1.002x the hand-written file's ms per token (paired, with quipc's
                  custom-op library; 0.975x through the function bodies) and the traced TVM build at
                  0.49x the hand-written build's; exports take 49 s and 129 s (hand-written 6 s
-                 and 17 s). `--graph handwritten` keeps the hand-written graphs for comparison.
+                 and 17 s). `--graph handwritten` keeps the hand-written TVM build for comparison.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ def choose_graph(artifact: Path, graph: str = "auto", target: str = "onnx", tvm_
     if graph == "auto":
         handwritten = kind in HANDWRITTEN_TYPES and target == "tvm" and _gpu_target(tvm_target)
         return "handwritten" if handwritten else "traced"
+    if graph == "handwritten" and target == "onnx":
+        raise ValueError("the hand-written ONNX graph no longer lowers artifacts (retired at stop 41, when the "
+                         "traced file decoded as fast): use --graph traced (or auto)")
     if graph == "handwritten" and kind not in HANDWRITTEN_TYPES:
         raise ValueError(f"the hand-written graphs cover {', '.join(HANDWRITTEN_TYPES)} artifacts, not "
                          f"{kind!r}: use --graph traced (or auto)")
@@ -53,13 +58,9 @@ def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto
     "int8" (the CLI's default; gemv_i8) or "fp32", for CPU TVM builds."""
     chosen = choose_graph(artifact, graph, target, tvm_target)
     if target == "onnx":
-        if chosen == "traced":
-            from .onnx.traced import export_traced
+        from .onnx.traced import export_traced
 
-            return export_traced(artifact, out, ops=onnx_ops, progress=progress, accuracy_level=accuracy_level)
-        from .onnx import export_artifact
-
-        return export_artifact(artifact, out, ops=onnx_ops, progress=progress, accuracy_level=accuracy_level)
+        return export_traced(artifact, out, ops=onnx_ops, progress=progress, accuracy_level=accuracy_level)
     if target == "tvm":
         if chosen == "traced":
             from .tvm.traced import compile_traced

@@ -1,4 +1,8 @@
-"""An ONNX graph for Llama-family causal LMs, written node by node (no tracing).
+"""The fp32 reference ONNX graph of a transformers Llama model, written node by node
+(`export.export_hf_model`: the fp32 baseline of the benchmarks and the input of the ONNX
+frontend's tests). quipc artifacts of every family, Llama included, are lowered to ONNX by the
+traced graph (traced.py); this graph lowered them until stop 41, when the traced file matched
+its decode time (paired 1.002x, README "Model families").
 
 One graph serves prefill and decode:
     inputs : input_ids (batch, seq) int64,
@@ -6,10 +10,7 @@ One graph serves prefill and decode:
              (past_seq = 0 for prefill)
     outputs: logits (batch, seq, vocab) float32, present.{i}.key / .value (past_seq + seq)
 Positions are past_seq .. past_seq + seq - 1 (no padding: batch rows are equally long).
-Linear layers are emitted by a callback, so the same graph carries fp32 MatMuls (the fp32
-reference) or QuipLinear nodes (quantized). Layers that read the same tensor (q/k/v,
-gate/up) are asked for together through the callback's optional `group` method (one
-QuipLinearGroup node when they qualify); callbacks without it get one call per layer.
+Linear layers are emitted by a callback (dense_linear: a MatMul with the transposed weight).
 """
 from __future__ import annotations
 
@@ -27,14 +28,6 @@ FLOAT = TensorProto.FLOAT
 
 # linear(builder, x, full_name, out_name=None) -> output name
 LinearFn = Callable[[Builder, str, str], str]
-
-
-def _linears(linear: LinearFn, b: Builder, x: str, names: list[str]) -> list[str]:
-    """The outputs of several layers that read x: grouped when the callback can."""
-    group = getattr(linear, "group", None)
-    if group is not None:
-        return group(b, x, names)
-    return [linear(b, x, name) for name in names]
 
 
 def rotary_tables(config, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +67,8 @@ def _rotate(b: Builder, x: str, cos: str, signed_sin: str, swap: str) -> str:
 
 
 def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Builder,
-                max_positions: int | None = None, embed_fn=None) -> tuple[list, list]:
-    """Add the whole model to b; returns (graph inputs, graph outputs) value infos.
-    embed_fn(b, ids) -> (batch, seq, hidden): a quantized embedding (backends/onnx/embedding.py)
-    instead of the dense table; lm_head then comes from `linear`."""
+                max_positions: int | None = None) -> tuple[list, list]:
+    """Add the whole model to b; returns (graph inputs, graph outputs) value infos."""
     from onnx import helper
 
     if config.model_type not in SUPPORTED:
@@ -94,8 +85,7 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     cos_tab = b.initializer("rotary.cos", cos_t)
     sin_tab = b.initializer("rotary.signed_sin", (sin_t * rotary_sign(half)).astype(np.float32))
     swap = b.initializer("rotary.swap", rotary_swap(half))
-    embed = None if embed_fn is not None else \
-        b.initializer("model.embed_tokens.weight", dense["model.embed_tokens.weight"].astype(np.float32))
+    embed = b.initializer("model.embed_tokens.weight", dense["model.embed_tokens.weight"].astype(np.float32))
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "seq", config.vocab_size])]
@@ -121,15 +111,14 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
     sin = b.op("Unsqueeze", b.op("Gather", sin_tab, qpos, axis=0), b.ints([0, 2]))
     scaling = b.const(np.float32(head_dim ** -0.5))   # onnxruntime fuses it into the scores' MatMul
 
-    x = embed_fn(b, "input_ids") if embed_fn is not None else \
-        b.op("Gather", embed, "input_ids", axis=0)                  # (B, T, hidden)
+    x = b.op("Gather", embed, "input_ids", axis=0)                  # (B, T, hidden)
     bt_shape = b.op("Concat", batch, seq, axis=0)
     heads_shape = lambda h: b.op("Concat", bt_shape, b.ints([h, head_dim]), axis=0)  # noqa: E731
     for i in range(n_layers):
         p = f"model.layers.{i}"
         h = _rms_norm(b, x, b.initializer(f"{p}.input_layernorm.weight",
                                           dense[f"{p}.input_layernorm.weight"].astype(np.float32)), eps)
-        q, k, v = _linears(linear, b, h, [f"{p}.self_attn.{n}_proj" for n in "qkv"])
+        q, k, v = (linear(b, h, f"{p}.self_attn.{n}_proj") for n in "qkv")
         # rotated as (B, T, heads, D), then (B, heads, T, D)
         q = b.op("Transpose", _rotate(b, b.op("Reshape", q, heads_shape(heads)), cos, sin, swap), perm=[0, 2, 1, 3])
         k = b.op("Transpose", _rotate(b, b.op("Reshape", k, heads_shape(kv_heads)), cos, sin, swap),
@@ -150,14 +139,12 @@ def build_llama(config, dense: dict[str, np.ndarray], linear: LinearFn, b: Build
         x = b.op("Add", x, linear(b, att, f"{p}.self_attn.o_proj"))
         h = _rms_norm(b, x, b.initializer(f"{p}.post_attention_layernorm.weight",
                                           dense[f"{p}.post_attention_layernorm.weight"].astype(np.float32)), eps)
-        gate, up = _linears(linear, b, h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+        gate, up = (linear(b, h, f"{p}.mlp.{n}_proj") for n in ("gate", "up"))
         act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
         x = b.op("Add", x, linear(b, act, f"{p}.mlp.down_proj"))
     x = _rms_norm(b, x, b.initializer("model.norm.weight", dense["model.norm.weight"].astype(np.float32)), eps)
-    if "lm_head.weight" in dense or getattr(linear, "has", lambda n: False)("lm_head"):
+    if "lm_head.weight" in dense:
         linear(b, x, "lm_head", out_name="logits")
-    elif embed is None:
-        raise ValueError("the embedding is quantized but lm_head is neither a quantized layer nor a dense weight")
     else:  # tied to the embedding, as torch.onnx exports it: MatMul(x, Transpose(embedding))
         b.op("MatMul", x, b.op("Transpose", embed, perm=[1, 0]), out_name="logits")
     return inputs, outputs

@@ -125,11 +125,9 @@ def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: boo
                    "past": "past_key_values.{i}.key/.value float32 (batch, kv_heads, past_seq, head_dim); "
                            "past_seq=0 for prefill",
                    "outputs": "logits (batch, seq, vocab), present.{i}.key/.value",
-                   "layers": captured.cache.layers},
-            "export_seconds": None}
+                   "layers": captured.cache.layers}}   # no timing in it: the same bytes every export
     tok = art.safe_path(artifact, manifest["tokenizer"]) if manifest.get("tokenizer") else None
-    meta["export_seconds"] = round(time.time() - t0, 1)
     if progress:
         print(f"writing {out / MODEL_FILE} ({captured.family.name}, traced, {len(layers)} quantized layers, "
-              f"ops={ops})")
+              f"ops={ops}; {time.time() - t0:.0f} s)")
     return save_model(model, out, meta, tokenizer_dir=tok if tok and tok.is_dir() else None)
