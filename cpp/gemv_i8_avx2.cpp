@@ -38,7 +38,40 @@ void rows_i8(const Codes& c, const RowAffine& aff, int i, const Int8Acts& a, con
   __m256 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
-  for (int blk = 0; blk < a.blocks; ++blk) {
+  int blk = 0;
+  // Two blocks at a time: one 32-byte load holds 64 codes of a row; its low nibbles are the even
+  // positions of both blocks (bytes 0-15 block one, 16-31 block two), its high nibbles the odd
+  // ones, so the activations' even halves of the two blocks make one register, their odd
+  // halves another (one lane swap per activation row, shared by the R rows); two vpmaddubsw
+  // (int16 sums of two products <= 2 * 3810, no saturation), one vpaddw, one vpmaddwd: int32
+  // lanes 0-3 of block one and 4-7 of block two, scaled by their steps in one FMA. Per 64
+  // weights and row 10 instructions, against 18 for two single blocks.
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (; blk + 2 <= full; blk += 2) {
+    __m256i lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+          c.data + size_t(i + r) * c.row_bytes + size_t(blk) * (kActBlock / 2)));
+      lo[r] = _mm256_and_si256(x, m4);
+      hi[r] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+    }
+    for (int b = 0; b < NB; ++b) {
+      const int8_t* q = a.q + size_t(b) * row_acts + size_t(blk) * kActBlock;
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kActBlock));
+      const __m256i evens = _mm256_permute2x128_si256(q0, q1, 0x20);
+      const __m256i odds = _mm256_permute2x128_si256(q0, q1, 0x31);
+      const float* d = a.d + size_t(b) * a.blocks + blk;
+      const __m256 step = _mm256_setr_m128(_mm_set1_ps(d[0]), _mm_set1_ps(d[1]));
+      for (int r = 0; r < R; ++r) {
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], evens),
+                                               _mm256_maddubs_epi16(hi[r], odds));
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        acc[r][b] = _mm256_fmadd_ps(sums, step, acc[r][b]);
+      }
+    }
+  }
+  for (; blk < a.blocks; ++blk) {
     __m256i codes[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = c.data + size_t(i + r) * c.row_bytes + size_t(blk) * (kActBlock / 2);
