@@ -6,7 +6,10 @@
 A BUILD is a TVM build folder or an ONNX export (a folder holding model.onnx, or the .onnx
 file), e.g. the hand-written and the traced graph of one artifact. An ONNX export runs with
 quipc's custom-op library where it is built; `EXPORT#bodies` runs the same file through its
-function bodies (stock onnxruntime), so `EXPORT#bodies EXPORT` is issue 13's comparison.
+function bodies (stock onnxruntime), so `EXPORT#bodies EXPORT` is issue 13's comparison. A
+quipc artifact folder (manifest.json) runs through the C++ kernels runtime
+(`quipc_runtime.load(ART, backend="kernels")`, transformers' model with the fused kernels;
+`ART#int8` with int8 activations), e.g. issue 16's dense-head and quantized-head artifacts.
 
 For comparing two builds of the same artifact (before and after a change to the TVM backend):
 each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
@@ -55,12 +58,43 @@ class OnnxBuild:
         return logits
 
 
+class KernelsBuild:
+    """A quipc artifact through the C++ kernels runtime, with transformers' KV cache."""
+
+    def __init__(self, path, threads: int, int8: bool = False):
+        import torch
+
+        import quipc_runtime
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = quipc_runtime.load(path, backend="kernels", int8_activations=int8).eval()
+        self.vocab = int(self.model.config.vocab_size)
+
+    def new_cache(self, capacity: int) -> dict:
+        return {}
+
+    def _step(self, ids, cache: dict) -> np.ndarray:
+        with self.torch.no_grad():
+            out = self.model(self.torch.as_tensor(ids)[None], past_key_values=cache.get("past"), use_cache=True)
+        cache["past"] = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    def prefill(self, prompt: np.ndarray, cache: dict) -> np.ndarray:
+        return self._step(np.asarray(prompt, np.int64), cache)
+
+    def decode(self, token: int, pos: int, cache: dict) -> np.ndarray:
+        return self._step(np.array([token], np.int64), cache)
+
+
 def load(build: str, threads: int):
     from pathlib import Path
 
     from quipc_runtime.tvm_runtime import TvmLM
 
     bodies = build.endswith("#bodies")
+    if (Path(build.removesuffix("#int8")) / "manifest.json").is_file():
+        return KernelsBuild(build.removesuffix("#int8"), threads, int8=build.endswith("#int8"))
     path = Path(build.removesuffix("#bodies"))
     if path.suffix == ".onnx" or (path / "model.onnx").is_file():
         return OnnxBuild(path, threads, custom_ops=False if bodies else None)
@@ -71,7 +105,7 @@ def load(build: str, threads: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("builds", nargs="+", help="TVM build folders of the same model")
+    ap.add_argument("builds", nargs="+", help="TVM builds, ONNX exports or artifacts of the same model")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=9)
