@@ -159,6 +159,20 @@ def test_torch_module_matches_reference():
     assert rel_err(mod(x), ref(x)) < TOL
 
 
+def test_torch_module_fast_path_is_the_checked_path():
+    """Decode's fast path (float32, contiguous, CPU) gives the checked path's bytes, and an
+    input it does not take (float64, non-contiguous, requiring grad) still runs the checked one."""
+    layer = make_layer(192, 576, 2, seed=8)
+    fast, checked = K.KernelQuipLinear(layer, "cpu"), K.KernelQuipLinear(layer, "cpu")
+    checked._cpu = False
+    for x in (torch.randn(1, 1, 576), torch.randn(2, 5, 576), torch.randn(3, 576)):
+        assert torch.equal(fast(x), checked(x)) and fast(x).shape == (*x.shape[:-1], 192)
+    x = torch.randn(2, 576)
+    assert torch.equal(fast(x.t().contiguous().t()), checked(x))
+    assert torch.equal(fast(x.double()), checked(x.double()))
+    assert torch.equal(fast(x.requires_grad_()), checked(x.detach()))
+
+
 def test_out_argument():
     layer = make_layer(64, 32, 3, seed=9)
     plan = K.prepare(layer)
