@@ -1,8 +1,8 @@
 """Hidden sizes with no Hadamard factorization (traced_families.KRON_SIZES: 52, 184, 26): QuIP's
 incoherence falls back to Kronecker products of random orthogonal factors, and the artifact
 compiles, loads on the torch path, and every backend runs it as the torch path does (prefill
-and KV-cache decode): the traced ONNX graph, the hand-written Llama ONNX graph, the C++ kernels
-runtime and the traced TVM build. None refuses a kron transform."""
+and KV-cache decode): the traced ONNX graph, the C++ kernels runtime and the traced TVM build.
+None refuses a kron transform."""
 from __future__ import annotations
 
 import pytest
