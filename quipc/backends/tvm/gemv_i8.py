@@ -53,11 +53,6 @@ def applies(spec) -> bool:
     return spec.bits == 4 and spec.format in FORMATS
 
 
-def nibble_shift(j):
-    """Bit offset of code j (0..7) in its int32 word: byte j % 4, high nibble for j >= 4."""
-    return (j % 4) * 8 + (j // 4) * 4
-
-
 def _pmaddubsw(u8, i8):
     return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u8, i8)
 

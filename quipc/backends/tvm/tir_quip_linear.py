@@ -244,8 +244,9 @@ def _kron_stage(inp, mat, f: int, q: int, n: int, name: str):
 
 
 def _bit_of(width: int, j):
-    """Bit offset of code j of a plane word of `width`-bit codes (module docstring)."""
-    return gemv_i8.nibble_shift(j) if width == 4 else width * j
+    """Bit offset of code j of a plane word of `width`-bit codes (module docstring): 4-bit codes
+    at byte j % 4, the high nibble for j >= 4 (the order gemv_i8 reads), others at width * j."""
+    return (j % 4) * 8 + (j // 4) * 4 if width == 4 else width * j
 
 
 def _code(planes, spec: LinearSpec, ot, oi, kw, kj):
