@@ -74,6 +74,22 @@ def test_kernel_identity_transform_and_residual():
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_llvm_target_leaves_out_the_vector_features_the_host_hides(tmp_path):
+    """A VM can report a CPU model (znver4) whose AVX-512 the hypervisor masks: the features
+    /proc/cpuinfo does not list are switched off, named in LLVM's spelling."""
+    from quipc.backends.tvm.build import features_the_host_lacks, resolve_target
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma vaes avx512f avx512_vnni\n")
+    model = {"avx2", "fma", "vaes", "avx512f", "avx512vnni", "avx512bw", "gfni", "sse4.1"}
+    assert features_the_host_lacks(model, info) == ["avx512bw", "gfni"]
+    assert features_the_host_lacks(model, tmp_path / "absent") == []
+    target = resolve_target("llvm")      # this host: whatever it lacks is off in the target
+    off = features_the_host_lacks(tvm.target.codegen.llvm_get_cpu_features(
+        tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": str(target.mcpu)})))
+    assert sorted(str(a) for a in target.attrs.get("mattr", [])) == sorted(f"-{f}" for f in off)
+
+
 def test_codes_repack_roundtrip():
     from quipc.backends.tvm.tir_quip_linear import K_GROUP, PLANES, TILE_O, repack_codes
 

@@ -29,8 +29,9 @@ def resolve_target(target: str):
     from tvm.target import codegen
 
     if target == "llvm":
-        return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu",
-                                  "mcpu": codegen.llvm_get_system_cpu()})
+        spec = {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": codegen.llvm_get_system_cpu()}
+        off = features_the_host_lacks(codegen.llvm_get_cpu_features(tvm.target.Target(spec)))
+        return tvm.target.Target({**spec, "mattr": [f"-{f}" for f in off]} if off else spec)
     if target == "cuda" or target.startswith("cuda:"):
         arch = target.split(":", 1)[1] if ":" in target else "sm_80"
         host = {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"}
@@ -38,6 +39,26 @@ def resolve_target(target: str):
     if target.startswith("{"):
         return tvm.target.Target(json.loads(target))
     raise ValueError(f"unknown TVM target {target!r}: use llvm, cuda, cuda:sm_XX, or a JSON target dict")
+
+
+# Vector instruction sets LLVM may emit that a CPU model implies but a virtual machine can hide
+# (a hypervisor that masks AVX-512 still reports the CPU as, say, znver4).
+_MASKABLE = ("avx512", "avxvnni", "gfni", "vaes", "vpclmulqdq", "amx")
+
+
+def features_the_host_lacks(features, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The CPU model's vector features (LLVM names) that the host's /proc/cpuinfo does not
+    list: code built with them would stop on an illegal instruction. Empty where there is no
+    /proc/cpuinfo to read (the CPU model's features are then taken as they are)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return []
+    have = {f.replace("_", "") for f in flags}
+    return sorted(f for f in features if f.startswith(_MASKABLE) and f.replace("-", "") not in have)
 
 
 def schedule(mod, target):
