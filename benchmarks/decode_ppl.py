@@ -12,7 +12,8 @@ fed through decode at its position, the next token's negative log-likelihood sum
 are short (256) and few: compare TARGETs on the same windows, not with PROTOCOL figures.
 
 A TARGET is a TVM build folder, or an artifact folder with a suffix naming its runtime:
-ART@kernels (fp32 activations) or ART@kernels-int8.
+ART@kernels (fp32 activations), ART@kernels-int8 (int8 activations), ART@kernels-exact (fp32
+activations, the exact trellis GEMV instead of the default 8-bit copy of a trellis layer).
 """
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / 
 class _TorchDecoder:
     """An artifact through quipc_runtime (the kernels runtime): decode() with its own cache."""
 
-    def __init__(self, folder: str, int8: bool):
+    def __init__(self, folder: str, int8: bool, trellis_as_int8: bool = True):
         import quipc_runtime
 
-        self.model = quipc_runtime.load(folder, backend="kernels", int8_activations=int8)
+        self.model = quipc_runtime.load(folder, backend="kernels", int8_activations=int8,
+                                        trellis_as_int8=trellis_as_int8)
         self.past = None
 
     def start(self, capacity: int) -> None:
@@ -65,9 +67,9 @@ class _TvmDecoder:
 def decoder(target: str, threads: int):
     if "@" in target:
         folder, runtime = target.rsplit("@", 1)
-        if runtime not in ("kernels", "kernels-int8"):
-            raise SystemExit(f"{target}: the runtime suffix is @kernels or @kernels-int8")
-        return _TorchDecoder(folder, runtime == "kernels-int8")
+        if runtime not in ("kernels", "kernels-int8", "kernels-exact"):
+            raise SystemExit(f"{target}: the runtime suffix is @kernels, @kernels-int8 or @kernels-exact")
+        return _TorchDecoder(folder, runtime == "kernels-int8", trellis_as_int8=runtime != "kernels-exact")
     return _TvmDecoder(target, threads)
 
 

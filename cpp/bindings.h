@@ -79,7 +79,7 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
                  const py::object& bias, const py::sequence& in_factors,
                  const py::sequence& out_factors, const std::string& format,
                  bool e8p_as_grid4 = false,  // the Python Plan's default is true (bindings_plan.cpp)
-                 bool int8_activations = false);
+                 bool int8_activations = false, bool trellis_as_int8 = false);
 
 // The CPU plan class Plan (bindings_plan.cpp).
 void register_plan(py::module_& mod);

@@ -22,7 +22,7 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                  const py::object& bias, const py::sequence& in_factors,
                  const py::sequence& out_factors, const std::string& format, bool e8p_as_grid4,
-                 bool int8_activations) {
+                 bool int8_activations, bool trellis_as_int8) {
   if (bits < 2 || bits > 4) throw py::value_error("bits must be 2, 3 or 4, got " + std::to_string(bits));
   if (m < 1 || n < 1) throw py::value_error("layer shape must be positive");
   const CodeFormat fmt = parse_format(format);
@@ -44,6 +44,7 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
   d.row_bytes = size_t(row_bytes);
   d.e8p_as_grid4 = e8p_as_grid4;
   d.int8_activations = int8_activations;
+  d.trellis_as_int8 = trellis_as_int8;
   if (fmt != CodeFormat::kGrid) {
     const py::ssize_t stages = fmt == CodeFormat::kE8P ? e8p_stages(bits) : 1;
     py::array sa = expect_array<float>(scale, "scale", {m, stages});
@@ -72,18 +73,19 @@ void register_plan(py::module_& mod) {
       .def(py::init([](int m, int n, int bits, const py::object& codes, const py::object& scale,
                        const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                        const py::object& bias, const py::sequence& in_factors, const py::sequence& out_factors,
-                       const std::string& format, bool e8p_as_grid4, bool int8_activations) {
+                       const std::string& format, bool e8p_as_grid4, bool int8_activations,
+                       bool trellis_as_int8) {
              return make_plan(m, n, bits, codes, scale, zero, in_scale, out_scale, bias, in_factors,
-                              out_factors, format, e8p_as_grid4, int8_activations);
+                              out_factors, format, e8p_as_grid4, int8_activations, trellis_as_int8);
            }),
            py::arg("m"), py::arg("n"), py::arg("bits"), py::arg("codes"),
            py::arg("scale"), py::arg("zero"), py::arg("in_scale"), py::arg("out_scale"),
            py::arg("bias"), py::arg("in_factors"), py::arg("out_factors"),
            py::arg("format") = "grid", py::arg("e8p_as_grid4") = true,
-           py::arg("int8_activations") = false)
+           py::arg("int8_activations") = false, py::arg("trellis_as_int8") = false)
       .def_property_readonly("m", [](const PyPlan& p) { return p.plan->m(); })
       .def_property_readonly("n", [](const PyPlan& p) { return p.plan->n(); })
-      .def_property_readonly("gemv_as_grid4",   // a 2-bit e8p layer's GEMV on the 4-bit grid kernel
+      .def_property_readonly("gemv_as_grid4",   // the GEMV on 4-bit grid planes (e8p_as_grid4, trellis_as_int8)
                              [](const PyPlan& p) { return p.plan->gemv_as_grid4(); })
       .def_property_readonly("gemv_int8",   // the 4-bit GEMV on int8 activations (int8_activations taken)
                              [](const PyPlan& p) { return p.plan->gemv_int8(); })

@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "as_grid4.h"
 #include "e8p.h"
 #include "trellis.h"
 #include "thread_pool.h"
@@ -66,41 +67,6 @@ void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
   });
 }
 
-// LayerData::e8p_as_grid4: stage `stage` of an e8p layer as 4-bit grid codes (packing.pack's
-// layout: a group's 8 nibbles little-endian, code j at bits 4j). An E8P coordinate is an odd
-// multiple of 1/4 within +-11/4, i.e. q/2 - 15/4 (q = 2..13); an E8_1bit coordinate (the 3-bit
-// format's second stage) a multiple of 1/2 within +-2, i.e. q/2 - 2 (q = 0..8). So the stage is
-// exactly the grid row scale/2 * q + zero, zero = -15/4 or -2 times the stage's scale.
-void e8p_stage_as_grid4(const LayerData& d, int stage, std::vector<uint8_t>* codes,
-                        std::vector<float>* scale, std::vector<float>* zero) {
-  const E8PTables& T = e8p_tables();
-  const bool one_bit = stage == 1 && d.bits == 3;
-  const float offset = one_bit ? 4.f : 7.5f;
-  const int groups = d.n / 8, stages = e8p_stages(d.bits);
-  const size_t row_bytes = size_t(groups) * 4;
-  codes->assign(size_t(d.m) * row_bytes, 0);
-  for (int i = 0; i < d.m; ++i) {
-    const uint8_t* row = d.codes + size_t(i) * d.row_bytes;
-    uint8_t* out = codes->data() + size_t(i) * row_bytes;
-    for (int g = 0; g < groups; ++g) {
-      float v[8];
-      if (stage == 0) e8p_point(T, e8p_first(row, d.bits, g), v);
-      else if (one_bit) std::memcpy(v, T.one_bit[e8p_second(row, d.bits, g)], sizeof v);
-      else e8p_point(T, e8p_second(row, d.bits, g), v);
-      uint32_t word = 0;
-      for (int j = 0; j < 8; ++j) word |= uint32_t(std::lround(2.f * v[j] + offset)) << (4 * j);
-      for (int k = 0; k < 4; ++k) out[size_t(g) * 4 + k] = uint8_t(word >> (8 * k));
-    }
-  }
-  scale->resize(size_t(d.m));
-  zero->resize(size_t(d.m));
-  for (int i = 0; i < d.m; ++i) {
-    const float s = d.scale[size_t(i) * stages + stage];
-    (*scale)[size_t(i)] = 0.5f * s;
-    (*zero)[size_t(i)] = -0.5f * offset * s;
-  }
-}
-
 // The batch's rows of z (ldz apart, n values each) as int8 blocks in scratch slot 5, and in
 // *qsum the row sums of the quantized activations. The zero-point term takes those, not the
 // sums of z: the codes' mean (7.5) times the rounding errors' sum then cancels as it does in
@@ -146,10 +112,9 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
     throw std::invalid_argument("layer vectors do not match the layer shape");
   // 3 bits: two fp32 nibble passes take 1.2x the e8p GEMV's time, on int8 activations 0.6-0.7x
   if (e8p && d_.e8p_as_grid4 && (d_.bits != 3 || d_.int8_activations)) {
-    grid4_.resize(size_t(e8p_stages(d_.bits)));
-    for (size_t st = 0; st < grid4_.size(); ++st)
-      e8p_stage_as_grid4(d_, int(st), &grid4_[st].codes, &grid4_[st].scale, &grid4_[st].zero);
+    for (int st = 0; st < e8p_stages(d_.bits); ++st) grid4_.push_back(e8p_stage_as_grid4(d_, st));
   }
+  if (d_.format == CodeFormat::kTrellis && d_.trellis_as_int8) grid4_ = trellis_as_int8_planes(d_);
   if (t_in_.n() != d_.n && !t_in_.identity()) throw std::invalid_argument("input transform size");
   if (t_out_.n() != d_.m && !t_out_.identity()) throw std::invalid_argument("output transform size");
   npad_ = (d_.n + 7) / 8 * 8;
@@ -189,7 +154,7 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
   const bool gemv = batch <= kGemvMaxBatch;
   const bool grid4 = gemv && gemv_as_grid4();
   if (d_.format == CodeFormat::kE8P && !grid4) return matmul_e8p(k, z, batch, t, threads);
-  if (d_.format == CodeFormat::kTrellis) return matmul_trellis(k, z, batch, t, threads);
+  if (d_.format == CodeFormat::kTrellis && !grid4) return matmul_trellis(k, z, batch, t, threads);
   if (!gemv) {
     over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
       Buffer work = alloc_floats(qgemm_work_floats(batch));

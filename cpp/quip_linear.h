@@ -31,6 +31,18 @@ struct LayerData {
   // quantized to int8 per block of 32 (kernels.h: Int8Acts): ~2x the fp32 GEMV's speed, at a
   // relative error of ~1e-3 on the layer's output (onnxruntime's accuracy_level 4).
   bool int8_activations = false;
+  // A trellis layer's GEMV (batch <= kGemvMaxBatch) on an 8-bit copy of W' that the plan
+  // builds once (as_grid4.h: per row q = round(W' / step), |q| <= 127, as two 4-bit grid
+  // planes summed by the grid kernels), instead of a code-table gather per weight. Not exact:
+  // a weight moves by at most step / 2 = max_j |W'_ij| / 254, ~1 % of the 4-bit trellis code's
+  // own error power; the plan holds 1 byte a weight more. The GEMM (prefill) stays exact.
+  bool trellis_as_int8 = false;
+};
+
+// One 4-bit grid plane of a layer's W' (as_grid4.h): the grid row scale[i] * codes[i, :] + zero[i].
+struct Grid4Plane {
+  std::vector<uint8_t> codes;      // m rows of n / 2 bytes (packing.pack's 4-bit layout)
+  std::vector<float> scale, zero;  // (m) each
 };
 
 class QuipLinearPlan {
@@ -40,7 +52,7 @@ class QuipLinearPlan {
 
   int m() const { return d_.m; }
   int n() const { return d_.n; }
-  bool gemv_as_grid4() const { return !grid4_.empty(); }  // LayerData::e8p_as_grid4 taken
+  bool gemv_as_grid4() const { return !grid4_.empty(); }  // e8p_as_grid4 or trellis_as_int8 taken
   int padded_n() const { return npad_; }
   // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit)
   bool gemv_int8() const;
@@ -62,11 +74,9 @@ class QuipLinearPlan {
   void matmul_trellis(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
 
   LayerData d_;
-  struct Grid4 {  // LayerData::e8p_as_grid4: one e8p stage's codes as 4-bit grid rows
-    std::vector<uint8_t> codes;
-    std::vector<float> scale, zero;
-  };
-  std::vector<Grid4> grid4_;  // one per stage; empty: the e8p (or grid) kernels
+  // LayerData::e8p_as_grid4 (one plane per e8p stage) or trellis_as_int8 (two planes): the
+  // GEMV's 4-bit grid planes (as_grid4.h); empty: the layer's own format's kernels
+  std::vector<Grid4Plane> grid4_;
   KronTransform t_in_, t_out_;
   int npad_;
   std::vector<float> in_vec_, out_vec_;  // in_scale / out_scale with the FWHT gains folded in

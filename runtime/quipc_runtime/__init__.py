@@ -11,9 +11,12 @@ from .transforms import Transform  # noqa: F401
 __version__ = "0.1.0"
 
 
-def load(folder, device: str = "cpu", backend: str = "reference", int8_activations: bool = False):
-    """Load an artifact as a transformers causal LM (generate() works). int8_activations (backend
-    "kernels", CPU): the 4-bit GEMVs take int8 activations (`kernels.prepare`)."""
+def load(folder, device: str = "cpu", backend: str = "reference", int8_activations: bool = False,
+         trellis_as_int8: bool = True):
+    """Load an artifact as a transformers causal LM (generate() works). Backend "kernels" on the
+    CPU: int8_activations, the 4-bit GEMVs take int8 activations; trellis_as_int8, the trellis
+    GEMVs run on an 8-bit copy of the weights (False: the exact ones; `kernels.prepare`)."""
     from .loader import load_model
 
-    return load_model(folder, device=device, backend=backend, int8_activations=int8_activations)
+    return load_model(folder, device=device, backend=backend, int8_activations=int8_activations,
+                      trellis_as_int8=trellis_as_int8)

@@ -113,19 +113,26 @@ CPU_FORMATS = ("grid", "e8p", "trellis")
 CUDA_FORMATS = ("grid", "e8p", "trellis")
 
 
-def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations: bool = False):
+def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations: bool = False,
+            trellis_as_int8: bool = True):
     """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out.
     e8p_as_grid4: an e8p layer's GEMV (batch <= 4) runs by the 4-bit grid kernel, one pass per
     stage (the same weights, its codes also widened to nibbles in the plan: at 2 bits ~0.7x the
     time at batch 1; at 3 bits only with int8_activations); False keeps the e8p kernels.
     int8_activations: the GEMV of 4-bit codes (4-bit grid layers and those e8p_as_grid4 layers)
     takes its activations quantized to int8 per block of 32, as llama.cpp's Q8_0 and
-    onnxruntime's accuracy_level 4 (`plan.gemv_int8` says whether the layer has such a GEMV)."""
+    onnxruntime's accuracy_level 4 (`plan.gemv_int8` says whether the layer has such a GEMV).
+    trellis_as_int8: a trellis layer's GEMV runs on an 8-bit copy of W' that the plan builds
+    once (per row round(W' / step), |q| <= 127, as two 4-bit grid planes): a weight moves by at
+    most max_j |W'_ij| / 254, and the GEMV skips the code-table gather per weight (SmolLM2's
+    49152 x 576 4-bit head: ~6x faster); the plan then holds 1 byte a weight. False keeps
+    the exact trellis GEMV; the GEMM (batch > 4) is the exact one either way."""
     _require()
     if isinstance(layer, QuantizedLinear):
         require_format(layer, CPU_FORMATS, "the C++ kernel backend")
         _require_no_patch(layer)
-    return _ext.Plan(**_layer_args(layer), e8p_as_grid4=e8p_as_grid4, int8_activations=int8_activations)
+    return _ext.Plan(**_layer_args(layer), e8p_as_grid4=e8p_as_grid4, int8_activations=int8_activations,
+                     trellis_as_int8=trellis_as_int8)
 
 
 def _require_no_patch(layer: QuantizedLinear) -> None:
@@ -218,10 +225,11 @@ except ImportError:  # numpy-only deployments
 
 if torch is not None:
     class KernelQuipLinear(nn.Module):
-        """QuipLinearRef's semantics on the fast kernels (CPU or CUDA), inference only."""
+        """QuipLinearRef's semantics on the fast kernels (CPU or CUDA), inference only (on the CPU
+        a trellis layer's GEMV within max_j |W'_ij| / 254 per weight: see `prepare`)."""
 
         def __init__(self, layer: QuantizedLinear, device: str = "cpu", threads: int | None = None,
-                     int8_activations: bool = False):
+                     int8_activations: bool = False, trellis_as_int8: bool = True):
             super().__init__()
             _require()
             self.device = torch.device(device)
@@ -234,7 +242,7 @@ if torch is not None:
             self._cpu = self.device.type == "cpu"   # forward's fast path applies
             args = _layer_args(layer)
             if self.device.type == "cpu":
-                self._plan = _ext.Plan(**args, int8_activations=int8_activations)
+                self._plan = _ext.Plan(**args, int8_activations=int8_activations, trellis_as_int8=trellis_as_int8)
             elif self.device.type == "cuda":
                 if not cuda_available():
                     raise RuntimeError("KernelQuipLinear(device='cuda'): the extension was built "

@@ -32,21 +32,24 @@ def _empty_model(manifest: dict):
     return model
 
 
-def _module_for(layer, backend: str, device: str, int8_activations: bool = False):
+def _module_for(layer, backend: str, device: str, int8_activations: bool = False,
+                trellis_as_int8: bool = True):
     if backend == "reference":
         from .modules import QuipLinearRef
 
         return QuipLinearRef(layer)
     from .kernels import KernelQuipLinear
 
-    return KernelQuipLinear(layer, device=device, int8_activations=int8_activations)
+    return KernelQuipLinear(layer, device=device, int8_activations=int8_activations,
+                            trellis_as_int8=trellis_as_int8)
 
 
 def load_model(folder, device: str = "cpu", backend: str = "reference", allow_incomplete: bool = False,
-               int8_activations: bool = False):
+               int8_activations: bool = False, trellis_as_int8: bool = True):
     """allow_incomplete: load a compile whose layers are all written but which is not marked
     complete yet (the compiler's fine-tuning stage works on it). int8_activations: backend
-    "kernels" on the CPU, the 4-bit GEMVs on int8 activations (`kernels.prepare`)."""
+    "kernels" on the CPU, the 4-bit GEMVs on int8 activations; trellis_as_int8: its trellis
+    GEMVs on an 8-bit copy of the weights, False the exact ones (`kernels.prepare`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     folder = Path(folder)
@@ -55,8 +58,8 @@ def load_model(folder, device: str = "cpu", backend: str = "reference", allow_in
     dense = art.load_dense(folder, manifest)
     model = _empty_model(manifest)
     for name, layer in layers.items():
-        model.set_submodule(name, _module_for(layer, backend, device, int8_activations))
-    _install_head_and_embedding(model, folder, manifest, backend, device, int8_activations)
+        model.set_submodule(name, _module_for(layer, backend, device, int8_activations, trellis_as_int8))
+    _install_head_and_embedding(model, folder, manifest, backend, device, int8_activations, trellis_as_int8)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if unexpected:
         raise art.ArtifactError(f"artifact holds tensors the model does not have: {unexpected[:5]}")
@@ -82,7 +85,7 @@ def _separate_head(manifest: dict) -> bool:
 
 
 def _install_head_and_embedding(model, folder: Path, manifest: dict, backend: str, device: str,
-                                int8_activations: bool = False) -> list[str]:
+                                int8_activations: bool = False, trellis_as_int8: bool = True) -> list[str]:
     """Swap in the quantized lm_head and embedding the manifest names (artifacts from before
     these existed have neither); returns the names of the modules replaced."""
     from .embedding import EmbeddingTable, QuantEmbedding
@@ -95,7 +98,7 @@ def _install_head_and_embedding(model, folder: Path, manifest: dict, backend: st
         if len(layers) != 1:
             raise art.ArtifactError(f"head record holds {len(layers)} layers, expected 1")
         head = layers[0]
-        model.set_submodule(rec["module"], _module_for(head, backend, device, int8_activations))
+        model.set_submodule(rec["module"], _module_for(head, backend, device, int8_activations, trellis_as_int8))
         replaced.append(rec["module"])
     emb = manifest.get("embedding")
     if emb and emb.get("kind") in ("head", "table"):
