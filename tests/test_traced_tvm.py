@@ -153,6 +153,43 @@ def test_head_and_shared_embedding(tmp_path, monkeypatch, e8p_kernel):
         assert ("_quip_e8p_" in text) == (e8p_kernel == "codebook")
 
 
+def test_trellis_head_runs_on_its_rows_rounded_to_8_bits(tmp_path, monkeypatch):
+    """A trellis lm_head whose codes are the embedding too (and 8-bit rows) lowers as "int8x2"
+    (trellis_as_int8): prefill, decode and tokens are the torch path's with the head's rows
+    rounded to 8 bits (quipc_runtime.int8_rows) in the head and the embedding, which decodes
+    from the head's planes (no dense table)."""
+    import numpy as np
+    from quipc.backends.tvm import traced
+    from quipc_runtime import embedding
+    from quipc_runtime.int8_rows import rows_as_int8
+    from quipc_runtime.layer import QuantizedLinear
+
+    built = {}
+    real = traced.build_module
+
+    def keep(*args, **kwargs):
+        built["mod"], traceable = real(*args, **kwargs)
+        return built["mod"], traceable
+    monkeypatch.setattr(traced, "build_module", keep)
+    artifact = family_artifact("qwen2", head=True, head_format="trellis")
+    path = traced.compile_traced(artifact, tmp_path / "tvm", progress=False)
+    for fname in ("forward", "decode"):
+        assert (256, 64) not in {tuple(c.value.shape) for c in _constants(built["mod"][fname])}
+        assert "trellis" not in built["mod"][fname].script()   # the blocks are e8p: no trellis kernel left
+
+    def rounded(w):
+        q, step = rows_as_int8(w)
+        return (q * step[:, None]).astype(np.float32)
+    weight, rows = QuantizedLinear.rotated_weight, embedding.head_rotated_rows
+    monkeypatch.setattr(QuantizedLinear, "rotated_weight",
+                        lambda self: rounded(weight(self)) if self.format == "trellis" else weight(self))
+    monkeypatch.setattr(embedding, "head_rotated_rows", lambda layer, ids: rounded(rows(layer, ids)))
+    check_against_torch(artifact, path, "TracedTvmLM")
+    monkeypatch.undo()   # and the rounding does move the logits: the exact head's are not these
+    want_full = torch_reference(artifact)[0]
+    assert rel(tvm_steps(path)[1], want_full) > TOL
+
+
 def test_quantized_linears_and_attention_are_call_tir():
     from quipc.backends.tvm.traced import build_module
 

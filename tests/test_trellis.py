@@ -288,37 +288,32 @@ def test_cpp_kernels_match_the_reference_decoder(bits, force_scalar):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
-def _rows_rounded_to_8_bits(w: np.ndarray) -> np.ndarray:
-    """W' as the plan's 8-bit copy holds it: per row 127 steps of its largest |W'|, rounded half
-    away from zero (C's lround), in float32 as the plan computes it."""
-    scale_free = w.astype(np.float32)
-    peak = np.abs(scale_free).max(axis=1, keepdims=True)
-    q = scale_free * (np.float32(127) / peak)
-    q = np.trunc(q + np.copysign(np.float32(0.5), q))
-    assert np.abs(q).max() <= 127
-    return q * (peak / np.float32(127))
-
-
 @pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_cpp_int8_gemv_is_each_row_rounded_to_8_bits(bits, int8_activations):
     """trellis_as_int8 (the default): the GEMV multiplies by W' rounded per row to 127 steps of
-    its largest |W'|, computed here from the reference decoder; batch > 4 (the GEMM) stays exact."""
+    its largest |W'| (int8_rows, from the reference decoder); batch > 4 (the GEMM) stays exact."""
     layer = random_trellis_layer(48, 80, bits, seed=bits)
     plan = kernels.prepare(layer, int8_activations=int8_activations)
     exact = kernels.prepare(layer, trellis_as_int8=False)
     assert plan.gemv_as_grid4 and plan.gemv_int8 == int8_activations and not exact.gemv_as_grid4
-    w = layer.rotated_weight().astype(np.float64)
-    w8 = _rows_rounded_to_8_bits(w)
-    step = np.abs(w).max(axis=1) / 127
-    assert np.abs(w8 - w).max(axis=1).max() <= 0.5 * step.max() * (1 + 1e-5)
+    from quipc_runtime.int8_rows import int8_planes, rows_as_int8
+
+    w = layer.rotated_weight()
+    q, step = rows_as_int8(w)
+    assert np.abs(q).max() == 127 and np.all(np.abs(q * step[:, None] - w) <= 0.5 * step[:, None] * (1 + 1e-5))
+    hi, lo, scale, zero = int8_planes(w)
+    assert hi.max() <= 15 and lo.max() <= 15
+    np.testing.assert_allclose(scale[:, :1] * hi + scale[:, 1:] * lo + zero[:, None], q * step[:, None],
+                               rtol=1e-6, atol=1e-6 * np.abs(w).max())
+    w8 = q.astype(np.float64) * step[:, None]
     z = np.random.default_rng(1).standard_normal((3, 80)).astype(np.float32)
     t = plan.matmul(z, z.sum(axis=1), threads=2)
     want = z.astype(np.float64) @ w8.T
     tol = 2e-2 if int8_activations else 1e-5        # int8 activations: ~1e-3 of the output (test_kernels_int8)
     assert np.abs(t - want).max() <= tol * np.abs(want).max()
-    off = np.abs(z.astype(np.float64) @ w.T - want).max()   # the 8-bit copy does move the output
+    off = np.abs(z.astype(np.float64) @ w.T.astype(np.float64) - want).max()   # the 8-bit copy does move the output
     assert off > 1e-5 * np.abs(want).max()
     x = np.random.default_rng(2).standard_normal((9, 80)).astype(np.float32)
     np.testing.assert_array_equal(kernels.quip_linear(plan, x), kernels.quip_linear(exact, x))

@@ -9,6 +9,8 @@ W'[i] decoded from the head's own params (the arrays of its GEMV, the same ones 
 tuple), per format:
     grid  W'[i, k] = scale[i] * code[i, k] + zero[i]           (planes, scale, zero)
     e8p   W'[i, 8g + c] = sum_s scale[s, i] * E_s(idx_s[i, g])[c]  (the GEMV's codebook tables)
+    int8x2 (a trellis head on 8 bits, trellis_as_int8)
+          W'[i, k] = scale[0, i] * hi[i, k] + scale[1, i] * lo[i, k] + zero[i]
 then multiplied by K_in^T one Kronecker stage at a time (the output side's stage form of the
 input factors, a few small matrices: `embed_k{i}`) and by in_scale. The build then holds no
 dense fp32 table (113 MB for SmolLM2). Builds of other head formats keep the dense table.
@@ -22,7 +24,7 @@ from . import tir_quip_linear as Q
 
 
 def shares_head(layer) -> bool:
-    """Whether the embedding can decode from this head's TVM params (grid or e8p format)."""
+    """Whether the embedding can decode from this head's TVM params (grid, e8p or int8x2)."""
     return layer is not None and layer.format in _ROWS
 
 
@@ -78,4 +80,16 @@ def _e8p_row(ids, args: dict, spec):
     return row
 
 
-_ROWS = {"grid": _grid_row, "e8p": _e8p_row}
+def _int8x2_row(ids, args: dict, spec):
+    planes = [args["plane0"], args["plane1"]]
+    scale, zero = args["scale"], args["zero"]
+
+    def row(b, k):
+        i = ids[b]
+        hi, lo = (Q._code([p], spec, i // Q.TILE_O, i % Q.TILE_O, k // Q.K_GROUP, k % Q.K_GROUP).astype("float32")
+                  for p in planes)
+        return scale[0, i] * hi + scale[1, i] * lo + zero[i]
+    return row
+
+
+_ROWS = {"grid": _grid_row, "e8p": _e8p_row, "int8x2": _int8x2_row}

@@ -32,7 +32,7 @@ from tvm.script.ir_builder import tirx as T
 
 WORD = 8           # codes per int32 word of a 4-bit plane
 VEC = 8            # fp32 / int32 lanes of one AVX2 register
-FORMATS = ("grid", "grid4x2")
+FORMATS = ("grid", "grid4x2", "int8x2")
 
 
 def supported(target) -> bool:

@@ -18,9 +18,10 @@ tensor whose length S = past + seq is the number of positions held after the cal
         the GEMV kernels
 (Builds made before the capacity cache, config without "cache", took and returned the cache
 concatenated, `past` in and `present` one position longer out; tvm_traced.py runs both.)
-The quantized parameters are constants of the module (no params.bin). An embedding that shares a
-grid or e8p lm_head's codes decodes from that head's constants (embedding.py), as in the hand-written
-build; other quantized embeddings are dequantized to fp32 at build time. Run it with
+The quantized parameters are constants of the module (no params.bin). A trellis lm_head is built
+on its rows rounded to 8 bits (trellis_as_int8). An embedding that shares a grid, e8p or such a
+head's codes decodes from that head's constants (embedding.py), as in the hand-written build;
+other quantized embeddings are dequantized to fp32 at build time. Run it with
 `quipc_runtime.tvm_runtime.TvmLM` (which hands a traced build to tvm_traced.TracedTvmLM).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import e8p_as_grid, gemv_i8
+from . import e8p_as_grid, gemv_i8, trellis_as_int8
 from .build import CONFIG, FORMAT_VERSION, LIB, resolve_target, write_build
 from .traced_cache import CapacityCache
 
@@ -291,6 +292,7 @@ def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p
     if traceable.manifest.get("head"):
         (head,) = art.load_block(Path(artifact), traceable.manifest["head"])
         layers[traceable.manifest["head"]["module"]] = head
+    layers = trellis_as_int8.head_as_int8(layers)
     shared = _shared_head(traceable.manifest, layers)
     tables = {} if shared is not None else _dense_tables(traceable)
     if e8p_kernel not in e8p_as_grid.KERNELS:

@@ -1,0 +1,31 @@
+"""W' rounded per row to 8 bits: the copy of a trellis layer that decode GEMVs multiply by.
+
+A trellis weight decodes through a 2^12-entry code table, one gather per weight; the kernels
+instead round each row once, at load (C++: cpp/as_grid4.cpp) or build time (TVM:
+backends/tvm/trellis_as_int8.py), to q = round(W'[i] / step[i]) with step[i] = max_j |W'[i, j]| / 127,
+|q| <= 127, and split q + 128 = 16 hi + lo into two 4-bit grid planes that the grid GEMV
+kernels sum. A weight moves by at most step / 2 (~1 % of the 4-bit trellis code's own error
+power on Gaussian rows). This module is the numpy definition both are tested against.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rows_as_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(m, n) W' -> (q (m, n) int16 in [-127, 127], step (m,) float32): W' ~ step[:, None] * q.
+    Rounds half away from zero (C's lround), in float32 as the kernels do."""
+    w = np.asarray(w, dtype=np.float32)
+    peak = np.abs(w).max(axis=1)
+    inv = np.divide(np.float32(127), peak, out=np.zeros_like(peak), where=peak > 0)
+    v = w * inv[:, None]
+    q = np.trunc(v + np.copysign(np.float32(0.5), v)).astype(np.int16)
+    return q, (peak / np.float32(127)).astype(np.float32)
+
+
+def int8_planes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """W' as two 4-bit grid planes: (hi, lo) (m, n) uint8 nibbles, scale (m, 2) = (16 step,
+    step), zero (m,) = -128 step, so that W' ~ scale[:, :1] hi + scale[:, 1:] lo + zero."""
+    q, step = rows_as_int8(w)
+    u = (q + 128).astype(np.uint8)
+    return u >> 4, u & 15, np.stack([16 * step, step], axis=1), -128 * step
