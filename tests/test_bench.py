@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,21 @@ def test_bench_bad_input(tmp_path, tiny_artifact):
         bench.run(parse([str(tmp_path)]))
     with pytest.raises(ValueError, match="unknown backend"):
         bench.run(parse([str(tiny_artifact), "--backends", "torch-ref,gpu-magic"]))
+
+
+def test_no_benchmark_script_hides_an_installed_package():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like an
+    installed package replaces it for every import (benchmarks/kernels.py hid the `kernels`
+    package that transformers imports, and every script that loaded a model failed)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        clash = [f.stem for f in root.glob("*.py")
+                 if f.stem not in sys.modules and importlib.util.find_spec(f.stem) is not None]
+    finally:
+        sys.path[:] = saved
+    assert not clash, f"benchmarks/ scripts named like installed packages: {clash}"

@@ -1,10 +1,10 @@
 """Kernel benchmark (not a test): quipc `quip_linear` vs torch F.linear on the dense weight.
 
-    python benchmarks/kernels.py --json benchmarks/results/kernels.json      # CPU, 2 threads
-    python benchmarks/kernels.py --gpu --json OUT.json                       # CUDA (H100 ...)
-    python benchmarks/kernels.py --artifact DIR --fp32-model HF_DIR --json OUT.json  # decode
-    python benchmarks/kernels.py --formats grid e8p --shapes 7b --batches 1 --json OUT.json
-    python benchmarks/kernels.py --int8-activations ...   # the 4-bit GEMVs on int8 activations
+    python benchmarks/kernel_speed.py --json benchmarks/results/kernels.json      # CPU, 2 threads
+    python benchmarks/kernel_speed.py --gpu --json OUT.json                       # CUDA (H100 ...)
+    python benchmarks/kernel_speed.py --artifact DIR --fp32-model HF_DIR --json OUT.json  # decode
+    python benchmarks/kernel_speed.py --formats grid e8p --shapes 7b --batches 1 --json OUT.json
+    python benchmarks/kernel_speed.py --int8-activations ...   # the 4-bit GEMVs on int8 activations
 
 Code formats (--formats, default grid, e8p and trellis): every format runs in the same
 interleaved rounds as the grid kernel at the same bits and fp32, so each e8p / trellis record
