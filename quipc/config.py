@@ -16,6 +16,12 @@ CLI_HEAD_BITS = 4
 # agreement 0.272 against the grid head's 60.92 / 0.330, and grid decodes fastest (README, 'Whole model').
 # The e8p head on one host: 63.57 against grid's 64.28 (dense 61.29), but 1.15x the TVM decode time.
 CLI_HEAD_FORMAT = "grid"
+# with --calib: auto (trellis where the head is whole 16x16 tiles, as SmolLM2's). On WikiText-calibrated
+# 2-bit blocks the trellis head cost +1.52 % against grid's +4.38 % (stop 41, head_embed_w2_trellis_rows.json),
+# and in full compiles (--calib --finetune none, one host) 62.29 against 63.44, in 0.1 MB less; its decode
+# GEMV runs on an 8-bit copy of the rows (kernels runtime and TVM): head alone 3.0 against 1.6 ms, decode
+# perplexity 105.01 against grid's 105.33 (the exact trellis GEMV: 104.73, 14 ms)
+CLI_HEAD_FORMAT_CALIB = "auto"
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
 # format). e8p, not trellis / auto, although trellis wins on perplexity (data-free w2 default

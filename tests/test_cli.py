@@ -172,6 +172,20 @@ def test_compile_defaults_per_target(argv, expect):
     assert _format_and_finetune(build_parser().parse_args(["compile", *argv])) == expect
 
 
+@pytest.mark.parametrize("argv,expect", [
+    (["m", "-o", "x"], "grid"),
+    (["m", "-o", "x", "--calib", "t.txt"], "auto"),      # trellis on whole 16x16 tiles, else e8p, grid
+    (["m", "-o", "x", "--calib", "t.txt", "--head-format", "grid"], "grid"),
+    (["m", "-o", "x", "--head-format", "trellis"], "trellis"),
+])
+def test_compile_head_format_default_per_calibration(argv, expect):
+    """The head's code format: grid data-free, the trellis head (auto) with --calib, where it
+    measured best (quipc.config); an explicit --head-format wins."""
+    from quipc.cli import _head_format, build_parser
+
+    assert _head_format(build_parser().parse_args(["compile", *argv])) == expect
+
+
 def test_unknown_format_is_refused_before_any_work(capsys, tmp_path):
     code, _, err = run(capsys, "compile", tmp_path / "nope", "-o", tmp_path / "out", "--target", "onnx",
                        "--format", "e9q")
