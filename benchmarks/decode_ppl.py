@@ -13,7 +13,7 @@ are short (256) and few: compare TARGETs on the same windows, not with PROTOCOL 
 
 A TARGET is a TVM build folder, or an artifact folder with a suffix naming its runtime:
 ART@kernels (fp32 activations), ART@kernels-int8 (int8 activations), ART@kernels-exact (fp32
-activations, the exact trellis GEMV instead of the default 8-bit copy of a trellis layer).
+activations, a trellis lm_head's exact GEMV instead of the default 8-bit copy of its rows).
 """
 from __future__ import annotations
 

@@ -87,7 +87,10 @@ def random_trellis_layer(n_in: int, n_out: int, bits: int, seed: int = 0) -> Qua
                            (rng.random(n_in) + 0.5).astype(np.float16), None, format="trellis")
 
 
-LAYER_MAKERS = {"grid": random_layer, "e8p": random_e8p_layer, "trellis": random_trellis_layer}
+# "trellis": the GEMV on the plan's 8-bit copy of the rows (trellis_as_int8, as a trellis lm_head
+# runs); "trellis-exact": the exact GEMV, one gathered code value per weight (the blocks' default)
+LAYER_MAKERS = {"grid": random_layer, "e8p": random_e8p_layer, "trellis": random_trellis_layer,
+                "trellis-exact": random_trellis_layer}
 
 
 def make_layer(fmt: str, n_in: int, n_out: int, bits: int) -> QuantizedLinear:
@@ -138,7 +141,8 @@ def cpu_bench(args) -> list[dict]:
         w = torch.randn(n_out, n_in)
         configs = [(f, b) for b in args.bits for f in formats]  # (format, bits)
         layers = {c: make_layer(c[0], n_in, n_out, c[1]) for c in configs}
-        plans = {c: K.prepare(layers[c], int8_activations=args.int8_activations) for c in configs}
+        plans = {c: K.prepare(layers[c], int8_activations=args.int8_activations,
+                              trellis_as_int8=c[0] != "trellis-exact") for c in configs}
         key = {c: f"q{c[1]}" if c[0] == "grid" else f"{c[0]}{c[1]}" for c in configs}
         for batch in args.batches:
             x = torch.randn(batch, n_in)

@@ -260,6 +260,26 @@ def test_head_formats_compute_the_stored_tensors(tiny_model, tied_w3, tmp_path, 
                                atol=2e-4, rtol=1e-4)
 
 
+@needs_kernels
+def test_trellis_head_decodes_on_its_rows_rounded_to_8_bits(tiny_model, tied_w3, tmp_path):
+    """The kernels runtime runs a trellis lm_head's GEMV on the 8-bit copy of its rows (not the
+    blocks'); trellis_as_int8=False keeps the exact one. A decode step's logits against the
+    torch path: within the rounding, and exact without it."""
+    from quipc_runtime.kernels import KernelQuipLinear
+
+    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, 4, "auto", "trellis")
+    fast, exact = quipc.load(artifact, backend="kernels"), quipc.load(artifact, backend="kernels",
+                                                                       trellis_as_int8=False)
+    assert fast.lm_head._plan.gemv_as_grid4 and not exact.lm_head._plan.gemv_as_grid4
+    assert not any(m._plan.gemv_as_grid4 for m in fast.model.modules() if isinstance(m, KernelQuipLinear))
+    ids = torch.randint(3, 17, (1, 1), generator=torch.Generator().manual_seed(0))
+    want = logits(quipc.load(artifact), ids)
+    torch.testing.assert_close(logits(exact, ids), want, atol=2e-4, rtol=1e-4)
+    got = logits(fast, ids)
+    assert not torch.allclose(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("head_bits,embed_bits,head_format", [
     (4, "auto", "grid"), (3, "auto", "grid"), (2, "4", "grid"), (32, "8", "grid"),
     (4, "auto", "e8p"), (4, "auto", "trellis"), (2, "auto", "trellis")])

@@ -292,10 +292,10 @@ def test_cpp_kernels_match_the_reference_decoder(bits, force_scalar):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_cpp_int8_gemv_is_each_row_rounded_to_8_bits(bits, int8_activations):
-    """trellis_as_int8 (the default): the GEMV multiplies by W' rounded per row to 127 steps of
-    its largest |W'| (int8_rows, from the reference decoder); batch > 4 (the GEMM) stays exact."""
+    """trellis_as_int8: the GEMV multiplies by W' rounded per row to 127 steps of its largest
+    |W'| (int8_rows, from the reference decoder); batch > 4 (the GEMM) stays exact."""
     layer = random_trellis_layer(48, 80, bits, seed=bits)
-    plan = kernels.prepare(layer, int8_activations=int8_activations)
+    plan = kernels.prepare(layer, int8_activations=int8_activations, trellis_as_int8=True)
     exact = kernels.prepare(layer, trellis_as_int8=False)
     assert plan.gemv_as_grid4 and plan.gemv_int8 == int8_activations and not exact.gemv_as_grid4
     from quipc_runtime.int8_rows import int8_planes, rows_as_int8
@@ -326,6 +326,9 @@ def test_kernel_backend_runs_the_model(trellis_artifact):
         want = quipc.load(trellis_artifact[1])(ids).logits
         got = quipc.load(trellis_artifact[1], backend="kernels")(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    kernel_layers = [m for m in quipc.load(trellis_artifact[1], backend="kernels").modules()
+                     if isinstance(m, kernels.KernelQuipLinear)]
+    assert kernel_layers and not any(m._plan.gemv_as_grid4 for m in kernel_layers)   # the blocks' GEMVs stay exact
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -186,7 +186,8 @@ std::unique_ptr<QuipLinearPlan> make_plan(const NodeSpec& spec, int m_expected, 
   d.out_scale = sign_vector(p.signs, m);
   d.bias = float_vector(p.bias, size_t(m), "bias");
   d.e8p_as_grid4 = true;   // 2-bit e8p nodes by the 4-bit grid kernels (LayerData)
-  d.trellis_as_int8 = true;  // trellis nodes' GEMV on an 8-bit copy of W', as quipc_runtime's default
+  // trellis nodes' GEMV on an 8-bit copy of W' (LayerData): not exact, so with int8 compute only
+  d.trellis_as_int8 = spec.accuracy_level >= 4;
   d.int8_activations = spec.accuracy_level >= 4;
   KronTransform t_in = make_transform(n, in_factors, false);
   KronTransform t_out = make_transform(m, p.out_factors, true);  // K_out^T: factors transposed

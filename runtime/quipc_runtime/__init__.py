@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 def load(folder, device: str = "cpu", backend: str = "reference", int8_activations: bool = False,
          trellis_as_int8: bool = True):
     """Load an artifact as a transformers causal LM (generate() works). Backend "kernels" on the
-    CPU: int8_activations, the 4-bit GEMVs take int8 activations; trellis_as_int8, the trellis
-    GEMVs run on an 8-bit copy of the weights (False: the exact ones; `kernels.prepare`)."""
+    CPU: int8_activations, the 4-bit GEMVs take int8 activations; trellis_as_int8, a trellis
+    lm_head's GEMV runs on an 8-bit copy of its rows (False: the exact one; `kernels.prepare`)."""
     from .loader import load_model
 
     return load_model(folder, device=device, backend=backend, int8_activations=int8_activations,

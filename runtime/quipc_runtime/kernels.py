@@ -114,7 +114,7 @@ CUDA_FORMATS = ("grid", "e8p", "trellis")
 
 
 def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations: bool = False,
-            trellis_as_int8: bool = True):
+            trellis_as_int8: bool = False):
     """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out.
     e8p_as_grid4: an e8p layer's GEMV (batch <= 4) runs by the 4-bit grid kernel, one pass per
     stage (the same weights, its codes also widened to nibbles in the plan: at 2 bits ~0.7x the
@@ -123,10 +123,12 @@ def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations:
     takes its activations quantized to int8 per block of 32, as llama.cpp's Q8_0 and
     onnxruntime's accuracy_level 4 (`plan.gemv_int8` says whether the layer has such a GEMV).
     trellis_as_int8: a trellis layer's GEMV runs on an 8-bit copy of W' that the plan builds
-    once (per row round(W' / step), |q| <= 127, as two 4-bit grid planes): a weight moves by at
-    most max_j |W'_ij| / 254, and the GEMV skips the code-table gather per weight (SmolLM2's
-    49152 x 576 4-bit head: ~6x faster); the plan then holds 1 byte a weight. False keeps
-    the exact trellis GEMV; the GEMM (batch > 4) is the exact one either way."""
+    once (int8_rows: per row round(W' / step), |q| <= 127, as two 4-bit grid planes): 4-5x
+    faster at SmolLM2's shapes, but a weight moves by up to max_j |W'_ij| / 254, an error the
+    rounding spreads evenly where LDLQ shaped the code's own by the Hessian (SmolLM2 w2, the
+    trellis head alone: decode perplexity +0.27 %); the plan then holds 1 byte a weight. The
+    loader takes it for a trellis lm_head, where the gather per weight was most of a token;
+    False (the default here) keeps the exact GEMV. The GEMM (batch > 4) is exact either way."""
     _require()
     if isinstance(layer, QuantizedLinear):
         require_format(layer, CPU_FORMATS, "the C++ kernel backend")
@@ -229,7 +231,7 @@ if torch is not None:
         a trellis layer's GEMV within max_j |W'_ij| / 254 per weight: see `prepare`)."""
 
         def __init__(self, layer: QuantizedLinear, device: str = "cpu", threads: int | None = None,
-                     int8_activations: bool = False, trellis_as_int8: bool = True):
+                     int8_activations: bool = False, trellis_as_int8: bool = False):
             super().__init__()
             _require()
             self.device = torch.device(device)

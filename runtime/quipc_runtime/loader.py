@@ -33,7 +33,7 @@ def _empty_model(manifest: dict):
 
 
 def _module_for(layer, backend: str, device: str, int8_activations: bool = False,
-                trellis_as_int8: bool = True):
+                trellis_as_int8: bool = False):
     if backend == "reference":
         from .modules import QuipLinearRef
 
@@ -48,8 +48,8 @@ def load_model(folder, device: str = "cpu", backend: str = "reference", allow_in
                int8_activations: bool = False, trellis_as_int8: bool = True):
     """allow_incomplete: load a compile whose layers are all written but which is not marked
     complete yet (the compiler's fine-tuning stage works on it). int8_activations: backend
-    "kernels" on the CPU, the 4-bit GEMVs on int8 activations; trellis_as_int8: its trellis
-    GEMVs on an 8-bit copy of the weights, False the exact ones (`kernels.prepare`)."""
+    "kernels" on the CPU, the 4-bit GEMVs on int8 activations; trellis_as_int8: a trellis
+    lm_head's GEMV on an 8-bit copy of its rows, False the exact one (`kernels.prepare`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     folder = Path(folder)
@@ -58,7 +58,7 @@ def load_model(folder, device: str = "cpu", backend: str = "reference", allow_in
     dense = art.load_dense(folder, manifest)
     model = _empty_model(manifest)
     for name, layer in layers.items():
-        model.set_submodule(name, _module_for(layer, backend, device, int8_activations, trellis_as_int8))
+        model.set_submodule(name, _module_for(layer, backend, device, int8_activations))
     _install_head_and_embedding(model, folder, manifest, backend, device, int8_activations, trellis_as_int8)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if unexpected:

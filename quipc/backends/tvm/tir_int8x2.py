@@ -13,6 +13,9 @@ import numpy as np
 from .tir_e8p4_grid import SHARED, param_names, param_shapes, placeholders, quip_linear_te  # noqa: F401
 from .tir_quip_linear import LinearSpec, repack_codes, transform_params
 
+# the lowering interface (lowering.py): the two-plane kernel's, with this format's parameters
+__all__ = ["SHARED", "param_names", "param_shapes", "placeholders", "quip_linear_te", "linear_params"]
+
 
 def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray]:
     spec = spec or LinearSpec.of(layer)
