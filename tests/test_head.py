@@ -280,6 +280,29 @@ def test_trellis_head_decodes_on_its_rows_rounded_to_8_bits(tiny_model, tied_w3,
     torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=0)
 
 
+def test_onnx_library_runs_a_trellis_head_on_its_rows_rounded_to_8_bits(tiny_model, tied_w3, tmp_path):
+    """The custom-op library takes the 8-bit copy for the lm_head node as quipc_runtime does:
+    one token's logits (the GEMV) within the rounding of the torch path's, the function bodies
+    (stock onnxruntime) exact."""
+    pytest.importorskip("onnxruntime")
+    from quipc.backends.lower import lower_artifact
+    from quipc_runtime import ort_custom_ops
+    from quipc_runtime.onnx_runtime import OnnxLM
+
+    if not ort_custom_ops.available():
+        pytest.skip("the custom-op library is not built")
+    artifact = _artifact_for(tiny_model, tied_w3, tmp_path, 4, "auto", "trellis")
+    out = lower_artifact(artifact, tmp_path / "onnx", target="onnx", progress=False, accuracy_level=0)
+    ids = torch.randint(3, 17, (1, 1), generator=torch.Generator().manual_seed(0))
+    want = logits(quipc.load(artifact), ids)[0].numpy()
+    lib, bodies = OnnxLM(out, threads=1), OnnxLM(out, threads=1, custom_ops=False)
+    assert lib.custom_ops and not bodies.custom_ops
+    np.testing.assert_allclose(np.asarray(bodies.logits(ids.numpy())).reshape(1, -1), want, atol=1e-4, rtol=1e-4)
+    got = np.asarray(lib.logits(ids.numpy())).reshape(1, -1)
+    assert not np.allclose(got, want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got, want, atol=3e-2 * np.abs(want).max(), rtol=0)
+
+
 @pytest.mark.parametrize("head_bits,embed_bits,head_format", [
     (4, "auto", "grid"), (3, "auto", "grid"), (2, "4", "grid"), (32, "8", "grid"),
     (4, "auto", "e8p"), (4, "auto", "trellis"), (2, "auto", "trellis")])
