@@ -182,7 +182,8 @@ def test_untranslatable_op_is_named(monkeypatch):
 
 def test_cli_compiles_a_model_to_onnx(tmp_path):
     """quipc compile MODEL --target onnx: the artifact in OUT/artifact, the traced graph (auto for
-    qwen2) beside it, equal to the artifact's torch path."""
+    qwen2) beside it, equal to the artifact's torch path (a grid head: --calib's default trellis
+    head decodes on its rows rounded to 8 bits, tests/test_head.py)."""
     from quipc.cli import main
 
     folder = family_artifact("qwen2").parent / "hf"
@@ -190,7 +191,7 @@ def test_cli_compiles_a_model_to_onnx(tmp_path):
     out = tmp_path / "out"
     assert main(["compile", str(folder), "--target", "onnx", "--bits", "2", "--format", "grid",
                  "--finetune", "none", "--calib", str(text), "--calib-windows", "8", "--calib-len", "32",
-                 "--onnx-accuracy-level", "0", "--no-progress", "-o", str(out)]) == 0
+                 "--head-format", "grid", "--onnx-accuracy-level", "0", "--no-progress", "-o", str(out)]) == 0
     meta = json.loads((out / "quipc_onnx.json").read_text())
     assert meta["graph"] == "traced" and meta["family"] == "qwen2"
     check_against_torch(out / "artifact", out / "model.onnx")
