@@ -227,8 +227,9 @@ except ImportError:  # numpy-only deployments
 
 if torch is not None:
     class KernelQuipLinear(nn.Module):
-        """QuipLinearRef's semantics on the fast kernels (CPU or CUDA), inference only (on the CPU
-        a trellis layer's GEMV within max_j |W'_ij| / 254 per weight: see `prepare`)."""
+        """QuipLinearRef's semantics on the fast kernels (CPU or CUDA), inference only (with
+        trellis_as_int8, on the CPU, a trellis layer's GEMV within max_j |W'_ij| / 254 a weight:
+        see `prepare`)."""
 
         def __init__(self, layer: QuantizedLinear, device: str = "cpu", threads: int | None = None,
                      int8_activations: bool = False, trellis_as_int8: bool = False):
