@@ -47,13 +47,18 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
         raise ValueError(f"layer {layer.name}: the grid4x2 lowering takes a 4-bit e8p layer "
                          "relabelled by e8p_as_grid.as_grid4x2")
     m, n = layer.out_features, layer.in_features
-    out = {}
-    for s, idx in enumerate(split_indices(layer.codes, 4)):
-        (out[f"plane{s}"],) = repack_codes(nibbles(idx, m, n).astype(np.uint32), 4)
     s = layer.scale.astype(np.float32)                       # (m, 2)
-    pad = spec.o_pad - m
-    out["scale"] = np.pad(s.T * np.float32(0.5), ((0, 0), (0, pad)))
-    out["zero"] = np.pad((s[:, 0] + s[:, 1]) * np.float32(-3.75), (0, pad))
+    return two_plane_params(layer, spec, [nibbles(idx, m, n) for idx in split_indices(layer.codes, 4)],
+                            s.T * np.float32(0.5), (s[:, 0] + s[:, 1]) * np.float32(-3.75))
+
+
+def two_plane_params(layer, spec: LinearSpec, planes, scale: np.ndarray, zero: np.ndarray) -> dict[str, np.ndarray]:
+    """The parameters of a two-plane layer: planes (two (m, n) nibble arrays), scale (2, m),
+    zero (m,), padded to the kernel's tiles, and the layer's transforms."""
+    out = {f"plane{s}": repack_codes(np.asarray(q, np.uint32), 4)[0] for s, q in enumerate(planes)}
+    pad = spec.o_pad - layer.out_features
+    out["scale"] = np.pad(np.asarray(scale, np.float32), ((0, 0), (0, pad)))
+    out["zero"] = np.pad(np.asarray(zero, np.float32), (0, pad))
     out.update(transform_params(layer, spec))
     return out
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tir_e8p4_grid import SHARED, param_names, param_shapes, placeholders, quip_linear_te  # noqa: F401
-from .tir_quip_linear import LinearSpec, repack_codes, transform_params
+from .tir_e8p4_grid import (SHARED, param_names, param_shapes, placeholders, quip_linear_te,  # noqa: F401
+                            two_plane_params)
+from .tir_quip_linear import LinearSpec
 
 # the lowering interface (lowering.py): the two-plane kernel's, with this format's parameters
 __all__ = ["SHARED", "param_names", "param_shapes", "placeholders", "quip_linear_te", "linear_params"]
@@ -22,11 +23,4 @@ def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray
     if spec.format != "int8x2":
         raise ValueError(f"layer {layer.name}: the int8x2 lowering takes a layer relabelled by "
                          "trellis_as_int8.as_int8x2")
-    out = {}
-    for s in range(2):
-        (out[f"plane{s}"],) = repack_codes(layer.codes[s].astype(np.uint32), 4)
-    pad = spec.o_pad - layer.out_features
-    out["scale"] = np.pad(layer.scale.T.astype(np.float32), ((0, 0), (0, pad)))
-    out["zero"] = np.pad(layer.zero.astype(np.float32), (0, pad))
-    out.update(transform_params(layer, spec))
-    return out
+    return two_plane_params(layer, spec, layer.codes, layer.scale.T, layer.zero)
