@@ -1,11 +1,9 @@
 #include "as_grid4.h"
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "e8p.h"
-#include "trellis.h"
 
 namespace quipc {
 namespace {
@@ -48,40 +46,6 @@ Grid4Plane e8p_stage_as_grid4(const LayerData& d, int stage) {
     p.zero[size_t(i)] = -0.5f * offset * s;
   }
   return p;
-}
-
-std::vector<Grid4Plane> trellis_as_int8_planes(const LayerData& d) {
-  const TrellisCodes c{d.codes, d.row_bytes, d.bits, d.m, d.n, d.scale.data()};
-  const float* code = trellis_code_table();
-  std::vector<Grid4Plane> planes{empty_plane(d), empty_plane(d)};
-  std::vector<float> row(size_t(d.n));
-  const size_t row_bytes = size_t(d.n / 2);
-  for (int i = 0; i < d.m; ++i) {
-    float peak = 0.f;  // W' / scale: the code values of the row
-    for (int C = 0; C < d.n / kTrellisTile; ++C) {
-      uint32_t states[kTrellisTile];
-      trellis_row_states(c, i, C, states);
-      for (int j = 0; j < kTrellisTile; ++j) {
-        const float v = code[states[j]];
-        row[size_t(C) * kTrellisTile + j] = v;
-        peak = std::max(peak, std::fabs(v));
-      }
-    }
-    const float inv = peak > 0.f ? 127.f / peak : 0.f;
-    uint8_t* hi = planes[0].codes.data() + size_t(i) * row_bytes;
-    uint8_t* lo = planes[1].codes.data() + size_t(i) * row_bytes;
-    for (int j = 0; j < d.n; j += 2) {
-      const int u0 = int(std::lround(row[size_t(j)] * inv)) + 128, u1 = int(std::lround(row[size_t(j) + 1] * inv)) + 128;
-      hi[j / 2] = uint8_t((u0 >> 4) | ((u1 >> 4) << 4));
-      lo[j / 2] = uint8_t((u0 & 15) | ((u1 & 15) << 4));
-    }
-    const float step = d.scale[size_t(i)] * peak / 127.f;
-    planes[0].scale[size_t(i)] = 16.f * step;
-    planes[0].zero[size_t(i)] = -128.f * step;
-    planes[1].scale[size_t(i)] = step;
-    planes[1].zero[size_t(i)] = 0.f;
-  }
-  return planes;
 }
 
 }  // namespace quipc

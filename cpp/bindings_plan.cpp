@@ -85,8 +85,10 @@ void register_plan(py::module_& mod) {
            py::arg("int8_activations") = false, py::arg("trellis_as_int8") = false)
       .def_property_readonly("m", [](const PyPlan& p) { return p.plan->m(); })
       .def_property_readonly("n", [](const PyPlan& p) { return p.plan->n(); })
-      .def_property_readonly("gemv_as_grid4",   // the GEMV on 4-bit grid planes (e8p_as_grid4, trellis_as_int8)
+      .def_property_readonly("gemv_as_grid4",   // the GEMV on 4-bit grid planes (e8p_as_grid4 taken)
                              [](const PyPlan& p) { return p.plan->gemv_as_grid4(); })
+      .def_property_readonly("gemv_on_int8_rows",   // the GEMV on an 8-bit copy of W' (trellis_as_int8 taken)
+                             [](const PyPlan& p) { return p.plan->gemv_on_int8_rows(); })
       .def_property_readonly("gemv_int8",   // the 4-bit GEMV on int8 activations (int8_activations taken)
                              [](const PyPlan& p) { return p.plan->gemv_int8(); })
       .def(

@@ -4,6 +4,7 @@
 
 #include "avx2.h"
 #include "e8p.h"
+#include "int8_rows.h"
 #include "kernels.h"
 #include "trellis.h"
 #include "ukernel_avx512.h"
@@ -37,7 +38,8 @@ const KernelTable& avx2_kernels() {
   static const KernelTable table{"avx2",         avx2::qgemv,    avx2::quantize_acts, avx2::qgemv4_i8, avx2::qgemm,
                                  avx2::fwht,     avx2::gemm_f32, e8p_avx2::gemv,
                                  e8p_avx2::gemm, trellis_avx2::gemv,
-                                 trellis_avx2::gemm};
+                                 trellis_avx2::gemm, int8_rows_avx2::gemv,
+                                 int8_rows_avx2::gemv_i8};
   return table;
 }
 #else

@@ -34,6 +34,18 @@ struct Int8Acts {
 };
 inline int act_blocks(int n) { return (n + kActBlock - 1) / kActBlock; }
 
+// A layer's W' as int8 rows (trellis_as_int8.h): W'[i, :] ~ step[i] * q[i, :], |q| <= 127, each
+// row act_blocks(n) * kActBlock bytes in Int8Acts' block order (a block's 16 even positions,
+// then its 16 odd ones; zero past n), so that a block of weights meets its int8 activations
+// without a shuffle; the fp32 GEMV reads z permuted to the same order (permute_acts).
+struct Int8Rows {
+  const int8_t* q;    // (m, blocks * kActBlock)
+  const float* step;  // (m)
+  int m, n, blocks;   // blocks = act_blocks(n)
+};
+// One row of z (n values) -> blocks * kActBlock floats in Int8Acts' block order, zero past n.
+void permute_acts(const float* z, int n, float* out);
+
 struct E8PCodes;      // e8p.h
 struct TrellisCodes;  // trellis.h
 
@@ -68,6 +80,11 @@ struct KernelTable {
                        int ldt);
   void (*trellis_gemm)(const TrellisCodes&, int i0, int i1, const float* z, int ldz, int nbatch,
                        float* t, int ldt, float* work);
+  // Int8 rows (Int8Rows): t[b*ldt + i] = step[i] * (q[i, :] . zp[b, :]) for i in [i0, i1), b < nb
+  // (nb <= 4), zp the rows of z in block order (permute_acts, ldz apart) ...
+  void (*gemv8)(const Int8Rows&, int i0, int i1, const float* zp, int ldz, int nb, float* t, int ldt);
+  // ... and on int8 activations: per block an exact integer dot product scaled by its step.
+  void (*gemv8_i8)(const Int8Rows&, int i0, int i1, const Int8Acts& a, int nb, float* t, int ldt);
 };
 
 constexpr int kGemmNR = 16;   // output features per micro-panel

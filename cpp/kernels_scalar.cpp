@@ -4,6 +4,7 @@
 
 #include "e8p.h"
 #include "gemm_driver.h"
+#include "int8_rows.h"
 #include "kernels.h"
 #include "ukernel_scalar.h"
 #include "unpack.h"
@@ -93,7 +94,8 @@ const KernelTable& scalar_kernels() {
   static const KernelTable table{"scalar",    qgemv_scalar,    quantize_acts_scalar, qgemv4_i8_scalar, qgemm_scalar,
                                  fwht_scalar, gemm_f32_scalar, e8p_scalar::gemv,
                                  e8p_scalar::gemm, trellis_scalar::gemv,
-                                 trellis_scalar::gemm};
+                                 trellis_scalar::gemm, int8_rows_scalar::gemv,
+                                 int8_rows_scalar::gemv_i8};
   return table;
 }
 

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "as_grid4.h"
+#include "trellis_as_int8.h"
 #include "e8p.h"
 #include "trellis.h"
 #include "thread_pool.h"
@@ -114,7 +115,7 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
   if (e8p && d_.e8p_as_grid4 && (d_.bits != 3 || d_.int8_activations)) {
     for (int st = 0; st < e8p_stages(d_.bits); ++st) grid4_.push_back(e8p_stage_as_grid4(d_, st));
   }
-  if (d_.format == CodeFormat::kTrellis && d_.trellis_as_int8) grid4_ = trellis_as_int8_planes(d_);
+  if (d_.format == CodeFormat::kTrellis && d_.trellis_as_int8) int8_rows_ = trellis_as_int8_rows(d_);
   if (t_in_.n() != d_.n && !t_in_.identity()) throw std::invalid_argument("input transform size");
   if (t_out_.n() != d_.m && !t_out_.identity()) throw std::invalid_argument("output transform size");
   npad_ = (d_.n + 7) / 8 * 8;
@@ -146,12 +147,14 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
 }
 
 bool QuipLinearPlan::gemv_int8() const {
-  return d_.int8_activations && (gemv_as_grid4() || (d_.format == CodeFormat::kGrid && d_.bits == 4));
+  return d_.int8_activations &&
+         (gemv_as_grid4() || gemv_on_int8_rows() || (d_.format == CodeFormat::kGrid && d_.bits == 4));
 }
 
 void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
                             float* t, int threads) const {
   const bool gemv = batch <= kGemvMaxBatch;
+  if (gemv && gemv_on_int8_rows()) return matmul_int8_rows(k, z, batch, t, threads);
   const bool grid4 = gemv && gemv_as_grid4();
   if (d_.format == CodeFormat::kE8P && !grid4) return matmul_e8p(k, z, batch, t, threads);
   if (d_.format == CodeFormat::kTrellis && !grid4) return matmul_trellis(k, z, batch, t, threads);
@@ -195,6 +198,23 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
       k.qgemv(codes_of(st), affine_of(st), i0, i1, z, npad_, zsum, batch, st ? extra : t, d_.m);
     add_extra(i0, i1);
   });
+}
+
+// The GEMV on the layer's int8 rows: z quantized to int8 blocks (int8_activations) or permuted
+// to their block order, once by the caller's thread (scratch slot 5), read by every pool thread.
+void QuipLinearPlan::matmul_int8_rows(const KernelTable& k, const float* z, int batch, float* t,
+                                      int threads) const {
+  const Int8Rows w = int8_rows_.view();
+  if (gemv_int8()) {
+    float* qsum = nullptr;  // unused: int8 rows have no zero point
+    const Int8Acts acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum);
+    over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { k.gemv8_i8(w, i0, i1, acts, batch, t, d_.m); });
+    return;
+  }
+  const int len = w.blocks * kActBlock;
+  float* zp = scratch(5, size_t(batch) * len);
+  for (int b = 0; b < batch; ++b) permute_acts(z + size_t(b) * npad_, d_.n, zp + size_t(b) * len);
+  over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { k.gemv8(w, i0, i1, zp, len, batch, t, d_.m); });
 }
 
 void QuipLinearPlan::matmul_e8p(const KernelTable& k, const float* z, int batch, float* t,

@@ -32,9 +32,8 @@ struct LayerData {
   // relative error of ~1e-3 on the layer's output (onnxruntime's accuracy_level 4).
   bool int8_activations = false;
   // A trellis layer's GEMV (batch <= kGemvMaxBatch) on an 8-bit copy of W' that the plan
-  // builds once (as_grid4.h: per row q = round(W' / step), |q| <= 127, as two 4-bit grid
-  // planes summed by the grid kernels), instead of a code-table gather per weight: 4-5x faster
-  // at SmolLM2's shapes. Not exact: a weight moves by up to step / 2 = max_j |W'_ij| / 254, an
+  // builds once (trellis_as_int8.h: per row q = round(W' / step), |q| <= 127, read in one pass
+  // by the int8-row kernels, int8_rows.h), instead of a code-table gather per weight. Not exact: a weight moves by up to step / 2 = max_j |W'_ij| / 254, an
   // even error where LDLQ shaped the code's own by the Hessian (SmolLM2 w2's trellis head:
   // decode perplexity +0.27 %); the plan holds 1 byte a weight more. The GEMM stays exact.
   bool trellis_as_int8 = false;
@@ -46,6 +45,14 @@ struct Grid4Plane {
   std::vector<float> scale, zero;  // (m) each
 };
 
+// The storage behind an Int8Rows view (kernels.h; built by trellis_as_int8.h).
+struct Int8RowsData {
+  std::vector<int8_t> q;   // (m, blocks * kActBlock)
+  std::vector<float> step;  // (m)
+  int m = 0, n = 0, blocks = 0;
+  Int8Rows view() const { return Int8Rows{q.data(), step.data(), m, n, blocks}; }
+};
+
 class QuipLinearPlan {
  public:
   // t_out must hold the TRANSPOSED output factors (K_out^T is applied on the output side).
@@ -53,9 +60,10 @@ class QuipLinearPlan {
 
   int m() const { return d_.m; }
   int n() const { return d_.n; }
-  bool gemv_as_grid4() const { return !grid4_.empty(); }  // e8p_as_grid4 or trellis_as_int8 taken
+  bool gemv_as_grid4() const { return !grid4_.empty(); }  // e8p_as_grid4 taken
+  bool gemv_on_int8_rows() const { return !int8_rows_.q.empty(); }  // trellis_as_int8 taken
   int padded_n() const { return npad_; }
-  // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit)
+  // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit, or int8 rows)
   bool gemv_int8() const;
 
   // The fused layer: x (B x n) -> y (B x m), row-major.
@@ -73,11 +81,13 @@ class QuipLinearPlan {
  private:
   void matmul_e8p(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
   void matmul_trellis(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
+  void matmul_int8_rows(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
 
   LayerData d_;
-  // LayerData::e8p_as_grid4 (one plane per e8p stage) or trellis_as_int8 (two planes): the
-  // GEMV's 4-bit grid planes (as_grid4.h); empty: the layer's own format's kernels
+  // LayerData::e8p_as_grid4: the GEMV's 4-bit grid planes, one per e8p stage (as_grid4.h);
+  // LayerData::trellis_as_int8: its int8 rows (trellis_as_int8.h); empty: the format's kernels
   std::vector<Grid4Plane> grid4_;
+  Int8RowsData int8_rows_;
   KronTransform t_in_, t_out_;
   int npad_;
   std::vector<float> in_vec_, out_vec_;  // in_scale / out_scale with the FWHT gains folded in

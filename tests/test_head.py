@@ -270,8 +270,8 @@ def test_trellis_head_decodes_on_its_rows_rounded_to_8_bits(tiny_model, tied_w3,
     artifact = _artifact_for(tiny_model, tied_w3, tmp_path, 4, "auto", "trellis")
     fast, exact = quipc.load(artifact, backend="kernels"), quipc.load(artifact, backend="kernels",
                                                                        trellis_as_int8=False)
-    assert fast.lm_head._plan.gemv_as_grid4 and not exact.lm_head._plan.gemv_as_grid4
-    assert not any(m._plan.gemv_as_grid4 for m in fast.model.modules() if isinstance(m, KernelQuipLinear))
+    assert fast.lm_head._plan.gemv_on_int8_rows and not exact.lm_head._plan.gemv_on_int8_rows
+    assert not any(m._plan.gemv_on_int8_rows for m in fast.model.modules() if isinstance(m, KernelQuipLinear))
     ids = torch.randint(3, 17, (1, 1), generator=torch.Generator().manual_seed(0))
     want = logits(quipc.load(artifact), ids)
     torch.testing.assert_close(logits(exact, ids), want, atol=2e-4, rtol=1e-4)

@@ -291,32 +291,47 @@ def test_cpp_kernels_match_the_reference_decoder(bits, force_scalar):
 @pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("int8_activations", [False, True])
-def test_cpp_int8_gemv_is_each_row_rounded_to_8_bits(bits, int8_activations):
-    """trellis_as_int8: the GEMV multiplies by W' rounded per row to 127 steps of its largest
-    |W'| (int8_rows, from the reference decoder); batch > 4 (the GEMM) stays exact."""
+@pytest.mark.parametrize("force_scalar", [False, True])
+def test_cpp_int8_gemv_is_each_row_rounded_to_8_bits(bits, int8_activations, force_scalar):
+    """trellis_as_int8: the GEMV (batch 1-4, AVX2 and scalar) multiplies by W' rounded per row to
+    127 steps of its largest |W'| (int8_rows, from the reference decoder); n = 80 ends in a half
+    block of the kernels' 32; batch > 4 (the GEMM) stays exact."""
     layer = random_trellis_layer(48, 80, bits, seed=bits)
     plan = kernels.prepare(layer, int8_activations=int8_activations, trellis_as_int8=True)
     exact = kernels.prepare(layer, trellis_as_int8=False)
-    assert plan.gemv_as_grid4 and plan.gemv_int8 == int8_activations and not exact.gemv_as_grid4
+    assert plan.gemv_on_int8_rows and plan.gemv_int8 == int8_activations and not exact.gemv_on_int8_rows
     from quipc_runtime.int8_rows import int8_planes, rows_as_int8
 
     w = layer.rotated_weight()
     q, step = rows_as_int8(w)
     assert np.abs(q).max() == 127 and np.all(np.abs(q * step[:, None] - w) <= 0.5 * step[:, None] * (1 + 1e-5))
-    hi, lo, scale, zero = int8_planes(w)
+    hi, lo, scale, zero = int8_planes(w)                 # TVM's two-plane form of the same rows
     assert hi.max() <= 15 and lo.max() <= 15
     np.testing.assert_allclose(scale[:, :1] * hi + scale[:, 1:] * lo + zero[:, None], q * step[:, None],
                                rtol=1e-6, atol=1e-6 * np.abs(w).max())
     w8 = q.astype(np.float64) * step[:, None]
-    z = np.random.default_rng(1).standard_normal((3, 80)).astype(np.float32)
-    t = plan.matmul(z, z.sum(axis=1), threads=2)
-    want = z.astype(np.float64) @ w8.T
-    tol = 2e-2 if int8_activations else 1e-5        # int8 activations: ~1e-3 of the output (test_kernels_int8)
-    assert np.abs(t - want).max() <= tol * np.abs(want).max()
-    off = np.abs(z.astype(np.float64) @ w.T.astype(np.float64) - want).max()   # the 8-bit copy does move the output
-    assert off > 1e-5 * np.abs(want).max()
+    for batch in (1, 2, 3, 4):
+        z = np.random.default_rng(batch).standard_normal((batch, 80)).astype(np.float32)
+        t = plan.matmul(z, z.sum(axis=1), threads=2, force_scalar=force_scalar)
+        want = z.astype(np.float64) @ w8.T
+        tol = 2e-2 if int8_activations else 1e-5    # int8 activations: ~1e-3 of the output (test_kernels_int8)
+        assert np.abs(t - want).max() <= tol * np.abs(want).max()
+        off = np.abs(z.astype(np.float64) @ w.T.astype(np.float64) - want).max()   # the copy moves the output
+        assert off > 1e-5 * np.abs(want).max()
     x = np.random.default_rng(2).standard_normal((9, 80)).astype(np.float32)
     np.testing.assert_array_equal(kernels.quip_linear(plan, x), kernels.quip_linear(exact, x))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
+def test_cpp_int8_gemv_on_int8_activations_is_exact_in_integers():
+    """On int8 activations the scalar and AVX2 kernels compute the same integer block sums
+    (vpsignb + vpmaddubsw never saturate at |q| <= 127): their outputs agree to float rounding."""
+    layer = random_trellis_layer(64, 96, 2, seed=5)
+    plan = kernels.prepare(layer, int8_activations=True, trellis_as_int8=True)
+    z = (np.random.default_rng(0).standard_normal((4, 96)) * 50).astype(np.float32)
+    a = plan.matmul(z, z.sum(axis=1), threads=1, force_scalar=False)
+    b = plan.matmul(z, z.sum(axis=1), threads=1, force_scalar=True)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
 @pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
@@ -328,7 +343,7 @@ def test_kernel_backend_runs_the_model(trellis_artifact):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     kernel_layers = [m for m in quipc.load(trellis_artifact[1], backend="kernels").modules()
                      if isinstance(m, kernels.KernelQuipLinear)]
-    assert kernel_layers and not any(m._plan.gemv_as_grid4 for m in kernel_layers)   # the blocks' GEMVs stay exact
+    assert kernel_layers and not any(m._plan.gemv_on_int8_rows for m in kernel_layers)   # the blocks' GEMVs stay exact
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

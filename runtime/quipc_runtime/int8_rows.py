@@ -1,11 +1,12 @@
 """W' rounded per row to 8 bits: the copy of a trellis layer that decode GEMVs multiply by.
 
 A trellis weight decodes through a 2^12-entry code table, one gather per weight; the kernels
-instead round each row once, at load (C++: cpp/as_grid4.cpp) or build time (TVM:
-backends/tvm/trellis_as_int8.py), to q = round(W'[i] / step[i]) with step[i] = max_j |W'[i, j]| / 127,
-|q| <= 127, and split q + 128 = 16 hi + lo into two 4-bit grid planes that the grid GEMV
-kernels sum. A weight moves by at most step / 2 (~1 % of the 4-bit trellis code's own error
-power on Gaussian rows). This module is the numpy definition both are tested against.
+instead round each row once, at load (C++: cpp/trellis_as_int8.cpp, read in one pass by
+cpp/int8_rows_*.cpp) or build time (TVM: backends/tvm/trellis_as_int8.py, as two 4-bit grid
+planes, int8_planes, that its grid GEMV kernels sum), to q = round(W'[i] / step[i]) with
+step[i] = max_j |W'[i, j]| / 127, |q| <= 127. A weight moves by at most step / 2 (~1 % of the
+4-bit trellis code's own error power on Gaussian rows). This module is the numpy definition both
+are tested against.
 """
 from __future__ import annotations
 

@@ -1,0 +1,105 @@
+// Int8 rows, AVX2 (compiled with -mavx2 -mfma). fp32 activations: per 8 weights of a row one
+// sign-extending load, one conversion and one FMA against z in block order. Int8 activations
+// (llama.cpp's Q8_0 x Q8_0 dot): vpmaddubsw takes unsigned x signed bytes, so a block's |q| meets
+// its activations with q's signs moved onto them (vpsignb); products are <= 127 * 127 and pairs
+// <= 32258, no saturation; vpmaddwd sums to 8 int32 lanes, one FMA scales them by the block's step.
+#include <immintrin.h>
+
+#include "avx2_util.h"
+#include "int8_rows.h"
+
+namespace quipc {
+namespace int8_rows_avx2 {
+namespace {
+
+template <int R, int NB>
+void rows_f32(const Int8Rows& w, int i, const float* zp, int ldz, float* t, int ldt) {
+  const size_t len = size_t(w.blocks) * kActBlock;
+  __m256 acc[2][R][NB];  // two banks (even / odd 8-weight steps): 2 R NB FMA chains in flight
+  for (int k = 0; k < 2; ++k)
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) acc[k][r][b] = _mm256_setzero_ps();
+  for (size_t j = 0; j < len; j += 16) {
+    for (int k = 0; k < 2; ++k) {
+      __m256 z[NB];
+      for (int b = 0; b < NB; ++b) z[b] = _mm256_loadu_ps(zp + size_t(b) * ldz + j + 8 * k);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* q = w.q + size_t(i + r) * len + j + 8 * k;
+        const __m256 v = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+        for (int b = 0; b < NB; ++b) acc[k][r][b] = _mm256_fmadd_ps(v, z[b], acc[k][r][b]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b)
+      t[size_t(b) * ldt + i + r] = w.step[i + r] * hsum(_mm256_add_ps(acc[0][r][b], acc[1][r][b]));
+}
+
+template <int R, int NB>
+void rows_i8(const Int8Rows& w, int i, const Int8Acts& a, float* t, int ldt) {
+  const size_t len = size_t(w.blocks) * kActBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+  for (int blk = 0; blk < w.blocks; ++blk) {
+    __m256i q[R], mag[R];
+    for (int r = 0; r < R; ++r) {
+      q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + size_t(i + r) * len + size_t(blk) * kActBlock));
+      mag[r] = _mm256_abs_epi8(q[r]);
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m256i x = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(a.q + size_t(b) * len + size_t(blk) * kActBlock));
+      const __m256 d = _mm256_set1_ps(a.d[size_t(b) * a.blocks + blk]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i pairs = _mm256_maddubs_epi16(mag[r], _mm256_sign_epi8(x, q[r]));
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        acc[r][b] = _mm256_fmadd_ps(sums, d, acc[r][b]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) t[size_t(b) * ldt + i + r] = w.step[i + r] * hsum(acc[r][b]);
+}
+
+// R * NB accumulators per bank: enough FMAs in flight, few enough registers
+template <int NB>
+void by_rows_f32(const Int8Rows& w, int i0, int i1, const float* zp, int ldz, float* t, int ldt) {
+  constexpr int R = NB == 1 ? 4 : NB == 2 ? 2 : 1;
+  int i = i0;
+  for (; i + R <= i1; i += R) rows_f32<R, NB>(w, i, zp, ldz, t, ldt);
+  for (; i < i1; ++i) rows_f32<1, NB>(w, i, zp, ldz, t, ldt);
+}
+
+template <int NB>
+void by_rows_i8(const Int8Rows& w, int i0, int i1, const Int8Acts& a, float* t, int ldt) {
+  constexpr int R = NB == 1 ? 4 : NB == 2 ? 2 : 1;
+  int i = i0;
+  for (; i + R <= i1; i += R) rows_i8<R, NB>(w, i, a, t, ldt);
+  for (; i < i1; ++i) rows_i8<1, NB>(w, i, a, t, ldt);
+}
+
+}  // namespace
+
+void gemv(const Int8Rows& w, int i0, int i1, const float* zp, int ldz, int nb, float* t, int ldt) {
+  switch (nb) {
+    case 1: by_rows_f32<1>(w, i0, i1, zp, ldz, t, ldt); break;
+    case 2: by_rows_f32<2>(w, i0, i1, zp, ldz, t, ldt); break;
+    case 3: by_rows_f32<3>(w, i0, i1, zp, ldz, t, ldt); break;
+    default: by_rows_f32<4>(w, i0, i1, zp, ldz, t, ldt); break;
+  }
+}
+
+void gemv_i8(const Int8Rows& w, int i0, int i1, const Int8Acts& a, int nb, float* t, int ldt) {
+  switch (nb) {
+    case 1: by_rows_i8<1>(w, i0, i1, a, t, ldt); break;
+    case 2: by_rows_i8<2>(w, i0, i1, a, t, ldt); break;
+    case 3: by_rows_i8<3>(w, i0, i1, a, t, ldt); break;
+    default: by_rows_i8<4>(w, i0, i1, a, t, ldt); break;
+  }
+}
+
+}  // namespace int8_rows_avx2
+}  // namespace quipc

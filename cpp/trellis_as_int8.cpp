@@ -1,0 +1,42 @@
+#include "trellis_as_int8.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "trellis.h"
+
+namespace quipc {
+
+Int8RowsData trellis_as_int8_rows(const LayerData& d) {
+  const TrellisCodes c{d.codes, d.row_bytes, d.bits, d.m, d.n, d.scale.data()};
+  const float* code = trellis_code_table();
+  Int8RowsData out;
+  out.m = d.m;
+  out.n = d.n;
+  out.blocks = act_blocks(d.n);
+  const size_t len = size_t(out.blocks) * kActBlock;
+  out.q.assign(size_t(d.m) * len, 0);
+  out.step.resize(size_t(d.m));
+  std::vector<float> row(size_t(d.n));
+  for (int i = 0; i < d.m; ++i) {
+    float peak = 0.f;  // W' / scale: the code values of the row
+    for (int C = 0; C < d.n / kTrellisTile; ++C) {
+      uint32_t states[kTrellisTile];
+      trellis_row_states(c, i, C, states);
+      for (int j = 0; j < kTrellisTile; ++j) {
+        const float v = code[states[j]];
+        row[size_t(C) * kTrellisTile + j] = v;
+        peak = std::max(peak, std::fabs(v));
+      }
+    }
+    const float inv = peak > 0.f ? 127.f / peak : 0.f;
+    int8_t* q = out.q.data() + size_t(i) * len;
+    for (int j = 0; j < d.n; ++j)   // position j of its block to Int8Acts' slot (evens, then odds)
+      q[j / kActBlock * kActBlock + (j & 1) * (kActBlock / 2) + j % kActBlock / 2] =
+          int8_t(std::lround(row[size_t(j)] * inv));
+    out.step[size_t(i)] = d.scale[size_t(i)] * peak / 127.f;
+  }
+  return out;
+}
+
+}  // namespace quipc

@@ -1,0 +1,13 @@
+// A trellis layer's W' rounded to 8 bits per row (LayerData::trellis_as_int8), built once at
+// plan creation: q = round(W' / s) in [-127, 127] with s = max_j |W'_ij| / 127 (rounding half
+// away from zero, as quipc_runtime/int8_rows.py defines it), stored as Int8Rows (kernels.h) with
+// step = s; the decode GEMV then reads one byte a weight in one pass (int8_rows.h) instead of
+// gathering each weight's code value from the 16 KiB table.
+#pragma once
+#include "quip_linear.h"
+
+namespace quipc {
+
+Int8RowsData trellis_as_int8_rows(const LayerData& d);
+
+}  // namespace quipc
