@@ -13,7 +13,8 @@ are short (256) and few: compare TARGETs on the same windows, not with PROTOCOL 
 
 A TARGET is a TVM build folder, or an artifact folder with a suffix naming its runtime:
 ART@kernels (fp32 activations), ART@kernels-int8 (int8 activations), ART@kernels-exact (fp32
-activations, a trellis lm_head's exact GEMV instead of the default 8-bit copy of its rows).
+activations, a trellis lm_head's exact GEMV instead of the default 8-bit copy of its rows),
+ART@kernels-8bit-all (every trellis layer's GEMV on the 8-bit copy of its rows, blocks too).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / 
 class _TorchDecoder:
     """An artifact through quipc_runtime (the kernels runtime): decode() with its own cache."""
 
-    def __init__(self, folder: str, int8: bool, trellis_as_int8: bool = True):
+    def __init__(self, folder: str, int8: bool, trellis_as_int8: bool | str = True):
         import quipc_runtime
 
         self.model = quipc_runtime.load(folder, backend="kernels", int8_activations=int8,
@@ -67,9 +68,10 @@ class _TvmDecoder:
 def decoder(target: str, threads: int):
     if "@" in target:
         folder, runtime = target.rsplit("@", 1)
-        if runtime not in ("kernels", "kernels-int8", "kernels-exact"):
-            raise SystemExit(f"{target}: the runtime suffix is @kernels, @kernels-int8 or @kernels-exact")
-        return _TorchDecoder(folder, runtime == "kernels-int8", trellis_as_int8=runtime != "kernels-exact")
+        copies = {"kernels": "head", "kernels-int8": "head", "kernels-exact": "none", "kernels-8bit-all": "all"}
+        if runtime not in copies:
+            raise SystemExit(f"{target}: the runtime suffix is one of " + ", ".join("@" + r for r in copies))
+        return _TorchDecoder(folder, runtime == "kernels-int8", trellis_as_int8=copies[runtime])
     return _TvmDecoder(target, threads)
 
 

@@ -9,7 +9,8 @@ quipc's custom-op library where it is built; `EXPORT#bodies` runs the same file 
 function bodies (stock onnxruntime), so `EXPORT#bodies EXPORT` is issue 13's comparison. A
 quipc artifact folder (manifest.json) runs through the C++ kernels runtime
 (`quipc_runtime.load(ART, backend="kernels")`, transformers' model with the fused kernels;
-`ART#int8` with int8 activations), e.g. issue 16's dense-head and quantized-head artifacts.
+`ART#int8` with int8 activations, `ART#8bit-all` with every trellis layer's GEMV on an 8-bit
+copy of its rows, not only the lm_head's), e.g. issue 16's dense-head and quantized-head artifacts.
 
 For comparing two builds of the same artifact (before and after a change to the TVM backend):
 each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
@@ -61,14 +62,15 @@ class OnnxBuild:
 class KernelsBuild:
     """A quipc artifact through the C++ kernels runtime, with transformers' KV cache."""
 
-    def __init__(self, path, threads: int, int8: bool = False):
+    def __init__(self, path, threads: int, int8: bool = False, trellis_as_int8: str = "head"):
         import torch
 
         import quipc_runtime
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = quipc_runtime.load(path, backend="kernels", int8_activations=int8).eval()
+        self.model = quipc_runtime.load(path, backend="kernels", int8_activations=int8,
+                                        trellis_as_int8=trellis_as_int8).eval()
         self.vocab = int(self.model.config.vocab_size)
 
     def new_cache(self, capacity: int) -> dict:
@@ -93,8 +95,11 @@ def load(build: str, threads: int):
     from quipc_runtime.tvm_runtime import TvmLM
 
     bodies = build.endswith("#bodies")
-    if (Path(build.removesuffix("#int8")) / "manifest.json").is_file():
-        return KernelsBuild(build.removesuffix("#int8"), threads, int8=build.endswith("#int8"))
+    art, _, option = build.partition("#")
+    if (Path(art) / "manifest.json").is_file():
+        if option not in ("", "int8", "8bit-all"):
+            raise ValueError(f"{build}: an artifact takes #int8 or #8bit-all")
+        return KernelsBuild(art, threads, int8=option == "int8", trellis_as_int8="all" if option == "8bit-all" else "head")
     path = Path(build.removesuffix("#bodies"))
     if path.suffix == ".onnx" or (path / "model.onnx").is_file():
         return OnnxBuild(path, threads, custom_ops=False if bodies else None)

@@ -346,6 +346,27 @@ def test_kernel_backend_runs_the_model(trellis_artifact):
     assert kernel_layers and not any(m._plan.gemv_on_int8_rows for m in kernel_layers)   # the blocks' GEMVs stay exact
 
 
+@pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")
+def test_kernel_backend_can_run_every_trellis_gemv_on_8_bit_rows(trellis_artifact):
+    """trellis_as_int8="all": the blocks' decode GEMVs on their 8-bit copies too; a decode
+    step's logits within the rounding of the torch path's, and no longer exact; the prefill
+    (the GEMM) exact. An unknown scope is refused."""
+    ids = torch.randint(3, 17, (1, 1), generator=torch.Generator().manual_seed(0))
+    model = quipc.load(trellis_artifact[1], backend="kernels", trellis_as_int8="all")
+    kernel_layers = [m for m in model.modules() if isinstance(m, kernels.KernelQuipLinear)]
+    assert kernel_layers and all(m._plan.gemv_on_int8_rows for m in kernel_layers)
+    with torch.no_grad():
+        want = quipc.load(trellis_artifact[1])(ids).logits
+        got = model(ids).logits
+        prefill = torch.randint(3, 17, (1, 9), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(model(prefill).logits, quipc.load(trellis_artifact[1])(prefill).logits,
+                                   atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=0)
+    with pytest.raises(ValueError, match="trellis_as_int8"):
+        quipc.load(trellis_artifact[1], backend="kernels", trellis_as_int8="blocks")
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_tvm_kernels_match_the_reference_decoder(bits):
     pytest.importorskip("tvm")

@@ -44,22 +44,38 @@ def _module_for(layer, backend: str, device: str, int8_activations: bool = False
                             trellis_as_int8=trellis_as_int8)
 
 
+# Which trellis layers' decode GEMVs the kernels runtime runs on an 8-bit copy of their rows
+# (`kernels.prepare(trellis_as_int8=True)`): none, the lm_head only (the default), or all.
+TRELLIS_AS_INT8 = ("none", "head", "all")
+
+
+def trellis_copy_scope(value) -> str:
+    """load()'s trellis_as_int8: True (= "head"), False (= "none") or one of TRELLIS_AS_INT8."""
+    if value is True or value is False:
+        return "head" if value else "none"
+    if value not in TRELLIS_AS_INT8:
+        raise ValueError(f"trellis_as_int8 must be True, False or one of {TRELLIS_AS_INT8}, not {value!r}")
+    return value
+
+
 def load_model(folder, device: str = "cpu", backend: str = "reference", allow_incomplete: bool = False,
-               int8_activations: bool = False, trellis_as_int8: bool = True):
+               int8_activations: bool = False, trellis_as_int8: bool | str = True):
     """allow_incomplete: load a compile whose layers are all written but which is not marked
     complete yet (the compiler's fine-tuning stage works on it). int8_activations: backend
-    "kernels" on the CPU, the 4-bit GEMVs on int8 activations; trellis_as_int8: a trellis
-    lm_head's GEMV on an 8-bit copy of its rows, False the exact one (`kernels.prepare`)."""
+    "kernels" on the CPU, the 4-bit GEMVs on int8 activations; trellis_as_int8: the trellis
+    layers whose GEMV runs on an 8-bit copy of their rows (trellis_copy_scope; default the
+    lm_head only), the others' exact (`kernels.prepare`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    scope = trellis_copy_scope(trellis_as_int8)
     folder = Path(folder)
     manifest = art.read_manifest(folder, allow_incomplete=allow_incomplete)
     layers = art.load_layers(folder, manifest)
     dense = art.load_dense(folder, manifest)
     model = _empty_model(manifest)
     for name, layer in layers.items():
-        model.set_submodule(name, _module_for(layer, backend, device, int8_activations))
-    _install_head_and_embedding(model, folder, manifest, backend, device, int8_activations, trellis_as_int8)
+        model.set_submodule(name, _module_for(layer, backend, device, int8_activations, scope == "all"))
+    _install_head_and_embedding(model, folder, manifest, backend, device, int8_activations, scope != "none")
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if unexpected:
         raise art.ArtifactError(f"artifact holds tensors the model does not have: {unexpected[:5]}")
