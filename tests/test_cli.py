@@ -109,7 +109,7 @@ def test_compile_inspect_eval(capsys, tiny_model, tmp_path):
     assert_clean_error(code, err, "already exists")
 
 
-def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path):
+def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path, monkeypatch):
     """`quipc chat` answers with the same tokens as generate() on the loaded artifact."""
     import quipc
     from quipc.compile import CalibConfig, compile_model
@@ -135,6 +135,18 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path):
     assert_clean_error(code, err, "the prompt is empty")
     code, _, err = run(capsys, "eval", out, "--text", tmp_path / "nope.txt")
     assert_clean_error(code, err, "text file")
+    seen = []                                   # --trellis-as-int8 reaches the loader (default: the head)
+    real_load = quipc.load
+
+    def spy(*a, **kw):
+        seen.append(kw.get("trellis_as_int8"))
+        return real_load(*a, **kw)
+
+    import quipc_runtime
+    monkeypatch.setattr(quipc_runtime, "load", spy)
+    assert run(capsys, "chat", out, "the", "--max-new-tokens", 1)[0] == 0
+    assert run(capsys, "chat", out, "the", "--max-new-tokens", 1, "--trellis-as-int8", "all")[0] == 0
+    assert seen == ["head", "all"]
 
 
 def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
