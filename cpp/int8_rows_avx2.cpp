@@ -64,41 +64,42 @@ void rows_i8(const Int8Rows& w, int i, const Int8Acts& a, float* t, int ldt) {
     for (int b = 0; b < NB; ++b) t[size_t(b) * ldt + i + r] = w.step[i + r] * hsum(acc[r][b]);
 }
 
-// R * NB accumulators per bank: enough FMAs in flight, few enough registers
-template <int NB>
-void by_rows_f32(const Int8Rows& w, int i0, int i1, const float* zp, int ldz, float* t, int ldt) {
-  constexpr int R = NB == 1 ? 4 : NB == 2 ? 2 : 1;
-  int i = i0;
-  for (; i + R <= i1; i += R) rows_f32<R, NB>(w, i, zp, ldz, t, ldt);
-  for (; i < i1; ++i) rows_f32<1, NB>(w, i, zp, ldz, t, ldt);
-}
+// rows(R, NB, i) for R rows from i at a time over [i0, i1), then single rows, at NB = nb (<= 4):
+// R * NB accumulators per bank, enough FMAs in flight and few enough registers.
+// (An own constant type, not std::integral_constant: this unit instantiates no std template.)
+template <int V>
+struct Const {
+  static constexpr int value = V;
+};
 
-template <int NB>
-void by_rows_i8(const Int8Rows& w, int i0, int i1, const Int8Acts& a, float* t, int ldt) {
-  constexpr int R = NB == 1 ? 4 : NB == 2 ? 2 : 1;
-  int i = i0;
-  for (; i + R <= i1; i += R) rows_i8<R, NB>(w, i, a, t, ldt);
-  for (; i < i1; ++i) rows_i8<1, NB>(w, i, a, t, ldt);
+template <class Rows>
+void over_rows(int i0, int i1, int nb, Rows&& rows) {
+  auto run = [&](auto NB) {
+    constexpr int R = decltype(NB)::value == 1 ? 4 : decltype(NB)::value == 2 ? 2 : 1;
+    int i = i0;
+    for (; i + R <= i1; i += R) rows(Const<R>{}, NB, i);
+    for (; i < i1; ++i) rows(Const<1>{}, NB, i);
+  };
+  switch (nb) {
+    case 1: run(Const<1>{}); break;
+    case 2: run(Const<2>{}); break;
+    case 3: run(Const<3>{}); break;
+    default: run(Const<4>{}); break;
+  }
 }
 
 }  // namespace
 
 void gemv(const Int8Rows& w, int i0, int i1, const float* zp, int ldz, int nb, float* t, int ldt) {
-  switch (nb) {
-    case 1: by_rows_f32<1>(w, i0, i1, zp, ldz, t, ldt); break;
-    case 2: by_rows_f32<2>(w, i0, i1, zp, ldz, t, ldt); break;
-    case 3: by_rows_f32<3>(w, i0, i1, zp, ldz, t, ldt); break;
-    default: by_rows_f32<4>(w, i0, i1, zp, ldz, t, ldt); break;
-  }
+  over_rows(i0, i1, nb, [&](auto R, auto NB, int i) {
+    rows_f32<decltype(R)::value, decltype(NB)::value>(w, i, zp, ldz, t, ldt);
+  });
 }
 
 void gemv_i8(const Int8Rows& w, int i0, int i1, const Int8Acts& a, int nb, float* t, int ldt) {
-  switch (nb) {
-    case 1: by_rows_i8<1>(w, i0, i1, a, t, ldt); break;
-    case 2: by_rows_i8<2>(w, i0, i1, a, t, ldt); break;
-    case 3: by_rows_i8<3>(w, i0, i1, a, t, ldt); break;
-    default: by_rows_i8<4>(w, i0, i1, a, t, ldt); break;
-  }
+  over_rows(i0, i1, nb, [&](auto R, auto NB, int i) {
+    rows_i8<decltype(R)::value, decltype(NB)::value>(w, i, a, t, ldt);
+  });
 }
 
 }  // namespace int8_rows_avx2

@@ -9,9 +9,9 @@
 #include <utility>
 
 #include "as_grid4.h"
-#include "trellis_as_int8.h"
 #include "e8p.h"
 #include "trellis.h"
+#include "trellis_as_int8.h"
 #include "thread_pool.h"
 
 namespace quipc {
