@@ -69,8 +69,8 @@ void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
 }
 
 // The batch's rows of z (ldz apart, n values each) as int8 blocks in scratch slot 5, and in
-// *qsum the row sums of the quantized activations. The zero-point term takes those, not the
-// sums of z: the codes' mean (7.5) times the rounding errors' sum then cancels as it does in
+// *qsum (unless qsum is null) the row sums of the quantized activations. The zero-point term
+// takes those, not the sums of z: the codes' mean (7.5) times the rounding errors' sum then cancels as it does in
 // exact arithmetic, and only the centred codes meet the rounding error (with the sums of z,
 // SmolLM2 w2's decode perplexity rose 3 %).
 Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int batch, float** qsum) {
@@ -82,6 +82,7 @@ Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int
     int8_t* qb = q + size_t(b) * blocks * kActBlock;
     float* db = steps + size_t(b) * blocks;
     k.quantize_acts(z + size_t(b) * ldz, n, qb, db);
+    if (qsum == nullptr) continue;  // int8 rows: no zero point, no sums
     double s = 0.0;
     for (int blk = 0; blk < blocks; ++blk) {
       int32_t part = 0;
@@ -90,7 +91,7 @@ Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int
     }
     sums[b] = float(s);
   }
-  *qsum = sums;
+  if (qsum != nullptr) *qsum = sums;
   return Int8Acts{q, steps, blocks};
 }
 
@@ -206,8 +207,7 @@ void QuipLinearPlan::matmul_int8_rows(const KernelTable& k, const float* z, int 
                                       int threads) const {
   const Int8Rows w = int8_rows_.view();
   if (gemv_int8()) {
-    float* qsum = nullptr;  // unused: int8 rows have no zero point
-    const Int8Acts acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum);
+    const Int8Acts acts = quantize_rows(k, z, npad_, d_.n, batch, nullptr);
     over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { k.gemv8_i8(w, i0, i1, acts, batch, t, d_.m); });
     return;
   }

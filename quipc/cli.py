@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from quipc_runtime.int8_rows import TRELLIS_AS_INT8
+
 EXIT_USAGE, EXIT_FAIL = 2, 1
 
 
@@ -145,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--backend", default="auto",
                     help="artifact backend: auto (the C++ kernels where they are built, else reference; "
                          "default) | reference | kernels")
-    ch.add_argument("--trellis-as-int8", choices=("none", "head", "all"), default="head",
+    ch.add_argument("--trellis-as-int8", choices=TRELLIS_AS_INT8, default="head",
                     help="kernels backend: the trellis layers whose decode GEMVs run on an 8-bit copy of "
                          "their rows, made at load: head (default; the lm_head), all (blocks too: ~1.7x "
                          "faster decode of a --format trellis model, a byte a weight of memory, decode "

@@ -12,6 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 
+# Which trellis layers' decode GEMVs the kernels runtime runs on this copy (quipc_runtime.load's
+# trellis_as_int8, `quipc chat --trellis-as-int8`): none, the lm_head only (the default), or all.
+TRELLIS_AS_INT8 = ("none", "head", "all")
+
+
+def trellis_copy_scope(value) -> str:
+    """load()'s trellis_as_int8: True (= "head"), False (= "none") or one of TRELLIS_AS_INT8."""
+    if value is True or value is False:
+        return "head" if value else "none"
+    if value not in TRELLIS_AS_INT8:
+        raise ValueError(f"trellis_as_int8 must be True, False or one of {TRELLIS_AS_INT8}, not {value!r}")
+    return value
+
 
 def rows_as_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(m, n) W' -> (q (m, n) int16 in [-127, 127], step (m,) float32): W' ~ step[:, None] * q.

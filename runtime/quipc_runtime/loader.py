@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from . import artifact as art
+from .int8_rows import trellis_copy_scope
 
 BACKENDS = ("reference", "kernels")
 
@@ -44,26 +45,12 @@ def _module_for(layer, backend: str, device: str, int8_activations: bool = False
                             trellis_as_int8=trellis_as_int8)
 
 
-# Which trellis layers' decode GEMVs the kernels runtime runs on an 8-bit copy of their rows
-# (`kernels.prepare(trellis_as_int8=True)`): none, the lm_head only (the default), or all.
-TRELLIS_AS_INT8 = ("none", "head", "all")
-
-
-def trellis_copy_scope(value) -> str:
-    """load()'s trellis_as_int8: True (= "head"), False (= "none") or one of TRELLIS_AS_INT8."""
-    if value is True or value is False:
-        return "head" if value else "none"
-    if value not in TRELLIS_AS_INT8:
-        raise ValueError(f"trellis_as_int8 must be True, False or one of {TRELLIS_AS_INT8}, not {value!r}")
-    return value
-
-
 def load_model(folder, device: str = "cpu", backend: str = "reference", allow_incomplete: bool = False,
                int8_activations: bool = False, trellis_as_int8: bool | str = True):
     """allow_incomplete: load a compile whose layers are all written but which is not marked
     complete yet (the compiler's fine-tuning stage works on it). int8_activations: backend
     "kernels" on the CPU, the 4-bit GEMVs on int8 activations; trellis_as_int8: the trellis
-    layers whose GEMV runs on an 8-bit copy of their rows (trellis_copy_scope; default the
+    layers whose GEMV runs on an 8-bit copy of their rows (int8_rows.trellis_copy_scope; default the
     lm_head only), the others' exact (`kernels.prepare`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
