@@ -77,9 +77,10 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--calib-batch", type=int, default=8)
-    p.add_argument("--calib-chat", type=float, default=0.0,
+    p.add_argument("--calib-chat", type=float, default=None,
                    help="with --calib and a chat model: this share of the windows are conversations the model "
-                        "writes through its chat template, so that it keeps answering in turn (default 0)")
+                        "writes through its chat template, so that it keeps answering in turn (default 0.5; "
+                        "0: the file only; a model without a chat template gets none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +199,21 @@ def _head_format(args) -> str:
     return args.head_format or (CLI_HEAD_FORMAT_CALIB if getattr(args, "calib", None) else CLI_HEAD_FORMAT)
 
 
+def _calib_chat(args) -> float:
+    """--calib-chat, or the default share of conversations with --calib (see quipc.config); an
+    .onnx input has no generation to write them, and data-free calibration has its own."""
+    from .config import CLI_CALIB_CHAT
+
+    if args.model.endswith(".onnx"):
+        if args.calib_chat:
+            raise ValueError("--calib-chat needs a Hugging Face / GGUF model to write the conversations; "
+                             "an .onnx input is calibrated on the file's text only")
+        return 0.0
+    if args.calib_chat is None:
+        return CLI_CALIB_CHAT if getattr(args, "calib", None) else 0.0
+    return args.calib_chat
+
+
 def cmd_compile(args) -> int:
     from .compile import CalibConfig, compile_model
     from .config import QuantConfig
@@ -213,7 +229,7 @@ def cmd_compile(args) -> int:
                       head_format=args.head_format, head_int8_rows=args.head_int8_rows,
                       embed_bits=args.embed_bits).validate()
     calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,
-                        batch=args.calib_batch, chat=args.calib_chat)
+                        batch=args.calib_batch, chat=_calib_chat(args))
     progress = not args.no_progress
     out = Path(args.out)
     if args.model.endswith(".onnx"):

@@ -198,6 +198,29 @@ def test_compile_head_format_default_per_calibration(argv, expect):
     assert _head_format(build_parser().parse_args(["compile", *argv])) == expect
 
 
+@pytest.mark.parametrize("argv,expect", [
+    (["m", "-o", "x"], 0.0),                                         # data-free: its own conversations
+    (["m", "-o", "x", "--calib", "t.txt"], 0.5),
+    (["m", "-o", "x", "--calib", "t.txt", "--calib-chat", "0"], 0.0),
+    (["m", "-o", "x", "--calib", "t.txt", "--calib-chat", "0.25"], 0.25),
+    (["m.onnx", "-o", "x", "--calib", "t.txt"], 0.0),               # no generation on an .onnx input
+])
+def test_compile_chat_share_default(argv, expect):
+    """With --calib a chat model's calibration is half conversations unless told otherwise
+    (quipc.config.CLI_CALIB_CHAT); an .onnx input has none."""
+    from quipc.cli import _calib_chat, build_parser
+
+    assert _calib_chat(build_parser().parse_args(["compile", *argv])) == expect
+
+
+def test_compile_refuses_a_chat_share_for_an_onnx_input():
+    from quipc.cli import _calib_chat, build_parser
+
+    args = build_parser().parse_args(["compile", "m.onnx", "-o", "x", "--calib", "t.txt", "--calib-chat", "0.5"])
+    with pytest.raises(ValueError, match="--calib-chat needs a Hugging Face"):
+        _calib_chat(args)
+
+
 def test_unknown_format_is_refused_before_any_work(capsys, tmp_path):
     code, _, err = run(capsys, "compile", tmp_path / "nope", "-o", tmp_path / "out", "--target", "onnx",
                        "--format", "e9q")
