@@ -162,3 +162,30 @@ def test_shared_hessians_match_each_linears_own_input(tiny_model):
         x = torch.cat(seen[n])
         torch.testing.assert_close(got[n], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)
     assert got["self_attn.q_proj"] is got["self_attn.k_proj"] and got["mlp.gate_proj"] is got["mlp.up_proj"]
+
+
+def test_a_rounds_calibration_stops_after_its_linears(tiny_model):
+    """Calibrating the first linears of a block (a round of block fine-tuning) runs the first
+    batch whole, then stops each batch once they have been called as often: the same Hessians,
+    without the rest of the block."""
+    from quipc.frontend.calibration import text_windows
+    from quipc.frontend.hf import load_model
+    from quipc.frontend.models import resolve
+    from quipc.passes.sequential import calibrate_block, capture_first_block_inputs
+
+    model, tok = load_model(resolve(str(tiny_model[0])))
+    block = model.model.layers[0]
+    inputs = capture_first_block_inputs(model, model.model.layers, text_windows(tok, tiny_model[1], 6, 32), 2, "cpu")
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    xs, later = [], []
+    hooks = [block.get_submodule("self_attn.q_proj").register_forward_pre_hook(
+                 lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).double())),
+             block.get_submodule("mlp.down_proj").register_forward_pre_hook(lambda m, a: later.append(1))]
+    try:
+        got = calibrate_block(block, inputs, names)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    assert len(xs) == 3 and len(later) == 1     # three batches, the rest of the block run once
+    x = torch.cat(xs)
+    torch.testing.assert_close(got["self_attn.v_proj"], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)

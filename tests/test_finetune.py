@@ -114,3 +114,41 @@ def test_tied_head_is_finetuned_and_the_embedding_follows_it(tiny_model, tmp_pat
     np.testing.assert_allclose(got, head_rows(stored, ids.numpy()), rtol=2e-3, atol=2e-3 * np.abs(got).max())
     np.testing.assert_allclose(y_train, y_stored, rtol=2e-3, atol=2e-3 * np.abs(y_train).max())
     quipc.load(folders["e2e"])
+
+
+@pytest.mark.parametrize("patch", [False, True])
+def test_tunable_linear_dense_path_is_the_activation_path(patch):
+    """Batches of many rows go through one dense weight (QuipLinearRef.dense_weight_with) instead
+    of the factors over the activations: the same outputs and the same gradients for in_scale
+    and the row gains, patched rows included."""
+    import dataclasses
+
+    from quipc.passes.finetune import TunableQuipLinear
+    from quipc_runtime.modules import QuipLinearRef
+    from test_kernels import make_layer
+
+    m, n = 48, 24
+    layer = make_layer(m, n, 2, seed=5, bias=not patch)
+    if patch:
+        rng = np.random.default_rng(1)
+        layer = dataclasses.replace(layer, row_ids=np.array([3, 17, 40], np.int32),
+                                    row_values=rng.integers(-127, 128, (3, n)).astype(np.int8),
+                                    row_scale=np.full(3, 0.01, np.float16))
+        layer.validate()
+    tunable = TunableQuipLinear(QuipLinearRef(layer))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        tunable.row_gain.mul_(1 + 0.1 * torch.randn(m, generator=gen))
+    x = torch.randn(2, 40, n, generator=gen)    # 80 rows >= max(m, n): the dense path
+    weights = torch.linspace(-1, 1, m)
+    grads = []
+    for y in (lambda: tunable(x), lambda: tunable.ref.apply_with(x, tunable.in_scale, tunable.row_gain)):
+        tunable.zero_grad()
+        out = y()
+        (out * weights).sum().backward()
+        grads.append((out.detach(), tunable.in_scale.grad.clone(), tunable.row_gain.grad.clone()))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    with torch.no_grad():   # a few rows take the activation path: the same layer
+        np.testing.assert_allclose(tunable(x[0, :2]).numpy(), grads[1][0][0, :2].numpy(),
+                                   rtol=1e-4, atol=1e-5 * float(grads[1][0].abs().max()))

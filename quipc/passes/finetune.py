@@ -80,7 +80,13 @@ class TunableQuipLinear(nn.Module):
         self.row_gain = nn.Parameter(torch.ones(ref.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ref.apply_with(x, self.in_scale, self.row_gain)
+        ref = self.ref
+        if x.numel() // x.shape[-1] < max(ref.in_features, ref.out_features):
+            return ref.apply_with(x, self.in_scale, self.row_gain)
+        # many rows (a block-stage batch): the factors once over W' instead of twice over x
+        # (SmolLM2's 1536x576 at 4096 rows: 0.15 s for forward and backward instead of 0.73)
+        w = ref.dense_weight_with(self.in_scale, self.row_gain)
+        return F.linear(x.to(w.dtype), w, ref.bias).to(x.dtype)
 
     def apply_to(self, layer: QuantizedLinear) -> QuantizedLinear:
         """The layer with the trained values folded into its stored fp16 tensors."""

@@ -84,9 +84,14 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 class HessianHooks:
     """Per calibration batch, x^T x for each distinct input of the named linears; linears fed
     the very same tensor (q/k/v, gate/up) share one accumulator, so x^T x is computed once
-    per distinct input. Accumulators are numbered in the order their inputs are first seen."""
+    per distinct input. Accumulators are numbered in the order their inputs are first seen.
+    A batch's forward stops once each named linear has been called as often as in the first,
+    complete batch: the layers after the last of them (a round of block fine-tuning measures
+    q/k/v, then o, ...) add nothing to these Hessians."""
 
     def __init__(self, block: nn.Module, names: list[str]):
+        self.calls = dict.fromkeys(names, 0)     # this batch's calls of each named linear
+        self.expected: dict[str, int] | None = None   # the first complete batch's
         self.group_of: dict[str, int] = {}
         self.dims: list[int] = []
         self.batch: dict[int, list] = {}    # accumulator -> [x^T x, rows] of the current batch
@@ -96,31 +101,42 @@ class HessianHooks:
 
     def _hook(self, name):
         def fn(_mod, inp):
-            x = inp[0]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            if key in self._seen:
-                self.group_of.setdefault(name, self._seen[key][0])
-                return
-            g = self.group_of.get(name)
-            if g is None:
-                g = self.group_of[name] = len(self.dims)
-                self.dims.append(x.shape[-1])
-            total, rows = batch_partial(x)
-            if g in self.batch:
-                self.batch[g][0] += total
-                self.batch[g][1] += rows
-            else:
-                self.batch[g] = [total, rows]
-            # holding x keeps its memory from being reused by a later input in this batch,
-            # which would make a different tensor look like the same one
-            self._seen[key] = (g, x)
+            self._accumulate(name, inp[0])
+            self.calls[name] += 1
+            if self.expected is not None and all(self.calls[n] >= c for n, c in self.expected.items()):
+                raise _StopForward
         return fn
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        if key in self._seen:
+            self.group_of.setdefault(name, self._seen[key][0])
+            return
+        g = self.group_of.get(name)
+        if g is None:
+            g = self.group_of[name] = len(self.dims)
+            self.dims.append(x.shape[-1])
+        total, rows = batch_partial(x)
+        if g in self.batch:
+            self.batch[g][0] += total
+            self.batch[g][1] += rows
+        else:
+            self.batch[g] = [total, rows]
+        # holding x keeps its memory from being reused by a later input in this batch,
+        # which would make a different tensor look like the same one
+        self._seen[key] = (g, x)
 
     def run_batch(self, block: nn.Module, h, a, kw) -> dict[int, list]:
         self._seen.clear()
         self.batch = {}
-        with torch.no_grad():
-            block(h, *a, **kw)
+        self.calls = dict.fromkeys(self.calls, 0)
+        try:
+            with torch.no_grad():
+                block(h, *a, **kw)
+            if self.expected is None:
+                self.expected = dict(self.calls)
+        except _StopForward:
+            pass
         self._seen.clear()
         return self.batch
 

@@ -70,5 +70,19 @@ class QuipLinearRef(nn.Module):
             y = y + self.bias
         return y.to(dtype)
 
+    def dense_weight_with(self, in_scale: torch.Tensor, row_gain: torch.Tensor | None = None) -> torch.Tensor:
+        """The (out, in) float32 matrix apply_with multiplies by, bias aside:
+        diag(out_signs) K_out^T diag(row_gain) W' K_in diag(in_scale), the patched rows exact.
+        Differentiable in in_scale and row_gain; costs one pass of the factors over W' instead
+        of two over the activations, so it is the cheaper way for many rows of x at once."""
+        f_in, f_out = self._factors()
+        w = kron_apply(self.weight_rot, f_in, transpose=True)
+        if row_gain is not None:
+            w = w * row_gain.unsqueeze(-1)
+        w = kron_apply(w.t(), f_out, transpose=True).t() * self.out_signs.unsqueeze(-1) * in_scale
+        if self.row_ids is not None:
+            w = w.index_copy(0, self.row_ids, self.row_weight)
+        return w
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
