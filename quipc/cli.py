@@ -9,6 +9,8 @@ from pathlib import Path
 
 from quipc_runtime.int8_rows import TRELLIS_AS_INT8
 
+from .compile_command import cmd_compile
+
 EXIT_USAGE, EXIT_FAIL = 2, 1
 
 
@@ -169,140 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_artifact(path: str) -> bool:
     return Path(path, "manifest.json").is_file()
-
-
-def _format_and_finetune(args) -> tuple[str, str, int]:
-    """--format / --finetune / --finetune-step-windows, or the defaults for this target (see
-    quipc.config)."""
-    from .config import (CLI_FINETUNE, CLI_FINETUNE_CALIB, CLI_FINETUNE_RANKS, CLI_FINETUNE_STEP_WINDOWS,
-                         CLI_FINETUNE_STEP_WINDOWS_RANKS, CLI_FORMAT)
-    from .distributed import launched_by_torchrun
-
-    onnx_input = args.model.endswith(".onnx")
-    fmt = args.format or CLI_FORMAT   # every backend lowers every format (quipc_runtime.formats)
-    several_ranks = getattr(args, "workers", 1) > 1 or launched_by_torchrun()
-    default = (CLI_FINETUNE_RANKS if several_ranks   # block fine-tuning runs in one process
-               else CLI_FINETUNE_CALIB if getattr(args, "calib", None) else CLI_FINETUNE)
-    finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else default)
-    if onnx_input and finetune != "none":
-        raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")
-    step = args.finetune_step_windows   # an explicit 0 or less is refused by QuantConfig.validate
-    if step is None:
-        step = CLI_FINETUNE_STEP_WINDOWS_RANKS if several_ranks else CLI_FINETUNE_STEP_WINDOWS
-    return fmt, finetune, step
-
-
-def _head_format(args) -> str:
-    """--head-format, or the default for this calibration (see quipc.config)."""
-    from .config import CLI_HEAD_FORMAT, CLI_HEAD_FORMAT_CALIB
-
-    return args.head_format or (CLI_HEAD_FORMAT_CALIB if getattr(args, "calib", None) else CLI_HEAD_FORMAT)
-
-
-def _calib_chat(args) -> float:
-    """--calib-chat, or the default share of conversations with --calib (see quipc.config); an
-    .onnx input has no generation to write them, and data-free calibration has its own."""
-    from .config import CLI_CALIB_CHAT
-
-    if args.model.endswith(".onnx"):
-        if args.calib_chat:
-            raise ValueError("--calib-chat needs a Hugging Face / GGUF model to write the conversations; "
-                             "an .onnx input is calibrated on the file's text only")
-        return 0.0
-    if args.calib_chat is None:
-        return CLI_CALIB_CHAT if getattr(args, "calib", None) else 0.0
-    return args.calib_chat
-
-
-def cmd_compile(args) -> int:
-    from .compile import CalibConfig, compile_model
-    from .config import QuantConfig
-
-    args.format, args.finetune, args.finetune_step_windows = _format_and_finetune(args)
-    args.head_format = _head_format(args)
-    cfg = QuantConfig(method=args.method, bits=args.bits, incoherence=args.incoherence, seed=args.seed,
-                      damp=args.damp, greedy_passes=args.greedy_passes, rescale=args.rescale,
-                      grid=args.grid, format=args.format, finetune=args.finetune,
-                      finetune_epochs=args.finetune_epochs,
-                      finetune_step_windows=args.finetune_step_windows,
-                      head_bits=args.head_bits,
-                      head_format=args.head_format, head_int8_rows=args.head_int8_rows,
-                      embed_bits=args.embed_bits).validate()
-    calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,
-                        batch=args.calib_batch, chat=_calib_chat(args))
-    progress = not args.no_progress
-    out = Path(args.out)
-    if args.model.endswith(".onnx"):
-        import dataclasses
-
-        from .frontend.onnx_model import compile_onnx
-
-        # the ONNX frontend keeps lm_head and the embedding as they are (QuantConfig.quantize_lm_head)
-        cfg = dataclasses.replace(cfg, head_bits=32, head_int8_rows=0, embed_bits="auto")
-        summary = compile_onnx(Path(args.model), out, cfg, calib, tokenizer=args.tokenizer,
-                               ops=args.onnx_ops, progress=progress, accuracy_level=args.onnx_accuracy_level,
-                               threads=_threads(), calibration=args.onnx_calibration)
-        print(json.dumps(summary, indent=1, default=str))
-        return 0
-    if args.workers > 1:
-        return _run_workers(args)
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if args.target == "torch":
-        manifest = _compile_on_ranks(args.model, out, cfg, calib, device=args.device, resume=args.resume,
-                                     progress=progress)
-        if manifest is None:
-            return 0   # a rank other than 0 of a distributed compile: rank 0 reports
-        s = manifest["summary"]
-        print(f"wrote {out}: {s['quantized_layers']} layers at {s['bpw']:.3f} bpw; whole model "
-              f"{s['total_bytes'] / 1e6:.2f} MB without tokenizer, {s['bits_per_param']:.3f} bits/param; "
-              f"in {manifest['compile_seconds']:.0f} s")
-        return 0
-    artifact = Path(args.model) if _is_artifact(args.model) else out / "artifact"
-    if not _is_artifact(args.model):
-        compile_model(args.model, artifact, cfg, calib, device=args.device, resume=args.resume,
-                      progress=progress)
-    from .backends.lower import lower_artifact
-
-    path = lower_artifact(artifact, out, target=args.target, graph=args.graph, onnx_ops=args.onnx_ops,
-                          accuracy_level=args.onnx_accuracy_level, tvm_target=args.tvm_target,
-                          progress=progress, tvm_e8p=args.tvm_e8p, tvm_activations=args.tvm_activations)
-    print(f"wrote {path}")
-    return 0
-
-
-def _compile_on_ranks(*args, **kwargs):
-    """compile_model, leaving torchrun's process group (if any) when done."""
-    from .compile import compile_model
-    from .distributed import leave
-
-    try:
-        return compile_model(*args, **kwargs)
-    finally:
-        leave()
-
-
-def _run_workers(args) -> int:
-    """`--workers N`: the same command under torchrun on this machine (N ranks)."""
-    import subprocess
-
-    from .distributed import launched_by_torchrun
-
-    if launched_by_torchrun():
-        raise ValueError("--workers is for a plain `quipc compile`; under torchrun use --nproc-per-node")
-    if args.target != "torch" or args.model.endswith(".onnx"):
-        raise ValueError("--workers compiles Hugging Face / GGUF models to a quipc artifact (--target torch)")
-    argv, skip = [], False
-    for a in args.argv:
-        if skip:
-            skip = False
-        elif a == "--workers":
-            skip = True
-        elif not a.startswith("--workers="):
-            argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
-           "-m", "quipc", *argv]
-    return subprocess.call(cmd)
 
 
 def cmd_eval(args) -> int:

@@ -179,9 +179,10 @@ def test_compile_defaults_per_target(argv, expect):
     or with --calib (an .onnx input is not fine-tuned: its frontend has no teacher to match;
     several ranks skip the block stage, which runs in one process, and share each e2e step's
     two windows)."""
-    from quipc.cli import _format_and_finetune, build_parser
+    from quipc.cli import build_parser
+    from quipc.compile_command import format_and_finetune
 
-    assert _format_and_finetune(build_parser().parse_args(["compile", *argv])) == expect
+    assert format_and_finetune(build_parser().parse_args(["compile", *argv])) == expect
 
 
 @pytest.mark.parametrize("argv,expect", [
@@ -193,9 +194,10 @@ def test_compile_defaults_per_target(argv, expect):
 def test_compile_head_format_default_per_calibration(argv, expect):
     """The head's code format: grid data-free, the trellis head (auto) with --calib, where it
     measured best (quipc.config); an explicit --head-format wins."""
-    from quipc.cli import _head_format, build_parser
+    from quipc.cli import build_parser
+    from quipc.compile_command import head_format
 
-    assert _head_format(build_parser().parse_args(["compile", *argv])) == expect
+    assert head_format(build_parser().parse_args(["compile", *argv])) == expect
 
 
 @pytest.mark.parametrize("argv,expect", [
@@ -208,17 +210,19 @@ def test_compile_head_format_default_per_calibration(argv, expect):
 def test_compile_chat_share_default(argv, expect):
     """With --calib a chat model's calibration is half conversations unless told otherwise
     (quipc.config.CLI_CALIB_CHAT); an .onnx input has none."""
-    from quipc.cli import _calib_chat, build_parser
+    from quipc.cli import build_parser
+    from quipc.compile_command import calib_chat
 
-    assert _calib_chat(build_parser().parse_args(["compile", *argv])) == expect
+    assert calib_chat(build_parser().parse_args(["compile", *argv])) == expect
 
 
 def test_compile_refuses_a_chat_share_for_an_onnx_input():
-    from quipc.cli import _calib_chat, build_parser
+    from quipc.cli import build_parser
+    from quipc.compile_command import calib_chat
 
     args = build_parser().parse_args(["compile", "m.onnx", "-o", "x", "--calib", "t.txt", "--calib-chat", "0.5"])
     with pytest.raises(ValueError, match="--calib-chat needs a Hugging Face"):
-        _calib_chat(args)
+        calib_chat(args)
 
 
 def test_unknown_format_is_refused_before_any_work(capsys, tmp_path):

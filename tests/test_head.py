@@ -367,11 +367,12 @@ def test_interrupted_head_resumes_to_the_same_bytes(tiny_model, tied_w3, tmp_pat
 
 
 def test_cli_flags():
-    from quipc.cli import _head_format, build_parser
+    from quipc.cli import build_parser
+    from quipc.compile_command import head_format
     from quipc.config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, CLI_HEAD_INT8_ROWS
 
     args = build_parser().parse_args(["compile", "m", "-o", "x"])
-    assert (args.head_bits, args.embed_bits, _head_format(args), args.head_int8_rows) == \
+    assert (args.head_bits, args.embed_bits, head_format(args), args.head_int8_rows) == \
         (CLI_HEAD_BITS, CLI_EMBED_BITS, CLI_HEAD_FORMAT, CLI_HEAD_INT8_ROWS)
     args = build_parser().parse_args(["compile", "m", "-o", "x", "--head-int8-rows", "4096"])
     assert QuantConfig(head_bits=4, head_int8_rows=args.head_int8_rows).validate().head_int8_rows == 4096
