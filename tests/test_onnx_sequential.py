@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quipc.compile import CalibConfig
 from quipc.config import QuantConfig
-from quipc.frontend.onnx_model import collect_hessians, compile_onnx, find_targets, load_checked
+from quipc.frontend.onnx_model import collect_hessians, compile_onnx
+from quipc.frontend.onnx_targets import find_targets, load_checked
 from quipc.frontend.onnx_sequential import Segmenter, effective_initializer, lm_feeds, plan_stages, run_sequential
 from quipc.passes.methods import LayerInput, quantize_linear
 from quipc_runtime.onnx_runtime import OnnxLM

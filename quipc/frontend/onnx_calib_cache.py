@@ -11,7 +11,8 @@ import onnx
 import torch
 
 _CACHE_FORMAT = 2
-_CODE = ("quipc/passes", "quipc/frontend/onnx_model.py", "quipc/frontend/onnx_calibration.py",
+_CODE = ("quipc/passes", "quipc/frontend/onnx_model.py", "quipc/frontend/onnx_targets.py",
+         "quipc/frontend/onnx_rewrite.py", "quipc/frontend/onnx_calibration.py",
          "quipc/frontend/onnx_sequential.py",
          "quipc/frontend/calibration.py", "runtime/quipc_runtime/layer.py", "runtime/quipc_runtime/packing.py",
          "runtime/quipc_runtime/transforms.py", "runtime/quipc_runtime/hadamard.py",

@@ -40,148 +40,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from quipc_runtime.layer import QuantizedLinear
 
-from ..backends.onnx.builder import Builder
-from ..backends.onnx.export import IR_VERSION, META_FILE, save_model
-from ..backends.onnx.emitter import QuipLinearEmitter
+from ..backends.onnx.export import META_FILE, save_model
 from ..config import QuantConfig
 from ..passes.methods import LayerInput, quantize_linear
 from .onnx_calib_cache import calib_key, read_cache, write_cache
-from .onnx_calibration import calibration_windows, embedding_tables, load_tokenizer, text_tokenizer
-
-MIN_OPSET = 13
-_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
-
-
-# --- reading and checking the input -----------------------------------------------------
-def load_checked(path: Path) -> onnx.ModelProto:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} not found")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise ValueError(f"{path} is not a readable ONNX model (not ONNX, or truncated): {e}") from None
-    if not model.graph.node:
-        raise ValueError(f"{path} is not an ONNX model with a graph (no nodes): not ONNX, or truncated")
-    opset = {o.domain: o.version for o in model.opset_import}.get("", opset_default(model))
-    if opset < MIN_OPSET:
-        raise ValueError(f"{path} uses opset {opset}; quipc needs opset >= {MIN_OPSET} "
-                         "(convert it with onnx.version_converter or re-export it)")
-    for init in model.graph.initializer:
-        if init.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in init.external_data}
-            data = path.parent / info.get("location", "")
-            if not data.is_file():
-                raise FileNotFoundError(f"{path}: external data file {data} (tensor {init.name}) is missing")
-            need = int(info.get("offset", 0)) + int(info.get("length", 0))
-            if data.stat().st_size < need:
-                raise ValueError(f"{path}: external data file {data} is truncated "
-                                 f"(tensor {init.name} needs {need} bytes, file has {data.stat().st_size})")
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
-        onnx.checker.check_model(model if model.ByteSize() < 2 ** 31 - 1 else str(path))
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as e:
-        raise ValueError(f"{path} fails onnx.checker: {e}") from None
-    return model
-
-
-def opset_default(model) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-class Target:
-    """One MatMul/Gemm with a constant weight: y = x W^T (+ bias)."""
-
-    def __init__(self, node, index, weight, bias, weight_names, name):
-        self.node, self.index, self.weight, self.bias = node, index, weight, bias
-        self.weight_names, self.name = weight_names, name
-
-    @property
-    def x(self) -> str:
-        return self.node.input[0]
-
-
-def find_targets(model: onnx.ModelProto, quantize_lm_head: bool = False) -> tuple[list[Target], list[str]]:
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    gathered = set(embedding_tables(model))
-    vocab = {int(inits[e].dims[0]) for e in gathered if len(inits[e].dims) == 2}
-    const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-
-    def const_weight(name: str):
-        """(array, names it depends on, transposed?) for an initializer, maybe behind a Transpose."""
-        if name in inits:
-            return numpy_helper.to_array(inits[name]), [name], False
-        if name in const_nodes:
-            attr = {a.name: a for a in const_nodes[name].attribute}
-            if "value" in attr:
-                return numpy_helper.to_array(attr["value"].t), [], False
-        prod = producers.get(name)
-        if prod is not None and prod.op_type == "Transpose" and prod.input[0] in inits:
-            perm = [a.ints for a in prod.attribute if a.name == "perm"]
-            if not perm or list(perm[0]) == [1, 0]:
-                return numpy_helper.to_array(inits[prod.input[0]]), [prod.input[0]], True
-        return None, [], False
-
-    targets, skipped, seen_names = [], [], set()
-    for idx, node in enumerate(g.node):
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        arr, deps, transposed = const_weight(node.input[1])
-        label = node.name or node.output[0]
-        if arr is None:
-            skipped.append(f"{label}: weight is not constant")
-            continue
-        if arr.ndim != 2 or arr.dtype not in (np.float32, np.float16, np.float64) and str(arr.dtype) != "bfloat16":
-            skipped.append(f"{label}: weight is not a 2-D float matrix")
-            continue
-        bias = None
-        if node.op_type == "Gemm":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
-                skipped.append(f"{label}: Gemm with transA or alpha != 1")
-                continue
-            if len(node.input) > 2 and node.input[2]:
-                if node.input[2] not in inits or attrs.get("beta", 1.0) != 1.0:
-                    skipped.append(f"{label}: Gemm bias is not a constant")
-                    continue
-                bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(-1)
-            trans_b = bool(attrs.get("transB", 0))
-        else:
-            trans_b = False
-        # weight as (out, in): MatMul's B is (in, out)
-        w = arr if (trans_b != transposed) else arr.T
-        if bias is not None and bias.shape[0] != w.shape[0]:
-            skipped.append(f"{label}: bias does not match the output size")
-            continue
-        tied = any(d in gathered for d in deps)
-        if (tied or w.shape[0] in vocab) and not quantize_lm_head:
-            skipped.append(f"{label}: output projection onto the vocabulary (lm_head) kept in float")
-            continue
-        name = _layer_name(deps[0] if deps else label)
-        while name in seen_names:
-            name += "_"
-        seen_names.add(name)
-        targets.append(Target(node, idx, np.ascontiguousarray(w, dtype=np.float32), bias, deps, name))
-    return targets, skipped
-
-
-def _layer_name(weight_name: str) -> str:
-    for suffix in (".weight_t", ".weight", "_weight"):
-        if weight_name.endswith(suffix):
-            return weight_name[: -len(suffix)]
-    return weight_name
+from .onnx_calibration import calibration_windows, load_tokenizer, text_tokenizer
+from .onnx_rewrite import replace_linears
+from .onnx_targets import Target, find_targets, load_checked
 
 
 # --- Hessians ---------------------------------------------------------------------------
@@ -223,88 +92,6 @@ def collect_hessians(model: onnx.ModelProto, model_path: Path, targets: list[Tar
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {name: s / max(count, 1) for name, s in sums.items()}, ranks
-
-
-# --- rewriting ----------------------------------------------------------------------------
-def replace_linears(model: onnx.ModelProto, targets: list[Target], layers: dict, ops: str,
-                    accuracy_level: int, ranks: dict | None = None) -> onnx.ModelProto:
-    g = model.graph
-    opset = opset_default(model)
-    b = Builder(prefix="quipc/", opset=opset)
-    emitter = QuipLinearEmitter(b, ops=ops, accuracy_level=accuracy_level, opset=opset)
-    elem = _value_types(model)
-    by_index = {t.index: t for t in targets}
-    readers: dict[str, list[Target]] = {}
-    for t in targets:
-        readers.setdefault(t.x, []).append(t)
-    new_nodes = []
-    for idx, node in enumerate(g.node):
-        t = by_index.get(idx)
-        if t is None:
-            new_nodes.append(node)
-            continue
-        group = readers[t.x]
-        if t is not group[0]:
-            continue   # emitted with the first MatMul reading the same x (its position precedes)
-        start = len(b.nodes)
-        x = t.x
-        half = elem.get(x, TensorProto.FLOAT) != TensorProto.FLOAT
-        if half:
-            x = b.op("Cast", x, to=TensorProto.FLOAT)
-        outs = [u.node.output[0] for u in group]
-        ys = emitter.emit_group(x, [layers[u.name] for u in group], out_names=[None if half else o for o in outs],
-                                rank=(ranks or {}).get(t.x))
-        if half:
-            for y, o in zip(ys, outs):
-                b.op("Cast", y, to=elem[t.x], out_name=o)
-        new_nodes.extend(b.nodes[start:])
-    used = {i for n in new_nodes for i in n.input}
-    used |= {i for f in model.functions for n in f.node for i in n.input}
-    dropped = {d for t in targets for d in t.weight_names} | {t.node.input[2] for t in targets
-                                                              if t.node.op_type == "Gemm" and len(t.node.input) > 2}
-    # Transposes feeding a replaced MatMul are now dead: drop nodes whose outputs are unused
-    keep_nodes = _prune(new_nodes, {o.name for o in g.output})
-    used = {i for n in keep_nodes for i in n.input}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(keep_nodes)
-    inits = [i for i in model.graph.initializer if not (i.name in dropped and i.name not in used)]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits + list(b.initializers.values()))
-    names = {i.name for i in inits}
-    graph_inputs = [i for i in model.graph.input if not (i.name in dropped and i.name not in names)]
-    del out.graph.input[:]
-    out.graph.input.extend(graph_inputs)
-    have = {(o.domain, o.version) for o in out.opset_import}
-    for o in emitter.opsets():
-        if o.domain and all(d != o.domain for d, _ in have):
-            out.opset_import.append(o)
-    out.functions.extend(emitter.functions.values())
-    out.ir_version = max(out.ir_version, IR_VERSION)
-    return out
-
-
-def _prune(nodes, graph_outputs: set) -> list:
-    needed = set(graph_outputs)
-    keep = []
-    for n in reversed(nodes):
-        if any(o in needed for o in n.output if o):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    return list(reversed(keep))
-
-
-def _value_types(model) -> dict:
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info) + list(g.output)}
-    if not all(t == TensorProto.FLOAT for t in types.values()):
-        try:  # need the element type of every MatMul input: infer shapes once
-            inferred = onnx.shape_inference.infer_shapes(model)
-            types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
-        except Exception:
-            pass
-    return types
 
 
 # --- the entry point --------------------------------------------------------------------
