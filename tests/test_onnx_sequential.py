@@ -13,7 +13,8 @@ from quipc.compile import CalibConfig
 from quipc.config import QuantConfig
 from quipc.frontend.onnx_model import collect_hessians, compile_onnx
 from quipc.frontend.onnx_targets import find_targets, load_checked
-from quipc.frontend.onnx_sequential import Segmenter, effective_initializer, lm_feeds, plan_stages, run_sequential
+from quipc.frontend.onnx_segments import Segmenter
+from quipc.frontend.onnx_sequential import effective_initializer, lm_feeds, plan_stages, run_sequential
 from quipc.passes.methods import LayerInput, quantize_linear
 from quipc_runtime.onnx_runtime import OnnxLM
 from tiny import make_tiny_onnx_lm

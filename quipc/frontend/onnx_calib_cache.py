@@ -13,7 +13,7 @@ import torch
 _CACHE_FORMAT = 2
 _CODE = ("quipc/passes", "quipc/frontend/onnx_model.py", "quipc/frontend/onnx_targets.py",
          "quipc/frontend/onnx_rewrite.py", "quipc/frontend/onnx_calibration.py",
-         "quipc/frontend/onnx_sequential.py",
+         "quipc/frontend/onnx_sequential.py", "quipc/frontend/onnx_segments.py",
          "quipc/frontend/calibration.py", "runtime/quipc_runtime/layer.py", "runtime/quipc_runtime/packing.py",
          "runtime/quipc_runtime/transforms.py", "runtime/quipc_runtime/hadamard.py",
          "runtime/quipc_runtime/onnx_runtime.py")
