@@ -81,7 +81,7 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batch", type=int, default=8)
     p.add_argument("--calib-chat", type=float, default=None,
                    help="with --calib and a chat model: this share of the windows are conversations the model "
-                        "writes through its chat template, so that it keeps answering in turn (default 0.5; "
+                        "writes through its chat template, so that it keeps answering in turn (default 0.25; "
                         "0: the file only; a model without a chat template gets none)")
 
 

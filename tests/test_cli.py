@@ -202,13 +202,13 @@ def test_compile_head_format_default_per_calibration(argv, expect):
 
 @pytest.mark.parametrize("argv,expect", [
     (["m", "-o", "x"], 0.0),                                         # data-free: its own conversations
-    (["m", "-o", "x", "--calib", "t.txt"], 0.5),
+    (["m", "-o", "x", "--calib", "t.txt"], 0.25),
     (["m", "-o", "x", "--calib", "t.txt", "--calib-chat", "0"], 0.0),
-    (["m", "-o", "x", "--calib", "t.txt", "--calib-chat", "0.25"], 0.25),
+    (["m", "-o", "x", "--calib", "t.txt", "--calib-chat", "0.5"], 0.5),
     (["m.onnx", "-o", "x", "--calib", "t.txt"], 0.0),               # no generation on an .onnx input
 ])
 def test_compile_chat_share_default(argv, expect):
-    """With --calib a chat model's calibration is half conversations unless told otherwise
+    """With --calib a quarter of a chat model's calibration windows are conversations unless told otherwise
     (quipc.config.CLI_CALIB_CHAT); an .onnx input has none."""
     from quipc.cli import build_parser
     from quipc.compile_command import calib_chat
