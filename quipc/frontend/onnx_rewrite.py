@@ -9,7 +9,9 @@ from onnx import TensorProto
 from ..backends.onnx.builder import Builder
 from ..backends.onnx.emitter import QuipLinearEmitter
 from ..backends.onnx.export import IR_VERSION
+from .onnx_segments import node_reads
 from .onnx_targets import Target, opset_default
+
 
 def replace_linears(model: onnx.ModelProto, targets: list[Target], layers: dict, ops: str,
                     accuracy_level: int, ranks: dict | None = None) -> onnx.ModelProto:
@@ -43,13 +45,11 @@ def replace_linears(model: onnx.ModelProto, targets: list[Target], layers: dict,
             for y, o in zip(ys, outs):
                 b.op("Cast", y, to=elem[t.x], out_name=o)
         new_nodes.extend(b.nodes[start:])
-    used = {i for n in new_nodes for i in n.input}
-    used |= {i for f in model.functions for n in f.node for i in n.input}
     dropped = {d for t in targets for d in t.weight_names} | {t.node.input[2] for t in targets
                                                               if t.node.op_type == "Gemm" and len(t.node.input) > 2}
     # Transposes feeding a replaced MatMul are now dead: drop nodes whose outputs are unused
     keep_nodes = _prune(new_nodes, {o.name for o in g.output})
-    used = {i for n in keep_nodes for i in n.input}
+    used = set().union(*(node_reads(n) for n in keep_nodes))  # subgraphs' outer reads included
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
@@ -76,7 +76,7 @@ def _prune(nodes, graph_outputs: set) -> list:
     for n in reversed(nodes):
         if any(o in needed for o in n.output if o):
             keep.append(n)
-            needed.update(i for i in n.input if i)
+            needed |= node_reads(n)
     return list(reversed(keep))
 
 

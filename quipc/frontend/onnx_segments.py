@@ -17,12 +17,12 @@ def _subgraph_reads(graph) -> set[str]:
     reads, local = set(), {i.name for i in graph.input} | {i.name for i in graph.initializer}
     local |= {i.values.name for i in graph.sparse_initializer}
     for n in graph.node:
-        reads.update(_node_reads(n))
+        reads.update(node_reads(n))
         local.update(o for o in n.output if o)
     return reads - local
 
 
-def _node_reads(node) -> set[str]:
+def node_reads(node) -> set[str]:
     """A node's inputs, plus the outer-scope names read by its subgraphs (as the node's own)."""
     reads = {i for i in node.input if i}
     for a in node.attribute:
@@ -45,7 +45,7 @@ class Segmenter:
         self.inits = {i.name: i for i in g.initializer}
         self.sparse = {i.values.name: i for i in g.sparse_initializer}
         self.graph_inputs = [i.name for i in g.input if i.name not in self.inits and i.name not in self.sparse]
-        self.reads = [_node_reads(n) for n in self.nodes]
+        self.reads = [node_reads(n) for n in self.nodes]
         self.const_nodes = {n.output[0]: n for n in self.nodes if _is_const_node(n)}
         self.producer: dict[str, int] = {}
         for k, n in enumerate(self.nodes):
@@ -96,7 +96,7 @@ class Segmenter:
                 extra.append(substitutions[k])
                 node = copy
             nodes.append(node)
-        reads = set().union(*(_node_reads(n) for n in nodes)) if nodes else set()
+        reads = set().union(*(node_reads(n) for n in nodes)) if nodes else set()
         produced = {o for n in nodes for o in n.output if o}
         consts = [self.const_nodes[r] for r in sorted(reads) if r in self.const_nodes and r not in produced]
         inputs = [r for r in sorted(reads) if r not in produced and self.carried(r)]

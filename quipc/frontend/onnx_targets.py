@@ -14,6 +14,7 @@ from .onnx_calibration import embedding_tables
 
 MIN_OPSET = 13
 
+
 def load_checked(path: Path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
