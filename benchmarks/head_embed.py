@@ -46,15 +46,12 @@ def main() -> None:
 
     import quipc_runtime
     from quipc.config import QuantConfig
-    from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
     from quipc.frontend import calibration
     from quipc.frontend.hf import load_model
     from quipc.frontend.models import resolve
     from quipc.frontend.trace import find_blocks
     from quipc.passes import head as headpass
     from quipc_runtime import artifact as art
-    from quipc_runtime.embedding import QuantEmbedding
-    from quipc_runtime.modules import QuipLinearRef
 
     src, tok = load_model(resolve(args.model))
     if args.artifact:

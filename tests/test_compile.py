@@ -137,7 +137,6 @@ def test_interrupted_compile_resumes(tiny_model, tmp_path, monkeypatch):
 
 def test_shared_hessians_match_each_linears_own_input(tiny_model):
     """Linears that read the same tensor share one Hessian; every other linear gets its own."""
-    from transformers import AutoModelForCausalLM
 
     from quipc.frontend.calibration import text_windows
     from quipc.frontend.hf import load_model

@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 
 CONFIG = "tvm_config.json"
 LIB = "model.so"

@@ -4,7 +4,6 @@ Loop nest: parallel over (b, ot); the reduction runs word by word (kw), unrolled
 codes of a word group (kj, q); the 4 partial sums q x the 16 rows of a tile are the vector lanes, accumulated in
 registers. The packed words are read once, straight from the parameter (no dequantized copy).
 """
-from .util import extent
 
 OPS = ("quip_gemv",)
 
