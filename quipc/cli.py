@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or an unquantized model (HF folder, .gguf, alias)")
     ch.add_argument("prompt", help="one user turn, sent through the model's chat template")
     ch.add_argument("--max-new-tokens", type=int, default=64)
+    ch.add_argument("--device", default="cpu", help="artifact or unquantized model: cpu, cuda, cuda:1, ...")
     ch.add_argument("--backend", default="auto",
                     help="artifact backend: auto (the C++ kernels where they are built, else reference; "
                          "default) | reference | kernels")
@@ -217,28 +218,33 @@ def cmd_chat(args) -> int:
         import quipc_runtime
         from quipc_runtime.loader import load_tokenizer
 
-        model = quipc_runtime.load(args.target, backend=_chat_backend(args.backend),
+        model = quipc_runtime.load(args.target, device=args.device, backend=_chat_backend(args.backend, args.device),
                                    trellis_as_int8=args.trellis_as_int8)
         tokenizer = load_tokenizer(args.target)
     elif (lowered := _lowered_model(args.target)) is not None:
+        if args.device != "cpu":
+            raise ValueError(f"--device {args.device}: an ONNX or TVM output runs on the device it was built "
+                             "for; --device applies to an artifact or an unquantized model")
         model, tokenizer, _ = lowered
     else:
         from .frontend.hf import load_model
         from .frontend.models import resolve
 
         model, tokenizer = load_model(resolve(args.target))
+        model.to(args.device)
     print(tokenizer.decode(answer_ids(model, tokenizer, args.prompt, args.max_new_tokens)))
     return 0
 
 
-def _chat_backend(name: str) -> str:
+def _chat_backend(name: str, device: str = "cpu") -> str:
     """auto: the C++ kernels when the extension is built (the same logits as the reference path,
-    decoded ~3x faster on a CPU), else the reference path."""
+    decoded ~3x faster on a CPU; on a GPU, when it is built with CUDA), else the reference path."""
     if name != "auto":
         return name
     from quipc_runtime import kernels
 
-    return "kernels" if kernels.available() else "reference"
+    on_gpu = device.split(":")[0] == "cuda"
+    return "kernels" if (kernels.cuda_available() if on_gpu else kernels.available()) else "reference"
 
 
 def _lowered_model(target: str, custom_ops: bool | None = None):

@@ -129,6 +129,8 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path, monkeypatch
     assert code == 0
     code, stdout, _ = run(capsys, "chat", tmp_path / "onnx", "the", "--max-new-tokens", 6)
     assert code == 0 and stdout.rstrip("\n") == tok.decode(expect)
+    code, _, err = run(capsys, "chat", tmp_path / "onnx", "the", "--device", "cuda")
+    assert_clean_error(code, err, "--device cuda")
     code, _, err = run(capsys, "chat", out, "the", "--max-new-tokens", 0)
     assert_clean_error(code, err, "max-new-tokens")
     code, _, err = run(capsys, "chat", out, "")

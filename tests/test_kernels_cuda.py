@@ -1,6 +1,5 @@
 """CUDA kernels against the CPU kernels (and the reference). Skips, saying why, where the
 extension has no CUDA build or no GPU is visible. Run on a GPU machine: scripts/gpu_check.sh."""
-import os
 import sys
 from pathlib import Path
 
@@ -170,7 +169,7 @@ def test_cuda_e8p_bad_buffers():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n", [(576, 576), (1536, 576), (576, 1536), (192, 576), (48, 80), (256, 4096)])
 def test_cuda_trellis_forward_matches_cpu(bits, m, n):
-    from test_trellis import random_trellis_layer
+    from trellis_layers import random_trellis_layer
 
     layer = random_trellis_layer(m, n, bits, seed=m + n + bits)
     cpu, gpu = K.prepare(layer, trellis_as_int8=False), K.prepare_cuda(layer)   # both exact
@@ -183,7 +182,7 @@ def test_cuda_trellis_forward_matches_cpu(bits, m, n):
 
 
 def test_cuda_trellis_bad_buffers():
-    from test_trellis import random_trellis_layer
+    from trellis_layers import random_trellis_layer
 
     args = K._layer_args(random_trellis_layer(64, 32, 3, seed=9))
     K._ext.CudaPlan(device=0, **args)
@@ -191,3 +190,45 @@ def test_cuda_trellis_bad_buffers():
                        ("codes", args["codes"][:, :-1].copy()), ("m", 63)]:
         with pytest.raises(ValueError):
             K._ext.CudaPlan(device=0, **{**args, key: value})
+
+
+# --- model level: the tiny model in the default's shape, on the GPU -----------------------
+@pytest.fixture(scope="module")
+def e8p_trellis_head_artifact(tiny_model, tmp_path_factory):
+    """2-bit e8p blocks and a 4-bit trellis lm_head (the shape of `--calib`'s default)."""
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+
+    model, text = tiny_model
+    out = tmp_path_factory.mktemp("art_cuda") / "w2"
+    compile_model(str(model), out, QuantConfig(bits=2, seed=1, format="e8p", head_bits=4, head_format="trellis"),
+                  CalibConfig(text=str(text), windows=8, length=32), progress=False)
+    return out
+
+
+def test_cuda_model_matches_cpu(e8p_trellis_head_artifact):
+    """Prefill and KV-cache decode on the CUDA kernels against the reference on the CPU."""
+    import torch
+
+    import quipc_runtime
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    ref = quipc_runtime.load(e8p_trellis_head_artifact, backend="reference")
+    gpu = quipc_runtime.load(e8p_trellis_head_artifact, device="cuda", backend="kernels")
+    mods = [m for m in gpu.modules() if isinstance(m, K.KernelQuipLinear)]
+    assert {m.format for m in mods} == {"e8p", "trellis"} and all(m.device.type == "cuda" for m in mods)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = ref(ids).logits
+        got = gpu(ids.cuda()).logits
+        assert got.is_cuda and rel_err(got.cpu().numpy(), want.numpy()) < 1e-4
+        prompt = ids[:1, :16].cuda()  # (its pad token id 0 among them: the mask says it is text)
+        out = gpu.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+        steps = torch.stack(out.logits, dim=1).cpu()         # (1, 24, vocab): decode, batch 1
+        teacher = ref(out.sequences.cpu()).logits[:, 15:-1]  # the same positions, prefilled on the CPU
+    assert rel_err(steps.numpy(), teacher.numpy()) < 1e-4
+    from quipc.eval.chat import answer_ids                   # what `quipc chat --device cuda` prints
+    from quipc_runtime.loader import load_tokenizer
+    tok = load_tokenizer(e8p_trellis_head_artifact)
+    assert answer_ids(gpu, tok, "the", 8) == answer_ids(ref, tok, "the", 8)

@@ -29,6 +29,7 @@ def answer_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
         raise ValueError("the prompt is empty (no tokens, and the tokenizer has no chat template to wrap it)")
     stops = stop_ids(tokenizer)
     if isinstance(model, torch.nn.Module):
+        ids = ids.to(next(model.parameters()).device)
         with torch.no_grad():
             # use_cache: the compile frontend's models carry use_cache=False (calibration forwards);
             # without the cache every step would recompute the whole sequence
