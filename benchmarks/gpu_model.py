@@ -10,7 +10,9 @@ On a machine with a GPU and the extension built with QUIPC_CUDA=ON (scripts/gpu_
 - perplexity over the first `--windows` PROTOCOL windows on each (same windows, so the two
   figures compare; PROTOCOL's full figure uses 16);
 - greedy decode on the GPU (KV cache, batch 1): ms per token over 128 new tokens after a warm-up,
-  and the answer to "What is the capital of France?";
+  and the answer to "What is the capital of France?"; the same for the artifact's dense twin
+  (every quantized linear as an nn.Linear of the weights it computes) in fp32 and fp16, the
+  baseline without quipc's kernels;
 - with --fp32-answers (the fp32 model's answers that benchmarks/agreement.py cached), the answer
   agreement of the GPU run (ROUGE-L F1, PROTOCOL "Answer agreement"); the fp32 model itself need
   not be on the machine.
@@ -29,6 +31,27 @@ PROMPT = "What is the capital of France?"
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def dense_twin(artifact: str, dtype: torch.dtype):
+    """The artifact's model with every quantized linear replaced by an nn.Linear holding the
+    weights it computes (read off by feeding it the identity), on the GPU in `dtype`: the
+    same network as a dense model, the baseline a GPU user would otherwise run."""
+    import quipc_runtime
+    from quipc_runtime.modules import QuipLinearRef
+
+    model = quipc_runtime.load(artifact, backend="reference")
+    with torch.no_grad():   # (not inference_mode: the new parameters must serve generate() too)
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, QuipLinearRef):
+                b = mod(torch.zeros(1, mod.in_features))[0]
+                w = (mod(torch.eye(mod.in_features)) - b).t()
+                dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+                dense.weight.data.copy_(w)
+                if mod.bias is not None:
+                    dense.bias.data.copy_(b)
+                model.set_submodule(name, dense)
+    return model.to("cuda", dtype)
 
 
 def decode_ms_per_token(model, tok, new_tokens: int) -> tuple[float, str]:
@@ -79,6 +102,14 @@ def main() -> int:
     rec["ppl_gpu"] = perplexity(torch_logits_fn(gpu), windows, progress=False)
     rec["ppl_rel_diff"] = rec["ppl_gpu"]["ppl"] / rec["ppl_cpu"]["ppl"] - 1
     rec["decode_ms_per_token_gpu"], rec["answer_gpu"] = decode_ms_per_token(gpu, tok, args.new_tokens)
+    for dtype in (torch.float32, torch.float16):
+        twin = dense_twin(args.artifact, dtype)
+        key = f"dense_{str(dtype).split('.')[-1]}"
+        if dtype == torch.float32:   # the twin computes what the artifact computes
+            with torch.inference_mode():
+                rec["dense_float32_logits_rel_err"] = rel_err(twin(windows[:1].cuda()).logits[0].cpu(), a)
+        rec[f"decode_ms_per_token_{key}"], rec[f"answer_{key}"] = decode_ms_per_token(twin, tok, args.new_tokens)
+        del twin
     if args.fp32_answers:
         from quipc.eval.agreement import PROMPTS, agreement, chat_answers
 
