@@ -31,3 +31,17 @@ def tiny_artifact(tiny_model, tmp_path_factory):
     compile_model(str(model), out, QuantConfig(bits=3, seed=1), CalibConfig(text=str(text), windows=8, length=32),
                   progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tied_w3(tiny_model, tmp_path_factory):
+    """A 3-bit artifact of the tiny (tied) model with a 4-bit grid lm_head, which is also its
+    embedding (tests/test_head.py, test_head_lowered.py)."""
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+
+    model, text = tiny_model
+    out = tmp_path_factory.mktemp("head") / "w3h4"
+    compile_model(str(model), out, QuantConfig(bits=3, seed=1, head_bits=4),
+                  CalibConfig(text=str(text), windows=8, length=32), progress=False)
+    return out
