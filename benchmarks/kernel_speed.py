@@ -203,7 +203,8 @@ def gpu_bench(args) -> list[dict]:
     torch_cuda = torch.cuda.is_available()
     name = K._ext.cuda_device_name(0)
     records = []
-    shapes = [(8192, 8192), (4096, 4096), (4096, 11008), (11008, 4096)]
+    shapes = ([(8192, 8192)] if "7b" in args.shapes else []) \
+        + (SMOL if "smol" in args.shapes else []) + (SEVEN_B if "7b" in args.shapes else [])
     for n_in, n_out in shapes:
         for batch in (1, 16):
             base = {}
