@@ -222,6 +222,11 @@ def gpu_bench(args) -> list[dict]:
                        "gemv_ms" if batch <= 4 else "qmatmul_ms":
                            statistics.median(plan.benchmark("matmul", batch, 200) for _ in range(3)),
                        "quipc_ms": statistics.median(plan.benchmark("forward", batch, 200) for _ in range(3))}
+                if batch == 1:   # the transforms one kernel per factor, as before the chain kernel
+                    os.environ["QUIPC_CUDA_CHAIN"] = "0"
+                    rec["quipc_per_factor_ms"] = statistics.median(plan.benchmark("forward", batch, 200)
+                                                                   for _ in range(3))
+                    del os.environ["QUIPC_CUDA_CHAIN"]
                 os.environ["QUIPC_CUDA_GEMV"] = "simple"
                 if batch <= 4:
                     rec["gemv_simple_ms"] = plan.benchmark("matmul", batch, 100)

@@ -5,7 +5,7 @@
 # kernels, a tiny model on the GPU against the CPU) beside the CPU kernel and custom-op tests,
 # the GPU kernel benchmark, and, when ART names an artifact, the whole-model comparison
 # (benchmarks/gpu_model.py: logits, perplexity, decode ms/token, answer agreement).
-# Usage: [ART=artifact TEXT=wiki.test.raw FP32_ANSWERS=F.json] scripts/gpu_check.sh
+# Usage: [ART=artifact TEXT=wiki.test.raw FP32_ANSWERS=F.json] [BENCH_ARGS="--bits 2 --shapes 7b"] scripts/gpu_check.sh
 # (from the repo root; results in $OUT, default ./gpu_out)
 set -u
 cd "$(dirname "$0")/.."
@@ -45,14 +45,14 @@ echo "tests done in $(( $(date +%s) - t0 )) s"
 
 echo "== GPU kernel benchmark"
 t0=$(date +%s)
-timeout ${BENCH_TIMEOUT:-150} $PY benchmarks/kernel_speed.py --gpu --bits 2 4 --json "$OUT/kernels_gpu.json" 2>&1 \
+timeout ${BENCH_TIMEOUT:-150} $PY benchmarks/kernel_speed.py --gpu ${BENCH_ARGS:---bits 2 4} --json "$OUT/kernels_gpu.json" 2>&1 \
   | $PY -c "import sys, json
 for line in sys.stdin:
     try: r = json.loads(line)
     except ValueError: print(line, end=''); continue
     print(r['shape'], 'b', r['bits'], r['format'], 'batch', r['batch'], 'quipc %.4f ms' % r['quipc_ms'],
           'matmul %.4f' % r.get('gemv_ms', r.get('qmatmul_ms', 0)), 'fp16 %.4f' % r.get('fp16_ms', 0),
-          'x fp16 %.2f' % r.get('speedup_vs_fp16', 0))"
+          'x fp16 %.2f' % r.get('speedup_vs_fp16', 0), 'per-factor %.4f' % r.get('quipc_per_factor_ms', 0))"
 echo "benchmark done in $(( $(date +%s) - t0 )) s"
 
 if [ -n "${ART:-}" ]; then

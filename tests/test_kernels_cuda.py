@@ -48,7 +48,7 @@ def test_cuda_forward_matches_cpu(bits, m, n, gemv_variant):
     layer = make_layer(m, n, bits, seed=m + n + bits)
     cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
     rng = np.random.default_rng(0)
-    for batch in (1, 2, 3, 4, 5, 70):  # GEMV (1..4, pairs + odd) and tiled GEMM
+    for batch in (1, 2, 3, 4, 5, 13, 16, 70):  # GEMV (1..4, pairs + odd; 5..16 in 4s), tiled GEMM
         x = rng.standard_normal((batch, n)).astype(np.float32)
         want = cpu.forward(x, threads=2)
         got = gpu.run_host("forward", x)
@@ -80,9 +80,21 @@ def test_cuda_transform_kinds():
         assert rel_err(got, K.prepare(layer).forward(x)) < TOL, (kin, kout)
 
 
-def test_cuda_large_hadamard():  # FWHT over 16384 needs > 48 KiB of shared memory
-    layer = make_layer(64, 16384, 2, seed=6)
-    x = np.random.default_rng(3).standard_normal((2, 16384)).astype(np.float32)
+def test_cuda_large_dense_kron_factors():
+    """11008 = 43 x 256 as two dense factors: too much work for one block a row, so one kernel per
+    factor (launch_kron_chain declines); 576 = 36 x 16 runs as one chain launch."""
+    for m, n in [(96, 11008), (11008, 96), (576, 576)]:
+        layer = make_layer(m, n, 2, seed=9, kin="kron", kout="kron")
+        x = np.random.default_rng(4).standard_normal((3, n)).astype(np.float32)
+        assert rel_err(K.prepare_cuda(layer).run_host("forward", x), K.prepare(layer).forward(x)) < TOL, (m, n)
+
+
+@pytest.mark.parametrize("n", [16384, 32768])
+def test_cuda_large_hadamard(n):
+    """16384: the one-launch chain with > 48 KiB of shared memory; 32768: two rows of it exceed
+    kChainMaxSmem, so one kernel per factor."""
+    layer = make_layer(64, n, 2, seed=6)
+    x = np.random.default_rng(3).standard_normal((2, n)).astype(np.float32)
     assert rel_err(K.prepare_cuda(layer).run_host("forward", x), K.prepare(layer).forward(x)) < TOL
 
 
@@ -112,8 +124,16 @@ def test_torch_cuda_module():
     mod = K.KernelQuipLinear(layer, "cuda")
     x = torch.randn(3, 7, 576)
     ref = QuipLinearRef(layer)(x)
-    y = mod(x.cuda())
-    assert y.is_cuda and rel_err(y.cpu().numpy(), ref.numpy()) < TOL
+    y = mod(x.cuda())                                  # the fast path (float32, contiguous)
+    assert y.is_cuda and y.shape == (3, 7, 640) and rel_err(y.cpu().numpy(), ref.numpy()) < TOL
+    y = mod(x.cuda().transpose(0, 1))                  # the general path: a strided view
+    assert rel_err(y.cpu().numpy(), ref.transpose(0, 1).numpy()) < TOL
+    y = mod(x.cuda().half())                           # ... and another dtype, returned in it
+    assert y.dtype == torch.float16 and rel_err(y.float().cpu().numpy(), QuipLinearRef(layer)(x.half().float()).numpy()) < 1e-3
+    assert mod(x.cuda()[:0]).shape == (0, 7, 640)
+    checked = K.KernelQuipLinear(layer, "cuda")
+    checked._fast = None                               # the fast path gives the checked path's bytes
+    assert torch.equal(mod(x.cuda()), checked(x.cuda()))
     out = torch.empty(21, 640, device="cuda")
     K.cuda_quip_linear(mod._plan, x.reshape(21, 576).cuda(), out)
     assert rel_err(out.cpu().numpy(), ref.reshape(21, 640).numpy()) < TOL
@@ -132,7 +152,7 @@ def test_cuda_e8p_forward_matches_cpu(bits, m, n):
     layer = random_e8p_layer(m, n, bits, seed=m + n + bits)
     cpu, gpu = K.prepare(layer), K.prepare_cuda(layer)
     rng = np.random.default_rng(0)
-    for batch in (1, 2, 3, 4, 5, 70):  # GEMV (1..4) and tiled GEMM
+    for batch in (1, 2, 3, 4, 5, 13, 16, 70):  # GEMV (1..4; 5..16 in 4s) and tiled GEMM
         x = rng.standard_normal((batch, n)).astype(np.float32)
         want = cpu.forward(x, threads=2)
         got = gpu.run_host("forward", x)
@@ -174,7 +194,7 @@ def test_cuda_trellis_forward_matches_cpu(bits, m, n):
     layer = random_trellis_layer(m, n, bits, seed=m + n + bits)
     cpu, gpu = K.prepare(layer, trellis_as_int8=False), K.prepare_cuda(layer)   # both exact
     rng = np.random.default_rng(0)
-    for batch in (1, 2, 3, 4, 5, 70):  # GEMV (1..4) and tiled GEMM (n = 80: a half K step)
+    for batch in (1, 2, 3, 4, 5, 13, 16, 70):  # GEMV (1..4; 5..16 in 4s), GEMM (n = 80: a half K step)
         x = rng.standard_normal((batch, n)).astype(np.float32)
         want = cpu.forward(x, threads=2)
         got = gpu.run_host("forward", x)

@@ -255,6 +255,10 @@ void launch_bits(const unsigned char* codes, size_t row_bytes, int m, int n, int
 void launch_qmatmul(const unsigned char* codes, size_t row_bytes, int bits, int m, int n, int npad,
                     const float* z, int batch, const float* scale, const float* zero, float* t,
                     cudaStream_t stream) {
+  if (gemv_chunks(batch, npad, m, z, t, [&](const float* zc, int rows, float* tc) {
+        launch_qmatmul(codes, row_bytes, bits, m, n, npad, zc, rows, scale, zero, tc, stream);
+      }))
+    return;
   switch (bits) {
     case 2: launch_bits<2>(codes, row_bytes, m, n, npad, z, batch, scale, zero, t, stream); break;
     case 3: launch_bits<3>(codes, row_bytes, m, n, npad, z, batch, scale, zero, t, stream); break;

@@ -1,6 +1,8 @@
 // CudaPlan: device copies of one layer and the fused forward (transform in, quantized
 // matmul, transform out), all launched on the caller's stream.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -131,6 +133,17 @@ void CudaPlan::apply_factors(const std::vector<DevFactor>& fs, int width, int ld
   if (fs.empty()) {
     launch_scale_copy(width, src, ld_src, dst, ld_out, pre_scale, post_scale, bias, batch, stream);
     return;
+  }
+  const char* chain_env = std::getenv("QUIPC_CUDA_CHAIN");   // "0": one kernel per factor (benchmarks)
+  if (fs.size() <= size_t(KronChain::kMax) && !(chain_env && std::strcmp(chain_env, "0") == 0)) {
+    KronChain chain;
+    chain.count = int(fs.size());
+    for (size_t a = 0; a < fs.size(); ++a) {
+      chain.order[a] = fs[a].order;
+      chain.mat[a] = fs[a].fwht ? nullptr : fs[a].mat;
+    }
+    if (launch_kron_chain(chain, width, src, ld_src, dst, ld_out, pre_scale, post_scale, bias, batch, stream))
+      return;
   }
   const size_t off = size_t(batch) * (npad_ + m_);
   float* tmp[2] = {work_ + off, work_ + off + size_t(batch) * width};

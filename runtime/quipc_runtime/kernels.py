@@ -242,7 +242,7 @@ if torch is not None:
             self.in_features, self.out_features = layer.in_features, layer.out_features
             self.bits, self.format = layer.bits, layer.format
             self.threads = threads
-            self._cpu = self.device.type == "cpu"   # forward's fast path applies
+            self._fast = self.device.type   # forward's fast path for this device ("cpu" / "cuda"; None: none)
             args = _layer_args(layer)
             if self.device.type == "cpu":
                 self._plan = _ext.Plan(**args, int8_activations=int8_activations, trellis_as_int8=trellis_as_int8)
@@ -264,11 +264,20 @@ if torch is not None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # decode's common case first (one float32 CPU row per call, ~200 calls a token): the
             # checks below cost as much as a small layer's kernel
-            if (self._cpu and type(x) is torch.Tensor and x.dtype is torch.float32 and x.device.type == "cpu"
+            if (self._fast == "cpu" and type(x) is torch.Tensor and x.dtype is torch.float32 and x.device.type == "cpu"
                     and x.shape[-1] == self.in_features and not x.requires_grad and x.is_contiguous()
                     and self.row_ids is None):
                 y = self._plan.forward(x.view(-1, self.in_features).numpy(), threads=self.threads or default_threads())
                 return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
+            if (self._fast == "cuda" and type(x) is torch.Tensor and x.dtype is torch.float32 and x.device == self.device
+                    and x.shape[-1] == self.in_features and not x.requires_grad and x.is_contiguous()
+                    and self.row_ids is None):   # the same on the GPU: a decode token's host time is these calls
+                y = torch.empty(*x.shape[:-1], self.out_features, device=self.device)
+                rows = x.numel() // self.in_features
+                if rows:
+                    self._plan.forward_ptr(x.data_ptr(), y.data_ptr(), rows,
+                                           torch.cuda.current_stream(self.device).cuda_stream)
+                return y
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
             if x.dim() < 1 or x.shape[-1] != self.in_features:
