@@ -50,8 +50,9 @@ CLI_HEAD_INT8_ROWS = 0
 # (ppl 38.35, agreement 0.115); with half conversations 41.12, agreement 0.277, "The capital of France
 # is Paris" (stop 44, one host; README 'Whole model'). Swapping fp32 rows into its head or embedding
 # did not bring the answers back: the blocks lost them, not the head. A quarter (stop 47, same host, same
-# command otherwise): ppl 39.42, agreement 0.324, "Paris", ahead of the half's 41.26 / 0.277 on both (w2;
-# w3 / w4 measured at 0.5 only, where WikiText alone had been ahead at w4: 22.34 / 0.592 vs 22.42 / 0.532).
+# command otherwise): ppl 39.42, agreement 0.324, "Paris", ahead of the half's 41.26 / 0.277 on both (w2).
+# Stop 48 (another host): w4 22.67 / 0.538 against the half's 22.72 / 0.509, w3 25.60 / 0.387 against
+# 25.91 / 0.440 (one run each; both answer "Paris").
 CLI_CALIB_CHAT = 0.25
 
 
