@@ -262,22 +262,14 @@ if torch is not None:
                                                  torch.from_numpy(rows).to(self.device))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            # decode's common case first (one float32 CPU row per call, ~200 calls a token): the
-            # checks below cost as much as a small layer's kernel
-            if (self._fast == "cpu" and type(x) is torch.Tensor and x.dtype is torch.float32 and x.device.type == "cpu"
+            # decode's common case first (one float32 row per call, ~200 calls a token; on a GPU
+            # these calls are a decode token's host time): the checks below cost as much as a
+            # small layer's kernel
+            if (self._fast is not None and type(x) is torch.Tensor and x.dtype is torch.float32
+                    and x.device.type == self._fast and (self._fast == "cpu" or x.device == self.device)
                     and x.shape[-1] == self.in_features and not x.requires_grad and x.is_contiguous()
                     and self.row_ids is None):
-                y = self._plan.forward(x.view(-1, self.in_features).numpy(), threads=self.threads or default_threads())
-                return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
-            if (self._fast == "cuda" and type(x) is torch.Tensor and x.dtype is torch.float32 and x.device == self.device
-                    and x.shape[-1] == self.in_features and not x.requires_grad and x.is_contiguous()
-                    and self.row_ids is None):   # the same on the GPU: a decode token's host time is these calls
-                y = torch.empty(*x.shape[:-1], self.out_features, device=self.device)
-                rows = x.numel() // self.in_features
-                if rows:
-                    self._plan.forward_ptr(x.data_ptr(), y.data_ptr(), rows,
-                                           torch.cuda.current_stream(self.device).cuda_stream)
-                return y
+                return self._run(x.view(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
             if x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -286,16 +278,18 @@ if torch is not None:
                 raise ValueError(f"x is on {x.device}, this layer runs on {self.device}")
             lead, dtype = x.shape[:-1], x.dtype
             x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
-            threads = self.threads or default_threads()
-            if self.device.type == "cpu":
-                y = torch.from_numpy(self._plan.forward(x2.numpy(), threads=threads))
-            else:
-                y = torch.empty(x2.shape[0], self.out_features, device=self.device)
-                if x2.shape[0]:
-                    self._plan.forward_ptr(x2.data_ptr(), y.data_ptr(), x2.shape[0],
-                                           torch.cuda.current_stream(self.device).cuda_stream)
-            y = apply_row_patch(y, x2, self.row_ids, self.row_weight)
+            y = apply_row_patch(self._run(x2), x2, self.row_ids, self.row_weight)
             return y.reshape(*lead, self.out_features).to(dtype)
+
+        def _run(self, x2: torch.Tensor) -> torch.Tensor:
+            """(rows, in_features) float32, contiguous, on this layer's device -> (rows, out_features)."""
+            if self.device.type == "cpu":
+                return torch.from_numpy(self._plan.forward(x2.numpy(), threads=self.threads or default_threads()))
+            y = torch.empty(x2.shape[0], self.out_features, device=self.device)
+            if x2.shape[0]:
+                self._plan.forward_ptr(x2.data_ptr(), y.data_ptr(), x2.shape[0],
+                                       torch.cuda.current_stream(self.device).cuda_stream)
+            return y
 
         def extra_repr(self) -> str:
             return (f"in_features={self.in_features}, out_features={self.out_features}, "
