@@ -231,9 +231,20 @@ def gpu_bench(args) -> list[dict]:
                 if batch <= 4:
                     rec["gemv_simple_ms"] = plan.benchmark("matmul", batch, 100)
                 del os.environ["QUIPC_CUDA_GEMV"]
+                if fmt.startswith("trellis") and 4 < batch <= 16:   # 4-row GEMVs instead of the tile
+                    os.environ.update(QUIPC_CUDA_TRELLIS_CHUNKS="1", QUIPC_CUDA_TRELLIS_ROWS="auto")
+                    rec["qmatmul_chunks_ms"] = statistics.median(plan.benchmark("matmul", batch, 200)
+                                                                 for _ in range(3))
+                    del os.environ["QUIPC_CUDA_TRELLIS_CHUNKS"], os.environ["QUIPC_CUDA_TRELLIS_ROWS"]
+                if fmt.startswith("trellis") and batch <= 4:   # the word-load GEMV (opt-in), rows per warp
+                    for rows in ("1", "2", "4", "auto"):
+                        os.environ["QUIPC_CUDA_TRELLIS_ROWS"] = rows
+                        rec[f"gemv_rows{rows}_ms"] = statistics.median(plan.benchmark("matmul", batch, 200)
+                                                                       for _ in range(3))
+                    del os.environ["QUIPC_CUDA_TRELLIS_ROWS"]
                 mm = rec.get("gemv_ms", rec.get("qmatmul_ms"))
                 rec["matmul_weight_GBps"] = (n_in * n_out * b / 8 + 4 * n_out) / (mm * 1e-3) / 1e9
-                if fmt != "grid":  # the simple-GEMV cross-check is the grid's
+                if fmt not in ("grid", "trellis", "trellis-exact"):  # the formats with a first GEMV kept
                     rec.pop("gemv_simple_ms", None)
                 rec.update(base)
                 if "fp16_ms" in base:

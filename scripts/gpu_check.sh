@@ -52,7 +52,8 @@ for line in sys.stdin:
     except ValueError: print(line, end=''); continue
     print(r['shape'], 'b', r['bits'], r['format'], 'batch', r['batch'], 'quipc %.4f ms' % r['quipc_ms'],
           'matmul %.4f' % r.get('gemv_ms', r.get('qmatmul_ms', 0)), 'fp16 %.4f' % r.get('fp16_ms', 0),
-          'x fp16 %.2f' % r.get('speedup_vs_fp16', 0), 'per-factor %.4f' % r.get('quipc_per_factor_ms', 0))"
+          'x fp16 %.2f' % r.get('speedup_vs_fp16', 0), 'per-factor %.4f' % r.get('quipc_per_factor_ms', 0),
+          ' '.join('%s %.4f' % (k, v) for k, v in r.items() if k.startswith(('gemv_', 'qmatmul_c')) and k != 'gemv_ms'))"
 echo "benchmark done in $(( $(date +%s) - t0 )) s"
 
 if [ -n "${ART:-}" ]; then

@@ -201,6 +201,34 @@ def test_cuda_trellis_forward_matches_cpu(bits, m, n):
         assert rel_err(got, want) < TOL, (batch, rel_err(got, want))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n", [(576, 576), (64, 1552), (48, 80)])
+def test_cuda_trellis_gemv_variants_agree(bits, m, n, monkeypatch):
+    """The word-load GEMV (opt-in, QUIPC_CUDA_TRELLIS_ROWS) at 1, 2, 4 and auto rows per warp against the
+    first (byte-load) kernel and the CPU; batches 5-16 as its 4-row chunks (QUIPC_CUDA_TRELLIS_CHUNKS)."""
+    from trellis_layers import random_trellis_layer
+
+    layer = random_trellis_layer(m, n, bits, seed=7 * m + n + bits)
+    cpu, gpu = K.prepare(layer, trellis_as_int8=False), K.prepare_cuda(layer)
+    rng = np.random.default_rng(3)
+    for batch in (1, 2, 3, 4):
+        x = rng.standard_normal((batch, n)).astype(np.float32)
+        want = cpu.forward(x, threads=2)
+        monkeypatch.delenv("QUIPC_CUDA_TRELLIS_ROWS", raising=False)
+        simple = gpu.run_host("forward", x)
+        assert rel_err(simple, want) < TOL, (batch, "first kernel")
+        for rows in ("1", "2", "4", "auto"):
+            monkeypatch.setenv("QUIPC_CUDA_TRELLIS_ROWS", rows)
+            got = gpu.run_host("forward", x)
+            assert rel_err(got, want) < TOL, (batch, rows, rel_err(got, want))
+            assert rel_err(got, simple) < TOL, (batch, rows)
+    monkeypatch.setenv("QUIPC_CUDA_TRELLIS_CHUNKS", "1")   # batches 5-16 as 4-row GEMVs
+    for batch in (5, 13, 16):
+        x = rng.standard_normal((batch, n)).astype(np.float32)
+        got = gpu.run_host("forward", x)
+        assert rel_err(got, cpu.forward(x, threads=2)) < TOL, (batch, "chunks")
+
+
 def test_cuda_trellis_bad_buffers():
     from trellis_layers import random_trellis_layer
 
