@@ -60,3 +60,38 @@ def test_answers_of_a_lowered_model_cut_at_any_stop_token(tiny_model):
         lm = Lowered(shape)
         assert answer_ids(lm, tok, "hi", 4) == [5, 7]
         assert lm.calls == [([prompt], 4, eos)]
+
+
+def test_agreement_ceiling_perturbations(monkeypatch):
+    """benchmarks/agreement_ceiling.py: bf16 rounding is exact bfloat16, intN is a per-row symmetric
+    RTN grid of at most 2^N - 1 levels with max|w| on it, noiseE has relative row error ~E; an
+    unknown kind is refused."""
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import agreement_ceiling as C
+
+    gen = torch.Generator().manual_seed(1)
+    w0 = torch.randn(16, 64, generator=gen)
+    w = w0.clone()
+    C.perturb_(w, "bf16", gen)
+    assert torch.equal(w, w0.to(torch.bfloat16).float()) and not torch.equal(w, w0)
+    for bits in (4, 5, 8):
+        w = w0.clone()
+        C.perturb_(w, f"int{bits}", gen)
+        steps = 2 ** (bits - 1) - 1
+        scale = w0.abs().amax(dim=1, keepdim=True) / steps
+        q = w / scale
+        assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= steps + 1e-4
+        assert all(len(torch.unique(q[i].round())) <= 2 * steps + 1 for i in range(16))
+        assert torch.allclose(w.abs().amax(dim=1), w0.abs().amax(dim=1))
+        assert (w - w0).abs().max() <= scale.max() / 2 + 1e-6
+    w = w0.clone()
+    C.perturb_(w, "noise1e-2", gen)
+    rel = ((w - w0).norm(dim=1) / w0.norm(dim=1)).mean()
+    assert 0.007 < float(rel) < 0.013
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        C.perturb_(w, "fp8", gen)
