@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer as one 4-bit grid, a 4-bit one as two; the same weights, ~0.69x the decode "
                         "time, the build larger: SmolLM2 w2 76 instead of 50 MB, w4 128 instead of 76) or "
                         "by the e8p codebook kernels (codebook: the smaller build)")
+    c.add_argument("--tvm-trellis", default="int8", choices=["int8", "codes"],
+                   help="tvm (traced, CPU): run trellis layers by 4-bit grid kernels on their rows rounded to "
+                        "8 bits (int8, default; as the head always runs: the build 8 bits a weight) or by the "
+                        "trellis kernels on their codes (codes: the smaller build, ~3x slower decode)")
     c.add_argument("--tvm-activations", default="int8", choices=["int8", "fp32"],
                    help="tvm (CPU): decode's 4-bit GEMVs (grid, e8p as grid, the 4-bit head) on int8 "
                         "activations, one step per row (int8, default, x86 CPUs with AVX2; elsewhere "

@@ -106,7 +106,8 @@ def cmd_compile(args) -> int:
 
     path = lower_artifact(artifact, out, target=args.target, graph=args.graph, onnx_ops=args.onnx_ops,
                           accuracy_level=args.onnx_accuracy_level, tvm_target=args.tvm_target,
-                          progress=progress, tvm_e8p=args.tvm_e8p, tvm_activations=args.tvm_activations)
+                          progress=progress, tvm_e8p=args.tvm_e8p, tvm_activations=args.tvm_activations,
+                          tvm_trellis=args.tvm_trellis)
     print(f"wrote {path}")
     return 0
 

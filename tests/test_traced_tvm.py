@@ -190,6 +190,41 @@ def test_trellis_head_runs_on_its_rows_rounded_to_8_bits(tmp_path, monkeypatch):
     assert rel(tvm_steps(path)[1], want_full) > TOL
 
 
+@pytest.mark.parametrize("kernel", ["int8", "codes"])
+def test_trellis_blocks_by_kernel(kernel, tmp_path, monkeypatch):
+    """--tvm-trellis: "int8" (default) lowers every trellis layer as "int8x2" (rows rounded to 8
+    bits: the torch path with those rounded rows, and no trellis kernel left), "codes" keeps the
+    trellis kernels (the torch path itself)."""
+    import json
+
+    import numpy as np
+    from quipc.backends.tvm import traced
+    from quipc_runtime.int8_rows import rows_as_int8
+    from quipc_runtime.layer import QuantizedLinear
+
+    built = {}
+    real = traced.build_module
+
+    def keep(*args, **kwargs):
+        built["mod"], traceable = real(*args, **kwargs)
+        return built["mod"], traceable
+    monkeypatch.setattr(traced, "build_module", keep)
+    artifact = family_artifact("qwen2", blocks_format="trellis")
+    path = traced.compile_traced(artifact, tmp_path / "tvm", progress=False, trellis_kernel=kernel)
+    assert json.loads((path / "tvm_config.json").read_text())["trellis_kernel"] == kernel
+    assert ("trellis" in built["mod"]["decode"].script()) == (kernel == "codes")
+    if kernel == "int8":
+        def rounded(w):
+            q, step = rows_as_int8(w)
+            return (q * step[:, None]).astype(np.float32)
+        weight = QuantizedLinear.rotated_weight
+        monkeypatch.setattr(QuantizedLinear, "rotated_weight",
+                            lambda self: rounded(weight(self)) if self.format == "trellis" else weight(self))
+    check_against_torch(artifact, path, "TracedTvmLM")
+    with pytest.raises(ValueError, match="unknown trellis kernel"):
+        traced.build_module(artifact, trellis_kernel="lut")
+
+
 def test_quantized_linears_and_attention_are_call_tir():
     from quipc.backends.tvm.traced import build_module
 

@@ -59,16 +59,18 @@ def make_family_model(folder: Path, family: str, seed: int = 0, **overrides) -> 
     return folder
 
 
-def family_artifact(family: str, head: bool = False, kron: bool = False, head_format: str = "grid") -> Path:
+def family_artifact(family: str, head: bool = False, kron: bool = False, head_format: str = "grid",
+                    blocks_format: str = "grid") -> Path:
     """A 2-bit QuIP artifact of the family's tiny model; head=True: e8p blocks with a 4-bit
     lm_head (in `head_format`) whose codes are the embedding too (the CLI's defaults, without
-    fine-tuning), its frequent rows at 8 bits (--head-int8-rows 4096);
-    kron=True: the model in KRON_SIZES."""
-    return _compiled(family, bool(head), bool(kron), head_format)
+    fine-tuning), its frequent rows at 8 bits (--head-int8-rows 4096); blocks_format (without
+    head): the blocks' code format; kron=True: the model in KRON_SIZES."""
+    return _compiled(family, bool(head), bool(kron), head_format, blocks_format)
 
 
 @lru_cache(maxsize=None)
-def _compiled(family: str, head: bool, kron: bool = False, head_format: str = "grid") -> Path:
+def _compiled(family: str, head: bool, kron: bool = False, head_format: str = "grid",
+              blocks_format: str = "grid") -> Path:
     from quipc.compile import CalibConfig, compile_model
     from quipc.config import QuantConfig
 
@@ -77,8 +79,9 @@ def _compiled(family: str, head: bool, kron: bool = False, head_format: str = "g
         make_family_model(root / "hf", family, **(KRON_SIZES if kron else {}))
     text = root / "calib.txt" if (root / "calib.txt").is_file() else write_text(root / "calib.txt")
     cfg = QuantConfig(bits=2, format="e8p", head_bits=4, embed_bits="head", head_int8_rows=4096,
-                      head_format=head_format) if head else QuantConfig(bits=2)
-    out = root / (("art-head" + ("" if head_format == "grid" else f"-{head_format}")) if head else "art")
+                      head_format=head_format) if head else QuantConfig(bits=2, format=blocks_format)
+    out = root / (("art-head" + ("" if head_format == "grid" else f"-{head_format}")) if head
+                  else "art" + ("" if blocks_format == "grid" else f"-{blocks_format}"))
     compile_model(str(folder), out, cfg, CalibConfig(text=str(text), windows=8, length=32), progress=False)
     return out
 

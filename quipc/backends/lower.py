@@ -53,7 +53,7 @@ def _gpu_target(tvm_target: str) -> bool:
 
 def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto", onnx_ops: str = "quip",
                    accuracy_level: int = 4, tvm_target: str = "llvm", progress: bool = True,
-                   tvm_e8p: str = "grid4", tvm_activations: str = "int8") -> Path:
+                   tvm_e8p: str = "grid4", tvm_activations: str = "int8", tvm_trellis: str = "int8") -> Path:
     """artifact -> OUT (an ONNX folder or a TVM build) with the chosen graph. tvm_activations:
     "int8" (the CLI's default; gemv_i8) or "fp32", for CPU TVM builds."""
     chosen = choose_graph(artifact, graph, target, tvm_target)
@@ -66,7 +66,7 @@ def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto
             from .tvm.traced import compile_traced
 
             return compile_traced(artifact, out, target=tvm_target, progress=progress, e8p_kernel=tvm_e8p,
-                                  activations=tvm_activations)
+                                  activations=tvm_activations, trellis_kernel=tvm_trellis)
         from .tvm import compile_artifact
 
         return compile_artifact(artifact, out, target=tvm_target, progress=progress, activations=tvm_activations)

@@ -275,12 +275,13 @@ def _import(captured, converters: QuipConverters):
 
 
 def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p_kernel: str = "grid4",
-                 int8: bool = False):
+                 int8: bool = False, trellis_kernel: str = "int8"):
     """(IRModule with FUNCTIONS, Traceable). cache: "capacity" (updated in place) or "concat"
     (what builds before the capacity cache were; kept so that their runtime path stays tested).
     e8p_kernel: "grid4" runs 2- and 4-bit e8p layers by 4-bit grid kernels (e8p_as_grid),
-    "codebook" by the e8p kernel (half the bytes, slower). int8: decode's 4-bit GEMVs on int8
-    activations (gemv_i8; only for targets where gemv_i8.supported)."""
+    "codebook" by the e8p kernel (half the bytes, slower). trellis_kernel: "int8" runs trellis
+    layers on their rows rounded to 8 bits (trellis_as_int8), "codes" only the head so. int8:
+    decode's 4-bit GEMVs on int8 activations (gemv_i8; only for targets where gemv_i8.supported)."""
     import tvm
 
     from quipc_runtime import artifact as art
@@ -292,7 +293,7 @@ def build_module(artifact: Path, llvm: bool = True, cache: str = "capacity", e8p
     if traceable.manifest.get("head"):
         (head,) = art.load_block(Path(artifact), traceable.manifest["head"])
         layers[traceable.manifest["head"]["module"]] = head
-    layers = trellis_as_int8.head_as_int8(layers)
+    layers = trellis_as_int8.kernel_layers(layers, trellis_kernel)
     shared = _shared_head(traceable.manifest, layers)
     tables = {} if shared is not None else _dense_tables(traceable)
     if e8p_kernel not in e8p_as_grid.KERNELS:
@@ -327,7 +328,8 @@ def lower_operators(mod, tgt):
 
 
 def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress: bool = True,
-                   cache: str = "capacity", e8p_kernel: str = "grid4", activations: str = "fp32") -> Path:
+                   cache: str = "capacity", e8p_kernel: str = "grid4", activations: str = "fp32",
+                   trellis_kernel: str = "int8") -> Path:
     """A quipc artifact of any family in backends/traced/families.py -> OUT (model.so + config).
     activations: "fp32" (the torch path's sums, this function's default) or "int8" (decode's 4-bit
     GEMVs on int8 activations where the CPU has AVX2: what `quipc compile --target tvm` builds)."""
@@ -347,7 +349,8 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
     t0 = time.time()
     log(f"tracing {artifact}")
     int8 = gemv_i8.use_int8(activations, tgt)
-    mod, traceable = build_module(artifact, cache=cache, e8p_kernel=e8p_kernel, int8=int8)
+    mod, traceable = build_module(artifact, cache=cache, e8p_kernel=e8p_kernel, int8=int8,
+                                  trellis_kernel=trellis_kernel)
     log(f"compiling for {tgt}{' (4-bit GEMVs on int8 activations)' if int8 else ''}")
     ex = tvm.compile(lower_operators(mod, tgt), target=tgt)
     lay = traceable.layout
@@ -359,7 +362,7 @@ def compile_traced(artifact: Path, out: Path, *, target: str = "llvm", progress:
                      "max_pos": int(traceable.model.config.max_position_embeddings)},
            "eos_token_id": traceable.manifest["model_config"].get("eos_token_id"),
            "source_artifact": str(artifact.resolve()), "e8p_kernel": e8p_kernel,
-           "activations": "int8" if int8 else "fp32", "compile_seconds": None}
+           "trellis_kernel": trellis_kernel, "activations": "int8" if int8 else "fp32", "compile_seconds": None}
     if cache == "capacity":
         cfg["cache"], cfg["row_multiple"] = "capacity", ROW_MULTIPLE
     write_build(out, artifact, traceable.manifest, cfg, t0, lambda tmp: ex.export_library(str(tmp / LIB)))
