@@ -29,9 +29,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=d.grid, help="per-row grid range: mse (default) | minmax")
     p.add_argument("--format", default=None,
                    help="code format of the rotated weights: e8p (E8-lattice vector codes, residual "
-                        "stages at 3/4 bits; default) | trellis (tail-biting trellis codes on 16x16 tiles: "
-                        "lowest error, slower CPU decode) | auto (per layer: trellis where the shape is "
-                        "whole 16x16 tiles, else e8p, else grid) | grid (per-row scalar grid)")
+                        "stages at 3/4 bits; the default data-free, and with --calib at 2 bits) | trellis "
+                        "(tail-biting trellis codes on 16x16 tiles: lowest error; at 2 bits slower CPU decode) "
+                        "| auto (per layer: trellis where the shape is whole 16x16 tiles, else e8p, else grid; "
+                        "the default with --calib at 3 and 4 bits) | grid (per-row scalar grid)")
     p.add_argument("--finetune", default=None,
                    help="none | block | e2e | all. block: round each decoder block's linears input by "
                         "input, training in between what is still continuous (input and row scales, "

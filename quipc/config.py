@@ -28,7 +28,15 @@ CLI_HEAD_FORMAT_CALIB = "auto"
 # configuration 51.17 vs 60.92, agreement 0.340 vs 0.330, same bytes): it decodes 1.5x / 2.5x /
 # 10x slower on the kernels runtime / ONNX / TVM (45 / 40 / 140 against 30 / 15.6 / 14 ms per
 # token), and with --calib at w2 its block + e2e model lost the chat turn (agreement 0.042).
-CLI_FORMAT = "e8p"            # with or without --calib
+CLI_FORMAT = "e8p"            # data-free at every width; with --calib at 2 bits (and for an .onnx input)
+# with --calib at 3 and 4 bits: auto (trellis where the layer is whole 16x16 tiles, as all of SmolLM2's,
+# else e8p, else grid). Stop 49 (Xeon host, the --calib default otherwise: all, a quarter conversations,
+# trellis head), against e8p: w3 ppl 23.60 / agreement 0.463 against 25.60 / 0.387 (55.23 vs 55.54 MB),
+# w4 22.00 / 0.581 against 22.67 / 0.538 (68.50 vs 68.81 MB). At these widths e8p is two residual
+# stages, so trellis decodes as fast or faster on the kernels runtime and through the custom-op library
+# (w4: 34 vs 42 and 17 vs 18 ms per token), and TVM runs it on 8-bit rows (--tvm-trellis int8; README).
+# At 2 bits e8p stays: one stage there, 1.5x / 2.5x faster than trellis on those runtimes.
+CLI_FORMAT_CALIB = {2: "e8p", 3: "auto", 4: "auto"}
 CLI_FINETUNE = "e2e"          # data-free: block + e2e gave 58.85 vs 60.92 but agreement 0.275 vs 0.330
 CLI_FINETUNE_CALIB = "all"    # with --calib: block + e2e (w2 37.74 vs 39.24, w3 25.21 vs 25.62,
                               # w4 22.28 vs 22.02 but agreement 0.500 vs 0.458; w2 0.304 vs 0.154)

@@ -171,7 +171,12 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     (["m", "-o", "x", "--workers", "2", "--finetune-step-windows", "1"], ("e8p", "e2e", 1)),
     (["m", "-o", "x", "--finetune-step-windows", "3"], ("e8p", "e2e", 3)),
     (["m", "-o", "x", "--workers", "2", "--finetune-step-windows", "0"], ("e8p", "e2e", 0)),   # refused later
-    (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all", 1)),
+    (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all", 1)),                  # 2 bits
+    (["m", "-o", "x", "--calib", "t.txt", "--bits", "3"], ("auto", "all", 1)),  # trellis on whole tiles
+    (["m", "-o", "x", "--calib", "t.txt", "--bits", "4"], ("auto", "all", 1)),
+    (["m", "-o", "x", "--calib", "t.txt", "--bits", "4", "--format", "e8p"], ("e8p", "all", 1)),
+    (["m", "-o", "x", "--bits", "4"], ("e8p", "e2e", 1)),                       # data-free
+    (["m.onnx", "-o", "x", "--calib", "t.txt", "--bits", "4"], ("e8p", "none", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--format", "auto"], ("auto", "all", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e", 2)),
     (["m.onnx", "-o", "x", "--calib", "t.txt"], ("e8p", "none", 1)),
