@@ -47,6 +47,36 @@ def check_against_torch(artifact, path, runtime: str):
     assert tokens == want_tokens
 
 
+def capture_build(monkeypatch) -> dict:
+    """{"mod": the IRModule that compile_traced builds next} (filled when it builds)."""
+    from quipc.backends.tvm import traced
+
+    built = {}
+    real = traced.build_module
+
+    def keep(*args, **kwargs):
+        built["mod"], traceable = real(*args, **kwargs)
+        return built["mod"], traceable
+    monkeypatch.setattr(traced, "build_module", keep)
+    return built
+
+
+def round_trellis_rows(monkeypatch):
+    """The torch path with every trellis layer's rows rounded to 8 bits (quipc_runtime.int8_rows),
+    as TVM's int8x2 lowering runs them; returns the rounding (W' -> rounded W')."""
+    import numpy as np
+    from quipc_runtime.int8_rows import rows_as_int8
+    from quipc_runtime.layer import QuantizedLinear
+
+    def rounded(w):
+        q, step = rows_as_int8(w)
+        return (q * step[:, None]).astype(np.float32)
+    weight = QuantizedLinear.rotated_weight
+    monkeypatch.setattr(QuantizedLinear, "rotated_weight",
+                        lambda self: rounded(weight(self)) if self.format == "trellis" else weight(self))
+    return rounded
+
+
 @pytest.mark.parametrize("family", TVM_FAMILIES)
 def test_family_traced_tvm_matches_torch(family, tmp_path):
     from quipc.backends.tvm.traced import compile_traced
@@ -134,13 +164,7 @@ def test_head_and_shared_embedding(tmp_path, monkeypatch, e8p_kernel):
 
     from quipc.backends.tvm import traced
 
-    built = {}
-    real = traced.build_module
-
-    def keep(*args, **kwargs):   # the module compile_traced builds, captured once
-        built["mod"], traceable = real(*args, **kwargs)
-        return built["mod"], traceable
-    monkeypatch.setattr(traced, "build_module", keep)
+    built = capture_build(monkeypatch)
     artifact = family_artifact("qwen2", head=True)   # the traced ONNX tests' artifact (cached)
     assert art.load_block(artifact, art.read_manifest(artifact)["head"])[0].has_row_patch  # 8-bit rows too
     path = traced.compile_traced(artifact, tmp_path / "tvm", progress=False, e8p_kernel=e8p_kernel)
@@ -158,31 +182,18 @@ def test_trellis_head_runs_on_its_rows_rounded_to_8_bits(tmp_path, monkeypatch):
     (trellis_as_int8): prefill, decode and tokens are the torch path's with the head's rows
     rounded to 8 bits (quipc_runtime.int8_rows) in the head and the embedding, which decodes
     from the head's planes (no dense table)."""
-    import numpy as np
     from quipc.backends.tvm import traced
     from quipc_runtime import embedding
-    from quipc_runtime.int8_rows import rows_as_int8
-    from quipc_runtime.layer import QuantizedLinear
 
-    built = {}
-    real = traced.build_module
-
-    def keep(*args, **kwargs):
-        built["mod"], traceable = real(*args, **kwargs)
-        return built["mod"], traceable
-    monkeypatch.setattr(traced, "build_module", keep)
+    built = capture_build(monkeypatch)
     artifact = family_artifact("qwen2", head=True, head_format="trellis")
     path = traced.compile_traced(artifact, tmp_path / "tvm", progress=False)
     for fname in ("forward", "decode"):
         assert (256, 64) not in {tuple(c.value.shape) for c in _constants(built["mod"][fname])}
         assert "trellis" not in built["mod"][fname].script()   # the blocks are e8p: no trellis kernel left
 
-    def rounded(w):
-        q, step = rows_as_int8(w)
-        return (q * step[:, None]).astype(np.float32)
-    weight, rows = QuantizedLinear.rotated_weight, embedding.head_rotated_rows
-    monkeypatch.setattr(QuantizedLinear, "rotated_weight",
-                        lambda self: rounded(weight(self)) if self.format == "trellis" else weight(self))
+    rows = embedding.head_rotated_rows
+    rounded = round_trellis_rows(monkeypatch)
     monkeypatch.setattr(embedding, "head_rotated_rows", lambda layer, ids: rounded(rows(layer, ids)))
     check_against_torch(artifact, path, "TracedTvmLM")
     monkeypatch.undo()   # and the rounding does move the logits: the exact head's are not these
@@ -197,29 +208,15 @@ def test_trellis_blocks_by_kernel(kernel, tmp_path, monkeypatch):
     trellis kernels (the torch path itself)."""
     import json
 
-    import numpy as np
     from quipc.backends.tvm import traced
-    from quipc_runtime.int8_rows import rows_as_int8
-    from quipc_runtime.layer import QuantizedLinear
 
-    built = {}
-    real = traced.build_module
-
-    def keep(*args, **kwargs):
-        built["mod"], traceable = real(*args, **kwargs)
-        return built["mod"], traceable
-    monkeypatch.setattr(traced, "build_module", keep)
+    built = capture_build(monkeypatch)
     artifact = family_artifact("qwen2", blocks_format="trellis")
     path = traced.compile_traced(artifact, tmp_path / "tvm", progress=False, trellis_kernel=kernel)
     assert json.loads((path / "tvm_config.json").read_text())["trellis_kernel"] == kernel
     assert ("trellis" in built["mod"]["decode"].script()) == (kernel == "codes")
     if kernel == "int8":
-        def rounded(w):
-            q, step = rows_as_int8(w)
-            return (q * step[:, None]).astype(np.float32)
-        weight = QuantizedLinear.rotated_weight
-        monkeypatch.setattr(QuantizedLinear, "rotated_weight",
-                            lambda self: rounded(weight(self)) if self.format == "trellis" else weight(self))
+        round_trellis_rows(monkeypatch)
     check_against_torch(artifact, path, "TracedTvmLM")
     with pytest.raises(ValueError, match="unknown trellis kernel"):
         traced.build_module(artifact, trellis_kernel="lut")
