@@ -32,6 +32,18 @@ def fp32_answers(cache: Path, model_spec: str) -> list:
     return answers
 
 
+def records_and_reference(path: Path, model_spec: str) -> tuple[list, list]:
+    """The records already in `path` (a JSON list) and the fp32 answers cached beside it."""
+    records = json.loads(path.read_text()) if path.exists() else []
+    return records, fp32_answers(path.with_name(path.stem + "_fp32_answers.json"), model_spec)
+
+
+def write_records(path: Path, records: list) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifacts", nargs="+")
@@ -45,9 +57,7 @@ def main() -> int:
     from quipc_runtime.loader import load_tokenizer
 
     path = Path(args.json)
-    records = json.loads(path.read_text()) if path.exists() else []
-    reference = fp32_answers(path.with_name(path.stem + "_fp32_answers.json"), args.model)
-    tok = None
+    records, reference = records_and_reference(path, args.model)
     for art in args.artifacts:
         if any(r["artifact"] == art for r in records):
             continue
@@ -57,9 +67,7 @@ def main() -> int:
         rec = {"artifact": art, **result, "quant_config": manifest["quant_config"],
                "bpw": manifest["summary"]["bpw"]}
         records.append(rec)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        os.replace(tmp, path)
+        write_records(path, records)
         print(json.dumps({k: rec[k] for k in ("artifact", "rouge_l", "identical", "prompts")}), flush=True)
     return 0
 

@@ -21,14 +21,13 @@ ones benchmarks/agreement.py caches (computed if missing).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agreement import fp32_answers  # noqa: E402  (benchmarks/ is the script's folder)
+from agreement import records_and_reference, write_records  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def perturb_(weight: torch.Tensor, kind: str, gen: torch.Generator) -> None:
@@ -77,8 +76,7 @@ def main() -> int:
     from quipc.eval.agreement import agreement, chat_answers
 
     path = Path(args.json)
-    records = json.loads(path.read_text()) if path.exists() else []
-    reference = fp32_answers(path.with_name(path.stem + "_fp32_answers.json"), args.model)
+    records, reference = records_and_reference(path, args.model)
     for kind in args.perturb:
         if any(r["perturb"] == kind and r["model"] == args.model for r in records):
             continue
@@ -86,7 +84,7 @@ def main() -> int:
         result = agreement(chat_answers(model, tok), reference)
         rec = {"model": args.model, "perturb": kind, "weight_rel_err": rel, **result}
         records.append(rec)
-        path.write_text(json.dumps(records, indent=1))
+        write_records(path, records)
         print(f"{kind:>10}  weight rel. err {rel:.2e}  agreement {result['rouge_l']:.3f}  "
               f"identical {result['identical']}/{result['prompts']}", flush=True)
     return 0
