@@ -249,25 +249,28 @@ template <int K>
 void launch_bits(const unsigned char* codes, size_t row_bytes, int m, int n, int npad,
                  const float* z, int batch, const float* scale, const float* code, float* t,
                  cudaStream_t stream) {
-  const char* env = std::getenv("QUIPC_CUDA_GEMV");
-  const char* rows = std::getenv("QUIPC_CUDA_TRELLIS_ROWS");   // unset: the first GEMV (see the top)
-  const bool simple = rows == nullptr || rows[0] == '\0' || (env != nullptr && std::strcmp(env, "simple") == 0);
-  const bool aligned = reinterpret_cast<uintptr_t>(codes) % 8 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0
-                       && npad % 4 == 0 && n % kTrellisTile == 0 && m % kTrellisTile == 0;
-  const auto gemv = [&](const float* zc, int rows, float* tc) {
-    switch (rows) {
+  // The word-load GEMV: opt-in (QUIPC_CUDA_TRELLIS_ROWS set; see the top), not under
+  // QUIPC_CUDA_GEMV=simple, and only on the alignment its word and float4 loads assume.
+  const char* gemv_env = std::getenv("QUIPC_CUDA_GEMV");
+  const char* rows_env = std::getenv("QUIPC_CUDA_TRELLIS_ROWS");
+  const char* chunks_env = std::getenv("QUIPC_CUDA_TRELLIS_CHUNKS");   // batches 5-16 as 4-row GEMVs
+  const bool word_gemv = rows_env != nullptr && rows_env[0] != '\0'
+                         && !(gemv_env != nullptr && std::strcmp(gemv_env, "simple") == 0)
+                         && reinterpret_cast<uintptr_t>(codes) % 8 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0
+                         && npad % 4 == 0 && n % kTrellisTile == 0 && m % kTrellisTile == 0;
+  const auto gemv = [&](const float* zc, int nb, float* tc) {
+    switch (nb) {
       case 1: launch_gemv<K, 1>(codes, row_bytes, m, n, npad, zc, scale, code, tc, stream); break;
       case 2: launch_gemv<K, 2>(codes, row_bytes, m, n, npad, zc, scale, code, tc, stream); break;
       case 3: launch_gemv<K, 3>(codes, row_bytes, m, n, npad, zc, scale, code, tc, stream); break;
       default: launch_gemv<K, 4>(codes, row_bytes, m, n, npad, zc, scale, code, tc, stream); break;
     }
   };
-  // Batches 5-16 as 4-row GEMVs only under QUIPC_CUDA_TRELLIS_CHUNKS=1 until measured against the tile.
-  const char* chunks = std::getenv("QUIPC_CUDA_TRELLIS_CHUNKS");
-  if (batch <= 4 && aligned && !simple) {
+  const bool chunked = word_gemv && chunks_env != nullptr && std::strcmp(chunks_env, "1") == 0;
+  if (word_gemv && batch <= 4) {
     gemv(z, batch, t);
-  } else if (aligned && !simple && chunks != nullptr && std::strcmp(chunks, "1") == 0
-             && gemv_chunks(batch, npad, m, z, t, gemv)) {
+  } else if (chunked && gemv_chunks(batch, npad, m, z, t, gemv)) {
+    // launched, 4 rows at a time, by gemv_chunks
   } else if (batch <= 4) {
     // Each block stages the 16 KiB table once: a few blocks per SM loop over the rows.
     const unsigned grid = gemv_blocks(m, kGemvWarps, 4);
