@@ -4,8 +4,12 @@
 
 Greedy chat answers (48 new tokens, the model's chat template, quipc.eval.agreement.PROMPTS)
 of each artifact on the torch path against the unquantized source model's, ROUGE-L F1 over
-token ids. The fp32 answers are computed once and cached beside the JSON; records are keyed
-by artifact path and rerunning skips those already recorded.
+token ids; and the fp32 answers fed to the artifact after their prompts (forced_top1: the share
+of their tokens it picks greedily, forced_nll: their mean negative log-likelihood), which score
+every position on the same text and so separate close models with far less noise than ROUGE-L
+of free-running answers. The fp32 answers are computed once and cached beside the JSON; records
+are keyed by artifact path and rerunning skips those already recorded (a record from before the
+forced columns gains them).
 """
 from __future__ import annotations
 
@@ -53,22 +57,26 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import quipc_runtime
-    from quipc.eval.agreement import agreement, chat_answers
+    from quipc.eval.agreement import agreement, chat_answers, forced_agreement
     from quipc_runtime.loader import load_tokenizer
 
     path = Path(args.json)
     records, reference = records_and_reference(path, args.model)
     for art in args.artifacts:
-        if any(r["artifact"] == art for r in records):
+        rec = next((r for r in records if r["artifact"] == art), None)
+        if rec is not None and "forced_top1" in rec:
             continue
         tok = load_tokenizer(art)
-        manifest = json.loads((Path(art) / "manifest.json").read_text())
-        result = agreement(chat_answers(quipc_runtime.load(art), tok), reference)
-        rec = {"artifact": art, **result, "quant_config": manifest["quant_config"],
-               "bpw": manifest["summary"]["bpw"]}
-        records.append(rec)
+        model = quipc_runtime.load(art)
+        if rec is None:   # a record from before the forced columns gains only those
+            manifest = json.loads((Path(art) / "manifest.json").read_text())
+            rec = {"artifact": art, **agreement(chat_answers(model, tok), reference),
+                   "quant_config": manifest["quant_config"], "bpw": manifest["summary"]["bpw"]}
+            records.append(rec)
+        rec.update(forced_agreement(model, tok, reference))
         write_records(path, records)
-        print(json.dumps({k: rec[k] for k in ("artifact", "rouge_l", "identical", "prompts")}), flush=True)
+        print(json.dumps({k: rec[k] for k in ("artifact", "rouge_l", "identical", "prompts", "forced_top1",
+                                              "forced_nll")}), flush=True)
     return 0
 
 

@@ -73,20 +73,24 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from quipc.eval.agreement import agreement, chat_answers
+    from quipc.eval.agreement import agreement, chat_answers, forced_agreement
 
     path = Path(args.json)
     records, reference = records_and_reference(path, args.model)
     for kind in args.perturb:
-        if any(r["perturb"] == kind and r["model"] == args.model for r in records):
+        rec = next((r for r in records if r["perturb"] == kind and r["model"] == args.model), None)
+        if rec is not None and "forced_top1" in rec:
             continue
-        model, tok, rel = perturbed_model(args.model, kind)
-        result = agreement(chat_answers(model, tok), reference)
-        rec = {"model": args.model, "perturb": kind, "weight_rel_err": rel, **result}
-        records.append(rec)
+        model, tok, rel = perturbed_model(args.model, kind)   # seeded: a record from before gains its
+        if rec is None:                                       # forced columns from the same model
+            rec = {"model": args.model, "perturb": kind, "weight_rel_err": rel,
+                   **agreement(chat_answers(model, tok), reference)}
+            records.append(rec)
+        rec.update(forced_agreement(model, tok, reference))
         write_records(path, records)
-        print(f"{kind:>10}  weight rel. err {rel:.2e}  agreement {result['rouge_l']:.3f}  "
-              f"identical {result['identical']}/{result['prompts']}", flush=True)
+        print(f"{kind:>10}  weight rel. err {rel:.2e}  agreement {rec['rouge_l']:.3f}  "
+              f"identical {rec['identical']}/{rec['prompts']}  fp32's tokens picked {rec['forced_top1']:.3f}  "
+              f"their NLL {rec['forced_nll']:.3f}", flush=True)
     return 0
 
 

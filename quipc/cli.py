@@ -15,7 +15,8 @@ EXIT_USAGE, EXIT_FAIL = 2, 1
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from .config import CLI_FINETUNE_STEP_WINDOWS, CLI_FINETUNE_STEP_WINDOWS_RANKS, QuantConfig
+    from .config import (CLI_FINETUNE_LR, CLI_FINETUNE_LR_AFTER_BLOCK, CLI_FINETUNE_STEP_WINDOWS,
+                         CLI_FINETUNE_STEP_WINDOWS_RANKS, QuantConfig)
 
     d = QuantConfig()
     p.add_argument("--method", default=d.method, help="rtn | ldlq | quip (default)")
@@ -41,6 +42,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "on the calibration text; all: both (default: all with --calib, e2e data-free or with "
                         "several ranks, none for rtn and .onnx inputs)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help=f"e2e fine-tuning: Adam's learning rate (default {CLI_FINETUNE_LR:g}; after the block "
+                        "stage " + ", ".join(f"{lr:g} at {b} bits" for b, lr in CLI_FINETUNE_LR_AFTER_BLOCK.items())
+                        + ")")
     p.add_argument("--finetune-step-windows", type=int, default=None,
                    help="e2e fine-tuning: calibration windows per Adam step, their gradients summed "
                         f"(several ranks share a step's windows; default {CLI_FINETUNE_STEP_WINDOWS}, "

@@ -67,6 +67,8 @@ def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:
         del quant["head_int8_rows"]     # and one before --head-int8-rows
     if quant["finetune_step_windows"] == 1:
         del quant["finetune_step_windows"]   # and one before --finetune-step-windows
+    if quant["finetune_lr"] == 5e-4:
+        del quant["finetune_lr"]     # and one before --finetune-lr
     blob = json.dumps({"source": source, "quant": quant, "calib": calib_d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -31,6 +31,16 @@ def format_and_finetune(args) -> tuple[str, str, int]:
     return fmt, finetune, step
 
 
+def finetune_lr(args, finetune: str) -> float:
+    """--finetune-lr, or the default for this width and fine-tuning mode (see quipc.config)."""
+    from .config import CLI_FINETUNE_LR, CLI_FINETUNE_LR_AFTER_BLOCK
+
+    if args.finetune_lr is not None:
+        return args.finetune_lr
+    after_block = finetune in ("block", "all")
+    return CLI_FINETUNE_LR_AFTER_BLOCK.get(args.bits, CLI_FINETUNE_LR) if after_block else CLI_FINETUNE_LR
+
+
 def head_format(args) -> str:
     """--head-format, or the default for this calibration (see quipc.config)."""
     from .config import CLI_HEAD_FORMAT, CLI_HEAD_FORMAT_CALIB
@@ -64,6 +74,7 @@ def cmd_compile(args) -> int:
                       grid=args.grid, format=args.format, finetune=args.finetune,
                       finetune_epochs=args.finetune_epochs,
                       finetune_step_windows=args.finetune_step_windows,
+                      finetune_lr=finetune_lr(args, args.finetune),
                       head_bits=args.head_bits,
                       head_format=args.head_format, head_int8_rows=args.head_int8_rows,
                       embed_bits=args.embed_bits).validate()

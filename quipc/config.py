@@ -46,6 +46,15 @@ CLI_FINETUNE_RANKS = "e2e"    # with --workers / under torchrun: block fine-tuni
 # torchrun: 2, so that two ranks share each step (the same bytes as one process given the same
 # value; benchmarks/scale.py's timing part passes it to every run)
 CLI_FINETUNE_STEP_WINDOWS = 1
+# e2e: Adam's learning rate per width. At 4 bits, after the block stage, 5e-4 raised the held-out KL in its
+# first epoch, so early stopping kept the block-tuned values (w4 trellis 0.0357 -> 0.0376, e8p 0.0519 ->
+# 0.0522: the stage was 3.5 minutes for nothing); 1e-4 lowers it, 0.0357 -> 0.0339 -> 0.0335, perplexity
+# 22.00 -> 21.82, NLL of fp32's answers 0.769 -> 0.760 (their tokens picked 85.4 -> 85.2 %; ROUGE-L of
+# free answers 0.581 -> 0.561, 24 prompts; stop 50, README). At 2 and 3 bits 5e-4 still lowers it every
+# epoch, and so it does at 4 bits without the block stage (e2e alone, the data-free default: 0.0713 ->
+# 0.0612 -> 0.0606), so the smaller step goes only where the block stage ran first.
+CLI_FINETUNE_LR = 5e-4
+CLI_FINETUNE_LR_AFTER_BLOCK = {4: 1e-4}
 CLI_FINETUNE_STEP_WINDOWS_RANKS = 2
 CLI_EMBED_BITS = "auto"
 # rows of the head kept at 8 bits (the most frequent calibration tokens), off: in the default pipeline
@@ -79,6 +88,7 @@ class QuantConfig:
     finetune: str = "none"        # none | block | e2e | all (quipc.passes.finetune, block_finetune)
     finetune_epochs: int = 2
     finetune_step_windows: int = 1  # e2e: calibration windows per Adam step (spread over the ranks)
+    finetune_lr: float = 5e-4     # e2e: Adam's learning rate (passes/finetune.FinetuneConfig.lr)
     quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
     head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py
     head_format: str = "grid"     # HF path: lm_head's code format (grid | e8p | trellis | auto); a tied
@@ -132,7 +142,7 @@ class QuantConfig:
         from .passes.finetune import FinetuneConfig
 
         return FinetuneConfig(mode=self.finetune, epochs=self.finetune_epochs, seed=self.seed,
-                              step_windows=self.finetune_step_windows)
+                              step_windows=self.finetune_step_windows, lr=self.finetune_lr)
 
     def to_dict(self) -> dict:
         return asdict(self)

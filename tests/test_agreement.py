@@ -36,6 +36,32 @@ def test_answers_stop_at_end_of_sequence(tiny_model):
     assert answers == chat_answers(model, tok, prompts=["hi", "yes"], max_new_tokens=5)  # greedy
 
 
+def test_forced_agreement_of_a_model_with_its_own_answers(tiny_model):
+    """Fed its own greedy answers, a model picks every answer token again (and the end of an
+    answer cut short); another model's answers, or a perturbed model, score below 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quipc.eval.agreement import forced_agreement
+
+    tok = AutoTokenizer.from_pretrained(tiny_model[0])
+    if tok.chat_template is None:
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model[0], dtype=torch.float32).eval()
+    prompts = ["hi", "yes", "tell me"]
+    own = chat_answers(model, tok, prompts=prompts, max_new_tokens=6)
+    result = forced_agreement(model, tok, own, prompts=prompts, max_new_tokens=6)
+    assert result["forced_top1"] == 1.0
+    assert result["forced_tokens"] == sum(len(a) + (len(a) < 6) for a in own)
+    other = [[(t + 1) % tok.vocab_size for t in a] for a in own]
+    assert forced_agreement(model, tok, other, prompts=prompts, max_new_tokens=6)["forced_top1"] < 1.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * p.std())
+    assert forced_agreement(model, tok, own, prompts=prompts, max_new_tokens=6)["forced_nll"] > result["forced_nll"]
+    with pytest.raises(ValueError):
+        forced_agreement(model, tok, own[:1], prompts=prompts)
+
+
 def test_answers_of_a_lowered_model_cut_at_any_stop_token(tiny_model):
     """A lowered LM (OnnxLM returns a flat array, TvmLM a (1, L) one) answers through its own
     generate(); the answer is cut at the first of the tokenizer's stop tokens."""

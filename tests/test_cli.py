@@ -193,6 +193,30 @@ def test_compile_defaults_per_target(argv, expect):
 
 
 @pytest.mark.parametrize("argv,expect", [
+    (["m", "-o", "x"], 5e-4),
+    (["m", "-o", "x", "--bits", "4"], 5e-4),                      # data-free: e2e alone
+    (["m", "-o", "x", "--bits", "3", "--calib", "t.txt"], 5e-4),
+    (["m", "-o", "x", "--bits", "4", "--calib", "t.txt"], 1e-4),   # after the block stage
+    (["m", "-o", "x", "--bits", "4", "--calib", "t.txt", "--finetune", "e2e"], 5e-4),
+    (["m", "-o", "x", "--bits", "4", "--finetune-lr", "3e-4"], 3e-4),
+])
+def test_compile_finetune_lr_default_per_width(argv, expect):
+    """e2e fine-tuning's learning rate: 5e-4, and 1e-4 at 4 bits after the block stage (where
+    5e-4 made the held-out KL worse; quipc.config), unless told; it reaches the compile's
+    QuantConfig (and so its job key and manifest)."""
+    from quipc.cli import build_parser
+    from quipc.compile_command import finetune_lr, format_and_finetune
+    from quipc.config import QuantConfig
+
+    args = build_parser().parse_args(["compile", *argv])
+    lr = finetune_lr(args, format_and_finetune(args)[1])
+    assert lr == expect
+    assert QuantConfig(finetune="e2e", finetune_lr=lr).validate().finetune_config().lr == expect
+    with pytest.raises(ValueError, match="lr > 0"):
+        QuantConfig(finetune="e2e", finetune_lr=0.0).validate()
+
+
+@pytest.mark.parametrize("argv,expect", [
     (["m", "-o", "x"], "grid"),
     (["m", "-o", "x", "--calib", "t.txt"], "auto"),      # trellis on whole 16x16 tiles, else e8p, grid
     (["m", "-o", "x", "--calib", "t.txt", "--head-format", "grid"], "grid"),

@@ -317,7 +317,7 @@ def test_cli_flags():
 
 
 def test_resume_key_of_compiles_from_before_head_format():
-    """A compile started before --head-format / --head-int8-rows existed (its key hashed neither)
+    """A compile started before --head-format / --head-int8-rows / --finetune-lr existed (its key hashed none)
     resumes under the default grid head without 8-bit rows; another head format, or rows kept
     at 8 bits, is another job."""
     import hashlib
@@ -327,7 +327,7 @@ def test_resume_key_of_compiles_from_before_head_format():
 
     calib, source = CalibConfig(text="t.txt", **CALIB), {"spec": "m"}
     old = QuantConfig(bits=2, head_bits=4).to_dict()
-    del old["head_format"], old["head_int8_rows"], old["finetune_step_windows"]
+    del old["head_format"], old["head_int8_rows"], old["finetune_step_windows"], old["finetune_lr"]
     calib_d = asdict(calib)
     del calib_d["chat"]
     blob = json.dumps({"source": source, "quant": old, "calib": calib_d}, sort_keys=True)
@@ -337,4 +337,6 @@ def test_resume_key_of_compiles_from_before_head_format():
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_int8_rows=4096), calib) != \
         _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, finetune_step_windows=2), calib) != \
+        _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
+    assert _job_key(source, QuantConfig(bits=2, head_bits=4, finetune_lr=1e-4), calib) != \
         _job_key(source, QuantConfig(bits=2, head_bits=4), calib)

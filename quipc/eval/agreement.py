@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 
-from .chat import answer_ids
+import torch
+
+from .chat import answer_ids, prompt_ids, stop_ids
 
 # Short instructions with short, checkable answers (facts, arithmetic, language, code).
 PROMPTS = [
@@ -72,6 +74,35 @@ def agreement(answers: list[list[int]], reference: list[list[int]]) -> dict:
     scores = [rouge_l_f1(a, r) for a, r in zip(answers, reference)]
     return {"rouge_l": sum(scores) / len(scores), "identical": sum(a == r for a, r in zip(answers, reference)),
             "prompts": len(scores), "per_prompt": scores}
+
+
+def forced_agreement(model, tokenizer, reference: list[list[int]], prompts=PROMPTS,
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """The reference answers fed to `model` (a torch causal LM) after their prompts: the share
+    of answer positions where its greedy choice is the reference's token, and the mean negative
+    log-likelihood of those tokens. An answer shorter than max_new_tokens ended at an
+    end-of-sequence token, which is scored too. Unlike ROUGE-L over free-running answers, where
+    the first different token changes all that follows, every position is scored on the same
+    text, so close models compare with far less noise."""
+    if len(prompts) != len(reference):
+        raise ValueError(f"{len(prompts)} prompts against {len(reference)} reference answers")
+    stops = stop_ids(tokenizer)
+    eos = min(stops) if stops else None
+    device = next(model.parameters()).device
+    hits, nll, count = 0, 0.0, 0
+    for prompt, ref in zip(prompts, reference):
+        ids = prompt_ids(tokenizer, prompt)[0].tolist()
+        target = list(ref) + ([eos] if len(ref) < max_new_tokens and eos is not None else [])
+        if not target:
+            continue
+        x = torch.tensor([ids + target[:-1]], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=x, use_cache=False).logits[0, len(ids) - 1:].float()
+        want = torch.tensor(target, device=device)
+        hits += int((logits.argmax(-1) == want).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits, want, reduction="sum"))
+        count += len(target)
+    return {"forced_top1": hits / count, "forced_nll": nll / count, "forced_tokens": count}
 
 
 def timed_answers(model, tokenizer) -> tuple[list[list[int]], float]:
