@@ -93,7 +93,7 @@ def test_text_calibration_with_a_chat_share(tiny_model, tmp_path, monkeypatch):
     # no chat share: the key does not name the field (old folders resume), a share changes it
     plain = CalibConfig(text=str(text), windows=4, length=32)
     quant = QuantConfig().to_dict()
-    del quant["head_format"], quant["head_int8_rows"], quant["finetune_step_windows"]   # nor defaults added since
+    del quant["head_format"], quant["head_int8_rows"], quant["finetune_step_windows"], quant["finetune_lr"]  # nor defaults added since
     before = json.dumps({"source": {}, "quant": quant, "calib": {
         "text": str(text), "windows": 4, "length": 32, "batch": 8}}, sort_keys=True)
     assert _job_key({}, QuantConfig(), plain) == hashlib.sha256(before.encode()).hexdigest()
