@@ -39,8 +39,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "input, training in between what is still continuous (input and row scales, "
                         "weights not rounded yet) to match the fp block's outputs; e2e: after rounding, "
                         "train input and row scales and norms to match the unquantized model's logits "
-                        "on the calibration text; all: both (default: all with --calib, e2e data-free or with "
-                        "several ranks, none for rtn and .onnx inputs)")
+                        "on the calibration text; all: both (default: all with --calib and data-free at 2 bits, e2e "
+                        "data-free at 3 and 4 bits or with several ranks, none for rtn and .onnx inputs)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
     p.add_argument("--finetune-lr", type=float, default=None,
                    help=f"e2e fine-tuning: Adam's learning rate (default {CLI_FINETUNE_LR:g}; after the block "

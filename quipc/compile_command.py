@@ -21,7 +21,7 @@ def format_and_finetune(args) -> tuple[str, str, int]:
     fmt = args.format or (CLI_FORMAT_CALIB.get(args.bits, CLI_FORMAT) if calib and not onnx_input else CLI_FORMAT)
     several_ranks = getattr(args, "workers", 1) > 1 or launched_by_torchrun()
     default = (CLI_FINETUNE_RANKS if several_ranks   # block fine-tuning runs in one process
-               else CLI_FINETUNE_CALIB if calib else CLI_FINETUNE)
+               else CLI_FINETUNE_CALIB if calib else CLI_FINETUNE.get(args.bits, "e2e"))
     finetune = args.finetune or ("none" if onnx_input or args.method == "rtn" else default)
     if onnx_input and finetune != "none":
         raise ValueError("fine-tuning runs on Hugging Face / GGUF models; an .onnx input takes --finetune none")

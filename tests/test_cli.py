@@ -161,15 +161,16 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["m", "-o", "x"], ("e8p", "e2e", 1)),
-    (["m", "-o", "x", "--target", "onnx"], ("e8p", "e2e", 1)),
+    (["m", "-o", "x"], ("e8p", "all", 1)),                                     # data-free, 2 bits
+    (["m", "-o", "x", "--target", "onnx"], ("e8p", "all", 1)),
     (["m", "-o", "x", "--target", "tvm", "--finetune", "none"], ("e8p", "none", 1)),
     (["m.onnx", "-o", "x"], ("e8p", "none", 1)),
     (["m", "-o", "x", "--method", "rtn"], ("e8p", "none", 1)),
-    (["m", "-o", "x", "--format", "grid"], ("grid", "e2e", 1)),
+    (["m", "-o", "x", "--format", "grid"], ("grid", "all", 1)),
+    (["m", "-o", "x", "--bits", "3"], ("e8p", "e2e", 1)),                       # data-free: all not measured
     (["m", "-o", "x", "--workers", "2"], ("e8p", "e2e", 2)),
     (["m", "-o", "x", "--workers", "2", "--finetune-step-windows", "1"], ("e8p", "e2e", 1)),
-    (["m", "-o", "x", "--finetune-step-windows", "3"], ("e8p", "e2e", 3)),
+    (["m", "-o", "x", "--finetune-step-windows", "3"], ("e8p", "all", 3)),
     (["m", "-o", "x", "--workers", "2", "--finetune-step-windows", "0"], ("e8p", "e2e", 0)),   # refused later
     (["m", "-o", "x", "--calib", "t.txt"], ("e8p", "all", 1)),                  # 2 bits
     (["m", "-o", "x", "--calib", "t.txt", "--bits", "3"], ("auto", "all", 1)),  # trellis on whole tiles
