@@ -56,19 +56,17 @@ _CONFIG_DROP = ("quantization_config", "_name_or_path", "_model_name_or_path", "
                 "use_cache")
 
 
+# QuantConfig fields added after compiles were already being keyed, with the value every compile
+# before them used: at that value a field stays out of the key, so an interrupted compile from before
+# it resumes under the same key
+_KEYED_SINCE = {"head_format": "grid", "head_int8_rows": 0, "finetune_step_windows": 1, "finetune_lr": 5e-4}
+
+
 def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:
     calib_d = asdict(calib)
     if not calib.chat:
         del calib_d["chat"]   # the key of a compile from before the option existed
-    quant = cfg.to_dict()
-    if quant["head_format"] == "grid":
-        del quant["head_format"]   # likewise: a compile started before --head-format resumes
-    if quant["head_int8_rows"] == 0:
-        del quant["head_int8_rows"]     # and one before --head-int8-rows
-    if quant["finetune_step_windows"] == 1:
-        del quant["finetune_step_windows"]   # and one before --finetune-step-windows
-    if quant["finetune_lr"] == 5e-4:
-        del quant["finetune_lr"]     # and one before --finetune-lr
+    quant = {k: v for k, v in cfg.to_dict().items() if k not in _KEYED_SINCE or v != _KEYED_SINCE[k]}
     blob = json.dumps({"source": source, "quant": quant, "calib": calib_d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

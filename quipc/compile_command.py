@@ -34,11 +34,13 @@ def format_and_finetune(args) -> tuple[str, str, int]:
 def finetune_lr(args, finetune: str) -> float:
     """--finetune-lr, or the default for this width and fine-tuning mode (see quipc.config)."""
     from .config import CLI_FINETUNE_LR, CLI_FINETUNE_LR_AFTER_BLOCK
+    from .passes.finetune import FinetuneConfig
 
     if args.finetune_lr is not None:
         return args.finetune_lr
-    after_block = finetune in ("block", "all")
-    return CLI_FINETUNE_LR_AFTER_BLOCK.get(args.bits, CLI_FINETUNE_LR) if after_block else CLI_FINETUNE_LR
+    if FinetuneConfig(mode=finetune).block:
+        return CLI_FINETUNE_LR_AFTER_BLOCK.get(args.bits, CLI_FINETUNE_LR)
+    return CLI_FINETUNE_LR
 
 
 def head_format(args) -> str:
