@@ -9,6 +9,7 @@
 #include "avx2.h"
 #include "unpack.h"
 #include "avx2_util.h"
+#include "prefetch.h"
 
 namespace quipc {
 namespace avx2 {
@@ -45,6 +46,7 @@ void rows_kernel(const Codes& c, const RowAffine& aff, int i0, int i1, const flo
       for (int u = 0; u < 4; ++u) acc[b][u] = _mm256_setzero_ps();
     int g = 0;
     for (; g < fast4; g += 4) {
+      if (((g * BITS) & 63) < 4 * BITS) prefetch_ahead(row + g * BITS);  // once per 64-byte line
       for (int u = 0; u < 4; ++u) {
         const __m256 w = codes8<BITS>(load_word<BITS>(row + (g + u) * BITS), shifts, mask);
         for (int b = 0; b < NB; ++b)

@@ -10,6 +10,7 @@
 
 #include "avx2.h"
 #include "avx2_util.h"
+#include "prefetch.h"
 
 namespace quipc {
 namespace avx2 {
@@ -50,8 +51,9 @@ void rows_i8(const Codes& c, const RowAffine& aff, int i, const Int8Acts& a, con
   for (; blk + 2 <= full; blk += 2) {
     __m256i lo[R], hi[R];
     for (int r = 0; r < R; ++r) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-          c.data + size_t(i + r) * c.row_bytes + size_t(blk) * (kActBlock / 2)));
+      const uint8_t* p = c.data + size_t(i + r) * c.row_bytes + size_t(blk) * (kActBlock / 2);
+      if ((blk & 3) == 0) prefetch_ahead(p);  // one per 64-byte line
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
       lo[r] = _mm256_and_si256(x, m4);
       hi[r] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
     }

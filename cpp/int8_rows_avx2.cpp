@@ -7,6 +7,7 @@
 
 #include "avx2_util.h"
 #include "int8_rows.h"
+#include "prefetch.h"
 
 namespace quipc {
 namespace int8_rows_avx2 {
@@ -25,6 +26,7 @@ void rows_f32(const Int8Rows& w, int i, const float* zp, int ldz, float* t, int 
       for (int b = 0; b < NB; ++b) z[b] = _mm256_loadu_ps(zp + size_t(b) * ldz + j + 8 * k);
       for (int r = 0; r < R; ++r) {
         const int8_t* q = w.q + size_t(i + r) * len + j + 8 * k;
+        if (k == 0 && (j & 63) == 0) prefetch_ahead(q);
         const __m256 v = _mm256_cvtepi32_ps(
             _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
         for (int b = 0; b < NB; ++b) acc[k][r][b] = _mm256_fmadd_ps(v, z[b], acc[k][r][b]);
@@ -46,7 +48,9 @@ void rows_i8(const Int8Rows& w, int i, const Int8Acts& a, float* t, int ldt) {
   for (int blk = 0; blk < w.blocks; ++blk) {
     __m256i q[R], mag[R];
     for (int r = 0; r < R; ++r) {
-      q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + size_t(i + r) * len + size_t(blk) * kActBlock));
+      const int8_t* qp = w.q + size_t(i + r) * len + size_t(blk) * kActBlock;
+      if ((blk & 1) == 0) prefetch_ahead(qp);  // one per 64-byte line
+      q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp));
       mag[r] = _mm256_abs_epi8(q[r]);
     }
     for (int b = 0; b < NB; ++b) {
