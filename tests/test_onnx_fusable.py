@@ -61,7 +61,7 @@ def test_rewrites_keep_the_outputs_and_drop_the_nodes():
     counts = rewrite(model)
     onnx.checker.check_model(model, full_check=True)
     ops = Counter(nd.op_type for nd in model.graph.node)
-    assert counts == {"rms_norm_divs": 1, "rotate_half_gathers": 1}
+    assert counts == {"rms_norm_divs": 1, "rotate_half_gathers": 1, "shared_shapes": 0}
     assert ops["Reciprocal"] == ops["Neg"] == ops["Concat"] == ops["Slice"] == 0
     assert ops["Div"] == 1 and ops["Gather"] == 1
     np.testing.assert_allclose(_run(model, feeds)[0], want, rtol=1e-5, atol=1e-6)
@@ -74,3 +74,45 @@ def test_lookalikes_are_left_alone(kw):
     counts = rewrite(model)
     assert counts["rotate_half_gathers"] == 0
     assert Counter(nd.op_type for nd in model.graph.node)["Neg"] == 1
+
+
+def _shapes_graph(dims_b):
+    """Two tensors of declared shapes (batch, seq, 4) and dims_b, each read by its own Shape
+    of axes 0-1 and reshaped by the result, as every attention layer of the traced graph does."""
+    f, n = TensorProto.FLOAT, helper.make_node
+    four = numpy_helper.from_array(np.array([4], np.int64), "four")
+    nodes = [n("Relu", ["x"], ["a"]), n("Neg", ["a"], ["b"]),
+             n("Shape", ["a"], ["sa"], start=0, end=2), n("Shape", ["b"], ["sb"], start=0, end=2),
+             n("Shape", ["b"], ["sc"], start=-1),
+             n("Concat", ["sa", "four"], ["ta"], axis=0), n("Concat", ["sb", "sc"], ["tb"], axis=0),
+             n("Reshape", ["a", "ta"], ["ya"]), n("Reshape", ["b", "tb"], ["yb"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", f, ["batch", "seq", 4])],
+        [helper.make_tensor_value_info(o, f, ["batch", "seq", 4]) for o in ("ya", "yb")], [four],
+        value_info=[helper.make_tensor_value_info("a", f, ["batch", "seq", 4]),
+                    helper.make_tensor_value_info("b", f, dims_b)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_shapes_of_alike_named_dimensions_are_read_once():
+    model = _shapes_graph(["batch", "seq", 4])
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+    want = _run(model, feeds)
+    assert rewrite(model)["shared_shapes"] == 1
+    onnx.checker.check_model(model, full_check=True)
+    shapes = [nd for nd in model.graph.node if nd.op_type == "Shape"]
+    assert [nd.output[0] for nd in shapes] == ["sa", "sc"]     # the last axis (4) is another slice
+    assert next(nd for nd in model.graph.node if nd.output[0] == "tb").input[0] == "sa"
+    for got, ref in zip(_run(model, feeds), want):
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("dims_b", [["batch", "other", 4], ["batch", None, 4], None])
+def test_shapes_of_other_or_unknown_dimensions_are_kept(dims_b):
+    model = _shapes_graph(dims_b if dims_b is not None else ["batch", "seq", 4])
+    if dims_b is None:   # no declared shape for b at all
+        del model.graph.value_info[1]
+    assert rewrite(model)["shared_shapes"] == 0
+    assert sum(nd.op_type == "Shape" for nd in model.graph.node) == 3

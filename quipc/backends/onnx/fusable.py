@@ -11,6 +11,13 @@ than the arithmetic):
   computed once per sin tensor (all layers share it): 4 nodes per rotation become 1.
 Both are exact rewrites up to float rounding (x / s against x * (1 / s)). The hand-written
 Llama graph (llama.py) is written in these forms directly.
+A third one is about dispatches only: every attention layer reads the batch, sequence and cache
+lengths again with its own Shape nodes and builds the same reshape targets from them. A Shape
+whose slice of its input's dimensions is the same named (or numeric) dimensions as an earlier
+Shape's reuses that one's output, exactly: the exporter names a dynamic dimension by what it
+is (torch.export proves equal the dimensions it names alike). onnxruntime's
+common-subexpression pass then merges the Concats built from them. SmolLM2 w4: 1488 -> 1283
+nodes after onnxruntime's optimizer, decode 11.39 against 12.04 ms (library, 2 threads).
 """
 from __future__ import annotations
 
@@ -179,6 +186,51 @@ def rotate_half_gathers(model: onnx.ModelProto) -> int:
     return done
 
 
+def _named_dims(graph: onnx.GraphProto) -> dict[str, list]:
+    """Per value with a declared shape: each dimension's name (dim_param), number (dim_value)
+    or None (unknown)."""
+    out = {}
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            out[vi.name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                            for d in vi.type.tensor_type.shape.dim]
+    return out
+
+
+def shared_shapes(model: onnx.ModelProto) -> int:
+    """Shape(x, start, end) whose slice of x's dimensions is all named or numeric and equal to an
+    earlier Shape's -> that Shape's output; returns how many Shape nodes were dropped."""
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0   # a subgraph may read the values by name: leave such models alone
+    g = _Graph(graph)
+    dims = _named_dims(graph)
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    dead = set()
+    for node in g.nodes:
+        if node.op_type != "Shape" or node.input[0] not in dims or node.output[0] in g.outputs:
+            continue
+        d = dims[node.input[0]]
+        attrs = {a.name: a.i for a in node.attribute}
+        part = tuple(d[attrs.get("start", 0):attrs.get("end", len(d))])
+        if not part or any(x is None or x == "" for x in part):
+            continue
+        if part in first:
+            rename[node.output[0]] = first[part]
+            dead.add(id(node))
+        else:
+            first[part] = node.output[0]
+    for node in g.nodes:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    if dead:
+        g.rebuild(dead)
+    return len(dead)
+
+
 def rewrite(model: onnx.ModelProto) -> dict:
     """Every rewrite above, in place; returns the counts."""
-    return {"rms_norm_divs": rms_norm_divs(model), "rotate_half_gathers": rotate_half_gathers(model)}
+    return {"rms_norm_divs": rms_norm_divs(model), "rotate_half_gathers": rotate_half_gathers(model),
+            "shared_shapes": shared_shapes(model)}

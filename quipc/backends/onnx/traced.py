@@ -105,7 +105,7 @@ def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: boo
     layers = art.load_layers(artifact, manifest)
     embeddings = _quantized_embeddings(artifact, manifest, layers)
     lower_placeholders(model, layers, embeddings, ops=ops, accuracy_level=accuracy_level)
-    rewrites = fusable.rewrite(model)   # RMSNorm and rotate_half in onnxruntime's fusable forms
+    rewrites = fusable.rewrite(model)   # RMSNorm, rotate_half in fusable forms; shared Shape reads
     ins, outs = io_names(captured.cache.layers)
     mapping = dict(zip([v.name for v in model.graph.input], ins))
     mapping.update(zip([v.name for v in model.graph.output], outs))
