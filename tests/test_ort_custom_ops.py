@@ -145,6 +145,27 @@ def test_accuracy_level_4_takes_int8_activations():
         np.testing.assert_array_equal(int8.run(None, {"x": rows})[0], fp32.run(None, {"x": rows})[0])
 
 
+
+def test_trellis_nodes_decode_on_8bit_rows_at_every_accuracy_level():
+    """A trellis node's GEMV (batch <= 4) runs on its rows rounded to 8 bits at every accuracy_level
+    (kernels.prepare(trellis_as_int8=True)), on fp32 activations below 4 and int8 ones at 4; not the
+    exact code-table GEMV. Prefill-size batches run the exact GEMM at both levels."""
+    from quipc_runtime import kernels
+    from trellis_layers import random_trellis_layer
+
+    layer = random_trellis_layer(96, 64, 4, seed=3)
+    x = np.random.default_rng(8).standard_normal((4, 64)).astype(np.float32)
+    rows = np.random.default_rng(9).standard_normal((9, 64)).astype(np.float32)
+    exact = kernels.prepare(layer)
+    for level in (0, 4):
+        sess = session(build([layer], rank=None, accuracy_level=level), True)
+        want = kernels.prepare(layer, trellis_as_int8=True, int8_activations=level >= 4).forward(x)
+        got = sess.run(None, {"x": x[None]})[0][0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert not np.allclose(got, exact.forward(x), rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(sess.run(None, {"x": rows[None]})[0][0], exact.forward(rows),
+                                   rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
 # --- a tiny Llama, both formats: prefill and decode with the KV cache --------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
