@@ -12,9 +12,10 @@ fed through decode at its position, the next token's negative log-likelihood sum
 are short (256) and few: compare TARGETs on the same windows, not with PROTOCOL figures.
 
 A TARGET is a TVM build folder, or an artifact folder with a suffix naming its runtime:
-ART@kernels (fp32 activations), ART@kernels-int8 (int8 activations), ART@kernels-exact (fp32
-activations, a trellis lm_head's exact GEMV instead of the default 8-bit copy of its rows),
-ART@kernels-8bit-all (every trellis layer's GEMV on the 8-bit copy of its rows, blocks too).
+ART@kernels (fp32 activations, a trellis lm_head's GEMV on the 8-bit copy of its rows, the
+blocks' exact), ART@kernels-int8 (the same on int8 activations), ART@kernels-exact (every GEMV
+exact), ART@kernels-8bit-all (every trellis layer's GEMV on the 8-bit copy of its rows, blocks
+too: the loader's default since stop 51).
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ quipc's custom-op library where it is built; `EXPORT#bodies` runs the same file 
 function bodies (stock onnxruntime), so `EXPORT#bodies EXPORT` is issue 13's comparison. A
 quipc artifact folder (manifest.json) runs through the C++ kernels runtime
 (`quipc_runtime.load(ART, backend="kernels")`, transformers' model with the fused kernels;
-`ART#int8` with int8 activations, `ART#8bit-all` with every trellis layer's GEMV on an 8-bit
-copy of its rows, not only the lm_head's), e.g. issue 16's dense-head and quantized-head artifacts.
+every trellis layer's decode GEMV on an 8-bit copy of its rows, the loader's default;
+`ART#int8` with int8 activations too, `ART#8bit-head` with only the lm_head's GEMV on its copy,
+the blocks' exact), e.g. issue 16's dense-head and quantized-head artifacts.
 
 For comparing two builds of the same artifact (before and after a change to the TVM backend):
 each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
@@ -97,9 +98,9 @@ def load(build: str, threads: int):
     bodies = build.endswith("#bodies")
     art, _, option = build.partition("#")
     if (Path(art) / "manifest.json").is_file():
-        if option not in ("", "int8", "8bit-all"):
-            raise ValueError(f"{build}: an artifact takes #int8 or #8bit-all")
-        return KernelsBuild(art, threads, int8=option == "int8", trellis_as_int8="all" if option == "8bit-all" else "head")
+        if option not in ("", "int8", "8bit-head"):
+            raise ValueError(f"{build}: an artifact takes #int8 or #8bit-head")
+        return KernelsBuild(art, threads, int8=option == "int8", trellis_as_int8="head" if option == "8bit-head" else "all")
     path = Path(build.removesuffix("#bodies"))
     if path.suffix == ".onnx" or (path / "model.onnx").is_file():
         return OnnxBuild(path, threads, custom_ops=False if bodies else None)

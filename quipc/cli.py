@@ -161,11 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--backend", default="auto",
                     help="artifact backend: auto (the C++ kernels where they are built, else reference; "
                          "default) | reference | kernels")
-    ch.add_argument("--trellis-as-int8", choices=TRELLIS_AS_INT8, default="head",
+    ch.add_argument("--trellis-as-int8", choices=TRELLIS_AS_INT8, default="all",
                     help="kernels backend: the trellis layers whose decode GEMVs run on an 8-bit copy of "
-                         "their rows, made at load: head (default; the lm_head), all (blocks too: ~1.7x "
-                         "faster decode of a --format trellis model, a byte a weight of memory, decode "
-                         "perplexity +0.5 %% on SmolLM2 w2) or none (every GEMV exact)")
+                         "their rows, made at load: all (default, as the ONNX library and TVM builds: "
+                         "~1.4x faster decode of SmolLM2 w4, a byte a weight of memory, decode perplexity "
+                         "+0.4 %%; +0.5 %% at w2), head (the lm_head only) or none (every GEMV exact)")
 
     i = sub.add_parser("inspect", help="per-layer table of an artifact")
     i.add_argument("artifact")

@@ -137,7 +137,7 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path, monkeypatch
     assert_clean_error(code, err, "the prompt is empty")
     code, _, err = run(capsys, "eval", out, "--text", tmp_path / "nope.txt")
     assert_clean_error(code, err, "text file")
-    seen = []                                   # --trellis-as-int8 reaches the loader (default: the head)
+    seen = []                                   # --trellis-as-int8 reaches the loader (default: all)
     real_load = quipc.load
 
     def spy(*a, **kw):
@@ -147,8 +147,8 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path, monkeypatch
     import quipc_runtime
     monkeypatch.setattr(quipc_runtime, "load", spy)
     assert run(capsys, "chat", out, "the", "--max-new-tokens", 1)[0] == 0
-    assert run(capsys, "chat", out, "the", "--max-new-tokens", 1, "--trellis-as-int8", "all")[0] == 0
-    assert seen == ["head", "all"]
+    assert run(capsys, "chat", out, "the", "--max-new-tokens", 1, "--trellis-as-int8", "head")[0] == 0
+    assert seen == ["all", "head"]
 
 
 def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):

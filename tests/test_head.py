@@ -253,14 +253,14 @@ def test_head_formats_compute_the_stored_tensors(tiny_model, tied_w3, tmp_path, 
 
 @needs_kernels
 def test_trellis_head_decodes_on_its_rows_rounded_to_8_bits(tiny_model, tied_w3, tmp_path):
-    """The kernels runtime runs a trellis lm_head's GEMV on the 8-bit copy of its rows (not the
-    blocks'); trellis_as_int8=False keeps the exact one. A decode step's logits against the
+    """trellis_as_int8="head": the kernels runtime runs a trellis lm_head's GEMV on the 8-bit copy of
+    its rows (not the blocks'); trellis_as_int8=False keeps the exact one. A decode step's logits against the
     torch path: within the rounding, and exact without it."""
     from quipc_runtime.kernels import KernelQuipLinear
 
     artifact = _artifact_for(tiny_model, tied_w3, tmp_path, 4, "auto", "trellis")
-    fast, exact = quipc.load(artifact, backend="kernels"), quipc.load(artifact, backend="kernels",
-                                                                       trellis_as_int8=False)
+    fast = quipc.load(artifact, backend="kernels", trellis_as_int8="head")
+    exact = quipc.load(artifact, backend="kernels", trellis_as_int8=False)
     assert fast.lm_head._plan.gemv_on_int8_rows and not exact.lm_head._plan.gemv_on_int8_rows
     assert not any(m._plan.gemv_on_int8_rows for m in fast.model.modules() if isinstance(m, KernelQuipLinear))
     ids = torch.randint(3, 17, (1, 1), generator=torch.Generator().manual_seed(0))

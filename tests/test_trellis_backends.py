@@ -158,7 +158,10 @@ def test_kernel_backend_runs_the_model(trellis_artifact):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     kernel_layers = [m for m in quipc.load(trellis_artifact[1], backend="kernels").modules()
                      if isinstance(m, kernels.KernelQuipLinear)]
-    assert kernel_layers and not any(m._plan.gemv_on_int8_rows for m in kernel_layers)   # the blocks' GEMVs stay exact
+    assert kernel_layers and all(m._plan.gemv_on_int8_rows for m in kernel_layers)   # by default, decode on 8-bit rows
+    exact = [m for m in quipc.load(trellis_artifact[1], backend="kernels", trellis_as_int8="head").modules()
+             if isinstance(m, kernels.KernelQuipLinear)]
+    assert exact and not any(m._plan.gemv_on_int8_rows for m in exact)   # "head": the blocks' GEMVs exact
 
 
 @pytest.mark.skipif(not kernels.available(), reason="C++ kernels not built")

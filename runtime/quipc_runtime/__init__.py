@@ -12,11 +12,11 @@ __version__ = "0.1.0"
 
 
 def load(folder, device: str = "cpu", backend: str = "reference", int8_activations: bool = False,
-         trellis_as_int8: bool | str = True):
+         trellis_as_int8: bool | str = "all"):
     """Load an artifact as a transformers causal LM (generate() works). Backend "kernels" on the
     CPU: int8_activations, the 4-bit GEMVs take int8 activations; trellis_as_int8, which trellis
-    layers' GEMVs run on an 8-bit copy of their rows: True or "head" a trellis lm_head's, "all"
-    every trellis layer's, False or "none" none (the exact GEMV; `kernels.prepare`)."""
+    layers' GEMVs run on an 8-bit copy of their rows: "all" (default) every trellis layer's, True
+    or "head" a trellis lm_head's, False or "none" none (the exact GEMV; `kernels.prepare`)."""
     from .loader import load_model
 
     return load_model(folder, device=device, backend=backend, int8_activations=int8_activations,

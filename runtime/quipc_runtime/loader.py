@@ -46,12 +46,12 @@ def _module_for(layer, backend: str, device: str, int8_activations: bool = False
 
 
 def load_model(folder, device: str = "cpu", backend: str = "reference", allow_incomplete: bool = False,
-               int8_activations: bool = False, trellis_as_int8: bool | str = True):
+               int8_activations: bool = False, trellis_as_int8: bool | str = "all"):
     """allow_incomplete: load a compile whose layers are all written but which is not marked
     complete yet (the compiler's fine-tuning stage works on it). int8_activations: backend
     "kernels" on the CPU, the 4-bit GEMVs on int8 activations; trellis_as_int8: the trellis
-    layers whose GEMV runs on an 8-bit copy of their rows (int8_rows.trellis_copy_scope; default the
-    lm_head only), the others' exact (`kernels.prepare`)."""
+    layers whose GEMV runs on an 8-bit copy of their rows (int8_rows.trellis_copy_scope; default all
+    of them, as the custom-op library and TVM's default build), the others' exact (`kernels.prepare`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     scope = trellis_copy_scope(trellis_as_int8)
