@@ -1,7 +1,8 @@
 """Per-op latency from onnxruntime's profiler at batch 1 (one token), onnxruntime CPU:
 - a quipc QuipLinear node run by the custom-op library (transforms, signs and scales
-  included), e8p 2-bit, grid 2- and 4-bit, against onnxruntime's MatMulNBits 4-bit block 32
-  (accuracy_level 4, its fastest CPU path) on the same shape;
+  included), e8p 2-bit, grid 2- and 4-bit, trellis 3- and 4-bit (the --calib defaults), against
+  onnxruntime's MatMulNBits 4-bit block 32 (accuracy_level 4, its fastest CPU path) on the same
+  shape;
 - a QuipLinearGroup (q/k/v-like and gate/up-like) against the sum of its parts as
   separate QuipLinear nodes.
 Random weights (latency does not depend on their values); the median node time over --runs.
@@ -34,12 +35,13 @@ def quipc_layer(m: int, n: int, fmt: str, bits: int, seed: int, t_in=None, in_sc
 
     rng = np.random.default_rng(seed)
     row = (n + 7) // 8 * bits
-    e8p = fmt == "e8p"
+    e8p, trellis = fmt == "e8p", fmt == "trellis"   # any bytes are a valid trellis bitstream
     return QuantizedLinear(
         name=name, out_features=m, in_features=n, bits=bits, format=fmt,
         codes=rng.integers(0, 256, size=(m, row), dtype=np.uint8),
-        scale=rng.uniform(0.02, 0.2, size=(m, len(STAGES[bits])) if e8p else m).astype(np.float16),
-        zero=None if e8p else rng.uniform(-0.2, 0, m).astype(np.float16),
+        scale=rng.uniform(0.02, 0.2, size=(m, len(STAGES[bits])) if e8p else (m, 1) if trellis else m
+                          ).astype(np.float16),
+        zero=None if e8p or trellis else rng.uniform(-0.2, 0, m).astype(np.float16),
         t_in=t_in or Transform.make("hadamard", n, seed + 1), t_out=Transform.make("hadamard", m, seed + 2),
         in_scale=in_scale if in_scale is not None else rng.uniform(0.5, 2, n).astype(np.float16), bias=None)
 
@@ -120,7 +122,7 @@ def profile_ops(folder: Path, threads: int = 2, runs: int = 200) -> list[dict]:
     rows = []
     for n, m in SHAPES:
         ref = total_us(node_times_us(nbits_model(n, m), False, threads, runs, folder), "MatMulNBits")
-        for fmt, bits in (("e8p", 2), ("grid", 2), ("grid", 4)):
+        for fmt, bits in (("e8p", 2), ("grid", 2), ("grid", 4), ("trellis", 3), ("trellis", 4)):
             model = quipc_model([quipc_layer(m, n, fmt, bits, seed=0)], group=False)
             t = total_us(node_times_us(model, True, threads, runs, folder), "QuipLinear")
             rows.append({"op": f"QuipLinear {fmt} w{bits}", "shape": f"{n}x{m}", "us": round(t, 2),
