@@ -33,6 +33,7 @@ from tvm.script.ir_builder import tirx as T
 WORD = 8           # codes per int32 word of a 4-bit plane
 VEC = 8            # fp32 / int32 lanes of one AVX2 register
 FORMATS = ("grid", "grid4x2", "int8x2")
+PREFETCH_BYTES = 8192   # as cpp/prefetch.h
 
 
 def supported(target) -> bool:
@@ -96,8 +97,17 @@ def _quantize_row(z, b, zq, aux, k_pad: int):
     T.buffer_store(aux, step * total.astype("float32"), [b, 1])
 
 
-def _gemv_tile(plane_u8, zq, acc, s: int, b, ot, k_pad: int, tile: int):
-    """acc[s, b, ot*tile : (ot+1)*tile] = codes of the tile's rows . zq (int32), 8 rows a register."""
+def _prefetch(flat, at, size: int):
+    """Ask for the cache line PREFETCH_BYTES after byte `at` of the flat uint8 buffer (clamped to
+    its last byte) (cpp/prefetch.h: the decode GEMVs wait on their weight stream otherwise)."""
+    idx = tirx.min(at + PREFETCH_BYTES, size - 1)
+    T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch", tirx.address_of(flat[idx]), tirx.const(0, "int32"),
+                                     tirx.const(3, "int32"), tirx.const(1, "int32")))
+
+
+def _gemv_tile(plane_u8, flat, zq, acc, s: int, b, ot, k_pad: int, tile: int):
+    """acc[s, b, ot*tile : (ot+1)*tile] = codes of the tile's rows . zq (int32), 8 rows a register;
+    flat: the same plane as one uint8 array, for the prefetches (one per 64 bytes read)."""
     sums = T.alloc_buffer((tile,), "int32", scope="local")
     for r in range(0, tile, VEC):
         T.buffer_store(sums, tirx.Broadcast(tirx.const(0, "int32"), VEC), [tirx.Ramp(r, 1, VEC)])
@@ -107,6 +117,8 @@ def _gemv_tile(plane_u8, zq, acc, s: int, b, ot, k_pad: int, tile: int):
     with T.serial(0, k_pad // WORD) as kw:
         a_lo, a_hi = _bcast4(zq, [kw * WORD]), _bcast4(zq, [kw * WORD + 4])
         for r in range(0, tile, VEC):
+            if r % 16 == 0:   # rows r..r+15 of this word column: 64 bytes
+                _prefetch(flat, ((ot * (k_pad // WORD) + kw) * tile + r) * 4, int(flat.shape[0]))
             w = plane_u8.vload([ot, kw, r, 0], "uint8x32")
             dot = _pmaddubsw(w & low, a_lo) + _pmaddubsw(w >> four, a_hi)
             T.buffer_store(sums, sums.vload([r], "int32x8") + _pmaddwd(dot, ones), [tirx.Ramp(r, 1, VEC)])
@@ -133,7 +145,8 @@ def gemv_te(z, planes, spec, rows, name: str):
                 with T.parallel(0, n_ot) as ot:
                     for s, p in enumerate(pl):
                         u8 = T.decl_buffer((n_ot, n_kw, tile, 4), "uint8", data=p.data)
-                        _gemv_tile(u8, zq, acc, s, b, ot, k_pad, tile)
+                        flat = T.decl_buffer((n_ot * n_kw * tile * 4,), "uint8", data=p.data)
+                        _gemv_tile(u8, flat, zq, acc, s, b, ot, k_pad, tile)
         return ib.get()
 
     acc, aux = te.extern([(len(planes), rows, spec.o_pad), (rows, 2)], [z, *planes], stmt,
