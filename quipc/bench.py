@@ -143,7 +143,12 @@ def run(args) -> int:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker, args=(name, spec, threads, child), daemon=True)
         proc.start()
-        kind, info = parent.recv()
+        child.close()   # the worker's end lives in the worker only: its death reads as EOF here
+        try:
+            kind, info = parent.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            kind, info = "error", f"the worker process died while loading (exit code {proc.exitcode})"
         if kind != "ready":
             records[name] = {"backend": name, "status": "skipped", "reason": info}
             log(f"{name}: skipped: {info}")

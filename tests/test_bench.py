@@ -47,6 +47,29 @@ def test_bench_records_and_skips(tiny_artifact, tmp_path, monkeypatch, capsys):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+
+def test_bench_survives_workers_that_die(tiny_artifact, tmp_path, monkeypatch):
+    """A backend's process that dies (a native library's crash) while loading is skipped, one that
+    dies in a repetition fails, each saying so, and the run ends instead of waiting on it."""
+    import threading
+
+    from quipc import bench
+
+    from bench_dying_worker import dying_worker
+
+    monkeypatch.setattr(bench, "worker", dying_worker)
+    out = tmp_path / "b.json"
+    args = parse([str(tiny_artifact), "--backends", "torch-ref,runtime", "--reps", "1", "--new-tokens", "1",
+                  "--prompt-len", "4", "--threads", "1", "--work", str(tmp_path / "work"), "--json", str(out)])
+    done = []
+    t = threading.Thread(target=lambda: done.append(bench.run(args)), daemon=True)
+    t.start()
+    t.join(120)
+    assert done, "quipc bench waited on a dead worker"
+    recs = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
+    assert recs["torch-ref"]["status"] == "skipped" and "died while loading (exit code 3)" in recs["torch-ref"]["reason"]
+    assert recs["runtime"]["status"] == "failed" and "died (exit code 4)" in recs["runtime"]["reason"]
+
 def test_bench_bad_input(tmp_path, tiny_artifact):
     from quipc import bench
     from quipc_runtime.artifact import ArtifactError
