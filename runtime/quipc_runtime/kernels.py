@@ -127,8 +127,9 @@ def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations:
     faster at SmolLM2's shapes, but a weight moves by up to max_j |W'_ij| / 254, an error the
     rounding spreads evenly where LDLQ shaped the code's own by the Hessian (SmolLM2 w2, the
     trellis head alone: decode perplexity +0.27 %); the plan then holds 1 byte a weight. The
-    loader takes it for a trellis lm_head, where the gather per weight was most of a token;
-    False (the default here) keeps the exact GEMV. The GEMM (batch > 4) is exact either way."""
+    loader takes it for every trellis layer by default (`load(trellis_as_int8="all")`; "head" for
+    the lm_head only); False (the default here) keeps the exact GEMV. The GEMM (batch > 4) is
+    exact either way."""
     _require()
     if isinstance(layer, QuantizedLinear):
         require_format(layer, CPU_FORMATS, "the C++ kernel backend")
