@@ -90,6 +90,18 @@ def _bits_label(name: str, bits) -> str | int | None:
     return LLAMACPP_TYPES.get(name, bits)
 
 
+def died(name: str, exitcode, when: str) -> str:
+    """The reason recorded for a backend whose process died: a signal (negative exit code) is a
+    crash in native code; for llama.cpp, one seen on an AMX host (its AMX build crashes where the
+    OS does not grant AMX tiles) says how to build it without."""
+    msg = f"the worker process died {when} (exit code {exitcode})"
+    if name.startswith("llamacpp") and exitcode is not None and exitcode < 0:
+        msg += ("; a crash inside llama.cpp: on an AMX CPU, try llama-cpp-python built without AMX "
+                "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF "
+                "-DGGML_AMX_INT8=OFF\" pip install --no-binary llama-cpp-python llama-cpp-python)")
+    return msg
+
+
 def run(args) -> int:
     from quipc_runtime import artifact as art
 
@@ -148,7 +160,7 @@ def run(args) -> int:
             kind, info = parent.recv()
         except (EOFError, OSError):
             proc.join(5)
-            kind, info = "error", f"the worker process died while loading (exit code {proc.exitcode})"
+            kind, info = "error", died(name, proc.exitcode, "while loading")
         if kind != "ready":
             records[name] = {"backend": name, "status": "skipped", "reason": info}
             log(f"{name}: skipped: {info}")
@@ -165,7 +177,7 @@ def run(args) -> int:
                 kind, res = conn.recv()
             except (EOFError, OSError, BrokenPipeError):
                 proc.join(5)
-                kind, res = "error", f"the worker process died (exit code {proc.exitcode})"
+                kind, res = "error", died(name, proc.exitcode, "in a repetition")
             if kind != "ok":
                 records[name] = {"backend": name, "status": "failed", "reason": res}
                 log(f"{name}: failed: {res}")

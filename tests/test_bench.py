@@ -53,9 +53,9 @@ def test_bench_survives_workers_that_die(tiny_artifact, tmp_path, monkeypatch):
     dies in a repetition fails, each saying so, and the run ends instead of waiting on it."""
     import threading
 
-    from quipc import bench
-
     from bench_dying_worker import dying_worker
+
+    from quipc import bench
 
     monkeypatch.setattr(bench, "worker", dying_worker)
     out = tmp_path / "b.json"
@@ -68,11 +68,15 @@ def test_bench_survives_workers_that_die(tiny_artifact, tmp_path, monkeypatch):
     assert done, "quipc bench waited on a dead worker"
     recs = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
     assert recs["torch-ref"]["status"] == "skipped" and "died while loading (exit code 3)" in recs["torch-ref"]["reason"]
-    assert recs["runtime"]["status"] == "failed" and "died (exit code 4)" in recs["runtime"]["reason"]
+    assert recs["runtime"]["status"] == "failed" and "died in a repetition (exit code 4)" in recs["runtime"]["reason"]
+    assert "llama.cpp" not in recs["runtime"]["reason"]
+    assert "without AMX" in bench.died("llamacpp-q4_0", -11, "in a repetition")
+    assert "without AMX" not in bench.died("llamacpp-q4_0", 1, "in a repetition")
 
 def test_bench_bad_input(tmp_path, tiny_artifact):
-    from quipc import bench
     from quipc_runtime.artifact import ArtifactError
+
+    from quipc import bench
 
     with pytest.raises(ArtifactError):
         bench.run(parse([str(tmp_path)]))
