@@ -91,6 +91,15 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
                         "0: the file only; a model without a chat template gets none)")
 
 
+def _accuracy_level(value: str) -> int | None:
+    """--onnx-accuracy-level: "auto" (None: per code format) or 0-4."""
+    if value == "auto":
+        return None
+    if value not in ("0", "1", "2", "3", "4"):
+        raise argparse.ArgumentTypeError(f"expected auto or 0-4, not {value!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quipc", description="QuIP 2/3/4-bit LLM compiler")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -102,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="torch", choices=["torch", "onnx", "tvm"],
                    help="torch: a quipc artifact (default); onnx / tvm: lowered model")
     c.add_argument("--onnx-ops", default="quip", choices=["quip", "std"])
-    c.add_argument("--onnx-accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits accuracy level: 0 = fp32 activations (matches the torch path, "
-                        "default), 4 = int8 activations (stock onnxruntime: faster decode, +13%% ppl measured "
-                        "at w2; with quipc's custom-op library: its 4-bit GEMVs on int8, +0.04%% decode ppl)")
+    c.add_argument("--onnx-accuracy-level", type=_accuracy_level, default=None, metavar="auto|0|1|2|3|4",
+                   help="the quipc nodes' accuracy level (MatMulNBits'): 0 = fp32 activations, 4 = int8 "
+                        "activations (stock onnxruntime: +13%% ppl measured at w2 grid; with quipc's custom-op "
+                        "library: the decode GEMVs on int8, +0.04%% decode ppl at w2 grid, +0.3%% at w4 trellis); "
+                        "auto (default): 4 for trellis nodes (their bodies ignore it), 0 for the others")
     c.add_argument("--onnx-calibration", default="sequential", choices=["sequential", "one-pass"],
                    help=".onnx input: sequential (default; each layer calibrated on the outputs of the "
                         "already-quantized earlier layers) or one-pass (every Hessian from the fp32 model)")

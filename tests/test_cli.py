@@ -193,6 +193,18 @@ def test_compile_defaults_per_target(argv, expect):
     assert format_and_finetune(build_parser().parse_args(["compile", *argv])) == expect
 
 
+def test_compile_onnx_accuracy_level_argument(capsys):
+    """--onnx-accuracy-level: auto by default (None: per code format, onnx.emitter), or 0-4."""
+    from quipc.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["compile", "m", "-o", "x"]).onnx_accuracy_level is None
+    assert parse(["compile", "m", "-o", "x", "--onnx-accuracy-level", "auto"]).onnx_accuracy_level is None
+    assert parse(["compile", "m", "-o", "x", "--onnx-accuracy-level", "4"]).onnx_accuracy_level == 4
+    with pytest.raises(SystemExit):
+        parse(["compile", "m", "-o", "x", "--onnx-accuracy-level", "5"])
+    assert "expected auto or 0-4" in capsys.readouterr().err
+
 @pytest.mark.parametrize("argv,expect", [
     (["m", "-o", "x"], 5e-4),
     (["m", "-o", "x", "--bits", "4"], 5e-4),                      # data-free: e2e alone

@@ -63,6 +63,23 @@ def test_onnx_layers_match_the_reference_decoder(bits):
         check(layers, run(model, x), x)
 
 
+
+def test_auto_accuracy_level_is_4_for_trellis_nodes_only():
+    """accuracy_level None ("auto", the CLI's default): trellis nodes 4, grid nodes 0; the trellis
+    function bodies (stock onnxruntime) give the same outputs at 0 and 4, to every bit."""
+    pytest.importorskip("onnxruntime")
+    from test_onnx_e8p import build, run
+    from test_onnx_layer import make_layer
+
+    trellis, grid = random_trellis_layer(96, 64, 4, seed=2, name="t"), make_layer(48, 64, 2)
+    model = build([trellis, grid], rank=3, accuracy_level=None)
+    levels = [next(a.i for a in n.attribute if a.name == "accuracy_level")
+              for n in model.graph.node if n.domain == "ai.quipc"]
+    assert levels == [4, 0]
+    x = np.random.default_rng(3).standard_normal((1, 2, 64)).astype(np.float32)
+    at0, at4 = (run(build([trellis], rank=3, accuracy_level=a), x)[0] for a in (0, 4))
+    np.testing.assert_array_equal(at0, at4)
+
 def test_onnx_export_computes_what_the_torch_path_computes(trellis_artifact, tmp_path):
     """The whole tiny model exported, run by its function bodies and, when built, by the
     custom-op library's kernels."""

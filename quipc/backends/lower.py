@@ -52,7 +52,7 @@ def _gpu_target(tvm_target: str) -> bool:
 
 
 def lower_artifact(artifact: Path, out: Path, *, target: str, graph: str = "auto", onnx_ops: str = "quip",
-                   accuracy_level: int = 4, tvm_target: str = "llvm", progress: bool = True,
+                   accuracy_level: int | None = 4, tvm_target: str = "llvm", progress: bool = True,
                    tvm_e8p: str = "grid4", tvm_activations: str = "int8", tvm_trellis: str = "int8") -> Path:
     """artifact -> OUT (an ONNX folder or a TVM build) with the chosen graph. tvm_activations:
     "int8" (the CLI's default; gemv_i8) or "fp32", for CPU TVM builds."""

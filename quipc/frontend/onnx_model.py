@@ -99,7 +99,7 @@ CALIBRATION_MODES = ("sequential", "one-pass")
 
 
 def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: str | None,
-                 ops: str = "quip", progress: bool = True, accuracy_level: int = 4,
+                 ops: str = "quip", progress: bool = True, accuracy_level: int | None = 4,
                  threads: int | None = 2, hessian_cache: Path | None = None,
                  calibration: str = "sequential") -> dict:
     """Quantize an ONNX LM's MatMul/Gemm weights with QuIP; writes `out` (a .onnx file with
@@ -201,7 +201,7 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
                "skipped": skipped, "calibration": calib_info,
                "calibration_mode": mode,
                "proxy_loss_mean": float(np.mean(losses)) if losses else None,
-               "accuracy_level": accuracy_level}
+               "accuracy_level": "auto" if accuracy_level is None else accuracy_level}
     if out.suffix == ".onnx":
         path = _save_file(new, out)
     else:

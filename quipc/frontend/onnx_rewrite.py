@@ -14,7 +14,7 @@ from .onnx_targets import Target, opset_default
 
 
 def replace_linears(model: onnx.ModelProto, targets: list[Target], layers: dict, ops: str,
-                    accuracy_level: int, ranks: dict | None = None) -> onnx.ModelProto:
+                    accuracy_level: int | None, ranks: dict | None = None) -> onnx.ModelProto:
     g = model.graph
     opset = opset_default(model)
     b = Builder(prefix="quipc/", opset=opset)

@@ -47,11 +47,25 @@ def _group_name(names: list[str]) -> str:
     return "+".join(names) + ".QuipLinearGroup"
 
 
+# accuracy_level None ("auto", `quipc compile --target onnx`'s default): per code format. Trellis
+# nodes 4: their function bodies decode to a fp32 MatMul, which the level does not touch (the same
+# perplexity to every digit in stock onnxruntime), and the custom-op library then runs their decode
+# GEMVs on int8 activations (SmolLM2 w4: 11.2-11.5 against 13.3 ms a token, teacher-forced decode
+# perplexity 39.38 against 39.26, +0.3 %), as TVM's default build. Grid and e8p nodes 0: their
+# bodies' MatMulNBits would quantize activations in stock onnxruntime too (+13.5 % at w2).
+AUTO_ACCURACY_LEVEL = {"trellis": 4}
+
+
+def accuracy_level_for(level: int | None, fmt: str) -> int:
+    """A node's accuracy_level: `level` when given, else the per-format choice above."""
+    return AUTO_ACCURACY_LEVEL.get(fmt, 0) if level is None else level
+
+
 class QuipLinearEmitter:
     """Adds quantized linears to a graph Builder: as QuipLinear / QuipLinearGroup nodes
     (ops='quip') or as their standard-op bodies inlined (ops='std')."""
 
-    def __init__(self, b: Builder, ops: str = "quip", accuracy_level: int = 4, opset: int = OPSET,
+    def __init__(self, b: Builder, ops: str = "quip", accuracy_level: int | None = 4, opset: int = OPSET,
                  native_2bit: bool = False, dense_layer_max: int = DENSE_LAYER_MAX,
                  stack_outputs: bool = True):
         if ops not in ("quip", "std"):
@@ -106,7 +120,7 @@ class QuipLinearEmitter:
         if v.bias:
             named["bias"] = b.initializer(f"{name}.bias", layer.bias.astype(np.float32))
         lit = {"bits": layer.bits, "in_features": layer.in_features, "out_features": layer.out_features,
-               "block_size": block, "accuracy_level": self.accuracy_level}
+               "block_size": block, "accuracy_level": accuracy_level_for(self.accuracy_level, layer.format)}
         return v, lit, named
 
     def _node_attrs(self, layer: QuantizedLinear) -> dict:

@@ -104,7 +104,7 @@ def _clusters(emitter: QuipLinearEmitter, nodes: list, layers: dict) -> list[lis
 
 
 def lower_placeholders(model: onnx.ModelProto, layers: dict, embeddings: dict, *, ops: str = "quip",
-                       accuracy_level: int = 4, group: bool = True) -> QuipLinearEmitter:
+                       accuracy_level: int | None = 4, group: bool = True) -> QuipLinearEmitter:
     """Replace every placeholder of `model` (in place); layers: name -> QuantizedLinear,
     embeddings: name -> the embedding's source (QuantizedLinear head or EmbeddingTable)."""
     g = model.graph

@@ -89,7 +89,7 @@ def _quantized_embeddings(artifact: Path, manifest: dict, layers: dict) -> dict:
 
 
 def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: bool = True,
-                  accuracy_level: int = 4) -> Path:
+                  accuracy_level: int | None = 4) -> Path:
     """A quipc artifact of any family in backends/traced/families.py -> OUT/model.onnx."""
     from quipc_runtime import artifact as art
 
@@ -117,7 +117,7 @@ def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: boo
     del model.metadata_props[:]
     meta = {"format": "quipc-onnx", "version": 1, "graph": "traced", "family": captured.family.name,
             "model_type": captured.config.model_type, "source_artifact": str(artifact.resolve()),
-            "ops": ops, "accuracy_level": accuracy_level, "rewrites": rewrites,
+            "ops": ops, "accuracy_level": "auto" if accuracy_level is None else accuracy_level, "rewrites": rewrites,
             "bits": manifest.get("quant_config", {}).get("bits"),
             "code_format": sorted({la.format for la in layers.values()}),
             "bpw": manifest.get("summary", {}).get("bpw"), "quantized_layers": len(layers),
