@@ -44,6 +44,7 @@ from onnx import helper
 
 from quipc_runtime.layer import QuantizedLinear
 
+from ..backends.onnx.emitter import accuracy_level_label
 from ..backends.onnx.export import META_FILE, save_model
 from ..config import QuantConfig
 from ..passes.methods import LayerInput, quantize_linear
@@ -201,7 +202,7 @@ def compile_onnx(model: Path, out: Path, cfg: QuantConfig, calib, *, tokenizer: 
                "skipped": skipped, "calibration": calib_info,
                "calibration_mode": mode,
                "proxy_loss_mean": float(np.mean(losses)) if losses else None,
-               "accuracy_level": "auto" if accuracy_level is None else accuracy_level}
+               "accuracy_level": accuracy_level_label(accuracy_level)}
     if out.suffix == ".onnx":
         path = _save_file(new, out)
     else:

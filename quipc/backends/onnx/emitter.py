@@ -61,6 +61,11 @@ def accuracy_level_for(level: int | None, fmt: str) -> int:
     return AUTO_ACCURACY_LEVEL.get(fmt, 0) if level is None else level
 
 
+def accuracy_level_label(level: int | None) -> int | str:
+    """The export's accuracy_level as its metadata records it ("auto" for None)."""
+    return "auto" if level is None else level
+
+
 class QuipLinearEmitter:
     """Adds quantized linears to a graph Builder: as QuipLinear / QuipLinearGroup nodes
     (ops='quip') or as their standard-op bodies inlined (ops='std')."""

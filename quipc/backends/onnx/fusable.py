@@ -36,6 +36,17 @@ def rotary_sign(half: int) -> np.ndarray:
     return np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
 
 
+def _named_dims(graph: onnx.GraphProto) -> dict[str, list]:
+    """Per value with a declared shape: each dimension's name (dim_param), number (dim_value)
+    or None (unknown)."""
+    out = {}
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            out[vi.name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                            for d in vi.type.tensor_type.shape.dim]
+    return out
+
+
 class _Graph:
     """A GraphProto's top-level nodes (held in a list, so that they keep their identity), their
     producers and consumers, and constant values."""
@@ -50,9 +61,8 @@ class _Graph:
                 self.consumers.setdefault(i, []).append(n)
         self.inits = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
-        self.ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
-                      for vi in list(graph.value_info) + list(graph.input) + list(graph.output)
-                      if vi.type.tensor_type.HasField("shape")}
+        self.dims = _named_dims(graph)
+        self.ranks = {name: len(d) for name, d in self.dims.items()}
 
     def const(self, name: str):
         """The value of a constant (initializer or Constant node), else None."""
@@ -186,17 +196,6 @@ def rotate_half_gathers(model: onnx.ModelProto) -> int:
     return done
 
 
-def _named_dims(graph: onnx.GraphProto) -> dict[str, list]:
-    """Per value with a declared shape: each dimension's name (dim_param), number (dim_value)
-    or None (unknown)."""
-    out = {}
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        if vi.type.tensor_type.HasField("shape"):
-            out[vi.name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
-                            for d in vi.type.tensor_type.shape.dim]
-    return out
-
-
 def shared_shapes(model: onnx.ModelProto) -> int:
     """Shape(x, start, end) whose slice of x's dimensions is all named or numeric and equal to an
     earlier Shape's -> that Shape's output; returns how many Shape nodes were dropped."""
@@ -204,7 +203,7 @@ def shared_shapes(model: onnx.ModelProto) -> int:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0   # a subgraph may read the values by name: leave such models alone
     g = _Graph(graph)
-    dims = _named_dims(graph)
+    dims = g.dims
     first: dict[tuple, str] = {}
     rename: dict[str, str] = {}
     dead = set()

@@ -16,6 +16,7 @@ import onnx
 
 from . import fusable
 from .builder import OPSET
+from .emitter import accuracy_level_label
 from .export import IR_VERSION, MODEL_FILE, save_model
 from .placeholders import lower_placeholders, translations
 
@@ -117,7 +118,7 @@ def export_traced(artifact: Path, out: Path, *, ops: str = "quip", progress: boo
     del model.metadata_props[:]
     meta = {"format": "quipc-onnx", "version": 1, "graph": "traced", "family": captured.family.name,
             "model_type": captured.config.model_type, "source_artifact": str(artifact.resolve()),
-            "ops": ops, "accuracy_level": "auto" if accuracy_level is None else accuracy_level, "rewrites": rewrites,
+            "ops": ops, "accuracy_level": accuracy_level_label(accuracy_level), "rewrites": rewrites,
             "bits": manifest.get("quant_config", {}).get("bits"),
             "code_format": sorted({la.format for la in layers.values()}),
             "bpw": manifest.get("summary", {}).get("bpw"), "quantized_layers": len(layers),
