@@ -43,6 +43,7 @@ PYBIND11_MODULE(_kernels, mod) {
   });
 
   register_plan(mod);
+  register_decoder(mod);
 
   mod.def(
       "trellis_code_table",

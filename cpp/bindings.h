@@ -83,6 +83,8 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
 
 // The CPU plan class Plan (bindings_plan.cpp).
 void register_plan(py::module_& mod);
+// The decoder block class DecoderLayer (bindings_decoder.cpp).
+void register_decoder(py::module_& mod);
 // The CUDA functions and class CudaPlan (bindings_cuda.cpp, built with QUIPC_WITH_CUDA only).
 void register_cuda(py::module_& mod);
 

@@ -11,6 +11,9 @@ QUIPC_BACKENDS = ("torch-ref", "runtime", "onnx", "tvm")
 # traced otherwise); these name the graph, to put both side by side (not in the default list)
 GRAPH_BACKENDS = {"onnx-traced": ("onnx", "traced"), "tvm-traced": ("tvm", "traced"),
                   "tvm-handwritten": ("tvm", "handwritten")}
+# runtime decodes through quipc_runtime's lean decoder where it runs the family (kernels_lm);
+# this names the same kernels model driven by transformers' own forward and cache instead
+RUNTIME_BACKENDS = ("runtime", "runtime-transformers")
 # --baseline NAME adds these backends: the unquantized model, or llama.cpp's own quantized files
 BASELINES = {"fp32": ("fp32-torch", "fp32-onnx"), "llamacpp": tuple(bench_llamacpp.LLAMACPP_TYPES)}
 BASELINE_BACKENDS = tuple(b for names in BASELINES.values() for b in names)
@@ -29,7 +32,7 @@ def why_not(name: str) -> str | None:
         return "apache-tvm is not installed"
     if name in bench_llamacpp.LLAMACPP_TYPES:
         return bench_llamacpp.why_not()
-    if name == "runtime":
+    if name in RUNTIME_BACKENDS:
         try:
             from quipc_runtime import kernels
         except ImportError as e:

@@ -5,16 +5,17 @@ from pathlib import Path
 
 
 def format_table(records: list[dict], meta: dict) -> str:
+    w = max([14] + [len(r["backend"]) for r in records])   # the backend column fits every name
     lines = [f"threads={meta['threads']}  reps={meta['reps']} (median, [min-max])  "
              f"prompt={meta['prompt_len']} tokens  decode={meta['new_tokens']} tokens",
-             f"{'backend':<14} {'bits':>4} {'prefill ms':>22} {'decode ms/token':>22} {'tok/s':>7} {'peak MiB':>9}"]
+             f"{'backend':<{w}} {'bits':>4} {'prefill ms':>22} {'decode ms/token':>22} {'tok/s':>7} {'peak MiB':>9}"]
     for r in records:
         if r["status"] != "ok":
-            lines.append(f"{r['backend']:<14} {r['status']}: {r['reason']}")
+            lines.append(f"{r['backend']:<{w}} {r['status']}: {r['reason']}")
             continue
         p, d = r["spread"]["prefill_ms"], r["spread"]["decode_ms"]
-        lines.append(f"{r['backend']:<14} {str(r['bits'] or 'fp32'):>4} "
-                     f"{r['prefill_ms']:>8.1f} [{p[0]:.1f}-{p[1]:.1f}]".ljust(43)
+        lines.append(f"{r['backend']:<{w}} {str(r['bits'] or 'fp32'):>4} "
+                     f"{r['prefill_ms']:>8.1f} [{p[0]:.1f}-{p[1]:.1f}]".ljust(w + 29)
                      + f"{r['decode_ms']:>8.2f} [{d[0]:.2f}-{d[1]:.2f}]".rjust(23)
                      + f" {r['tok_s']:>7.1f} {r['peak_mb']:>9.0f}")
     return "\n".join(lines)

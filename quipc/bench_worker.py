@@ -62,7 +62,9 @@ class OnnxDriver:
         return int(np.asarray(logits).reshape(-1)[-np.asarray(logits).shape[-1]:].argmax()), (past, past_len + 1)
 
 
-class TvmDriver:
+class CacheDriver:
+    """A language model with its own preallocated cache (TvmLM, KernelsLM)."""
+
     def __init__(self, lm, total: int):
         self.lm, self.total = lm, total
 
@@ -77,10 +79,15 @@ class TvmDriver:
 def _load_backend(name: str, spec: dict, threads: int):
     """Build the driver of one backend inside its worker (after threads are configured)."""
     art = spec["artifact"]
-    if name in ("torch-ref", "runtime"):
+    if name in ("torch-ref", "runtime", "runtime-transformers"):
         import quipc_runtime
 
         model = quipc_runtime.load(art, backend="reference" if name == "torch-ref" else "kernels")
+        if name == "runtime":   # the lean decoder where it runs the family (quipc_runtime.kernels_lm)
+            from quipc_runtime.kernels_lm import KernelsLM, unsupported
+
+            if unsupported(model) is None:
+                return CacheDriver(KernelsLM(model, threads=threads), spec["prompt_len"] + spec["new_tokens"] + 1)
         return TorchLM(model)
     if name == "fp32-torch":
         from quipc.frontend.hf import load_model
@@ -96,7 +103,7 @@ def _load_backend(name: str, spec: dict, threads: int):
     if name == "tvm" or name.startswith("tvm-"):
         from quipc_runtime.tvm_runtime import TvmLM
 
-        return TvmDriver(TvmLM(spec["tvm_path"], threads=threads), spec["prompt_len"] + spec["new_tokens"] + 1)
+        return CacheDriver(TvmLM(spec["tvm_path"], threads=threads), spec["prompt_len"] + spec["new_tokens"] + 1)
     if name in LLAMACPP_TYPES:
         from .bench_llamacpp import LlamaCppDriver
 

@@ -238,8 +238,13 @@ def cmd_chat(args) -> int:
         import quipc_runtime
         from quipc_runtime.loader import load_tokenizer
 
-        model = quipc_runtime.load(args.target, device=args.device, backend=_chat_backend(args.backend, args.device),
+        backend = _chat_backend(args.backend, args.device)
+        model = quipc_runtime.load(args.target, device=args.device, backend=backend,
                                    trellis_as_int8=args.trellis_as_int8)
+        if backend == "kernels":   # the lean decoder where it runs the family
+            from quipc_runtime.kernels_lm import lean
+
+            model = lean(model, threads=_threads())
         tokenizer = load_tokenizer(args.target)
     elif (lowered := _lowered_model(args.target)) is not None:
         if args.device != "cpu":

@@ -1,0 +1,140 @@
+#include "decoder_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "thread_pool.h"
+
+namespace quipc {
+
+void rms_norm(const float* x, const float* w, int n, float eps, float* y) {
+  float ss = 0.f;
+  for (int j = 0; j < n; ++j) ss += x[j] * x[j];
+  const float r = 1.f / std::sqrt(ss / float(n) + eps);
+  for (int j = 0; j < n; ++j) y[j] = w[j] * (x[j] * r);
+}
+
+namespace {
+
+void expect_plan(const QuipLinearPlan* p, const char* name, int m, int n) {
+  if (p == nullptr) throw std::invalid_argument(std::string("decoder layer: no plan for ") + name);
+  if (p->m() != m || p->n() != n)
+    throw std::invalid_argument(std::string("decoder layer: ") + name + " is " + std::to_string(p->m()) +
+                                "x" + std::to_string(p->n()) + ", the block needs " +
+                                std::to_string(m) + "x" + std::to_string(n));
+}
+
+// x (head_dim) rotated in place: x * cos + rotate_half(x) * sin, sin's first half negated.
+void rotate(float* x, const float* cos, const float* sin, int d, float* tmp) {
+  const int half = d / 2;
+  for (int j = 0; j < d; ++j) tmp[j] = x[j] * cos[j] + x[j < half ? j + half : j - half] * sin[j];
+  std::copy(tmp, tmp + d, x);
+}
+
+}  // namespace
+
+DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
+    : s_(shape), w_(std::move(weights)) {
+  const int H = s_.heads, KH = s_.kv_heads, d = s_.head_dim, hid = s_.hidden;
+  if (hid < 1 || H < 1 || KH < 1 || d < 2 || d % 2 || s_.inter < 1 || H % KH)
+    throw std::invalid_argument("decoder layer: heads must be a multiple of kv_heads, head_dim even, sizes positive");
+  if (int(w_.ln1.size()) != hid || int(w_.ln2.size()) != hid)
+    throw std::invalid_argument("decoder layer: norm weights must have hidden_size values");
+  if (w_.q_norm.size() != w_.k_norm.size() || (!w_.q_norm.empty() && int(w_.q_norm.size()) != d))
+    throw std::invalid_argument("decoder layer: q/k norms must both be absent or have head_dim values");
+  expect_plan(w_.q, "q_proj", H * d, hid);
+  expect_plan(w_.k, "k_proj", KH * d, hid);
+  expect_plan(w_.v, "v_proj", KH * d, hid);
+  expect_plan(w_.o, "o_proj", hid, H * d);
+  expect_plan(w_.gate, "gate_proj", s_.inter, hid);
+  expect_plan(w_.up, "up_proj", s_.inter, hid);
+  expect_plan(w_.down, "down_proj", hid, s_.inter);
+  x_.resize(std::max(hid, s_.inter));
+  qkv_.resize(size_t(H + 2 * KH) * d);
+  attn_.resize(size_t(H) * d);
+  gu_.resize(2 * size_t(s_.inter));
+  out_.resize(hid);
+}
+
+void DecoderLayer::attend(int pos, const float* k_cache, const float* v_cache, int capacity,
+                          int threads) const {
+  const int H = s_.heads, d = s_.head_dim, group = H / s_.kv_heads, len = pos + 1;
+  if (int(scores_.size()) < H * len) scores_.resize(size_t(H) * len);
+  const float* q = qkv_.data();
+  auto head = [&](int h) {
+    const float* K = k_cache + size_t(h / group) * capacity * d;
+    const float* V = v_cache + size_t(h / group) * capacity * d;
+    const float* qh = q + size_t(h) * d;
+    float* sc = scores_.data() + size_t(h) * len;
+    float mx = -INFINITY;
+    for (int t = 0; t < len; ++t) {
+      const float* kt = K + size_t(t) * d;
+      float acc = 0.f;
+      for (int j = 0; j < d; ++j) acc += qh[j] * kt[j];
+      sc[t] = acc * s_.scaling;
+      mx = std::max(mx, sc[t]);
+    }
+    float sum = 0.f;
+    for (int t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+    float* out = attn_.data() + size_t(h) * d;
+    std::fill(out, out + d, 0.f);
+    for (int t = 0; t < len; ++t) {
+      const float p = sc[t] / sum;
+      const float* vt = V + size_t(t) * d;
+      for (int j = 0; j < d; ++j) out[j] += p * vt[j];
+    }
+  };
+  const int parts = std::max(1, std::min(threads, H));
+  ThreadPool::instance().run(parts, [&](int part) {
+    int lo, hi;
+    split_range(H, parts, part, 1, &lo, &hi);
+    for (int h = lo; h < hi; ++h) head(h);
+  });
+}
+
+void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int capacity,
+                        const float* cos, const float* sin, int threads, bool force_scalar) const {
+  if (pos < 0 || pos >= capacity)
+    throw std::invalid_argument("decoder layer: position " + std::to_string(pos) +
+                                " is outside the cache (" + std::to_string(capacity) + " positions)");
+  const int H = s_.heads, KH = s_.kv_heads, d = s_.head_dim, hid = s_.hidden, I = s_.inter;
+  float* x = x_.data();
+  float* q = qkv_.data();
+  float* k = q + size_t(H) * d;
+  float* v = k + size_t(KH) * d;
+  float tmp[1024];
+  if (d > 1024) throw std::invalid_argument("decoder layer: head_dim above 1024");
+
+  rms_norm(h, w_.ln1.data(), hid, s_.eps1, x);
+  w_.q->forward(x, 1, q, threads, force_scalar);
+  w_.k->forward(x, 1, k, threads, force_scalar);
+  w_.v->forward(x, 1, v, threads, force_scalar);
+  for (int i = 0; i < H + KH; ++i) {
+    float* r = q + size_t(i) * d;   // q's heads, then k's
+    if (!w_.q_norm.empty()) {
+      rms_norm(r, (i < H ? w_.q_norm : w_.k_norm).data(), d, s_.qk_eps, tmp);
+      std::copy(tmp, tmp + d, r);
+    }
+    rotate(r, cos, sin, d, tmp);
+  }
+  for (int g = 0; g < KH; ++g) {
+    std::copy(k + size_t(g) * d, k + size_t(g + 1) * d, k_cache + (size_t(g) * capacity + pos) * d);
+    std::copy(v + size_t(g) * d, v + size_t(g + 1) * d, v_cache + (size_t(g) * capacity + pos) * d);
+  }
+  attend(pos, k_cache, v_cache, capacity, threads);
+  w_.o->forward(attn_.data(), 1, out_.data(), threads, force_scalar);
+  for (int j = 0; j < hid; ++j) h[j] += out_[j];
+
+  rms_norm(h, w_.ln2.data(), hid, s_.eps2, x);
+  float* g = gu_.data();
+  float* u = g + I;
+  w_.gate->forward(x, 1, g, threads, force_scalar);
+  w_.up->forward(x, 1, u, threads, force_scalar);
+  for (int j = 0; j < I; ++j) x[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+  w_.down->forward(x, 1, out_.data(), threads, force_scalar);
+  for (int j = 0; j < hid; ++j) h[j] += out_[j];
+}
+
+}  // namespace quipc

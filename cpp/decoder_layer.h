@@ -1,0 +1,53 @@
+// One decoder block of the Llama-style families (llama, mistral, qwen2, qwen3) at decode
+// time, one token, in one call: RMSNorm, q/k/v (QuipLinearPlan: transforms, signs, scales,
+// biases and the quantized GEMV), Qwen3's per-head q/k RMSNorm, rotary embedding, the KV cache
+// write, grouped-query attention over positions [0, pos], o, residual, RMSNorm, gate and up,
+// SiLU(gate) * up, down, residual. What transformers computes for the block, without the
+// ~40 framework ops around its seven GEMVs (runtime/quipc_runtime/kernels_lm.py drives it).
+#pragma once
+#include <vector>
+
+#include "quip_linear.h"
+
+namespace quipc {
+
+struct DecoderLayerShape {
+  int hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, inter = 0;
+  float eps1 = 0.f, eps2 = 0.f;  // input / post-attention RMSNorm epsilons
+  float qk_eps = 0.f;            // the per-head q/k norms' epsilon (Qwen3)
+  float scaling = 0.f;           // attention logit scale (head_dim^-0.5 in these families)
+};
+
+struct DecoderLayerWeights {
+  std::vector<float> ln1, ln2;        // (hidden) each
+  std::vector<float> q_norm, k_norm;  // (head_dim) each, or both empty
+  const QuipLinearPlan *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
+  const QuipLinearPlan *gate = nullptr, *up = nullptr, *down = nullptr;
+};
+
+class DecoderLayer {
+ public:
+  // Throws std::invalid_argument when the plans' shapes do not fit the block's shape.
+  DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights);
+
+  const DecoderLayerShape& shape() const { return s_; }
+
+  // h (hidden) is updated in place. k_cache / v_cache: (kv_heads, capacity, head_dim), the
+  // token's key and value are written at `pos`, positions [0, pos) must hold the earlier
+  // tokens'. cos / sin: the rotary table rows at `pos` (head_dim each), sin with
+  // rotate_half's sign folded in (its first half negated). Not reentrant (scratch buffers).
+  void step(float* h, int pos, float* k_cache, float* v_cache, int capacity, const float* cos,
+            const float* sin, int threads, bool force_scalar) const;
+
+ private:
+  void attend(int pos, const float* k_cache, const float* v_cache, int capacity, int threads) const;
+
+  DecoderLayerShape s_;
+  DecoderLayerWeights w_;
+  mutable std::vector<float> x_, qkv_, attn_, gu_, scores_, out_;
+};
+
+// y = x * rsqrt(mean(x^2) + eps) * w over n values (transformers' RMSNorm in float32).
+void rms_norm(const float* x, const float* w, int n, float eps, float* y);
+
+}  // namespace quipc

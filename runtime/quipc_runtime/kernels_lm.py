@@ -1,0 +1,274 @@
+"""A lean greedy decoder over an artifact loaded with backend "kernels" (CPU): the same
+plans, norms and rotary tables as the transformers model, without its per-token Python.
+
+Decoding SmolLM2 w2 through transformers spent ~12 of ~19 ms a token around the kernels (its
+cache concatenates every layer's keys and values each step; each block walks a dozen modules,
+casts and checks, ~40 framework ops). `KernelsLM` runs the Llama-style families (RMSNorm,
+rotary, grouped-query attention, SiLU-gated MLP: llama, mistral, qwen2, qwen3) itself: a cache
+preallocated once and written in place, the rotary tables computed once for every position by
+the model's own rotary module, and each decode step one C++ call per block
+(`_kernels.DecoderLayer`, cpp/decoder_layer.h: the seven plans and everything between them).
+A prompt runs through the same plans with torch's ops between them (its GEMMs dominate); so
+does a decode step whose block has a linear that is not a plain plan (8-bit row patches) or
+another activation. Other families and settings this loop does not reproduce (sliding-window
+layers, rotary scalings that change with the length) are named by `unsupported(model)`; the
+callers then keep the transformers model.
+
+The interface is TvmLM's: `new_cache(n)`, `prefill(ids, cache)` and `decode(token, pos, cache)`
+return the last position's logits (numpy, (V,)), `generate(ids, max_new_tokens, eos_token_id)`
+greedy tokens (1, L + n).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .kernels import KernelQuipLinear, default_threads
+from .tvm_runtime import greedy  # numpy only; tvm itself is imported lazily there
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported(model) -> str | None:
+    """Why `KernelsLM` cannot run `model`, or None when it can."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        return f"model type {kind!r} is not one of the lean decoder's families {FAMILIES}"
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return "the model is not on the CPU"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "the model lacks the model.layers / lm_head layout of its family"
+    kinds = _rope_types(config)
+    if any("dynamic" in k or "longrope" in k for k in kinds):
+        return f"rotary scaling {sorted(kinds)} changes with the sequence length"
+    for i, layer in enumerate(inner.layers):
+        if getattr(layer.self_attn, "sliding_window", None):
+            return f"layer {i} attends through a sliding window"
+    return None
+
+
+def lean(model, threads: int | None = None):
+    """KernelsLM(model) where it runs the model, else the model itself."""
+    return model if unsupported(model) else KernelsLM(model, threads=threads)
+
+
+def _rope_types(config) -> set[str]:
+    """The rotary types a config names (one, or one per layer type in transformers 5)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return {"default"}
+    records = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    return {str(r.get("rope_type", r.get("type", "default"))) for r in records}
+
+
+def _linear(module, threads: int):
+    """f(x (B, n)) -> (B, m): the kernels' plan on the tensor's memory where the module is a
+    plain KernelQuipLinear on the CPU, else the module itself."""
+    if isinstance(module, KernelQuipLinear) and module.device.type == "cpu" and module.row_ids is None:
+        plan, m = module._plan, module.out_features
+
+        def run(x):
+            y = torch.empty(x.shape[0], m)
+            plan.forward(x.contiguous().numpy(), out=y.numpy(), threads=threads)
+            return y
+        return run
+    return module
+
+
+@dataclass
+class _Block:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps1: float
+    eps2: float
+    q: object
+    k: object
+    v: object
+    o: object
+    gate: object
+    up: object
+    down: object
+    act: object
+    q_norm: tuple | None     # (weight, eps) of qwen3's per-head norms
+    k_norm: tuple | None
+
+
+def _norm(module) -> tuple[torch.Tensor, float]:
+    return module.weight.detach(), float(module.variance_epsilon)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+class KernelCache:
+    """Keys and values of every layer, (layers, kv_heads, capacity, head_dim) each, and the
+    rotary tables for positions [0, capacity)."""
+
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, cos, sin):
+        self.k = k = torch.zeros(layers, kv_heads, capacity, head_dim)
+        self.v = v = torch.zeros(layers, kv_heads, capacity, head_dim)
+        self.cos, self.sin = cos, sin
+        self.capacity = capacity
+        # numpy views of the same memory, for the C++ blocks
+        self.k_np, self.v_np, self.cos_np, self.sin_np = k.numpy(), v.numpy(), cos.numpy(), sin.numpy()
+
+
+class KernelsLM:
+    """Greedy decoding of a kernels-backend model of a Llama-style family (module doc)."""
+
+    def __init__(self, model, threads: int | None = None):
+        why = unsupported(model)
+        if why:
+            raise ValueError(f"KernelsLM cannot run this model: {why}")
+        self.model, inner = model, model.model
+        config = model.config
+        self.threads = threads or default_threads()
+        t = self.threads
+        attn0 = inner.layers[0].self_attn
+        self.head_dim = int(attn0.head_dim)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.hidden = int(config.hidden_size)
+        self.scaling = float(attn0.scaling)
+        self.max_pos = int(getattr(config, "max_position_embeddings", 1 << 30))
+        self.eos_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+        self.blocks = []
+        for layer in inner.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            (w1, e1), (w2, e2) = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+            self.blocks.append(_Block(
+                ln1=w1, ln2=w2, eps1=e1, eps2=e2,
+                q=_linear(a.q_proj, t), k=_linear(a.k_proj, t), v=_linear(a.v_proj, t), o=_linear(a.o_proj, t),
+                gate=_linear(mlp.gate_proj, t), up=_linear(mlp.up_proj, t), down=_linear(mlp.down_proj, t),
+                act=mlp.act_fn,
+                q_norm=_norm(a.q_norm) if hasattr(a, "q_norm") else None,
+                k_norm=_norm(a.k_norm) if hasattr(a, "k_norm") else None))
+        self.inter = int(inner.layers[0].mlp.gate_proj.out_features)
+        self.native = self._native_layers(inner.layers, config)
+        self.final_norm = _norm(inner.norm)
+        self.embed, self.head = inner.embed_tokens, model.lm_head
+
+    def _native_layers(self, layers, config):
+        """The blocks as C++ DecoderLayers (decoder_layer.h) for decode, when every linear is
+        a kernels plan and the MLP's activation is SiLU; None otherwise (the torch glue runs)."""
+        from .kernels import _ext
+
+        def plan(module):
+            plain = isinstance(module, KernelQuipLinear) and module.device.type == "cpu" and module.row_ids is None
+            return module._plan if plain else None
+
+        if str(getattr(config, "hidden_act", "")) not in ("silu", "swish"):
+            return None
+        out = []
+        for layer in layers:
+            a, mlp = layer.self_attn, layer.mlp
+            plans = [plan(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
+                                       mlp.down_proj)]
+            if any(p is None for p in plans):
+                return None
+            b = self.blocks[len(out)]
+            qk = (_f32(b.q_norm[0]), _f32(b.k_norm[0]), b.q_norm[1]) if b.q_norm else (None, None, 0.0)
+            out.append(_ext.DecoderLayer(
+                self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, b.eps1, b.eps2,
+                self.scaling, _f32(b.ln1), _f32(b.ln2), *qk, *plans))
+        return out
+
+    # --- cache ---------------------------------------------------------------------------
+    def new_cache(self, capacity: int) -> KernelCache:
+        if not 0 < capacity <= self.max_pos:
+            raise ValueError(f"a cache of {capacity} positions: the model has {self.max_pos}")
+        with torch.no_grad():
+            pos = torch.arange(capacity)[None]
+            cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == flip(x's halves) * sin_signed: the first half's sign folded in
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=1)
+        return KernelCache(len(self.blocks), self.kv_heads, capacity, self.head_dim, cos, sin)
+
+    # --- one forward over tokens [pos, pos + n) -------------------------------------------
+    def _rotate(self, x, cos, sin):
+        """x (n, heads, d) rotated at the rows' positions; cos / sin (n, 1, d)."""
+        n, h, d = x.shape
+        flipped = x.view(n, h, 2, d // 2).flip(2).view(n, h, d)
+        return torch.addcmul(x * cos, flipped, sin)
+
+    def _forward(self, ids: torch.Tensor, pos: int, cache: KernelCache) -> torch.Tensor:
+        """Tokens at positions [pos, pos + n) through the blocks in torch (a prompt from
+        position 0, or one token); the last one's hidden state after the final norm (1, hidden)."""
+        n = ids.shape[0]
+        if pos < 0 or pos + n > cache.capacity:
+            raise ValueError(f"positions [{pos}, {pos + n}) are outside the cache ({cache.capacity} positions)")
+        if n > 1 and pos:
+            raise ValueError("several tokens are run from position 0 only (a prompt), then one at a time")
+        H, KH, d, end = self.heads, self.kv_heads, self.head_dim, pos + n
+        cos, sin = cache.cos[pos:end, None], cache.sin[pos:end, None]
+        h = self.embed(ids[None])[0].float()
+        for i, b in enumerate(self.blocks):
+            x = F.rms_norm(h, (self.hidden,), b.ln1, b.eps1)
+            q, k, v = b.q(x).view(n, H, d), b.k(x).view(n, KH, d), b.v(x).view(n, KH, d)
+            if b.q_norm is not None:
+                q, k = F.rms_norm(q, (d,), *b.q_norm), F.rms_norm(k, (d,), *b.k_norm)
+            cache.k[i, :, pos:end] = self._rotate(k, cos, sin).transpose(0, 1)
+            cache.v[i, :, pos:end] = v.transpose(0, 1)
+            attn = F.scaled_dot_product_attention(
+                self._rotate(q, cos, sin).transpose(0, 1)[None], cache.k[i, None, :, :end],
+                cache.v[i, None, :, :end], is_causal=n > 1, scale=self.scaling, enable_gqa=KH != H)
+            h = h + b.o(attn[0].transpose(0, 1).reshape(n, H * d))
+            x = F.rms_norm(h, (self.hidden,), b.ln2, b.eps2)
+            h = h + b.down(b.act(b.gate(x)) * b.up(x))
+        return F.rms_norm(h[-1:], (self.hidden,), *self.final_norm)
+
+    def _step_native(self, token: int, pos: int, cache: KernelCache) -> torch.Tensor:
+        """One token through the C++ blocks; the last hidden state after the final norm (1, hidden)."""
+        if not 0 <= pos < cache.capacity:
+            raise ValueError(f"position {pos} is outside the cache ({cache.capacity} positions)")
+        h = self.embed(torch.tensor([[token]]))[0].float().contiguous()
+        hn, kn, vn = h.numpy()[0], cache.k_np, cache.v_np
+        cos, sin = cache.cos_np[pos], cache.sin_np[pos]
+        for i, layer in enumerate(self.native):
+            layer.step(hn, pos, kn[i], vn[i], cos, sin, self.threads)
+        return F.rms_norm(h, (self.hidden,), *self.final_norm)
+
+    def _logits(self, ids, pos: int, cache: KernelCache) -> np.ndarray:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # the kernels' pool has the cores (kernels.hand_threads_to_kernels)
+        try:
+            with torch.no_grad():
+                ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+                if ids.size == 1 and self.native is not None:
+                    x = self._step_native(int(ids[0]), pos, cache)
+                else:
+                    x = self._forward(torch.as_tensor(ids), pos, cache)
+                return self.head(x)[0].float().numpy()
+        finally:
+            torch.set_num_threads(threads)
+
+    def prefill(self, ids, cache: KernelCache) -> np.ndarray:
+        """The prompt at positions [0, L); the last row's logits (V,)."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("the prompt is empty")
+        return self._logits(ids, 0, cache)
+
+    def decode(self, token: int, pos: int, cache: KernelCache) -> np.ndarray:
+        """One token at position `pos` (the cache holds [0, pos)); its logits (V,)."""
+        return self._logits([int(token)], int(pos), cache)
+
+    def generate(self, ids, max_new_tokens: int, eos_token_id: int | None = None,
+                 stop_at_eos: bool = True) -> np.ndarray:
+        """Greedy generation: prompt + new tokens as an int64 array (1, L + n)."""
+        prompt = np.asarray(ids, dtype=np.int64).reshape(-1)
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        total = prompt.size + max(0, max_new_tokens)
+        if total > self.max_pos:
+            raise ValueError(f"{prompt.size} prompt + {max_new_tokens} new tokens exceed the model's "
+                             f"{self.max_pos} positions")
+        cache = self.new_cache(max(total, 1))
+        return greedy(self, prompt, cache, max_new_tokens, eos if stop_at_eos else None)

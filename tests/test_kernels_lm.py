@@ -1,0 +1,104 @@
+"""The lean decoder (quipc_runtime.kernels_lm) against transformers driving the same
+kernels-backend model: prefill and every greedy decode step's logits, per family, through the
+C++ blocks (`_kernels.DecoderLayer`) and through the torch glue."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from quipc_runtime import kernels as K
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="quipc kernels extension not built")
+
+from traced_families import DECODE_STEPS, family_artifact, prompt, rel, torch_reference
+
+TOL = 2e-5
+
+
+def _lean(artifact):
+    import quipc_runtime
+    from quipc_runtime.kernels_lm import KernelsLM
+
+    return KernelsLM(quipc_runtime.load(artifact, backend="kernels"), threads=2)
+
+
+def _steps(lm, tokens):
+    """Logits of the prefill and of each decode step fed `tokens` (the reference's choices)."""
+    ids = prompt()[0].numpy()
+    cache = lm.new_cache(ids.size + DECODE_STEPS)
+    out = [lm.prefill(ids, cache)]
+    for i, tok in enumerate(tokens[ids.size:ids.size + DECODE_STEPS - 1]):
+        out.append(lm.decode(tok, ids.size + i, cache))
+    return out
+
+
+@pytest.mark.parametrize("family,head", [("llama", False), ("mistral", False), ("qwen2", False),
+                                         ("qwen3", False), ("llama", True)])
+def test_lean_decoder_matches_transformers(family, head):
+    artifact = family_artifact(family, head=head)
+    full, steps, tokens = torch_reference(artifact, backend="kernels")
+    lm = _lean(artifact)
+    assert lm.native is not None   # decode runs the C++ blocks
+    got = _steps(lm, tokens)
+    assert rel(got[0], full[-1]) < TOL
+    for i, (a, b) in enumerate(zip(got, steps)):
+        assert rel(a, b) < TOL, f"step {i}"
+    gen = lm.generate(prompt()[0].numpy(), DECODE_STEPS, stop_at_eos=False)
+    assert gen[0].tolist() == tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_torch_glue_decode_matches_the_cpp_blocks(family):
+    artifact = family_artifact(family)
+    lm = _lean(artifact)
+    _, _, tokens = torch_reference(artifact, backend="kernels")
+    native = _steps(lm, tokens)
+    lm.native = None
+    glue = _steps(lm, tokens)
+    for a, b in zip(glue, native):
+        assert rel(a, b) < TOL
+
+
+def test_families_it_does_not_run_keep_transformers():
+    import quipc_runtime
+    from quipc_runtime.kernels_lm import KernelsLM, lean, unsupported
+
+    model = quipc_runtime.load(family_artifact("gemma2"), backend="kernels")
+    assert "gemma2" in unsupported(model)
+    assert lean(model) is model
+    with pytest.raises(ValueError, match="cannot run this model"):
+        KernelsLM(model)
+
+
+def test_cache_positions_are_checked():
+    lm = _lean(family_artifact("llama"))
+    cache = lm.new_cache(16)
+    lm.prefill(np.arange(3, 15), cache)
+    with pytest.raises(ValueError, match="outside the cache"):
+        lm.decode(5, 16, cache)
+    with pytest.raises(ValueError, match="from position 0 only"):
+        lm._forward(torch.tensor([3, 4]), 12, cache)
+    with pytest.raises(ValueError, match="positions"):
+        lm.new_cache(10 ** 6)
+
+
+def test_decoder_layer_refuses_what_does_not_fit():
+    lm = _lean(family_artifact("llama"))
+    layer = lm.model.model.layers[0]
+    a, mlp = layer.self_attn, layer.mlp
+    plans = [m._plan for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    ones = np.ones(lm.hidden, np.float32)
+    args = (lm.hidden, lm.heads, lm.kv_heads, lm.head_dim, lm.inter, 1e-5, 1e-5, 0.25, ones, ones, None, None, 0.0)
+    with pytest.raises(ValueError, match="gate_proj is"):
+        K._ext.DecoderLayer(*args, *plans[:4], plans[6], plans[5], plans[6])
+    with pytest.raises(TypeError, match="must be a Plan"):
+        K._ext.DecoderLayer(*args, *plans[:6], "down")
+    block = K._ext.DecoderLayer(*args, *plans)
+    cache = np.zeros((lm.kv_heads, 4, lm.head_dim), np.float32)
+    row = np.ones(lm.head_dim, np.float32)
+    h = np.ones(lm.hidden, np.float32)
+    with pytest.raises(ValueError, match="outside the cache"):
+        block.step(h, 4, cache, cache.copy(), row, row)
+    with pytest.raises(ValueError, match="k_cache has shape"):
+        block.step(h, 0, cache[:, :, :-1].copy(), cache, row, row)
+    block.step(h, 0, cache, cache.copy(), row, row)
+    assert np.isfinite(h).all() and not np.array_equal(h, np.ones_like(h))
