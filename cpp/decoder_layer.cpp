@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention.h"
 #include "thread_pool.h"
 
 namespace quipc {
@@ -59,38 +60,19 @@ DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
 }
 
 void DecoderLayer::attend(int pos, const float* k_cache, const float* v_cache, int capacity,
-                          int threads) const {
+                          int threads, bool force_scalar) const {
   const int H = s_.heads, d = s_.head_dim, group = H / s_.kv_heads, len = pos + 1;
-  if (int(scores_.size()) < H * len) scores_.resize(size_t(H) * len);
-  const float* q = qkv_.data();
-  auto head = [&](int h) {
-    const float* K = k_cache + size_t(h / group) * capacity * d;
-    const float* V = v_cache + size_t(h / group) * capacity * d;
-    const float* qh = q + size_t(h) * d;
-    float* sc = scores_.data() + size_t(h) * len;
-    float mx = -INFINITY;
-    for (int t = 0; t < len; ++t) {
-      const float* kt = K + size_t(t) * d;
-      float acc = 0.f;
-      for (int j = 0; j < d; ++j) acc += qh[j] * kt[j];
-      sc[t] = acc * s_.scaling;
-      mx = std::max(mx, sc[t]);
-    }
-    float sum = 0.f;
-    for (int t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
-    float* out = attn_.data() + size_t(h) * d;
-    std::fill(out, out + d, 0.f);
-    for (int t = 0; t < len; ++t) {
-      const float p = sc[t] / sum;
-      const float* vt = V + size_t(t) * d;
-      for (int j = 0; j < d; ++j) out[j] += p * vt[j];
-    }
-  };
+  if (scores_.size() < size_t(H) * len) scores_.resize(size_t(H) * len);
+  const AttendHead attend_head = select_attend_head(force_scalar);
   const int parts = std::max(1, std::min(threads, H));
   ThreadPool::instance().run(parts, [&](int part) {
     int lo, hi;
     split_range(H, parts, part, 1, &lo, &hi);
-    for (int h = lo; h < hi; ++h) head(h);
+    for (int h = lo; h < hi; ++h) {
+      const size_t kv = size_t(h / group) * capacity * d;
+      attend_head(qkv_.data() + size_t(h) * d, k_cache + kv, v_cache + kv, len, d, s_.scaling,
+                  scores_.data() + size_t(h) * len, attn_.data() + size_t(h) * d);
+    }
   });
 }
 
@@ -123,7 +105,7 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
     std::copy(k + size_t(g) * d, k + size_t(g + 1) * d, k_cache + (size_t(g) * capacity + pos) * d);
     std::copy(v + size_t(g) * d, v + size_t(g + 1) * d, v_cache + (size_t(g) * capacity + pos) * d);
   }
-  attend(pos, k_cache, v_cache, capacity, threads);
+  attend(pos, k_cache, v_cache, capacity, threads, force_scalar);
   w_.o->forward(attn_.data(), 1, out_.data(), threads, force_scalar);
   for (int j = 0; j < hid; ++j) h[j] += out_[j];
 

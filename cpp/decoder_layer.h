@@ -40,7 +40,8 @@ class DecoderLayer {
             const float* sin, int threads, bool force_scalar) const;
 
  private:
-  void attend(int pos, const float* k_cache, const float* v_cache, int capacity, int threads) const;
+  void attend(int pos, const float* k_cache, const float* v_cache, int capacity, int threads,
+              bool force_scalar) const;
 
   DecoderLayerShape s_;
   DecoderLayerWeights w_;
