@@ -15,7 +15,9 @@ A TARGET is a TVM build folder, or an artifact folder with a suffix naming its r
 ART@kernels (fp32 activations, a trellis lm_head's GEMV on the 8-bit copy of its rows, the
 blocks' exact), ART@kernels-int8 (the same on int8 activations), ART@kernels-exact (every GEMV
 exact), ART@kernels-8bit-all (every trellis layer's GEMV on the 8-bit copy of its rows, blocks
-too: the loader's default since stop 51).
+too: the loader's default since stop 51); ART@lean and ART@lean-int8: the loader's default
+(fp32 / int8 activations) decoded by quipc_runtime.kernels_lm.KernelsLM, the C++ blocks that
+`quipc chat` and `quipc bench`'s runtime use since stop 52.
 """
 from __future__ import annotations
 
@@ -53,6 +55,23 @@ class _TorchDecoder:
         return out.logits[0, -1].double().numpy()
 
 
+class _LeanDecoder:
+    """An artifact through quipc_runtime.kernels_lm.KernelsLM (its C++ blocks)."""
+
+    def __init__(self, folder: str, int8: bool, threads: int):
+        import quipc_runtime
+        from quipc_runtime.kernels_lm import KernelsLM
+
+        self.lm = KernelsLM(quipc_runtime.load(folder, backend="kernels", int8_activations=int8), threads=threads)
+        self.cache = None
+
+    def start(self, capacity: int) -> None:
+        self.cache = self.lm.new_cache(capacity)
+
+    def step(self, token: int, pos: int) -> np.ndarray:
+        return self.lm.decode(token, pos, self.cache).astype(np.float64)
+
+
 class _TvmDecoder:
     def __init__(self, folder: str, threads: int):
         from quipc_runtime.tvm_runtime import TvmLM
@@ -69,9 +88,12 @@ class _TvmDecoder:
 def decoder(target: str, threads: int):
     if "@" in target:
         folder, runtime = target.rsplit("@", 1)
+        if runtime in ("lean", "lean-int8"):
+            return _LeanDecoder(folder, runtime == "lean-int8", threads)
         copies = {"kernels": "head", "kernels-int8": "head", "kernels-exact": "none", "kernels-8bit-all": "all"}
         if runtime not in copies:
-            raise SystemExit(f"{target}: the runtime suffix is one of " + ", ".join("@" + r for r in copies))
+            raise SystemExit(f"{target}: the runtime suffix is one of "
+                             + ", ".join("@" + r for r in (*copies, "lean", "lean-int8")))
         return _TorchDecoder(folder, runtime == "kernels-int8", trellis_as_int8=copies[runtime])
     return _TvmDecoder(target, threads)
 

@@ -122,3 +122,23 @@ def test_attention_kernels_agree():
         out[scalar] = h
     assert not np.array_equal(out[True], h0)
     assert rel(out[False], out[True]) < 1e-5
+
+
+@pytest.mark.parametrize("model_type,settings,why", [
+    ("mistral", dict(sliding_window=16), "sliding window of 16"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding window of 16"),
+    ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "changes with the sequence length"),
+])
+def test_settings_it_does_not_reproduce_are_named(model_type, settings, why):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quipc_runtime.kernels_lm import unsupported
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                  max_position_embeddings=128, **settings)
+    assert why in unsupported(AutoModelForCausalLM.from_config(config))
+    wide = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                max_position_embeddings=128, sliding_window=128)
+    assert unsupported(AutoModelForCausalLM.from_config(wide)) is None   # a window the model never fills

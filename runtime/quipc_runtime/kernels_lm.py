@@ -47,8 +47,11 @@ def unsupported(model) -> str | None:
     if any("dynamic" in k or "longrope" in k for k in kinds):
         return f"rotary scaling {sorted(kinds)} changes with the sequence length"
     for i, layer in enumerate(inner.layers):
-        if getattr(layer.self_attn, "sliding_window", None):
-            return f"layer {i} attends through a sliding window"
+        # qwen2/qwen3 set it per layer (None where unused); mistral's attention reads the config's
+        attn = layer.self_attn
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+        if window and int(window) < int(getattr(config, "max_position_embeddings", 1 << 30)):
+            return f"layer {i} attends through a sliding window of {window} positions"
     return None
 
 
