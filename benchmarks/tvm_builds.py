@@ -11,7 +11,9 @@ quipc artifact folder (manifest.json) runs through the C++ kernels runtime
 (`quipc_runtime.load(ART, backend="kernels")`, transformers' model with the fused kernels;
 every trellis layer's decode GEMV on an 8-bit copy of its rows, the loader's default;
 `ART#int8` with int8 activations too, `ART#8bit-head` with only the lm_head's GEMV on its copy,
-the blocks' exact), e.g. issue 16's dense-head and quantized-head artifacts.
+the blocks' exact; `ART#lean` / `ART#lean-int8`: the loader's default decoded by
+quipc_runtime.kernels_lm.KernelsLM, the C++ blocks, with fp32 / int8 activations), e.g. issue
+16's dense-head and quantized-head artifacts.
 
 For comparing two builds of the same artifact (before and after a change to the TVM backend):
 each repetition prefills the prompt and decodes --new-tokens greedy tokens through every build
@@ -98,8 +100,17 @@ def load(build: str, threads: int):
     bodies = build.endswith("#bodies")
     art, _, option = build.partition("#")
     if (Path(art) / "manifest.json").is_file():
-        if option not in ("", "int8", "8bit-head"):
-            raise ValueError(f"{build}: an artifact takes #int8 or #8bit-head")
+        if option not in ("", "int8", "8bit-head", "lean", "lean-int8"):
+            raise ValueError(f"{build}: an artifact takes #int8, #8bit-head, #lean or #lean-int8")
+        if option.startswith("lean"):
+            import torch
+
+            import quipc_runtime
+            from quipc_runtime.kernels_lm import KernelsLM
+
+            torch.set_num_threads(threads)
+            return KernelsLM(quipc_runtime.load(art, backend="kernels", int8_activations=option == "lean-int8"),
+                             threads=threads)
         return KernelsBuild(art, threads, int8=option == "int8", trellis_as_int8="head" if option == "8bit-head" else "all")
     path = Path(build.removesuffix("#bodies"))
     if path.suffix == ".onnx" or (path / "model.onnx").is_file():

@@ -144,3 +144,22 @@ def test_effective_weight_decoded_in_row_steps_is_the_whole_expression(fmt, bits
     w *= layer.t_out.sign_vector()[:, None] * layer.in_scale_f32()[None, :]
     for step in (256, 64):
         assert np.array_equal(layer.effective_weight(step=step), w)
+
+
+@pytest.mark.parametrize("fmt,bits", [("grid", 3), ("e8p", 2), ("trellis", 2)])
+def test_decode_rows_equals_the_decoded_matrix_rows(fmt, bits):
+    """CodeFormat.decode_rows (an embedding lookup from a head's codes) gives the rows of the
+    whole decode, for ids unsorted, repeated, several in one trellis row group, and all of them."""
+    from quipc.config import QuantConfig
+    from quipc.passes.methods import LayerInput, quantize_linear
+
+    g = torch.Generator().manual_seed(bits)
+    m, n = 64, 32
+    x = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    layer = quantize_linear(LayerInput("head", torch.randn(m, n, generator=g), hessian=x.t() @ x),
+                            QuantConfig(bits=bits, format=fmt))
+    f = get_format(fmt)
+    tensors = {key: getattr(layer, key) for key in f.tensor_specs(m, n, bits)}
+    whole = f.decode(tensors, bits, n)
+    for ids in (np.array([63, 2, 17, 2, 0, 16, 31, 17]), np.arange(m), np.array([5])):
+        assert np.array_equal(f.decode_rows(tensors, bits, n, ids), whole[ids])

@@ -140,6 +140,7 @@ class KernelsLM:
         self.hidden = int(config.hidden_size)
         self.scaling = float(attn0.scaling)
         self.max_pos = int(getattr(config, "max_position_embeddings", 1 << 30))
+        self.vocab = int(config.vocab_size)
         self.eos_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
         self.blocks = []
         for layer in inner.layers:
