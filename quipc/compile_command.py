@@ -44,10 +44,10 @@ def finetune_lr(args, finetune: str) -> float:
 
 
 def head_format(args) -> str:
-    """--head-format, or the default for this calibration (see quipc.config)."""
-    from .config import CLI_HEAD_FORMAT, CLI_HEAD_FORMAT_CALIB
+    """--head-format, or the default (see quipc.config)."""
+    from .config import CLI_HEAD_FORMAT
 
-    return args.head_format or (CLI_HEAD_FORMAT_CALIB if getattr(args, "calib", None) else CLI_HEAD_FORMAT)
+    return args.head_format or CLI_HEAD_FORMAT
 
 
 def calib_chat(args) -> float:

@@ -11,17 +11,14 @@ EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 # `quipc compile`'s defaults for lm_head and the embedding (the library's QuantConfig keeps
 # both dense); chosen from measurements on SmolLM2-135M, see README.
 CLI_HEAD_BITS = 4
-# the head's code format: grid. With fp32 blocks the trellis head costs least (+1.44 % vs grid's +3.19 %,
-# benchmarks/results/head_embed_formats_fp32blocks.json), but in the default pipeline it gave ppl 63.18 /
-# agreement 0.272 against the grid head's 60.92 / 0.330, and grid decodes fastest (README, 'Whole model').
-# The e8p head on one host: 63.57 against grid's 64.28 (dense 61.29), but 1.15x the TVM decode time.
-CLI_HEAD_FORMAT = "grid"
-# with --calib: auto (trellis where the head is whole 16x16 tiles, as SmolLM2's). On WikiText-calibrated
-# 2-bit blocks the trellis head cost +1.52 % against grid's +4.38 % (stop 41, head_embed_w2_trellis_rows.json),
-# and in full compiles (--calib --finetune none, one host) 62.29 against 63.44, in 0.1 MB less; its decode
-# GEMV runs on an 8-bit copy of the rows (kernels runtime and TVM): head alone 3.0 against 1.6 ms, decode
-# perplexity 105.01 against grid's 105.33 (the exact trellis GEMV: 104.73, 14 ms)
-CLI_HEAD_FORMAT_CALIB = "auto"
+# the head's code format, data-free and with --calib: auto (trellis where the head is whole 16x16 tiles, as
+# SmolLM2's; else e8p, else grid). Data-free w2, the default pipeline (all), Xeon host, same generated windows
+# (stop 52): trellis 58.42 / held-out KL 0.561 / NLL of fp32's answers 1.696 against the grid head's 59.39 /
+# 0.572 / 1.737 (dense head: 56.82), ROUGE-L 0.283 against 0.287 (a tie), 41.95 against 42.05 MB; its decode
+# GEMV runs on an 8-bit copy of the rows: TVM 3.97 against 3.39 ms a token, the kernels runtime 7.86 against
+# 7.37 (benchmarks/results/decode_w2_head_grid_vs_trellis_stop52.json). With --calib (stop 41) it cost +1.52 %
+# against the grid head's +4.38 % on 2-bit blocks, and in full compiles 62.29 against 63.44.
+CLI_HEAD_FORMAT = "auto"
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
 # format). e8p, not trellis / auto, although trellis wins on perplexity (data-free w2 default

@@ -230,13 +230,13 @@ def test_compile_finetune_lr_default_per_width(argv, expect):
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["m", "-o", "x"], "grid"),
-    (["m", "-o", "x", "--calib", "t.txt"], "auto"),      # trellis on whole 16x16 tiles, else e8p, grid
+    (["m", "-o", "x"], "auto"),                         # trellis on whole 16x16 tiles, else e8p, grid
+    (["m", "-o", "x", "--calib", "t.txt"], "auto"),
     (["m", "-o", "x", "--calib", "t.txt", "--head-format", "grid"], "grid"),
     (["m", "-o", "x", "--head-format", "trellis"], "trellis"),
 ])
 def test_compile_head_format_default_per_calibration(argv, expect):
-    """The head's code format: grid data-free, the trellis head (auto) with --calib, where it
+    """The head's code format: the trellis head (auto) with and without --calib, where it
     measured best (quipc.config); an explicit --head-format wins."""
     from quipc.cli import build_parser
     from quipc.compile_command import head_format
