@@ -7,8 +7,9 @@ One repetition = prefill of a fixed prompt (timed) + `--new-tokens` greedy decod
 the KV cache (timed; decode_ms = their total / count). Reported: median over repetitions and
 the spread (min, max). A backend that cannot run here is reported as skipped with the reason.
 
-Backends: torch-ref (quipc_runtime, reference modules), runtime (quipc_runtime C++ kernels, decoded
-by its lean decoder where it runs the family; runtime-transformers: through transformers), onnx (quipc ONNX export + onnxruntime), tvm (quipc TVM build, llvm); baselines (--baseline
+Backends: torch-ref (quipc_runtime, reference modules), runtime (quipc_runtime C++ kernels as `quipc
+chat` runs them: int8 activations, decoded by the lean decoder where it runs the family;
+runtime-transformers: fp32 activations, through transformers), onnx (quipc ONNX export + onnxruntime), tvm (quipc TVM build, llvm); baselines (--baseline
 fp32,llamacpp): fp32-torch (transformers, the original fp32 model), fp32-onnx (its ONNX export,
 onnxruntime); llamacpp-q4_0 / llamacpp-q8_0 (the source GGUF requantized by llama.cpp, run by
 llama-cpp-python where installed: bench_llamacpp.py).

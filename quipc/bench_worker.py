@@ -82,7 +82,10 @@ def _load_backend(name: str, spec: dict, threads: int):
     if name in ("torch-ref", "runtime", "runtime-transformers"):
         import quipc_runtime
 
-        model = quipc_runtime.load(art, backend="reference" if name == "torch-ref" else "kernels")
+        # runtime: as `quipc chat` decodes (int8 activations, the lean decoder where it runs the
+        # family); runtime-transformers: the kernels model through transformers, fp32 activations
+        model = quipc_runtime.load(art, backend="reference" if name == "torch-ref" else "kernels",
+                                   int8_activations=name == "runtime")
         if name == "runtime":   # the lean decoder where it runs the family (quipc_runtime.kernels_lm)
             from quipc_runtime.kernels_lm import KernelsLM, unsupported
 

@@ -137,18 +137,20 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path, monkeypatch
     assert_clean_error(code, err, "the prompt is empty")
     code, _, err = run(capsys, "eval", out, "--text", tmp_path / "nope.txt")
     assert_clean_error(code, err, "text file")
-    seen = []                                   # --trellis-as-int8 reaches the loader (default: all)
+    seen = []        # --trellis-as-int8 (default: all) and --activations (default: int8) reach the loader
     real_load = quipc.load
 
     def spy(*a, **kw):
-        seen.append(kw.get("trellis_as_int8"))
+        seen.append((kw.get("trellis_as_int8"), kw.get("int8_activations")))
         return real_load(*a, **kw)
 
     import quipc_runtime
     monkeypatch.setattr(quipc_runtime, "load", spy)
     assert run(capsys, "chat", out, "the", "--max-new-tokens", 1)[0] == 0
-    assert run(capsys, "chat", out, "the", "--max-new-tokens", 1, "--trellis-as-int8", "head")[0] == 0
-    assert seen == ["all", "head"]
+    assert run(capsys, "chat", out, "the", "--max-new-tokens", 1, "--trellis-as-int8", "head",
+               "--activations", "fp32")[0] == 0
+    assert run(capsys, "chat", out, "the", "--max-new-tokens", 1, "--backend", "reference")[0] == 0
+    assert seen == [("all", True), ("head", False), ("all", False)]
 
 
 def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
