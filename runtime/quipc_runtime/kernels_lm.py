@@ -69,11 +69,18 @@ def _rope_types(config) -> set[str]:
     return {str(r.get("rope_type", r.get("type", "default"))) for r in records}
 
 
+def _plain_plan(module):
+    """The CPU plan of a KernelQuipLinear that is nothing but its plan (no 8-bit row patch), else None."""
+    plain = isinstance(module, KernelQuipLinear) and module.device.type == "cpu" and module.row_ids is None
+    return module._plan if plain else None
+
+
 def _linear(module, threads: int):
     """f(x (B, n)) -> (B, m): the kernels' plan on the tensor's memory where the module is a
     plain KernelQuipLinear on the CPU, else the module itself."""
-    if isinstance(module, KernelQuipLinear) and module.device.type == "cpu" and module.row_ids is None:
-        plan, m = module._plan, module.out_features
+    plan = _plain_plan(module)
+    if plan is not None:
+        m = module.out_features
 
         def run(x):
             y = torch.empty(x.shape[0], m)
@@ -163,16 +170,12 @@ class KernelsLM:
         a kernels plan and the MLP's activation is SiLU; None otherwise (the torch glue runs)."""
         from .kernels import _ext
 
-        def plan(module):
-            plain = isinstance(module, KernelQuipLinear) and module.device.type == "cpu" and module.row_ids is None
-            return module._plan if plain else None
-
         if str(getattr(config, "hidden_act", "")) not in ("silu", "swish"):
             return None
         out = []
         for layer in layers:
             a, mlp = layer.self_attn, layer.mlp
-            plans = [plan(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
+            plans = [_plain_plan(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
                                        mlp.down_proj)]
             if any(p is None for p in plans):
                 return None
