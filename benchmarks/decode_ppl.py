@@ -59,11 +59,9 @@ class _LeanDecoder:
     """An artifact through quipc_runtime.kernels_lm.KernelsLM (its C++ blocks)."""
 
     def __init__(self, folder: str, int8: bool, threads: int):
-        import quipc_runtime
-        from quipc_runtime.kernels_lm import KernelsLM
+        from quipc_runtime.kernels_lm import load_lean
 
-        self.lm = KernelsLM(quipc_runtime.load(folder, backend="kernels", int8_activations=int8), threads=threads)
-        self.cache = None
+        self.lm, self.cache = load_lean(folder, int8_activations=int8, threads=threads), None
 
     def start(self, capacity: int) -> None:
         self.cache = self.lm.new_cache(capacity)

@@ -105,12 +105,10 @@ def load(build: str, threads: int):
         if option.startswith("lean"):
             import torch
 
-            import quipc_runtime
-            from quipc_runtime.kernels_lm import KernelsLM
+            from quipc_runtime.kernels_lm import load_lean
 
             torch.set_num_threads(threads)
-            return KernelsLM(quipc_runtime.load(art, backend="kernels", int8_activations=option == "lean-int8"),
-                             threads=threads)
+            return load_lean(art, int8_activations=option == "lean-int8", threads=threads)
         return KernelsBuild(art, threads, int8=option == "int8", trellis_as_int8="head" if option == "8bit-head" else "all")
     path = Path(build.removesuffix("#bodies"))
     if path.suffix == ".onnx" or (path / "model.onnx").is_file():

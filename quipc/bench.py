@@ -9,7 +9,8 @@ the spread (min, max). A backend that cannot run here is reported as skipped wit
 
 Backends: torch-ref (quipc_runtime, reference modules), runtime (quipc_runtime C++ kernels as `quipc
 chat` runs them: int8 activations, decoded by the lean decoder where it runs the family;
-runtime-transformers: fp32 activations, through transformers), onnx (quipc ONNX export + onnxruntime), tvm (quipc TVM build, llvm); baselines (--baseline
+runtime-transformers: fp32 activations, through transformers), onnx (quipc ONNX export +
+onnxruntime), tvm (quipc TVM build, llvm); baselines (--baseline
 fp32,llamacpp): fp32-torch (transformers, the original fp32 model), fp32-onnx (its ONNX export,
 onnxruntime); llamacpp-q4_0 / llamacpp-q8_0 (the source GGUF requantized by llama.cpp, run by
 llama-cpp-python where installed: bench_llamacpp.py).
@@ -29,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_backends import BASELINE_BACKENDS, BASELINES, GRAPH_BACKENDS, QUIPC_BACKENDS, RUNTIME_BACKENDS, prepare
+from .bench_backends import BASELINES, KNOWN_BACKENDS, QUIPC_BACKENDS, prepare
 from .bench_llamacpp import LLAMACPP_TYPES
 from .bench_backends import why_not as _why_not  # called through this name: tests patch it here
 from .bench_report import format_table, write_chart
@@ -43,7 +44,7 @@ SETTLE_S = 0.2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="a quipc artifact folder")
     parser.add_argument("--backends", default=",".join(QUIPC_BACKENDS),
-                        help=f"comma-separated, from {', '.join(QUIPC_BACKENDS + RUNTIME_BACKENDS[1:] + tuple(GRAPH_BACKENDS) + BASELINE_BACKENDS)} "
+                        help=f"comma-separated, from {', '.join(KNOWN_BACKENDS)} "
                              f"(default: {', '.join(QUIPC_BACKENDS)})")
     parser.add_argument("--baseline", default=None, type=_baselines,
                         help="comma-separated: fp32 = the unquantized model in transformers and onnxruntime; "
@@ -109,10 +110,9 @@ def run(args) -> int:
     artifact = Path(args.artifact)
     manifest = art.read_manifest(artifact)  # raises a clear error for a bad folder
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    known = QUIPC_BACKENDS + RUNTIME_BACKENDS[1:] + tuple(GRAPH_BACKENDS) + BASELINE_BACKENDS
-    unknown = [b for b in names if b not in known]
+    unknown = [b for b in names if b not in KNOWN_BACKENDS]
     if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; expected some of {', '.join(known)}")
+        raise ValueError(f"unknown backend(s) {unknown}; expected some of {', '.join(KNOWN_BACKENDS)}")
     for baseline in args.baseline or []:
         names += [b for b in BASELINES[baseline] if b not in names]
     if args.reps < 1 or args.new_tokens < 1 or args.prompt_len < 1:

@@ -17,6 +17,8 @@ RUNTIME_BACKENDS = ("runtime", "runtime-transformers")
 # --baseline NAME adds these backends: the unquantized model, or llama.cpp's own quantized files
 BASELINES = {"fp32": ("fp32-torch", "fp32-onnx"), "llamacpp": tuple(bench_llamacpp.LLAMACPP_TYPES)}
 BASELINE_BACKENDS = tuple(b for names in BASELINES.values() for b in names)
+# every name --backends takes
+KNOWN_BACKENDS = QUIPC_BACKENDS + RUNTIME_BACKENDS[1:] + tuple(GRAPH_BACKENDS) + BASELINE_BACKENDS
 
 
 def why_not(name: str) -> str | None:

@@ -87,10 +87,11 @@ def _load_backend(name: str, spec: dict, threads: int):
         model = quipc_runtime.load(art, backend="reference" if name == "torch-ref" else "kernels",
                                    int8_activations=name == "runtime")
         if name == "runtime":   # the lean decoder where it runs the family (quipc_runtime.kernels_lm)
-            from quipc_runtime.kernels_lm import KernelsLM, unsupported
+            from quipc_runtime.kernels_lm import KernelsLM, lean
 
-            if unsupported(model) is None:
-                return CacheDriver(KernelsLM(model, threads=threads), spec["prompt_len"] + spec["new_tokens"] + 1)
+            model = lean(model, threads=threads)
+            if isinstance(model, KernelsLM):
+                return CacheDriver(model, spec["prompt_len"] + spec["new_tokens"] + 1)
         return TorchLM(model)
     if name == "fp32-torch":
         from quipc.frontend.hf import load_model

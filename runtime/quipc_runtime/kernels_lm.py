@@ -60,6 +60,13 @@ def lean(model, threads: int | None = None):
     return model if unsupported(model) else KernelsLM(model, threads=threads)
 
 
+def load_lean(folder, int8_activations: bool = False, threads: int | None = None) -> KernelsLM:
+    """An artifact loaded with backend "kernels" (the loader's other defaults) as a KernelsLM."""
+    from . import load
+
+    return KernelsLM(load(folder, backend="kernels", int8_activations=int8_activations), threads=threads)
+
+
 def _rope_types(config) -> set[str]:
     """The rotary types a config names (one, or one per layer type in transformers 5)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
