@@ -70,10 +70,7 @@ void register_decoder(py::module_& mod) {
             if (!ha.writeable() || !ka.writeable() || !va.writeable())
               throw py::value_error("h, k_cache and v_cache must be writeable");
             check_threads(threads);
-            const int capacity = int(ka.shape(1));
-            if (pos < 0 || pos >= capacity)
-              throw py::value_error("position " + std::to_string(pos) + " is outside the cache (" +
-                                    std::to_string(capacity) + " positions)");
+            const int capacity = int(ka.shape(1));   // step() refuses a position outside it
             float* hp = static_cast<float*>(ha.mutable_data());
             float* kp = static_cast<float*>(ka.mutable_data());
             float* vp = static_cast<float*>(va.mutable_data());

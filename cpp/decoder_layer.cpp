@@ -39,8 +39,9 @@ void rotate(float* x, const float* cos, const float* sin, int d, float* tmp) {
 DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
     : s_(shape), w_(std::move(weights)) {
   const int H = s_.heads, KH = s_.kv_heads, d = s_.head_dim, hid = s_.hidden;
-  if (hid < 1 || H < 1 || KH < 1 || d < 2 || d % 2 || s_.inter < 1 || H % KH)
-    throw std::invalid_argument("decoder layer: heads must be a multiple of kv_heads, head_dim even, sizes positive");
+  if (hid < 1 || H < 1 || KH < 1 || d < 2 || d % 2 || d > kMaxHeadDim || s_.inter < 1 || H % KH)
+    throw std::invalid_argument("decoder layer: heads must be a multiple of kv_heads, head_dim even and at most " +
+                                std::to_string(kMaxHeadDim) + ", sizes positive");
   if (int(w_.ln1.size()) != hid || int(w_.ln2.size()) != hid)
     throw std::invalid_argument("decoder layer: norm weights must have hidden_size values");
   if (w_.q_norm.size() != w_.k_norm.size() || (!w_.q_norm.empty() && int(w_.q_norm.size()) != d))
@@ -86,8 +87,7 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
   float* q = qkv_.data();
   float* k = q + size_t(H) * d;
   float* v = k + size_t(KH) * d;
-  float tmp[1024];
-  if (d > 1024) throw std::invalid_argument("decoder layer: head_dim above 1024");
+  float tmp[kMaxHeadDim];
 
   rms_norm(h, w_.ln1.data(), hid, s_.eps1, x);
   w_.q->forward(x, 1, q, threads, force_scalar);

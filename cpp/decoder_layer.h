@@ -11,6 +11,8 @@
 
 namespace quipc {
 
+constexpr int kMaxHeadDim = 1024;   // a head's scratch row lives on the stack
+
 struct DecoderLayerShape {
   int hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, inter = 0;
   float eps1 = 0.f, eps2 = 0.f;  // input / post-attention RMSNorm epsilons
