@@ -4,9 +4,12 @@ Loads an artifact whose head (and tied embedding) are quantized and scores its g
 answers against the fp32 model's (ROUGE-L, quipc.eval.agreement) four ways: as stored; with the
 fp32 lm_head swapped in; with the fp32 embedding swapped in; with only the tokenizer's special
 tokens exact in both (their rows of the fp32 table). If none of the swaps brings the answers
-back, the blocks lost them. Torch reference path, greedy, deterministic.
+back, the blocks lost them. Torch reference path, greedy, deterministic. With --text, each way's
+WikiText perplexity (PROTOCOL windows) as well: how much of the whole-model cost is the head's,
+how much the embedding's.
 
-    python benchmarks/head_attribution.py ART [--prompts 8] [--threads 2] [--json F]
+    python benchmarks/head_attribution.py ART [--prompts 8] [--text wiki.test.raw --windows 16]
+        [--threads 2] [--json F]
 """
 from __future__ import annotations
 
@@ -72,6 +75,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
     ap.add_argument("--prompts", type=int, default=8, help="the first N of quipc.eval.agreement.PROMPTS")
+    ap.add_argument("--text", help="also each way's perplexity on this text (PROTOCOL windows)")
+    ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="append the records to this file")
     args = ap.parse_args()
@@ -79,6 +84,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from quipc.eval.agreement import PROMPTS, agreement, chat_answers
+    from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
     from quipc.frontend.hf import load_model
     from quipc.frontend.models import resolve
     from quipc_runtime.loader import load_tokenizer
@@ -96,6 +102,7 @@ def main() -> int:
     tok = load_tokenizer(art)
     prompts = PROMPTS[: args.prompts]
     reference = chat_answers(ref, tok, prompts)
+    windows = eval_windows(tok, args.text, windows=args.windows) if args.text else None
     special = sorted(set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {}))
     records = []
     for name, model in variants(art, table, special, head["module"], emb["module"]):
@@ -103,6 +110,9 @@ def main() -> int:
         score = agreement(answers, reference)
         rec = {"artifact": str(art), "variant": name, "rouge_l": score["rouge_l"], "identical": score["identical"],
                "prompts": len(prompts), "first_answer": tok.decode(answers[0]), "special_rows": len(special)}
+        if windows is not None:
+            rec.update(ppl=perplexity(torch_logits_fn(model), windows, progress=False)["ppl"],
+                       windows=int(windows.shape[0]))
         print(json.dumps(rec), flush=True)
         records.append(rec)
     if args.json:
