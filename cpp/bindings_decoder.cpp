@@ -1,5 +1,7 @@
-// The decoder block's bindings: class DecoderLayer (decoder_layer.h), built on seven Plans.
+// The decoder block's bindings: class DecoderLayer (decoder_layer.h), built on seven Plans;
+// the sliding window, the MLP's activation and Gemma3's post norms as keyword arguments.
 #include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "bindings.h"
@@ -30,8 +32,16 @@ void register_decoder(py::module_& mod) {
                        float scaling, const py::object& ln1, const py::object& ln2, const py::object& q_norm,
                        const py::object& k_norm, float qk_eps, const py::object& q, const py::object& k,
                        const py::object& v, const py::object& o, const py::object& gate,
-                       const py::object& up, const py::object& down) {
+                       const py::object& up, const py::object& down, int window, const std::string& act,
+                       const py::object& post_attn, const py::object& post_mlp, float post_eps) {
              DecoderLayerShape s{hidden, heads, kv_heads, head_dim, inter, eps1, eps2, qk_eps, scaling};
+             s.window = window;
+             s.post_eps = post_eps;
+             if (act == "gelu_tanh") {
+               s.act = MlpActivation::kGeluTanh;
+             } else if (act != "silu") {
+               throw py::value_error("act must be 'silu' or 'gelu_tanh', got '" + act + "'");
+             }
              DecoderLayerWeights w;
              w.ln1 = to_vector(ln1, "ln1", hidden);
              w.ln2 = to_vector(ln2, "ln2", hidden);
@@ -40,6 +50,12 @@ void register_decoder(py::module_& mod) {
              if (!q_norm.is_none()) {
                w.q_norm = to_vector(q_norm, "q_norm", head_dim);
                w.k_norm = to_vector(k_norm, "k_norm", head_dim);
+             }
+             if (post_attn.is_none() != post_mlp.is_none())
+               throw py::value_error("post_attn and post_mlp must both be given or both be None");
+             if (!post_attn.is_none()) {
+               w.post_attn = to_vector(post_attn, "post_attn", hidden);
+               w.post_mlp = to_vector(post_mlp, "post_mlp", hidden);
              }
              w.q = plan_of(q, "q"), w.k = plan_of(k, "k"), w.v = plan_of(v, "v"), w.o = plan_of(o, "o");
              w.gate = plan_of(gate, "gate"), w.up = plan_of(up, "up"), w.down = plan_of(down, "down");
@@ -55,7 +71,9 @@ void register_decoder(py::module_& mod) {
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("inter"),
            py::arg("eps1"), py::arg("eps2"), py::arg("scaling"), py::arg("ln1"), py::arg("ln2"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("qk_eps"), py::arg("q"), py::arg("k"),
-           py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"))
+           py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::kw_only(),
+           py::arg("window") = 0, py::arg("act") = "silu", py::arg("post_attn") = py::none(),
+           py::arg("post_mlp") = py::none(), py::arg("post_eps") = 0.f)
       .def(
           "step",
           [](PyDecoderLayer& p, const py::object& h, int pos, const py::object& k_cache,

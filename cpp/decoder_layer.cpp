@@ -34,6 +34,11 @@ void rotate(float* x, const float* cos, const float* sin, int d, float* tmp) {
   std::copy(tmp, tmp + d, x);
 }
 
+// transformers' gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+inline float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
 }  // namespace
 
 DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
@@ -46,6 +51,10 @@ DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
     throw std::invalid_argument("decoder layer: norm weights must have hidden_size values");
   if (w_.q_norm.size() != w_.k_norm.size() || (!w_.q_norm.empty() && int(w_.q_norm.size()) != d))
     throw std::invalid_argument("decoder layer: q/k norms must both be absent or have head_dim values");
+  if (w_.post_attn.size() != w_.post_mlp.size() || (!w_.post_attn.empty() && int(w_.post_attn.size()) != hid))
+    throw std::invalid_argument("decoder layer: post-attention / post-MLP norms must both be absent or have "
+                                "hidden_size values");
+  if (s_.window < 0) throw std::invalid_argument("decoder layer: the sliding window must be >= 0 (0: none)");
   expect_plan(w_.q, "q_proj", H * d, hid);
   expect_plan(w_.k, "k_proj", KH * d, hid);
   expect_plan(w_.v, "v_proj", KH * d, hid);
@@ -62,7 +71,8 @@ DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
 
 void DecoderLayer::attend(int pos, const float* k_cache, const float* v_cache, int capacity,
                           int threads, bool force_scalar) const {
-  const int H = s_.heads, d = s_.head_dim, group = H / s_.kv_heads, len = pos + 1;
+  const int H = s_.heads, d = s_.head_dim, group = H / s_.kv_heads;
+  const int first = s_.window > 0 ? std::max(0, pos + 1 - s_.window) : 0, len = pos + 1 - first;
   if (scores_.size() < size_t(H) * len) scores_.resize(size_t(H) * len);
   const AttendHead attend_head = select_attend_head(force_scalar);
   const int parts = std::max(1, std::min(threads, H));
@@ -70,7 +80,7 @@ void DecoderLayer::attend(int pos, const float* k_cache, const float* v_cache, i
     int lo, hi;
     split_range(H, parts, part, 1, &lo, &hi);
     for (int h = lo; h < hi; ++h) {
-      const size_t kv = size_t(h / group) * capacity * d;
+      const size_t kv = (size_t(h / group) * capacity + first) * d;
       attend_head(qkv_.data() + size_t(h) * d, k_cache + kv, v_cache + kv, len, d, s_.scaling,
                   scores_.data() + size_t(h) * len, attn_.data() + size_t(h) * d);
     }
@@ -107,16 +117,30 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
   }
   attend(pos, k_cache, v_cache, capacity, threads, force_scalar);
   w_.o->forward(attn_.data(), 1, out_.data(), threads, force_scalar);
-  for (int j = 0; j < hid; ++j) h[j] += out_[j];
+  add_residual(h, w_.post_attn);
 
   rms_norm(h, w_.ln2.data(), hid, s_.eps2, x);
   float* g = gu_.data();
   float* u = g + I;
   w_.gate->forward(x, 1, g, threads, force_scalar);
   w_.up->forward(x, 1, u, threads, force_scalar);
-  for (int j = 0; j < I; ++j) x[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+  if (s_.act == MlpActivation::kGeluTanh) {
+    for (int j = 0; j < I; ++j) x[j] = gelu_tanh(g[j]) * u[j];
+  } else {
+    for (int j = 0; j < I; ++j) x[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+  }
   w_.down->forward(x, 1, out_.data(), threads, force_scalar);
-  for (int j = 0; j < hid; ++j) h[j] += out_[j];
+  add_residual(h, w_.post_mlp);
+}
+
+void DecoderLayer::add_residual(float* h, const std::vector<float>& post_norm) const {
+  const int hid = s_.hidden;
+  if (!post_norm.empty()) {
+    rms_norm(out_.data(), post_norm.data(), hid, s_.post_eps, x_.data());
+    for (int j = 0; j < hid; ++j) h[j] += x_[j];
+  } else {
+    for (int j = 0; j < hid; ++j) h[j] += out_[j];
+  }
 }
 
 }  // namespace quipc

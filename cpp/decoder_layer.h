@@ -1,9 +1,12 @@
-// One decoder block of the Llama-style families (llama, mistral, qwen2, qwen3) at decode
-// time, one token, in one call: RMSNorm, q/k/v (QuipLinearPlan: transforms, signs, scales,
-// biases and the quantized GEMV), Qwen3's per-head q/k RMSNorm, rotary embedding, the KV cache
-// write, grouped-query attention over positions [0, pos], o, residual, RMSNorm, gate and up,
-// SiLU(gate) * up, down, residual. What transformers computes for the block, without the
-// ~40 framework ops around its seven GEMVs (runtime/quipc_runtime/kernels_lm.py drives it).
+// One decoder block of the Llama-style families (llama, mistral, qwen2, qwen3, gemma3) at
+// decode time, one token, in one call: RMSNorm, q/k/v (QuipLinearPlan: transforms, signs,
+// scales, biases and the quantized GEMV), the per-head q/k RMSNorm (Qwen3, Gemma3), rotary
+// embedding, the KV cache write, grouped-query attention over positions [0, pos] (or the last
+// `window` of them), o, [post-attention RMSNorm (Gemma3)], residual, RMSNorm, gate and up,
+// act(gate) * up (SiLU, or GELU's tanh form), down, [post-MLP RMSNorm (Gemma3)], residual.
+// What transformers computes for the block, without the ~40 framework ops around its seven
+// GEMVs (runtime/quipc_runtime/kernels_lm.py drives it). Gemma's RMSNorm scales by (1 + w):
+// the caller passes 1 + w.
 #pragma once
 #include <vector>
 
@@ -13,16 +16,23 @@ namespace quipc {
 
 constexpr int kMaxHeadDim = 1024;   // a head's scratch row lives on the stack
 
+enum class MlpActivation { kSilu, kGeluTanh };
+
 struct DecoderLayerShape {
   int hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, inter = 0;
   float eps1 = 0.f, eps2 = 0.f;  // input / post-attention RMSNorm epsilons
   float qk_eps = 0.f;            // the per-head q/k norms' epsilon (Qwen3)
-  float scaling = 0.f;           // attention logit scale (head_dim^-0.5 in these families)
+  float scaling = 0.f;           // attention logit scale (head_dim^-0.5, Gemma3: query_pre_attn_scalar^-0.5)
+  int window = 0;                // sliding-window attention over the last `window` positions; 0: all
+  MlpActivation act = MlpActivation::kSilu;
+  float post_eps = 0.f;          // the post-attention / post-MLP norms' epsilon (Gemma3)
 };
 
 struct DecoderLayerWeights {
   std::vector<float> ln1, ln2;        // (hidden) each
   std::vector<float> q_norm, k_norm;  // (head_dim) each, or both empty
+  std::vector<float> post_attn, post_mlp;  // (hidden) each, or both empty: norms of the attention's
+                                           // and the MLP's outputs before their residual adds
   const QuipLinearPlan *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
   const QuipLinearPlan *gate = nullptr, *up = nullptr, *down = nullptr;
 };
@@ -44,6 +54,8 @@ class DecoderLayer {
  private:
   void attend(int pos, const float* k_cache, const float* v_cache, int capacity, int threads,
               bool force_scalar) const;
+  // h += out_, or h += post_norm(out_) where the block has that norm (x_ as scratch)
+  void add_residual(float* h, const std::vector<float>& post_norm) const;
 
   DecoderLayerShape s_;
   DecoderLayerWeights w_;

@@ -32,7 +32,8 @@ def _steps(lm, tokens):
 
 
 @pytest.mark.parametrize("family,head", [("llama", False), ("mistral", False), ("qwen2", False),
-                                         ("qwen3", False), ("llama", True)])
+                                         ("qwen3", False), ("gemma3", False), ("llama", True),
+                                         ("gemma3", True)])
 def test_lean_decoder_matches_transformers(family, head):
     artifact = family_artifact(family, head=head)
     full, steps, tokens = torch_reference(artifact, backend="kernels")
@@ -46,7 +47,7 @@ def test_lean_decoder_matches_transformers(family, head):
     assert gen[0].tolist() == tokens
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_torch_glue_decode_matches_the_cpp_blocks(family):
     artifact = family_artifact(family)
     lm = _lean(artifact)
@@ -125,9 +126,9 @@ def test_attention_kernels_agree():
 
 
 @pytest.mark.parametrize("model_type,settings,why", [
-    ("mistral", dict(sliding_window=16), "sliding window of 16"),
-    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding window of 16"),
     ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "changes with the sequence length"),
+    ("gemma3_text", dict(attn_logit_softcapping=50.0), "soft-capping"),
+    ("gemma3_text", dict(use_bidirectional_attention=True), "bidirectional"),
 ])
 def test_settings_it_does_not_reproduce_are_named(model_type, settings, why):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -138,7 +139,31 @@ def test_settings_it_does_not_reproduce_are_named(model_type, settings, why):
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                   max_position_embeddings=128, **settings)
     assert why in unsupported(AutoModelForCausalLM.from_config(config))
-    wide = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                max_position_embeddings=128, sliding_window=128)
-    assert unsupported(AutoModelForCausalLM.from_config(wide)) is None   # a window the model never fills
+
+
+@pytest.mark.parametrize("family,settings", [
+    ("mistral", dict(sliding_window=5)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),  # layer 1 slides
+])
+def test_sliding_windows_match_transformers(family, settings, tmp_path):
+    """Windows shorter than the prompt: the prefill's masked attention (torch glue) and every
+    decode step's (C++ blocks, then the glue) attend to the last `window` positions only."""
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+    from tiny import write_text
+    from traced_families import make_family_model
+
+    folder = make_family_model(tmp_path / "hf", family, **settings)
+    art = tmp_path / "art"
+    compile_model(str(folder), art, QuantConfig(bits=2), CalibConfig(text=str(write_text(tmp_path / "c.txt")),
+                                                                     windows=4, length=32), progress=False)
+    full, steps, tokens = torch_reference(art, backend="kernels")
+    lm = _lean(art)
+    assert lm.native is not None and any(b.window == 5 for b in lm.blocks)
+    for native in (True, False):
+        if not native:
+            lm.native = None
+        got = _steps(lm, tokens)
+        assert rel(got[0], full[-1]) < TOL
+        for i, (a, b) in enumerate(zip(got, steps)):
+            assert rel(a, b) < TOL, f"step {i} ({'C++' if native else 'glue'})"

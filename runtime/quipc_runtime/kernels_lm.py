@@ -4,15 +4,17 @@ plans, norms and rotary tables as the transformers model, without its per-token 
 Decoding SmolLM2 w2 through transformers spent ~12 of ~19 ms a token around the kernels (its
 cache concatenates every layer's keys and values each step; each block walks a dozen modules,
 casts and checks, ~40 framework ops). `KernelsLM` runs the Llama-style families (RMSNorm,
-rotary, grouped-query attention, SiLU-gated MLP: llama, mistral, qwen2, qwen3) itself: a cache
-preallocated once and written in place, the rotary tables computed once for every position by
-the model's own rotary module, and each decode step one C++ call per block
-(`_kernels.DecoderLayer`, cpp/decoder_layer.h: the seven plans and everything between them).
-A prompt runs through the same plans with torch's ops between them (its GEMMs dominate); so
-does a decode step whose block has a linear that is not a plain plan (8-bit row patches) or
-another activation. Other families and settings this loop does not reproduce (sliding-window
-layers, rotary scalings that change with the length) are named by `unsupported(model)`; the
-callers then keep the transformers model.
+rotary, grouped-query attention, gated MLP: llama, mistral, qwen2, qwen3, and gemma3 with its
+(1 + w) norms, post-attention / post-MLP norms, GELU-tanh and per-layer-type rotary tables)
+itself, sliding-window layers included: a cache preallocated once and written in place, the
+rotary tables computed once for every position by the model's own rotary module, and each
+decode step one C++ call per block (`_kernels.DecoderLayer`, cpp/decoder_layer.h: the seven
+plans and everything between them). A prompt runs through the same plans with torch's ops
+between them (its GEMMs dominate); so does a decode step whose block has a linear that is not
+a plain plan (8-bit row patches) or another activation. Other families and settings this loop
+does not reproduce (attention soft-capping, bidirectional attention, rotary scalings that
+change with the length) are named by `unsupported(model)`; the callers then keep the
+transformers model.
 
 The interface is TvmLM's: `new_cache(n)`, `prefill(ids, cache)` and `decode(token, pos, cache)`
 return the last position's logits (numpy, (V,)), `generate(ids, max_new_tokens, eos_token_id)`
@@ -29,7 +31,9 @@ import torch.nn.functional as F
 from .kernels import KernelQuipLinear, default_threads
 from .tvm_runtime import greedy  # numpy only; tvm itself is imported lazily there
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+GEMMA = ("gemma3_text",)   # RMSNorm scales by (1 + w); post-attention and post-MLP norms
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 def unsupported(model) -> str | None:
@@ -46,13 +50,27 @@ def unsupported(model) -> str | None:
     kinds = _rope_types(config)
     if any("dynamic" in k or "longrope" in k for k in kinds):
         return f"rotary scaling {sorted(kinds)} changes with the sequence length"
-    for i, layer in enumerate(inner.layers):
-        # qwen2/qwen3 set it per layer (None where unused); mistral's attention reads the config's
-        attn = layer.self_attn
-        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
-        if window and int(window) < int(getattr(config, "max_position_embeddings", 1 << 30)):
-            return f"layer {i} attends through a sliding window of {window} positions"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping is not in the lean decoder's attention"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention is not causal decoding"
     return None
+
+
+def _window(layer, config) -> int:
+    """The layer's sliding window (0: none). qwen2/qwen3/gemma3 set it per layer (None where
+    unused); mistral's attention reads the config's."""
+    attn = layer.self_attn
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+    if not window or int(window) >= int(getattr(config, "max_position_embeddings", 1 << 30)):
+        return 0
+    return int(window)
+
+
+def _rope_kind(layer, rotary) -> str | None:
+    """The rotary table a layer reads: its layer type where the rotary module keeps one per
+    type (gemma3's `layer_types`), else None (one table)."""
+    return getattr(layer.self_attn, "layer_type", None) if hasattr(rotary, "layer_types") else None
 
 
 def lean(model, threads: int | None = None):
@@ -99,8 +117,8 @@ def _linear(module, threads: int):
 
 @dataclass
 class _Block:
-    ln1: torch.Tensor
-    ln2: torch.Tensor
+    ln1: torch.Tensor        # input norm (of the attention)
+    ln2: torch.Tensor        # norm of the MLP's input
     eps1: float
     eps2: float
     q: object
@@ -111,12 +129,25 @@ class _Block:
     up: object
     down: object
     act: object
-    q_norm: tuple | None     # (weight, eps) of qwen3's per-head norms
+    scaling: float           # attention logit scale
+    q_norm: tuple | None     # (weight, eps) of the per-head norms (qwen3, gemma3)
     k_norm: tuple | None
+    post_attn: tuple | None  # (weight, eps) of gemma3's norms of the attention's and MLP's outputs
+    post_mlp: tuple | None
+    window: int              # sliding window (0: none)
+    rope: int                # index of its rotary table in the cache
 
 
-def _norm(module) -> tuple[torch.Tensor, float]:
-    return module.weight.detach(), float(module.variance_epsilon)
+def _norm(module, unit_offset: bool = False) -> tuple[torch.Tensor, float]:
+    """(weight, eps) of an RMSNorm as y = x / rms(x) * weight; Gemma's scale by (1 + w)."""
+    w = module.weight.detach().float()
+    eps = getattr(module, "variance_epsilon", None)
+    return (1.0 + w if unit_offset else w), float(module.eps if eps is None else eps)
+
+
+def _normed(y: torch.Tensor, norm: tuple | None) -> torch.Tensor:
+    """y, or its RMSNorm where the block has one there (gemma3's post norms)."""
+    return y if norm is None else F.rms_norm(y, (y.shape[-1],), *norm)
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -125,7 +156,8 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 class KernelCache:
     """Keys and values of every layer, (layers, kv_heads, capacity, head_dim) each, and the
-    rotary tables for positions [0, capacity)."""
+    rotary tables for positions [0, capacity), (tables, capacity, head_dim) each: one table,
+    or one per layer type (gemma3's sliding and global layers)."""
 
     def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, cos, sin):
         self.k = k = torch.zeros(layers, kv_heads, capacity, head_dim)
@@ -152,32 +184,41 @@ class KernelsLM:
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.hidden = int(config.hidden_size)
-        self.scaling = float(attn0.scaling)
         self.max_pos = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.vocab = int(config.vocab_size)
         self.eos_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+        self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+        gemma = config.model_type in GEMMA
+        # the rotary tables: one, or one per layer type (in the order the layers first name them)
+        self.rope_kinds = list(dict.fromkeys(_rope_kind(layer, inner.rotary_emb) for layer in inner.layers))
         self.blocks = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
-            (w1, e1), (w2, e2) = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+            ln2 = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+            (w1, e1), (w2, e2) = _norm(layer.input_layernorm, gemma), _norm(ln2, gemma)
             self.blocks.append(_Block(
                 ln1=w1, ln2=w2, eps1=e1, eps2=e2,
                 q=_linear(a.q_proj, t), k=_linear(a.k_proj, t), v=_linear(a.v_proj, t), o=_linear(a.o_proj, t),
                 gate=_linear(mlp.gate_proj, t), up=_linear(mlp.up_proj, t), down=_linear(mlp.down_proj, t),
-                act=mlp.act_fn,
-                q_norm=_norm(a.q_norm) if hasattr(a, "q_norm") else None,
-                k_norm=_norm(a.k_norm) if hasattr(a, "k_norm") else None))
+                act=mlp.act_fn, scaling=float(a.scaling),
+                q_norm=_norm(a.q_norm, gemma) if hasattr(a, "q_norm") else None,
+                k_norm=_norm(a.k_norm, gemma) if hasattr(a, "k_norm") else None,
+                post_attn=_norm(layer.post_attention_layernorm, True) if gemma else None,
+                post_mlp=_norm(layer.post_feedforward_layernorm, True) if gemma else None,
+                window=_window(layer, config), rope=self.rope_kinds.index(_rope_kind(layer, inner.rotary_emb))))
         self.inter = int(inner.layers[0].mlp.gate_proj.out_features)
         self.native = self._native_layers(inner.layers, config)
-        self.final_norm = _norm(inner.norm)
+        self.final_norm = _norm(inner.norm, gemma)
         self.embed, self.head = inner.embed_tokens, model.lm_head
 
     def _native_layers(self, layers, config):
         """The blocks as C++ DecoderLayers (decoder_layer.h) for decode, when every linear is
-        a kernels plan and the MLP's activation is SiLU; None otherwise (the torch glue runs)."""
+        a kernels plan and the MLP's activation is SiLU or GELU-tanh; None otherwise (the torch
+        glue runs)."""
         from .kernels import _ext
 
-        if str(getattr(config, "hidden_act", "")) not in ("silu", "swish"):
+        act = ACTIVATIONS.get(str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "")))
+        if act is None:
             return None
         out = []
         for layer in layers:
@@ -188,22 +229,25 @@ class KernelsLM:
                 return None
             b = self.blocks[len(out)]
             qk = (_f32(b.q_norm[0]), _f32(b.k_norm[0]), b.q_norm[1]) if b.q_norm else (None, None, 0.0)
+            post = dict(post_attn=_f32(b.post_attn[0]), post_mlp=_f32(b.post_mlp[0]),
+                        post_eps=b.post_attn[1]) if b.post_attn else {}
             out.append(_ext.DecoderLayer(
                 self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, b.eps1, b.eps2,
-                self.scaling, _f32(b.ln1), _f32(b.ln2), *qk, *plans))
+                b.scaling, _f32(b.ln1), _f32(b.ln2), *qk, *plans, window=b.window, act=act, **post))
         return out
 
     # --- cache ---------------------------------------------------------------------------
     def new_cache(self, capacity: int) -> KernelCache:
         if not 0 < capacity <= self.max_pos:
             raise ValueError(f"a cache of {capacity} positions: the model has {self.max_pos}")
+        rotary, x, pos = self.model.model.rotary_emb, torch.zeros(1, dtype=torch.float32), torch.arange(capacity)[None]
         with torch.no_grad():
-            pos = torch.arange(capacity)[None]
-            cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+            tables = [rotary(x, pos) if kind is None else rotary(x, pos, kind) for kind in self.rope_kinds]
+        cos = torch.stack([c[0].float() for c, _ in tables]).contiguous()
+        sin = torch.stack([s[0].float() for _, s in tables])
         half = self.head_dim // 2
         # rotate_half(x) * sin == flip(x's halves) * sin_signed: the first half's sign folded in
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=1)
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).contiguous()
         return KernelCache(len(self.blocks), self.kv_heads, capacity, self.head_dim, cos, sin)
 
     # --- one forward over tokens [pos, pos + n) -------------------------------------------
@@ -222,22 +266,37 @@ class KernelsLM:
         if n > 1 and pos:
             raise ValueError("several tokens are run from position 0 only (a prompt), then one at a time")
         H, KH, d, end = self.heads, self.kv_heads, self.head_dim, pos + n
-        cos, sin = cache.cos[pos:end, None], cache.sin[pos:end, None]
         h = self.embed(ids[None])[0].float()
         for i, b in enumerate(self.blocks):
+            cos, sin = cache.cos[b.rope, pos:end, None], cache.sin[b.rope, pos:end, None]
             x = F.rms_norm(h, (self.hidden,), b.ln1, b.eps1)
             q, k, v = b.q(x).view(n, H, d), b.k(x).view(n, KH, d), b.v(x).view(n, KH, d)
             if b.q_norm is not None:
                 q, k = F.rms_norm(q, (d,), *b.q_norm), F.rms_norm(k, (d,), *b.k_norm)
             cache.k[i, :, pos:end] = self._rotate(k, cos, sin).transpose(0, 1)
             cache.v[i, :, pos:end] = v.transpose(0, 1)
+            first, mask = self._attended(b.window, pos, n)
             attn = F.scaled_dot_product_attention(
-                self._rotate(q, cos, sin).transpose(0, 1)[None], cache.k[i, None, :, :end],
-                cache.v[i, None, :, :end], is_causal=n > 1, scale=self.scaling, enable_gqa=KH != H)
-            h = h + b.o(attn[0].transpose(0, 1).reshape(n, H * d))
+                self._rotate(q, cos, sin).transpose(0, 1)[None], cache.k[i, None, :, first:end],
+                cache.v[i, None, :, first:end], attn_mask=mask, is_causal=n > 1 and mask is None,
+                scale=b.scaling, enable_gqa=KH != H)
+            h = h + _normed(b.o(attn[0].transpose(0, 1).reshape(n, H * d)), b.post_attn)
             x = F.rms_norm(h, (self.hidden,), b.ln2, b.eps2)
-            h = h + b.down(b.act(b.gate(x)) * b.up(x))
+            h = h + _normed(b.down(b.act(b.gate(x)) * b.up(x)), b.post_mlp)
         return F.rms_norm(h[-1:], (self.hidden,), *self.final_norm)
+
+    @staticmethod
+    def _attended(window: int, pos: int, n: int):
+        """(first key position, boolean mask or None) of queries [pos, pos + n): causal, and
+        within the last `window` positions of each query where the layer slides."""
+        if not window:
+            return 0, None
+        first = max(0, pos + 1 - window)   # of the first query
+        if n == 1:
+            return first, None
+        q = torch.arange(pos, pos + n)[:, None]
+        k = torch.arange(first, pos + n)[None]
+        return first, (k <= q) & (k > q - window)
 
     def _step_native(self, token: int, pos: int, cache: KernelCache) -> torch.Tensor:
         """One token through the C++ blocks; the last hidden state after the final norm (1, hidden)."""
@@ -245,9 +304,9 @@ class KernelsLM:
             raise ValueError(f"position {pos} is outside the cache ({cache.capacity} positions)")
         h = self.embed(torch.tensor([[token]]))[0].float().contiguous()
         hn, kn, vn = h.numpy()[0], cache.k_np, cache.v_np
-        cos, sin = cache.cos_np[pos], cache.sin_np[pos]
         for i, layer in enumerate(self.native):
-            layer.step(hn, pos, kn[i], vn[i], cos, sin, self.threads)
+            r = self.blocks[i].rope
+            layer.step(hn, pos, kn[i], vn[i], cache.cos_np[r, pos], cache.sin_np[r, pos], self.threads)
         return F.rms_norm(h, (self.hidden,), *self.final_norm)
 
     def _logits(self, ids, pos: int, cache: KernelCache) -> np.ndarray:
@@ -260,7 +319,10 @@ class KernelsLM:
                     x = self._step_native(int(ids[0]), pos, cache)
                 else:
                     x = self._forward(torch.as_tensor(ids), pos, cache)
-                return self.head(x)[0].float().numpy()
+                logits = self.head(x)[0].float()
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                return logits.numpy()
         finally:
             torch.set_num_threads(threads)
 
