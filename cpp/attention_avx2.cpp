@@ -47,10 +47,11 @@ inline float dot(const float* a, const float* b, int d) {
 }  // namespace
 
 void attend_head_avx2(const float* q, const float* K, const float* V, int len, int d, float scale,
-                      float* scores, float* out) {
+                      float softcap, float* scores, float* out) {
   float mx = -INFINITY;
   for (int t = 0; t < len; ++t) {
-    scores[t] = dot(q, K + size_t(t) * d, d) * scale;
+    const float s = dot(q, K + size_t(t) * d, d) * scale;
+    scores[t] = softcap > 0.f ? soft_cap(s, softcap) : s;
     mx = std::max(mx, scores[t]);
   }
   const __m256 vmx = _mm256_set1_ps(mx);

@@ -7,13 +7,13 @@
 namespace quipc {
 
 void attend_head_scalar(const float* q, const float* K, const float* V, int len, int d, float scale,
-                        float* scores, float* out) {
+                        float softcap, float* scores, float* out) {
   float mx = -INFINITY;
   for (int t = 0; t < len; ++t) {
     const float* kt = K + size_t(t) * d;
     float acc = 0.f;
     for (int j = 0; j < d; ++j) acc += q[j] * kt[j];
-    scores[t] = acc * scale;
+    scores[t] = softcap > 0.f ? soft_cap(acc * scale, softcap) : acc * scale;
     mx = std::max(mx, scores[t]);
   }
   float sum = 0.f;

@@ -1,5 +1,6 @@
-// The decoder block's bindings: class DecoderLayer (decoder_layer.h), built on seven Plans;
-// the sliding window, the MLP's activation and Gemma3's post norms as keyword arguments.
+// The decoder block's bindings: class DecoderLayer (decoder_layer.h), built on seven Plans (five
+// for fused qkv / gate_up projections: k, v and gate None); the sliding window, the MLP's
+// activation, Gemma's post norms and attention soft-capping as keyword arguments.
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -24,6 +25,11 @@ const QuipLinearPlan* plan_of(const py::object& obj, const char* name) {
   return obj.cast<const PyPlan&>().plan.get();
 }
 
+// None: a fused projection (decoder_layer.h: k/v with qkv_proj, gate with gate_up_proj)
+const QuipLinearPlan* optional_plan(const py::object& obj, const char* name) {
+  return obj.is_none() ? nullptr : plan_of(obj, name);
+}
+
 }  // namespace
 
 void register_decoder(py::module_& mod) {
@@ -33,10 +39,12 @@ void register_decoder(py::module_& mod) {
                        const py::object& k_norm, float qk_eps, const py::object& q, const py::object& k,
                        const py::object& v, const py::object& o, const py::object& gate,
                        const py::object& up, const py::object& down, int window, const std::string& act,
-                       const py::object& post_attn, const py::object& post_mlp, float post_eps) {
+                       const py::object& post_attn, const py::object& post_mlp, float post_eps,
+                       float attn_softcap) {
              DecoderLayerShape s{hidden, heads, kv_heads, head_dim, inter, eps1, eps2, qk_eps, scaling};
              s.window = window;
              s.post_eps = post_eps;
+             s.attn_softcap = attn_softcap;
              if (act == "gelu_tanh") {
                s.act = MlpActivation::kGeluTanh;
              } else if (act != "silu") {
@@ -57,8 +65,8 @@ void register_decoder(py::module_& mod) {
                w.post_attn = to_vector(post_attn, "post_attn", hidden);
                w.post_mlp = to_vector(post_mlp, "post_mlp", hidden);
              }
-             w.q = plan_of(q, "q"), w.k = plan_of(k, "k"), w.v = plan_of(v, "v"), w.o = plan_of(o, "o");
-             w.gate = plan_of(gate, "gate"), w.up = plan_of(up, "up"), w.down = plan_of(down, "down");
+             w.q = plan_of(q, "q"), w.o = plan_of(o, "o"), w.up = plan_of(up, "up"), w.down = plan_of(down, "down");
+             w.k = optional_plan(k, "k"), w.v = optional_plan(v, "v"), w.gate = optional_plan(gate, "gate");
              PyDecoderLayer p;
              p.plans = {q, k, v, o, gate, up, down};
              try {
@@ -73,7 +81,7 @@ void register_decoder(py::module_& mod) {
            py::arg("q_norm"), py::arg("k_norm"), py::arg("qk_eps"), py::arg("q"), py::arg("k"),
            py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::kw_only(),
            py::arg("window") = 0, py::arg("act") = "silu", py::arg("post_attn") = py::none(),
-           py::arg("post_mlp") = py::none(), py::arg("post_eps") = 0.f)
+           py::arg("post_mlp") = py::none(), py::arg("post_eps") = 0.f, py::arg("attn_softcap") = 0.f)
       .def(
           "step",
           [](PyDecoderLayer& p, const py::object& h, int pos, const py::object& k_cache,

@@ -55,13 +55,24 @@ DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
     throw std::invalid_argument("decoder layer: post-attention / post-MLP norms must both be absent or have "
                                 "hidden_size values");
   if (s_.window < 0) throw std::invalid_argument("decoder layer: the sliding window must be >= 0 (0: none)");
-  expect_plan(w_.q, "q_proj", H * d, hid);
-  expect_plan(w_.k, "k_proj", KH * d, hid);
-  expect_plan(w_.v, "v_proj", KH * d, hid);
+  if ((w_.k == nullptr) != (w_.v == nullptr))
+    throw std::invalid_argument("decoder layer: k_proj and v_proj must both be given, or neither (a fused qkv_proj)");
+  if (w_.k == nullptr) {
+    expect_plan(w_.q, "qkv_proj", (H + 2 * KH) * d, hid);
+  } else {
+    expect_plan(w_.q, "q_proj", H * d, hid);
+    expect_plan(w_.k, "k_proj", KH * d, hid);
+    expect_plan(w_.v, "v_proj", KH * d, hid);
+  }
   expect_plan(w_.o, "o_proj", hid, H * d);
-  expect_plan(w_.gate, "gate_proj", s_.inter, hid);
-  expect_plan(w_.up, "up_proj", s_.inter, hid);
+  if (w_.gate == nullptr) {
+    expect_plan(w_.up, "gate_up_proj", 2 * s_.inter, hid);
+  } else {
+    expect_plan(w_.gate, "gate_proj", s_.inter, hid);
+    expect_plan(w_.up, "up_proj", s_.inter, hid);
+  }
   expect_plan(w_.down, "down_proj", hid, s_.inter);
+  if (!(s_.attn_softcap >= 0.f)) throw std::invalid_argument("decoder layer: attention soft-capping must be >= 0");
   x_.resize(std::max(hid, s_.inter));
   qkv_.resize(size_t(H + 2 * KH) * d);
   attn_.resize(size_t(H) * d);
@@ -81,7 +92,7 @@ void DecoderLayer::attend(int pos, const float* k_cache, const float* v_cache, i
     split_range(H, parts, part, 1, &lo, &hi);
     for (int h = lo; h < hi; ++h) {
       const size_t kv = (size_t(h / group) * capacity + first) * d;
-      attend_head(qkv_.data() + size_t(h) * d, k_cache + kv, v_cache + kv, len, d, s_.scaling,
+      attend_head(qkv_.data() + size_t(h) * d, k_cache + kv, v_cache + kv, len, d, s_.scaling, s_.attn_softcap,
                   scores_.data() + size_t(h) * len, attn_.data() + size_t(h) * d);
     }
   });
@@ -100,9 +111,11 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
   float tmp[kMaxHeadDim];
 
   rms_norm(h, w_.ln1.data(), hid, s_.eps1, x);
-  w_.q->forward(x, 1, q, threads, force_scalar);
-  w_.k->forward(x, 1, k, threads, force_scalar);
-  w_.v->forward(x, 1, v, threads, force_scalar);
+  w_.q->forward(x, 1, q, threads, force_scalar);   // q, k, v contiguous: a fused qkv_proj fills all three
+  if (w_.k != nullptr) {
+    w_.k->forward(x, 1, k, threads, force_scalar);
+    w_.v->forward(x, 1, v, threads, force_scalar);
+  }
   for (int i = 0; i < H + KH; ++i) {
     float* r = q + size_t(i) * d;   // q's heads, then k's
     if (!w_.q_norm.empty()) {
@@ -122,8 +135,12 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
   rms_norm(h, w_.ln2.data(), hid, s_.eps2, x);
   float* g = gu_.data();
   float* u = g + I;
-  w_.gate->forward(x, 1, g, threads, force_scalar);
-  w_.up->forward(x, 1, u, threads, force_scalar);
+  if (w_.gate != nullptr) {
+    w_.gate->forward(x, 1, g, threads, force_scalar);
+    w_.up->forward(x, 1, u, threads, force_scalar);
+  } else {
+    w_.up->forward(x, 1, g, threads, force_scalar);   // gate_up_proj: gate rows, then up rows
+  }
   if (s_.act == MlpActivation::kGeluTanh) {
     for (int j = 0; j < I; ++j) x[j] = gelu_tanh(g[j]) * u[j];
   } else {

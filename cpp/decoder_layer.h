@@ -1,9 +1,9 @@
-// One decoder block of the Llama-style families (llama, mistral, qwen2, qwen3, gemma3) at
-// decode time, one token, in one call: RMSNorm, q/k/v (QuipLinearPlan: transforms, signs,
+// One decoder block of the Llama-style families (llama, mistral, qwen2, qwen3, phi3, gemma2,
+// gemma3) at decode time, one token, in one call: RMSNorm, q/k/v (QuipLinearPlan: transforms, signs,
 // scales, biases and the quantized GEMV), the per-head q/k RMSNorm (Qwen3, Gemma3), rotary
 // embedding, the KV cache write, grouped-query attention over positions [0, pos] (or the last
-// `window` of them), o, [post-attention RMSNorm (Gemma3)], residual, RMSNorm, gate and up,
-// act(gate) * up (SiLU, or GELU's tanh form), down, [post-MLP RMSNorm (Gemma3)], residual.
+// `window` of them; Gemma2 soft-caps the scores), o, [post-attention RMSNorm (Gemma2/3)], residual, RMSNorm, gate and up,
+// act(gate) * up (SiLU, or GELU's tanh form), down, [post-MLP RMSNorm (Gemma2/3)], residual.
 // What transformers computes for the block, without the ~40 framework ops around its seven
 // GEMVs (runtime/quipc_runtime/kernels_lm.py drives it). Gemma's RMSNorm scales by (1 + w):
 // the caller passes 1 + w.
@@ -25,7 +25,8 @@ struct DecoderLayerShape {
   float scaling = 0.f;           // attention logit scale (head_dim^-0.5, Gemma3: query_pre_attn_scalar^-0.5)
   int window = 0;                // sliding-window attention over the last `window` positions; 0: all
   MlpActivation act = MlpActivation::kSilu;
-  float post_eps = 0.f;          // the post-attention / post-MLP norms' epsilon (Gemma3)
+  float post_eps = 0.f;          // the post-attention / post-MLP norms' epsilon (Gemma2/3)
+  float attn_softcap = 0.f;      // attention logit soft-capping (Gemma2); 0: none
 };
 
 struct DecoderLayerWeights {
@@ -33,6 +34,8 @@ struct DecoderLayerWeights {
   std::vector<float> q_norm, k_norm;  // (head_dim) each, or both empty
   std::vector<float> post_attn, post_mlp;  // (hidden) each, or both empty: norms of the attention's
                                            // and the MLP's outputs before their residual adds
+  // k and v null: q is the fused qkv_proj (q, k, v rows stacked, Phi-3); gate null: up is the
+  // fused gate_up_proj (gate rows, then up rows)
   const QuipLinearPlan *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
   const QuipLinearPlan *gate = nullptr, *up = nullptr, *down = nullptr;
 };

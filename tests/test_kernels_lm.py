@@ -32,8 +32,8 @@ def _steps(lm, tokens):
 
 
 @pytest.mark.parametrize("family,head", [("llama", False), ("mistral", False), ("qwen2", False),
-                                         ("qwen3", False), ("gemma3", False), ("llama", True),
-                                         ("gemma3", True)])
+                                         ("qwen3", False), ("phi3", False), ("gemma2", False),
+                                         ("gemma3", False), ("llama", True), ("gemma3", True)])
 def test_lean_decoder_matches_transformers(family, head):
     artifact = family_artifact(family, head=head)
     full, steps, tokens = torch_reference(artifact, backend="kernels")
@@ -47,7 +47,7 @@ def test_lean_decoder_matches_transformers(family, head):
     assert gen[0].tolist() == tokens
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_torch_glue_decode_matches_the_cpp_blocks(family):
     artifact = family_artifact(family)
     lm = _lean(artifact)
@@ -60,11 +60,14 @@ def test_torch_glue_decode_matches_the_cpp_blocks(family):
 
 
 def test_families_it_does_not_run_keep_transformers():
-    import quipc_runtime
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from quipc_runtime.kernels_lm import KernelsLM, lean, unsupported
 
-    model = quipc_runtime.load(family_artifact("gemma2"), backend="kernels")
-    assert "gemma2" in unsupported(model)
+    config = AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=256)
+    model = AutoModelForCausalLM.from_config(config)
+    assert "gpt_neox" in unsupported(model)
     assert lean(model) is model
     with pytest.raises(ValueError, match="cannot run this model"):
         KernelsLM(model)
@@ -105,10 +108,11 @@ def test_decoder_layer_refuses_what_does_not_fit():
     assert np.isfinite(h).all() and not np.array_equal(h, np.ones_like(h))
 
 
-def test_attention_kernels_agree():
+@pytest.mark.parametrize("family", ["llama", "gemma2"])   # gemma2: soft-capped scores
+def test_attention_kernels_agree(family):
     """The AVX2 attention (8-lane dot products, polynomial exp) against the portable one, over
     more positions than a vector holds and scores spread wide enough to underflow some exps."""
-    lm = _lean(family_artifact("llama"))
+    lm = _lean(family_artifact(family))
     block = lm.native[0]
     rng = np.random.default_rng(0)
     k = rng.normal(0, 4, (lm.kv_heads, 40, lm.head_dim)).astype(np.float32)
@@ -127,7 +131,7 @@ def test_attention_kernels_agree():
 
 @pytest.mark.parametrize("model_type,settings,why", [
     ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "changes with the sequence length"),
-    ("gemma3_text", dict(attn_logit_softcapping=50.0), "soft-capping"),
+    ("phi3", dict(partial_rotary_factor=0.5, pad_token_id=0), "partial rotary"),
     ("gemma3_text", dict(use_bidirectional_attention=True), "bidirectional"),
 ])
 def test_settings_it_does_not_reproduce_are_named(model_type, settings, why):

@@ -4,16 +4,17 @@ plans, norms and rotary tables as the transformers model, without its per-token 
 Decoding SmolLM2 w2 through transformers spent ~12 of ~19 ms a token around the kernels (its
 cache concatenates every layer's keys and values each step; each block walks a dozen modules,
 casts and checks, ~40 framework ops). `KernelsLM` runs the Llama-style families (RMSNorm,
-rotary, grouped-query attention, gated MLP: llama, mistral, qwen2, qwen3, and gemma3 with its
-(1 + w) norms, post-attention / post-MLP norms, GELU-tanh and per-layer-type rotary tables)
+rotary, grouped-query attention, gated MLP: llama, mistral, qwen2, qwen3, phi3 with its fused
+qkv / gate_up projections, gemma2 and gemma3 with their (1 + w) norms, post-attention / post-MLP
+norms, GELU-tanh, attention soft-capping (gemma2) and per-layer-type rotary tables (gemma3))
 itself, sliding-window layers included: a cache preallocated once and written in place, the
 rotary tables computed once for every position by the model's own rotary module, and each
 decode step one C++ call per block (`_kernels.DecoderLayer`, cpp/decoder_layer.h: the seven
 plans and everything between them). A prompt runs through the same plans with torch's ops
 between them (its GEMMs dominate); so does a decode step whose block has a linear that is not
 a plain plan (8-bit row patches) or another activation. Other families and settings this loop
-does not reproduce (attention soft-capping, bidirectional attention, rotary scalings that
-change with the length) are named by `unsupported(model)`; the callers then keep the
+does not reproduce (bidirectional attention, partial rotary, rotary scalings that change with
+the length) are named by `unsupported(model)`; the callers then keep the
 transformers model.
 
 The interface is TvmLM's: `new_cache(n)`, `prefill(ids, cache)` and `decode(token, pos, cache)`
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from .kernels import KernelQuipLinear, default_threads
 from .tvm_runtime import greedy  # numpy only; tvm itself is imported lazily there
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-GEMMA = ("gemma3_text",)   # RMSNorm scales by (1 + w); post-attention and post-MLP norms
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")   # RMSNorm scales by (1 + w); post-attention and post-MLP norms
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -50,8 +51,8 @@ def unsupported(model) -> str | None:
     kinds = _rope_types(config)
     if any("dynamic" in k or "longrope" in k for k in kinds):
         return f"rotary scaling {sorted(kinds)} changes with the sequence length"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "attention logit soft-capping is not in the lean decoder's attention"
+    if float(getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
+        return "partial rotary embedding (part of each head unrotated)"
     if getattr(config, "use_bidirectional_attention", False):
         return "bidirectional attention is not causal decoding"
     return None
@@ -100,7 +101,16 @@ def _plain_plan(module):
     return module._plan if plain else None
 
 
+def _projections(parent, names: tuple[str, ...], fused: str) -> tuple:
+    """The parent's separate projections, or (its fused one, None, ...) where it has that."""
+    if hasattr(parent, fused):
+        return (getattr(parent, fused),) + (None,) * (len(names) - 1)
+    return tuple(getattr(parent, n) for n in names)
+
+
 def _linear(module, threads: int):
+    if module is None:
+        return None
     """f(x (B, n)) -> (B, m): the kernels' plan on the tensor's memory where the module is a
     plain KernelQuipLinear on the CPU, else the module itself."""
     plan = _plain_plan(module)
@@ -121,15 +131,16 @@ class _Block:
     ln2: torch.Tensor        # norm of the MLP's input
     eps1: float
     eps2: float
-    q: object
+    q: object                # k and v None: q is the fused qkv_proj (phi3)
     k: object
     v: object
     o: object
-    gate: object
+    gate: object             # None: up is the fused gate_up_proj (phi3)
     up: object
     down: object
     act: object
     scaling: float           # attention logit scale
+    softcap: float           # attention logit soft-capping (gemma2; 0: none)
     q_norm: tuple | None     # (weight, eps) of the per-head norms (qwen3, gemma3)
     k_norm: tuple | None
     post_attn: tuple | None  # (weight, eps) of gemma3's norms of the attention's and MLP's outputs
@@ -143,6 +154,19 @@ def _norm(module, unit_offset: bool = False) -> tuple[torch.Tensor, float]:
     w = module.weight.detach().float()
     eps = getattr(module, "variance_epsilon", None)
     return (1.0 + w if unit_offset else w), float(module.eps if eps is None else eps)
+
+
+def _attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """softmax(scale q k^T [soft-capped], masked) v: q (H, n, d), k / v (KH, keys, d)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale,
+                                              enable_gqa=k.shape[0] != q.shape[0])[0]
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    s = torch.tanh(q @ k.transpose(1, 2) * scale / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
 def _normed(y: torch.Tensor, norm: tuple | None) -> torch.Tensor:
@@ -196,17 +220,20 @@ class KernelsLM:
             a, mlp = layer.self_attn, layer.mlp
             ln2 = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
             (w1, e1), (w2, e2) = _norm(layer.input_layernorm, gemma), _norm(ln2, gemma)
+            q, k, v = _projections(a, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+            up, gate = _projections(mlp, ("up_proj", "gate_proj"), "gate_up_proj")
             self.blocks.append(_Block(
                 ln1=w1, ln2=w2, eps1=e1, eps2=e2,
-                q=_linear(a.q_proj, t), k=_linear(a.k_proj, t), v=_linear(a.v_proj, t), o=_linear(a.o_proj, t),
-                gate=_linear(mlp.gate_proj, t), up=_linear(mlp.up_proj, t), down=_linear(mlp.down_proj, t),
-                act=mlp.act_fn, scaling=float(a.scaling),
+                q=_linear(q, t), k=_linear(k, t), v=_linear(v, t), o=_linear(a.o_proj, t),
+                gate=_linear(gate, t), up=_linear(up, t), down=_linear(mlp.down_proj, t),
+                act=getattr(mlp, "act_fn", None) or mlp.activation_fn, scaling=float(a.scaling),
+                softcap=float(getattr(a, "attn_logit_softcapping", None) or 0.0),
                 q_norm=_norm(a.q_norm, gemma) if hasattr(a, "q_norm") else None,
                 k_norm=_norm(a.k_norm, gemma) if hasattr(a, "k_norm") else None,
                 post_attn=_norm(layer.post_attention_layernorm, True) if gemma else None,
                 post_mlp=_norm(layer.post_feedforward_layernorm, True) if gemma else None,
                 window=_window(layer, config), rope=self.rope_kinds.index(_rope_kind(layer, inner.rotary_emb))))
-        self.inter = int(inner.layers[0].mlp.gate_proj.out_features)
+        self.inter = int(inner.layers[0].mlp.down_proj.in_features)
         self.native = self._native_layers(inner.layers, config)
         self.final_norm = _norm(inner.norm, gemma)
         self.embed, self.head = inner.embed_tokens, model.lm_head
@@ -223,9 +250,11 @@ class KernelsLM:
         out = []
         for layer in layers:
             a, mlp = layer.self_attn, layer.mlp
-            plans = [_plain_plan(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
-                                       mlp.down_proj)]
-            if any(p is None for p in plans):
+            q, k, v = _projections(a, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+            up, gate = _projections(mlp, ("up_proj", "gate_proj"), "gate_up_proj")
+            mods = (q, k, v, a.o_proj, gate, up, mlp.down_proj)
+            plans = [None if m is None else _plain_plan(m) for m in mods]
+            if any(p is None and m is not None for p, m in zip(plans, mods)):
                 return None
             b = self.blocks[len(out)]
             qk = (_f32(b.q_norm[0]), _f32(b.k_norm[0]), b.q_norm[1]) if b.q_norm else (None, None, 0.0)
@@ -233,7 +262,8 @@ class KernelsLM:
                         post_eps=b.post_attn[1]) if b.post_attn else {}
             out.append(_ext.DecoderLayer(
                 self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, b.eps1, b.eps2,
-                b.scaling, _f32(b.ln1), _f32(b.ln2), *qk, *plans, window=b.window, act=act, **post))
+                b.scaling, _f32(b.ln1), _f32(b.ln2), *qk, *plans, window=b.window, act=act,
+                attn_softcap=b.softcap, **post))
         return out
 
     # --- cache ---------------------------------------------------------------------------
@@ -270,33 +300,34 @@ class KernelsLM:
         for i, b in enumerate(self.blocks):
             cos, sin = cache.cos[b.rope, pos:end, None], cache.sin[b.rope, pos:end, None]
             x = F.rms_norm(h, (self.hidden,), b.ln1, b.eps1)
-            q, k, v = b.q(x).view(n, H, d), b.k(x).view(n, KH, d), b.v(x).view(n, KH, d)
+            if b.k is None:   # fused qkv_proj
+                q, k, v = b.q(x).split((H * d, KH * d, KH * d), dim=-1)
+            else:
+                q, k, v = b.q(x), b.k(x), b.v(x)
+            q, k, v = q.reshape(n, H, d), k.reshape(n, KH, d), v.reshape(n, KH, d)
             if b.q_norm is not None:
                 q, k = F.rms_norm(q, (d,), *b.q_norm), F.rms_norm(k, (d,), *b.k_norm)
             cache.k[i, :, pos:end] = self._rotate(k, cos, sin).transpose(0, 1)
             cache.v[i, :, pos:end] = v.transpose(0, 1)
             first, mask = self._attended(b.window, pos, n)
-            attn = F.scaled_dot_product_attention(
-                self._rotate(q, cos, sin).transpose(0, 1)[None], cache.k[i, None, :, first:end],
-                cache.v[i, None, :, first:end], attn_mask=mask, is_causal=n > 1 and mask is None,
-                scale=b.scaling, enable_gqa=KH != H)
-            h = h + _normed(b.o(attn[0].transpose(0, 1).reshape(n, H * d)), b.post_attn)
+            attn = _attention(self._rotate(q, cos, sin).transpose(0, 1), cache.k[i, :, first:end],
+                              cache.v[i, :, first:end], mask, b.scaling, b.softcap)
+            h = h + _normed(b.o(attn.transpose(0, 1).reshape(n, H * d)), b.post_attn)
             x = F.rms_norm(h, (self.hidden,), b.ln2, b.eps2)
-            h = h + _normed(b.down(b.act(b.gate(x)) * b.up(x)), b.post_mlp)
+            g, u = b.up(x).chunk(2, dim=-1) if b.gate is None else (b.gate(x), b.up(x))
+            h = h + _normed(b.down(b.act(g) * u), b.post_mlp)
         return F.rms_norm(h[-1:], (self.hidden,), *self.final_norm)
 
     @staticmethod
     def _attended(window: int, pos: int, n: int):
         """(first key position, boolean mask or None) of queries [pos, pos + n): causal, and
         within the last `window` positions of each query where the layer slides."""
-        if not window:
-            return 0, None
-        first = max(0, pos + 1 - window)   # of the first query
+        first = max(0, pos + 1 - window) if window else 0   # of the first query
         if n == 1:
             return first, None
         q = torch.arange(pos, pos + n)[:, None]
         k = torch.arange(first, pos + n)[None]
-        return first, (k <= q) & (k > q - window)
+        return first, (k <= q) & (k > q - window) if window else k <= q
 
     def _step_native(self, token: int, pos: int, cache: KernelCache) -> torch.Tensor:
         """One token through the C++ blocks; the last hidden state after the final norm (1, hidden)."""
