@@ -215,13 +215,14 @@ class KernelsLM:
         gemma = config.model_type in GEMMA
         # the rotary tables: one, or one per layer type (in the order the layers first name them)
         self.rope_kinds = list(dict.fromkeys(_rope_kind(layer, inner.rotary_emb) for layer in inner.layers))
-        self.blocks = []
+        self.blocks, linears = [], []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             ln2 = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
             (w1, e1), (w2, e2) = _norm(layer.input_layernorm, gemma), _norm(ln2, gemma)
             q, k, v = _projections(a, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
             up, gate = _projections(mlp, ("up_proj", "gate_proj"), "gate_up_proj")
+            linears.append((q, k, v, a.o_proj, gate, up, mlp.down_proj))
             self.blocks.append(_Block(
                 ln1=w1, ln2=w2, eps1=e1, eps2=e2,
                 q=_linear(q, t), k=_linear(k, t), v=_linear(v, t), o=_linear(a.o_proj, t),
@@ -234,25 +235,21 @@ class KernelsLM:
                 post_mlp=_norm(layer.post_feedforward_layernorm, True) if gemma else None,
                 window=_window(layer, config), rope=self.rope_kinds.index(_rope_kind(layer, inner.rotary_emb))))
         self.inter = int(inner.layers[0].mlp.down_proj.in_features)
-        self.native = self._native_layers(inner.layers, config)
+        self.native = self._native_layers(linears, config)
         self.final_norm = _norm(inner.norm, gemma)
         self.embed, self.head = inner.embed_tokens, model.lm_head
 
-    def _native_layers(self, layers, config):
+    def _native_layers(self, linears, config):
         """The blocks as C++ DecoderLayers (decoder_layer.h) for decode, when every linear is
         a kernels plan and the MLP's activation is SiLU or GELU-tanh; None otherwise (the torch
-        glue runs)."""
+        glue runs). linears: per block its (q, k, v, o, gate, up, down) modules, None where fused."""
         from .kernels import _ext
 
         act = ACTIVATIONS.get(str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "")))
         if act is None:
             return None
         out = []
-        for layer in layers:
-            a, mlp = layer.self_attn, layer.mlp
-            q, k, v = _projections(a, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
-            up, gate = _projections(mlp, ("up_proj", "gate_proj"), "gate_up_proj")
-            mods = (q, k, v, a.o_proj, gate, up, mlp.down_proj)
+        for mods in linears:
             plans = [None if m is None else _plain_plan(m) for m in mods]
             if any(p is None and m is not None for p, m in zip(plans, mods)):
                 return None
