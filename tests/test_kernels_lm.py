@@ -73,14 +73,28 @@ def test_families_it_does_not_run_keep_transformers():
         KernelsLM(model)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])   # gemma3: a sliding layer (window 8)
+def test_a_prompt_in_chunks_gives_the_prompts_logits(family):
+    """extend() after prefill(): a conversation's next turn runs on the cache of the earlier ones."""
+    lm = _lean(family_artifact(family))
+    ids = prompt()[0].numpy()
+    whole = lm.prefill(ids, lm.new_cache(ids.size + 1))
+    cache = lm.new_cache(ids.size + 1)
+    lm.prefill(ids[:3], cache)
+    lm.extend(ids[3:5], 3, cache)
+    assert rel(lm.extend(ids[5:], 5, cache), whole) < TOL
+    with pytest.raises(ValueError, match="no tokens"):
+        lm.extend([], 3, cache)
+
+
 def test_cache_positions_are_checked():
     lm = _lean(family_artifact("llama"))
     cache = lm.new_cache(16)
     lm.prefill(np.arange(3, 15), cache)
     with pytest.raises(ValueError, match="outside the cache"):
         lm.decode(5, 16, cache)
-    with pytest.raises(ValueError, match="from position 0 only"):
-        lm._forward(torch.tensor([3, 4]), 12, cache)
+    with pytest.raises(ValueError, match="outside the cache"):
+        lm.extend([3, 4, 5, 6, 7], 12, cache)
     with pytest.raises(ValueError, match="positions"):
         lm.new_cache(10 ** 6)
 

@@ -19,7 +19,8 @@ transformers model.
 
 The interface is TvmLM's: `new_cache(n)`, `prefill(ids, cache)` and `decode(token, pos, cache)`
 return the last position's logits (numpy, (V,)), `generate(ids, max_new_tokens, eos_token_id)`
-greedy tokens (1, L + n).
+greedy tokens (1, L + n); `extend(ids, pos, cache)` runs several tokens after the cache's first
+`pos` (a conversation's next turn, a prompt in chunks).
 """
 from __future__ import annotations
 
@@ -285,13 +286,11 @@ class KernelsLM:
         return torch.addcmul(x * cos, flipped, sin)
 
     def _forward(self, ids: torch.Tensor, pos: int, cache: KernelCache) -> torch.Tensor:
-        """Tokens at positions [pos, pos + n) through the blocks in torch (a prompt from
-        position 0, or one token); the last one's hidden state after the final norm (1, hidden)."""
+        """Tokens at positions [pos, pos + n) through the blocks in torch, after the cache's
+        [0, pos); the last one's hidden state after the final norm (1, hidden)."""
         n = ids.shape[0]
         if pos < 0 or pos + n > cache.capacity:
             raise ValueError(f"positions [{pos}, {pos + n}) are outside the cache ({cache.capacity} positions)")
-        if n > 1 and pos:
-            raise ValueError("several tokens are run from position 0 only (a prompt), then one at a time")
         H, KH, d, end = self.heads, self.kv_heads, self.head_dim, pos + n
         h = self.embed(ids[None])[0].float()
         for i, b in enumerate(self.blocks):
@@ -356,10 +355,15 @@ class KernelsLM:
 
     def prefill(self, ids, cache: KernelCache) -> np.ndarray:
         """The prompt at positions [0, L); the last row's logits (V,)."""
+        return self.extend(ids, 0, cache)
+
+    def extend(self, ids, pos: int, cache: KernelCache) -> np.ndarray:
+        """Tokens at positions [pos, pos + L) after the cache's [0, pos) (a conversation's next
+        turn, or a long prompt in chunks); the last row's logits (V,)."""
         ids = np.asarray(ids).reshape(-1)
         if ids.size == 0:
-            raise ValueError("the prompt is empty")
-        return self._logits(ids, 0, cache)
+            raise ValueError("no tokens to run")
+        return self._logits(ids, int(pos), cache)
 
     def decode(self, token: int, pos: int, cache: KernelCache) -> np.ndarray:
         """One token at position `pos` (the cache holds [0, pos)); its logits (V,)."""
