@@ -161,10 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true")
 
-    ch = sub.add_parser("chat", help="greedy answer to one chat prompt (artifact or unquantized model)")
+    ch = sub.add_parser("chat", help="greedy answer to a chat prompt, or a conversation on standard input "
+                                     "(artifact, ONNX or TVM output, or unquantized model)")
     ch.add_argument("target", help="artifact folder, ONNX (.onnx or its folder) or TVM output folder, "
                                    "or an unquantized model (HF folder, .gguf, alias)")
-    ch.add_argument("prompt", help="one user turn, sent through the model's chat template")
+    ch.add_argument("prompt", nargs="?", default=None,
+                    help="one user turn, sent through the model's chat template; omitted: a conversation, "
+                         "one user turn per line of standard input (an empty line or the end of input ends "
+                         "it), each answered after the earlier turns")
     ch.add_argument("--max-new-tokens", type=int, default=64)
     ch.add_argument("--device", default="cpu", help="artifact or unquantized model: cpu, cuda, cuda:1, ...")
     ch.add_argument("--backend", default="auto",
@@ -262,7 +266,29 @@ def cmd_chat(args) -> int:
 
         model, tokenizer = load_model(resolve(args.target))
         model.to(args.device)
-    print(tokenizer.decode(answer_ids(model, tokenizer, args.prompt, args.max_new_tokens)))
+    if args.prompt is not None:
+        print(tokenizer.decode(answer_ids(model, tokenizer, args.prompt, args.max_new_tokens)))
+        return 0
+    return _conversation(model, tokenizer, args.max_new_tokens)
+
+
+def _conversation(model, tokenizer, max_new_tokens: int) -> int:
+    """`quipc chat TARGET` without a prompt: user turns from standard input, answers to stdout."""
+    from .eval.chat import conversation_ids, converse
+
+    conversation_ids(tokenizer, [{"role": "user", "content": "check"}])   # no template: refuse before reading
+    interactive = sys.stdin.isatty()
+
+    def turns():
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    converse(model, tokenizer, turns(), max_new_tokens, lambda text: print(text, flush=True))
     return 0
 
 

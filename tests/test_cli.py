@@ -153,6 +153,53 @@ def test_chat_prints_the_greedy_answer(capsys, tiny_model, tmp_path, monkeypatch
     assert seen == [("all", True), ("head", False), ("all", False)]
 
 
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_chat_without_a_prompt_holds_a_conversation(capsys, tiny_model, tmp_path, monkeypatch):
+    """`quipc chat TARGET` reads user turns from stdin until an empty line; each answer follows the
+    earlier turns and answers through the chat template (the reference path's tokens); a tokenizer
+    without a template is refused before anything is read."""
+    import io
+
+    import quipc
+    from quipc.compile import CalibConfig, compile_model
+    from quipc.config import QuantConfig
+    from quipc.eval.chat import conversation_ids, reply_ids
+    from quipc_runtime.loader import load_tokenizer
+
+    model, text = tiny_model
+    out = tmp_path / "a"
+    compile_model(str(model), out, QuantConfig(bits=4), CalibConfig(text=str(text), windows=4, length=32),
+                  progress=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the\n"))
+    code, _, err = run(capsys, "chat", out)
+    assert_clean_error(code, err, "chat template")
+    tok = load_tokenizer(out)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(out / "tokenizer")
+    ref, messages, expect = quipc.load(out), [], []
+    for turn in ("the", "of"):
+        messages.append({"role": "user", "content": turn})
+        answer = tok.decode(reply_ids(ref, tok, conversation_ids(tok, messages), 5))
+        messages.append({"role": "assistant", "content": answer})
+        expect.append(answer)
+    import quipc.eval.chat as chat
+
+    seen = []   # the ids each turn runs: the whole conversation so far
+
+    def spy(model, tokenizer, ids, max_new_tokens):
+        seen.append(ids[0].tolist())
+        return reply_ids(model, tokenizer, ids, max_new_tokens)
+
+    monkeypatch.setattr(chat, "reply_ids", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the\nof\n\nnever read\n"))
+    code, stdout, _ = run(capsys, "chat", out, "--max-new-tokens", 5)
+    assert code == 0 and stdout == "".join(a + "\n" for a in expect)
+    assert seen == [conversation_ids(tok, messages[:1])[0].tolist(), conversation_ids(tok, messages[:3])[0].tolist()]
+
+
 def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -1,5 +1,6 @@
-"""One chat turn through the model's own chat template: what `quipc chat` prints and what
-the answer-agreement metric (quipc.eval.agreement) compares. Greedy, so it is reproducible."""
+"""Chat turns through the model's own chat template: what `quipc chat` prints (one turn, or a
+conversation) and what the answer-agreement metric (quipc.eval.agreement) compares. Greedy, so it
+is reproducible."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +16,15 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
+def conversation_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """(1, L) input ids of a conversation (role / content messages) with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a conversation runs through the model's chat template, and this tokenizer has none "
+                         "(give the prompt on the command line for one plain turn)")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
 def stop_ids(tokenizer) -> set[int]:
     eos = tokenizer.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -27,6 +37,12 @@ def answer_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     ids = prompt_ids(tokenizer, prompt)
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty (no tokens, and the tokenizer has no chat template to wrap it)")
+    return reply_ids(model, tokenizer, ids, max_new_tokens)
+
+
+def reply_ids(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """The greedy continuation of input ids (1, L) as token ids, cut at the first end-of-sequence
+    token (answer_ids' model kinds)."""
     stops = stop_ids(tokenizer)
     if isinstance(model, torch.nn.Module):
         ids = ids.to(next(model.parameters()).device)
@@ -45,3 +61,21 @@ def answer_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
             break
         out.append(t)
     return out
+
+
+def converse(model, tokenizer, turns, max_new_tokens: int, write) -> int:
+    """A conversation: each of `turns` (user messages; an empty one ends it) goes through the chat
+    template after the earlier turns and answers, and `write` gets each answer's text. Every turn
+    runs the whole conversation again (the backends' generate() starts from an empty cache).
+    Returns the number of turns answered."""
+    messages, n = [], 0
+    for turn in turns:
+        text = turn.strip()
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        answer = tokenizer.decode(reply_ids(model, tokenizer, conversation_ids(tokenizer, messages), max_new_tokens))
+        write(answer)
+        messages.append({"role": "assistant", "content": answer})
+        n += 1
+    return n
