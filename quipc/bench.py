@@ -145,8 +145,8 @@ def run(args) -> int:
         reason = _why_not(name) or prepare(name, spec, args, work, log)
         if "build_s" in spec:
             build_s[name] = spec["build_s"]
-        if "file_mb" in spec:   # a llama.cpp baseline: the file it runs
-            files[name] = {"file": spec["file"], "file_mb": spec["file_mb"]}
+        if "file_mb" in spec:   # a llama.cpp baseline: the file it runs, requantized from source_file
+            files[name] = {"file": spec["file"], "source_file": spec["source_file"], "file_mb": spec["file_mb"]}
         if reason is None and name.startswith("fp32") and not spec["source_spec"]:
             reason = "the artifact does not record its source model"
         if reason:

@@ -66,7 +66,8 @@ def prepare(name: str, spec: dict, args, work: Path, log) -> str | None:
             ftype = bench_llamacpp.LLAMACPP_TYPES[name]
             log(f"{name}: {src.name} requantized to {ftype} by llama.cpp")
             path = bench_llamacpp.requantize(src, digest, ftype, work, spec["threads"])
-            spec.update(gguf_path=str(path), file=src.name, file_mb=round(path.stat().st_size / 1e6, 2))
+            spec.update(gguf_path=str(path), file=path.name, source_file=src.name,
+                        file_mb=round(path.stat().st_size / 1e6, 2))
         elif name == "fp32-onnx":
             path = work / "onnx-fp32"
             if not (path / "model.onnx").is_file():

@@ -108,4 +108,5 @@ def test_llamacpp_requantizes_and_decodes(tiny_gguf, tiny_artifact, tmp_path):
     for name, ftype in (("llamacpp-q4_0", "Q4_0"), ("llamacpp-q8_0", "Q8_0")):
         r = recs[name]
         assert r["status"] == "ok", r
-        assert r["bits"] == ftype and r["file"] == "tiny.gguf" and r["file_mb"] > 0 and r["decode_ms"] > 0
+        assert r["bits"] == ftype and r["source_file"] == "tiny.gguf" and r["decode_ms"] > 0
+        assert r["file"].endswith(f"-{ftype}.gguf") and r["file_mb"] == round((tmp_path / "w" / r["file"]).stat().st_size / 1e6, 2)
