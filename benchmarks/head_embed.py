@@ -4,6 +4,10 @@
         --calib wiki.valid.tokens --text wiki.test.raw --windows 16 \\
         --variants 32/32,4/head,3/head,4/8,4/4 --json benchmarks/results/head_embed_w2.json
 
+--calib generated: the data-free windows `quipc compile` writes without --calib (the source model
+generates them, seed 0; with --artifact they must hash to the manifest's calibration tokens, which
+holds on the host kind that compiled it).
+
 A variant is HEAD/EMBED[@OPT[@OPT]]: OPT a damping (0.1), greedy passes (g2), the head's code format
 (grid, e8p, trellis) or its rows kept at 8 bits (r4096: the most frequent calibration tokens').
 
@@ -33,7 +37,7 @@ def main() -> None:
     ap.add_argument("--artifact", help="the quantized blocks to hold fixed (default: the source model's fp32 "
                                          "blocks: the cost of the head / embedding alone)")
     ap.add_argument("--model", default="smollm2-135m", help="the artifact's source (fp32 head/embedding)")
-    ap.add_argument("--calib", required=True)
+    ap.add_argument("--calib", required=True, help="a text file, or 'generated' (the data-free windows)")
     ap.add_argument("--text", required=True)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-windows", type=int, default=64)
@@ -69,19 +73,34 @@ def main() -> None:
     model.set_submodule("lm_head", h32)
 
     t0 = time.time()
+    windows = _calib_windows(args, src, tok, manifest, calibration)
     if args.hessian_cache and Path(args.hessian_cache).is_file():
         hess = torch.load(args.hessian_cache)
     else:
-        hess = _head_hessian(args, model, src, tok, headpass, calibration, find_blocks)
+        hess = _head_hessian(model, src, windows, headpass, find_blocks)
         if args.hessian_cache:
             torch.save(hess, args.hessian_cache + ".tmp")
             Path(args.hessian_cache + ".tmp").rename(args.hessian_cache)
     print(f"head Hessian in {time.time() - t0:.0f} s", flush=True)
-    _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
+    _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32, windows)
 
 
-def _head_hessian(args, model, src, tok, headpass, calibration, find_blocks):
-    windows = calibration.text_windows(tok, args.calib, args.calib_windows, args.calib_len)
+def _calib_windows(args, src, tok, manifest, calibration):
+    if args.calib != "generated":
+        return calibration.text_windows(tok, args.calib, args.calib_windows, args.calib_len)
+    from quipc.calibration_stage import tokens_sha256
+
+    print("generating the data-free calibration windows", flush=True)
+    with torch.no_grad():
+        windows = calibration.generated_windows(src, tok, args.calib_windows, args.calib_len, seed=0)
+    want = ((manifest or {}).get("calibration") or {}).get("tokens_sha256")
+    if want and tokens_sha256(windows) != want:
+        raise SystemExit("the generated windows differ from the artifact's calibration tokens (another host "
+                         "kind or library version generates other text): its head would be measured on others")
+    return windows
+
+
+def _head_hessian(model, src, windows, headpass, find_blocks):
     prefix, _ = find_blocks(src)
     blocks = model.get_submodule(prefix)
     norm = headpass.final_norm(model, blocks)
@@ -99,10 +118,9 @@ def _head_hessian(args, model, src, tok, headpass, calibration, find_blocks):
     return acc["s"] / acc["n"]
 
 
-def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32):
+def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32, calib_tokens):
     from quipc.cli import head_format_choices
     from quipc.eval.perplexity import eval_windows, perplexity, torch_logits_fn
-    from quipc.frontend import calibration
     from quipc.passes import head as headpass
     from quipc_runtime import artifact as art
     from quipc_runtime.embedding import QuantEmbedding
@@ -119,7 +137,6 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32)
                           if "embed" not in k and "lm_head" not in k)
     params = int(sum(p.numel() for p in src.parameters()))
     eval_w = eval_windows(tok, args.text, args.ctx, args.windows)
-    calib_tokens = calibration.text_windows(tok, args.calib, args.calib_windows, args.calib_len)
     results = []
     for variant in args.variants.split(","):
         hb, eb = variant.split("/")

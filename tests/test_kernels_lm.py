@@ -110,6 +110,18 @@ def test_decoder_layer_refuses_what_does_not_fit():
         K._ext.DecoderLayer(*args, *plans[:4], plans[6], plans[5], plans[6])
     with pytest.raises(TypeError, match="must be a Plan"):
         K._ext.DecoderLayer(*args, *plans[:6], "down")
+    with pytest.raises(ValueError, match="act must be"):
+        K._ext.DecoderLayer(*args, *plans, act="relu")
+    with pytest.raises(ValueError, match="sliding window must be >= 0"):
+        K._ext.DecoderLayer(*args, *plans, window=-1)
+    with pytest.raises(ValueError, match="post_attn and post_mlp"):
+        K._ext.DecoderLayer(*args, *plans, post_attn=ones)
+    with pytest.raises(ValueError, match="k_proj and v_proj must both be given"):
+        K._ext.DecoderLayer(*args, plans[0], plans[1], None, *plans[3:])
+    with pytest.raises(ValueError, match="qkv_proj is"):      # q alone is not a fused qkv_proj
+        K._ext.DecoderLayer(*args, plans[0], None, None, *plans[3:])
+    with pytest.raises(ValueError, match="gate_up_proj is"):  # nor up alone a fused gate_up_proj
+        K._ext.DecoderLayer(*args, *plans[:4], None, *plans[5:])
     block = K._ext.DecoderLayer(*args, *plans)
     cache = np.zeros((lm.kv_heads, 4, lm.head_dim), np.float32)
     row = np.ones(lm.head_dim, np.float32)
