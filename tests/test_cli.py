@@ -225,7 +225,7 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     (["m", "-o", "x", "--calib", "t.txt", "--bits", "3"], ("auto", "all", 1)),  # trellis on whole tiles
     (["m", "-o", "x", "--calib", "t.txt", "--bits", "4"], ("auto", "all", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--bits", "4", "--format", "e8p"], ("e8p", "all", 1)),
-    (["m", "-o", "x", "--bits", "4"], ("e8p", "e2e", 1)),                       # data-free
+    (["m", "-o", "x", "--bits", "4"], ("e8p", "all", 1)),                       # data-free (stop 53)
     (["m.onnx", "-o", "x", "--calib", "t.txt", "--bits", "4"], ("e8p", "none", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--format", "auto"], ("auto", "all", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e", 2)),
@@ -256,7 +256,8 @@ def test_compile_onnx_accuracy_level_argument(capsys):
 
 @pytest.mark.parametrize("argv,expect", [
     (["m", "-o", "x"], 5e-4),
-    (["m", "-o", "x", "--bits", "4"], 5e-4),                      # data-free: e2e alone
+    (["m", "-o", "x", "--bits", "4"], 1e-4),                      # data-free: after the block stage too
+    (["m", "-o", "x", "--bits", "4", "--finetune", "e2e"], 5e-4),  # e2e alone
     (["m", "-o", "x", "--bits", "3", "--calib", "t.txt"], 5e-4),
     (["m", "-o", "x", "--bits", "4", "--calib", "t.txt"], 1e-4),   # after the block stage
     (["m", "-o", "x", "--bits", "4", "--calib", "t.txt", "--finetune", "e2e"], 5e-4),
