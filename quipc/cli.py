@@ -274,9 +274,9 @@ def cmd_chat(args) -> int:
 
 def _conversation(model, tokenizer, max_new_tokens: int) -> int:
     """`quipc chat TARGET` without a prompt: user turns from standard input, answers to stdout."""
-    from .eval.chat import conversation_ids, converse
+    from .eval.chat import converse, require_chat_template
 
-    conversation_ids(tokenizer, [{"role": "user", "content": "check"}])   # no template: refuse before reading
+    require_chat_template(tokenizer)   # before reading anything
     interactive = sys.stdin.isatty()
 
     def turns():

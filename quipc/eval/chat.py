@@ -11,16 +11,19 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     """(1, L) input ids of one user turn with the generation prompt; a tokenizer without a
     chat template gets the plain prompt (a base model)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
+        return conversation_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a conversation runs through the model's chat template, and this tokenizer has none "
+                         "(give the prompt on the command line for one plain turn)")
 
 
 def conversation_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
     """(1, L) input ids of a conversation (role / content messages) with the generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("a conversation runs through the model's chat template, and this tokenizer has none "
-                         "(give the prompt on the command line for one plain turn)")
+    require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True)["input_ids"]
 
@@ -63,12 +66,12 @@ def reply_ids(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> list[
     return out
 
 
-def converse(model, tokenizer, turns, max_new_tokens: int, write) -> int:
+def converse(model, tokenizer, turns, max_new_tokens: int, write) -> list[dict]:
     """A conversation: each of `turns` (user messages; an empty one ends it) goes through the chat
     template after the earlier turns and answers, and `write` gets each answer's text. Every turn
     runs the whole conversation again (the backends' generate() starts from an empty cache).
-    Returns the number of turns answered."""
-    messages, n = [], 0
+    Returns the conversation's messages."""
+    messages = []
     for turn in turns:
         text = turn.strip()
         if not text:
@@ -77,5 +80,4 @@ def converse(model, tokenizer, turns, max_new_tokens: int, write) -> int:
         answer = tokenizer.decode(reply_ids(model, tokenizer, conversation_ids(tokenizer, messages), max_new_tokens))
         write(answer)
         messages.append({"role": "assistant", "content": answer})
-        n += 1
-    return n
+    return messages
