@@ -144,7 +144,7 @@ class _Block:
     softcap: float           # attention logit soft-capping (gemma2; 0: none)
     q_norm: tuple | None     # (weight, eps) of the per-head norms (qwen3, gemma3)
     k_norm: tuple | None
-    post_attn: tuple | None  # (weight, eps) of gemma3's norms of the attention's and MLP's outputs
+    post_attn: tuple | None  # (weight, eps) of gemma2/3's norms of the attention's and MLP's outputs
     post_mlp: tuple | None
     window: int              # sliding window (0: none)
     rope: int                # index of its rotary table in the cache
@@ -158,20 +158,25 @@ def _norm(module, unit_offset: bool = False) -> tuple[torch.Tensor, float]:
 
 
 def _attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
-    """softmax(scale q k^T [soft-capped], masked) v: q (H, n, d), k / v (KH, keys, d)."""
+    """softmax(scale q k^T [soft-capped], masked) v: q (H, n, d), k / v (KH, keys, d); mask None:
+    every key for one query, the square causal mask for several (KernelsLM._attended)."""
+    n, keys = q.shape[1], k.shape[1]
+    causal = mask is None and n > 1
     if not softcap:
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale,
-                                              enable_gqa=k.shape[0] != q.shape[0])[0]
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=k.shape[0] != q.shape[0])[0]
     group = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
     s = torch.tanh(q @ k.transpose(1, 2) * scale / softcap) * softcap
+    if causal:
+        mask = torch.ones(n, keys, dtype=torch.bool).tril()
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
 
 
 def _normed(y: torch.Tensor, norm: tuple | None) -> torch.Tensor:
-    """y, or its RMSNorm where the block has one there (gemma3's post norms)."""
+    """y, or its RMSNorm where the block has one there (gemma2/3's post norms)."""
     return y if norm is None else F.rms_norm(y, (y.shape[-1],), *norm)
 
 
@@ -317,9 +322,11 @@ class KernelsLM:
     @staticmethod
     def _attended(window: int, pos: int, n: int):
         """(first key position, boolean mask or None) of queries [pos, pos + n): causal, and
-        within the last `window` positions of each query where the layer slides."""
+        within the last `window` positions of each query where the layer slides. None: every key
+        from `first` (one query), or the square causal case (a prompt from 0 without a window),
+        which SDPA's is_causal computes without a mask."""
         first = max(0, pos + 1 - window) if window else 0   # of the first query
-        if n == 1:
+        if n == 1 or (pos == 0 and not window):
             return first, None
         q = torch.arange(pos, pos + n)[:, None]
         k = torch.arange(first, pos + n)[None]
