@@ -130,8 +130,9 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32,
         other = 0
         dense_small = sum(4 * t.numel() for k, t in src.state_dict().items() if "embed" not in k and "lm_head" not in k)
     else:
-        other = sum(art.safe_path(folder, r).stat().st_size for r in art.data_files(manifest)
-                    if r not in ("head.safetensors", "embedding.safetensors", manifest["dense"]["file"]))
+        replaced = {(manifest.get(k) or {}).get("file") for k in ("head", "embedding", "dense")}   # as the manifest
+        other = sum(art.safe_path(folder, r).stat().st_size for r in art.data_files(manifest)   # names them
+                    if r not in replaced)
         other += (folder / "manifest.json").stat().st_size  # the artifact's: within a few hundred bytes
         dense_small = sum(t.numel() * t.element_size() for k, t in art.load_dense(folder, manifest).items()
                           if "embed" not in k and "lm_head" not in k)

@@ -220,9 +220,10 @@ class KernelsLM:
         self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
         gemma = config.model_type in GEMMA
         # the rotary tables: one, or one per layer type (in the order the layers first name them)
-        self.rope_kinds = list(dict.fromkeys(_rope_kind(layer, inner.rotary_emb) for layer in inner.layers))
+        layer_kinds = [_rope_kind(layer, inner.rotary_emb) for layer in inner.layers]
+        self.rope_kinds = list(dict.fromkeys(layer_kinds))
         self.blocks, linears = [], []
-        for layer in inner.layers:
+        for layer, kind in zip(inner.layers, layer_kinds):
             a, mlp = layer.self_attn, layer.mlp
             ln2 = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
             (w1, e1), (w2, e2) = _norm(layer.input_layernorm, gemma), _norm(ln2, gemma)
@@ -239,7 +240,7 @@ class KernelsLM:
                 k_norm=_norm(a.k_norm, gemma) if hasattr(a, "k_norm") else None,
                 post_attn=_norm(layer.post_attention_layernorm, True) if gemma else None,
                 post_mlp=_norm(layer.post_feedforward_layernorm, True) if gemma else None,
-                window=_window(layer, config), rope=self.rope_kinds.index(_rope_kind(layer, inner.rotary_emb))))
+                window=_window(layer, config), rope=self.rope_kinds.index(kind)))
         self.inter = int(inner.layers[0].mlp.down_proj.in_features)
         self.native = self._native_layers(linears, config)
         self.final_norm = _norm(inner.norm, gemma)
