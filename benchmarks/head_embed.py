@@ -143,7 +143,8 @@ def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32,
         hb, eb = variant.split("/")
         # "4/head@0.1": damp 0.1; "4/head@g2": 2 greedy passes; "4/head@trellis": the head's code format
         eb, *opts = eb.split("@")
-        cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb, head_int8_rows=0).validate()
+        cfg = dataclasses.replace(base_cfg, head_bits=int(hb), embed_bits=eb, head_int8_rows=0,
+                                  head_refit_damp=0.0).validate()
         for opt in opts:
             if opt in head_format_choices():
                 cfg = dataclasses.replace(cfg, head_format=opt).validate()

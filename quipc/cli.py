@@ -62,7 +62,8 @@ def head_format_choices() -> tuple[str, ...]:
 
 
 def _add_head_args(p: argparse.ArgumentParser) -> None:
-    from .config import CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, CLI_HEAD_INT8_ROWS, EMBED_CHOICES
+    from .config import (CLI_EMBED_BITS, CLI_HEAD_BITS, CLI_HEAD_FORMAT, CLI_HEAD_INT8_ROWS, CLI_HEAD_REFIT_DAMP,
+                         EMBED_CHOICES)
 
     p.add_argument("--head-bits", type=int, default=CLI_HEAD_BITS,
                    help=f"lm_head bits: 2, 3, 4, or 32 to keep it dense (default {CLI_HEAD_BITS})")
@@ -70,6 +71,10 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
                    help="lm_head's code format (and so the shared embedding's): grid decodes fastest, trellis "
                         f"loses least (see README, 'Whole model'; default {CLI_HEAD_FORMAT}: trellis where the "
                         "head is whole 16x16 tiles, else e8p, else grid)")
+    p.add_argument("--head-refit-damp", type=float, default=None,
+                   help="with e2e fine-tuning: quantize lm_head again after it, on the fine-tuned model's final "
+                        "hidden states, at this Hessian damping (0: no refit; default: "
+                        f"{CLI_HEAD_REFIT_DAMP} data-free with a quantized head and an e2e stage, else 0; see README)")
     p.add_argument("--head-int8-rows", type=int, default=CLI_HEAD_INT8_ROWS,
                    help="lm_head rows of the most frequent calibration tokens kept at 8 bits, e.g. 4096 "
                         f"(at most a vocabulary's eighth; 0: none; default {CLI_HEAD_INT8_ROWS}; see README)")

@@ -59,7 +59,8 @@ _CONFIG_DROP = ("quantization_config", "_name_or_path", "_model_name_or_path", "
 # QuantConfig fields added after compiles were already being keyed, with the value every compile
 # before them used: at that value a field stays out of the key, so an interrupted compile from before
 # it resumes under the same key
-_KEYED_SINCE = {"head_format": "grid", "head_int8_rows": 0, "finetune_step_windows": 1, "finetune_lr": 5e-4}
+_KEYED_SINCE = {"head_format": "grid", "head_int8_rows": 0, "finetune_step_windows": 1, "finetune_lr": 5e-4,
+                "head_refit_damp": 0.0}
 
 
 def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:
@@ -219,7 +220,9 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     finally:
         bar.close()
         shutil.rmtree(out / SPILL_DIR, ignore_errors=True)
-    if plan.head_quantized:   # its rows shared among the ranks (passes/spread.encode_rows); rank 0 writes it
+    # its rows shared among the ranks (passes/spread.encode_rows); rank 0 writes it. A resumed compile whose
+    # e2e stage is done keeps that stage's head (and its refit)
+    if plan.head_quantized and not group.broadcast_object("finetune" in manifest if group.is_main else None):
         head = headpass.quantize_head(model, plan, head_h.get("h"), cfg, tokens=windows, group=group)
         on_main(group, lambda: _write_head(out, manifest, plan, head), None)
     if finetune:   # every rank: the windows of each step are spread over them
@@ -231,6 +234,10 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
         manifest = run_finetune(out, manifest, teacher, windows, cfg, dense, progress, group)
     if not group.is_main:
         return None
+    if cfg.head_refit_damp:   # rank 0 alone: one pass over the windows and the head's rows
+        from .head_refit_stage import run_head_refit
+
+        manifest = run_head_refit(out, manifest, model, plan, windows, cfg, calib.batch, progress)
     manifest["summary"] = _summary(manifest, dense, model_params)
     manifest["compile_seconds"] = manifest.get("compile_seconds", 0.0) + time.time() - t0
     manifest["complete"] = True

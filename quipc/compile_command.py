@@ -50,6 +50,20 @@ def head_format(args) -> str:
     return args.head_format or CLI_HEAD_FORMAT
 
 
+def head_refit_damp(args) -> float:
+    """--head-refit-damp, or the default (see quipc.config): data-free, where the compile quantizes the
+    head and has an e2e stage to refit it after."""
+    from .config import CLI_HEAD_REFIT_DAMP, DENSE_BITS
+    from .passes.finetune import FinetuneConfig
+
+    if args.head_refit_damp is not None:
+        return args.head_refit_damp
+    data_free = not getattr(args, "calib", None) and not args.model.endswith(".onnx")
+    if data_free and args.head_bits != DENSE_BITS and FinetuneConfig(mode=args.finetune).e2e:
+        return CLI_HEAD_REFIT_DAMP
+    return 0.0
+
+
 def calib_chat(args) -> float:
     """--calib-chat, or the default share of conversations with --calib (see quipc.config); an
     .onnx input has no generation to write them, and data-free calibration has its own."""
@@ -79,7 +93,7 @@ def cmd_compile(args) -> int:
                       finetune_lr=finetune_lr(args, args.finetune),
                       head_bits=args.head_bits,
                       head_format=args.head_format, head_int8_rows=args.head_int8_rows,
-                      embed_bits=args.embed_bits).validate()
+                      head_refit_damp=head_refit_damp(args), embed_bits=args.embed_bits).validate()
     calib = CalibConfig(text=args.calib, windows=args.calib_windows, length=args.calib_len,
                         batch=args.calib_batch, chat=calib_chat(args))
     progress = not args.no_progress
@@ -92,7 +106,7 @@ def cmd_compile(args) -> int:
         from .frontend.onnx_model import compile_onnx
 
         # the ONNX frontend keeps lm_head and the embedding as they are (QuantConfig.quantize_lm_head)
-        cfg = dataclasses.replace(cfg, head_bits=32, head_int8_rows=0, embed_bits="auto")
+        cfg = dataclasses.replace(cfg, head_bits=32, head_int8_rows=0, head_refit_damp=0.0, embed_bits="auto")
         summary = compile_onnx(Path(args.model), out, cfg, calib, tokenizer=args.tokenizer,
                                ops=args.onnx_ops, progress=progress, accuracy_level=args.onnx_accuracy_level,
                                threads=torch.get_num_threads(), calibration=args.onnx_calibration)

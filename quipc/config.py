@@ -19,6 +19,11 @@ CLI_HEAD_BITS = 4
 # 7.37 (benchmarks/results/decode_w2_head_grid_vs_trellis_stop52.json). With --calib (stop 41) it cost +1.52 %
 # against the grid head's +4.38 % on 2-bit blocks, and in full compiles 62.29 against 63.44.
 CLI_HEAD_FORMAT = "auto"
+# data-free, with an e2e stage and a quantized head: the head quantized again after e2e, on the fine-tuned
+# model's final hidden states, damped 0.1 (quipc/head_refit_stage.py). Stop 53 (Xeon host, the default w2
+# artifact, same generated windows; benchmarks/head_embed.py --calib generated): as compiled 58.42, refit at
+# damp 0.01 57.81, 0.1 57.40, 1.0 57.75 (dense-head compile 56.82). With --calib: not measured, off.
+CLI_HEAD_REFIT_DAMP = 0.1
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
 # the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
 # format). e8p, not trellis / auto, although trellis wins on perplexity (data-free w2 default
@@ -102,6 +107,9 @@ class QuantConfig:
                                   # head's codes are the embedding table in every format
     head_int8_rows: int = 0       # HF path: lm_head rows of the most frequent calibration tokens kept at
                                   # 8 bits (at most vocab / 8; 0 = none), see passes/head.py
+    head_refit_damp: float = 0.0  # HF path, with e2e fine-tuning: > 0 quantizes lm_head again after the e2e
+                                  # stage, on the fine-tuned model's final hidden states, at this damping
+                                  # (0: quantized once, after the blocks); see quipc/head_refit_stage.py
     embed_bits: int | str = "auto"  # HF path: "head" (the tied head's codes) | 4 | 8 (tables) | 16 | 32
                                     # (dense); auto: head when tied and the head is quantized, else
                                     # 8 with a quantized head, else 32
@@ -140,6 +148,13 @@ class QuantConfig:
             raise ValueError(f"head int8 rows must be >= 0, got {self.head_int8_rows}")
         if self.head_int8_rows and self.head_bits == DENSE_BITS:
             raise ValueError("head int8 rows keep rows of a quantized lm_head at 8 bits: use --head-bits 2, 3 or 4")
+        if self.head_refit_damp:
+            if not 0 < self.head_refit_damp < 10:
+                raise ValueError(f"head refit damp must be in (0, 10), or 0 for no refit; got {self.head_refit_damp}")
+            if self.head_bits == DENSE_BITS:
+                raise ValueError("a head refit quantizes lm_head again: it needs --head-bits 2, 3 or 4")
+            if not self.finetune_config().e2e:
+                raise ValueError("a head refit runs on the e2e fine-tuned model: it needs --finetune e2e or all")
         if str(self.embed_bits) not in EMBED_CHOICES:
             raise ValueError(f"unsupported embed bits {self.embed_bits!r}: expected one of "
                              f"{', '.join(EMBED_CHOICES)}")

@@ -327,7 +327,7 @@ def test_resume_key_of_compiles_from_before_head_format():
 
     calib, source = CalibConfig(text="t.txt", **CALIB), {"spec": "m"}
     old = QuantConfig(bits=2, head_bits=4).to_dict()
-    del old["head_format"], old["head_int8_rows"], old["finetune_step_windows"], old["finetune_lr"]
+    del old["head_format"], old["head_int8_rows"], old["finetune_step_windows"], old["finetune_lr"], old["head_refit_damp"]
     calib_d = asdict(calib)
     del calib_d["chat"]
     blob = json.dumps({"source": source, "quant": old, "calib": calib_d}, sort_keys=True)
