@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--variants", default="32/32,4/head,3/head,4/8,4/4")
     ap.add_argument("--json")
     ap.add_argument("--hessian-cache", help="file for lm_head's Hessian (read if present, else written)")
+    ap.add_argument("--calib-cache", help="with --calib generated: file for the generated windows (read if present, "
+                                          "else written; checked against the artifact's tokens either way)")
     args = ap.parse_args()
 
     import quipc_runtime
@@ -90,9 +92,14 @@ def _calib_windows(args, src, tok, manifest, calibration):
         return calibration.text_windows(tok, args.calib, args.calib_windows, args.calib_len)
     from quipc.calibration_stage import tokens_sha256
 
-    print("generating the data-free calibration windows", flush=True)
-    with torch.no_grad():
-        windows = calibration.generated_windows(src, tok, args.calib_windows, args.calib_len, seed=0)
+    if args.calib_cache and Path(args.calib_cache).is_file():
+        windows = torch.load(args.calib_cache)
+    else:
+        print("generating the data-free calibration windows", flush=True)
+        with torch.no_grad():
+            windows = calibration.generated_windows(src, tok, args.calib_windows, args.calib_len, seed=0)
+        if args.calib_cache:
+            torch.save(windows, args.calib_cache)
     want = ((manifest or {}).get("calibration") or {}).get("tokens_sha256")
     if want and tokens_sha256(windows) != want:
         raise SystemExit("the generated windows differ from the artifact's calibration tokens (another host "

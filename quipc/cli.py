@@ -73,8 +73,8 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
                         "head is whole 16x16 tiles, else e8p, else grid)")
     p.add_argument("--head-refit-damp", type=float, default=None,
                    help="with e2e fine-tuning: quantize lm_head again after it, on the fine-tuned model's final "
-                        "hidden states, at this Hessian damping (0: no refit; default: "
-                        f"{CLI_HEAD_REFIT_DAMP} data-free with a quantized head and an e2e stage, else 0; see README)")
+                        "hidden states, at this Hessian damping (0: no refit; default, data-free with a quantized "
+                        f"head and an e2e stage: {CLI_HEAD_REFIT_DAMP} by --bits, else 0; see README)")
     p.add_argument("--head-int8-rows", type=int, default=CLI_HEAD_INT8_ROWS,
                    help="lm_head rows of the most frequent calibration tokens kept at 8 bits, e.g. 4096 "
                         f"(at most a vocabulary's eighth; 0: none; default {CLI_HEAD_INT8_ROWS}; see README)")

@@ -51,8 +51,8 @@ def head_format(args) -> str:
 
 
 def head_refit_damp(args) -> float:
-    """--head-refit-damp, or the default (see quipc.config): data-free, where the compile quantizes the
-    head and has an e2e stage to refit it after."""
+    """--head-refit-damp, or the default for this width (see quipc.config): data-free, where the compile
+    quantizes the head and has an e2e stage to refit it after."""
     from .config import CLI_HEAD_REFIT_DAMP, DENSE_BITS
     from .passes.finetune import FinetuneConfig
 
@@ -60,7 +60,7 @@ def head_refit_damp(args) -> float:
         return args.head_refit_damp
     data_free = not getattr(args, "calib", None) and not args.model.endswith(".onnx")
     if data_free and args.head_bits != DENSE_BITS and FinetuneConfig(mode=args.finetune).e2e:
-        return CLI_HEAD_REFIT_DAMP
+        return CLI_HEAD_REFIT_DAMP.get(args.bits, 0.0)
     return 0.0
 
 

@@ -112,8 +112,9 @@ def test_refit_settings_are_checked():
 
 
 @pytest.mark.parametrize("argv, expect", [
-    ([], "default"),                                   # data-free, quantized head, e2e / all at every width
-    (["--bits", "3"], "default"),
+    ([], 0.1),                                         # data-free, quantized head, e2e / all: by width
+    (["--bits", "3"], 0.1),
+    (["--bits", "4"], 0.0),                            # measured worse at 4 bits
     (["--calib", "c.txt"], 0.0),                       # with --calib: not measured, off
     (["--head-bits", "32"], 0.0),                      # nothing to refit
     (["--finetune", "block"], 0.0),                    # no e2e stage to refit after
@@ -123,11 +124,10 @@ def test_refit_settings_are_checked():
 def test_cli_default(argv, expect):
     from quipc.cli import build_parser
     from quipc.compile_command import format_and_finetune, head_refit_damp
-    from quipc.config import CLI_HEAD_REFIT_DAMP
 
     args = build_parser().parse_args(["compile", "smollm2-135m", "-o", "x", *argv])
     args.format, args.finetune, _ = format_and_finetune(args)
-    assert head_refit_damp(args) == (CLI_HEAD_REFIT_DAMP if expect == "default" else expect)
+    assert head_refit_damp(args) == expect
 
 
 def test_job_key_of_compiles_without_refit_is_unchanged():
