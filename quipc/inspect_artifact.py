@@ -47,6 +47,10 @@ def _head_line(manifest: dict) -> str:
                      f"{', tied' if head.get('tied') else ''})")
     else:
         parts.append("lm_head dense")
+    refit = manifest.get("head_refit")
+    if refit:
+        parts.append(f"lm_head quantized again after the e2e stage (damp {refit['damp']}, proxy loss "
+                     f"{_fmt(refit.get('proxy_loss'))})")
     if not emb:
         parts.append("embedding dense")
     elif emb["kind"] == "head":

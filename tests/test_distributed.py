@@ -12,14 +12,14 @@ import torch
 import torch.multiprocessing as mp
 
 from quipc.compile import CalibConfig, compile_model
-from quipc.config import CLI_HEAD_FORMAT, QuantConfig
+from quipc.config import CLI_HEAD_FORMAT, CLI_HEAD_REFIT_DAMP, QuantConfig
 
 # the CLI's defaults (e8p codes, 4-bit tied head = embedding, e2e fine-tuning), data-free:
 # windows 10 in batches of 4 = 3 batches, so the ranks hold unequal shares; fine-tuning steps of
 # 3 windows (9 trained, 1 held out): 2 on rank 0 and 1 on rank 1
 # (head_format: the CLI's default, so that `quipc compile --workers 2` below computes the same)
 CFG = QuantConfig(bits=2, format="e8p", finetune="e2e", finetune_epochs=1, head_bits=4, head_format=CLI_HEAD_FORMAT,
-                  seed=3,
+                  seed=3, head_refit_damp=CLI_HEAD_REFIT_DAMP[2],   # the bare command's, data-free w2
                   finetune_step_windows=3)
 CALIB = CalibConfig(windows=10, length=16, batch=4)
 

@@ -71,6 +71,9 @@ def test_refit_is_the_head_quantized_on_the_finetuned_models_final_hidden_states
     assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scale, want.scale)
     assert not np.array_equal(got.codes, _head(e2e).codes)
     assert man["head_refit"]["proxy_loss"] == pytest.approx(want.info["proxy_loss"])
+    from quipc.inspect_artifact import render
+    assert "lm_head quantized again after the e2e stage (damp 0.1" in render(refit)
+    assert "quantized again" not in render(e2e)
     # the artifact runs, its embedding the refit head's rows
     out = quipc.load(refit)(input_ids=windows[:1, :8]).logits
     assert torch.isfinite(out).all()
