@@ -34,6 +34,7 @@ def digest(folder) -> str:
     man = json.loads((folder / "manifest.json").read_text())
     man.pop("compile_seconds")
     man["finetune"].pop("seconds")
+    man["head_refit"].pop("seconds")
     for key in ("total_bytes", "bits_per_param", "pad"):   # count the manifest (and its seconds)
         man["summary"].pop(key, None)
     return h.hexdigest() + json.dumps(man, sort_keys=True)
