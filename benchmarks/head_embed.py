@@ -56,7 +56,7 @@ def main() -> None:
     from quipc.frontend.hf import load_model
     from quipc.frontend.models import resolve
     from quipc.frontend.trace import find_blocks
-    from quipc.passes import head as headpass
+    from quipc.head_refit_stage import final_hidden_hessian
     from quipc_runtime import artifact as art
 
     src, tok = load_model(resolve(args.model))
@@ -79,7 +79,7 @@ def main() -> None:
     if args.hessian_cache and Path(args.hessian_cache).is_file():
         hess = torch.load(args.hessian_cache)
     else:
-        hess = _head_hessian(model, src, windows, headpass, find_blocks)
+        hess = final_hidden_hessian(model, find_blocks(src)[0], windows, 8)   # what the compile's refit takes
         if args.hessian_cache:
             torch.save(hess, args.hessian_cache + ".tmp")
             Path(args.hessian_cache + ".tmp").rename(args.hessian_cache)
@@ -105,24 +105,6 @@ def _calib_windows(args, src, tok, manifest, calibration):
         raise SystemExit("the generated windows differ from the artifact's calibration tokens (another host "
                          "kind or library version generates other text): its head would be measured on others")
     return windows
-
-
-def _head_hessian(model, src, windows, headpass, find_blocks):
-    prefix, _ = find_blocks(src)
-    blocks = model.get_submodule(prefix)
-    norm = headpass.final_norm(model, blocks)
-    acc = {}
-
-    def grab(_m, _a, out):
-        x = out.detach().reshape(-1, out.shape[-1]).double()
-        acc["s"] = acc.get("s", 0) + x.T @ x
-        acc["n"] = acc.get("n", 0) + x.shape[0]
-    hook = norm.register_forward_hook(grab)
-    with torch.no_grad():
-        for i in range(0, windows.shape[0], 8):
-            model.model(input_ids=windows[i:i + 8], use_cache=False)
-    hook.remove()
-    return acc["s"] / acc["n"]
 
 
 def _variants(args, folder, manifest, model, src, tok, base_cfg, hess, e32, h32, calib_tokens):

@@ -62,8 +62,7 @@ def run_head_refit(out: Path, manifest: dict, model: torch.nn.Module, plan, wind
     if "head_refit" in manifest:
         return manifest
     t0 = time.time()
-    art.write_manifest(out, manifest)
-    student = load_artifact(out, allow_incomplete=True)
+    student = load_artifact(out, allow_incomplete=True)   # the folder as the e2e stage left it
     student.set_input_embeddings(model.get_input_embeddings())   # fp32 rows in front, as for the blocks
     # on the CPU, as the e2e stage's student (finetune_stage._load_student)
     hessian = final_hidden_hessian(student, manifest["blocks_prefix"], windows.cpu(), batch, progress)
