@@ -205,9 +205,11 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
         art.write_manifest(out, manifest)
 
     head_h: dict = {}
+    # a resumed compile keeps a head already written (and one the e2e stage tuned or the refit replaced)
+    head_done = group.broadcast_object(("head" in manifest or "finetune" in manifest) if group.is_main else None)
 
     def head_hessian(inputs) -> None:
-        if plan.head_quantized and inputs is not None:
+        if plan.head_quantized and not head_done and inputs is not None:
             head_h["h"] = _head_hessian(model, blocks, inputs, group)
 
     finetune = group.broadcast_object(cfg.finetune_config().e2e and "finetune" not in manifest
@@ -220,9 +222,8 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     finally:
         bar.close()
         shutil.rmtree(out / SPILL_DIR, ignore_errors=True)
-    # its rows shared among the ranks (passes/spread.encode_rows); rank 0 writes it. A resumed compile whose
-    # e2e stage is done keeps that stage's head (and its refit)
-    if plan.head_quantized and not group.broadcast_object("finetune" in manifest if group.is_main else None):
+    # its rows shared among the ranks (passes/spread.encode_rows); rank 0 writes it
+    if plan.head_quantized and not head_done:
         head = headpass.quantize_head(model, plan, head_h.get("h"), cfg, tokens=windows, group=group)
         on_main(group, lambda: _write_head(out, manifest, plan, head), None)
     if finetune:   # every rank: the windows of each step are spread over them
@@ -250,6 +251,7 @@ def _write_head(out: Path, manifest: dict, plan, layer: QuantizedLinear) -> None
     rec = art.write_layers(out, HEAD_FILE, [layer])
     rec["layers"][0]["storage_bits"] = layer.storage_bits()
     manifest["head"] = {**rec, "module": plan.head, "tied": plan.tied}
+    art.write_manifest(out, manifest)   # a compile resumed after this keeps it
 
 
 def _head_hessian(model, blocks, inputs, group: Group) -> torch.Tensor:

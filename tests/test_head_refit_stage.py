@@ -104,6 +104,34 @@ def test_interrupted_refit_resumes_to_the_same_bytes(tiny_model, e2e_and_refit, 
     assert not (tmp_path / "cut" / "head_ft.safetensors").exists()
 
 
+def test_compile_resumed_in_the_e2e_stage_keeps_the_head_it_wrote(tiny_model, e2e_and_refit, tmp_path,
+                                                                  monkeypatch):
+    """Killed in the e2e stage (every block and the head written): --resume neither takes the head's
+    Hessian nor quantizes the head again, and writes what the uninterrupted compile wrote."""
+    from quipc import compile as compile_mod
+    from quipc import finetune_stage
+    from quipc.passes import head as headpass
+
+    model, text = tiny_model
+    e2e, _ = e2e_and_refit
+    calib = CalibConfig(text=str(text), **CALIB)
+    real = finetune_stage.run_finetune
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune_stage, "run_finetune", dies)
+    with pytest.raises(KeyboardInterrupt):
+        compile_model(str(model), tmp_path / "cut", CFG, calib, progress=False)
+    cut = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert not cut["complete"] and "finetune" not in cut and cut["head"]["file"] == "head.safetensors"
+    monkeypatch.setattr(finetune_stage, "run_finetune", real)
+    monkeypatch.setattr(headpass, "quantize_head", lambda *a, **k: pytest.fail("head quantized again"))
+    monkeypatch.setattr(compile_mod, "_head_hessian", lambda *a, **k: pytest.fail("head Hessian taken again"))
+    compile_model(str(model), tmp_path / "cut", CFG, calib, resume=True, progress=False)
+    for name in ("head_ft.safetensors", "dense_ft.safetensors", "blocks/block_0001_ft.safetensors"):
+        assert (tmp_path / "cut" / name).read_bytes() == (e2e / name).read_bytes()
+
+
 def test_refit_settings_are_checked():
     with pytest.raises(ValueError, match="needs --finetune e2e or all"):
         QuantConfig(head_bits=4, head_refit_damp=0.1).validate()
