@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from interrupt import compile_killed_at
 from safetensors.numpy import load_file
 
 import quipc
@@ -278,15 +279,9 @@ def test_interrupted_head_resumes_to_the_same_bytes(tiny_model, tied_w3, tmp_pat
 
     model, text = tiny_model
     cfg, calib = QuantConfig(bits=3, seed=1, head_bits=4), CalibConfig(text=str(text), **CALIB)
-    real = headpass.quantize_head
-
-    def dies(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(headpass, "quantize_head", dies)
-    with pytest.raises(KeyboardInterrupt):
-        compile_model(str(model), tmp_path / "cut", cfg, calib, progress=False)
-    assert not json.loads((tmp_path / "cut" / "manifest.json").read_text())["complete"]
-    monkeypatch.setattr(headpass, "quantize_head", real)
+    cut = compile_killed_at(monkeypatch, headpass, "quantize_head", (str(model), tmp_path / "cut", cfg, calib),
+                            dict(progress=False))
+    assert not cut["complete"]
     compile_model(str(model), tmp_path / "cut", cfg, calib, resume=True, progress=False)
     for name in ("head.safetensors", "dense.safetensors", "blocks/block_0001.safetensors"):
         assert (tmp_path / "cut" / name).read_bytes() == (tied_w3 / name).read_bytes()

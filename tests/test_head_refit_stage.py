@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from interrupt import compile_killed_at
 
 import quipc
 from quipc.compile import CalibConfig, compile_model
@@ -87,16 +88,9 @@ def test_interrupted_refit_resumes_to_the_same_bytes(tiny_model, e2e_and_refit, 
     model, text = tiny_model
     _, refit = e2e_and_refit
     cfg, calib = dataclasses.replace(CFG, head_refit_damp=0.1), CalibConfig(text=str(text), **CALIB)
-    real = head_refit_stage.final_hidden_hessian
-
-    def dies(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(head_refit_stage, "final_hidden_hessian", dies)
-    with pytest.raises(KeyboardInterrupt):
-        compile_model(str(model), tmp_path / "cut", cfg, calib, progress=False)
-    cut = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    cut = compile_killed_at(monkeypatch, head_refit_stage, "final_hidden_hessian",
+                            (str(model), tmp_path / "cut", cfg, calib), dict(progress=False))
     assert not cut["complete"] and "finetune" in cut and cut["head"]["file"] == "head_ft.safetensors"
-    monkeypatch.setattr(head_refit_stage, "final_hidden_hessian", real)
     monkeypatch.setattr("quipc.finetune_stage.run_finetune", lambda *a, **k: pytest.fail("e2e ran again"))
     compile_model(str(model), tmp_path / "cut", cfg, calib, resume=True, progress=False)
     for name in ("head_refit.safetensors", "dense_ft.safetensors", "blocks/block_0001_ft.safetensors"):
@@ -115,16 +109,9 @@ def test_compile_resumed_in_the_e2e_stage_keeps_the_head_it_wrote(tiny_model, e2
     model, text = tiny_model
     e2e, _ = e2e_and_refit
     calib = CalibConfig(text=str(text), **CALIB)
-    real = finetune_stage.run_finetune
-
-    def dies(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(finetune_stage, "run_finetune", dies)
-    with pytest.raises(KeyboardInterrupt):
-        compile_model(str(model), tmp_path / "cut", CFG, calib, progress=False)
-    cut = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    cut = compile_killed_at(monkeypatch, finetune_stage, "run_finetune",
+                            (str(model), tmp_path / "cut", CFG, calib), dict(progress=False))
     assert not cut["complete"] and "finetune" not in cut and cut["head"]["file"] == "head.safetensors"
-    monkeypatch.setattr(finetune_stage, "run_finetune", real)
     monkeypatch.setattr(headpass, "quantize_head", lambda *a, **k: pytest.fail("head quantized again"))
     monkeypatch.setattr(compile_mod, "_head_hessian", lambda *a, **k: pytest.fail("head Hessian taken again"))
     compile_model(str(model), tmp_path / "cut", CFG, calib, resume=True, progress=False)
