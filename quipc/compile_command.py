@@ -12,13 +12,14 @@ def format_and_finetune(args) -> tuple[str, str, int]:
     """--format / --finetune / --finetune-step-windows, or the defaults for this target (see
     quipc.config)."""
     from .config import (CLI_FINETUNE, CLI_FINETUNE_CALIB, CLI_FINETUNE_RANKS, CLI_FINETUNE_STEP_WINDOWS,
-                         CLI_FINETUNE_STEP_WINDOWS_RANKS, CLI_FORMAT, CLI_FORMAT_CALIB)
+                         CLI_FINETUNE_STEP_WINDOWS_RANKS, CLI_FORMAT, CLI_FORMAT_CALIB, CLI_FORMAT_DATAFREE)
     from .distributed import launched_by_torchrun
 
     onnx_input = args.model.endswith(".onnx")
     calib = getattr(args, "calib", None)
     # every backend lowers every format (quipc_runtime.formats); .onnx inputs keep e8p (not measured)
-    fmt = args.format or (CLI_FORMAT_CALIB.get(args.bits, CLI_FORMAT) if calib and not onnx_input else CLI_FORMAT)
+    fmt = args.format or (CLI_FORMAT if onnx_input else CLI_FORMAT_CALIB.get(args.bits, CLI_FORMAT) if calib
+                          else CLI_FORMAT_DATAFREE.get(args.bits, CLI_FORMAT))
     several_ranks = getattr(args, "workers", 1) > 1 or launched_by_torchrun()
     default = (CLI_FINETUNE_RANKS if several_ranks   # block fine-tuning runs in one process
                else CLI_FINETUNE_CALIB if calib else CLI_FINETUNE.get(args.bits, "e2e"))

@@ -34,7 +34,7 @@ CLI_HEAD_REFIT_DAMP = {2: 0.1, 3: 0.1}
 # configuration 51.17 vs 60.92, agreement 0.340 vs 0.330, same bytes): it decodes 1.5x / 2.5x /
 # 10x slower on the kernels runtime / ONNX / TVM (45 / 40 / 140 against 30 / 15.6 / 14 ms per
 # token), and with --calib at w2 its block + e2e model lost the chat turn (agreement 0.042).
-CLI_FORMAT = "e8p"            # data-free at every width; with --calib at 2 bits (and for an .onnx input)
+CLI_FORMAT = "e8p"            # data-free at 2 and 3 bits; with --calib at 2 bits (and for an .onnx input)
 # with --calib at 3 and 4 bits: auto (trellis where the layer is whole 16x16 tiles, as all of SmolLM2's,
 # else e8p, else grid). Stop 49 (Xeon host, the --calib default otherwise: all, a quarter conversations,
 # trellis head), against e8p: w3 ppl 23.60 / agreement 0.463 against 25.60 / 0.387 (55.23 vs 55.54 MB),
@@ -43,6 +43,12 @@ CLI_FORMAT = "e8p"            # data-free at every width; with --calib at 2 bits
 # (w4: 34 vs 42 and 17 vs 18 ms per token), and TVM runs it on 8-bit rows (--tvm-trellis int8; README).
 # At 2 bits e8p stays: one stage there, 1.5x / 2.5x faster than trellis on those runtimes.
 CLI_FORMAT_CALIB = {2: "e8p", 3: "auto", 4: "auto"}
+# data-free at 4 bits: auto too (stop 55, AMD EPYC host, the same generated windows, the bare compile otherwise):
+# perplexity 22.57 against e8p's 23.39 in fewer bytes (68.50 vs 68.81 MB), both answer "Paris"; on TVM the
+# e8p blocks decode in 1.24x llama.cpp Q4_0's time (stop 55), trellis ones in 0.90x / 0.97x (stop 51, Xeon,
+# the --calib w4 default: the same format and shapes). 2 and 3 bits data-free: e8p (trellis blocks not
+# measured data-free at 3 bits).
+CLI_FORMAT_DATAFREE = {4: "auto"}
 # data-free, per width: all (block + e2e) at 2 bits. It gave 58.85 vs e2e's 60.92 on one host (agreement 0.275 vs
 # 0.330, which kept e2e then), and at stop 50 (Xeon host, same generated windows) 59.39 vs 61.27, held-out KL
 # 0.572 vs 0.645, NLL of fp32's answers 1.737 vs 1.784 (their tokens picked 0.568 vs 0.565; ROUGE-L 0.287 vs

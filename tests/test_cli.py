@@ -225,7 +225,8 @@ def test_model_folder_without_tokenizer(capsys, tiny_model, tmp_path):
     (["m", "-o", "x", "--calib", "t.txt", "--bits", "3"], ("auto", "all", 1)),  # trellis on whole tiles
     (["m", "-o", "x", "--calib", "t.txt", "--bits", "4"], ("auto", "all", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--bits", "4", "--format", "e8p"], ("e8p", "all", 1)),
-    (["m", "-o", "x", "--bits", "4"], ("e8p", "all", 1)),                       # data-free (stop 53)
+    (["m", "-o", "x", "--bits", "4"], ("auto", "all", 1)),                      # data-free (stops 53, 55)
+    (["m.onnx", "-o", "x", "--bits", "4"], ("e8p", "none", 1)),
     (["m.onnx", "-o", "x", "--calib", "t.txt", "--bits", "4"], ("e8p", "none", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--format", "auto"], ("auto", "all", 1)),
     (["m", "-o", "x", "--calib", "t.txt", "--workers", "2"], ("e8p", "e2e", 2)),
