@@ -18,8 +18,8 @@ def format_and_finetune(args) -> tuple[str, str, int]:
     onnx_input = args.model.endswith(".onnx")
     calib = getattr(args, "calib", None)
     # every backend lowers every format (quipc_runtime.formats); .onnx inputs keep e8p (not measured)
-    fmt = args.format or (CLI_FORMAT if onnx_input else CLI_FORMAT_CALIB.get(args.bits, CLI_FORMAT) if calib
-                          else CLI_FORMAT_DATAFREE.get(args.bits, CLI_FORMAT))
+    per_width = {} if onnx_input else CLI_FORMAT_CALIB if calib else CLI_FORMAT_DATAFREE
+    fmt = args.format or per_width.get(args.bits, CLI_FORMAT)
     several_ranks = getattr(args, "workers", 1) > 1 or launched_by_torchrun()
     default = (CLI_FINETUNE_RANKS if several_ranks   # block fine-tuning runs in one process
                else CLI_FINETUNE_CALIB if calib else CLI_FINETUNE.get(args.bits, "e2e"))

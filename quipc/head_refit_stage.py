@@ -64,12 +64,12 @@ def run_head_refit(out: Path, manifest: dict, model: torch.nn.Module, plan, wind
     t0 = time.time()
     student = load_artifact(out, allow_incomplete=True)   # the folder as the e2e stage left it
     student.set_input_embeddings(model.get_input_embeddings())   # fp32 rows in front, as for the blocks
-    # on the CPU, as the e2e stage's student (finetune_stage._load_student)
-    hessian = final_hidden_hessian(student, manifest["blocks_prefix"], windows.cpu(), batch, progress)
+    windows = windows.cpu()   # on the CPU, as the e2e stage's student (finetune_stage._load_student)
+    hessian = final_hidden_hessian(student, manifest["blocks_prefix"], windows, batch, progress)
     del student
     old = manifest["head"]
     layer = headpass.quantize_head(model, plan, hessian,
-                                   dataclasses.replace(cfg, damp=cfg.head_refit_damp), tokens=windows.cpu())
+                                   dataclasses.replace(cfg, damp=cfg.head_refit_damp), tokens=windows)
     rec = art.write_layers(out, REFIT_FILE, [layer])
     rec["layers"][0]["storage_bits"] = layer.storage_bits()
     manifest["head"] = {**rec, "module": old["module"], "tied": old["tied"]}
