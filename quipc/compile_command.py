@@ -147,10 +147,13 @@ def _compile_on_ranks(*args, **kwargs):
     from .compile import compile_model
     from .distributed import leave
 
+    finished = False
     try:
-        return compile_model(*args, **kwargs)
+        manifest = compile_model(*args, **kwargs)
+        finished = True
+        return manifest
     finally:
-        leave()
+        leave(finished)
 
 
 def _run_workers(args) -> int:

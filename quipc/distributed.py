@@ -9,6 +9,7 @@ and sums them in the same order: the artifact does not depend on the number of r
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 from datetime import timedelta
@@ -147,6 +148,7 @@ def join(device: str = "cpu") -> Group:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     signal.signal(signal.SIGTERM, _stopped_by_torchrun)
+    faulthandler.enable()   # a rank that aborts in native code (SIGABRT, SIGSEGV) prints where it was
     return Group(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -156,8 +158,20 @@ def _stopped_by_torchrun(_signum, _frame):
                      "failed (its report follows); every finished block is kept: rerun with --resume")
 
 
-def leave() -> None:
+def leave(finished: bool = False) -> None:
+    """Leave the process group. finished: every rank got this far (a compile that succeeded),
+    so all of them first wait at a barrier: no rank shuts its connections down while another
+    still has a collective in flight with it. After an error a rank leaves at once (its peers
+    may be gone or waiting elsewhere)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if finished:
+            dist.barrier()
+    except RuntimeError as err:   # a peer stopped after this rank's part was done
+        raise RankFailed(f"rank {dist.get_rank()}: another rank stopped before the end of the compile "
+                         f"({_first_line(err)}); every finished block is kept: rerun with --resume") from None
+    finally:
         dist.destroy_process_group()

@@ -24,20 +24,21 @@ CFG = QuantConfig(bits=2, format="e8p", finetune="e2e", finetune_epochs=1, head_
 CALIB = CalibConfig(windows=10, length=16, batch=4)
 
 
-def digest(folder) -> str:
-    """Every data file's bytes and the manifest, less what measures time."""
+def digest(folder) -> dict:
+    """Every data file's sha256 and the manifest, less what measures time (a dict, so that a
+    failed comparison names the part that differs)."""
     import hashlib
 
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.safetensors")):
-        h.update(f.relative_to(folder).as_posix().encode() + f.read_bytes())
+    parts = {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted(folder.rglob("*.safetensors"))}
     man = json.loads((folder / "manifest.json").read_text())
     man.pop("compile_seconds")
     man["finetune"].pop("seconds")
     man["head_refit"].pop("seconds")
     for key in ("total_bytes", "bits_per_param", "pad"):   # count the manifest (and its seconds)
         man["summary"].pop(key, None)
-    return h.hexdigest() + json.dumps(man, sort_keys=True)
+    parts.update({f"manifest.{key}": json.dumps(value, sort_keys=True) for key, value in man.items()})
+    return parts
 
 
 def _free_port() -> int:
@@ -63,15 +64,15 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, report: str, d
             return real(inp, cfg)
 
         seq.quantize_linear = killed
+    from quipc.distributed import leave
+
+    outcome = "ok"
     try:
         compile_model(model, out, CFG, CALIB, resume=resume, progress=False)
-        outcome = "ok"
     except Exception as err:  # noqa: BLE001 - reported to the test
         outcome = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
     finally:
-        from quipc.distributed import leave
-
-        leave()
+        leave(outcome == "ok")
     with open(f"{report}.{rank}", "w") as f:
         f.write(outcome)
 
@@ -161,6 +162,41 @@ def test_spilled_hessians_write_the_same_bytes(tiny_model, one_rank, tmp_path, m
     assert not (out / ".hessians").exists()
 
 
+def _leaving_rank(rank: int, port: int, report: str):
+    """Rank 1 stops (as if killed) once both joined; rank 0 then leaves as a finished compile does."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from quipc.distributed import join, leave
+
+    group = join()
+    group.barrier()
+    if rank == 1:
+        os._exit(9)
+    try:
+        leave(finished=True)
+        outcome = "ok"
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        outcome = f"{type(err).__name__}: {err}"
+    with open(report, "w") as f:
+        f.write(outcome)
+
+
+def test_a_finished_rank_whose_peer_stopped_says_so(tmp_path):
+    """leave(finished=True) waits for every rank; one that stopped instead is a RankFailed that
+    names --resume, not a hang or a native crash."""
+    ctx = mp.get_context("spawn")
+    port, report = _free_port(), tmp_path / "report"
+    procs = [ctx.Process(target=_leaving_rank, args=(r, port, str(report))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 9]
+    outcome = report.read_text()
+    assert outcome.startswith("RankFailed: rank 0: another rank stopped before the end"), outcome
+    assert "--resume" in outcome
+
+
 def _calibration_rank(rank: int, world: int, port: int, model: str, text: str | None, report: str):
     """One rank writing the calibration windows (its parts), as compile_model does."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -170,10 +206,12 @@ def _calibration_rank(rank: int, world: int, port: int, model: str, text: str | 
     from quipc.frontend import chat_calibration
 
     chat_calibration.ANSWER_TOKENS = 8   # as the test sets it in its own process
+    finished = False
     try:
         torch.save(_calibration_windows(model, text, join()), f"{report}.{rank}")
+        finished = True
     finally:
-        leave()
+        leave(finished)
 
 
 def _calibration_windows(model: str, text: str | None, group=None):
