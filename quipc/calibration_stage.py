@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .calibration_cache import cached_windows, model_fingerprint, part_key
 from .distributed import SINGLE, Group, spread
 from .frontend import calibration
 from .frontend.calibration import Part
@@ -21,12 +22,22 @@ from .frontend.models import file_sha256
 
 
 def calibration_windows(stream, tokenizer, calib, seed: int, device, progress: bool,
-                        group: Group = SINGLE) -> tuple[torch.Tensor, dict]:
+                        group: Group = SINGLE, source=None) -> tuple[torch.Tensor, dict]:
     """(windows, info) on every rank; info names the tokens by sha256 (a generated text can come
-    out different on another CPU or library version)."""
+    out different on another CPU or library version). With the model's `source`, text the model
+    writes is kept on this machine for its next compile (calibration_cache.py)."""
     parts, info = _parts(tokenizer, calib, seed)
-    windows = calibration.join_parts(spread(group, len(parts), lambda k:
-                                            _write(stream, device, parts[k], progress and group.is_main)))
+    model_files = None if source is None else model_fingerprint(source)
+
+    def write(k: int) -> torch.Tensor:
+        part, show = parts[k], progress and group.is_main
+        key = None if model_files is None or part.settings is None else part_key(model_files, part.settings, device)
+        windows, kept = cached_windows(key, part.windows, lambda: _write(stream, device, part, show))
+        if kept and show:
+            tqdm.write(f"{part.desc}: {part.windows} windows this machine wrote before, read from its cache")
+        return windows
+
+    windows = calibration.join_parts(spread(group, len(parts), write))
     return windows, {**info, "tokens_sha256": tokens_sha256(windows)}
 
 

@@ -188,7 +188,8 @@ def compile_model(model_spec: str, out: str | Path, cfg: QuantConfig, calib: Cal
     model_params = int(sum(p.numel() for p in model.parameters()))  # tied tensors once
     windows, calib_info = None, {"source": "none (rtn needs no calibration)"}
     if cfg.method != "rtn":
-        windows, calib_info = calibration_windows(stream, tokenizer, calib, cfg.seed, device, progress, group)
+        windows, calib_info = calibration_windows(stream, tokenizer, calib, cfg.seed, device, progress, group,
+                                                       source=source)
         on_main(group, lambda: same_calibration(out, manifest, calib_info), None)
     dense, _ = _dense_tensors(model, prefix)
     dense = plan.dense_tensors(dense, model)

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny.py
+# every compile writes its calibration text anew (tests/test_calibration_cache.py turns the
+# machine's cache on, in a folder of its own), so that no test reads another's
+os.environ["QUIPC_NO_CACHE"] = "1"
 
 # 2 threads, or the cores shared among pytest-xdist's worker processes (scripts/test.sh)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -54,11 +54,16 @@ class Part:
     desc: str                  # its progress bar's
     write: Callable            # (model or None, progress bar or None) -> (windows, length) ids
     needs_model: bool = True
+    settings: dict | None = None   # what else its text depends on (calibration_cache.py); None: not kept
 
 
 def chat_part(tokenizer, n_windows: int, length: int, seed: int, batch: int = 16) -> Part:
+    from . import chat_calibration as chat
+
+    settings = {"part": "chat", "windows": n_windows, "length": length, "seed": seed, "batch": batch,
+                "question_tokens": chat.QUESTION_TOKENS, "answer_tokens": chat.ANSWER_TOKENS}
     return Part(n_windows, "generate chat calibration", lambda model, bar:
-                seeded_chat_windows(model, tokenizer, n_windows, length, seed, batch, bar))
+                seeded_chat_windows(model, tokenizer, n_windows, length, seed, batch, bar), settings=settings)
 
 
 def generated_parts(tokenizer, n_windows: int, length: int, seed: int, batch: int = 16) -> list[Part]:
@@ -66,8 +71,9 @@ def generated_parts(tokenizer, n_windows: int, length: int, seed: int, batch: in
     conversations it writes through its template (chat_calibration.py), half the windows."""
     n_chat = chat_window_count(tokenizer, n_windows)
     n_free = n_windows - n_chat
+    settings = {"part": "free", "windows": n_free, "length": length, "seed": seed, "batch": batch}
     parts = [Part(n_free, "generate calibration text", lambda model, bar:
-                  free_windows(model, tokenizer, n_free, length, seed, batch, bar))]
+                  free_windows(model, tokenizer, n_free, length, seed, batch, bar), settings=settings)]
     return parts + ([chat_part(tokenizer, n_chat, length, seed, batch)] if n_chat else [])
 
 
