@@ -44,10 +44,8 @@ CLI_FORMAT = "e8p"            # data-free at 2 and 3 bits; with --calib at 2 bit
 # At 2 bits e8p stays: one stage there, 1.5x / 2.5x faster than trellis on those runtimes.
 CLI_FORMAT_CALIB = {2: "e8p", 3: "auto", 4: "auto"}
 # data-free at 4 bits: auto too (stop 55, AMD EPYC host, the same generated windows, the bare compile otherwise):
-# perplexity 22.57 against e8p's 23.39 in fewer bytes (68.50 vs 68.81 MB), both answer "Paris"; on TVM the
-# e8p blocks decode in 1.24x llama.cpp Q4_0's time (stop 55), trellis ones in 0.90x / 0.97x (stop 51, Xeon,
-# the --calib w4 default: the same format and shapes). 2 and 3 bits data-free: e8p (trellis blocks not
-# measured data-free at 3 bits).
+# perplexity 22.57 against e8p's 23.39 in fewer bytes (68.50 vs 68.81 MB), both answer "Paris"; TVM decodes
+# both alike (8-bit planes; 1.2x llama.cpp Q4_0 on that host, stop 56). 2 and 3 bits data-free: e8p.
 CLI_FORMAT_DATAFREE = {4: "auto"}
 # data-free, per width: all (block + e2e) at 2 bits. It gave 58.85 vs e2e's 60.92 on one host (agreement 0.275 vs
 # 0.330, which kept e2e then), and at stop 50 (Xeon host, same generated windows) 59.39 vs 61.27, held-out KL
