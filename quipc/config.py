@@ -34,7 +34,7 @@ CLI_HEAD_REFIT_DAMP = {2: 0.1, 3: 0.1}
 # configuration 51.17 vs 60.92, agreement 0.340 vs 0.330, same bytes): it decodes 1.5x / 2.5x /
 # 10x slower on the kernels runtime / ONNX / TVM (45 / 40 / 140 against 30 / 15.6 / 14 ms per
 # token), and with --calib at w2 its block + e2e model lost the chat turn (agreement 0.042).
-CLI_FORMAT = "e8p"            # data-free at 2 and 3 bits; with --calib at 2 bits (and for an .onnx input)
+CLI_FORMAT = "e8p"            # data-free at 2 bits; with --calib at 2 bits (and for an .onnx input)
 # with --calib at 3 and 4 bits: auto (trellis where the layer is whole 16x16 tiles, as all of SmolLM2's,
 # else e8p, else grid). Stop 49 (Xeon host, the --calib default otherwise: all, a quarter conversations,
 # trellis head), against e8p: w3 ppl 23.60 / agreement 0.463 against 25.60 / 0.387 (55.23 vs 55.54 MB),
@@ -45,8 +45,10 @@ CLI_FORMAT = "e8p"            # data-free at 2 and 3 bits; with --calib at 2 bit
 CLI_FORMAT_CALIB = {2: "e8p", 3: "auto", 4: "auto"}
 # data-free at 4 bits: auto too (stop 55, AMD EPYC host, the same generated windows, the bare compile otherwise):
 # perplexity 22.57 against e8p's 23.39 in fewer bytes (68.50 vs 68.81 MB), both answer "Paris"; TVM decodes
-# both alike (8-bit planes; 1.2x llama.cpp Q4_0 on that host, stop 56). 2 and 3 bits data-free: e8p.
-CLI_FORMAT_DATAFREE = {4: "auto"}
+# both alike (8-bit planes; 1.2x llama.cpp Q4_0 on that host, stop 56). At 3 bits auto too (stop 56, same
+# host, the same generated windows): 26.77 against e8p's 29.97 (55.13 vs 55.44 MB), both answer "Paris".
+# 2 bits data-free: e8p.
+CLI_FORMAT_DATAFREE = {3: "auto", 4: "auto"}
 # data-free, per width: all (block + e2e) at 2 bits. It gave 58.85 vs e2e's 60.92 on one host (agreement 0.275 vs
 # 0.330, which kept e2e then), and at stop 50 (Xeon host, same generated windows) 59.39 vs 61.27, held-out KL
 # 0.572 vs 0.645, NLL of fp32's answers 1.737 vs 1.784 (their tokens picked 0.568 vs 0.565; ROUGE-L 0.287 vs
