@@ -41,7 +41,8 @@ def model_fingerprint(source) -> list:
     """The model's files as (path, size, mtime): any rewrite of a file changes the key."""
     files = [Path(source.folder) / source.gguf_file] if source.gguf_file else \
         sorted(p for p in Path(source.folder).rglob("*") if p.is_file())
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    stats = [(p, p.stat()) for p in files]
+    return [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in stats]
 
 
 def part_key(model: list, part: dict, device) -> str:
