@@ -10,7 +10,7 @@ decoder. `lut` is the format's own table (standard-normal quantiles at hashed st
 2^32, value = (sum of x's four bytes - 510), scaled to unit mean square, which a CPU kernel can
 compute in a few vector instructions instead of a table gather. Only for measurement: the C++,
 ONNX and TVM decoders keep the format's own table, so evaluate with `--backend reference`.
-Example (the record in the README, section "Code formats"):
+Example (the record in docs/results/quality.md, "Code formats and fine-tuning"):
 
     python benchmarks/trellis_code.py --code 1mad -- --threads 2 compile smollm2-135m --bits 2 \\
         --format trellis --calib wiki.valid.tokens --finetune none --head-bits 32 --embed-bits 32 -o OUT

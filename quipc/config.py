@@ -9,7 +9,7 @@ from quipc_runtime.transforms import KINDS
 DENSE_BITS = 32  # head_bits / embed_bits: kept in floating point as today
 EMBED_CHOICES = ("auto", "head", "4", "8", "16", "32")
 # `quipc compile`'s defaults for lm_head and the embedding (the library's QuantConfig keeps
-# both dense); chosen from measurements on SmolLM2-135M, see README.
+# both dense); chosen from measurements on SmolLM2-135M, see docs/results/whole-model.md.
 CLI_HEAD_BITS = 4
 # the head's code format, data-free and with --calib: auto (trellis where the head is whole 16x16 tiles, as
 # SmolLM2's; else e8p, else grid). Data-free w2, the default pipeline (all), Xeon host, same generated windows
@@ -29,7 +29,7 @@ CLI_HEAD_FORMAT = "auto"
 # there, so no refit at 4 bits. With --calib: not measured, off.
 CLI_HEAD_REFIT_DAMP = {2: 0.1, 3: 0.1}
 # `quipc compile`'s code format and fine-tuning (the library's QuantConfig keeps grid / none):
-# the best rows of benchmarks/quality.py (README), for every target (each backend lowers every
+# the best rows of benchmarks/quality.py (docs/results/quality.md), for every target (each backend lowers every
 # format). e8p, not trellis / auto, although trellis wins on perplexity (data-free w2 default
 # configuration 51.17 vs 60.92, agreement 0.340 vs 0.330, same bytes): it decodes 1.5x / 2.5x /
 # 10x slower on the kernels runtime / ONNX / TVM (45 / 40 / 140 against 30 / 15.6 / 14 ms per
@@ -40,7 +40,7 @@ CLI_FORMAT = "e8p"            # data-free at 2 bits; with --calib at 2 bits (and
 # trellis head), against e8p: w3 ppl 23.60 / agreement 0.463 against 25.60 / 0.387 (55.23 vs 55.54 MB),
 # w4 22.00 / 0.581 against 22.67 / 0.538 (68.50 vs 68.81 MB). At these widths e8p is two residual
 # stages, so trellis decodes as fast or faster on the kernels runtime and through the custom-op library
-# (w4: 34 vs 42 and 17 vs 18 ms per token), and TVM runs it on 8-bit rows (--tvm-trellis int8; README).
+# (w4: 34 vs 42 and 17 vs 18 ms per token), and TVM runs it on 8-bit rows (--tvm-trellis int8; docs/results/tvm.md).
 # At 2 bits e8p stays: one stage there, 1.5x / 2.5x faster than trellis on those runtimes.
 CLI_FORMAT_CALIB = {2: "e8p", 3: "auto", 4: "auto"}
 # data-free at 4 bits: auto too (stop 55, AMD EPYC host, the same generated windows, the bare compile otherwise):
@@ -52,7 +52,7 @@ CLI_FORMAT_DATAFREE = {3: "auto", 4: "auto"}
 # data-free, per width: all (block + e2e) at 2 bits. It gave 58.85 vs e2e's 60.92 on one host (agreement 0.275 vs
 # 0.330, which kept e2e then), and at stop 50 (Xeon host, same generated windows) 59.39 vs 61.27, held-out KL
 # 0.572 vs 0.645, NLL of fp32's answers 1.737 vs 1.784 (their tokens picked 0.568 vs 0.565; ROUGE-L 0.287 vs
-# 0.293, within its noise), and "The capital of France is Paris, ..." where e2e named no city (README).
+# 0.293, within its noise), and "The capital of France is Paris, ..." where e2e named no city (docs/results/quality.md).
 # 4 bits data-free: all too (stop 53, Xeon host, the same generated windows): ppl 23.36 vs e2e's 23.73, held-out
 # KL 0.0671 vs 0.0753, ROUGE-L 0.569 vs 0.537, fp32's tokens picked 0.832 vs 0.829 at NLL 0.805 vs 0.810, for
 # 33:37 of compile against 18:17 (benchmarks/results/*datafree_w4*_stop53.json). 3 bits data-free: e2e; all
@@ -72,7 +72,7 @@ CLI_FINETUNE_STEP_WINDOWS = 1
 # first epoch, so early stopping kept the block-tuned values (w4 trellis 0.0357 -> 0.0376, e8p 0.0519 ->
 # 0.0522: the stage was 3.5 minutes for nothing); 1e-4 lowers it, 0.0357 -> 0.0339 -> 0.0335, perplexity
 # 22.00 -> 21.82, NLL of fp32's answers 0.769 -> 0.760 (their tokens picked 85.4 -> 85.2 %; ROUGE-L of
-# free answers 0.581 -> 0.561, 24 prompts; stop 50, README). At 2 and 3 bits 5e-4 still lowers it every
+# free answers 0.581 -> 0.561, 24 prompts; stop 50, docs/results/whole-model.md). At 2 and 3 bits 5e-4 still lowers it every
 # epoch, and so it does at 4 bits without the block stage (e2e alone, the data-free default: 0.0713 ->
 # 0.0612 -> 0.0606), so the smaller step goes only where the block stage ran first.
 CLI_FINETUNE_LR = 5e-4
@@ -81,13 +81,13 @@ CLI_FINETUNE_STEP_WINDOWS_RANKS = 2
 CLI_EMBED_BITS = "auto"
 # rows of the head kept at 8 bits (the most frequent calibration tokens), off: in the default pipeline
 # 4096 rows gave ppl 63.98 against 64.28 for +2.39 MB (44.34 MB), one pair, rows chosen by count on
-# the model's own text, which covers 63 % of WikiText's tokens (README, 'Whole model')
+# the model's own text, which covers 63 % of WikiText's tokens (docs/results/whole-model.md)
 CLI_HEAD_INT8_ROWS = 0
 # with --calib: this share of the calibration windows are conversations the model writes through its
 # chat template (none for a model without one). WikiText alone cost the w2 default its chat turn: block +
 # e2e fine-tuned, 4-bit trellis head, it answered every prompt by reciting the template's system prompt
 # (ppl 38.35, agreement 0.115); with half conversations 41.12, agreement 0.277, "The capital of France
-# is Paris" (stop 44, one host; README 'Whole model'). Swapping fp32 rows into its head or embedding
+# is Paris" (stop 44, one host; docs/results/whole-model.md). Swapping fp32 rows into its head or embedding
 # did not bring the answers back: the blocks lost them, not the head. A quarter (stop 47, same host, same
 # command otherwise): ppl 39.42, agreement 0.324, "Paris", ahead of the half's 41.26 / 0.277 on both (w2).
 # Stop 48 (another host): w4 22.67 / 0.538 against the half's 22.72 / 0.509, w3 25.60 / 0.387 against

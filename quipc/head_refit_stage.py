@@ -6,7 +6,7 @@ e2e stage trains the rest of the model around it; by then those hidden states ha
 row scales and sign vectors tuned), so the head's rounding is stale. Quantizing it again from the
 fp32 weights on the finished model's statistics, damped more strongly against the calibration
 text's shift (data-free: the model's own generated text), is what brought the data-free w2 head's
-perplexity cost from +2.82 % to +1.02 % (README, 'Whole model'; quipc.config.CLI_HEAD_REFIT_DAMP).
+perplexity cost from +2.82 % to +1.02 % (docs/results/whole-model.md; quipc.config.CLI_HEAD_REFIT_DAMP).
 
 The hidden states are taken with the fp32 embedding in front, as the blocks' Hessians are. The new
 head file gets a new name and one manifest write switches to it, so an interrupted refit is run

@@ -2,7 +2,7 @@
 (`export.export_hf_model`: the fp32 baseline of the benchmarks and the input of the ONNX
 frontend's tests). quipc artifacts of every family, Llama included, are lowered to ONNX by the
 traced graph (traced.py); this graph lowered them until stop 41, when the traced file matched
-its decode time (paired 1.002x, README "Model families").
+its decode time (paired 1.002x, docs/families.md).
 
 One graph serves prefill and decode:
     inputs : input_ids (batch, seq) int64,
