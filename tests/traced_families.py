@@ -4,7 +4,9 @@ configs in the test (hidden 64, 2 layers, vocab 256), compiled once per test ses
 FAMILY_CONFIGS holds what each family needs to show its own features: qwen2 has q/k/v
 biases by default, qwen3 and gemma3 q/k norms, gemma2/3 one sliding-window layer (window 8,
 shorter than the test prompts) and one global, soft-capping (gemma2) and embedding scaling,
-phi3 its fused qkv_proj / gate_up_proj.
+phi3 its fused qkv_proj / gate_up_proj; phi and cohere attention and MLP in parallel, smollm3 a
+layer without rotary, olmo2/olmo3/exaone4 post-norms, granite its multipliers, olmo3 and exaone4
+a sliding-window layer, arcee and apertus a gateless MLP (ReLU², xIELU).
 """
 from __future__ import annotations
 
@@ -31,6 +33,21 @@ FAMILY_CONFIGS = {
     "gemma2": ("gemma2", SLIDING),
     "gemma3": ("gemma3_text", SLIDING),
     "phi3": ("phi3", {}),
+    "phi": ("phi", {}),
+    "stablelm": ("stablelm", dict(use_qkv_bias=True)),
+    "cohere": ("cohere", {}),
+    "glm": ("glm", dict(head_dim=16)),
+    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),
+    "olmo2": ("olmo2", {}),
+    "olmo3": ("olmo3", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "granite": ("granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                                logits_scaling=4.0)),
+    "helium": ("helium", dict(head_dim=16)),
+    "exaone4": ("exaone4", dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "hunyuan_v1_dense": ("hunyuan_v1_dense", dict(head_dim=16)),
+    "seed_oss": ("seed_oss", dict(head_dim=16)),
+    "arcee": ("arcee", {}),
+    "apertus": ("apertus", {}),
 }
 # Sizes with no Hadamard construction (runtime hadamard.split_order), so QuIP's incoherence
 # falls back to Kronecker products of random orthogonal factors on every side of every linear:

@@ -60,6 +60,24 @@ FAMILIES = (
     Family("gemma3", ("gemma3_text",), "sliding-window and global layers (own rotary bases), "
            "q/k norms, scaled embedding, GeGLU", COMMON),
     Family("phi3", ("phi3",), "fused qkv_proj and gate_up_proj (one quantized linear each)", COMMON),
+    Family("phi", ("phi",), "LayerNorm with bias, attention and MLP in parallel from one norm, partial rotary, "
+           "GELU MLP, biases everywhere (Phi-2)", COMMON),
+    Family("stablelm", ("stablelm",), "LayerNorm, partial rotary, q/k/v biases", COMMON),
+    Family("cohere", ("cohere",), "LayerNorm without bias, attention and MLP in parallel, interleaved rotary, "
+           "logit scaling (Command R)", COMMON),
+    Family("glm", ("glm",), "partial interleaved rotary, fused gate_up_proj, q/k/v biases (GLM-4)", COMMON),
+    Family("smollm3", ("smollm3",), "Llama blocks with rotary switched off in some layers (NoPE)", COMMON),
+    Family("olmo2", ("olmo2",), "norms after attention and MLP (post-norm), RMSNorm on the whole q and k "
+           "projections", COMMON),
+    Family("olmo3", ("olmo3",), "OLMo 2 blocks with sliding-window and global layers", COMMON),
+    Family("granite", ("granite",), "embedding, residual and attention multipliers, logits divided by a "
+           "scale (IBM Granite 3)", COMMON),
+    Family("helium", ("helium",), "Llama blocks with their own head size (Kyutai Helium)", COMMON),
+    Family("exaone4", ("exaone4",), "post-norms, q/k norms, sliding-window and global layers (EXAONE 4)", COMMON),
+    Family("hunyuan_v1_dense", ("hunyuan_v1_dense",), "q/k norms after rotary (Hunyuan dense)", COMMON),
+    Family("seed_oss", ("seed_oss",), "q/k/v biases, own head size (Seed-OSS)", COMMON),
+    Family("arcee", ("arcee",), "ReLU-squared MLP without a gate (Arcee AFM)", COMMON),
+    Family("apertus", ("apertus",), "xIELU MLP without a gate, q/k norms (Swiss AI Apertus)", COMMON),
 )
 BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
