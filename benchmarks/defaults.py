@@ -47,7 +47,8 @@ def markdown(table: dict, measured: list[dict]) -> str:
              f"| fp32 (the source model) | - | {table['fp32']['total_mb']:.0f} | 32 | {table['fp32']['ppl']:.2f} | 1.0 "
              "| Paris | |"]
     for r in measured:
-        flag = f"`--bits {r['bits']}" + (" --calib wiki.valid.tokens`" if r["calib"] != "data-free" else "` (data-free)")
+        calib = " --calib wiki.valid.tokens`" if r["calib"] != "data-free" else "` (data-free)"
+        flag = f"`--bits {r['bits']}" + calib
         rouge = "-" if r["rouge_l"] is None else f"{r['rouge_l']:.3f}"
         lines.append(f"| {flag} | {r['blocks']} | {r['total_mb']:.2f} | {r['bits_per_param']:.3f} | {r['ppl']:.2f} "
                      f"| {rouge} | {r['france']} | {r['host']}, stop {r['stop']} |")
