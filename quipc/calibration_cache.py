@@ -1,7 +1,7 @@
 """Calibration text the model wrote, kept on this machine for the next compile of the same model.
 
 A data-free compile spends minutes (4-9 for SmolLM2-135M on 2 cores) letting the model write its
-calibration windows, and the text is the same every time the same model is compiled with the same
+calibration windows (through transformers, or through onnxruntime for an .onnx input), and the text is the same every time the same model is compiled with the same
 calibration settings on the same machine: a compile at another width, or a resumed one, reads it
 back. The key holds everything the text depends on: the model's files (path, size and
 modification time of each), the part's settings (windows, length, seed, batch, the chat turn
@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 _WRITERS = ("frontend/calibration.py", "frontend/chat_calibration.py", "calibration_cache.py")
+ONNX_WRITERS = ("frontend/onnx_calibration.py", "calibration_cache.py")   # an .onnx input's generated text
 
 
 def cache_dir() -> Path | None:
@@ -41,15 +42,22 @@ def model_fingerprint(source) -> list:
     """The model's files as (path, size, mtime): any rewrite of a file changes the key."""
     files = [Path(source.folder) / source.gguf_file] if source.gguf_file else \
         sorted(p for p in Path(source.folder).rglob("*") if p.is_file())
-    stats = [(p, p.stat()) for p in files]
+    return files_fingerprint(files)
+
+
+def files_fingerprint(files) -> list:
+    """(path, size, mtime) of each file, in the order given."""
+    stats = [(Path(p), Path(p).stat()) for p in files]
     return [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in stats]
 
 
-def part_key(model: list, part: dict, device) -> str:
+def part_key(model: list, part: dict, device, writers: tuple[str, ...] = _WRITERS) -> str:
+    """The cache key of one part's windows; `writers`: the source files (under quipc/) of the
+    code that writes them."""
     import transformers
 
     here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in _WRITERS)).hexdigest()
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in writers)).hexdigest()
     blob = {"model": model, "part": part, "device": str(device), "code": code, "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu": _cpu_name(), "threads": torch.get_num_threads()}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()

@@ -175,6 +175,32 @@ def test_layers_read_back_run_on_torch_path(tiny):
     np.testing.assert_allclose(OnnxLM(out, threads=1).logits(x), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
 
+def test_data_free_text_is_kept_for_the_next_compile(tiny, tmp_path, monkeypatch):
+    """The text an .onnx model writes is kept in the calibration cache: the second compile reads it
+    back without generating and writes the same bytes; another seed is another key."""
+    from quipc.frontend import onnx_calibration
+
+    monkeypatch.delenv("QUIPC_NO_CACHE", raising=False)
+    monkeypatch.setenv("QUIPC_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = onnx_calibration.generated_windows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_calibration, "generated_windows", counting)
+    root, folder, text, path = tiny
+    cal = CalibConfig(text=None, windows=2, length=16)
+    compile_onnx(path, tmp_path / "a", QuantConfig(bits=2, seed=3), cal, tokenizer=None, progress=False)
+    assert len(calls) == 1 and len(list((tmp_path / "cache" / "calibration").iterdir())) == 1
+    compile_onnx(path, tmp_path / "b", QuantConfig(bits=2, seed=3), cal, tokenizer=None, progress=False)
+    assert len(calls) == 1                      # read back, not written again
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    compile_onnx(path, tmp_path / "c", QuantConfig(bits=2, seed=4), cal, tokenizer=None, progress=False)
+    assert len(calls) == 2
+
+
 def test_data_free_calibration_is_seeded(tiny, tmp_path):
     """No --calib: the ONNX model samples its own windows (seeded), so two runs agree."""
     root, folder, text, path = tiny

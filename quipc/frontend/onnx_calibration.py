@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
+from ..calibration_cache import cached_windows
 from ..config import QuantConfig
 
 
@@ -102,12 +103,19 @@ def calibration_windows(src, model_path: Path, calib, cfg: QuantConfig, tokenize
         if vocab is None:
             raise ValueError("data-free calibration needs the vocabulary size (an embedding Gather); "
                              "pass --calib with text or token ids")
-        lm = OnnxLM(model_path, threads=threads, providers=["CPUExecutionProvider"])
-        bar = tqdm(total=calib.windows, desc="generate calibration text", unit="window", disable=not progress)
-        try:
-            windows = generated_windows(lm, calib.windows, calib.length, vocab, cfg.seed, bar)
-        finally:
-            bar.close()
+        def write() -> torch.Tensor:
+            lm = OnnxLM(model_path, threads=threads, providers=["CPUExecutionProvider"])
+            bar = tqdm(total=calib.windows, desc="generate calibration text", unit="window", disable=not progress)
+            try:
+                return generated_windows(lm, calib.windows, calib.length, vocab, cfg.seed, bar)
+            finally:
+                bar.close()
+
+        windows, kept = cached_windows(_generated_key(src, model_path, calib, cfg, vocab, threads), calib.windows,
+                                       write)
+        if kept and progress:
+            tqdm.write(f"generate calibration text: {calib.windows} windows this machine wrote before, "
+                       "read from its cache")
         return windows, {"source": "generated (onnxruntime, top-k 50)", "seed": cfg.seed,
                          "windows": calib.windows, "length": calib.length}, None
     tokens, tok = calibration_tokens(Path(calib.text), tokenizer, model_path)
@@ -115,6 +123,21 @@ def calibration_windows(src, model_path: Path, calib, cfg: QuantConfig, tokenize
         raise ValueError(f"calibration token ids must lie in [0, {vocab}): found {int(tokens.min())}..{int(tokens.max())}")
     windows = cut_windows(tokens, calib.windows, calib.length, str(calib.text))
     return windows, {"source": str(calib.text), "windows": int(windows.shape[0]), "length": calib.length}, tok
+
+
+def _generated_key(src, model_path: Path, calib, cfg: QuantConfig, vocab: int, threads) -> str:
+    """The calibration cache's key of the text an .onnx model writes (quipc/calibration_cache.py):
+    the .onnx file and its external data files, the settings, onnxruntime's version."""
+    import onnxruntime
+
+    from ..calibration_cache import ONNX_WRITERS, files_fingerprint, part_key
+
+    model_path = Path(model_path)
+    data = sorted({e.value for t in src.graph.initializer for e in t.external_data if e.key == "location"})
+    files = [model_path] + [model_path.parent / d for d in data if (model_path.parent / d).is_file()]
+    settings = {"onnx_generated": True, "windows": calib.windows, "length": calib.length, "seed": cfg.seed,
+                "vocab": int(vocab), "ort_threads": threads, "onnxruntime": onnxruntime.__version__}
+    return part_key(files_fingerprint(files), settings, "cpu", writers=ONNX_WRITERS)
 
 
 def embedding_tables(model) -> list[str]:
