@@ -1,12 +1,12 @@
 """Calibration text the model wrote, kept on this machine for the next compile of the same model.
 
 A data-free compile spends minutes (4-9 for SmolLM2-135M on 2 cores) letting the model write its
-calibration windows (through transformers, or through onnxruntime for an .onnx input), and the text is the same every time the same model is compiled with the same
-calibration settings on the same machine: a compile at another width, or a resumed one, reads it
-back. The key holds everything the text depends on: the model's files (path, size and
-modification time of each), the part's settings (windows, length, seed, batch, the chat turn
-lengths), the code that writes it (its source files' sha256), the library versions, the CPU, the
-thread count and the device. The manifest still names the tokens by sha256, so a reader can tell
+calibration windows (through transformers, or through onnxruntime for an .onnx input), and the text
+is the same every time the same model is compiled with the same calibration settings on the same
+machine: a compile at another width, or a resumed one, reads it back. The key holds everything the
+text depends on: the model's files (path, size and modification time of each), the part's settings
+(windows, length, seed, batch, the chat turn lengths), the code that writes it (its source files'
+sha256), the library versions, the CPU, the thread count and the device. The manifest still names the tokens by sha256, so a reader can tell
 a compile that read them from one that wrote them only by its log line.
 
 Stored under $QUIPC_CACHE_DIR, else $XDG_CACHE_HOME/quipc, else ~/.cache/quipc, in
@@ -86,6 +86,11 @@ def cached_windows(key: str | None, windows: int, write: Callable[[], torch.Tens
     made = write()
     _store(path, made)
     return made, False
+
+
+def kept_message(desc: str, windows: int) -> str:
+    """What a compile prints when a part's windows came from the cache."""
+    return f"{desc}: {windows} windows this machine wrote before, read from its cache"
 
 
 def _read(path: Path, windows: int) -> torch.Tensor | None:

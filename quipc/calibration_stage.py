@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration_cache import cached_windows, model_fingerprint, part_key
+from .calibration_cache import cached_windows, kept_message, model_fingerprint, part_key
 from .distributed import SINGLE, Group, spread
 from .frontend import calibration
 from .frontend.calibration import Part
@@ -34,7 +34,7 @@ def calibration_windows(stream, tokenizer, calib, seed: int, device, progress: b
         key = None if model_files is None or part.settings is None else part_key(model_files, part.settings, device)
         windows, kept = cached_windows(key, part.windows, lambda: _write(stream, device, part, show))
         if kept and show:
-            tqdm.write(f"{part.desc}: {part.windows} windows this machine wrote before, read from its cache")
+            tqdm.write(kept_message(part.desc, part.windows))
         return windows
 
     windows = calibration.join_parts(spread(group, len(parts), write))

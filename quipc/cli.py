@@ -69,15 +69,17 @@ def _add_head_args(p: argparse.ArgumentParser) -> None:
                    help=f"lm_head bits: 2, 3, 4, or 32 to keep it dense (default {CLI_HEAD_BITS})")
     p.add_argument("--head-format", default=None, choices=head_format_choices(),
                    help="lm_head's code format (and so the shared embedding's): grid decodes fastest, trellis "
-                        f"loses least (see docs/results/whole-model.md; default {CLI_HEAD_FORMAT}: trellis where the "
-                        "head is whole 16x16 tiles, else e8p, else grid)")
+                        f"loses least (see docs/results/whole-model.md; default {CLI_HEAD_FORMAT}: trellis "
+                        "where the head is whole 16x16 tiles, else e8p, else grid)")
     p.add_argument("--head-refit-damp", type=float, default=None,
                    help="with e2e fine-tuning: quantize lm_head again after it, on the fine-tuned model's final "
                         "hidden states, at this Hessian damping (0: no refit; default, data-free with a quantized "
-                        f"head and an e2e stage: {CLI_HEAD_REFIT_DAMP} by --bits, else 0; see docs/results/whole-model.md)")
+                        f"head and an e2e stage: {CLI_HEAD_REFIT_DAMP} by --bits, else 0; see "
+                        "docs/results/whole-model.md)")
     p.add_argument("--head-int8-rows", type=int, default=CLI_HEAD_INT8_ROWS,
                    help="lm_head rows of the most frequent calibration tokens kept at 8 bits, e.g. 4096 "
-                        f"(at most a vocabulary's eighth; 0: none; default {CLI_HEAD_INT8_ROWS}; see docs/results/whole-model.md)")
+                        f"(at most a vocabulary's eighth; 0: none; default {CLI_HEAD_INT8_ROWS}; see "
+                        "docs/results/whole-model.md)")
     p.add_argument("--embed-bits", default=CLI_EMBED_BITS, choices=EMBED_CHOICES,
                    help="embedding table: head (a tied model's one table: the lm_head's codes), 8 (per row) "
                         "or 4 (per group of 32) integer tables, 16 / 32 dense; auto (default): head for a "

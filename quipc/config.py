@@ -72,8 +72,8 @@ CLI_FINETUNE_STEP_WINDOWS = 1
 # first epoch, so early stopping kept the block-tuned values (w4 trellis 0.0357 -> 0.0376, e8p 0.0519 ->
 # 0.0522: the stage was 3.5 minutes for nothing); 1e-4 lowers it, 0.0357 -> 0.0339 -> 0.0335, perplexity
 # 22.00 -> 21.82, NLL of fp32's answers 0.769 -> 0.760 (their tokens picked 85.4 -> 85.2 %; ROUGE-L of
-# free answers 0.581 -> 0.561, 24 prompts; stop 50, docs/results/whole-model.md). At 2 and 3 bits 5e-4 still lowers it every
-# epoch, and so it does at 4 bits without the block stage (e2e alone, the data-free default: 0.0713 ->
+# free answers 0.581 -> 0.561, 24 prompts; stop 50, docs/results/whole-model.md). At 2 and 3 bits 5e-4 still
+# lowers it every epoch, and so it does at 4 bits without the block stage (e2e alone, the data-free default: 0.0713 ->
 # 0.0612 -> 0.0606), so the smaller step goes only where the block stage ran first.
 CLI_FINETUNE_LR = 5e-4
 CLI_FINETUNE_LR_AFTER_BLOCK = {4: 1e-4}

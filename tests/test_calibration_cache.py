@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from spies import count_calls
 
 from quipc.calibration_stage import calibration_windows
 from quipc.compile import CalibConfig
@@ -26,15 +27,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def counted(monkeypatch):
     """How often the model wrote free text."""
-    calls = []
-    real = calibration.free_windows
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(calibration, "free_windows", counting)
-    return calls
+    return count_calls(monkeypatch, calibration, "free_windows")
 
 
 def _windows(model, calib=CALIB, seed=3):

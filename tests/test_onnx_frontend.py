@@ -178,18 +178,13 @@ def test_layers_read_back_run_on_torch_path(tiny):
 def test_data_free_text_is_kept_for_the_next_compile(tiny, tmp_path, monkeypatch):
     """The text an .onnx model writes is kept in the calibration cache: the second compile reads it
     back without generating and writes the same bytes; another seed is another key."""
+    from spies import count_calls
+
     from quipc.frontend import onnx_calibration
 
     monkeypatch.delenv("QUIPC_NO_CACHE", raising=False)
     monkeypatch.setenv("QUIPC_CACHE_DIR", str(tmp_path / "cache"))
-    calls = []
-    real = onnx_calibration.generated_windows
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(onnx_calibration, "generated_windows", counting)
+    calls = count_calls(monkeypatch, onnx_calibration, "generated_windows")
     root, folder, text, path = tiny
     cal = CalibConfig(text=None, windows=2, length=16)
     compile_onnx(path, tmp_path / "a", QuantConfig(bits=2, seed=3), cal, tokenizer=None, progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from ..calibration_cache import cached_windows
+from ..calibration_cache import cached_windows, kept_message
 from ..config import QuantConfig
 
 
@@ -114,8 +114,7 @@ def calibration_windows(src, model_path: Path, calib, cfg: QuantConfig, tokenize
         windows, kept = cached_windows(_generated_key(src, model_path, calib, cfg, vocab, threads), calib.windows,
                                        write)
         if kept and progress:
-            tqdm.write(f"generate calibration text: {calib.windows} windows this machine wrote before, "
-                       "read from its cache")
+            tqdm.write(kept_message("generate calibration text", calib.windows))
         return windows, {"source": "generated (onnxruntime, top-k 50)", "seed": cfg.seed,
                          "windows": calib.windows, "length": calib.length}, None
     tokens, tok = calibration_tokens(Path(calib.text), tokenizer, model_path)
