@@ -6,8 +6,9 @@ is the same every time the same model is compiled with the same calibration sett
 machine: a compile at another width, or a resumed one, reads it back. The key holds everything the
 text depends on: the model's files (path, size and modification time of each), the part's settings
 (windows, length, seed, batch, the chat turn lengths), the code that writes it (its source files'
-sha256), the library versions, the CPU, the thread count and the device. The manifest still names the tokens by sha256, so a reader can tell
-a compile that read them from one that wrote them only by its log line.
+sha256), the library versions, the CPU, the thread count and the device. The manifest still names
+the tokens by sha256, so a reader can tell a compile that read them from one that wrote them only by
+its log line.
 
 Stored under $QUIPC_CACHE_DIR, else $XDG_CACHE_HOME/quipc, else ~/.cache/quipc, in
 calibration/<key>.safetensors; QUIPC_NO_CACHE=1 turns it off. A file that does not read back as
