@@ -47,27 +47,48 @@ void rows_i8(const Codes& c, const RowAffine& aff, int i, const Int8Acts& a, con
   // (int16 sums of two products <= 2 * 3810, no saturation), one vpaddw, one vpmaddwd: int32
   // lanes 0-3 of block one and 4-7 of block two, scaled by their steps in one FMA. Per 64
   // weights and row 10 instructions, against 18 for two single blocks.
+  // Rows inside, activation rows innermost: a row's two code registers are live only while it
+  // is read. The activations' registers are hoisted out of the rows where R > 1 (NB <= 2); with
+  // every row's codes live at once (the loop order before), R = 4 needed 17 registers and
+  // spilled an accumulator, whose load-FMA-store chain bounded the loop.
   const __m256i m4 = _mm256_set1_epi8(15);
   for (; blk + 2 <= full; blk += 2) {
-    __m256i lo[R], hi[R];
+    auto acts_of = [&](int b, __m256i* evens, __m256i* odds, __m256* step) {
+      const int8_t* q = a.q + size_t(b) * row_acts + size_t(blk) * kActBlock;
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kActBlock));
+      *evens = _mm256_permute2x128_si256(q0, q1, 0x20);
+      *odds = _mm256_permute2x128_si256(q0, q1, 0x31);
+      const float* d = a.d + size_t(b) * a.blocks + blk;
+      *step = _mm256_setr_m128(_mm_set1_ps(d[0]), _mm_set1_ps(d[1]));
+    };
+    constexpr bool hoist = NB <= 2;
+    __m256i ev[hoist ? NB : 1], od[hoist ? NB : 1];
+    __m256 st[hoist ? NB : 1];
+    if constexpr (hoist) {
+#pragma GCC unroll 2
+      for (int b = 0; b < NB; ++b) acts_of(b, &ev[b], &od[b], &st[b]);
+    }
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = c.data + size_t(i + r) * c.row_bytes + size_t(blk) * (kActBlock / 2);
       if ((blk & 3) == 0) prefetch_ahead(p);  // one per 64-byte line
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      lo[r] = _mm256_and_si256(x, m4);
-      hi[r] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
-    }
-    for (int b = 0; b < NB; ++b) {
-      const int8_t* q = a.q + size_t(b) * row_acts + size_t(blk) * kActBlock;
-      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kActBlock));
-      const __m256i evens = _mm256_permute2x128_si256(q0, q1, 0x20);
-      const __m256i odds = _mm256_permute2x128_si256(q0, q1, 0x31);
-      const float* d = a.d + size_t(b) * a.blocks + blk;
-      const __m256 step = _mm256_setr_m128(_mm_set1_ps(d[0]), _mm_set1_ps(d[1]));
-      for (int r = 0; r < R; ++r) {
-        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], evens),
-                                               _mm256_maddubs_epi16(hi[r], odds));
+      const __m256i lo = _mm256_and_si256(x, m4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        __m256i evens, odds;
+        __m256 step;
+        if constexpr (hoist) {
+          evens = ev[b];
+          odds = od[b];
+          step = st[b];
+        } else {
+          acts_of(b, &evens, &odds, &step);
+        }
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, evens),
+                                               _mm256_maddubs_epi16(hi, odds));
         const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
         acc[r][b] = _mm256_fmadd_ps(sums, step, acc[r][b]);
       }

@@ -140,11 +140,20 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
       for (int j = 0; j < n; ++j) zr[j] = xr[j] * in_vec_[j];
       for (int j = n; j < npad_; ++j) zr[j] = 0.f;
       t_in_.apply(k, zr, work, nt == 1 ? threads : 1);
+      if (zsum == nullptr) continue;
       double s = 0.0;
       for (int j = 0; j < n; ++j) s += zr[j];
       zsum[b] = float(s);
     }
   });
+}
+
+bool QuipLinearPlan::needs_zsum(int batch) const {
+  const bool gemv = batch <= kGemvMaxBatch;
+  if (gemv && gemv_on_int8_rows()) return false;
+  const bool grid4 = gemv && gemv_as_grid4();
+  if (d_.format != CodeFormat::kGrid && !grid4) return false;
+  return !(gemv && gemv_int8());
 }
 
 bool QuipLinearPlan::gemv_int8() const {
@@ -287,7 +296,7 @@ void QuipLinearPlan::forward(const float* x, int batch, float* y, int threads,
   const KernelTable& k = select_kernels(force_scalar);
   // The caller's thread owns slots 0-2 and 4-6 for the whole call; pool threads use slot 3 only.
   float* z = scratch(0, size_t(batch) * npad_);
-  float* zsum = scratch(1, size_t(batch));
+  float* zsum = needs_zsum(batch) ? scratch(1, size_t(batch)) : nullptr;
   float* t = scratch(2, size_t(batch) * d_.m);
   transform_in(k, x, batch, z, zsum, threads);
   matmul(k, z, zsum, batch, t, threads);

@@ -65,11 +65,16 @@ class QuipLinearPlan {
   int padded_n() const { return npad_; }
   // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit, or int8 rows)
   bool gemv_int8() const;
+  // Whether matmul reads zsum at this batch: the grid kernels' zero-point term on fp32
+  // activations (the int8 GEMV sums its quantized activations; e8p and trellis have no zero
+  // points).
+  bool needs_zsum(int batch) const;
 
   // The fused layer: x (B x n) -> y (B x m), row-major.
   void forward(const float* x, int batch, float* y, int threads, bool force_scalar) const;
   // The three stages, exposed for tests and benchmarks.
-  // z (B x padded_n, zero padded) = K_in (in_scale * x); zsum[b] = sum_j z[b, j].
+  // z (B x padded_n, zero padded) = K_in (in_scale * x); zsum[b] = sum_j z[b, j] unless zsum
+  // is null.
   void transform_in(const KernelTable& k, const float* x, int batch, float* z, float* zsum,
                     int threads) const;
   // t (B x m) = W' z.

@@ -41,69 +41,59 @@ void fwht(float* x, int pre, int f, int post) {
 
 namespace {
 
-// Rows i, i+1 of C, columns [j, j + 8*NV): 2*NV accumulators, each B load used twice.
-template <int NV>
-inline void two_rows(int K, const float* a0, const float* a1, const float* B, int ldb, int j,
-                     float* c0, float* c1) {
-  __m256 x[NV], y[NV];
-  for (int v = 0; v < NV; ++v) x[v] = y[v] = _mm256_setzero_ps();
+// Rows i..i+R-1 of C, columns [j, j + 8*NV): R*NV accumulators, each B load used R times.
+// Every element is the same FMA chain over k whatever R and NV are (results do not depend
+// on the blocking).
+template <int R, int NV>
+inline void row_block(int K, const float* A, int lda, const float* B, int ldb, int j, float* C,
+                      int ldc) {
+  __m256 acc[R * NV];
+#pragma GCC unroll 16
+  for (int u = 0; u < R * NV; ++u) acc[u] = _mm256_setzero_ps();
   for (int k = 0; k < K; ++k) {
-    const __m256 s0 = _mm256_broadcast_ss(a0 + k), s1 = _mm256_broadcast_ss(a1 + k);
     const float* b = B + size_t(k) * ldb + j;
-    for (int v = 0; v < NV; ++v) {
-      const __m256 bv = _mm256_loadu_ps(b + 8 * v);
-      x[v] = _mm256_fmadd_ps(s0, bv, x[v]);
-      y[v] = _mm256_fmadd_ps(s1, bv, y[v]);
+    __m256 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_broadcast_ss(A + size_t(r) * lda + k);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm256_fmadd_ps(s, bv[v], acc[r * NV + v]);
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    _mm256_storeu_ps(c0 + j + 8 * v, x[v]);
-    _mm256_storeu_ps(c1 + j + 8 * v, y[v]);
-  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + size_t(r) * ldc + j + 8 * v, acc[r * NV + v]);
+}
+
+// R rows of C (R <= 4): 8 accumulators where the columns allow (a chain of K dependent FMAs
+// per accumulator: the transforms' small factors, e.g. 576 = 36 x 16, are latency-bound with
+// fewer), the columns left past a multiple of 8 one by one.
+template <int R>
+void rows_of(int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+  constexpr int NV = R >= 4 ? 2 : R == 2 ? 4 : 1;
+  int j = 0;
+  for (; j + 8 * NV <= N; j += 8 * NV) row_block<R, NV>(K, A, lda, B, ldb, j, C, ldc);
+  for (; j + 8 <= N; j += 8) row_block<R, 1>(K, A, lda, B, ldb, j, C, ldc);
+  for (; j < N; ++j)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int k = 0; k < K; ++k) s += A[size_t(r) * lda + k] * B[size_t(k) * ldb + j];
+      C[size_t(r) * ldc + j] = s;
+    }
 }
 
 }  // namespace
 
-// C = A * B, vectorized along N: rows in pairs, 32 (then 16, 8) columns at a time.
+// C = A * B, vectorized along N: rows four at a time, then a pair, then one.
 void gemm_f32(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
               int ldc) {
   int i = 0;
-  for (; i + 2 <= M; i += 2) {
-    const float* a0 = A + size_t(i) * lda;
-    const float* a1 = a0 + lda;
-    float* c0 = C + size_t(i) * ldc;
-    float* c1 = c0 + ldc;
-    int j = 0;
-    for (; j + 32 <= N; j += 32) two_rows<4>(K, a0, a1, B, ldb, j, c0, c1);
-    for (; j + 16 <= N; j += 16) two_rows<2>(K, a0, a1, B, ldb, j, c0, c1);  // e.g. 576 = 36 x 16
-    for (; j + 8 <= N; j += 8) two_rows<1>(K, a0, a1, B, ldb, j, c0, c1);
-    for (; j < N; ++j) {
-      float s0 = 0.f, s1 = 0.f;
-      for (int k = 0; k < K; ++k) {
-        s0 += a0[k] * B[size_t(k) * ldb + j];
-        s1 += a1[k] * B[size_t(k) * ldb + j];
-      }
-      c0[j] = s0;
-      c1[j] = s1;
-    }
-  }
-  for (; i < M; ++i) {  // last odd row
-    const float* a = A + size_t(i) * lda;
-    float* c = C + size_t(i) * ldc;
-    int j = 0;
-    for (; j + 8 <= N; j += 8) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int k = 0; k < K; ++k)
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), _mm256_loadu_ps(B + size_t(k) * ldb + j),
-                              acc);
-      _mm256_storeu_ps(c + j, acc);
-    }
-    for (; j < N; ++j) {
-      float s = 0.f;
-      for (int k = 0; k < K; ++k) s += a[k] * B[size_t(k) * ldb + j];
-      c[j] = s;
-    }
-  }
+  for (; i + 4 <= M; i += 4) rows_of<4>(N, K, A + size_t(i) * lda, lda, B, ldb, C + size_t(i) * ldc, ldc);
+  for (; i + 2 <= M; i += 2) rows_of<2>(N, K, A + size_t(i) * lda, lda, B, ldb, C + size_t(i) * ldc, ldc);
+  for (; i < M; ++i) rows_of<1>(N, K, A + size_t(i) * lda, lda, B, ldb, C + size_t(i) * ldc, ldc);
 }
 
 }  // namespace avx2

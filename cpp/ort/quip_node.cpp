@@ -256,9 +256,13 @@ void QuipNode::forward(const float* x, int rows, const std::vector<float*>& ys, 
   const KernelTable& k = select_kernels(false);
   const QuipLinearPlan& head = *plans_[0];
   int max_m = 0;
-  for (const auto& p : plans_) max_m = std::max(max_m, p->m());
+  bool sums = false;
+  for (const auto& p : plans_) {
+    max_m = std::max(max_m, p->m());
+    sums = sums || p->needs_zsum(rows);
+  }
   float* z = thread_buffer(0, size_t(rows) * head.padded_n());
-  float* zsum = thread_buffer(1, size_t(rows));
+  float* zsum = sums ? thread_buffer(1, size_t(rows)) : nullptr;
   float* t = thread_buffer(2, size_t(rows) * max_m);
   head.transform_in(k, x, rows, z, zsum, threads);  // every part has the same input side
   for (size_t p = 0; p < plans_.size(); ++p) {
