@@ -45,20 +45,37 @@ void rows_i8(const Int8Rows& w, int i, const Int8Acts& a, float* t, int ldt) {
   __m256 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+  // Rows inside, activation rows innermost, the activations hoisted out of the rows where
+  // R > 1 (gemv_i8_avx2.cpp: every row's weights live at once spilled an accumulator).
   for (int blk = 0; blk < w.blocks; ++blk) {
-    __m256i q[R], mag[R];
+    auto acts_of = [&](int b, __m256i* x, __m256* d) {
+      *x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + size_t(b) * len + size_t(blk) * kActBlock));
+      *d = _mm256_set1_ps(a.d[size_t(b) * a.blocks + blk]);
+    };
+    constexpr bool hoist = NB <= 2;
+    __m256i xs[hoist ? NB : 1];
+    __m256 ds[hoist ? NB : 1];
+    if constexpr (hoist) {
+#pragma GCC unroll 2
+      for (int b = 0; b < NB; ++b) acts_of(b, &xs[b], &ds[b]);
+    }
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const int8_t* qp = w.q + size_t(i + r) * len + size_t(blk) * kActBlock;
       if ((blk & 1) == 0) prefetch_ahead(qp);  // one per 64-byte line
-      q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp));
-      mag[r] = _mm256_abs_epi8(q[r]);
-    }
-    for (int b = 0; b < NB; ++b) {
-      const __m256i x = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(a.q + size_t(b) * len + size_t(blk) * kActBlock));
-      const __m256 d = _mm256_set1_ps(a.d[size_t(b) * a.blocks + blk]);
-      for (int r = 0; r < R; ++r) {
-        const __m256i pairs = _mm256_maddubs_epi16(mag[r], _mm256_sign_epi8(x, q[r]));
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp));
+      const __m256i mag = _mm256_abs_epi8(q);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        __m256i x;
+        __m256 d;
+        if constexpr (hoist) {
+          x = xs[b];
+          d = ds[b];
+        } else {
+          acts_of(b, &x, &d);
+        }
+        const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(x, q));
         const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
         acc[r][b] = _mm256_fmadd_ps(sums, d, acc[r][b]);
       }
