@@ -67,14 +67,17 @@ def plot(peers: list[dict], quality: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     ours = [r for r in quality if "total_mb" in r]
-    for r in ours:
+    colors = plt.get_cmap("tab10").colors
+    for k, r in enumerate(sorted(ours, key=lambda r: (r["total_mb"], r["ppl"]))):
+        # named in the legend (the 2-bit files sit within 1 MB of each other: labels would overlap)
         name = f"quipc w{r['bits']} {r.get('format', 'grid')}" + \
             (f" {r['calib']}" if r.get("calib") else "") + \
-            (f" +{r['finetune']}" if r.get("finetune", "none") != "none" else "")
-        ax.plot(r["total_mb"], r["ppl"], "o", color="#3366aa")
-        ax.annotate(name, (r["total_mb"], r["ppl"]), fontsize=6, xytext=(4, 2), textcoords="offset points")
+            (f" +{r['finetune']}" if r.get("finetune", "none") != "none" else "") + \
+            (" (dense head)" if r.get("head_bits", 32) == 32 and r["bits"] < 32 else "") + \
+            f": {r['total_mb']:.1f} MB, {r['ppl']:.2f}"
+        ax.plot(r["total_mb"], r["ppl"], "os^Dv"[k // len(colors) % 5], color=colors[k % len(colors)], label=name)
     for r in peers:
         ax.plot(r["total_mb"], r["ppl"], "s", color="#cc7733")
         ax.annotate(f"llama.cpp {r['type']}", (r["total_mb"], r["ppl"]), fontsize=7, xytext=(4, -8),
@@ -82,7 +85,7 @@ def plot(peers: list[dict], quality: list[dict], path: Path) -> None:
     fp32 = [r for r in quality if r.get("method") == "fp32"]
     if fp32:
         ax.axhline(fp32[0]["ppl"], color="k", ls="--", lw=0.8, label=f"fp32 ({fp32[0]['ppl']:.2f}, 538 MB)")
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_yscale("log")
     ax.set_xlabel("file size, MB (everything a deployment loads, tokenizer apart)")
     ax.set_ylabel("WikiText-2 perplexity (PROTOCOL quick)")

@@ -128,7 +128,6 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     fp32 = [r for r in records if r["method"] == "fp32"]
     groups: dict[str, list] = {}
     for r in records:
@@ -140,16 +139,25 @@ def plot(records: list[dict], path: Path) -> None:
                  if str(r["calib"]).startswith("generated") else "") + \
                 (f" head {r['head_bits']}-bit" if r.get("head_bits", 32) != 32 else "")
             groups.setdefault(name, []).append(r)
-    for name, rs in sorted(groups.items()):
+    # The y axis stops at TOP: a point above it (rtn at 2 bits) is drawn on the edge and its value
+    # named in the legend, so that it does not squash every other row into the bottom tenth.
+    top = 1000.0
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, rs) in enumerate(sorted(groups.items())):
         rs.sort(key=lambda r: r["bpw"])
-        ax.plot([r["bpw"] for r in rs], [r["ppl"] for r in rs], "o-", label=name)
+        off = [r for r in rs if r["ppl"] > top]
+        label = name + "".join(f" ({r['bits']}-bit: {r['ppl']:.3g}, off scale)" for r in off)
+        ax.plot([r["bpw"] for r in rs], [min(r["ppl"], top) for r in rs], "os^Dv"[k % 5],
+                ls="-" if k < len(colors) else "--", color=colors[k % len(colors)], label=label, ms=5)
     if fp32:
         ax.axhline(fp32[0]["ppl"], color="k", ls="--", label=f"fp32 ({fp32[0]['ppl']:.2f})")
     ax.set_yscale("log")
+    ax.set_ylim(top=top * 1.05)
     ax.set_xlabel("bits per weight (quantized linears)")
     ax.set_ylabel("WikiText-2 perplexity (PROTOCOL quick)")
     ax.set_title("SmolLM2-135M: perplexity vs bpw")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
