@@ -43,7 +43,8 @@ namespace {
 
 // Rows i..i+R-1 of C, columns [j, j + 8*NV): R*NV accumulators, each B load used R times.
 // Every element is the same FMA chain over k whatever R and NV are (results do not depend
-// on the blocking).
+// on the blocking). The accumulators are one flat array with its loops unrolled: GCC 12 kept a
+// two-dimensional one on the stack, storing every accumulator on every k.
 template <int R, int NV>
 inline void row_block(int K, const float* A, int lda, const float* B, int ldb, int j, float* C,
                       int ldc) {
