@@ -34,7 +34,7 @@ class OnnxLM:
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None,
                  providers: list[str] | None = None, optimization: str = "all",
-                 custom_ops: bool | None = None):
+                 custom_ops: bool | None = None, profile_prefix: str | None = None):
         import onnxruntime as ort
 
         from . import ort_custom_ops
@@ -47,6 +47,9 @@ class OnnxLM:
         self.path = path
         opts = ort.SessionOptions()
         opts.log_severity_level = 3   # errors only: graph optimizers' notes are not for users
+        if profile_prefix:   # onnxruntime's profiler: session.end_profiling() returns the JSON's path
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(profile_prefix)
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
