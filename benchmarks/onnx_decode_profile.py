@@ -33,6 +33,8 @@ def profile_decode(model: str, threads: int, steps: int, folder: Path, custom_op
     """custom_ops: OnnxLM's (None: the library when built and it runs the file's formats)."""
     from quipc_runtime.onnx_runtime import OnnxLM
 
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     lm = OnnxLM(model, threads=threads, custom_ops=custom_ops, profile_prefix=str(folder / "prof"))
     last, past = lm.prefill((3 + np.arange(PROMPT, dtype=np.int64) % 50)[None])   # ids any vocabulary has
     for i in range(steps):
