@@ -148,12 +148,14 @@ void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batc
   });
 }
 
-bool QuipLinearPlan::needs_zsum(int batch) const {
+QuipLinearPlan::MatmulPath QuipLinearPlan::matmul_path(int batch) const {
   const bool gemv = batch <= kGemvMaxBatch;
-  if (gemv && gemv_on_int8_rows()) return false;
+  if (gemv && gemv_on_int8_rows()) return MatmulPath::kInt8Rows;
   const bool grid4 = gemv && gemv_as_grid4();
-  if (d_.format != CodeFormat::kGrid && !grid4) return false;
-  return !(gemv && gemv_int8());
+  if (d_.format == CodeFormat::kE8P && !grid4) return MatmulPath::kE8P;
+  if (d_.format == CodeFormat::kTrellis && !grid4) return MatmulPath::kTrellis;
+  if (!gemv) return MatmulPath::kGridGemm;
+  return gemv_int8() ? MatmulPath::kGridGemvInt8 : MatmulPath::kGridGemv;
 }
 
 bool QuipLinearPlan::gemv_int8() const {
@@ -163,12 +165,11 @@ bool QuipLinearPlan::gemv_int8() const {
 
 void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
                             float* t, int threads) const {
-  const bool gemv = batch <= kGemvMaxBatch;
-  if (gemv && gemv_on_int8_rows()) return matmul_int8_rows(k, z, batch, t, threads);
-  const bool grid4 = gemv && gemv_as_grid4();
-  if (d_.format == CodeFormat::kE8P && !grid4) return matmul_e8p(k, z, batch, t, threads);
-  if (d_.format == CodeFormat::kTrellis && !grid4) return matmul_trellis(k, z, batch, t, threads);
-  if (!gemv) {
+  const MatmulPath path = matmul_path(batch);
+  if (path == MatmulPath::kInt8Rows) return matmul_int8_rows(k, z, batch, t, threads);
+  if (path == MatmulPath::kE8P) return matmul_e8p(k, z, batch, t, threads);
+  if (path == MatmulPath::kTrellis) return matmul_trellis(k, z, batch, t, threads);
+  if (path == MatmulPath::kGridGemm) {
     over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
       Buffer work = alloc_floats(qgemm_work_floats(batch));
       k.qgemm(Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n}, RowAffine{d_.scale.data(), d_.zero.data()},
@@ -178,6 +179,7 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
   }
   // The GEMV: the layer's grid codes, or its e8p stages as 4-bit grid codes, summed (stage 1
   // into `extra`, added row by row by the thread that computed both)
+  const bool grid4 = gemv_as_grid4();
   const int stages = grid4 ? int(grid4_.size()) : 1;
   auto codes_of = [&](int st) {
     return grid4 ? Codes{grid4_[size_t(st)].codes.data(), size_t(d_.n / 8) * 4, 4, d_.m, d_.n}
@@ -193,7 +195,7 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
     for (int b = 0; b < batch; ++b)
       for (int i = i0; i < i1; ++i) t[size_t(b) * d_.m + i] += extra[size_t(b) * d_.m + i];
   };
-  if (gemv_int8()) {  // quantized once by the caller's thread, read by every pool thread
+  if (path == MatmulPath::kGridGemvInt8) {  // quantized once by the caller's thread, read by every pool thread
     float* qsum = nullptr;
     const Int8Acts acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum);
     over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) {

@@ -65,10 +65,18 @@ class QuipLinearPlan {
   int padded_n() const { return npad_; }
   // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit, or int8 rows)
   bool gemv_int8() const;
+  // The kernel matmul runs at a batch: the int8 rows, the e8p or trellis kernels, or the grid
+  // kernels (the layer's codes, or its e8p stages as 4-bit grid codes) as a GEMM, a GEMV on int8
+  // activations or a GEMV on fp32 ones.
+  enum class MatmulPath { kInt8Rows, kE8P, kTrellis, kGridGemm, kGridGemvInt8, kGridGemv };
+  MatmulPath matmul_path(int batch) const;
   // Whether matmul reads zsum at this batch: the grid kernels' zero-point term on fp32
   // activations (the int8 GEMV sums its quantized activations; e8p and trellis have no zero
   // points).
-  bool needs_zsum(int batch) const;
+  bool needs_zsum(int batch) const {
+    const MatmulPath p = matmul_path(batch);
+    return p == MatmulPath::kGridGemm || p == MatmulPath::kGridGemv;
+  }
 
   // The fused layer: x (B x n) -> y (B x m), row-major.
   void forward(const float* x, int batch, float* y, int threads, bool force_scalar) const;

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from ..calibration_cache import cached_windows, kept_message
+from ..calibration_cache import ONNX_WRITERS, cached_windows, files_fingerprint, kept_message, part_key
 from ..config import QuantConfig
 
 
@@ -128,8 +128,6 @@ def _generated_key(src, model_path: Path, calib, cfg: QuantConfig, vocab: int, t
     """The calibration cache's key of the text an .onnx model writes (quipc/calibration_cache.py):
     the .onnx file and its external data files, the settings, onnxruntime's version."""
     import onnxruntime
-
-    from ..calibration_cache import ONNX_WRITERS, files_fingerprint, part_key
 
     model_path = Path(model_path)
     data = sorted({e.value for t in src.graph.initializer for e in t.external_data if e.key == "location"})
