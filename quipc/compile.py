@@ -60,7 +60,7 @@ _CONFIG_DROP = ("quantization_config", "_name_or_path", "_model_name_or_path", "
 # before them used: at that value a field stays out of the key, so an interrupted compile from before
 # it resumes under the same key
 _KEYED_SINCE = {"head_format": "grid", "head_int8_rows": 0, "finetune_step_windows": 1, "finetune_lr": 5e-4,
-                "head_refit_damp": 0.0}
+                "head_refit_damp": 0.0, "finetune_tie_inputs": False}
 
 
 def _job_key(source: dict, cfg: QuantConfig, calib: CalibConfig) -> str:

@@ -44,6 +44,13 @@ def finetune_lr(args, finetune: str) -> float:
     return CLI_FINETUNE_LR
 
 
+def tie_inputs(args) -> bool:
+    """--finetune-tie-inputs / --no-finetune-tie-inputs, or the default (see quipc.config)."""
+    from .config import CLI_FINETUNE_TIE_INPUTS
+
+    return CLI_FINETUNE_TIE_INPUTS if args.finetune_tie_inputs is None else args.finetune_tie_inputs
+
+
 def head_format(args) -> str:
     """--head-format, or the default (see quipc.config)."""
     from .config import CLI_HEAD_FORMAT
@@ -92,6 +99,7 @@ def cmd_compile(args) -> int:
                       finetune_epochs=args.finetune_epochs,
                       finetune_step_windows=args.finetune_step_windows,
                       finetune_lr=finetune_lr(args, args.finetune),
+                      finetune_tie_inputs=tie_inputs(args),
                       head_bits=args.head_bits,
                       head_format=args.head_format, head_int8_rows=args.head_int8_rows,
                       head_refit_damp=head_refit_damp(args), embed_bits=args.embed_bits).validate()

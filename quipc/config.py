@@ -78,6 +78,10 @@ CLI_FINETUNE_STEP_WINDOWS = 1
 CLI_FINETUNE_LR = 5e-4
 CLI_FINETUNE_LR_AFTER_BLOCK = {4: 1e-4}
 CLI_FINETUNE_STEP_WINDOWS_RANKS = 2
+# block and e2e: one in_scale per set of linears reading the same tensor (q/k/v, gate/up), trained on all
+# of the set's gradients, so that the export runs the set as one QuipLinearGroup node (input scale and
+# transform once, one product): to be measured.
+CLI_FINETUNE_TIE_INPUTS = True
 CLI_EMBED_BITS = "auto"
 # rows of the head kept at 8 bits (the most frequent calibration tokens), off: in the default pipeline
 # 4096 rows gave ppl 63.98 against 64.28 for +2.39 MB (44.34 MB), one pair, rows chosen by count on
@@ -111,6 +115,8 @@ class QuantConfig:
     finetune_epochs: int = 2
     finetune_step_windows: int = 1  # e2e: calibration windows per Adam step (spread over the ranks)
     finetune_lr: float = 5e-4     # e2e: Adam's learning rate (passes/finetune.FinetuneConfig.lr)
+    finetune_tie_inputs: bool = False  # block and e2e: one in_scale per set of linears reading the same
+                                       # tensor, so that they run as one group (passes/input_siblings.py)
     quantize_lm_head: bool = False  # ONNX frontend only (the HF path uses head_bits)
     head_bits: int = 32           # HF path: lm_head bits (2/3/4; 32 = kept dense), see passes/head.py
     head_format: str = "grid"     # HF path: lm_head's code format (grid | e8p | trellis | auto); a tied
@@ -174,7 +180,8 @@ class QuantConfig:
         from .passes.finetune import FinetuneConfig
 
         return FinetuneConfig(mode=self.finetune, epochs=self.finetune_epochs, seed=self.seed,
-                              step_windows=self.finetune_step_windows, lr=self.finetune_lr)
+                              step_windows=self.finetune_step_windows, lr=self.finetune_lr,
+                              tie_inputs=self.finetune_tie_inputs)
 
     def to_dict(self) -> dict:
         return asdict(self)

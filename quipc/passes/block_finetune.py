@@ -30,6 +30,7 @@ from quipc_runtime.modules import QuipLinearRef
 from ..config import QuantConfig
 from ..distributed import SINGLE, Group
 from .finetune import FinetuneConfig, TunableQuipLinear
+from .input_siblings import tie_input_scales, unique_parameters
 from .sequential import HessianHooks, first_window, run_block
 
 
@@ -138,10 +139,13 @@ def round_block_tuned(block: nn.Module, inputs, names: list[str], full_names: di
                 layers[n] = layer
                 tunables[n] = TunableQuipLinear(QuipLinearRef(layer).to(originals[n].weight.device))
                 block.set_submodule(n, tunables[n])
+            if ft.tie_inputs:   # a round is the linears reading one tensor
+                tie_input_scales(tunables, [rnames])
             if r == len(rounds) - 1 and not ft.block_last_round:
                 break
             pending = [originals[n] for rnd in rounds[r + 1:] for n in rnd]
-            groups = [{"params": [p for t in tunables.values() for p in (t.in_scale, t.row_gain)], "lr": ft.block_lr}]
+            groups = [{"params": unique_parameters(p for t in tunables.values() for p in (t.in_scale, t.row_gain)),
+                       "lr": ft.block_lr}]
             groups += [{"params": [lin.weight], "lr": ft.block_lr * float(lin.weight.pow(2).mean().sqrt())}
                        for lin in pending]
             record.append({"round": rnames, **trainer.run(groups)})

@@ -26,6 +26,7 @@ from quipc_runtime.layer import QuantizedLinear
 from quipc_runtime.modules import QuipLinearRef, kron_apply
 
 from ..distributed import SINGLE, Group, spread
+from .input_siblings import input_siblings, tie_input_scales, unique_parameters
 
 MODES = ("none", "block", "e2e", "all")   # all = block, then e2e
 SCHEDULES = ("constant", "cosine")
@@ -44,6 +45,8 @@ class FinetuneConfig:
     block_last_round: bool = True   # block stage: also tune after the block's last round
     step_windows: int = 1  # e2e: windows per Adam step (their gradients summed in window order: the
                            # ranks of a distributed compile each take some, the same floats as one process)
+    tie_inputs: bool = False   # one in_scale per set of linears reading the same tensor (q/k/v, gate/up),
+                               # so that backends run them as one group (passes/input_siblings.py)
 
     @property
     def block(self) -> bool:
@@ -163,10 +166,15 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
     if tied_embedding is not None:
         emb_module, head_name = tied_embedding
         student.set_submodule(emb_module, TiedTunableEmbedding(tunables[head_name]))
+    tied = []
+    if cfg.tie_inputs:   # siblings found on a few tokens of the first window (their inputs are per token alike)
+        probe = windows[0][None, :8]
+        tied = tie_input_scales(tunables, input_siblings(student, layer_names, lambda: student(input_ids=probe)))
     norms = norm_parameters(student)
     for p in norms.values():
         p.requires_grad_(True)
-    params = [p for t in tunables.values() for p in t.parameters() if p.requires_grad] + list(norms.values())
+    params = unique_parameters([p for t in tunables.values() for p in t.parameters() if p.requires_grad]
+                               + list(norms.values()))
     train, held = windows[:-holdout], windows[-holdout:]
     steps = _WindowSteps(student, teacher, params, group)
 
@@ -204,7 +212,7 @@ def finetune_e2e(student: nn.Module, teacher: nn.Module, layer_names: list[str],
     for p in params:
         p.requires_grad_(False)
     record = {**cfg.to_dict(), "holdout_kl": history, "kept_epoch": history.index(best),
-              "train_windows": int(train.shape[0]), "held_out_windows": holdout,
+              "train_windows": int(train.shape[0]), "held_out_windows": holdout, "tied_input_sets": len(tied),
               "seconds": time.time() - t0,
               "last_epoch_train_kl": float(np.mean(train_loss)) if train_loss else None}
     return {"tunables": tunables, "norms": {k: v.detach().clone() for k, v in norms.items()},
