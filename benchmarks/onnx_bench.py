@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="restrict to these record names")
     ap.add_argument("--artifacts", default=None,
                     help="pattern of torch-path artifacts to export too, e.g. /work/artifacts/smollm2-quip-w{bits}")
+    ap.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
+                    help="one more torch-path artifact to export, as row quipc_art_NAME (repeatable: several "
+                         "artifacts of one width, e.g. two settings, timed in the same rounds)")
     ap.add_argument("--rescale", action="store_true",
                     help="QuIP's diagonal rescaling (off by default, as in the reference artifacts "
                          "/work/artifacts/smollm2-quip-w*: quip, hadamard, seed 0, damp 0.01, grid mse)")
@@ -234,6 +237,14 @@ def main(argv=None) -> int:
                 specs.append(dict(name=f"quipc_art_w{b}_acc0", source=f"quipc artifact export ({art}), "
                                   "accuracy_level 0", algo="QuIP", bits=b, block_size=None, artifact=art,
                                   accuracy_level=0))
+    for item in args.artifact:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--artifact takes NAME=PATH, not {item!r}")
+        art = Path(path)
+        bits = json.loads((art / "manifest.json").read_text())["quant_config"]["bits"]
+        specs.append(dict(name=f"quipc_art_{label}", source=f"quipc artifact export ({art})", algo="QuIP",
+                          bits=bits, block_size=None, artifact=art))
     if not args.no_custom_ops:   # the same files with quipc's kernels (cpp/ort) in onnxruntime
         specs += [dict(s, name=s["name"] + "_lib", lib_of=s["name"], custom_ops=True,
                        source=s["source"] + " + quipc custom-op library")

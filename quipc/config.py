@@ -80,7 +80,10 @@ CLI_FINETUNE_LR_AFTER_BLOCK = {4: 1e-4}
 CLI_FINETUNE_STEP_WINDOWS_RANKS = 2
 # block and e2e: one in_scale per set of linears reading the same tensor (q/k/v, gate/up), trained on all
 # of the set's gradients, so that the export runs the set as one QuipLinearGroup node (input scale and
-# transform once, one product): to be measured.
+# transform once, one product). Stop 59, AMD EPYC host, the same generated windows, each against the same
+# compile untied: w2 default 59.71 vs 60.75 (held-out KL 0.565 vs 0.577), w4 default 22.49 vs 22.57 (0.0448
+# vs 0.0476, "Paris" both), w4 grid with fp32 head 23.83 vs 23.43 (0.0749 vs 0.0747); its ONNX decode through
+# the custom-op library 9.79 vs 10.91 ms a token (docs/results/tied-input-scales.md).
 CLI_FINETUNE_TIE_INPUTS = True
 CLI_EMBED_BITS = "auto"
 # rows of the head kept at 8 bits (the most frequent calibration tokens), off: in the default pipeline
