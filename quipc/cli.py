@@ -16,7 +16,7 @@ EXIT_USAGE, EXIT_FAIL = 2, 1
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     from .config import (CLI_FINETUNE_LR, CLI_FINETUNE_LR_AFTER_BLOCK, CLI_FINETUNE_STEP_WINDOWS,
-                         CLI_FINETUNE_STEP_WINDOWS_RANKS, CLI_FINETUNE_TIE_INPUTS, QuantConfig)
+                         CLI_FINETUNE_STEP_WINDOWS_RANKS, CLI_FINETUNE_TIE_INPUTS_DATAFREE, QuantConfig)
 
     d = QuantConfig()
     p.add_argument("--method", default=d.method, help="rtn | ldlq | quip (default)")
@@ -49,7 +49,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-tie-inputs", action=argparse.BooleanOptionalAction, default=None,
                    help="block and e2e fine-tuning: one input scale per set of linears reading the same tensor "
                         "(q/k/v, gate/up), so that the ONNX custom-op library runs each set as one "
-                        f"QuipLinearGroup node (default: {'on' if CLI_FINETUNE_TIE_INPUTS else 'off'})")
+                        "QuipLinearGroup node (default: data-free at "
+                        + ", ".join(str(b) for b, on in CLI_FINETUNE_TIE_INPUTS_DATAFREE.items() if on)
+                        + " bits, else off)")
     p.add_argument("--finetune-step-windows", type=int, default=None,
                    help="e2e fine-tuning: calibration windows per Adam step, their gradients summed "
                         f"(several ranks share a step's windows; default {CLI_FINETUNE_STEP_WINDOWS}, "

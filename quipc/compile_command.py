@@ -45,10 +45,14 @@ def finetune_lr(args, finetune: str) -> float:
 
 
 def tie_inputs(args) -> bool:
-    """--finetune-tie-inputs / --no-finetune-tie-inputs, or the default (see quipc.config)."""
-    from .config import CLI_FINETUNE_TIE_INPUTS
+    """--finetune-tie-inputs / --no-finetune-tie-inputs, or the default for this width, data-free
+    (see quipc.config); off with --calib and for .onnx inputs (not measured / no fine-tuning)."""
+    from .config import CLI_FINETUNE_TIE_INPUTS_DATAFREE
 
-    return CLI_FINETUNE_TIE_INPUTS if args.finetune_tie_inputs is None else args.finetune_tie_inputs
+    if args.finetune_tie_inputs is not None:
+        return args.finetune_tie_inputs
+    data_free = not getattr(args, "calib", None) and not args.model.endswith(".onnx")
+    return data_free and CLI_FINETUNE_TIE_INPUTS_DATAFREE.get(args.bits, False)
 
 
 def head_format(args) -> str:

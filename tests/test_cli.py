@@ -281,6 +281,26 @@ def test_compile_finetune_lr_default_per_width(argv, expect):
 
 
 @pytest.mark.parametrize("argv,expect", [
+    (["m", "-o", "x"], False),                                   # 2 bits: fp32's answers got worse
+    (["m", "-o", "x", "--bits", "4"], True),
+    (["m", "-o", "x", "--bits", "3"], False),                    # not measured
+    (["m", "-o", "x", "--bits", "4", "--calib", "t.txt"], False),
+    (["m", "-o", "x", "--finetune-tie-inputs"], True),
+    (["m", "-o", "x", "--bits", "4", "--no-finetune-tie-inputs"], False),
+])
+def test_compile_tie_inputs_default_per_width(argv, expect):
+    """Tied input scales: data-free at 4 bits, where every reading measured better (quipc.config);
+    the flags win; the choice reaches the compile's fine-tuning settings."""
+    from quipc.cli import build_parser
+    from quipc.compile_command import tie_inputs
+    from quipc.config import QuantConfig
+
+    tie = tie_inputs(build_parser().parse_args(["compile", *argv]))
+    assert tie is expect
+    assert QuantConfig(finetune="all", finetune_tie_inputs=tie).finetune_config().tie_inputs is expect
+
+
+@pytest.mark.parametrize("argv,expect", [
     (["m", "-o", "x"], "auto"),                         # trellis on whole 16x16 tiles, else e8p, grid
     (["m", "-o", "x", "--calib", "t.txt"], "auto"),
     (["m", "-o", "x", "--calib", "t.txt", "--head-format", "grid"], "grid"),
