@@ -93,7 +93,8 @@ def test_text_calibration_with_a_chat_share(tiny_model, tmp_path, monkeypatch):
     # no chat share: the key does not name the field (old folders resume), a share changes it
     plain = CalibConfig(text=str(text), windows=4, length=32)
     quant = QuantConfig().to_dict()
-    for key in ("head_format", "head_int8_rows", "finetune_step_windows", "finetune_lr", "head_refit_damp"):
+    for key in ("head_format", "head_int8_rows", "finetune_step_windows", "finetune_lr", "head_refit_damp",
+                "finetune_tie_inputs"):
         del quant[key]   # nor defaults added since
     before = json.dumps({"source": {}, "quant": quant, "calib": {
         "text": str(text), "windows": 4, "length": 32, "batch": 8}}, sort_keys=True)

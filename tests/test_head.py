@@ -323,12 +323,15 @@ def test_resume_key_of_compiles_from_before_head_format():
     calib, source = CalibConfig(text="t.txt", **CALIB), {"spec": "m"}
     old = QuantConfig(bits=2, head_bits=4).to_dict()
     del old["head_format"], old["head_int8_rows"], old["finetune_step_windows"], old["finetune_lr"], old["head_refit_damp"]
+    del old["finetune_tie_inputs"]
     calib_d = asdict(calib)
     del calib_d["chat"]
     blob = json.dumps({"source": source, "quant": old, "calib": calib_d}, sort_keys=True)
     assert _job_key(source, QuantConfig(bits=2, head_bits=4), calib) == hashlib.sha256(blob.encode()).hexdigest()
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_format="trellis"), calib) != \
         _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
+    assert _job_key(source, QuantConfig(bits=2, head_bits=4, finetune_tie_inputs=True), calib) != \
+        _job_key(source, QuantConfig(bits=2, head_bits=4), calib)   # tied scales: another job
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, head_int8_rows=4096), calib) != \
         _job_key(source, QuantConfig(bits=2, head_bits=4), calib)
     assert _job_key(source, QuantConfig(bits=2, head_bits=4, finetune_step_windows=2), calib) != \
