@@ -44,6 +44,11 @@ def finetune_lr(args, finetune: str) -> float:
     return CLI_FINETUNE_LR
 
 
+def _data_free(args) -> bool:
+    """Calibrated on text the model writes itself: no --calib, and not an .onnx input."""
+    return not getattr(args, "calib", None) and not args.model.endswith(".onnx")
+
+
 def tie_inputs(args) -> bool:
     """--finetune-tie-inputs / --no-finetune-tie-inputs, or the default for this width, data-free
     (see quipc.config); off with --calib and for .onnx inputs (not measured / no fine-tuning)."""
@@ -51,8 +56,7 @@ def tie_inputs(args) -> bool:
 
     if args.finetune_tie_inputs is not None:
         return args.finetune_tie_inputs
-    data_free = not getattr(args, "calib", None) and not args.model.endswith(".onnx")
-    return data_free and CLI_FINETUNE_TIE_INPUTS_DATAFREE.get(args.bits, False)
+    return _data_free(args) and CLI_FINETUNE_TIE_INPUTS_DATAFREE.get(args.bits, False)
 
 
 def head_format(args) -> str:
@@ -70,8 +74,7 @@ def head_refit_damp(args) -> float:
 
     if args.head_refit_damp is not None:
         return args.head_refit_damp
-    data_free = not getattr(args, "calib", None) and not args.model.endswith(".onnx")
-    if data_free and args.head_bits != DENSE_BITS and FinetuneConfig(mode=args.finetune).e2e:
+    if _data_free(args) and args.head_bits != DENSE_BITS and FinetuneConfig(mode=args.finetune).e2e:
         return CLI_HEAD_REFIT_DAMP.get(args.bits, 0.0)
     return 0.0
 

@@ -30,21 +30,14 @@ from quipc_runtime.modules import QuipLinearRef
 from ..config import QuantConfig
 from ..distributed import SINGLE, Group
 from .finetune import FinetuneConfig, TunableQuipLinear
-from .input_siblings import tie_input_scales, unique_parameters
-from .sequential import HessianHooks, first_window, run_block
+from .input_siblings import input_siblings, tie_input_scales, unique_parameters
+from .sequential import first_window, run_block
 
 
 def input_rounds(block: nn.Module, inputs, names: list[str]) -> list[list[str]]:
     """`names` grouped by the tensor they read, in the order those inputs are first computed."""
-    hooks = HessianHooks(block, names)
-    try:
-        hooks.run_batch(block, *first_window(inputs))
-    finally:
-        hooks.remove()
-    rounds: dict[int, list[str]] = {}
-    for n in names:   # names are in execution order, so each round keeps it
-        rounds.setdefault(hooks.group_of[n], []).append(n)
-    return [rounds[g] for g in sorted(rounds)]
+    h, a, kw = first_window(inputs)
+    return input_siblings(block, names, lambda: block(h, *a, **kw))
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

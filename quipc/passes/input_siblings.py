@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+def tensor_key(x: torch.Tensor) -> tuple:
+    """What makes two inputs the very same tensor within one forward (while both are alive)."""
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype
+
+
 def input_siblings(model: nn.Module, names: list[str], run: Callable[[], object]) -> list[list[str]]:
     """`names` grouped by the tensor each reads during `run()` (one forward of `model`), the
     groups in the order their inputs are first seen, each in `names` order. A name whose module
@@ -26,7 +31,7 @@ def input_siblings(model: nn.Module, names: list[str], run: Callable[[], object]
     def hook(name: str):
         def fn(_mod, inp):
             x = inp[0]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            key = tensor_key(x)
             if key not in seen:
                 # x is held so that its memory is not reused by a later input of this forward,
                 # which would make a different tensor look like the same one

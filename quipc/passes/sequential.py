@@ -19,6 +19,7 @@ from ..distributed import SINGLE, Group
 from ..frontend.trace import find_blocks, linears_in_order
 from ..memory import NarrowedWeights, compact_linear_weights, return_freed_memory
 from .hessian import batch_partial, reduce_in_batch_order
+from .input_siblings import tensor_key
 from .methods import quantize_linear
 from .spread import encode_block
 from .teacher import TeacherStates
@@ -108,7 +109,7 @@ class HessianHooks:
         return fn
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        key = tensor_key(x)
         if key in self._seen:
             self.group_of.setdefault(name, self._seen[key][0])
             return
