@@ -163,112 +163,160 @@ bool QuipLinearPlan::gemv_int8() const {
          (gemv_as_grid4() || gemv_on_int8_rows() || (d_.format == CodeFormat::kGrid && d_.bits == 4));
 }
 
-void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
-                            float* t, int threads) const {
-  const MatmulPath path = matmul_path(batch);
-  if (path == MatmulPath::kInt8Rows) return matmul_int8_rows(k, z, batch, t, threads);
-  if (path == MatmulPath::kE8P) return matmul_e8p(k, z, batch, t, threads);
-  if (path == MatmulPath::kTrellis) return matmul_trellis(k, z, batch, t, threads);
-  if (path == MatmulPath::kGridGemm) {
-    over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
-      Buffer work = alloc_floats(qgemm_work_floats(batch));
-      k.qgemm(Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n}, RowAffine{d_.scale.data(), d_.zero.data()},
-              i0, i1, z, npad_, zsum, batch, t, d_.m, work.get());
-    });
-    return;
+bool QuipLinearPlan::matmul_is_gemv(int batch) const {
+  switch (matmul_path(batch)) {
+    case MatmulPath::kGridGemm: return false;
+    case MatmulPath::kE8P: return batch <= e8p_gemv_max_batch(d_.bits);
+    case MatmulPath::kTrellis: return batch <= kGemvMaxBatch;
+    default: return true;
   }
-  // The GEMV: the layer's grid codes, or its e8p stages as 4-bit grid codes, summed (stage 1
-  // into `extra`, added row by row by the thread that computed both)
-  const bool grid4 = gemv_as_grid4();
-  const int stages = grid4 ? int(grid4_.size()) : 1;
-  auto codes_of = [&](int st) {
-    return grid4 ? Codes{grid4_[size_t(st)].codes.data(), size_t(d_.n / 8) * 4, 4, d_.m, d_.n}
-                 : Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
-  };
-  auto affine_of = [&](int st) {
-    return grid4 ? RowAffine{grid4_[size_t(st)].scale.data(), grid4_[size_t(st)].zero.data()}
-                 : RowAffine{d_.scale.data(), d_.zero.data()};
-  };
-  float* extra = stages > 1 ? scratch(6, size_t(batch) * d_.m) : nullptr;
-  auto add_extra = [&](int i0, int i1) {
-    if (extra == nullptr) return;
-    for (int b = 0; b < batch; ++b)
-      for (int i = i0; i < i1; ++i) t[size_t(b) * d_.m + i] += extra[size_t(b) * d_.m + i];
-  };
-  if (path == MatmulPath::kGridGemvInt8) {  // quantized once by the caller's thread, read by every pool thread
+}
+
+int QuipLinearPlan::gemv_extra_floats(int batch) const {
+  return grid4_.size() > 1 ? batch * d_.m : 0;
+}
+
+// int8 activations (quantized by the caller's thread, read by every pool thread), int8 rows'
+// block order, e8p's group sums: scratch slots 4 and 5, so valid until the caller's next call.
+QuipLinearPlan::GemvInput QuipLinearPlan::gemv_input(const KernelTable& k, const float* z,
+                                                     const float* zsum, int batch) const {
+  GemvInput in{matmul_path(batch), batch, z, zsum, Int8Acts{nullptr, nullptr, 0}, nullptr, nullptr, 0, nullptr};
+  if (in.path == MatmulPath::kInt8Rows) {
+    if (gemv_int8()) {
+      in.acts = quantize_rows(k, z, npad_, d_.n, batch, nullptr);
+    } else {
+      in.len = int8_rows_.blocks * kActBlock;
+      float* zp = scratch(5, size_t(batch) * in.len);
+      for (int b = 0; b < batch; ++b) permute_acts(z + size_t(b) * npad_, d_.n, zp + size_t(b) * in.len);
+      in.zp = zp;
+    }
+  } else if (in.path == MatmulPath::kGridGemvInt8) {
     float* qsum = nullptr;
-    const Int8Acts acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum);
-    over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) {
-      for (int st = 0; st < stages; ++st)
-        k.qgemv4_i8(codes_of(st), affine_of(st), i0, i1, acts, qsum, batch, st ? extra : t, d_.m);
-      add_extra(i0, i1);
-    });
-    return;
-  }
-  over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) {
-    for (int st = 0; st < stages; ++st)
-      k.qgemv(codes_of(st), affine_of(st), i0, i1, z, npad_, zsum, batch, st ? extra : t, d_.m);
-    add_extra(i0, i1);
-  });
-}
-
-// The GEMV on the layer's int8 rows: z quantized to int8 blocks (int8_activations) or permuted
-// to their block order, once by the caller's thread (scratch slot 5), read by every pool thread.
-void QuipLinearPlan::matmul_int8_rows(const KernelTable& k, const float* z, int batch, float* t,
-                                      int threads) const {
-  const Int8Rows w = int8_rows_.view();
-  if (gemv_int8()) {
-    const Int8Acts acts = quantize_rows(k, z, npad_, d_.n, batch, nullptr);
-    over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { k.gemv8_i8(w, i0, i1, acts, batch, t, d_.m); });
-    return;
-  }
-  const int len = w.blocks * kActBlock;
-  float* zp = scratch(5, size_t(batch) * len);
-  for (int b = 0; b < batch; ++b) permute_acts(z + size_t(b) * npad_, d_.n, zp + size_t(b) * len);
-  over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { k.gemv8(w, i0, i1, zp, len, batch, t, d_.m); });
-}
-
-void QuipLinearPlan::matmul_e8p(const KernelTable& k, const float* z, int batch, float* t,
-                                int threads) const {
-  const E8PCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
-  const bool gemv = batch <= e8p_gemv_max_batch(d_.bits);
-  const int groups = d_.n / 8;
-  float* gsum = nullptr;  // the GEMV's shift term: 1/4 * the sums of z over each group
-  if (gemv) {
-    gsum = scratch(4, size_t(batch) * groups);  // the caller's; pool threads only read it
+    in.acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum);
+    in.qsum = qsum;
+  } else if (in.path == MatmulPath::kE8P) {  // the GEMV's shift term: 1/4 * the sums of z over each group
+    const int groups = d_.n / 8;
+    float* gsum = scratch(4, size_t(batch) * groups);
     for (int b = 0; b < batch; ++b)
       for (int g = 0; g < groups; ++g) {
         const float* zg = z + size_t(b) * npad_ + 8 * g;
         gsum[size_t(b) * groups + g] =
             0.25f * (((zg[0] + zg[1]) + (zg[2] + zg[3])) + ((zg[4] + zg[5]) + (zg[6] + zg[7])));
       }
+    in.gsum = gsum;
   }
-  over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
-    if (gemv) {  // up to kGemvMaxBatch activation vectors per pass over the rows' codes
-      for (int b0 = 0; b0 < batch; b0 += kGemvMaxBatch) {
-        const int nb = std::min(kGemvMaxBatch, batch - b0);
-        k.e8p_gemv(codes, i0, i1, z + size_t(b0) * npad_, npad_, gsum + size_t(b0) * groups, nb,
-                   t + size_t(b0) * d_.m, d_.m);
-      }
-    } else {
-      Buffer work = alloc_floats(qgemm_work_floats(batch));
-      k.e8p_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
-    }
-  });
+  return in;
 }
 
-void QuipLinearPlan::matmul_trellis(const KernelTable& k, const float* z, int batch, float* t,
-                                    int threads) const {
-  const TrellisCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
-  const bool gemv = batch <= kGemvMaxBatch;
-  over_rows(d_.m, d_.n, batch, gemv ? 8 : kGemmNR, threads, [&](int i0, int i1) {
-    if (gemv) {
-      k.trellis_gemv(codes, i0, i1, z, npad_, batch, t, d_.m);
-    } else {
-      Buffer work = alloc_floats(qgemm_work_floats(batch));
-      k.trellis_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
+void QuipLinearPlan::gemv_rows(const KernelTable& k, const GemvInput& in, int i0, int i1, float* t,
+                               float* extra) const {
+  const int batch = in.batch;
+  switch (in.path) {
+    case MatmulPath::kInt8Rows: {
+      const Int8Rows w = int8_rows_.view();
+      if (in.acts.q != nullptr)
+        k.gemv8_i8(w, i0, i1, in.acts, batch, t, d_.m);
+      else
+        k.gemv8(w, i0, i1, in.zp, in.len, batch, t, d_.m);
+      return;
+    }
+    case MatmulPath::kE8P: {  // up to kGemvMaxBatch activation vectors per pass over the rows' codes
+      const E8PCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
+      const int groups = d_.n / 8;
+      for (int b0 = 0; b0 < batch; b0 += kGemvMaxBatch) {
+        const int nb = std::min(kGemvMaxBatch, batch - b0);
+        k.e8p_gemv(codes, i0, i1, in.z + size_t(b0) * npad_, npad_, in.gsum + size_t(b0) * groups, nb,
+                   t + size_t(b0) * d_.m, d_.m);
+      }
+      return;
+    }
+    case MatmulPath::kTrellis:
+      k.trellis_gemv(TrellisCodes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()}, i0, i1,
+                     in.z, npad_, batch, t, d_.m);
+      return;
+    default: break;
+  }
+  // The grid GEMV: the layer's grid codes, or its e8p stages as 4-bit grid codes, summed (stage 1
+  // into `extra`, added row by row by the thread that computed both)
+  const bool grid4 = gemv_as_grid4();
+  const int stages = grid4 ? int(grid4_.size()) : 1;
+  for (int st = 0; st < stages; ++st) {
+    const Codes codes = grid4 ? Codes{grid4_[size_t(st)].codes.data(), size_t(d_.n / 8) * 4, 4, d_.m, d_.n}
+                              : Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n};
+    const RowAffine aff = grid4 ? RowAffine{grid4_[size_t(st)].scale.data(), grid4_[size_t(st)].zero.data()}
+                                : RowAffine{d_.scale.data(), d_.zero.data()};
+    float* out = st ? extra : t;
+    if (in.path == MatmulPath::kGridGemvInt8)
+      k.qgemv4_i8(codes, aff, i0, i1, in.acts, in.qsum, batch, out, d_.m);
+    else
+      k.qgemv(codes, aff, i0, i1, in.z, npad_, in.zsum, batch, out, d_.m);
+  }
+  if (stages > 1)
+    for (int b = 0; b < batch; ++b)
+      for (int i = i0; i < i1; ++i) t[size_t(b) * d_.m + i] += extra[size_t(b) * d_.m + i];
+}
+
+void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* zsum, int batch,
+                            float* t, int threads) const {
+  if (!matmul_is_gemv(batch)) return matmul_gemm(k, matmul_path(batch), z, zsum, batch, t, threads);
+  const GemvInput in = gemv_input(k, z, zsum, batch);
+  float* extra = gemv_extra_floats(batch) ? scratch(6, size_t(gemv_extra_floats(batch))) : nullptr;
+  over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { gemv_rows(k, in, i0, i1, t, extra); });
+}
+
+bool QuipLinearPlan::matmul_group(const KernelTable& k, const std::vector<const QuipLinearPlan*>& plans,
+                                  const float* z, const float* zsum, int batch, const std::vector<float*>& ts,
+                                  int threads) {
+  if (plans.empty() || plans.size() != ts.size()) return false;
+  const QuipLinearPlan& head = *plans[0];
+  double work = 0.0;
+  int units = 0, extra_floats = 0;
+  for (const QuipLinearPlan* p : plans) {
+    if (p->n() != head.n() || !p->matmul_is_gemv(batch) || p->matmul_path(batch) != head.matmul_path(batch) ||
+        p->gemv_int8() != head.gemv_int8())
+      return false;
+    work += double(batch) * p->m() * p->n();
+    units += (p->m() + 7) / 8;
+    extra_floats += p->gemv_extra_floats(batch);
+  }
+  const GemvInput in = head.gemv_input(k, z, zsum, batch);  // every part reads the same
+  float* extra = extra_floats ? scratch(6, size_t(extra_floats)) : nullptr;
+  std::vector<float*> extras(plans.size(), nullptr);
+  for (size_t p = 0, at = 0; p < plans.size() && extra; at += size_t(plans[p]->gemv_extra_floats(batch)), ++p)
+    extras[p] = extra + at;
+  // Each thread takes its share of every part's rows: one region, as balanced as the parts.
+  const int nt = clamp_threads(threads, units, work);
+  ThreadPool::instance().run(nt, [&](int tid) {
+    for (size_t p = 0; p < plans.size(); ++p) {
+      int i0, i1;
+      split_range(plans[p]->m(), nt, tid, 8, &i0, &i1);
+      if (i0 < i1) plans[p]->gemv_rows(k, in, i0, i1, ts[p], extras[p]);
     }
   });
+  return true;
+}
+
+void QuipLinearPlan::matmul_gemm(const KernelTable& k, MatmulPath path, const float* z, const float* zsum,
+                                 int batch, float* t, int threads) const {
+  if (path == MatmulPath::kE8P) {
+    const E8PCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
+    over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
+      Buffer work = alloc_floats(qgemm_work_floats(batch));
+      k.e8p_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
+    });
+  } else if (path == MatmulPath::kTrellis) {
+    const TrellisCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
+    over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
+      Buffer work = alloc_floats(qgemm_work_floats(batch));
+      k.trellis_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
+    });
+  } else {  // kGridGemm
+    over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
+      Buffer work = alloc_floats(qgemm_work_floats(batch));
+      k.qgemm(Codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n}, RowAffine{d_.scale.data(), d_.zero.data()},
+              i0, i1, z, npad_, zsum, batch, t, d_.m, work.get());
+    });
+  }
 }
 
 void QuipLinearPlan::transform_out(const KernelTable& k, float* t, int batch, float* y,

@@ -90,11 +90,35 @@ class QuipLinearPlan {
               int threads) const;
   // y = out_scale * K_out^T t + bias; t is used as scratch.
   void transform_out(const KernelTable& k, float* t, int batch, float* y, int threads) const;
+  // The matmuls of plans that read one z (a QuipLinearGroup's parts: same n and activation
+  // path), ts[p] (B x plans[p]->m()) = W'_p z, where each is a GEMV at this batch: what every
+  // row reads (int8 activations, their block order, e8p's group sums) prepared once and all
+  // parts' rows in one parallel region. Returns false, having done nothing, where a plan's
+  // matmul is not a GEMV at this batch or the plans' paths differ.
+  static bool matmul_group(const KernelTable& k, const std::vector<const QuipLinearPlan*>& plans,
+                           const float* z, const float* zsum, int batch, const std::vector<float*>& ts,
+                           int threads);
 
  private:
-  void matmul_e8p(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
-  void matmul_trellis(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
-  void matmul_int8_rows(const KernelTable& k, const float* z, int batch, float* t, int threads) const;
+  // A GEMV in two steps: its input, prepared by the caller's thread (scratch slots 4 and 5),
+  // then rows [i0, i1) of t on any thread; extra: batch x m floats for a second e8p stage.
+  struct GemvInput {
+    MatmulPath path;
+    int batch;
+    const float* z;     // B x padded_n
+    const float* zsum;  // the grid GEMV's zero-point term on fp32 activations
+    Int8Acts acts;      // int8 activations (acts.q null: none)
+    const float* qsum;  // their row sums (grid codes' zero points)
+    const float* zp;    // int8 rows on fp32 activations: z in block order, len apart
+    int len;
+    const float* gsum;  // the e8p GEMV's group sums
+  };
+  bool matmul_is_gemv(int batch) const;
+  GemvInput gemv_input(const KernelTable& k, const float* z, const float* zsum, int batch) const;
+  int gemv_extra_floats(int batch) const;
+  void gemv_rows(const KernelTable& k, const GemvInput& in, int i0, int i1, float* t, float* extra) const;
+  void matmul_gemm(const KernelTable& k, MatmulPath path, const float* z, const float* zsum, int batch,
+                   float* t, int threads) const;
 
   LayerData d_;
   // LayerData::e8p_as_grid4: the GEMV's 4-bit grid planes, one per e8p stage (as_grid4.h);

@@ -105,6 +105,38 @@ def test_group_kernel_matches_function_body(k, stack, tmp_path):
             assert_close(g, w)
 
 
+def trellis_group(n, outs, bits):
+    import dataclasses
+
+    from trellis_layers import random_trellis_layer
+
+    layers = [random_trellis_layer(m, n, bits, seed=i, name=f"blk.0.t{i}") for i, m in enumerate(outs)]
+    return [layers[0]] + [dataclasses.replace(la, t_in=layers[0].t_in, in_scale=layers[0].in_scale)
+                          for la in layers[1:]]
+
+
+# A group's decode GEMVs run in one parallel region on an input prepared once
+# (QuipLinearPlan::matmul_group): every GEMV path, fp32 and int8 activations.
+GEMV_GROUPS = [("grid4", lambda: group_layers(96, (96, 48, 40), 4, "hadamard")),
+               ("grid3", lambda: group_layers(96, (48, 24), 3, "kron")),
+               ("e8p2", lambda: qkv(64, (64, 32, 32), 2)), ("e8p3", lambda: qkv(128, (128, 64), 3)),
+               ("trellis4", lambda: trellis_group(64, (96, 48), 4))]
+
+
+@pytest.mark.parametrize("level", [0, 4])
+@pytest.mark.parametrize("name,make_group", GEMV_GROUPS)
+def test_group_equals_its_parts_as_separate_nodes(name, make_group, level):
+    """The group's outputs are its parts' own nodes' outputs to the bit (each row computed by one
+    thread the same way), at decode batches (the GEMVs) and a prefill batch (the GEMMs)."""
+    layers = list(make_group())
+    group = session(build(layers, group=True, accuracy_level=level), True, threads=2)
+    parts = session(build(layers, group=False, accuracy_level=level), True, threads=2)
+    for b, s in ((1, 1), (3, 1), (1, 7)):
+        x = np.random.default_rng(b * s).standard_normal((b, s, layers[0].in_features)).astype(np.float32)
+        for g, p in zip(group.run(None, {"x": x}), parts.run(None, {"x": x})):
+            np.testing.assert_array_equal(g, p)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Work is split by rows (each output element computed by one thread): bitwise equal."""
     layers = list(qkv(576, (576, 192, 192), 2))

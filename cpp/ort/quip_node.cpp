@@ -263,8 +263,24 @@ void QuipNode::forward(const float* x, int rows, const std::vector<float*>& ys, 
   }
   float* z = thread_buffer(0, size_t(rows) * head.padded_n());
   float* zsum = sums ? thread_buffer(1, size_t(rows)) : nullptr;
-  float* t = thread_buffer(2, size_t(rows) * max_m);
   head.transform_in(k, x, rows, z, zsum, threads);  // every part has the same input side
+  if (plans_.size() > 1) {  // a group's GEMVs: one parallel region, the input prepared once
+    std::vector<const QuipLinearPlan*> plans;
+    std::vector<float*> ts;
+    size_t total = 0;
+    for (const auto& p : plans_) total += size_t(rows) * p->m();
+    float* t = thread_buffer(2, total);
+    for (const auto& p : plans_) {
+      plans.push_back(p.get());
+      ts.push_back(t);
+      t += size_t(rows) * p->m();
+    }
+    if (QuipLinearPlan::matmul_group(k, plans, z, zsum, rows, ts, threads)) {
+      for (size_t p = 0; p < plans_.size(); ++p) plans_[p]->transform_out(k, ts[p], rows, ys[p], threads);
+      return;
+    }
+  }
+  float* t = thread_buffer(2, size_t(rows) * max_m);
   for (size_t p = 0; p < plans_.size(); ++p) {
     plans_[p]->matmul(k, z, zsum, rows, t, threads);
     plans_[p]->transform_out(k, t, rows, ys[p], threads);
