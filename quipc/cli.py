@@ -124,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: a quipc artifact (default); onnx / tvm: lowered model")
     c.add_argument("--onnx-ops", default="quip", choices=["quip", "std"])
     c.add_argument("--onnx-accuracy-level", type=_accuracy_level, default=None, metavar="auto|0|1|2|3|4",
-                   help="the quipc nodes' accuracy level (MatMulNBits'): 0 = fp32 activations, 4 = int8 "
-                        "activations (stock onnxruntime: +13%% ppl measured at w2 grid; with quipc's custom-op "
-                        "library: the decode GEMVs on int8, +0.04%% decode ppl at w2 grid, +0.3%% at w4 trellis); "
-                        "auto (default): 4 for trellis nodes (their bodies ignore it), 0 for the others")
+                   help="the quipc nodes' accuracy level (MatMulNBits' minimum accuracy of the activations): "
+                        "1 = fp32 activations everywhere; 4 = int8 (stock onnxruntime: +13%% ppl measured at w2 "
+                        "grid; quipc's custom-op library: its decode GEMVs on int8, +0.09%% decode ppl at w2, "
+                        "+0.3%% at w4 trellis); 0 = unset: fp32 in stock onnxruntime, int8 decode GEMVs in the "
+                        "library (its choice); auto (default): 4 for trellis nodes (their bodies ignore it), 0 "
+                        "for the others")
     c.add_argument("--onnx-calibration", default="sequential", choices=["sequential", "one-pass"],
                    help=".onnx input: sequential (default; each layer calibrated on the outputs of the "
                         "already-quantized earlier layers) or one-pass (every Hessian from the fp32 model)")

@@ -73,7 +73,7 @@ def make(fmt, case):
 @pytest.mark.parametrize("fmt,case", LAYERS)
 def test_layer_kernel_matches_function_body(fmt, case, tmp_path):
     layer = make(fmt, case)
-    model = build([layer])
+    model = build([layer], accuracy_level=1)   # fp32 activations: the body's math
     for b, s in BATCHES:
         x = np.random.default_rng(b).standard_normal((b, s, layer.in_features)).astype(np.float32)
         (want,), body_ops = run_profiled(model, False, {"x": x}, tmp_path)
@@ -94,7 +94,7 @@ GROUPS = [("grid", lambda: group_layers(48, (48, 24, 24), 4, "hadamard")),
 @pytest.mark.parametrize("k", range(len(GROUPS)))
 def test_group_kernel_matches_function_body(k, stack, tmp_path):
     layers = list(GROUPS[k][1]())
-    model = build(layers, group=True, stack_outputs=stack)
+    model = build(layers, group=True, stack_outputs=stack, accuracy_level=1)
     assert [nd.op_type for nd in model.graph.node] == ["QuipLinearGroup"]
     for b, s in BATCHES:
         x = np.random.default_rng(b).standard_normal((b, s, layers[0].in_features)).astype(np.float32)
@@ -152,36 +152,38 @@ def test_kernel_matches_quipc_runtime_kernels():
 
     for layer in (make_layer(96, 48, 3, bias=True), random_e8p_layer(192, 576, 2, bias=False)):
         x = np.random.default_rng(7).standard_normal((4, layer.in_features)).astype(np.float32)
-        (got,) = session(build([layer], rank=None), True).run(None, {"x": x[None]})
+        (got,) = session(build([layer], rank=None, accuracy_level=1), True).run(None, {"x": x[None]})
         want = kernels.prepare(layer).forward(x)
         np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_accuracy_level_4_takes_int8_activations():
-    """A node's accuracy_level 4 (MatMulNBits' int8 compute) gives its 4-bit GEMVs int8 activations
-    (quipc_runtime.kernels.prepare(int8_activations=True)); 0 keeps them fp32. Prefill-size batches
-    run the fp32 GEMM either way."""
+def test_accuracy_level_picks_the_activations():
+    """A node's accuracy_level (MatMulNBits' minimum accuracy of the activations) picks its 4-bit
+    GEMVs' activations: 1-3 fp32, 4 int8 (quipc_runtime.kernels.prepare(int8_activations=True)),
+    and 0 ("unset": the kernel's choice) int8. Prefill-size batches run the fp32 GEMM at every level."""
     from quipc_runtime import kernels
 
     for layer in (make_layer(320, 48, 4), random_e8p_layer(192, 576, 2, bias=False)):
         x = np.random.default_rng(8).standard_normal((4, layer.in_features)).astype(np.float32)
-        fp32, int8 = (session(build([layer], rank=None, accuracy_level=a), True) for a in (0, 4))
+        sessions = {a: session(build([layer], rank=None, accuracy_level=a), True) for a in (0, 1, 3, 4)}
         want = kernels.prepare(layer, int8_activations=True).forward(x)
         exact = kernels.prepare(layer).forward(x)
-        got = int8.run(None, {"x": x[None]})[0][0]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-        assert not np.allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
-        np.testing.assert_allclose(fp32.run(None, {"x": x[None]})[0][0], exact, rtol=1e-5,
-                                   atol=1e-5 * np.abs(exact).max())
+        for a in (0, 4):
+            got = sessions[a].run(None, {"x": x[None]})[0][0]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+            assert not np.allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+        for a in (1, 3):
+            np.testing.assert_allclose(sessions[a].run(None, {"x": x[None]})[0][0], exact, rtol=1e-5,
+                                       atol=1e-5 * np.abs(exact).max())
         rows = np.random.default_rng(9).standard_normal((1, 9, layer.in_features)).astype(np.float32)
-        np.testing.assert_array_equal(int8.run(None, {"x": rows})[0], fp32.run(None, {"x": rows})[0])
-
+        for a in (0, 4):
+            np.testing.assert_array_equal(sessions[a].run(None, {"x": rows})[0], sessions[1].run(None, {"x": rows})[0])
 
 
 def test_trellis_nodes_decode_on_8bit_rows_at_every_accuracy_level():
     """A trellis node's GEMV (batch <= 4) runs on its rows rounded to 8 bits at every accuracy_level
-    (kernels.prepare(trellis_as_int8=True)), on fp32 activations below 4 and int8 ones at 4; not the
-    exact code-table GEMV. Prefill-size batches run the exact GEMM at both levels."""
+    (kernels.prepare(trellis_as_int8=True)), on fp32 activations at 1-3 and int8 ones at 0 and 4;
+    not the exact code-table GEMV. Prefill-size batches run the exact GEMM at every level."""
     from quipc_runtime import kernels
     from trellis_layers import random_trellis_layer
 
@@ -189,9 +191,9 @@ def test_trellis_nodes_decode_on_8bit_rows_at_every_accuracy_level():
     x = np.random.default_rng(8).standard_normal((4, 64)).astype(np.float32)
     rows = np.random.default_rng(9).standard_normal((9, 64)).astype(np.float32)
     exact = kernels.prepare(layer)
-    for level in (0, 4):
+    for level in (0, 1, 4):
         sess = session(build([layer], rank=None, accuracy_level=level), True)
-        want = kernels.prepare(layer, trellis_as_int8=True, int8_activations=level >= 4).forward(x)
+        want = kernels.prepare(layer, trellis_as_int8=True, int8_activations=level != 1).forward(x)
         got = sess.run(None, {"x": x[None]})[0][0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
         assert not np.allclose(got, exact.forward(x), rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -209,7 +211,7 @@ def tiny(tmp_path_factory):
         compile_model(str(folder), art, QuantConfig(bits=bits, format=fmt),
                       CalibConfig(text=str(text), windows=8, length=32), progress=False)
         outs[fmt] = lower_artifact(art, root / f"onnx_{fmt}{bits}", target="onnx", progress=False,
-                                   accuracy_level=0)
+                                   accuracy_level=1)   # fp32 activations: the bodies' math
     return outs
 
 

@@ -187,12 +187,12 @@ std::unique_ptr<QuipLinearPlan> make_plan(const NodeSpec& spec, int m_expected, 
   d.bias = float_vector(p.bias, size_t(m), "bias");
   d.e8p_as_grid4 = true;   // 2-bit e8p nodes by the 4-bit grid kernels (LayerData)
   // Every trellis node's GEMV on an 8-bit copy of W' (LayerData; not exact), at every
-  // accuracy_level (fp32 activations below 4), as TVM's default build (`--tvm-trellis int8`):
-  // SmolLM2 w4 at accuracy_level 0, teacher-forced decode perplexity over 6 x 256 tokens
-  // 39.26 against 39.11 on the exact code-table GEMV (+0.4 %), decode 13.3 instead of ~23 ms
-  // per token (2 threads, Xeon host); at 4 (int8 activations too) 39.38 and 11.2 ms.
+  // accuracy_level, as TVM's default build (`--tvm-trellis int8`): SmolLM2 w4 on fp32
+  // activations, teacher-forced decode perplexity over 6 x 256 tokens 39.26 against 39.11 on
+  // the exact code-table GEMV (+0.4 %), decode 13.3 instead of ~23 ms per token (2 threads,
+  // Xeon host); on int8 activations 39.38 and 11.2 ms.
   d.trellis_as_int8 = true;
-  d.int8_activations = spec.accuracy_level >= 4;
+  d.int8_activations = int8_activations_at(spec.accuracy_level);
   KronTransform t_in = make_transform(n, in_factors, false);
   KronTransform t_out = make_transform(m, p.out_factors, true);  // K_out^T: factors transposed
   return std::make_unique<QuipLinearPlan>(std::move(d), std::move(t_in), std::move(t_out));

@@ -13,6 +13,15 @@
 
 namespace quipc {
 
+// Whether a node's decode GEMVs take int8 activations (LayerData::int8_activations), from its
+// accuracy_level, MatMulNBits' "minimum accuracy of the activations": 1-3 (fp32, fp16, bf16)
+// keep them fp32, 4 (int8) quantizes them, and 0, "unset", leaves the choice to the kernel,
+// which takes int8: relative error ~1e-3 on a layer's output, teacher-forced decode perplexity
+// of SmolLM2 +0.09 % (the w2 default), -0.05 % (w4 grid), and decode 7.8 instead of 10.5 ms a
+// token (w2) on the AMD host of stop 60 (docs/results/onnx.md). Stock onnxruntime runs the same
+// node's function body at 0 on fp32 activations (its MatMulNBits' choice for unset).
+inline bool int8_activations_at(int accuracy_level) { return accuracy_level == 0 || accuracy_level >= 4; }
+
 // The node attributes the kernel reads.
 struct NodeSpec {
   bool group = false;
@@ -21,7 +30,7 @@ struct NodeSpec {
   int n = 0;                     // in_features
   std::vector<int> out_split;    // out_features per part (one part for QuipLinear)
   bool in_identity = false;      // QuipLinear: in_transform == "identity" (no input factors)
-  int accuracy_level = 0;        // >= 4: int8 activations in the 4-bit GEMVs (as MatMulNBits')
+  int accuracy_level = 0;        // MatMulNBits' attribute; see int8_activations_at
   std::string name;              // node name, for errors
 };
 

@@ -51,8 +51,11 @@ def _group_name(names: list[str]) -> str:
 # nodes 4: their function bodies decode to a fp32 MatMul, which the level does not touch (the same
 # perplexity to every digit in stock onnxruntime), and the custom-op library then runs their decode
 # GEMVs on int8 activations (SmolLM2 w4: 11.2-11.5 against 13.3 ms a token, teacher-forced decode
-# perplexity 39.38 against 39.26, +0.3 %), as TVM's default build. Grid and e8p nodes 0: their
-# bodies' MatMulNBits would quantize activations in stock onnxruntime too (+13.5 % at w2).
+# perplexity 39.38 against 39.26, +0.3 %), as TVM's default build. Grid and e8p nodes 0 ("unset"):
+# at 4 their bodies' MatMulNBits would quantize activations in stock onnxruntime too (+13.5 % at
+# w2), at 0 it keeps them fp32, while the library takes int8 for its decode GEMVs at 0 as at 4
+# (cpp/ort/quip_node.h: int8_activations_at; stop 60: the w2 default 7.8 instead of 10.5 ms a
+# token, decode perplexity +0.09 %). 1 keeps fp32 activations in both.
 AUTO_ACCURACY_LEVEL = {"trellis": 4}
 
 
