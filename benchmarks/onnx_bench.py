@@ -11,10 +11,11 @@ One run, one machine, onnxruntime CPU with --threads (default 2) intra-op thread
   calibrated per PROTOCOL (first 64 windows of 512 tokens of wiki.valid.tokens).
 - optionally (--artifacts) quipc artifacts compiled by the torch path, exported with
   lower_artifact (--graph auto: the traced graph), with the artifact's own torch-path perplexity beside them (--torch-ppl);
-  --agreement adds their accuracy_level-0 exports (fp32 activations, the torch path's math).
+  --agreement adds their accuracy_level-1 exports (fp32 activations, the torch path's math).
 - every quipc model twice: through its ONNX function bodies (stock onnxruntime, the plain
   rows) and with quipc's custom-op library registered (rows `..._lib`: one fused C++ kernel per
-  QuipLinear / QuipLinearGroup node, fp32 activations whatever the file's accuracy_level);
+  QuipLinear / QuipLinearGroup node; its decode GEMVs on int8 activations at accuracy_level 0 and 4,
+  fp32 ones at 1-3; quipc's exports here are written at 4, `quipc compile --target onnx` writes 0 or 4);
   --no-custom-ops leaves the `_lib` rows out. --op-profile adds a per-op comparison from
   onnxruntime's profiler (benchmarks/onnx_op_profile.py).
 Perplexity per PROTOCOL (wiki.test.raw, 2048-token windows, the first --windows).
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
                     help="also profile single ops at batch 1 (QuipLinear with the library vs MatMulNBits "
                          "4-bit block 32, QuipLinearGroup vs its parts) and write them to the JSON")
     ap.add_argument("--agreement", action="store_true",
-                    help="with --artifacts: also export them at accuracy_level 0 (fp32 activations) and compare "
+                    help="with --artifacts: also export them at accuracy_level 1 (fp32 activations) and compare "
                          "their perplexity with the torch path (use with --torch-ppl)")
     args = ap.parse_args(argv)
 
@@ -234,9 +235,9 @@ def main(argv=None) -> int:
             specs.append(dict(name=f"quipc_art_w{b}", source=f"quipc artifact export ({art})", algo="QuIP",
                               bits=b, block_size=None, artifact=art))
             if args.agreement:  # fp32 activations: the exact torch-path math, for the agreement check
-                specs.append(dict(name=f"quipc_art_w{b}_acc0", source=f"quipc artifact export ({art}), "
-                                  "accuracy_level 0", algo="QuIP", bits=b, block_size=None, artifact=art,
-                                  accuracy_level=0))
+                specs.append(dict(name=f"quipc_art_w{b}_acc1", source=f"quipc artifact export ({art}), "
+                                  "accuracy_level 1", algo="QuIP", bits=b, block_size=None, artifact=art,
+                                  accuracy_level=1))
     for item in args.artifact:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
