@@ -15,7 +15,7 @@ One run, one machine, onnxruntime CPU with --threads (default 2) intra-op thread
 - every quipc model twice: through its ONNX function bodies (stock onnxruntime, the plain
   rows) and with quipc's custom-op library registered (rows `..._lib`: one fused C++ kernel per
   QuipLinear / QuipLinearGroup node; its decode GEMVs on int8 activations at accuracy_level 0 and 4,
-  fp32 ones at 1-3; quipc's exports here are written at 4, `quipc compile --target onnx` writes 0 or 4);
+  fp32 ones at 1-3; the exports here take --onnx-accuracy-level, default auto as `quipc compile`'s);
   --no-custom-ops leaves the `_lib` rows out. --op-profile adds a per-op comparison from
   onnxruntime's profiler (benchmarks/onnx_op_profile.py).
 Perplexity per PROTOCOL (wiki.test.raw, 2048-token windows, the first --windows).
@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "runtime"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+from quipc.backends.onnx.emitter import accuracy_level_label  # noqa: E402
+from quipc.cli import _accuracy_level  # noqa: E402
 
 DATA = Path("/work/shared/data/wikitext-2")
 
@@ -124,6 +127,12 @@ def nbits_bpw(path: Path) -> float:
     return bits / max(weights, 1)
 
 
+def _export_level(folder: Path):
+    """The accuracy_level an export in `folder` was written at (its metadata), None if unknown."""
+    meta = folder / "quipc_onnx.json"
+    return json.loads(meta.read_text()).get("accuracy_level") if meta.is_file() else None
+
+
 def measure_latency(models: dict, reps: int, prompt: int = 128, decode_tokens: int = 16) -> dict:
     ids512 = np.arange(1000, 1512, dtype=np.int64)[None]
     times = {k: {"prefill": [], "decode": []} for k in models}
@@ -163,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
                     help="one more torch-path artifact to export, as row quipc_art_NAME (repeatable: several "
                          "artifacts of one width, e.g. two settings, timed in the same rounds)")
+    ap.add_argument("--onnx-accuracy-level", type=_accuracy_level, default=None, metavar="auto|0|1|2|3|4",
+                    help="the quipc exports' accuracy_level, as `quipc compile --onnx-accuracy-level` (default "
+                         "auto, what a user's export gets; an export in --work at another level is redone)")
     ap.add_argument("--rescale", action="store_true",
                     help="QuIP's diagonal rescaling (off by default, as in the reference artifacts "
                          "/work/artifacts/smollm2-quip-w*: quip, hadamard, seed 0, damp 0.01, grid mse)")
@@ -287,10 +299,10 @@ def main(argv=None) -> int:
                 s["path"] = out / "model.onnx"
             elif "artifact" in s:
                 out = work / s["name"]
-                if not (out / "model.onnx").is_file():
-                    log(f"export artifact {s['artifact']}")
-                    lower_artifact(s["artifact"], out, target="onnx", progress=False,
-                                   accuracy_level=s.get("accuracy_level", 4))
+                level = s.get("accuracy_level", args.onnx_accuracy_level)
+                if not (out / "model.onnx").is_file() or _export_level(out) != accuracy_level_label(level):
+                    log(f"export artifact {s['artifact']} (accuracy_level {accuracy_level_label(level)})")
+                    lower_artifact(s["artifact"], out, target="onnx", progress=False, accuracy_level=level)
                 meta = json.loads((out / "quipc_onnx.json").read_text())
                 rec["bpw"] = meta["bpw"]
                 s["path"] = out / "model.onnx"
