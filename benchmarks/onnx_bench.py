@@ -6,7 +6,9 @@ One run, one machine, onnxruntime CPU with --threads (default 2) intra-op thread
 - fp32: the model exported by quipc.backends.onnx.export_hf_model (one graph, KV cache).
 - onnxruntime.quantization.matmul_nbits_quantizer on that fp32 ONNX: DEFAULT ("RTN", its own
   blockwise round-to-nearest) and GPTQ 4-bit at block 32 and 128, HQQ 4-bit block 128;
-  MatMulNBits accuracy_level=4 (int8 activations: its fastest CPU path).
+  MatMulNBits accuracy_level=4 (int8 activations: its fastest CPU path). Its quantizer leaves the
+  tied lm_head (a MatMul on the embedding's Transpose) fp32; rows ort_rtn_b{32,128}_qhead untie it
+  into its own initializer first, so that it is quantized too (quipc's defaults quantize theirs).
 - quipc from the ONNX input (quipc.frontend.onnx_model.compile_onnx) at 4, 3, 2 bits,
   calibrated per PROTOCOL (first 64 windows of 512 tokens of wiki.valid.tokens).
 - optionally (--artifacts) quipc artifacts compiled by the torch path, exported with
@@ -50,7 +52,38 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
-def ort_quantize(fp32: Path, out: Path, algo: str, block: int, calib_windows, threads: int) -> Path:
+def untie_head(model) -> int:
+    """The tied lm_head, MatMul(x, Transpose(embed_tokens)), as a MatMul on its own transposed copy,
+    so that onnxruntime's quantizer (which takes only initializer weights) quantizes it too; the
+    embedding's Gather keeps the fp32 table. Returns how many MatMuls it untied."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    untied = 0
+    for n in list(model.graph.node):
+        tr = producer.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), [1, 0])
+        table = numpy_helper.to_array(inits[tr.input[0]])
+        if table.ndim != 2 or perm != [1, 0]:
+            continue
+        name = tr.input[0] + ".lm_head_t"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
+        n.input[1] = name
+        if readers[tr.output[0]] == 1:
+            model.graph.node.remove(tr)
+        untied += 1
+    return untied
+
+
+def ort_quantize(fp32: Path, out: Path, algo: str, block: int, calib_windows, threads: int,
+                 quantize_head: bool = False) -> Path:
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
@@ -59,6 +92,8 @@ def ort_quantize(fp32: Path, out: Path, algo: str, block: int, calib_windows, th
         return path
     out.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(fp32))
+    if quantize_head and untie_head(model) != 1:
+        raise RuntimeError("expected one tied lm_head MatMul(x, Transpose(table)) in the fp32 file")
     if algo == "rtn":
         # ORT's native blockwise RTN; its asymmetric block-128 path crashes for K=576
         cfg = mq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=(block == 128), accuracy_level=4)
@@ -238,6 +273,11 @@ def main(argv=None) -> int:
                           algo={"rtn": "RTN (DEFAULT)", "gptq": "GPTQ", "hqq": "HQQ"}[algo] +
                           (" sym" if (algo == "rtn" and block == 128) else ""),
                           bits=4, block_size=block, ort=(algo, block)))
+    for block in (32, 128):   # the lm_head quantized too: the like-for-like pair of quipc's quantized heads
+        specs.append(dict(name=f"ort_rtn_b{block}_qhead", source="onnxruntime matmul_nbits_quantizer, "
+                          "lm_head untied from the embedding and quantized", algo="RTN (DEFAULT)" +
+                          (" sym" if block == 128 else ""), bits=4, block_size=block, ort=("rtn", block),
+                          quantize_head=True))
     for b in args.bits:
         specs.append(dict(name=f"quipc_onnx_w{b}", source="quipc ONNX frontend (compile model.onnx)", algo="QuIP",
                           bits=b, block_size=None, quipc=b))
@@ -281,7 +321,8 @@ def main(argv=None) -> int:
                 gw = text_windows(tok, calib_text, args.gptq_windows, 512) if algo == "gptq" else None
                 if not (work / s["name"] / "model.onnx").is_file():
                     log(f"onnxruntime quantizer {s['name']}")
-                s["path"] = ort_quantize(fp32, work / s["name"], algo, block, gw, args.threads)
+                s["path"] = ort_quantize(fp32, work / s["name"], algo, block, gw, args.threads,
+                                         quantize_head=s.get("quantize_head", False))
                 rec.setdefault("build_s", time.time() - t)
                 if algo == "gptq":
                     rec["calibration"] = f"{args.gptq_windows} windows x 512 of wiki.valid.tokens"
