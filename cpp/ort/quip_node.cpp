@@ -241,8 +241,10 @@ QuipNode::QuipNode(const NodeSpec& spec, const std::vector<Tensor>& weights) : s
       all.erase(all.begin(), all.begin() + long(k));
     }
     r.expect_end();
-    for (size_t i = 0; i < parts.size(); ++i)
+    for (size_t i = 0; i < parts.size(); ++i) {
       plans_.push_back(make_plan(spec, spec.out_split[i], parts[i], in_scale, in_factors));
+      parts_.push_back(plans_.back().get());
+    }
   } catch (const std::invalid_argument& e) {  // from the plans' own checks
     throw ort::invalid("quipc node '" + spec.name + "': " + e.what());
   } catch (const ort::Error& e) {
@@ -265,17 +267,15 @@ void QuipNode::forward(const float* x, int rows, const std::vector<float*>& ys, 
   float* zsum = sums ? thread_buffer(1, size_t(rows)) : nullptr;
   head.transform_in(k, x, rows, z, zsum, threads);  // every part has the same input side
   if (plans_.size() > 1) {  // a group's GEMVs: one parallel region, the input prepared once
-    std::vector<const QuipLinearPlan*> plans;
     std::vector<float*> ts;
     size_t total = 0;
     for (const auto& p : plans_) total += size_t(rows) * p->m();
     float* t = thread_buffer(2, total);
     for (const auto& p : plans_) {
-      plans.push_back(p.get());
       ts.push_back(t);
       t += size_t(rows) * p->m();
     }
-    if (QuipLinearPlan::matmul_group(k, plans, z, zsum, rows, ts, threads)) {
+    if (QuipLinearPlan::matmul_group(k, parts_, z, zsum, rows, ts, threads)) {
       for (size_t p = 0; p < plans_.size(); ++p) plans_[p]->transform_out(k, ts[p], rows, ys[p], threads);
       return;
     }

@@ -48,6 +48,7 @@ class QuipNode {
  private:
   NodeSpec spec_;
   std::vector<std::unique_ptr<QuipLinearPlan>> plans_;  // one per part, same input side
+  std::vector<const QuipLinearPlan*> parts_;            // the same, as matmul_group takes them
 };
 
 }  // namespace quipc
