@@ -43,6 +43,7 @@ for p in (ROOT, ROOT / "runtime"):
         sys.path.insert(0, str(p))
 
 from quipc.backends.onnx.emitter import accuracy_level_label  # noqa: E402
+from quipc.frontend.onnx_targets import find_targets  # noqa: E402
 from quipc.cli import _accuracy_level  # noqa: E402
 
 DATA = Path("/work/shared/data/wikitext-2")
@@ -55,31 +56,24 @@ def log(*a):
 def untie_head(model) -> int:
     """The tied lm_head, MatMul(x, Transpose(embed_tokens)), as a MatMul on its own transposed copy,
     so that onnxruntime's quantizer (which takes only initializer weights) quantizes it too; the
-    embedding's Gather keeps the fp32 table. Returns how many MatMuls it untied."""
+    embedding's Gather keeps the fp32 table. Returns how many MatMuls it untied. The head is found
+    as quipc's .onnx frontend finds it (onnx_targets.find_targets: a weight read from an embedding)."""
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    readers: dict = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    untied = 0
-    for n in list(model.graph.node):
-        tr = producer.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
-        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
-            continue
-        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), [1, 0])
-        table = numpy_helper.to_array(inits[tr.input[0]])
-        if table.ndim != 2 or perm != [1, 0]:
-            continue
-        name = tr.input[0] + ".lm_head_t"
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
-        n.input[1] = name
-        if readers[tr.output[0]] == 1:
-            model.graph.node.remove(tr)
-        untied += 1
-    return untied
+    from quipc.frontend.onnx_calibration import embedding_tables
+    from quipc.frontend.onnx_rewrite import _prune
+
+    tables = set(embedding_tables(model))
+    targets, _ = find_targets(model, quantize_lm_head=True)
+    heads = [t for t in targets if any(d in tables for d in t.weight_names)]
+    for t in heads:   # t.weight is (out, in); MatMul's B is (in, out)
+        name = t.weight_names[0] + ".lm_head_t"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(t.weight.T), name))
+        t.node.input[1] = name
+    live = _prune(list(model.graph.node), {o.name for o in model.graph.output})   # the dead Transpose
+    del model.graph.node[:]
+    model.graph.node.extend(live)
+    return len(heads)
 
 
 def ort_quantize(fp32: Path, out: Path, algo: str, block: int, calib_windows, threads: int,

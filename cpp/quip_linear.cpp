@@ -260,7 +260,8 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
                             float* t, int threads) const {
   if (!matmul_is_gemv(batch)) return matmul_gemm(k, matmul_path(batch), z, zsum, batch, t, threads);
   const GemvInput in = gemv_input(k, z, zsum, batch);
-  float* extra = gemv_extra_floats(batch) ? scratch(6, size_t(gemv_extra_floats(batch))) : nullptr;
+  const int extra_floats = gemv_extra_floats(batch);
+  float* extra = extra_floats ? scratch(6, size_t(extra_floats)) : nullptr;
   over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { gemv_rows(k, in, i0, i1, t, extra); });
 }
 

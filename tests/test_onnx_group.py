@@ -21,14 +21,19 @@ from test_onnx_layer import make_layer
 KRON_ONLY = {"dense_layer_max": 0}   # the Kronecker forms everywhere
 
 
+def share_input_side(layers, name=lambda i, la: la.name):
+    """The layers with the first one's in_scale and input transform, as q/k/v have in an artifact
+    (each layer's own reference stays exact); name(i, layer) renames the others."""
+    head = layers[0]
+    return [head] + [dataclasses.replace(la, name=name(i, la), t_in=head.t_in, in_scale=head.in_scale)
+                     for i, la in enumerate(layers[1:], 1)]
+
+
 @functools.lru_cache(maxsize=None)
 def group_layers(n, outs, bits, inc, bias=False):
-    """Layers of different shapes that share the first one's in_scale and input transform,
-    as q/k/v do in an artifact (each layer's own reference stays exact)."""
+    """Layers of different shapes that share the first one's input side (share_input_side)."""
     layers = [make_layer(m, n, bits, "quip", inc, bias, seed=i) for i, m in enumerate(outs)]
-    head = layers[0]
-    return tuple([head] + [dataclasses.replace(la, name=f"blk.0.proj{i}", t_in=head.t_in, in_scale=head.in_scale)
-                     for i, la in enumerate(layers[1:], 1)])
+    return tuple(share_input_side(layers, name=lambda i, la: f"blk.0.proj{i}"))
 
 
 def build(layers, ops="quip", rank=3, group=True, **kw):

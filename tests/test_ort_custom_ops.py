@@ -20,7 +20,7 @@ from quipc_runtime import ort_custom_ops
 from quipc_runtime.onnx_runtime import OnnxLM
 from e8p_layers import random_e8p_layer
 from test_onnx_e8p import build, qkv
-from test_onnx_group import group_layers
+from test_onnx_group import group_layers, share_input_side
 from test_onnx_layer import make_layer
 from tiny import make_tiny_llama, write_text
 
@@ -106,13 +106,10 @@ def test_group_kernel_matches_function_body(k, stack, tmp_path):
 
 
 def trellis_group(n, outs, bits):
-    import dataclasses
-
     from trellis_layers import random_trellis_layer
 
-    layers = [random_trellis_layer(m, n, bits, seed=i, name=f"blk.0.t{i}") for i, m in enumerate(outs)]
-    return [layers[0]] + [dataclasses.replace(la, t_in=layers[0].t_in, in_scale=layers[0].in_scale)
-                          for la in layers[1:]]
+    return share_input_side([random_trellis_layer(m, n, bits, seed=i, name=f"blk.0.t{i}")
+                             for i, m in enumerate(outs)])
 
 
 # A group's decode GEMVs run in one parallel region on an input prepared once
