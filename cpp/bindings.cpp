@@ -20,6 +20,7 @@ using namespace quipc::bindings;
 PYBIND11_MODULE(_kernels, mod) {
   mod.doc() = "quipc fast kernels (CPU AVX2/scalar, optional CUDA)";
   mod.def("cpu_has_avx2_fma", &cpu_has_avx2_fma);
+  mod.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);  // the row tiles' VNNI kernels
   mod.def("kernel_name", [](bool force_scalar) { return std::string(select_kernels(force_scalar).name); },
           py::arg("force_scalar") = false, "Name of the CPU kernel set that would run.");
   mod.def(

@@ -22,7 +22,7 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
                  const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                  const py::object& bias, const py::sequence& in_factors,
                  const py::sequence& out_factors, const std::string& format, bool e8p_as_grid4,
-                 bool int8_activations, bool trellis_as_int8) {
+                 bool int8_activations, bool trellis_as_int8, const std::string& row_tiles) {
   if (bits < 2 || bits > 4) throw py::value_error("bits must be 2, 3 or 4, got " + std::to_string(bits));
   if (m < 1 || n < 1) throw py::value_error("layer shape must be positive");
   const CodeFormat fmt = parse_format(format);
@@ -45,6 +45,14 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
   d.e8p_as_grid4 = e8p_as_grid4;
   d.int8_activations = int8_activations;
   d.trellis_as_int8 = trellis_as_int8;
+  if (row_tiles == "auto")
+    d.row_tiles = LayerData::RowTiles::kAuto;
+  else if (row_tiles == "on")
+    d.row_tiles = LayerData::RowTiles::kOn;
+  else if (row_tiles == "off")
+    d.row_tiles = LayerData::RowTiles::kOff;
+  else
+    throw py::value_error("row_tiles must be 'auto', 'on' or 'off', not '" + row_tiles + "'");
   if (fmt != CodeFormat::kGrid) {
     const py::ssize_t stages = fmt == CodeFormat::kE8P ? e8p_stages(bits) : 1;
     py::array sa = expect_array<float>(scale, "scale", {m, stages});
@@ -74,21 +82,24 @@ void register_plan(py::module_& mod) {
                        const py::object& zero, const py::object& in_scale, const py::object& out_scale,
                        const py::object& bias, const py::sequence& in_factors, const py::sequence& out_factors,
                        const std::string& format, bool e8p_as_grid4, bool int8_activations,
-                       bool trellis_as_int8) {
+                       bool trellis_as_int8, const std::string& row_tiles) {
              return make_plan(m, n, bits, codes, scale, zero, in_scale, out_scale, bias, in_factors,
-                              out_factors, format, e8p_as_grid4, int8_activations, trellis_as_int8);
+                              out_factors, format, e8p_as_grid4, int8_activations, trellis_as_int8, row_tiles);
            }),
            py::arg("m"), py::arg("n"), py::arg("bits"), py::arg("codes"),
            py::arg("scale"), py::arg("zero"), py::arg("in_scale"), py::arg("out_scale"),
            py::arg("bias"), py::arg("in_factors"), py::arg("out_factors"),
            py::arg("format") = "grid", py::arg("e8p_as_grid4") = true,
-           py::arg("int8_activations") = false, py::arg("trellis_as_int8") = false)
+           py::arg("int8_activations") = false, py::arg("trellis_as_int8") = false,
+           py::arg("row_tiles") = "auto")
       .def_property_readonly("m", [](const PyPlan& p) { return p.plan->m(); })
       .def_property_readonly("n", [](const PyPlan& p) { return p.plan->n(); })
       .def_property_readonly("gemv_as_grid4",   // the GEMV on 4-bit grid planes (e8p_as_grid4 taken)
                              [](const PyPlan& p) { return p.plan->gemv_as_grid4(); })
       .def_property_readonly("gemv_on_int8_rows",   // the GEMV on an 8-bit copy of W' (trellis_as_int8 taken)
                              [](const PyPlan& p) { return p.plan->gemv_on_int8_rows(); })
+      .def_property_readonly("gemv_on_row_tiles",   // the int8 GEMV on row tiles (row_tiles taken)
+                             [](const PyPlan& p) { return p.plan->gemv_on_row_tiles(); })
       .def_property_readonly("gemv_int8",   // the 4-bit GEMV on int8 activations (int8_activations taken)
                              [](const PyPlan& p) { return p.plan->gemv_int8(); })
       .def(

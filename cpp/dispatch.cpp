@@ -6,6 +6,7 @@
 #include "e8p.h"
 #include "int8_rows.h"
 #include "kernels.h"
+#include "row_tiles_kernels.h"
 #include "trellis.h"
 #include "ukernel_avx512.h"
 
@@ -21,12 +22,27 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+namespace {
+// QUIPC_NO_AVX512 set to a non-empty value other than "0" keeps every kernel on AVX2.
+bool avx512_allowed() {
+  const char* off = std::getenv("QUIPC_NO_AVX512");
+  return !(off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0);
+}
+}  // namespace
+
 bool cpu_has_avx512f() {
 #if defined(QUIPC_HAVE_AVX2) && defined(__GNUC__)
-  static const bool ok = [] {
-    const char* off = std::getenv("QUIPC_NO_AVX512");
-    return __builtin_cpu_supports("avx512f") && !(off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0);
-  }();
+  static const bool ok = __builtin_cpu_supports("avx512f") && avx512_allowed();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_vnni() {
+#if defined(QUIPC_HAVE_AVX2) && defined(QUIPC_HAVE_AVX512_VNNI) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vnni") && avx512_allowed();
   return ok;
 #else
   return false;
@@ -34,12 +50,31 @@ bool cpu_has_avx512f() {
 }
 
 #ifdef QUIPC_HAVE_AVX2
+namespace {
+// The row tiles' kernels of the AVX2 table: VNNI where the CPU has it; elsewhere the portable
+// ones (plans build row tiles only where cpu_has_avx512_vnni(), unless a test asks for them).
+using Tiles4 = decltype(KernelTable::tiles4_i8);
+using Tiles8 = decltype(KernelTable::tiles8_i8);
+Tiles4 tiles4_i8() {
+#ifdef QUIPC_HAVE_AVX512_VNNI
+  if (cpu_has_avx512_vnni()) return row_tiles_vnni::gemv4_i8;
+#endif
+  return row_tiles_scalar::gemv4_i8;
+}
+Tiles8 tiles8_i8() {
+#ifdef QUIPC_HAVE_AVX512_VNNI
+  if (cpu_has_avx512_vnni()) return row_tiles_vnni::gemv8_i8;
+#endif
+  return row_tiles_scalar::gemv8_i8;
+}
+}  // namespace
+
 const KernelTable& avx2_kernels() {
   static const KernelTable table{"avx2",         avx2::qgemv,    avx2::quantize_acts, avx2::qgemv4_i8, avx2::qgemm,
                                  avx2::fwht,     avx2::gemm_f32, e8p_avx2::gemv,
                                  e8p_avx2::gemm, trellis_avx2::gemv,
                                  trellis_avx2::gemm, int8_rows_avx2::gemv,
-                                 int8_rows_avx2::gemv_i8};
+                                 int8_rows_avx2::gemv_i8, tiles4_i8(), tiles8_i8()};
   return table;
 }
 #else

@@ -28,9 +28,10 @@ struct RowAffine {
 // high nibbles, so a block's 16 code bytes meet their activations without a shuffle).
 constexpr int kActBlock = 32;
 struct Int8Acts {
-  const int8_t* q;  // (nb, blocks * kActBlock)
-  const float* d;   // (nb, blocks)
-  int blocks;       // ceil(n / kActBlock); values past n are zero
+  const int8_t* q;       // (nb, blocks * kActBlock)
+  const float* d;        // (nb, blocks)
+  int blocks;            // ceil(n / kActBlock); values past n are zero
+  const int32_t* sums = nullptr;  // (nb, blocks): each block's sum of q (read by tiles8_i8)
 };
 inline int act_blocks(int n) { return (n + kActBlock - 1) / kActBlock; }
 
@@ -45,6 +46,23 @@ struct Int8Rows {
 };
 // One row of z (n values) -> blocks * kActBlock floats in Int8Acts' block order, zero past n.
 void permute_acts(const float* z, int n, float* out);
+
+// Row tiles (row_tiles.h): the rows of 4-bit codes (Codes' layout, bits = 4) or of int8 rows
+// (Int8Rows) regrouped kTileRows at a time, so that one 64-byte load holds 4 bytes of each of
+// 16 rows and one vpdpbusd (AVX-512 VNNI) adds 4 products to each row's int32 lane: no
+// horizontal sums. Tile r0 / kTileRows, block blk, quad k (bytes 4k..4k+3 of the row's block,
+// in Codes' or Int8Rows' byte order), row r0 + r: 4 bytes at
+//   data + ((tile * blocks + blk) * quads + k) * 64 + 4 * r,
+// quads = 4 (4-bit codes: a byte's low nibble meets the block's activation slot 4k + j, its
+// high nibble slot 16 + 4k + j) or 8 (int8 rows, stored + 128 as unsigned bytes: vpdpbusd
+// multiplies unsigned by signed bytes, and 128 * the block's activation sum comes off exactly).
+// Rows past m and blocks past n are zero.
+constexpr int kTileRows = 16;
+struct RowTiles {
+  const uint8_t* data;
+  int m, n, blocks, quads;  // blocks = act_blocks(n); quads = 4 (4-bit codes) or 8 (int8 rows)
+  const float* step;        // int8 rows: (m) row steps; 4-bit codes: null (RowAffine instead)
+};
 
 struct E8PCodes;      // e8p.h
 struct TrellisCodes;  // trellis.h
@@ -85,6 +103,11 @@ struct KernelTable {
   void (*gemv8)(const Int8Rows&, int i0, int i1, const float* zp, int ldz, int nb, float* t, int ldt);
   // ... and on int8 activations: per block an exact integer dot product scaled by its step.
   void (*gemv8_i8)(const Int8Rows&, int i0, int i1, const Int8Acts& a, int nb, float* t, int ldt);
+  // Row tiles (RowTiles, nb <= 4, i0 a multiple of kTileRows): qgemv4_i8 on tiled 4-bit codes,
+  // and gemv8_i8 on tiled int8 rows (a.sums required); the same integer dot products per block.
+  void (*tiles4_i8)(const RowTiles&, const RowAffine&, int i0, int i1, const Int8Acts& a,
+                    const float* zsum, int nb, float* t, int ldt);
+  void (*tiles8_i8)(const RowTiles&, int i0, int i1, const Int8Acts& a, int nb, float* t, int ldt);
 };
 
 constexpr int kGemmNR = 16;   // output features per micro-panel
@@ -99,6 +122,8 @@ inline size_t qgemm_work_floats(int nbatch) {
 const KernelTable& scalar_kernels();
 const KernelTable& avx2_kernels();  // only valid when cpu_has_avx2_fma()
 bool cpu_has_avx2_fma();  // AVX2, FMA and BMI2
+// AVX-512 F, BW and VNNI (the row tiles' kernels), unless QUIPC_NO_AVX512 is set non-empty, not "0"
+bool cpu_has_avx512_vnni();
 // The table to use: AVX2 unless the CPU lacks it, force_scalar is set, or the
 // environment variable QUIPC_FORCE_SCALAR is set to a non-empty value other than "0".
 const KernelTable& select_kernels(bool force_scalar);

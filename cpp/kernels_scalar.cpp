@@ -5,6 +5,7 @@
 #include "e8p.h"
 #include "gemm_driver.h"
 #include "int8_rows.h"
+#include "row_tiles_kernels.h"
 #include "kernels.h"
 #include "ukernel_scalar.h"
 #include "unpack.h"
@@ -95,7 +96,8 @@ const KernelTable& scalar_kernels() {
                                  fwht_scalar, gemm_f32_scalar, e8p_scalar::gemv,
                                  e8p_scalar::gemm, trellis_scalar::gemv,
                                  trellis_scalar::gemm, int8_rows_scalar::gemv,
-                                 int8_rows_scalar::gemv_i8};
+                                 int8_rows_scalar::gemv_i8, row_tiles_scalar::gemv4_i8,
+                                 row_tiles_scalar::gemv8_i8};
   return table;
 }
 

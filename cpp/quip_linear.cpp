@@ -75,24 +75,25 @@ void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
 // SmolLM2 w2's decode perplexity rose 3 %).
 Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int batch, float** qsum) {
   const int blocks = act_blocks(n);
-  int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 4) / 4 + 1)));
+  int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 8) / 4 + 1)));
   float* steps = reinterpret_cast<float*>(q + size_t(batch) * blocks * kActBlock);
-  float* sums = steps + size_t(batch) * blocks;
+  int32_t* block_sums = reinterpret_cast<int32_t*>(steps + size_t(batch) * blocks);
+  float* sums = reinterpret_cast<float*>(block_sums + size_t(batch) * blocks);
   for (int b = 0; b < batch; ++b) {
     int8_t* qb = q + size_t(b) * blocks * kActBlock;
     float* db = steps + size_t(b) * blocks;
     k.quantize_acts(z + size_t(b) * ldz, n, qb, db);
-    if (qsum == nullptr) continue;  // int8 rows: no zero point, no sums
     double s = 0.0;
     for (int blk = 0; blk < blocks; ++blk) {
       int32_t part = 0;
       for (int j = 0; j < kActBlock; ++j) part += qb[blk * kActBlock + j];
+      block_sums[size_t(b) * blocks + blk] = part;
       s += double(db[blk]) * part;
     }
     sums[b] = float(s);
   }
   if (qsum != nullptr) *qsum = sums;
-  return Int8Acts{q, steps, blocks};
+  return Int8Acts{q, steps, blocks, block_sums};
 }
 
 }  // namespace
@@ -117,6 +118,20 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
     for (int st = 0; st < e8p_stages(d_.bits); ++st) grid4_.push_back(e8p_stage_as_grid4(d_, st));
   }
   if (d_.format == CodeFormat::kTrellis && d_.trellis_as_int8) int8_rows_ = trellis_as_int8_rows(d_);
+  if (gemv_int8() && (d_.row_tiles == LayerData::RowTiles::kOn ||
+                      (d_.row_tiles == LayerData::RowTiles::kAuto && cpu_has_avx512_vnni()))) {
+    if (gemv_on_int8_rows()) {  // the rows' only reader is the int8 GEMV: keep the tiles alone
+      tiles_.push_back(tile_int8_rows(int8_rows_.view()));
+      std::vector<int8_t>().swap(int8_rows_.q);
+    } else if (gemv_as_grid4()) {
+      for (Grid4Plane& g : grid4_) {
+        tiles_.push_back(tile_codes4(g.codes.data(), size_t(d_.n / 8) * 4, d_.m, d_.n));
+        std::vector<uint8_t>().swap(g.codes);
+      }
+    } else {
+      tiles_.push_back(tile_codes4(d_.codes, d_.row_bytes, d_.m, d_.n));
+    }
+  }
   if (t_in_.n() != d_.n && !t_in_.identity()) throw std::invalid_argument("input transform size");
   if (t_out_.n() != d_.m && !t_out_.identity()) throw std::invalid_argument("output transform size");
   npad_ = (d_.n + 7) / 8 * 8;
@@ -180,7 +195,7 @@ int QuipLinearPlan::gemv_extra_floats(int batch) const {
 // block order, e8p's group sums: scratch slots 4 and 5, so valid until the caller's next call.
 QuipLinearPlan::GemvInput QuipLinearPlan::gemv_input(const KernelTable& k, const float* z,
                                                      const float* zsum, int batch) const {
-  GemvInput in{matmul_path(batch), batch, z, zsum, Int8Acts{nullptr, nullptr, 0}, nullptr, nullptr, 0, nullptr};
+  GemvInput in{matmul_path(batch), batch, z, zsum, Int8Acts{nullptr, nullptr, 0, nullptr}, nullptr, nullptr, 0, nullptr};
   if (in.path == MatmulPath::kInt8Rows) {
     if (gemv_int8()) {
       in.acts = quantize_rows(k, z, npad_, d_.n, batch, nullptr);
@@ -213,6 +228,7 @@ void QuipLinearPlan::gemv_rows(const KernelTable& k, const GemvInput& in, int i0
   const int batch = in.batch;
   switch (in.path) {
     case MatmulPath::kInt8Rows: {
+      if (!tiles_.empty()) return k.tiles8_i8(tiles_[0].view(), i0, i1, in.acts, batch, t, d_.m);
       const Int8Rows w = int8_rows_.view();
       if (in.acts.q != nullptr)
         k.gemv8_i8(w, i0, i1, in.acts, batch, t, d_.m);
@@ -246,7 +262,9 @@ void QuipLinearPlan::gemv_rows(const KernelTable& k, const GemvInput& in, int i0
     const RowAffine aff = grid4 ? RowAffine{grid4_[size_t(st)].scale.data(), grid4_[size_t(st)].zero.data()}
                                 : RowAffine{d_.scale.data(), d_.zero.data()};
     float* out = st ? extra : t;
-    if (in.path == MatmulPath::kGridGemvInt8)
+    if (!tiles_.empty())
+      k.tiles4_i8(tiles_[size_t(st)].view(), aff, i0, i1, in.acts, in.qsum, batch, out, d_.m);
+    else if (in.path == MatmulPath::kGridGemvInt8)
       k.qgemv4_i8(codes, aff, i0, i1, in.acts, in.qsum, batch, out, d_.m);
     else
       k.qgemv(codes, aff, i0, i1, in.z, npad_, in.zsum, batch, out, d_.m);
@@ -262,7 +280,7 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
   const GemvInput in = gemv_input(k, z, zsum, batch);
   const int extra_floats = gemv_extra_floats(batch);
   float* extra = extra_floats ? scratch(6, size_t(extra_floats)) : nullptr;
-  over_rows(d_.m, d_.n, batch, 8, threads, [&](int i0, int i1) { gemv_rows(k, in, i0, i1, t, extra); });
+  over_rows(d_.m, d_.n, batch, gemv_row_align(), threads, [&](int i0, int i1) { gemv_rows(k, in, i0, i1, t, extra); });
 }
 
 bool QuipLinearPlan::matmul_group(const KernelTable& k, const std::vector<const QuipLinearPlan*>& plans,
@@ -277,7 +295,7 @@ bool QuipLinearPlan::matmul_group(const KernelTable& k, const std::vector<const 
         p->gemv_int8() != head.gemv_int8())
       return false;
     work += double(batch) * p->m() * p->n();
-    units += (p->m() + 7) / 8;
+    units += (p->m() + p->gemv_row_align() - 1) / p->gemv_row_align();
     extra_floats += p->gemv_extra_floats(batch);
   }
   const GemvInput in = head.gemv_input(k, z, zsum, batch);  // every part reads the same
@@ -290,7 +308,7 @@ bool QuipLinearPlan::matmul_group(const KernelTable& k, const std::vector<const 
   ThreadPool::instance().run(nt, [&](int tid) {
     for (size_t p = 0; p < plans.size(); ++p) {
       int i0, i1;
-      split_range(plans[p]->m(), nt, tid, 8, &i0, &i1);
+      split_range(plans[p]->m(), nt, tid, plans[p]->gemv_row_align(), &i0, &i1);
       if (i0 < i1) plans[p]->gemv_rows(k, in, i0, i1, ts[p], extras[p]);
     }
   });

@@ -7,6 +7,7 @@
 
 #include "code_format.h"
 #include "kernels.h"
+#include "row_tiles.h"
 #include "transform.h"
 
 namespace quipc {
@@ -37,6 +38,13 @@ struct LayerData {
   // even error where LDLQ shaped the code's own by the Hessian (SmolLM2 w2's trellis head:
   // decode perplexity +0.27 %); the plan holds 1 byte a weight more. The GEMM stays exact.
   bool trellis_as_int8 = false;
+  // The GEMVs on int8 activations (int8_activations) read row tiles (row_tiles.h: 16 rows
+  // regrouped for the AVX-512 VNNI kernels): kAuto where cpu_has_avx512_vnni(), kOn always (the
+  // portable kernels where the CPU lacks VNNI: for tests), kOff never. The plan then holds the
+  // tiles in place of the row copies it builds (e8p's 4-bit planes, trellis' int8 rows); a 4-bit
+  // grid layer's tiles are a copy of its codes (0.5 byte a weight more).
+  enum class RowTiles { kAuto, kOn, kOff };
+  RowTiles row_tiles = RowTiles::kAuto;
 };
 
 // One 4-bit grid plane of a layer's W' (as_grid4.h): the grid row scale[i] * codes[i, :] + zero[i].
@@ -61,7 +69,8 @@ class QuipLinearPlan {
   int m() const { return d_.m; }
   int n() const { return d_.n; }
   bool gemv_as_grid4() const { return !grid4_.empty(); }  // e8p_as_grid4 taken
-  bool gemv_on_int8_rows() const { return !int8_rows_.q.empty(); }  // trellis_as_int8 taken
+  bool gemv_on_int8_rows() const { return !int8_rows_.step.empty(); }  // trellis_as_int8 taken
+  bool gemv_on_row_tiles() const { return !tiles_.empty(); }  // LayerData::row_tiles taken
   int padded_n() const { return npad_; }
   // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit, or int8 rows)
   bool gemv_int8() const;
@@ -116,6 +125,7 @@ class QuipLinearPlan {
   bool matmul_is_gemv(int batch) const;
   GemvInput gemv_input(const KernelTable& k, const float* z, const float* zsum, int batch) const;
   int gemv_extra_floats(int batch) const;
+  int gemv_row_align() const { return tiles_.empty() ? 8 : kTileRows; }  // rows a GEMV share starts at
   void gemv_rows(const KernelTable& k, const GemvInput& in, int i0, int i1, float* t, float* extra) const;
   void matmul_gemm(const KernelTable& k, MatmulPath path, const float* z, const float* zsum, int batch,
                    float* t, int threads) const;
@@ -125,6 +135,10 @@ class QuipLinearPlan {
   // LayerData::trellis_as_int8: its int8 rows (trellis_as_int8.h); empty: the format's kernels
   std::vector<Grid4Plane> grid4_;
   Int8RowsData int8_rows_;
+  // LayerData::row_tiles: the int8-activation GEMV's codes as row tiles, one per grid plane
+  // (the layer's 4-bit codes, or its e8p stages: grid4_ then keeps their scales only) or its int8
+  // rows (int8_rows_ then keeps its steps only)
+  std::vector<RowTilesData> tiles_;
   KronTransform t_in_, t_out_;
   int npad_;
   std::vector<float> in_vec_, out_vec_;  // in_scale / out_scale with the FWHT gains folded in

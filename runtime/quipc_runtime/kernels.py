@@ -29,6 +29,12 @@ except ImportError as exc:  # not built: the reference path still works
     _IMPORT_ERROR = exc
 
 
+def cpu_has_avx512_vnni() -> bool:
+    """True where the int8-activation GEMVs run on row tiles by the AVX-512 VNNI kernels
+    (QUIPC_NO_AVX512=1 turns them off)."""
+    return _ext is not None and _ext.cpu_has_avx512_vnni()
+
+
 def available() -> bool:
     """True when the compiled extension is importable (CPU kernels)."""
     return _ext is not None
@@ -114,7 +120,7 @@ CUDA_FORMATS = ("grid", "e8p", "trellis")
 
 
 def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations: bool = False,
-            trellis_as_int8: bool = False):
+            trellis_as_int8: bool = False, row_tiles: str = "auto"):
     """A CPU plan for one layer (`_kernels.Plan`): forward / transform_in / matmul / transform_out.
     e8p_as_grid4: an e8p layer's GEMV (batch <= 4) runs by the 4-bit grid kernel, one pass per
     stage (the same weights, its codes also widened to nibbles in the plan: at 2 bits ~0.7x the
@@ -135,7 +141,7 @@ def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations:
         require_format(layer, CPU_FORMATS, "the C++ kernel backend")
         _require_no_patch(layer)
     return _ext.Plan(**_layer_args(layer), e8p_as_grid4=e8p_as_grid4, int8_activations=int8_activations,
-                     trellis_as_int8=trellis_as_int8)
+                     trellis_as_int8=trellis_as_int8, row_tiles=row_tiles)
 
 
 def _require_no_patch(layer: QuantizedLinear) -> None:
