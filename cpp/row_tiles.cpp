@@ -35,6 +35,27 @@ inline const uint8_t* quad_at(const RowTiles& t, int i, int blk, int k) {
          size_t(i % kTileRows) * kQuadBytes;
 }
 
+// Row i times activation row b: per block the integer dot product of its codes (4-bit: a byte's
+// nibbles meet slots 4k + j and 16 + 4k + j; int8 rows: bytes + 128, and 128 times the block's
+// activation sum taken off), scaled by the block's step, summed in block order.
+float row_dot(const RowTiles& w, int i, const Int8Acts& a, int b) {
+  const size_t row_acts = size_t(a.blocks) * kActBlock;
+  float acc = 0.f;
+  for (int blk = 0; blk < w.blocks; ++blk) {
+    const int8_t* q = a.q + size_t(b) * row_acts + size_t(blk) * kActBlock;
+    int32_t dot = 0;
+    for (int k = 0; k < w.quads; ++k) {
+      const uint8_t* c = quad_at(w, i, blk, k);
+      for (int j = 0; j < kQuadBytes; ++j)
+        dot += w.quads == 4 ? (c[j] & 15) * q[kQuadBytes * k + j] + (c[j] >> 4) * q[kActBlock / 2 + kQuadBytes * k + j]
+                            : int32_t(c[j]) * q[kQuadBytes * k + j];
+    }
+    if (w.quads != 4) dot -= 128 * a.sums[size_t(b) * a.blocks + blk];
+    acc += a.d[size_t(b) * a.blocks + blk] * float(dot);
+  }
+  return acc;
+}
+
 }  // namespace
 
 RowTilesData tile_codes4(const uint8_t* codes, size_t row_bytes, int m, int n) {
@@ -63,41 +84,13 @@ namespace row_tiles_scalar {
 
 void gemv4_i8(const RowTiles& w, const RowAffine& aff, int i0, int i1, const Int8Acts& a, const float* zsum,
               int nb, float* t, int ldt) {
-  const size_t row_acts = size_t(a.blocks) * kActBlock;
   for (int i = i0; i < i1; ++i)
-    for (int b = 0; b < nb; ++b) {
-      float acc = 0.f;
-      for (int blk = 0; blk < w.blocks; ++blk) {
-        const int8_t* q = a.q + size_t(b) * row_acts + size_t(blk) * kActBlock;
-        int32_t dot = 0;
-        for (int k = 0; k < w.quads; ++k) {
-          const uint8_t* c = quad_at(w, i, blk, k);
-          for (int j = 0; j < kQuadBytes; ++j)
-            dot += (c[j] & 15) * q[kQuadBytes * k + j] + (c[j] >> 4) * q[kActBlock / 2 + kQuadBytes * k + j];
-        }
-        acc += a.d[size_t(b) * a.blocks + blk] * float(dot);
-      }
-      t[size_t(b) * ldt + i] = aff.scale[i] * acc + aff.zero[i] * zsum[b];
-    }
+    for (int b = 0; b < nb; ++b) t[size_t(b) * ldt + i] = aff.scale[i] * row_dot(w, i, a, b) + aff.zero[i] * zsum[b];
 }
 
 void gemv8_i8(const RowTiles& w, int i0, int i1, const Int8Acts& a, int nb, float* t, int ldt) {
-  const size_t row_acts = size_t(a.blocks) * kActBlock;
   for (int i = i0; i < i1; ++i)
-    for (int b = 0; b < nb; ++b) {
-      float acc = 0.f;
-      for (int blk = 0; blk < w.blocks; ++blk) {
-        const int8_t* q = a.q + size_t(b) * row_acts + size_t(blk) * kActBlock;
-        int32_t dot = 0;
-        for (int k = 0; k < w.quads; ++k) {
-          const uint8_t* c = quad_at(w, i, blk, k);
-          for (int j = 0; j < kQuadBytes; ++j) dot += int32_t(c[j]) * q[kQuadBytes * k + j];
-        }
-        dot -= 128 * a.sums[size_t(b) * a.blocks + blk];
-        acc += a.d[size_t(b) * a.blocks + blk] * float(dot);
-      }
-      t[size_t(b) * ldt + i] = w.step[i] * acc;
-    }
+    for (int b = 0; b < nb; ++b) t[size_t(b) * ldt + i] = w.step[i] * row_dot(w, i, a, b);
 }
 
 }  // namespace row_tiles_scalar
