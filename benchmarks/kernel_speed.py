@@ -5,6 +5,8 @@
     python benchmarks/kernel_speed.py --artifact DIR --fp32-model HF_DIR --json OUT.json  # decode
     python benchmarks/kernel_speed.py --formats grid e8p --shapes 7b --batches 1 --json OUT.json
     python benchmarks/kernel_speed.py --int8-activations ...   # the 4-bit GEMVs on int8 activations
+    python benchmarks/kernel_speed.py --int8-activations --row-tiles-ab ...   # + the same plans without
+                                                        # row tiles (AVX-512 VNNI), in the same rounds
 
 Code formats (--formats, default grid, e8p and trellis): every format runs in the same
 interleaved rounds as the grid kernel at the same bits and fp32, so each e8p / trellis record
@@ -143,6 +145,8 @@ def cpu_bench(args) -> list[dict]:
         layers = {c: make_layer(c[0], n_in, n_out, c[1]) for c in configs}
         plans = {c: K.prepare(layers[c], int8_activations=args.int8_activations,
                               trellis_as_int8=c[0] != "trellis-exact") for c in configs}
+        rows = {c: K.prepare(layers[c], int8_activations=args.int8_activations, trellis_as_int8=c[0] != "trellis-exact",
+                             row_tiles="off") for c in configs if args.row_tiles_ab and plans[c].gemv_on_row_tiles}
         key = {c: f"q{c[1]}" if c[0] == "grid" else f"{c[0]}{c[1]}" for c in configs}
         for batch in args.batches:
             x = torch.randn(batch, n_in)
@@ -152,6 +156,8 @@ def cpu_bench(args) -> list[dict]:
             staged = {}
             for c in configs:
                 fns[key[c]] = (lambda p=plans[c], o=out[c]: p.forward(xn, out=o, threads=args.threads))
+                if c in rows and batch <= 4:
+                    fns[key[c] + "_rows"] = (lambda p=rows[c], o=out[c]: p.forward(xn, out=o, threads=args.threads))
                 if batch == 1:  # bare quantized matmul, for the transform overhead
                     z, zs = plans[c].transform_in(xn, threads=args.threads)
                     staged[c] = (z, zs)
@@ -164,13 +170,17 @@ def cpu_bench(args) -> list[dict]:
                 rec = {"kind": "layer", "device": "cpu", "shape": f"{n_in}x{n_out}", "in": n_in,
                        "out": n_out, "bits": b, "format": fmt, "batch": batch, "threads": args.threads,
                        "kernels": K.kernel_name(), "int8_activations": args.int8_activations,
-                       "gemv_int8": bool(plans[c].gemv_int8) and batch <= 4, "quipc_ms": q * 1e3,
+                       "gemv_int8": bool(plans[c].gemv_int8) and batch <= 4,
+                       "row_tiles": bool(plans[c].gemv_on_row_tiles) and batch <= 4, "quipc_ms": q * 1e3,
                        "fp32_ms": med["fp32"] * 1e3, "speedup": med["fp32"] / q,
                        "quipc_weight_GBps": weight_bytes(layers[c]) / q / 1e9,
                        "fp32_weight_GBps": 4 * n_in * n_out / med["fp32"] / 1e9}
                 if fmt != "grid" and ("grid", b) in key:
                     rec["grid_ms"] = med[key[("grid", b)]] * 1e3
                     rec["vs_grid"] = med[key[("grid", b)]] / q
+                if key[c] + "_rows" in med:   # the same plan without row tiles (--row-tiles-ab)
+                    rec["rows_ms"] = med[key[c] + "_rows"] * 1e3
+                    rec["vs_rows"] = med[key[c] + "_rows"] / q
                 if "mm" + key[c] in med:
                     rec["matmul_only_ms"] = med["mm" + key[c]] * 1e3
                     rec["transform_overhead"] = q / med["mm" + key[c]] - 1
@@ -179,6 +189,7 @@ def cpu_bench(args) -> list[dict]:
                       f"{rec['fp32_ms']:8.3f} ms  x{rec['speedup']:.2f}  "
                       f"({rec['quipc_weight_GBps']:.1f} vs {rec['fp32_weight_GBps']:.1f} GB/s)"
                       + (f"  vs grid x{rec['vs_grid']:.2f}" if "vs_grid" in rec else "")
+                      + (f"  vs rows x{rec['vs_rows']:.2f}" if "vs_rows" in rec else "")
                       + (f"  transforms +{100 * rec['transform_overhead']:.0f}%" if "transform_overhead" in rec else ""),
                       flush=True)
     return records
@@ -346,6 +357,9 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu", action="store_true", help="CUDA kernels instead of the CPU ones")
     ap.add_argument("--int8-activations", action="store_true",
                     help="CPU plans whose 4-bit GEMVs (4-bit grid, e8p as nibbles) take int8 activations")
+    ap.add_argument("--row-tiles-ab", action="store_true",
+                    help="with --int8-activations: also time each plan that reads row tiles (AVX-512 VNNI) "
+                         "without them, in the same rounds (records rows_ms, vs_rows)")
     ap.add_argument("--artifact", type=Path, help="also measure decode tok/s of this artifact")
     ap.add_argument("--fp32-model", help="fp32 baseline for --artifact: alias (smollm2-135m), HF dir or .gguf")
     ap.add_argument("--decode-only", action="store_true", help="with --artifact: skip the layer benchmark")
