@@ -72,28 +72,31 @@ void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
 // *qsum (unless qsum is null) the row sums of the quantized activations. The zero-point term
 // takes those, not the sums of z: the codes' mean (7.5) times the rounding errors' sum then cancels as it does in
 // exact arithmetic, and only the centred codes meet the rounding error (with the sums of z,
-// SmolLM2 w2's decode perplexity rose 3 %).
-Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int batch, float** qsum) {
+// SmolLM2 w2's decode perplexity rose 3 %). block_sums: the acts' per-block sums of q too (the
+// row tiles' int8-row kernel reads them; Int8Acts::sums stays null otherwise).
+Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int batch, float** qsum,
+                       bool block_sums) {
   const int blocks = act_blocks(n);
   int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 8) / 4 + 1)));
   float* steps = reinterpret_cast<float*>(q + size_t(batch) * blocks * kActBlock);
-  int32_t* block_sums = reinterpret_cast<int32_t*>(steps + size_t(batch) * blocks);
-  float* sums = reinterpret_cast<float*>(block_sums + size_t(batch) * blocks);
+  int32_t* parts = reinterpret_cast<int32_t*>(steps + size_t(batch) * blocks);
+  float* sums = reinterpret_cast<float*>(parts + size_t(batch) * blocks);
   for (int b = 0; b < batch; ++b) {
     int8_t* qb = q + size_t(b) * blocks * kActBlock;
     float* db = steps + size_t(b) * blocks;
     k.quantize_acts(z + size_t(b) * ldz, n, qb, db);
+    if (qsum == nullptr && !block_sums) continue;  // int8 rows without tiles: no zero point, no sums
     double s = 0.0;
     for (int blk = 0; blk < blocks; ++blk) {
       int32_t part = 0;
       for (int j = 0; j < kActBlock; ++j) part += qb[blk * kActBlock + j];
-      block_sums[size_t(b) * blocks + blk] = part;
+      parts[size_t(b) * blocks + blk] = part;
       s += double(db[blk]) * part;
     }
     sums[b] = float(s);
   }
   if (qsum != nullptr) *qsum = sums;
-  return Int8Acts{q, steps, blocks, block_sums};
+  return Int8Acts{q, steps, blocks, block_sums ? parts : nullptr};
 }
 
 }  // namespace
@@ -198,7 +201,7 @@ QuipLinearPlan::GemvInput QuipLinearPlan::gemv_input(const KernelTable& k, const
   GemvInput in{matmul_path(batch), batch, z, zsum, Int8Acts{nullptr, nullptr, 0, nullptr}, nullptr, nullptr, 0, nullptr};
   if (in.path == MatmulPath::kInt8Rows) {
     if (gemv_int8()) {
-      in.acts = quantize_rows(k, z, npad_, d_.n, batch, nullptr);
+      in.acts = quantize_rows(k, z, npad_, d_.n, batch, nullptr, !tiles_.empty());
     } else {
       in.len = int8_rows_.blocks * kActBlock;
       float* zp = scratch(5, size_t(batch) * in.len);
@@ -207,7 +210,7 @@ QuipLinearPlan::GemvInput QuipLinearPlan::gemv_input(const KernelTable& k, const
     }
   } else if (in.path == MatmulPath::kGridGemvInt8) {
     float* qsum = nullptr;
-    in.acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum);
+    in.acts = quantize_rows(k, z, npad_, d_.n, batch, &qsum, false);
     in.qsum = qsum;
   } else if (in.path == MatmulPath::kE8P) {  // the GEMV's shift term: 1/4 * the sums of z over each group
     const int groups = d_.n / 8;
