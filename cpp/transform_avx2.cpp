@@ -24,11 +24,23 @@ inline __m256 butterfly_in_register(__m256 v) {
 
 }  // namespace
 
-// The generic loop's butterflies are contiguous runs of h*post floats, which vectorize once
-// h*post >= 8. On the last axis (post == 1) the spans 1, 2, 4 run in registers instead, and
-// the rest is the generic loop on the (pre, f/8, 8) view.
+// On the last axis (post == 1) the spans 1, 2, 4 run inside 8-lane registers and the spans
+// from 8 up as whole-register butterflies; other views are the generic loop's contiguous runs
+// of h*post floats (vectorized by the compiler once h*post >= 8, behind its aliasing checks,
+// which cost more than the butterflies at the transforms' sizes: a 16-wide factor's rows).
 void fwht(float* x, int pre, int f, int post) {
   if (post != 1 || f < 8) return fwht_generic(x, pre, f, post);
+  if (f == 16) {  // the transforms' usual factor: a row's two registers, one load and store each
+    for (int p = 0; p < pre; ++p) {
+      float* v = x + size_t(p) * 16;
+      __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8);
+      a = butterfly_in_register<4>(butterfly_in_register<2>(butterfly_in_register<1>(a)));
+      b = butterfly_in_register<4>(butterfly_in_register<2>(butterfly_in_register<1>(b)));
+      _mm256_storeu_ps(v, _mm256_add_ps(a, b));
+      _mm256_storeu_ps(v + 8, _mm256_sub_ps(a, b));
+    }
+    return;
+  }
   for (size_t j = 0; j < size_t(pre) * f; j += 8) {
     __m256 r = _mm256_loadu_ps(x + j);
     r = butterfly_in_register<1>(r);
@@ -36,7 +48,16 @@ void fwht(float* x, int pre, int f, int post) {
     r = butterfly_in_register<4>(r);
     _mm256_storeu_ps(x + j, r);
   }
-  fwht_generic(x, pre, f / 8, 8);
+  for (int p = 0; p < pre; ++p) {
+    float* v = x + size_t(p) * f;
+    for (int h = 8; h < f; h *= 2)
+      for (int base = 0; base < f; base += 2 * h)
+        for (int k = base; k < base + h; k += 8) {
+          const __m256 a = _mm256_loadu_ps(v + k), b = _mm256_loadu_ps(v + k + h);
+          _mm256_storeu_ps(v + k, _mm256_add_ps(a, b));
+          _mm256_storeu_ps(v + k + h, _mm256_sub_ps(a, b));
+        }
+  }
 }
 
 namespace {
