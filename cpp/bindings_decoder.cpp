@@ -82,6 +82,8 @@ void register_decoder(py::module_& mod) {
            py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::kw_only(),
            py::arg("window") = 0, py::arg("act") = "silu", py::arg("post_attn") = py::none(),
            py::arg("post_mlp") = py::none(), py::arg("post_eps") = 0.f, py::arg("attn_softcap") = 0.f)
+      .def_property_readonly("qkv_grouped", [](const PyDecoderLayer& p) { return p.layer->qkv_grouped(); })
+      .def_property_readonly("gate_up_grouped", [](const PyDecoderLayer& p) { return p.layer->gate_up_grouped(); })
       .def(
           "step",
           [](PyDecoderLayer& p, const py::object& h, int pos, const py::object& k_cache,

@@ -182,7 +182,37 @@ void register_plan(py::module_& mod) {
             return y;
           },
           py::arg("t"), py::arg("threads") = 1, py::arg("force_scalar") = false,
-          "y = out_scale * K_out^T t + bias.");
+          "y = out_scale * K_out^T t + bias.")
+      .def("shares_input_side",
+           [](const PyPlan& p, const PyPlan& other) { return p.plan->shares_input_side(*other.plan); },
+           py::arg("other"), "Whether other has this plan's input side (in_scale and K_in).");
+  mod.def(
+      "forward_group",
+      [](const std::vector<const PyPlan*>& plans, const py::object& x, int threads, bool force_scalar) {
+        if (plans.empty()) throw py::value_error("forward_group needs at least one plan");
+        for (const PyPlan* p : plans)
+          if (!p->plan->shares_input_side(*plans[0]->plan))
+            throw py::value_error("forward_group: the plans do not share their input side");
+        const int batch = batch_of(x, "x", plans[0]->plan->n());
+        check_threads(threads);
+        std::vector<py::array_t<float>> ys;
+        std::vector<float*> yp;
+        std::vector<const QuipLinearPlan*> ps;
+        for (const PyPlan* p : plans) {
+          ys.push_back(new_matrix(batch, p->plan->m()));
+          yp.push_back(ys.back().mutable_data());
+          ps.push_back(p->plan.get());
+        }
+        py::array xa = py::reinterpret_borrow<py::array>(x);
+        const float* xp = static_cast<const float*>(xa.data());
+        {
+          py::gil_scoped_release nogil;
+          QuipLinearPlan::forward_group(ps, xp, batch, yp, threads, force_scalar);
+        }
+        return ys;
+      },
+      py::arg("plans"), py::arg("x"), py::arg("threads") = 1, py::arg("force_scalar") = false,
+      "[y_p = plans[p].forward(x)] for plans that share their input side, the input side computed once.");
 }
 
 }  // namespace bindings

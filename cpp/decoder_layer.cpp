@@ -78,6 +78,11 @@ DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
   attn_.resize(size_t(H) * d);
   gu_.resize(2 * size_t(s_.inter));
   out_.resize(hid);
+  // q / k / v (gate / up) with one input side (tied input scales) run as one group: one input
+  // transform, one parallel region for their GEMVs.
+  if (w_.k != nullptr && w_.k->shares_input_side(*w_.q) && w_.v->shares_input_side(*w_.q))
+    qkv_group_ = {w_.q, w_.k, w_.v};
+  if (w_.gate != nullptr && w_.up->shares_input_side(*w_.gate)) gate_up_group_ = {w_.gate, w_.up};
 }
 
 void DecoderLayer::attend(int pos, const float* k_cache, const float* v_cache, int capacity,
@@ -111,10 +116,14 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
   float tmp[kMaxHeadDim];
 
   rms_norm(h, w_.ln1.data(), hid, s_.eps1, x);
-  w_.q->forward(x, 1, q, threads, force_scalar);   // q, k, v contiguous: a fused qkv_proj fills all three
-  if (w_.k != nullptr) {
-    w_.k->forward(x, 1, k, threads, force_scalar);
-    w_.v->forward(x, 1, v, threads, force_scalar);
+  if (!qkv_group_.empty()) {
+    QuipLinearPlan::forward_group(qkv_group_, x, 1, {q, k, v}, threads, force_scalar);
+  } else {
+    w_.q->forward(x, 1, q, threads, force_scalar);  // q, k, v contiguous: a fused qkv_proj fills all three
+    if (w_.k != nullptr) {
+      w_.k->forward(x, 1, k, threads, force_scalar);
+      w_.v->forward(x, 1, v, threads, force_scalar);
+    }
   }
   for (int i = 0; i < H + KH; ++i) {
     float* r = q + size_t(i) * d;   // q's heads, then k's
@@ -135,7 +144,9 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
   rms_norm(h, w_.ln2.data(), hid, s_.eps2, x);
   float* g = gu_.data();
   float* u = g + I;
-  if (w_.gate != nullptr) {
+  if (!gate_up_group_.empty()) {
+    QuipLinearPlan::forward_group(gate_up_group_, x, 1, {g, u}, threads, force_scalar);
+  } else if (w_.gate != nullptr) {
     w_.gate->forward(x, 1, g, threads, force_scalar);
     w_.up->forward(x, 1, u, threads, force_scalar);
   } else {

@@ -46,6 +46,10 @@ class DecoderLayer {
   DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights);
 
   const DecoderLayerShape& shape() const { return s_; }
+  // Whether q / k / v, and gate / up, run as one group (QuipLinearPlan::forward_group): separate
+  // plans that share their input side.
+  bool qkv_grouped() const { return !qkv_group_.empty(); }
+  bool gate_up_grouped() const { return !gate_up_group_.empty(); }
 
   // h (hidden) is updated in place. k_cache / v_cache: (kv_heads, capacity, head_dim), the
   // token's key and value are written at `pos`, positions [0, pos) must hold the earlier
@@ -62,6 +66,7 @@ class DecoderLayer {
 
   DecoderLayerShape s_;
   DecoderLayerWeights w_;
+  std::vector<const QuipLinearPlan*> qkv_group_, gate_up_group_;  // empty: the plans run one by one
   mutable std::vector<float> x_, qkv_, attn_, gu_, scores_, out_;
 };
 

@@ -12,6 +12,7 @@
 #include "e8p.h"
 #include "trellis.h"
 #include "trellis_as_int8.h"
+#include "plan_scratch.h"
 #include "thread_pool.h"
 
 namespace quipc {
@@ -30,10 +31,9 @@ Buffer alloc_floats(size_t count) {
   return Buffer(static_cast<float*>(p));
 }
 
-// Per-thread scratch that only grows: a decode step calls hundreds of small layers, and
-// five allocations per call cost as much as a small layer's transforms. `slot` keeps the
-// buffers that are alive at the same time apart.
-float* scratch(int slot, size_t count) {
+}  // namespace
+
+float* plan_scratch(int slot, size_t count) {
   struct Slot {
     Buffer buf;
     size_t size = 0;
@@ -47,20 +47,19 @@ float* scratch(int slot, size_t count) {
   return s.buf.get();
 }
 
-// `threads` is an upper bound: a thread gets at least kMinWork multiply-adds, since
-// waking one costs a few microseconds (tiny layers and single rows run inline).
-constexpr double kMinWork = 65536.0;
-
-int clamp_threads(int threads, int work_items, double total_work) {
+int plan_threads(int threads, int work_items, double total_work) {
+  constexpr double kMinWork = 65536.0;
   const int by_work = int(std::min(total_work / kMinWork, 1e6));
   return std::max(1, std::min({threads, work_items, by_work}));
 }
+
+namespace {
 
 // Rows 0..m of the quantized matmul split over the pool (`align` rows at a time): fn(i0, i1)
 // on each thread's non-empty share.
 template <class RowsFn>
 void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
-  const int nt = clamp_threads(threads, (m + align - 1) / align, double(batch) * m * n);
+  const int nt = plan_threads(threads, (m + align - 1) / align, double(batch) * m * n);
   ThreadPool::instance().run(nt, [&](int tid) {
     int i0, i1;
     split_range(m, nt, tid, align, &i0, &i1);
@@ -77,7 +76,7 @@ void over_rows(int m, int n, int batch, int align, int threads, RowsFn&& fn) {
 Int8Acts quantize_rows(const KernelTable& k, const float* z, int ldz, int n, int batch, float** qsum,
                        bool block_sums) {
   const int blocks = act_blocks(n);
-  int8_t* q = reinterpret_cast<int8_t*>(scratch(5, size_t(batch) * (blocks * (kActBlock + 8) / 4 + 1)));
+  int8_t* q = reinterpret_cast<int8_t*>(plan_scratch(5, size_t(batch) * (blocks * (kActBlock + 8) / 4 + 1)));
   float* steps = reinterpret_cast<float*>(q + size_t(batch) * blocks * kActBlock);
   int32_t* parts = reinterpret_cast<int32_t*>(steps + size_t(batch) * blocks);
   float* sums = reinterpret_cast<float*>(parts + size_t(batch) * blocks);
@@ -147,11 +146,11 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
 void QuipLinearPlan::transform_in(const KernelTable& k, const float* x, int batch, float* z,
                                   float* zsum, int threads) const {
   const int n = d_.n;
-  const int nt = clamp_threads(threads, batch, double(batch) * n * 16);
+  const int nt = plan_threads(threads, batch, double(batch) * n * 16);
   ThreadPool::instance().run(nt, [&](int tid) {
     int b0, b1;
     split_range(batch, nt, tid, 1, &b0, &b1);
-    float* work = scratch(3, size_t(n));
+    float* work = plan_scratch(3, size_t(n));
     for (int b = b0; b < b1; ++b) {
       const float* xr = x + size_t(b) * n;
       float* zr = z + size_t(b) * npad_;
@@ -204,7 +203,7 @@ QuipLinearPlan::GemvInput QuipLinearPlan::gemv_input(const KernelTable& k, const
       in.acts = quantize_rows(k, z, npad_, d_.n, batch, nullptr, !tiles_.empty());
     } else {
       in.len = int8_rows_.blocks * kActBlock;
-      float* zp = scratch(5, size_t(batch) * in.len);
+      float* zp = plan_scratch(5, size_t(batch) * in.len);
       for (int b = 0; b < batch; ++b) permute_acts(z + size_t(b) * npad_, d_.n, zp + size_t(b) * in.len);
       in.zp = zp;
     }
@@ -214,7 +213,7 @@ QuipLinearPlan::GemvInput QuipLinearPlan::gemv_input(const KernelTable& k, const
     in.qsum = qsum;
   } else if (in.path == MatmulPath::kE8P) {  // the GEMV's shift term: 1/4 * the sums of z over each group
     const int groups = d_.n / 8;
-    float* gsum = scratch(4, size_t(batch) * groups);
+    float* gsum = plan_scratch(4, size_t(batch) * groups);
     for (int b = 0; b < batch; ++b)
       for (int g = 0; g < groups; ++g) {
         const float* zg = z + size_t(b) * npad_ + 8 * g;
@@ -282,40 +281,8 @@ void QuipLinearPlan::matmul(const KernelTable& k, const float* z, const float* z
   if (!matmul_is_gemv(batch)) return matmul_gemm(k, matmul_path(batch), z, zsum, batch, t, threads);
   const GemvInput in = gemv_input(k, z, zsum, batch);
   const int extra_floats = gemv_extra_floats(batch);
-  float* extra = extra_floats ? scratch(6, size_t(extra_floats)) : nullptr;
+  float* extra = extra_floats ? plan_scratch(6, size_t(extra_floats)) : nullptr;
   over_rows(d_.m, d_.n, batch, gemv_row_align(), threads, [&](int i0, int i1) { gemv_rows(k, in, i0, i1, t, extra); });
-}
-
-bool QuipLinearPlan::matmul_group(const KernelTable& k, const std::vector<const QuipLinearPlan*>& plans,
-                                  const float* z, const float* zsum, int batch, const std::vector<float*>& ts,
-                                  int threads) {
-  if (plans.empty() || plans.size() != ts.size()) return false;
-  const QuipLinearPlan& head = *plans[0];
-  double work = 0.0;
-  int units = 0, extra_floats = 0;
-  for (const QuipLinearPlan* p : plans) {
-    if (p->n() != head.n() || !p->matmul_is_gemv(batch) || p->matmul_path(batch) != head.matmul_path(batch) ||
-        p->gemv_int8() != head.gemv_int8())
-      return false;
-    work += double(batch) * p->m() * p->n();
-    units += (p->m() + p->gemv_row_align() - 1) / p->gemv_row_align();
-    extra_floats += p->gemv_extra_floats(batch);
-  }
-  const GemvInput in = head.gemv_input(k, z, zsum, batch);  // every part reads the same
-  float* extra = extra_floats ? scratch(6, size_t(extra_floats)) : nullptr;
-  std::vector<float*> extras(plans.size(), nullptr);
-  for (size_t p = 0, at = 0; p < plans.size() && extra; at += size_t(plans[p]->gemv_extra_floats(batch)), ++p)
-    extras[p] = extra + at;
-  // Each thread takes its share of every part's rows: one region, as balanced as the parts.
-  const int nt = clamp_threads(threads, units, work);
-  ThreadPool::instance().run(nt, [&](int tid) {
-    for (size_t p = 0; p < plans.size(); ++p) {
-      int i0, i1;
-      split_range(plans[p]->m(), nt, tid, plans[p]->gemv_row_align(), &i0, &i1);
-      if (i0 < i1) plans[p]->gemv_rows(k, in, i0, i1, ts[p], extras[p]);
-    }
-  });
-  return true;
 }
 
 void QuipLinearPlan::matmul_gemm(const KernelTable& k, MatmulPath path, const float* z, const float* zsum,
@@ -344,12 +311,12 @@ void QuipLinearPlan::matmul_gemm(const KernelTable& k, MatmulPath path, const fl
 void QuipLinearPlan::transform_out(const KernelTable& k, float* t, int batch, float* y,
                                    int threads) const {
   const int m = d_.m;
-  const int nt = clamp_threads(threads, batch, double(batch) * m * 16);
+  const int nt = plan_threads(threads, batch, double(batch) * m * 16);
   const float* bias = d_.bias.empty() ? nullptr : d_.bias.data();
   ThreadPool::instance().run(nt, [&](int tid) {
     int b0, b1;
     split_range(batch, nt, tid, 1, &b0, &b1);
-    float* work = scratch(3, size_t(m));
+    float* work = plan_scratch(3, size_t(m));
     for (int b = b0; b < b1; ++b) {
       float* tr = t + size_t(b) * m;
       t_out_.apply(k, tr, work, nt == 1 ? threads : 1);
@@ -367,9 +334,9 @@ void QuipLinearPlan::forward(const float* x, int batch, float* y, int threads,
   if (batch <= 0) return;
   const KernelTable& k = select_kernels(force_scalar);
   // The caller's thread owns slots 0-2 and 4-6 for the whole call; pool threads use slot 3 only.
-  float* z = scratch(0, size_t(batch) * npad_);
-  float* zsum = needs_zsum(batch) ? scratch(1, size_t(batch)) : nullptr;
-  float* t = scratch(2, size_t(batch) * d_.m);
+  float* z = plan_scratch(0, size_t(batch) * npad_);
+  float* zsum = needs_zsum(batch) ? plan_scratch(1, size_t(batch)) : nullptr;
+  float* t = plan_scratch(2, size_t(batch) * d_.m);
   transform_in(k, x, batch, z, zsum, threads);
   matmul(k, z, zsum, batch, t, threads);
   transform_out(k, t, batch, y, threads);

@@ -72,6 +72,7 @@ class QuipLinearPlan {
   bool gemv_on_int8_rows() const { return !int8_rows_.step.empty(); }  // trellis_as_int8 taken
   bool gemv_on_row_tiles() const { return !tiles_.empty(); }  // LayerData::row_tiles taken
   int padded_n() const { return npad_; }
+  double transform_out_madds() const { return t_out_.madds() + m(); }  // a row's output side
   // LayerData::int8_activations taken for this layer's GEMV (its codes are 4-bit, or int8 rows)
   bool gemv_int8() const;
   // The kernel matmul runs at a batch: the int8 rows, the e8p or trellis kernels, or the grid
@@ -107,6 +108,17 @@ class QuipLinearPlan {
   static bool matmul_group(const KernelTable& k, const std::vector<const QuipLinearPlan*>& plans,
                            const float* z, const float* zsum, int batch, const std::vector<float*>& ts,
                            int threads);
+  // Whether this plan's input side (in_scale with its gains, K_in) is other's: plans that share
+  // it can run as one group (forward_group). Exact comparison, O(n): at construction, not per call.
+  bool shares_input_side(const QuipLinearPlan& other) const;
+  // The fused layers of plans that share their input side (a QuipLinearGroup's parts; a block's
+  // q / k / v or gate / up with tied input scales): x (B x n) -> ys[p] (B x plans[p]->m()), as
+  // each plan's forward would give, with the input side computed once, the parts' GEMVs in one
+  // parallel region (matmul_group) and, at GEMV batches, the parts' output sides spread over the
+  // threads. Throws std::invalid_argument where plans is empty or ys does not match it; the
+  // shared input side is the caller's to check (shares_input_side).
+  static void forward_group(const std::vector<const QuipLinearPlan*>& plans, const float* x, int batch,
+                            const std::vector<float*>& ys, int threads, bool force_scalar);
 
  private:
   // A GEMV in two steps: its input, prepared by the caller's thread (scratch slots 4 and 5),

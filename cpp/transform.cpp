@@ -36,6 +36,21 @@ KronTransform::KronTransform(int n, std::vector<Factor> factors) : n_(n), factor
   gain_ = float(gain);
 }
 
+double KronTransform::madds() const {
+  double per = 0.0;
+  for (const Factor& f : factors_) per += f.fwht ? std::log2(double(f.order)) : double(f.order);
+  return per * n_;
+}
+
+bool KronTransform::operator==(const KronTransform& o) const {
+  if (n_ != o.n_ || factors_.size() != o.factors_.size()) return false;
+  for (size_t a = 0; a < factors_.size(); ++a) {
+    const Factor &f = factors_[a], &g = o.factors_[a];
+    if (f.order != g.order || f.fwht != g.fwht || f.mat != g.mat) return false;
+  }
+  return true;
+}
+
 namespace {
 
 // C (M x N) = A (M x K) * B (K x N) with the rows of C split over the pool when large.

@@ -25,9 +25,14 @@ class KronTransform {
   int n() const { return n_; }
   bool identity() const { return factors_.empty(); }
   float gain() const { return gain_; }
+  // Multiply-adds (or butterfly adds) of one apply: n times each dense factor's order and each
+  // Walsh-Hadamard factor's log2(order).
+  double madds() const;
   // x <- K x / gain() for one row of n floats; scratch holds n floats. Large dense factors
   // split their rows over up to `threads` pool threads (call with 1 inside a pool region).
   void apply(const KernelTable& k, float* x, float* scratch, int threads = 1) const;
+  // The same map: equal sizes and factors (orders, kinds, matrices bit for bit).
+  bool operator==(const KronTransform& o) const;
 
  private:
   int n_ = 0;

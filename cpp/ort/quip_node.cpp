@@ -198,24 +198,6 @@ std::unique_ptr<QuipLinearPlan> make_plan(const NodeSpec& spec, int m_expected, 
   return std::make_unique<QuipLinearPlan>(std::move(d), std::move(t_in), std::move(t_out));
 }
 
-// 64-byte aligned float scratch per calling thread, grown on demand.
-float* thread_buffer(int slot, size_t count) {
-  struct Slot {
-    float* p = nullptr;
-    size_t size = 0;
-    ~Slot() { std::free(p); }
-  };
-  thread_local Slot slots[3];
-  Slot& s = slots[slot];
-  if (s.size < count) {
-    std::free(s.p);
-    s.p = static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64));
-    if (s.p == nullptr) throw std::bad_alloc();
-    s.size = count;
-  }
-  return s.p;
-}
-
 }  // namespace
 
 QuipNode::QuipNode(const NodeSpec& spec, const std::vector<Tensor>& weights) : spec_(spec) {
@@ -254,37 +236,7 @@ QuipNode::QuipNode(const NodeSpec& spec, const std::vector<Tensor>& weights) : s
 }
 
 void QuipNode::forward(const float* x, int rows, const std::vector<float*>& ys, int threads) const {
-  if (rows <= 0) return;
-  const KernelTable& k = select_kernels(false);
-  const QuipLinearPlan& head = *plans_[0];
-  int max_m = 0;
-  bool sums = false;
-  for (const auto& p : plans_) {
-    max_m = std::max(max_m, p->m());
-    sums = sums || p->needs_zsum(rows);
-  }
-  float* z = thread_buffer(0, size_t(rows) * head.padded_n());
-  float* zsum = sums ? thread_buffer(1, size_t(rows)) : nullptr;
-  head.transform_in(k, x, rows, z, zsum, threads);  // every part has the same input side
-  if (plans_.size() > 1) {  // a group's GEMVs: one parallel region, the input prepared once
-    std::vector<float*> ts;
-    size_t total = 0;
-    for (const auto& p : plans_) total += size_t(rows) * p->m();
-    float* t = thread_buffer(2, total);
-    for (const auto& p : plans_) {
-      ts.push_back(t);
-      t += size_t(rows) * p->m();
-    }
-    if (QuipLinearPlan::matmul_group(k, parts_, z, zsum, rows, ts, threads)) {
-      for (size_t p = 0; p < plans_.size(); ++p) plans_[p]->transform_out(k, ts[p], rows, ys[p], threads);
-      return;
-    }
-  }
-  float* t = thread_buffer(2, size_t(rows) * max_m);
-  for (size_t p = 0; p < plans_.size(); ++p) {
-    plans_[p]->matmul(k, z, zsum, rows, t, threads);
-    plans_[p]->transform_out(k, t, rows, ys[p], threads);
-  }
+  QuipLinearPlan::forward_group(parts_, x, rows, ys, threads, false);
 }
 
 }  // namespace quipc
