@@ -67,11 +67,14 @@ Tiles8 tiles8_i8() {
 #endif
   return row_tiles_scalar::gemv8_i8;
 }
+// The transforms' dense factors: AVX-512F where the CPU has it (twice the columns a register).
+using GemmF32 = decltype(KernelTable::gemm_f32);
+GemmF32 gemm_f32() { return cpu_has_avx512f() ? avx512_gemm_f32 : avx2::gemm_f32; }
 }  // namespace
 
 const KernelTable& avx2_kernels() {
   static const KernelTable table{"avx2",         avx2::qgemv,    avx2::quantize_acts, avx2::qgemv4_i8, avx2::qgemm,
-                                 avx2::fwht,     avx2::gemm_f32, e8p_avx2::gemv,
+                                 avx2::fwht,     gemm_f32(),     e8p_avx2::gemv,
                                  e8p_avx2::gemm, trellis_avx2::gemv,
                                  trellis_avx2::gemm, int8_rows_avx2::gemv,
                                  int8_rows_avx2::gemv_i8, tiles4_i8(), tiles8_i8()};

@@ -92,7 +92,8 @@ inline void row_block(int K, const float* A, int lda, const float* B, int ldb, i
 
 // R rows of C (R <= 4): 8 accumulators where the columns allow (a chain of K dependent FMAs
 // per accumulator: the transforms' small factors, e.g. 576 = 36 x 16, are latency-bound with
-// fewer), the columns left past a multiple of 8 one by one.
+// fewer), the columns left past a multiple of 8 one by one, by the same FMA chain (so that
+// every element equals the AVX-512F gemm's, ukernel_avx512.h).
 template <int R>
 void rows_of(int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
   constexpr int NV = R >= 4 ? 2 : R == 2 ? 4 : 1;
@@ -102,7 +103,7 @@ void rows_of(int N, int K, const float* A, int lda, const float* B, int ldb, flo
   for (; j < N; ++j)
     for (int r = 0; r < R; ++r) {
       float s = 0.f;
-      for (int k = 0; k < K; ++k) s += A[size_t(r) * lda + k] * B[size_t(k) * ldb + j];
+      for (int k = 0; k < K; ++k) s = __builtin_fmaf(A[size_t(r) * lda + k], B[size_t(k) * ldb + j], s);
       C[size_t(r) * ldc + j] = s;
     }
 }
