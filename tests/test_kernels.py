@@ -131,8 +131,7 @@ def test_transforms_agree_with_and_without_avx512(tmp_path):
     (QUIPC_NO_AVX512=1; a fresh process each, as the choice is made once) run the same FMA chain
     per element: equal bit for bit, on factors 16 columns wide, wider, and ragged (on a CPU
     without AVX-512F both runs take the AVX2 one)."""
-    import os
-    import subprocess
+    from avx512_runs import with_and_without_avx512
 
     cases = [("hadamard", 576), ("hadamard", 1536), ("hadamard", 640), ("kron", 576), ("kron", 2752),
              ("kron", 13), ("kron", 100)]
@@ -147,12 +146,7 @@ def test_transforms_agree_with_and_without_avx512(tmp_path):
             "    out[f'{kind}{n}'] = K.kron_apply(x, t)\n"
             "    out[f'{kind}{n}T'] = K.kron_apply(x, t, transpose=True)\n"
             "np.savez(sys.argv[1], **out)\n")
-    outs = []
-    for flag in ("0", "1"):
-        path = tmp_path / f"t{flag}.npz"
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True,
-                       env={**os.environ, "QUIPC_NO_AVX512": flag})
-        outs.append(np.load(path))
+    outs = with_and_without_avx512(code, tmp_path, ".npz")
     assert sorted(outs[0].files) == sorted(outs[1].files) and len(outs[0].files) == 2 * len(cases)
     for name in outs[0].files:
         np.testing.assert_array_equal(outs[0][name], outs[1][name], err_msg=name)

@@ -221,8 +221,7 @@ def test_gemm_micro_kernels_agree(tmp_path):
     """The AVX-512F GEMM micro-kernel (taken where the CPU has it) and the AVX2 one
     (QUIPC_NO_AVX512=1; a fresh process each, as the choice is made once) agree to float
     rounding on a prefill-sized batch (on a CPU without AVX-512F both runs take the AVX2 one)."""
-    import os
-    import subprocess
+    from avx512_runs import with_and_without_avx512
 
     code = (f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "from e8p_layers import random_e8p_layer\n"
@@ -230,12 +229,7 @@ def test_gemm_micro_kernels_agree(tmp_path):
             "layer = random_e8p_layer(96, 576, 2, seed=3)\n"
             "x = np.random.default_rng(0).standard_normal((37, 576)).astype(np.float32)\n"
             "np.save(sys.argv[1], K.quip_linear(K.prepare(layer), x, threads=2))\n")
-    outs = []
-    for flag in ("0", "1"):
-        path = tmp_path / f"y{flag}.npy"
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True,
-                       env={**os.environ, "QUIPC_NO_AVX512": flag})
-        outs.append(np.load(path))
+    outs = with_and_without_avx512(code, tmp_path)
     ref = reference(random_e8p_layer(96, 576, 2, seed=3),
                     np.random.default_rng(0).standard_normal((37, 576)).astype(np.float32))
     for y in outs:
