@@ -31,7 +31,7 @@ class KronTransform {
   // x <- K x / gain() for one row of n floats; scratch holds n floats. Large dense factors
   // split their rows over up to `threads` pool threads (call with 1 inside a pool region).
   void apply(const KernelTable& k, float* x, float* scratch, int threads = 1) const;
-  // The same map: equal sizes and factors (orders, kinds, matrices bit for bit).
+  // The same map: equal sizes and factors (orders, kinds, equal matrix entries).
   bool operator==(const KronTransform& o) const;
 
  private:

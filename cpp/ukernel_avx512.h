@@ -1,5 +1,6 @@
-// The AVX-512F GEMM micro-kernel (ukernel_avx512.cpp), taken by the AVX2 one where the CPU
-// has AVX-512F: the same packed activations (K x kGemmMR) and panel (K x kGemmNR).
+// AVX-512F twins of AVX2 kernels (ukernel_avx512.cpp), taken where the CPU has AVX-512F: the
+// GEMM micro-kernel (the same packed activations, K x kGemmMR, and panel, K x kGemmNR) and the
+// transforms' dense-factor GEMM.
 #pragma once
 
 namespace quipc {
