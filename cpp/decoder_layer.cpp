@@ -80,9 +80,14 @@ DecoderLayer::DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights)
   out_.resize(hid);
   // q / k / v (gate / up) with one input side (tied input scales) run as one group: one input
   // transform, one parallel region for their GEMVs.
-  if (w_.k != nullptr && w_.k->shares_input_side(*w_.q) && w_.v->shares_input_side(*w_.q))
+  if (w_.k != nullptr && w_.k->shares_input_side(*w_.q) && w_.v->shares_input_side(*w_.q)) {
     qkv_group_ = {w_.q, w_.k, w_.v};
-  if (w_.gate != nullptr && w_.up->shares_input_side(*w_.gate)) gate_up_group_ = {w_.gate, w_.up};
+    qkv_out_ = {qkv_.data(), qkv_.data() + size_t(H) * d, qkv_.data() + size_t(H + KH) * d};
+  }
+  if (w_.gate != nullptr && w_.up->shares_input_side(*w_.gate)) {
+    gate_up_group_ = {w_.gate, w_.up};
+    gate_up_out_ = {gu_.data(), gu_.data() + s_.inter};
+  }
 }
 
 void DecoderLayer::attend(int pos, const float* k_cache, const float* v_cache, int capacity,
@@ -117,7 +122,7 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
 
   rms_norm(h, w_.ln1.data(), hid, s_.eps1, x);
   if (!qkv_group_.empty()) {
-    QuipLinearPlan::forward_group(qkv_group_, x, 1, {q, k, v}, threads, force_scalar);
+    QuipLinearPlan::forward_group(qkv_group_, x, 1, qkv_out_, threads, force_scalar);
   } else {
     w_.q->forward(x, 1, q, threads, force_scalar);  // q, k, v contiguous: a fused qkv_proj fills all three
     if (w_.k != nullptr) {
@@ -145,7 +150,7 @@ void DecoderLayer::step(float* h, int pos, float* k_cache, float* v_cache, int c
   float* g = gu_.data();
   float* u = g + I;
   if (!gate_up_group_.empty()) {
-    QuipLinearPlan::forward_group(gate_up_group_, x, 1, {g, u}, threads, force_scalar);
+    QuipLinearPlan::forward_group(gate_up_group_, x, 1, gate_up_out_, threads, force_scalar);
   } else if (w_.gate != nullptr) {
     w_.gate->forward(x, 1, g, threads, force_scalar);
     w_.up->forward(x, 1, u, threads, force_scalar);

@@ -44,6 +44,9 @@ class DecoderLayer {
  public:
   // Throws std::invalid_argument when the plans' shapes do not fit the block's shape.
   DecoderLayer(DecoderLayerShape shape, DecoderLayerWeights weights);
+  // Not copyable: the groups' output pointers point into this object's own buffers.
+  DecoderLayer(const DecoderLayer&) = delete;
+  DecoderLayer& operator=(const DecoderLayer&) = delete;
 
   const DecoderLayerShape& shape() const { return s_; }
   // Whether q / k / v, and gate / up, run as one group (QuipLinearPlan::forward_group): separate
@@ -68,6 +71,7 @@ class DecoderLayer {
   DecoderLayerWeights w_;
   std::vector<const QuipLinearPlan*> qkv_group_, gate_up_group_;  // empty: the plans run one by one
   mutable std::vector<float> x_, qkv_, attn_, gu_, scores_, out_;
+  std::vector<float*> qkv_out_, gate_up_out_;  // the groups' outputs: q, k, v in qkv_; gate, up in gu_
 };
 
 // y = x * rsqrt(mean(x^2) + eps) * w over n values (transformers' RMSNorm in float32).

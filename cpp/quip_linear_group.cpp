@@ -49,17 +49,22 @@ bool QuipLinearPlan::matmul_group(const KernelTable& k, const std::vector<const 
 namespace {
 
 // The parts' output sides on up to `threads` threads, one part per task, each task's parts
-// chosen greedily (largest first onto the least loaded thread).
+// chosen greedily (largest first onto the least loaded thread); on the calling thread alone,
+// without that bookkeeping, where the parts are not worth a second thread (SmolLM2's sizes).
 void transform_outs(const KernelTable& k, const std::vector<const QuipLinearPlan*>& plans,
                     const std::vector<float*>& ts, int batch, const std::vector<float*>& ys, int threads) {
+  double total = 0.0;
+  for (const QuipLinearPlan* p : plans) total += double(batch) * p->transform_out_madds();
+  const int nt = plan_threads(threads, int(plans.size()), total);
+  if (nt == 1) {
+    for (size_t p = 0; p < plans.size(); ++p) plans[p]->transform_out(k, ts[p], batch, ys[p], threads);
+    return;
+  }
   std::vector<int> order(plans.size());
   for (size_t p = 0; p < plans.size(); ++p) order[p] = int(p);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
     return plans[size_t(a)]->transform_out_madds() > plans[size_t(b)]->transform_out_madds();
   });
-  double total = 0.0;
-  for (const QuipLinearPlan* p : plans) total += double(batch) * p->transform_out_madds();
-  const int nt = plan_threads(threads, int(plans.size()), total);
   std::vector<int> owner(plans.size());
   std::vector<double> load(size_t(nt), 0.0);
   for (int p : order) {
@@ -69,7 +74,7 @@ void transform_outs(const KernelTable& k, const std::vector<const QuipLinearPlan
   }
   ThreadPool::instance().run(nt, [&](int tid) {
     for (size_t p = 0; p < plans.size(); ++p)
-      if (owner[p] == tid) plans[p]->transform_out(k, ts[p], batch, ys[p], nt == 1 ? threads : 1);
+      if (owner[p] == tid) plans[p]->transform_out(k, ts[p], batch, ys[p], 1);
   });
 }
 

@@ -23,16 +23,20 @@ RowTilesData shaped(int m, int n, int quads) {
   return t;
 }
 
+// Where quad k (bytes 4k..4k+3) of row i's block blk starts, in tiles of `blocks` blocks of
+// `quads` quads.
+inline size_t quad_offset(int blocks, int quads, int i, int blk, int k) {
+  return ((size_t(i / kTileRows) * blocks + blk) * quads + k) * kTileRows * kQuadBytes + size_t(i % kTileRows) * kQuadBytes;
+}
+
 // Where byte `byte` (< quads * 4) of row i's block blk goes.
 size_t tile_offset(const RowTilesData& t, int i, int blk, int byte) {
-  return ((size_t(i / kTileRows) * t.blocks + blk) * t.quads + byte / kQuadBytes) * kTileRows * kQuadBytes +
-         size_t(i % kTileRows) * kQuadBytes + byte % kQuadBytes;
+  return quad_offset(t.blocks, t.quads, i, blk, byte / kQuadBytes) + byte % kQuadBytes;
 }
 
 // The 4 bytes of row i, block blk, quad k.
 inline const uint8_t* quad_at(const RowTiles& t, int i, int blk, int k) {
-  return t.data + ((size_t(i / kTileRows) * t.blocks + blk) * t.quads + k) * kTileRows * kQuadBytes +
-         size_t(i % kTileRows) * kQuadBytes;
+  return t.data + quad_offset(t.blocks, t.quads, i, blk, k);
 }
 
 // Row i times activation row b: per block the integer dot product of its codes (4-bit: a byte's

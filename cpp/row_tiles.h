@@ -24,5 +24,4 @@ RowTilesData tile_codes4(const uint8_t* codes, size_t row_bytes, int m, int n);
 // Int8 rows (their steps copied along).
 RowTilesData tile_int8_rows(const Int8Rows& w);
 
-
 }  // namespace quipc
