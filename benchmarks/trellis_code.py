@@ -1,5 +1,12 @@
-"""What a computed trellis code would cost in quality: the "trellis" format with its code table
-replaced, at the model level.
+"""Trellis codes compared: on Gaussian sequences, and at the model level.
+
+    python benchmarks/trellis_code.py --mse [--sequences 1024] [--json OUT]
+
+encodes `--sequences` tail-biting sequences of 256 unit Gaussians (the 16x16 tiles' sequences; a
+fixed seed) with each code at 2, 3 and 4 bits, each at its best of a grid of row scales, and
+reports the mean squared error: `lut` ("trellis": quantiles at hashed states), `trellis256` (the
+format of that name: 256 int8 values in interleaved rows, indexed by the state's low byte XOR a
+hash of its top nibble) and `1mad` (below).
 
     python benchmarks/trellis_code.py --code lut|1mad -- QUIPC ARGS...
 
@@ -50,11 +57,55 @@ def use_code(code: str) -> None:
     fmt.code_table = encoder.code_table = lambda L=fmt.STATE_BITS: table
 
 
+MSE_SCALES = (0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25)   # table multipliers tried per code and width
+
+
+def mse_study(sequences: int, seed: int = 1234) -> dict:
+    """{code: {bits: {"mse", "scale"}}} on `sequences` x 256 unit Gaussians, plus each code's
+    ratio to lut's."""
+    from quipc.passes.encoders.trellis_viterbi import encode_sequences
+    from quipc_runtime.formats.trellis import STATE_BITS, code_table
+
+    x = np.random.default_rng(seed).standard_normal((sequences, 256)).astype(np.float32)
+    codes = {"lut": code_table("trellis"), "trellis256": code_table("trellis256"), "1mad": one_mad_table(STATE_BITS)}
+    out: dict = {}
+    for name, table in codes.items():
+        out[name] = {}
+        for k in (2, 3, 4):
+            best = None
+            for c in MSE_SCALES:
+                t = (table * c).astype(np.float32)
+                e = float(np.mean((x - t[encode_sequences(x, t, k)]) ** 2))
+                best = (e, c) if best is None or e < best[0] else best
+            out[name][k] = {"mse": best[0], "scale": best[1]}
+    for name in codes:
+        for k in (2, 3, 4):
+            out[name][k]["vs_lut"] = out[name][k]["mse"] / out["lut"][k]["mse"]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--code", required=True, choices=("lut", "1mad"))
+    ap.add_argument("--code", choices=("lut", "1mad"))
+    ap.add_argument("--mse", action="store_true", help="the Gaussian-sequence study (no model)")
+    ap.add_argument("--sequences", type=int, default=1024)
+    ap.add_argument("--json", default=None, help="--mse: write the results here")
     ap.add_argument("quipc_args", nargs=argparse.REMAINDER, help="after --: the quipc command line")
     a = ap.parse_args()
+    if a.mse:
+        res = mse_study(a.sequences)
+        for name, by_bits in res.items():
+            print(f"{name:11s}" + "".join(f"  {k} bits {v['mse']:.5f} (x{v['vs_lut']:.3f}, scale {v['scale']})"
+                                           for k, v in by_bits.items()))
+        if a.json:
+            import json
+
+            with open(a.json, "w") as f:
+                json.dump({"command": "python benchmarks/trellis_code.py --mse --sequences "
+                                      f"{a.sequences}", "sequences": a.sequences, "length": 256, "results": res}, f, indent=1)
+        return 0
+    if a.code is None:
+        ap.error("give --mse, or --code and a quipc command line")
     args = a.quipc_args[1:] if a.quipc_args[:1] == ["--"] else a.quipc_args
     if "eval" in args and "--backend" not in args:
         raise SystemExit("evaluate with --backend reference: the C++ kernels keep the format's own table")

@@ -48,12 +48,15 @@ PYBIND11_MODULE(_kernels, mod) {
 
   mod.def(
       "trellis_code_table",
-      [] {
+      [](const std::string& format) {
         py::array_t<float> t(py::ssize_t(1) << kTrellisL);
-        std::memcpy(t.mutable_data(), trellis_code_table(), sizeof(float) << kTrellisL);
+        const CodeFormat f = parse_format(format);
+        if (!is_trellis(f)) throw py::value_error("format '" + format + "' has no trellis code table");
+        std::memcpy(t.mutable_data(), trellis_code_table(f), sizeof(float) << kTrellisL);
         return t;
       },
-      "The trellis format's code table (2^12 floats) as the C++ kernels decode it.");
+      py::arg("format") = "trellis",
+      "A trellis format's code table (2^12 floats) as the C++ kernels decode it.");
   mod.def(
       "trellis_encode",
       [](const py::object& x, const py::object& table, int k, int threads, bool force_scalar) {

@@ -15,7 +15,8 @@ CodeFormat parse_format(const std::string& format) {
   if (format == "grid") return CodeFormat::kGrid;
   if (format == "e8p") return CodeFormat::kE8P;
   if (format == "trellis") return CodeFormat::kTrellis;
-  throw py::value_error("the C++ kernels run the code formats grid, e8p, trellis; not '" + format + "'");
+  if (format == "trellis256") return CodeFormat::kTrellis256;
+  throw py::value_error("the C++ kernels run the code formats grid, e8p, trellis, trellis256; not '" + format + "'");
 }
 
 PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::object& scale,
@@ -29,7 +30,7 @@ PyPlan make_plan(int m, int n, int bits, const py::object& codes, const py::obje
   if (fmt == CodeFormat::kE8P && n % 8 != 0)
     throw py::value_error("format e8p codes groups of 8 weights; n = " + std::to_string(n) +
                           " is not a multiple of 8");
-  if (fmt == CodeFormat::kTrellis && (n % kTrellisTile != 0 || m % kTrellisTile != 0))
+  if (is_trellis(fmt) && (n % kTrellisTile != 0 || m % kTrellisTile != 0))
     throw py::value_error("format trellis codes tiles of 16x16 weights; the shape " + std::to_string(m) +
                           "x" + std::to_string(n) + " is not made of whole tiles");
   const py::ssize_t row_bytes = py::ssize_t((n + 7) / 8) * bits;

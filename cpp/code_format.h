@@ -3,6 +3,9 @@
 
 namespace quipc {
 
-enum class CodeFormat { kGrid, kE8P, kTrellis };
+// kTrellis and kTrellis256 share the trellis layout and kernels (trellis.h), each with its code table.
+enum class CodeFormat { kGrid, kE8P, kTrellis, kTrellis256 };
+
+inline bool is_trellis(CodeFormat f) { return f == CodeFormat::kTrellis || f == CodeFormat::kTrellis256; }
 
 }  // namespace quipc

@@ -108,7 +108,7 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
     throw std::invalid_argument("packed row size does not match n and bits");
   const bool e8p = d_.format == CodeFormat::kE8P, grid = d_.format == CodeFormat::kGrid;
   if (e8p && d_.n % 8 != 0) throw std::invalid_argument("format e8p needs n a multiple of 8");
-  if (d_.format == CodeFormat::kTrellis && (d_.n % kTrellisTile || d_.m % kTrellisTile))
+  if (is_trellis(d_.format) && (d_.n % kTrellisTile || d_.m % kTrellisTile))
     throw std::invalid_argument("format trellis needs m and n multiples of 16");
   const size_t scales = e8p ? size_t(d_.m) * e8p_stages(d_.bits) : size_t(d_.m);
   if (d_.scale.size() != scales || d_.zero.size() != (grid ? size_t(d_.m) : 0) ||
@@ -119,7 +119,7 @@ QuipLinearPlan::QuipLinearPlan(LayerData data, KronTransform t_in, KronTransform
   if (e8p && d_.e8p_as_grid4 && (d_.bits != 3 || d_.int8_activations)) {
     for (int st = 0; st < e8p_stages(d_.bits); ++st) grid4_.push_back(e8p_stage_as_grid4(d_, st));
   }
-  if (d_.format == CodeFormat::kTrellis && d_.trellis_as_int8) int8_rows_ = trellis_as_int8_rows(d_);
+  if (is_trellis(d_.format) && d_.trellis_as_int8) int8_rows_ = trellis_as_int8_rows(d_);
   if (gemv_int8() && (d_.row_tiles == LayerData::RowTiles::kOn ||
                       (d_.row_tiles == LayerData::RowTiles::kAuto && cpu_has_avx512_vnni()))) {
     if (gemv_on_int8_rows()) {  // the rows' only reader is the int8 GEMV: keep the tiles alone
@@ -170,7 +170,7 @@ QuipLinearPlan::MatmulPath QuipLinearPlan::matmul_path(int batch) const {
   if (gemv && gemv_on_int8_rows()) return MatmulPath::kInt8Rows;
   const bool grid4 = gemv && gemv_as_grid4();
   if (d_.format == CodeFormat::kE8P && !grid4) return MatmulPath::kE8P;
-  if (d_.format == CodeFormat::kTrellis && !grid4) return MatmulPath::kTrellis;
+  if (is_trellis(d_.format) && !grid4) return MatmulPath::kTrellis;
   if (!gemv) return MatmulPath::kGridGemm;
   return gemv_int8() ? MatmulPath::kGridGemvInt8 : MatmulPath::kGridGemv;
 }
@@ -249,7 +249,7 @@ void QuipLinearPlan::gemv_rows(const KernelTable& k, const GemvInput& in, int i0
       return;
     }
     case MatmulPath::kTrellis:
-      k.trellis_gemv(TrellisCodes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()}, i0, i1,
+      k.trellis_gemv(TrellisCodes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data(), trellis_code_table(d_.format)}, i0, i1,
                      in.z, npad_, batch, t, d_.m);
       return;
     default: break;
@@ -294,7 +294,7 @@ void QuipLinearPlan::matmul_gemm(const KernelTable& k, MatmulPath path, const fl
       k.e8p_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
     });
   } else if (path == MatmulPath::kTrellis) {
-    const TrellisCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data()};
+    const TrellisCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data(), trellis_code_table(d_.format)};
     over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
       Buffer work = alloc_floats(qgemm_work_floats(batch));
       k.trellis_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());

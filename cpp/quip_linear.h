@@ -1,6 +1,6 @@
 // One QuIP linear layer on the CPU: y = out_scale * K_out^T (W' (K_in (in_scale * x))) + bias,
 // computed straight from the artifact's packed codes. W' is stored in a code format, chosen
-// at plan creation: "grid" (W' = scale * codes + zero), "e8p" (e8p.h) or "trellis" (trellis.h).
+// at plan creation: "grid" (W' = scale * codes + zero), "e8p" (e8p.h) or "trellis" / "trellis256" (trellis.h).
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -14,14 +14,32 @@
 #include <cstdint>
 #include <cstring>
 
+#include "code_format.h"
+
 namespace quipc {
 
 constexpr int kTrellisL = 12;     // state bits
 constexpr int kTrellisTile = 16;  // tile side
 
-// CODE: the 2^12 standard-normal quantiles (p + 1/2) / 2^12 at their hashed states, over
-// their RMS (float32; built once, thread-safe; equal to code_table() in Python).
+// CODE of format "trellis": the 2^12 standard-normal quantiles (p + 1/2) / 2^12 at their
+// hashed states, over their RMS (float32; built once, thread-safe; equal to code_table() in Python).
 const float* trellis_code_table();
+// Format "trellis256" (formats/trellis.py): CODE[s] = A8[(s & 255) ^ h(s >> 8)] / rms(A8), h
+// linear over GF(2): the XOR of trellis256_hash_column(k) over the set bits k of its 4-bit
+// argument; A8 (256 int8) rows r < 8: Q8[16 c + r], rows r + 8 their negations (A8[x ^ 128] = -A8[x]).
+const int8_t* trellis256_row_code();   // A8
+float trellis256_rms();                // rms(A8)
+uint32_t trellis256_hash_column(int k);  // h(1 << k), k = 0..3
+inline uint32_t trellis256_hash(uint32_t x) {
+  uint32_t h = 0;
+  for (int k = 0; k < 4; ++k)
+    if ((x >> k) & 1u) h ^= trellis256_hash_column(k);
+  return h;
+}
+inline uint32_t trellis256_index(uint32_t s) { return (s & 255u) ^ trellis256_hash(s >> 8); }
+const float* trellis256_code_table();  // its 2^12 CODE values
+// The code table of a trellis format (kTrellis or kTrellis256).
+const float* trellis_code_table(CodeFormat format);
 
 struct TrellisCodes {
   const uint8_t* data;  // m rows of row_bytes = n / 8 * bits
@@ -29,6 +47,7 @@ struct TrellisCodes {
   int bits;             // k: 2, 3 or 4
   int m, n;             // multiples of 16
   const float* scale;   // (m)
+  const float* code;    // the format's 2^12 code values (trellis_code_table(format))
 };
 
 // The 16 states of row i in column tile C.

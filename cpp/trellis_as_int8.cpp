@@ -8,8 +8,8 @@
 namespace quipc {
 
 Int8RowsData trellis_as_int8_rows(const LayerData& d) {
-  const TrellisCodes c{d.codes, d.row_bytes, d.bits, d.m, d.n, d.scale.data()};
-  const float* code = trellis_code_table();
+  const TrellisCodes c{d.codes, d.row_bytes, d.bits, d.m, d.n, d.scale.data(), trellis_code_table(d.format)};
+  const float* code = c.code;
   Int8RowsData out;
   out.m = d.m;
   out.n = d.n;
@@ -18,6 +18,21 @@ Int8RowsData trellis_as_int8_rows(const LayerData& d) {
   out.q.assign(size_t(d.m) * len, 0);
   out.step.resize(size_t(d.m));
   std::vector<float> row(size_t(d.n));
+  if (d.format == CodeFormat::kTrellis256) {  // int8 already: q = A8[index], step = scale / rms(A8), exact
+    const int8_t* a8 = trellis256_row_code();
+    for (int i = 0; i < d.m; ++i) {
+      int8_t* q = out.q.data() + size_t(i) * len;
+      for (int C = 0; C < d.n / kTrellisTile; ++C) {
+        uint32_t states[kTrellisTile];
+        trellis_row_states(c, i, C, states);
+        for (int j = C * kTrellisTile; j < (C + 1) * kTrellisTile; ++j)
+          q[j / kActBlock * kActBlock + (j & 1) * (kActBlock / 2) + j % kActBlock / 2] =
+              a8[trellis256_index(states[j % kTrellisTile])];
+      }
+      out.step[size_t(i)] = d.scale[size_t(i)] / trellis256_rms();
+    }
+    return out;
+  }
   for (int i = 0; i < d.m; ++i) {
     float peak = 0.f;  // W' / scale: the code values of the row
     for (int C = 0; C < d.n / kTrellisTile; ++C) {

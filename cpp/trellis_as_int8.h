@@ -2,7 +2,8 @@
 // plan creation: q = round(W' / s) in [-127, 127] with s = max_j |W'_ij| / 127 (rounding half
 // away from zero, as quipc_runtime/int8_rows.py defines it), stored as Int8Rows (kernels.h) with
 // step = s; the decode GEMV then reads one byte a weight in one pass (int8_rows.h) instead of
-// gathering each weight's code value from the 16 KiB table.
+// gathering each weight's code value from the 16 KiB table. A "trellis256" layer's code is int8
+// already: q = A8[index of each state], step = scale / rms(A8), W' itself (no rounding).
 #pragma once
 #include "quip_linear.h"
 

@@ -79,7 +79,7 @@ inline void tile_row(const TrellisCodes& c, const Windows& w, const float* code,
 // registers (a runtime NB kept them in memory: a store-forwarding round trip per FMA).
 template <int NB>
 void gemv_nb(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, float* t, int ldt) {
-  const float* code = trellis_code_table();
+  const float* code = c.code;
   const Windows& w = windows(c.bits);
   const int tiles = c.n / kTrellisTile;
   for (int i = i0; i < i1; ++i) {
@@ -111,7 +111,7 @@ void gemv(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nb
 
 void gemm(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nbatch, float* t, int ldt,
           float* work) {
-  const float* code = trellis_code_table();
+  const float* code = c.code;
   const Windows& w = windows(c.bits);
   auto pack = [&](int p0, int rows, int k0, int klen, float* panel) {
     alignas(32) float vals[kTrellisTile];

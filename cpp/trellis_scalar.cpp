@@ -37,6 +37,56 @@ double normal_quantile(double p) {
 
 }  // namespace
 
+uint32_t trellis256_hash_column(int k) {
+  static const uint32_t columns[4] = {0x53, 0xA6, 0x3D, 0x7A};  // formats/trellis.py: HASH_COLUMNS
+  return columns[k];
+}
+
+const int8_t* trellis256_row_code() {
+  static const std::vector<int8_t> a8 = [] {
+    std::vector<double> q(256);
+    for (int p = 0; p < 256; ++p) q[size_t(p)] = normal_quantile((p + 0.5) / 256);
+    std::vector<int8_t> a(256);
+    for (int r = 0; r < 8; ++r)
+      for (int c = 0; c < 16; ++c) {
+        const long v = std::lround(q[size_t(16 * c + r)] * 127.0 / q[255]);
+        a[size_t(16 * r + c)] = int8_t(v);
+        a[size_t(16 * (r + 8) + c)] = int8_t(-v);
+      }
+    return a;
+  }();
+  return a8.data();
+}
+
+float trellis256_rms() {
+  static const float rms = [] {
+    const int8_t* a = trellis256_row_code();
+    double sq = 0.0;
+    for (int x = 0; x < 256; ++x) sq += double(a[x]) * a[x];
+    return float(std::sqrt(sq / 256));
+  }();
+  return rms;
+}
+
+const float* trellis256_code_table() {
+  static const std::vector<float> table = [] {
+    const int8_t* a = trellis256_row_code();
+    const double rms = std::sqrt([&] {
+      double sq = 0.0;
+      for (int x = 0; x < 256; ++x) sq += double(a[x]) * a[x];
+      return sq / 256;
+    }());
+    std::vector<float> t(size_t(1) << kTrellisL);
+    for (uint32_t s = 0; s < t.size(); ++s) t[s] = float(a[trellis256_index(s)] / rms);
+    return t;
+  }();
+  return table.data();
+}
+
+const float* trellis_code_table(CodeFormat format) {
+  return format == CodeFormat::kTrellis256 ? trellis256_code_table() : trellis_code_table();
+}
+
 const float* trellis_code_table() {
   static const std::vector<float> table = [] {
     const int size = 1 << kTrellisL;
@@ -57,7 +107,7 @@ const float* trellis_code_table() {
 namespace trellis_scalar {
 
 void gemv(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nb, float* t, int ldt) {
-  const float* code = trellis_code_table();
+  const float* code = c.code;
   uint32_t s[kTrellisTile];
   for (int i = i0; i < i1; ++i) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -74,7 +124,7 @@ void gemv(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nb
 
 void gemm(const TrellisCodes& c, int i0, int i1, const float* z, int ldz, int nbatch, float* t, int ldt,
           float* work) {
-  const float* code = trellis_code_table();
+  const float* code = c.code;
   auto pack = [&](int p0, int rows, int k0, int klen, float* panel) {
     uint32_t s[kTrellisTile];
     for (int r = 0; r < kGemmNR; ++r) {

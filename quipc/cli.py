@@ -32,6 +32,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="code format of the rotated weights: e8p (E8-lattice vector codes, residual "
                         "stages at 3/4 bits; the default data-free, and with --calib at 2 bits) | trellis "
                         "(tail-biting trellis codes on 16x16 tiles: lowest error; at 2 bits slower CPU decode) "
+                        "| trellis256 (the same trellis with a 256-value int8 code: lower error still, and "
+                        "exact on the kernels' 8-bit rows) "
                         "| auto (per layer: trellis where the shape is whole 16x16 tiles, else e8p, else grid; "
                         "the default with --calib at 3 and 4 bits) | grid (per-row scalar grid)")
     p.add_argument("--finetune", default=None,

@@ -137,7 +137,7 @@ def test_cpp_int8_gemv_is_each_row_rounded_to_8_bits(bits, int8_activations, for
     w = layer.rotated_weight()
     q, step = rows_as_int8(w)
     assert np.abs(q).max() == 127 and np.all(np.abs(q * step[:, None] - w) <= 0.5 * step[:, None] * (1 + 1e-5))
-    hi, lo, scale, zero = int8_planes(w)                 # TVM's two-plane form of the same rows
+    hi, lo, scale, zero = int8_planes(q, step)           # TVM's two-plane form of the same rows
     assert hi.max() <= 15 and lo.max() <= 15
     np.testing.assert_allclose(scale[:, :1] * hi + scale[:, 1:] * lo + zero[:, None], q * step[:, None],
                                rtol=1e-6, atol=1e-6 * np.abs(w).max())

@@ -79,8 +79,8 @@ CudaPlan::CudaPlan(int device, const HostLayer& L)
           tables[256 * 8 + i * 8 + j] = T.one_bit[i][j];
         }
       tables_ = upload(tables.data(), tables.size());
-    } else if (format_ == CodeFormat::kTrellis) {
-      tables_ = upload(trellis_code_table(), size_t(1) << kTrellisL);
+    } else if (is_trellis(format_)) {
+      tables_ = upload(trellis_code_table(format_), size_t(1) << kTrellisL);
     }
     std::vector<float> in_vec(L.in_scale), out_vec(L.out_scale);
     const float gin = float(fwht_gain(L.in_factors)), gout = float(fwht_gain(L.out_factors));
@@ -182,7 +182,7 @@ void CudaPlan::matmul(const float* z, float* t, int batch, uintptr_t stream) {
   if (format_ == CodeFormat::kE8P)
     launch_e8p_matmul(codes_, row_bytes_, bits_, m_, n_, npad_, z, batch, scale_, tables_, t,
                       reinterpret_cast<cudaStream_t>(stream));
-  else if (format_ == CodeFormat::kTrellis)
+  else if (is_trellis(format_))
     launch_trellis_matmul(codes_, row_bytes_, bits_, m_, n_, npad_, z, batch, scale_, tables_, t,
                           reinterpret_cast<cudaStream_t>(stream));
   else

@@ -52,6 +52,7 @@ quipc::CodeFormat parse_format(const std::string& f, const std::string& node) {
   if (f == "grid") return quipc::CodeFormat::kGrid;
   if (f == "e8p") return quipc::CodeFormat::kE8P;
   if (f == "trellis") return quipc::CodeFormat::kTrellis;
+  if (f == "trellis256") return quipc::CodeFormat::kTrellis256;
   throw ort::invalid("quipc node '" + node + "': code format '" + f +
                      "' has no custom-op kernel; run the file without the quipc library");
 }

@@ -5,8 +5,9 @@ instead round each row once, at load (C++: cpp/trellis_as_int8.cpp, read in one 
 cpp/int8_rows_*.cpp) or build time (TVM: backends/tvm/trellis_as_int8.py, as two 4-bit grid
 planes, int8_planes, that its grid GEMV kernels sum), to q = round(W'[i] / step[i]) with
 step[i] = max_j |W'[i, j]| / 127, |q| <= 127. A weight moves by at most step / 2 (~1 % of the
-4-bit trellis code's own error power on Gaussian rows). This module is the numpy definition both
-are tested against.
+4-bit trellis code's own error power on Gaussian rows). A "trellis256" layer is int8 by
+construction, so its copy is exact (trellis_rows_as_int8). This module is the numpy definition
+both are tested against.
 """
 from __future__ import annotations
 
@@ -40,9 +41,21 @@ def rows_as_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, (peak / np.float32(127)).astype(np.float32)
 
 
-def int8_planes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """W' as two 4-bit grid planes: (hi, lo) (m, n) uint8 nibbles, scale (m, 2) = (16 step,
-    step), zero (m,) = -128 step, so that W' ~ scale[:, :1] hi + scale[:, 1:] lo + zero."""
-    q, step = rows_as_int8(w)
+def trellis_rows_as_int8(layer) -> tuple[np.ndarray, np.ndarray]:
+    """A trellis layer's (q, step) as the kernels build them: "trellis" rounds W' (rows_as_int8);
+    "trellis256" is int8 already, exactly: q = A8[index of each state], step = scale / rms(A8)."""
+    if layer.format != "trellis256":
+        return rows_as_int8(layer.rotated_weight())
+    from .formats import trellis as fmt
+
+    states = fmt.codes_to_states(layer.codes, layer.bits, layer.in_features)
+    q = fmt.tiles_to_matrix(fmt.row_code_int8()[fmt.xor256_index(states)]).astype(np.int16)
+    step = (layer.scale.astype(np.float32)[:, 0] / np.float32(fmt.row_code_rms())).astype(np.float32)
+    return q, step
+
+
+def int8_planes(q: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Int8 rows (q, step) as two 4-bit grid planes: (hi, lo) (m, n) uint8 nibbles, scale (m, 2) =
+    (16 step, step), zero (m,) = -128 step, so that step q = scale[:, :1] hi + scale[:, 1:] lo + zero."""
     u = (q + 128).astype(np.uint8)
     return u >> 4, u & 15, np.stack([16 * step, step], axis=1), -128 * step

@@ -115,8 +115,8 @@ def _layer_args(layer: QuantizedLinear) -> dict:
 
 
 # Code formats the kernels run (runtime/quipc_runtime/formats); others are refused by name.
-CPU_FORMATS = ("grid", "e8p", "trellis")
-CUDA_FORMATS = ("grid", "e8p", "trellis")
+CPU_FORMATS = ("grid", "e8p", "trellis", "trellis256")
+CUDA_FORMATS = ("grid", "e8p", "trellis", "trellis256")
 
 
 def prepare(layer: QuantizedLinear, e8p_as_grid4: bool = True, int8_activations: bool = False,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 THREADS_KEY = "quipc.threads"   # session config entry read by the library at registration
-LIBRARY_FORMATS = ("grid", "e8p", "trellis")   # code formats the library's kernels run (cpp/ort/custom_ops.cpp)
+LIBRARY_FORMATS = ("grid", "e8p", "trellis", "trellis256")   # code formats the library's kernels run (cpp/ort/custom_ops.cpp)
 _NAMES = ("libquipc_ort.so", "libquipc_ort.dylib", "quipc_ort.dll")
 
 

@@ -56,7 +56,7 @@ def _group_name(names: list[str]) -> str:
 # w2), at 0 it keeps them fp32, while the library takes int8 for its decode GEMVs at 0 as at 4
 # (cpp/ort/quip_node.h: int8_activations_at; stop 60: the w2 default 7.8 instead of 10.5 ms a
 # token, decode perplexity +0.09 %). 1 keeps fp32 activations in both.
-AUTO_ACCURACY_LEVEL = {"trellis": 4}
+AUTO_ACCURACY_LEVEL = {"trellis": 4, "trellis256": 4}
 
 
 def accuracy_level_for(level: int | None, fmt: str) -> int:

@@ -18,6 +18,7 @@ LOWERINGS = {
     "grid": "quipc.backends.tvm.tir_quip_linear",
     "e8p": "quipc.backends.tvm.tir_e8p_linear",
     "trellis": "quipc.backends.tvm.tir_trellis_linear",
+    "trellis256": "quipc.backends.tvm.tir_trellis256_linear",
     "grid4x2": "quipc.backends.tvm.tir_e8p4_grid",   # TVM-only: a 4-bit e8p layer (e8p_as_grid)
     "int8x2": "quipc.backends.tvm.tir_int8x2",       # TVM-only: a trellis head on 8 bits (trellis_as_int8)
 }

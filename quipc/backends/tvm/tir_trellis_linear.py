@@ -15,6 +15,7 @@ z = K_in (in_scale * x) and the output side are shared with the grid lowering (t
 from __future__ import annotations
 
 import numpy as np
+from quipc_runtime.formats import get_format
 from quipc_runtime.formats import trellis as fmt
 from tvm import te, tirx
 
@@ -43,12 +44,12 @@ def placeholders(spec: LinearSpec, prefix: str = "") -> dict:
 def linear_params(layer, spec: LinearSpec | None = None) -> dict[str, np.ndarray]:
     """The arrays the kernel takes (names of `param_names(spec)`); SHARED ones included."""
     spec = spec or LinearSpec.of(layer)
-    if spec.format != "trellis":
-        raise ValueError(f"layer {layer.name} is stored as {spec.format!r}, not 'trellis'")
-    fmt.TRELLIS.check(spec.bits, spec.n, spec.m)
+    if spec.format not in fmt.FORMAT_NAMES:
+        raise ValueError(f"layer {layer.name} is stored as {spec.format!r}, not a trellis format {fmt.FORMAT_NAMES}")
+    get_format(spec.format).check(spec.bits, spec.n, spec.m)
     out = {"codes": np.ascontiguousarray(layer.codes),
            "scale": np.ascontiguousarray(layer.scale.astype(np.float32).reshape(spec.m)),
-           "trellis_code": np.array(fmt.code_table())}
+           "trellis_code": np.array(fmt.code_table(spec.format))}
     out.update(transform_params(layer, spec))
     return out
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from quipc_runtime.int8_rows import int8_planes
+from quipc_runtime.formats.trellis import FORMAT_NAMES as TRELLIS_FORMATS
+from quipc_runtime.int8_rows import int8_planes, trellis_rows_as_int8
 
 HEAD = "lm_head"
 KERNELS = ("int8", "codes")   # --tvm-trellis: the blocks on 8-bit planes, or on their codes
 
 
 def applies(layer) -> bool:
-    return layer is not None and layer.format == "trellis"
+    return layer is not None and layer.format in TRELLIS_FORMATS
 
 
 def as_int8x2(layer):
@@ -33,7 +34,7 @@ def as_int8x2(layer):
     if not applies(layer):
         raise ValueError(f"layer {layer.name}: only trellis layers are rounded to int8 planes "
                          f"(got {layer.format!r})")
-    hi, lo, scale, zero = int8_planes(layer.rotated_weight())
+    hi, lo, scale, zero = int8_planes(*trellis_rows_as_int8(layer))
     return dataclasses.replace(layer, format="int8x2", bits=4, codes=np.stack([hi, lo]),
                                scale=scale, zero=zero)
 

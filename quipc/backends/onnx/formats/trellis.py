@@ -1,4 +1,4 @@
-"""The "trellis" format in ONNX (meaning: quipc_runtime.formats.trellis), standard ops only.
+"""The trellis formats ("trellis", "trellis256": one layout, two code tables) in ONNX (meaning: quipc_runtime.formats.trellis), standard ops only.
 
 A tile's stream is its 32 k bytes (tile rows side by side). Weight t's state is the L-bit
 window at bit k t, so it lies in the 3 bytes from byte (k t) // 8 (L + 7 <= 24), circularly:
@@ -59,22 +59,30 @@ def _states(b: Builder, stream: str, k: int) -> str:
     return b.op("Mod", b.op("Div", word, b.const(np.int64(1) << shift)), b.ints([1 << L]))
 
 
-def dequantize(b: Builder, k: int, w: dict, m: str, lit: dict) -> str:
-    """W' (m, n) float32 of whole tiles (m a multiple of 16): scale * CODE[state]."""
-    ct = b.op("Div", b.attr_int("in_features", lit.get("in_features")), b.ints([TILE]))
-    tiles = b.op("Reshape", w["codes"], b.op("Concat", b.ints([-1, TILE]), ct, b.ints([2 * k]), axis=0))
-    stream = b.op("Reshape", b.op("Transpose", tiles, perm=[0, 2, 1, 3]),
-                  b.op("Concat", b.ints([-1]), ct, b.ints([SEQ * k // 8]), axis=0))    # (rt, ct, 32 k)
-    values = b.op("Gather", b.table("quipc.trellis.code", code_table()), _states(b, stream, k), axis=0)
-    values = b.op("Reshape", values, b.op("Concat", b.ints([-1]), ct, b.ints([TILE, TILE]), axis=0))
-    rows = b.op("Reshape", b.op("Transpose", values, perm=[0, 2, 1, 3]),
-                b.op("Concat", m, b.ints([-1]), axis=0))                                # (m, n)
-    return b.op("Mul", rows, b.op("Cast", w["scale"], to=FLOAT))
+def _dequantizer(name: str):
+    def dequantize(b: Builder, k: int, w: dict, m: str, lit: dict) -> str:
+        """W' (m, n) float32 of whole tiles (m a multiple of 16): scale * CODE[state]."""
+        ct = b.op("Div", b.attr_int("in_features", lit.get("in_features")), b.ints([TILE]))
+        tiles = b.op("Reshape", w["codes"], b.op("Concat", b.ints([-1, TILE]), ct, b.ints([2 * k]), axis=0))
+        stream = b.op("Reshape", b.op("Transpose", tiles, perm=[0, 2, 1, 3]),
+                      b.op("Concat", b.ints([-1]), ct, b.ints([SEQ * k // 8]), axis=0))    # (rt, ct, 32 k)
+        values = b.op("Gather", b.table(f"quipc.{name}.code", code_table(name)), _states(b, stream, k), axis=0)
+        values = b.op("Reshape", values, b.op("Concat", b.ints([-1]), ct, b.ints([TILE, TILE]), axis=0))
+        rows = b.op("Reshape", b.op("Transpose", values, perm=[0, 2, 1, 3]),
+                    b.op("Concat", m, b.ints([-1]), axis=0))                                # (m, n)
+        return b.op("Mul", rows, b.op("Cast", w["scale"], to=FLOAT))
+    return dequantize
 
 
-def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
-    """W' z for the m rows of codes / scale (m, 1)."""
-    return b.op("MatMul", z, b.op("Transpose", dequantize(b, v.bits, w, m, lit), perm=[1, 0]))
+def _lowering(name: str) -> Lowering:
+    dequantize = _dequantizer(name)
+
+    def weight_product(b: Builder, v, z: str, w: dict, m: str, lit: dict) -> str:
+        """W' z for the m rows of codes / scale (m, 1)."""
+        return b.op("MatMul", z, b.op("Transpose", dequantize(b, v.bits, w, m, lit), perm=[1, 0]))
+
+    return register_lowering(Lowering(name, ("codes", "scale"), plan, weight_product, dequantize))
 
 
-TRELLIS = register_lowering(Lowering("trellis", ("codes", "scale"), plan, weight_product, dequantize))
+TRELLIS = _lowering("trellis")
+TRELLIS256 = _lowering("trellis256")
