@@ -29,11 +29,11 @@ const float* trellis_code_table();
 // argument; A8 (256 int8) rows r < 8: Q8[16 c + r], rows r + 8 their negations (A8[x ^ 128] = -A8[x]).
 const int8_t* trellis256_row_code();   // A8
 float trellis256_rms();                // rms(A8)
-uint32_t trellis256_hash_column(int k);  // h(1 << k), k = 0..3
+constexpr uint32_t kTrellis256HashColumns[4] = {0x53, 0xA6, 0x3D, 0x7A};  // h(1 << k) (formats/trellis.py)
 inline uint32_t trellis256_hash(uint32_t x) {
   uint32_t h = 0;
   for (int k = 0; k < 4; ++k)
-    if ((x >> k) & 1u) h ^= trellis256_hash_column(k);
+    if ((x >> k) & 1u) h ^= kTrellis256HashColumns[k];
   return h;
 }
 inline uint32_t trellis256_index(uint32_t s) { return (s & 255u) ^ trellis256_hash(s >> 8); }

@@ -7,6 +7,11 @@
 
 namespace quipc {
 
+namespace {
+// Position j of a row to its Int8Acts slot (a block's evens, then its odds).
+inline int slot(int j) { return j / kActBlock * kActBlock + (j & 1) * (kActBlock / 2) + j % kActBlock / 2; }
+}  // namespace
+
 Int8RowsData trellis_as_int8_rows(const LayerData& d) {
   const TrellisCodes c{d.codes, d.row_bytes, d.bits, d.m, d.n, d.scale.data(), trellis_code_table(d.format)};
   const float* code = c.code;
@@ -17,7 +22,6 @@ Int8RowsData trellis_as_int8_rows(const LayerData& d) {
   const size_t len = size_t(out.blocks) * kActBlock;
   out.q.assign(size_t(d.m) * len, 0);
   out.step.resize(size_t(d.m));
-  std::vector<float> row(size_t(d.n));
   if (d.format == CodeFormat::kTrellis256) {  // int8 already: q = A8[index], step = scale / rms(A8), exact
     const int8_t* a8 = trellis256_row_code();
     for (int i = 0; i < d.m; ++i) {
@@ -26,13 +30,13 @@ Int8RowsData trellis_as_int8_rows(const LayerData& d) {
         uint32_t states[kTrellisTile];
         trellis_row_states(c, i, C, states);
         for (int j = C * kTrellisTile; j < (C + 1) * kTrellisTile; ++j)
-          q[j / kActBlock * kActBlock + (j & 1) * (kActBlock / 2) + j % kActBlock / 2] =
-              a8[trellis256_index(states[j % kTrellisTile])];
+          q[slot(j)] = a8[trellis256_index(states[j % kTrellisTile])];
       }
       out.step[size_t(i)] = d.scale[size_t(i)] / trellis256_rms();
     }
     return out;
   }
+  std::vector<float> row(size_t(d.n));
   for (int i = 0; i < d.m; ++i) {
     float peak = 0.f;  // W' / scale: the code values of the row
     for (int C = 0; C < d.n / kTrellisTile; ++C) {
@@ -46,9 +50,7 @@ Int8RowsData trellis_as_int8_rows(const LayerData& d) {
     }
     const float inv = peak > 0.f ? 127.f / peak : 0.f;
     int8_t* q = out.q.data() + size_t(i) * len;
-    for (int j = 0; j < d.n; ++j)   // position j of its block to Int8Acts' slot (evens, then odds)
-      q[j / kActBlock * kActBlock + (j & 1) * (kActBlock / 2) + j % kActBlock / 2] =
-          int8_t(std::lround(row[size_t(j)] * inv));
+    for (int j = 0; j < d.n; ++j) q[slot(j)] = int8_t(std::lround(row[size_t(j)] * inv));
     out.step[size_t(i)] = d.scale[size_t(i)] * peak / 127.f;
   }
   return out;

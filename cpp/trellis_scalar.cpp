@@ -37,11 +37,6 @@ double normal_quantile(double p) {
 
 }  // namespace
 
-uint32_t trellis256_hash_column(int k) {
-  static const uint32_t columns[4] = {0x53, 0xA6, 0x3D, 0x7A};  // formats/trellis.py: HASH_COLUMNS
-  return columns[k];
-}
-
 const int8_t* trellis256_row_code() {
   static const std::vector<int8_t> a8 = [] {
     std::vector<double> q(256);
@@ -58,24 +53,24 @@ const int8_t* trellis256_row_code() {
   return a8.data();
 }
 
+namespace {
+double row_code_rms() {  // in double: the table divides by it before rounding to float, as numpy does
+  const int8_t* a = trellis256_row_code();
+  double sq = 0.0;
+  for (int x = 0; x < 256; ++x) sq += double(a[x]) * a[x];
+  return std::sqrt(sq / 256);
+}
+}  // namespace
+
 float trellis256_rms() {
-  static const float rms = [] {
-    const int8_t* a = trellis256_row_code();
-    double sq = 0.0;
-    for (int x = 0; x < 256; ++x) sq += double(a[x]) * a[x];
-    return float(std::sqrt(sq / 256));
-  }();
+  static const float rms = float(row_code_rms());
   return rms;
 }
 
 const float* trellis256_code_table() {
   static const std::vector<float> table = [] {
     const int8_t* a = trellis256_row_code();
-    const double rms = std::sqrt([&] {
-      double sq = 0.0;
-      for (int x = 0; x < 256; ++x) sq += double(a[x]) * a[x];
-      return sq / 256;
-    }());
+    const double rms = row_code_rms();
     std::vector<float> t(size_t(1) << kTrellisL);
     for (uint32_t s = 0; s < t.size(); ++s) t[s] = float(a[trellis256_index(s)] / rms);
     return t;

@@ -185,7 +185,7 @@ def test_unknown_format_is_refused_by_name():
         K.KernelQuipLinear(layer, "cpu")
     with pytest.raises(UnsupportedFormatError, match="CUDA kernel backend runs the code format.*'made-up'"):
         K.KernelQuipLinear(layer, "cuda")   # refused before any GPU is looked for
-    with pytest.raises(ValueError, match="code formats grid, e8p, trellis; not 'made-up'"):
+    with pytest.raises(ValueError, match="code formats grid, e8p, trellis, trellis256; not 'made-up'"):
         K._ext.Plan(**{**K._layer_args(random_e8p_layer(64, 32, 2, seed=12)), "format": "made-up"})
 
 

@@ -1,5 +1,6 @@
-"""Encoder for the trellis formats ("trellis", "trellis256": one layout, two codes): a per-row scale, then BlockLDLQ (g = 16) over 16x16 tiles,
-each tile's 256 weights rounded as one sequence by tail-biting Viterbi (trellis_viterbi).
+"""Encoder for the trellis formats ("trellis", "trellis256": one layout, two codes): a per-row
+scale, then BlockLDLQ (g = 16) over 16x16 tiles, each tile's 256 weights rounded as one sequence
+by tail-biting Viterbi (trellis_viterbi) on the format's code table.
 
 The rows of W' are near Gaussian after the incoherence transforms and the code table has
 unit mean square, so a row's scale is its RMS times a constant of the bit width (ROW_SCALE,

@@ -20,9 +20,10 @@ share everything else (layout, encoder, every backend's decode through the 2^L t
   s = perm^-1(p) for a fixed invertible hash `perm` of L bits (so neighbouring states hold
   unrelated values), scaled to unit mean square.
 - "trellis256": 256 int8 values, CODE[s] = A8[(s & 255) ^ h(s >> 8)] / rms(A8) with h
-  linear over GF(2) (row_hash: columns 0x53, 0xA6, 0x3D, 0x7A). A8 holds the 256 standard-normal quantiles (p + 1/2) / 256 rounded
-  to 127ths of the largest (Q8, odd: Q8[255 - p] = -Q8[p]) in interleaved rows: row r < 8 of
-  16 (index 16 r + c) is Q8[16 c + r], row r + 8 its negation. At 4 bits the 16 states a state
+  linear over GF(2) (row_hash: columns 0x53, 0xA6, 0x3D, 0x7A). A8 holds the 256
+  standard-normal quantiles (p + 1/2) / 256 rounded to 127ths of the largest (Q8, odd:
+  Q8[255 - p] = -Q8[p]) in interleaved rows: row r < 8 of 16 (index 16 r + c) is Q8[16 c + r],
+  row r + 8 its negation. At 4 bits the 16 states a state
   can step to read one whole row, each row a 16-level quantizer of the whole range at its own
   offset (trellis-coded quantization's subset idea); the XOR spreads which row over all 12
   bits. Lower mean squared error than "trellis" on Gaussian sequences (benchmarks/trellis_code.py
