@@ -1,4 +1,5 @@
-"""The trellis formats ("trellis", "trellis256": one layout, two code tables) in ONNX (meaning: quipc_runtime.formats.trellis), standard ops only.
+"""The trellis formats ("trellis", "trellis256": one layout, two code tables) in ONNX (meaning:
+quipc_runtime.formats.trellis), standard ops only.
 
 A tile's stream is its 32 k bytes (tile rows side by side). Weight t's state is the L-bit
 window at bit k t, so it lies in the 3 bytes from byte (k t) // 8 (L + 7 <= 24), circularly:
