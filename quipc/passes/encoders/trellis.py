@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from quipc_runtime.formats import get_format
-from quipc_runtime.formats.trellis import SEQ, STATE_BITS, TILE, code_table, states_to_codes
+from quipc_runtime.formats.trellis import FORMAT_NAMES, SEQ, STATE_BITS, TILE, code_table, states_to_codes
 
 from ..block_ldlq import block_ldlq, block_ldlq_consuming
 from . import Encoded, register_encoder
@@ -55,6 +55,6 @@ def encode_trellis(fmt: str, w: torch.Tensor, h: torch.Tensor | None, cfg, consu
                    zero=None, values=values, proxy_loss=loss)
 
 
-for _fmt in ROW_SCALE:
+for _fmt in FORMAT_NAMES:   # one encoder per trellis format, each on its own table and row scales
     register_encoder(_fmt, consumes_hessian=True)(
         lambda w, h, cfg, consume=False, _fmt=_fmt: encode_trellis(_fmt, w, h, cfg, consume))
