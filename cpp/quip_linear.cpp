@@ -249,8 +249,7 @@ void QuipLinearPlan::gemv_rows(const KernelTable& k, const GemvInput& in, int i0
       return;
     }
     case MatmulPath::kTrellis:
-      k.trellis_gemv(TrellisCodes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data(), trellis_code_table(d_.format)}, i0, i1,
-                     in.z, npad_, batch, t, d_.m);
+      k.trellis_gemv(trellis_codes(d_), i0, i1, in.z, npad_, batch, t, d_.m);
       return;
     default: break;
   }
@@ -294,7 +293,7 @@ void QuipLinearPlan::matmul_gemm(const KernelTable& k, MatmulPath path, const fl
       k.e8p_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());
     });
   } else if (path == MatmulPath::kTrellis) {
-    const TrellisCodes codes{d_.codes, d_.row_bytes, d_.bits, d_.m, d_.n, d_.scale.data(), trellis_code_table(d_.format)};
+    const TrellisCodes codes = trellis_codes(d_);
     over_rows(d_.m, d_.n, batch, kGemmNR, threads, [&](int i0, int i1) {
       Buffer work = alloc_floats(qgemm_work_floats(batch));
       k.trellis_gemm(codes, i0, i1, z, npad_, batch, t, d_.m, work.get());

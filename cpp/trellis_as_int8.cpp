@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "trellis.h"
-
 namespace quipc {
 
 namespace {
@@ -13,7 +11,7 @@ inline int slot(int j) { return j / kActBlock * kActBlock + (j & 1) * (kActBlock
 }  // namespace
 
 Int8RowsData trellis_as_int8_rows(const LayerData& d) {
-  const TrellisCodes c{d.codes, d.row_bytes, d.bits, d.m, d.n, d.scale.data(), trellis_code_table(d.format)};
+  const TrellisCodes c = trellis_codes(d);
   const float* code = c.code;
   Int8RowsData out;
   out.m = d.m;

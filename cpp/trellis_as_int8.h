@@ -6,8 +6,14 @@
 // already: q = A8[index of each state], step = scale / rms(A8), W' itself (no rounding).
 #pragma once
 #include "quip_linear.h"
+#include "trellis.h"
 
 namespace quipc {
+
+// A trellis layer's codes as the trellis kernels read them, with its format's code table.
+inline TrellisCodes trellis_codes(const LayerData& d) {
+  return TrellisCodes{d.codes, d.row_bytes, d.bits, d.m, d.n, d.scale.data(), trellis_code_table(d.format)};
+}
 
 Int8RowsData trellis_as_int8_rows(const LayerData& d);
 

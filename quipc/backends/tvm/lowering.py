@@ -1,12 +1,13 @@
-"""Which module lowers a layer's code format to TIR: one module per format.
+"""Which module lowers a layer's code format to TIR: one module per format (formats that differ
+only in a SHARED table, trellis and trellis256, share one).
 
 Each lowering module provides, for a LinearSpec of its format,
     param_names(spec) -> [name]          the kernel's parameter arrays, in call order
     param_shapes(spec) / placeholders(spec)
     linear_params(layer, spec) -> {name: array}
     quip_linear_te(x, args, spec, mode, residual=None) -> y   (mode "gemv" | "gemm")
-    SHARED: names of arrays that are the same for every layer (codebook tables), which the
-            model builder stores once;
+    SHARED: names of arrays that are the same for every layer of a format (codebook tables),
+            which the model builder stores once per format, as "{format}.{name}";
 (`linear_prim_func` below makes a standalone PrimFunc of any of them), and its schedule rules live in schedules/ (keyed on the "quipc.op" names its TE stages carry).
 Adding a format to the TVM backend is adding a module here and a rule file there.
 """
@@ -18,7 +19,7 @@ LOWERINGS = {
     "grid": "quipc.backends.tvm.tir_quip_linear",
     "e8p": "quipc.backends.tvm.tir_e8p_linear",
     "trellis": "quipc.backends.tvm.tir_trellis_linear",
-    "trellis256": "quipc.backends.tvm.tir_trellis256_linear",
+    "trellis256": "quipc.backends.tvm.tir_trellis_linear",   # the same computation on its own table
     "grid4x2": "quipc.backends.tvm.tir_e8p4_grid",   # TVM-only: a 4-bit e8p layer (e8p_as_grid)
     "int8x2": "quipc.backends.tvm.tir_int8x2",       # TVM-only: a trellis head on 8 bits (trellis_as_int8)
 }

@@ -207,7 +207,7 @@ class ModelBuilder:
         self.linear_specs[name] = spec
         low = lowering(spec.format)
         for key, arr in low.linear_params(layer, spec).items():
-            gname = self._param_name(low, name, key)
+            gname = self._param_name(low, spec.format, name, key)
             if gname not in self.index:  # a SHARED array (codebook table) is stored once
                 self._add(gname, arr)
         if layer.has_row_patch:
@@ -215,8 +215,9 @@ class ModelBuilder:
                 self._add(key, arr)
 
     @staticmethod
-    def _param_name(low, name: str, key: str) -> str:
-        return f"{low.__name__.rsplit('.', 1)[-1]}.{key}" if key in low.SHARED else f"{name}.{key}"
+    def _param_name(low, fmt: str, name: str, key: str) -> str:
+        """A layer's array name; a SHARED one (a format's codebook table) is named by the format."""
+        return f"{fmt}.{key}" if key in low.SHARED else f"{name}.{key}"
 
     # --- relax -----------------------------------------------------------------------
     def param_types(self):
@@ -331,7 +332,7 @@ class ModelBuilder:
 
         def fn(ids, *arrays):
             return te_head_embed(ids, dict(zip(head_names + extra, arrays)), spec)
-        arrays = [P(self._param_name(low, "lm_head", k)) for k in head_names] + [P(k) for k in extra]
+        arrays = [P(self._param_name(low, spec.format, "lm_head", k)) for k in head_names] + [P(k) for k in extra]
         return bb.emit_te(fn, ids, *arrays, primfunc_name_hint="embed")
 
     def _linear(self, bb, P, name: str, x, mode: str, residual=None):
@@ -348,7 +349,7 @@ class ModelBuilder:
         extra = [residual] if residual is not None else []
         fmt = "" if spec.format == "grid" else f"{spec.format}_"
         hint = f"quip_{fmt}{mode}_{spec.m}x{spec.n}_b{spec.bits}"
-        y = bb.emit_te(fn, x, *[P(self._param_name(low, name, k)) for k in pnames], *extra,
+        y = bb.emit_te(fn, x, *[P(self._param_name(low, spec.format, name, k)) for k in pnames], *extra,
                        primfunc_name_hint=hint)
         if self.layers[name].has_row_patch:
             if residual is not None:

@@ -76,8 +76,9 @@ class QuipConverters:
             self.funcs[key] = bb.add_func(func, hint)
         return self.funcs[key]
 
-    def _const(self, low, name: str, key: str, arr: np.ndarray):
-        return self._named_const(f"{low.__name__}.{key}" if key in low.SHARED else f"{name}.{key}", arr)
+    def _const(self, low, fmt: str, name: str, key: str, arr: np.ndarray):
+        """A layer's array as a constant; a SHARED one (a format's codebook table) named by the format."""
+        return self._named_const(f"{fmt}.{key}" if key in low.SHARED else f"{name}.{key}", arr)
 
     def _named_const(self, cname: str, arr: np.ndarray):
         """One relax constant per name (a SHARED codebook, a layer's array) in the module."""
@@ -109,7 +110,7 @@ class QuipConverters:
         for d in shape[:-1]:
             rows = rows * d
         x2 = bb.emit(relax.op.reshape(x, [rows, spec.n]))
-        params = [self._const(low, name, k, v) for k, v in _ordered(low, layer, spec)]
+        params = [self._const(low, spec.format, name, k, v) for k, v in _ordered(low, layer, spec)]
         static_one = isinstance(rows, (int, tirx.IntImm)) and int(rows) == 1
         if static_one:
             y = bb.emit(relax.call_tir(self._kernel(bb, spec, "gemv"), [x2, *params],
@@ -212,7 +213,7 @@ class QuipConverters:
         low = lowering(spec.format)
         arrays = _ordered(low, head, spec) + list(embed_params(head, spec).items())
         names = [k for k, _ in arrays]
-        consts = [self._const(low, "lm_head", k, v) for k, v in arrays]
+        consts = [self._const(low, spec.format, "lm_head", k, v) for k, v in arrays]
         ids = importer.env[node.args[0]]
         shape = list(ids.ty.shape)
         count = 1

@@ -105,6 +105,7 @@ def xor256_index(s: np.ndarray) -> np.ndarray:
     return (s & 255) ^ row_hash(s >> 8)
 
 
+@lru_cache(maxsize=1)
 def row_code_rms() -> float:
     return float(np.sqrt(np.mean(row_code_int8().astype(np.float64) ** 2)))
 
